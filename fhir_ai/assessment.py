@@ -1,0 +1,183 @@
+"""Scores → RiskAssessment resources (plain dicts; validated with fhir.resources.R4B before they leave)."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import codes
+from .features import FeatureSet
+from .fhir import times
+from .models.explain import Reason
+
+
+@dataclass
+class Scored:
+    """One patient's result for one model, before it becomes FHIR."""
+    patient_id: str
+    encounter_id: str | None
+    as_of: datetime | None
+    model_id: str
+    model_version: str
+    basis: list[str]
+    missing: list[str]
+    dropped: list[str]
+    sufficient: bool
+    insufficient_reason: str = ""
+    probability: float | None = None
+    risk: str | None = None
+    reasons: list[Reason] = field(default_factory=list)
+    fingerprint: bytes = b""
+
+
+def assessment_key(*parts: Any) -> str:
+    """Deterministic sha256 over the parts that make two assessments the same."""
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SERIALIZE_NUMPY)).hexdigest()
+
+
+def fingerprint_row(X: np.ndarray, row: int) -> bytes:
+    # Rounded so that unit conversion noise (1e-15) does not make a "new" assessment.
+    return np.round(np.nan_to_num(X[row], nan=-9.87654321e300), 9).tobytes()
+
+
+def resource_id(key: str) -> str:
+    return f"fai-{key[:40]}"
+
+
+def _method(model_id: str, version: str, title: str) -> dict[str, Any]:
+    return {"coding": [
+        {"system": codes.MODEL_SYSTEM, "code": model_id, "version": version, "display": title},
+        {"system": codes.MODEL_VERSION_SYSTEM, "code": f"{model_id}|{version}"},
+    ], "text": f"{title}, version {version}"}
+
+
+def _risk(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": codes.RISK_PROBABILITY, "code": code, "display": codes.RISK_DISPLAY[code]}]}
+
+
+def _base(scored: Scored, key: str, title: str) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": resource_id(key),
+        "meta": {"security": [dict(codes.AI_ASSERTED)]},
+        "identifier": [{"system": codes.ASSESSMENT_IDENTIFIER, "value": key}],
+        "status": "final",
+        "method": _method(scored.model_id, scored.model_version, title),
+        "subject": {"reference": f"Patient/{scored.patient_id}"},
+        "performer": {"identifier": {"system": codes.MODEL_VERSION_SYSTEM,
+                                     "value": f"{scored.model_id}|{scored.model_version}"},
+                      "display": f"fhir_ai {title} {scored.model_version}"},
+    }
+    if scored.encounter_id:
+        resource["encounter"] = {"reference": f"Encounter/{scored.encounter_id}"}
+    if scored.as_of is not None:
+        resource["occurrenceDateTime"] = times.format_datetime(scored.as_of)
+    if scored.basis:
+        resource["basis"] = [{"reference": ref} for ref in scored.basis]
+    return resource
+
+
+def _notes(scored: Scored, extra: list[str]) -> list[dict[str, str]]:
+    notes = list(extra)
+    if scored.missing:
+        notes.append("Missing inputs (no usable value in the time window): " + ", ".join(scored.missing) + ".")
+    if scored.dropped:
+        shown = scored.dropped[:20]
+        more = f" (and {len(scored.dropped) - 20} more)" if len(scored.dropped) > 20 else ""
+        notes.append("Values not used: " + "; ".join(shown) + more + ".")
+    return [{"text": text} for text in notes]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a binary model predicts, and over which time frame."""
+    coding: dict[str, str]
+    text: str
+    time_frame: str
+    title: str
+
+
+DETERIORATION = Outcome(
+    coding={"system": codes.SNOMED, "code": "419099009", "display": "Dead"},
+    text="In-hospital death", time_frame="until hospital discharge",
+    title="deterioration model (in-hospital mortality)")
+
+PROBABILITY_NOTE = ("probabilityDecimal is a calibrated probability between 0 and 1 (0.25 = 25%), "
+                    "not a percentage.")
+
+
+def binary_assessment(scored: Scored, outcome: Outcome = DETERIORATION) -> dict[str, Any]:
+    """The RiskAssessment for a binary model, or an explicit 'insufficient data' one."""
+    key = assessment_key(scored.patient_id, scored.encounter_id, scored.model_id, scored.model_version,
+                         sorted(scored.basis), scored.fingerprint.hex(), scored.sufficient)
+    resource = _base(scored, key, outcome.title)
+    if not scored.sufficient:
+        # Never a number from nothing, and never a silent "no risk": say that it was not assessed.
+        resource["status"] = "cancelled"
+        resource["note"] = _notes(scored, [f"Not assessed: insufficient data. {scored.insufficient_reason}"])
+        return resource
+    assert scored.probability is not None and scored.risk is not None
+    prediction: dict[str, Any] = {
+        "outcome": {"coding": [dict(outcome.coding)], "text": outcome.text},
+        "probabilityDecimal": round(float(scored.probability), 4),
+        "qualitativeRisk": _risk(scored.risk),
+    }
+    if scored.as_of is not None:
+        prediction["whenPeriod"] = {"start": times.format_datetime(scored.as_of)}
+    if scored.reasons:
+        prediction["rationale"] = "Top contributing inputs: " + "; ".join(r.text() for r in scored.reasons) + "."
+    resource["prediction"] = [prediction]
+    resource["note"] = _notes(scored, [f"Time frame: {outcome.time_frame}. {PROBABILITY_NOTE}"])
+    return resource
+
+
+NEWS2_RISK = {"low": "low", "low-medium": "moderate", "medium": "moderate", "high": "high"}
+NEWS2_PARAMETERS_TEXT = {
+    "respiration_rate": "respiration rate", "spo2": "SpO2", "air_or_oxygen": "air or oxygen",
+    "systolic_bp": "systolic blood pressure", "pulse": "pulse", "consciousness": "consciousness",
+    "temperature": "temperature"}
+
+
+def news2_assessment(scored: Scored, total: float, partial: float, band: str | None, min_band: str | None,
+                     response: str | None, subscores: dict[str, float]) -> dict[str, Any]:
+    """Companion RiskAssessment for NEWS2 (RCP 2017): the score, its band and clinical response."""
+    key = assessment_key(scored.patient_id, scored.encounter_id, "news2", scored.model_version,
+                         sorted(scored.basis), [None if math.isnan(v) else v for v in subscores.values()])
+    resource = _base(scored, key, "NEWS2 (Royal College of Physicians 2017)")
+    missing = [NEWS2_PARAMETERS_TEXT[p] for p, v in subscores.items() if math.isnan(v)]
+    shown = "; ".join(f"{NEWS2_PARAMETERS_TEXT[p]} {int(v)}" for p, v in subscores.items() if not math.isnan(v))
+    if not shown:
+        resource["status"] = "cancelled"
+        resource["note"] = [{"text": "NEWS2 not scored: none of its seven parameters was recorded in the window."}]
+        return resource
+    outcome = {"text": "Clinical deterioration (NEWS2 band)"}
+    if missing:
+        resource["status"] = "preliminary"
+        rationale = (f"NEWS2 incomplete: partial score {int(partial)} from {7 - len(missing)} of 7 parameters "
+                     f"({shown}); missing: {', '.join(missing)}. The band is at least {min_band}.")
+        prediction = {"outcome": outcome, "qualitativeRisk": _risk(NEWS2_RISK[min_band or "low"]),
+                      "rationale": rationale,
+                      "extension": [{"url": codes.SCORE_EXTENSION, "valueInteger": int(partial)}]}
+    else:
+        rationale = f"NEWS2 {int(total)} ({band}): {shown}. Clinical response: {response}"
+        prediction = {"outcome": outcome, "qualitativeRisk": _risk(NEWS2_RISK[band or "low"]),
+                      "rationale": rationale,
+                      "extension": [{"url": codes.SCORE_EXTENSION, "valueInteger": int(total)}]}
+    resource["prediction"] = [prediction]
+    return resource
+
+
+def validate(resource: dict[str, Any]) -> dict[str, Any]:
+    """Full fhir.resources.R4B validation (single-patient path); raises ValueError on a bad resource."""
+    from fhir.resources.R4B import get_fhir_model_class
+    get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    return resource
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,95 @@
+"""Configuration in one place: defaults, then FHIR_AI_* environment, then explicit overrides.
+
+Nothing else in fhir_ai reads ``os.environ``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigurationError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DEMO_HOSPITAL = REPO_DIR / "fixtures" / "demo-hospital"
+DEFAULT_MAPPINGS = REPO_DIR / "mappings"
+DEFAULT_MODELS = PACKAGE_DIR / "models" / "trained"
+ENV_PREFIX = "FHIR_AI_"
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting fhir_ai reads. Environment names are FHIR_AI_<NAME IN CAPITALS>."""
+
+    # The hospital: a FHIR base URL, or a folder of Bulk-Data NDJSON / Bundles.
+    source_url: str = str(DEMO_HOSPITAL)
+    source_token: str | None = None
+    source_timeout: float = 10.0          # seconds per request (connect and read)
+    source_retries: int = 3               # extra attempts for 408/429/5xx and network faults
+    source_retry_after_cap: float = 30.0  # never sleep longer than this on Retry-After
+    database_url: str = ""                # default: sqlite file in instance_path
+    instance_path: str = str(REPO_DIR / "instance")
+    mappings_dir: str = str(DEFAULT_MAPPINGS)
+    models_dir: str = str(DEFAULT_MODELS)
+    write_back: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.instance_path) / 'fhir_ai.sqlite3'}"
+
+    @property
+    def source_is_folder(self) -> bool:
+        return not self.source_url.startswith(("http://", "https://"))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            return _bool(raw)
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}: {exc}", expression=name) from exc
+    return raw
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then ``FHIR_AI_*`` variables from ``environ`` (default: the process), then overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ and environ[key] != "":
+            values[name] = _coerce(name, environ[key])
+    for name, raw in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigurationError(f"unknown setting {name!r}", expression=name)
+        values[name] = _coerce(name, raw) if isinstance(raw, str) else raw
+    return Settings(**values)

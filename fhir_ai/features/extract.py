@@ -1,0 +1,421 @@
+"""One columnar feature-extraction path for training, bulk scoring and single patients.
+
+Resources go in one at a time (cheap dict look-ups per Observation); values land in flat arrays
+(patient, input, time, value); every feature is then a vectorised grouped aggregate over a window
+relative to each patient's as-of time.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..fhir import times
+from ..mapping import Input, Mapping
+from .aggregate import grouped
+
+log = logging.getLogger(__name__)
+
+UCUM = "http://unitsofmeasure.org"
+_ENDED_ENCOUNTER = {"cancelled", "entered-in-error"}
+
+
+@dataclass
+class Dropped:
+    """A value we refused, and why (reported to the caller; never logged with its value)."""
+    reference: str
+    input: str
+    reason: str
+
+    def as_text(self) -> str:
+        return f"{self.reference} ({self.input}): {self.reason}"
+
+
+@dataclass
+class FeatureSet:
+    """Feature matrix and everything an assessment needs to explain itself, one row per patient."""
+    mapping: Mapping
+    patient_ids: list[str]
+    X: np.ndarray                          # (patients, features), NaN = missing
+    as_of: np.ndarray                      # epoch seconds, NaN where nothing anchors the patient
+    encounter_ids: list[str | None]
+    basis: list[list[str]]                 # Observation references actually used
+    dropped: list[list[Dropped]]
+    present: np.ndarray                    # (patients, inputs) bool: input had a value in a feature window
+    news2_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.mapping.feature_names
+
+    def row(self, patient_id: str) -> int:
+        return self.patient_ids.index(patient_id)
+
+    def core_count(self) -> np.ndarray:
+        columns = [self.mapping.inputs[name].index for name in self.mapping.core_inputs]
+        return self.present[:, columns].sum(axis=1)
+
+    def sufficient(self) -> np.ndarray:
+        return self.core_count() >= self.mapping.min_core_inputs
+
+    def missing_inputs(self, row: int) -> list[str]:
+        """Inputs some model feature reads that had no value for this patient."""
+        wanted = dict.fromkeys(f.input for f in self.mapping.features)
+        return [name for name in wanted if not self.present[row, self.mapping.inputs[name].index]]
+
+
+class Extractor:
+    """Accumulate FHIR resources for any number of patients; ``finish`` builds the FeatureSet."""
+
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+        self._inputs = mapping.input_list
+        self._static = [spec for spec in self._inputs if not spec.is_observation]
+        self._patients: dict[str, int] = {}
+        self._patient_resources: dict[int, dict] = {}
+        self._encounters: dict[int, list[dict]] = {}
+        self._p: list[int] = []
+        self._i: list[int] = []
+        self._t: list[float] = []
+        self._v: list[float] = []
+        self._o: list[int] = []
+        self._refs: list[str] = []
+        self._dropped: list[tuple[int, float, Dropped]] = []
+        self._conversions: dict[tuple[int, str | None, str | None], tuple[float, float] | None] = {}
+
+    # -- input ---------------------------------------------------------------------------------
+    def patient_row(self, patient_id: str) -> int:
+        row = self._patients.get(patient_id)
+        if row is None:
+            row = self._patients[patient_id] = len(self._patients)
+        return row
+
+    def add(self, resource: dict) -> None:
+        kind = resource.get("resourceType")
+        if kind == "Observation":
+            self.add_observation(resource)
+        elif kind == "Patient":
+            self.add_patient(resource)
+        elif kind == "Encounter":
+            self.add_encounter(resource)
+
+    def add_all(self, resources: Iterable[dict]) -> None:
+        for resource in resources:
+            self.add(resource)
+
+    def add_patient(self, patient: dict) -> None:
+        self._patient_resources[self.patient_row(patient["id"])] = patient
+
+    def add_encounter(self, encounter: dict) -> None:
+        patient_id = _patient_id(encounter)
+        if patient_id is not None and encounter.get("status") not in _ENDED_ENCOUNTER:
+            self._encounters.setdefault(self.patient_row(patient_id), []).append(encounter)
+
+    def add_observation(self, obs: dict) -> None:
+        patient_id = _patient_id(obs)
+        if patient_id is None:
+            return
+        index = self.mapping.code_index
+        parts: list[tuple[list[dict], dict]] = [((obs.get("code") or {}).get("coding") or [], obs)]
+        for component in obs.get("component") or ():
+            parts.append((((component.get("code") or {}).get("coding")) or [], component))
+        matches: list[tuple[Input, dict]] = []
+        for codings, holder in parts:
+            seen: set[int] = set()
+            for coding in codings:
+                for i in index.get((coding.get("system"), coding.get("code")), ()):
+                    if i not in seen:
+                        seen.add(i)
+                        matches.append((self._inputs[i], holder))
+        if not matches:
+            return
+        row = self.patient_row(patient_id)
+        ref = f"Observation/{obs.get('id')}"
+        when = times.effective_time(obs)
+        status = obs.get("status")
+        if when is None:
+            for spec, _ in matches:
+                self._drop(row, float("nan"), ref, spec, "no effective time")
+            return
+        try:
+            t = times.to_epoch(when)
+        except ValueError:
+            for spec, _ in matches:
+                self._drop(row, float("nan"), ref, spec, "unreadable effective time")
+            return
+        obs_index = -1
+        for spec, holder in matches:
+            if status not in spec.statuses:
+                continue      # e.g. preliminary or entered-in-error: not a value, not a problem either
+            value, problem = self._value(spec, holder)
+            if problem is not None:
+                self._drop(row, t, ref, spec, problem)
+                continue
+            if value is None:
+                continue
+            if obs_index < 0:
+                obs_index = len(self._refs)
+                self._refs.append(ref)
+            self._p.append(row)
+            self._i.append(spec.index)
+            self._t.append(t)
+            self._v.append(value)
+            self._o.append(obs_index)
+
+    def _drop(self, row: int, t: float, ref: str, spec: Input, reason: str) -> None:
+        self._dropped.append((row, t, Dropped(ref, spec.name, reason)))
+
+    def _value(self, spec: Input, holder: dict) -> tuple[float | None, str | None]:
+        """(value in the input's unit, None) or (None, why it was refused); (None, None) = no value."""
+        if spec.value_type == "quantity":
+            q = holder.get("valueQuantity")
+            if q is None:
+                if "valueInteger" in holder:
+                    return self._check(spec, float(holder["valueInteger"]))
+                return None, None
+            raw = q.get("value")
+            if raw is None:
+                return None, None
+            code = q.get("code") if q.get("system") in (None, UCUM) else None
+            key = (spec.index, code, q.get("unit"))
+            if key not in self._conversions:
+                self._conversions[key] = spec.unit_conversion(code, q.get("unit"))
+            conv = self._conversions[key]
+            if conv is None:
+                return None, f"unit {q.get('code') or q.get('unit')!r} cannot be converted to {spec.unit!r}"
+            return self._check(spec, float(raw) * conv[0] + conv[1])
+        if spec.value_type == "boolean":
+            if "valueBoolean" in holder:
+                return (1.0 if holder["valueBoolean"] else 0.0), None
+            return None, None
+        if spec.value_type == "integer":
+            if "valueInteger" in holder:
+                return self._check(spec, float(holder["valueInteger"]))
+            q = holder.get("valueQuantity") or {}
+            return (self._check(spec, float(q["value"])) if q.get("value") is not None else (None, None))
+        # coding
+        concept = holder.get("valueCodeableConcept")
+        if concept is None:
+            return None, None
+        for coding in concept.get("coding") or ():
+            mapped = spec.coded_value(coding.get("system"), coding.get("code"))
+            if mapped is not None:
+                return mapped, None
+        return None, "coded value not in the mapping's values"
+
+    @staticmethod
+    def _check(spec: Input, value: float) -> tuple[float | None, str | None]:
+        if spec.plausible and not (spec.plausible[0] <= value <= spec.plausible[1]):
+            return None, (f"implausible value {value:g} {spec.unit or ''} "
+                          f"(plausible {spec.plausible[0]:g}-{spec.plausible[1]:g})").replace("  ", " ")
+        return value, None
+
+    # -- output --------------------------------------------------------------------------------
+    def finish(self, as_of: datetime | dict[str, datetime] | None = None,
+               patient_ids: list[str] | None = None) -> FeatureSet:
+        """Build features. ``as_of``: one time for all, per patient, or None = each patient's latest data."""
+        for pid in patient_ids or ():
+            self.patient_row(pid)
+        ids = list(self._patients)
+        n = len(ids)
+        P = np.asarray(self._p, dtype=np.int64)
+        I = np.asarray(self._i, dtype=np.int64)
+        T = np.asarray(self._t, dtype=np.float64)
+        V = np.asarray(self._v, dtype=np.float64)
+        O = np.asarray(self._o, dtype=np.int64)
+        anchor = self._as_of(ids, as_of, P, T)
+        encounter_ids, enc_start = self._current_encounters(n, anchor)
+        order = np.lexsort((T, P))
+        P, I, T, V, O = P[order], I[order], T[order], V[order], O[order]
+
+        features = self.mapping.features
+        X = np.full((n, len(features)), np.nan)
+        used = np.zeros(len(P), dtype=bool)
+        present = np.zeros((n, len(self._inputs)), dtype=bool)
+        by_input = {spec.index: np.flatnonzero(I == spec.index) for spec in self._inputs if spec.is_observation}
+        statics = self._static_values(n, anchor, enc_start)
+        for col, feature in enumerate(features):
+            spec = self.mapping.inputs[feature.input]
+            if not spec.is_observation:
+                X[:, col] = statics[(feature.input, feature.category)]
+                present[:, spec.index] |= ~np.isnan(X[:, col])
+                continue
+            sel = by_input[spec.index]
+            sel = sel[self._in_window(feature.window_start, feature.window_end, P[sel], T[sel], anchor, enc_start)]
+            X[:, col] = grouped(feature.aggregate, P[sel], T[sel], V[sel], anchor, n)
+            used[sel] = True
+            present[P[sel], spec.index] = True
+        news2 = {}
+        if self.mapping.news2:
+            for param, name in self.mapping.news2["inputs"].items():
+                sel = by_input[self.mapping.inputs[name].index]
+                sel = sel[self._in_window(-self.mapping.news2["window"], 0.0, P[sel], T[sel], anchor, enc_start)]
+                news2[param] = grouped("last", P[sel], T[sel], V[sel], anchor, n)
+                used[sel] = True
+        basis = self._basis(n, P[used], O[used])
+        dropped: list[list[Dropped]] = [[] for _ in range(n)]
+        for row, t, item in self._dropped:
+            if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
+                dropped[row].append(item)
+        return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2)
+
+    def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        if isinstance(as_of, datetime):
+            return np.full(n, as_of.timestamp())
+        anchor = np.full(n, np.nan)
+        if isinstance(as_of, dict):
+            for pid, when in as_of.items():
+                if pid in self._patients:
+                    anchor[self._patients[pid]] = when.timestamp()
+        missing = np.isnan(anchor)
+        if missing.any():
+            # An export is a snapshot: each patient as of their own latest data, never the wall clock.
+            latest = np.full(n, -np.inf)
+            if len(P):
+                np.maximum.at(latest, P, T)
+            for row, encounters in self._encounters.items():
+                for enc in encounters:
+                    start = _period_start(enc)
+                    if start is not None:
+                        latest[row] = max(latest[row], start)
+            latest[np.isinf(latest)] = np.nan
+            anchor[missing] = latest[missing]
+        return anchor
+
+    def _current_encounters(self, n: int, anchor: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+        ids: list[str | None] = [None] * n
+        starts = np.full(n, np.nan)
+        for row, encounters in self._encounters.items():
+            best: tuple[float, dict] | None = None
+            for enc in encounters:
+                start = _period_start(enc)
+                if start is None or (not np.isnan(anchor[row]) and start > anchor[row]):
+                    continue
+                end = _period_end(enc)
+                if end is not None and not np.isnan(anchor[row]) and end < anchor[row] \
+                        and enc.get("status") not in ("in-progress", "arrived", "triaged", "onleave"):
+                    continue
+                if best is None or start > best[0]:
+                    best = (start, enc)
+            if best is not None:
+                starts[row] = best[0]
+                ids[row] = best[1].get("id")
+        return ids, starts
+
+    @staticmethod
+    def _in_window(start: float | str | None, end: float | None, P: np.ndarray, T: np.ndarray,
+                   anchor: np.ndarray, enc_start: np.ndarray) -> np.ndarray:
+        a = anchor[P]
+        upper = T <= a + (end or 0.0)
+        if start == "unbounded":
+            return upper
+        if start == "encounter":
+            return upper & (T >= enc_start[P])
+        return upper & (T >= a + float(start))
+
+    def _static_values(self, n: int, anchor: np.ndarray, enc_start: np.ndarray) -> dict[tuple[str, str | None], np.ndarray]:
+        out: dict[tuple[str, str | None], np.ndarray] = {}
+        current: dict[int, dict] = {}
+        for row, encounters in self._encounters.items():
+            start = enc_start[row]
+            for enc in encounters:
+                if _period_start(enc) == start:
+                    current[row] = enc
+        for spec in self._static:
+            keys = list(spec.categories) if spec.element == "reasonText" else [None]
+            columns = {key: np.full(n, np.nan) for key in keys}
+            for row in range(n):
+                source = self._patient_resources.get(row) if spec.resource == "Patient" else current.get(row)
+                if source is None:
+                    continue
+                reference = enc_start[row] if not np.isnan(enc_start[row]) else anchor[row]
+                for key, value in static_value(spec, source, reference).items():
+                    columns[key][row] = value
+            for key, column in columns.items():
+                out[(spec.name, key)] = column
+        return out
+
+    def _basis(self, n: int, P: np.ndarray, O: np.ndarray) -> list[list[str]]:
+        basis: list[list[str]] = [[] for _ in range(n)]
+        if len(P) == 0:
+            return basis
+        pairs = np.unique(np.stack([P, O], axis=1), axis=0)
+        refs = self._refs
+        for row, obs in pairs:
+            basis[row].append(refs[obs])
+        return basis
+
+
+def static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[str | None, float]:
+    """The value(s) of a Patient or Encounter input; {} when absent."""
+    element = spec.element
+    if element == "age":
+        birth = resource.get("birthDate")
+        if not birth or np.isnan(reference_epoch):
+            return {}
+        born = times.parse_datetime(birth)
+        ref = datetime.fromtimestamp(reference_epoch, tz=born.tzinfo)
+        years = ref.year - born.year - ((ref.month, ref.day) < (born.month, born.day))
+        if spec.plausible and not (spec.plausible[0] <= years <= spec.plausible[1]):
+            return {}
+        return {None: float(years)}
+    if element == "gender":
+        value = spec.values.get(resource.get("gender") or "")
+        return {} if value is None else {None: value}
+    if element == "reasonText":
+        texts = [c.get("text") or "" for c in resource.get("reasonCode") or ()]
+        texts += [d for c in resource.get("reasonCode") or () for d in
+                  (coding.get("display") or "" for coding in c.get("coding") or ())]
+        text = " ".join(t for t in texts if t).casefold()
+        if not text.strip():
+            return {}
+        return {key: float(any(word.casefold() in text for word in category["keywords"]))
+                for key, category in spec.categories.items()}
+    codings = _element_codings(resource, element)
+    for coding in codings:
+        value = spec.coded_value(coding.get("system"), coding.get("code"))
+        if value is not None:
+            return {None: value}
+    return {}
+
+
+def _element_codings(resource: dict, element: str | None) -> list[dict]:
+    if element == "class":
+        value = resource.get("class")
+        return [value] if isinstance(value, dict) else []
+    if element == "serviceType":
+        return (resource.get("serviceType") or {}).get("coding") or []
+    if element == "type":
+        return [c for t in resource.get("type") or () for c in t.get("coding") or ()]
+    if element == "modeOfArrival":
+        return [ext["valueCoding"] for ext in resource.get("extension") or ()
+                if ext.get("url", "").endswith("encounter-modeOfArrival") and "valueCoding" in ext]
+    if element == "serviceProvider":
+        provider = resource.get("serviceProvider") or {}
+        ident = provider.get("identifier") or {}
+        return [{"system": ident.get("system"), "code": ident.get("value")},
+                {"code": provider.get("reference")}, {"code": provider.get("display")}]
+    return []
+
+
+def _patient_id(resource: dict) -> str | None:
+    ref = (resource.get("subject") or resource.get("patient") or {}).get("reference")
+    if not ref:
+        return None
+    if ref.startswith("Patient/"):
+        return ref[8:].split("/_history", 1)[0]
+    return ref.rsplit("Patient/", 1)[-1] if "Patient/" in ref else None
+
+
+def _period_start(enc: dict) -> float | None:
+    start = (enc.get("period") or {}).get("start")
+    return times.to_epoch(start) if start else None
+
+
+def _period_end(enc: dict) -> float | None:
+    end = (enc.get("period") or {}).get("end")
+    return times.to_epoch(end) if end else None

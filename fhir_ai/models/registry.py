@@ -1,0 +1,131 @@
+"""Load each model once (LightGBM text file + model card) and check it against its mapping."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from ..errors import ModelError, NotSupported
+from ..mapping import Mapping
+from .metrics import apply_calibration
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.txt"
+CARD_FILE = "card.json"
+
+
+@dataclass
+class LoadedModel:
+    """A Booster with the card that describes it; model id and version travel with every answer."""
+    model_id: str
+    version: str
+    booster: lgb.Booster
+    card: dict[str, Any]
+    path: Path
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.card["features"])
+
+    @property
+    def kind(self) -> str:
+        return self.card.get("kind", "binary")
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.card.get("classes", [])]
+
+    def raw_probability(self, X: np.ndarray) -> np.ndarray:
+        return self.booster.predict(X, num_threads=1)
+
+    def probability(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities in 0–1: (n,) for binary models, (n, classes) for multiclass."""
+        raw = self.raw_probability(X)
+        calibration = self.card.get("calibration")
+        if self.kind == "binary" and calibration:
+            return np.clip(apply_calibration(calibration, raw), 0.0, 1.0)
+        return raw
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """SHAP-style contributions (log-odds space); (n, features + 1) or (n, classes, features + 1)."""
+        contrib = self.booster.predict(X, pred_contrib=True, num_threads=1)
+        if self.kind == "multiclass":
+            k = len(self.classes)
+            return np.asarray(contrib).reshape(X.shape[0], k, X.shape[1] + 1)
+        return np.asarray(contrib)
+
+    def risk_category(self, p: np.ndarray) -> np.ndarray:
+        """risk-probability codes from the card's thresholds (binary models)."""
+        thresholds = self.card["thresholds"]
+        out = np.full(p.shape, "low", dtype=object)
+        out[p >= thresholds["moderate"]] = "moderate"
+        out[p >= thresholds["high"]] = "high"
+        return out
+
+
+def load_model(directory: Path | str, mapping: Mapping | None = None) -> LoadedModel:
+    directory = Path(directory)
+    try:
+        card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
+        booster = lgb.Booster(model_file=str(directory / MODEL_FILE))
+    except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
+        raise ModelError(f"cannot load model from {directory}: {exc}", expression=str(directory)) from exc
+    model = LoadedModel(card["model"], card["version"], booster, card, directory)
+    if booster.feature_name() != model.feature_names:
+        raise ModelError(f"{directory}: the model file's features differ from its card")
+    if mapping is not None:
+        check_against_mapping(model, mapping)
+    return model
+
+
+def check_against_mapping(model: LoadedModel, mapping: Mapping) -> None:
+    """The mapping must produce exactly the model's features, in the model's order."""
+    expected, actual = model.feature_names, mapping.feature_names
+    if expected == actual:
+        return
+    missing = [f for f in expected if f not in actual]
+    extra = [f for f in actual if f not in expected]
+    detail = []
+    if missing:
+        detail.append(f"missing {missing[:10]}")
+    if extra:
+        detail.append(f"not known to the model {extra[:10]}")
+    if not missing and not extra:
+        first = next(i for i, (a, b) in enumerate(zip(expected, actual)) if a != b)
+        detail.append(f"order differs from position {first}: model has {expected[first]!r}, "
+                      f"mapping has {actual[first]!r}")
+    raise ModelError(f"{mapping.path}: features do not match model {model.model_id} {model.version}: "
+                     + "; ".join(detail), expression=f"{mapping.path}: features")
+
+
+class ModelRegistry:
+    """Every model fhir_ai serves, loaded at start-up."""
+
+    def __init__(self, models: dict[str, LoadedModel], mappings: dict[str, Mapping]) -> None:
+        self.models = models
+        self.mappings = mappings
+
+    @classmethod
+    def load(cls, models_dir: Path | str, mappings: dict[str, Mapping]) -> "ModelRegistry":
+        models_dir = Path(models_dir)
+        models: dict[str, LoadedModel] = {}
+        for model_id, mapping in mappings.items():
+            directory = models_dir / model_id
+            if not (directory / MODEL_FILE).exists():
+                log.warning("mapping %s has no trained model in %s; it cannot be assessed", model_id, models_dir)
+                continue
+            models[model_id] = load_model(directory, mapping)
+            log.info("loaded model %s version %s", model_id, models[model_id].version)
+        return cls(models, mappings)
+
+    def get(self, model_id: str) -> tuple[LoadedModel, Mapping]:
+        if model_id not in self.models:
+            raise NotSupported(f"unknown model {model_id!r}; available: {sorted(self.models)}",
+                               expression="Parameters.parameter.where(name='model')")
+        return self.models[model_id], self.mappings[model_id]

@@ -1,0 +1,50 @@
+"""SQLAlchemy tables: stored assessments and the write-back outbox."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AssessmentRow(Base):
+    """One RiskAssessment as we answered it; the JSON is the resource, the columns are for search."""
+    __tablename__ = "risk_assessment"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    identifier: Mapped[str] = mapped_column(String(128), unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_id: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(32))
+    risk: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    occurrence: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resource: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_risk_assessment_patient_created", "patient_id", "created_at"),)
+
+
+class OutboxRow(Base):
+    """A resource that must reach the hospital's server; kept until delivered (never lost)."""
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(32), default="pending")   # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (UniqueConstraint("resource_type", "resource_id", "target", name="uq_outbox_target"),)
