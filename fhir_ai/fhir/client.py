@@ -1,0 +1,279 @@
+"""The one HTTP client for the hospital's FHIR server: session, auth, retries, paging."""
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import requests
+
+from ..errors import (BadRequest, ConfigurationError, UpstreamError, UpstreamNotFound,
+                      UpstreamTimeout)
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A gateway or the server itself saying "too slow" is reported to our caller as a timeout too.
+TIMEOUT_STATUSES = frozenset({408, 504})
+MAX_PAGES = 10_000
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Params = Mapping[str, Any] | list[tuple[str, Any]] | None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def outcome_text(body: Any) -> str:
+    """The human text of an OperationOutcome: each issue's details.text, else its diagnostics."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    texts = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        text = (issue.get("details") or {}).get("text") or issue.get("diagnostics")
+        if text:
+            texts.append(str(text))
+    return "; ".join(texts)
+
+
+def _response_outcome(response: requests.Response) -> str:
+    try:
+        return outcome_text(orjson.loads(response.content))
+    except orjson.JSONDecodeError:
+        return ""
+
+
+def _retry_after(response: requests.Response | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT by definition (RFC 9110 5.6.7)
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class _Temporary(Exception):
+    """One failed attempt worth retrying (internal to the retry loop)."""
+
+    def __init__(self, reason: str, *, response: requests.Response | None = None,
+                 timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
+        self.timeout = timeout
+
+
+class FhirClient:
+    """Talks FHIR R4 JSON to one server; retries only temporary failures; never leaks the token."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0,
+                 retries: int = 3, retry_after_cap: float = 30.0,
+                 session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._origin = _origin(self.base_url)
+        if self._origin[0] not in _DEFAULT_PORTS or not self._origin[1]:
+            raise ConfigurationError(f"not an http(s) FHIR base URL: {base_url!r}",
+                                     expression="source_url")
+        self.timeout = timeout
+        self.retries = max(0, retries)
+        self.retry_after_cap = retry_after_cap
+        self._sleep = sleep
+        self._own_session = session is None
+        self.session = session or requests.Session()
+        # Per-request headers rather than session.headers: a shared session stays untouched.
+        self._headers = {"Accept": FHIR_JSON}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:  # never show the token
+        return f"FhirClient({self.base_url!r})"
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def get(self, path_or_url: str, params: Params = None) -> dict[str, Any]:
+        """GET a resource or Bundle; a relative path is taken from base_url."""
+        return self._call("GET", path_or_url, params=params)
+
+    def put(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """PUT {type}/{id}: create or update, so a retry never duplicates. {} if no body."""
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if not rtype or not rid:
+            raise BadRequest("a resource needs resourceType and id to be PUT")
+        return self._call("PUT", f"{rtype}/{rid}", body=resource)
+
+    def post(self, path: str, body: dict[str, Any],
+             headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """POST a body (retried like any call: use it for searches, operations, conditional
+        creates with If-None-Exist; not for a plain create). {} if no body."""
+        return self._call("POST", path, body=body, headers=headers)
+
+    def search(self, resource_type: str, params: Params = None, *,
+               max_pages: int = MAX_PAGES) -> Iterator[dict[str, Any]]:
+        """Yield each matching resource, following Bundle.link[relation=next] page by page."""
+        url: str | None = f"{self.base_url}/{resource_type}"
+        page_params = params
+        seen: set[str] = set()
+        pages = 0
+        while url:
+            bundle = self._call("GET", url, params=page_params)
+            pages += 1
+            if bundle.get("resourceType") != "Bundle":
+                raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered "
+                                    f"with a {bundle.get('resourceType')!r}, not a Bundle",
+                                    temporary=False)
+            for entry in bundle.get("entry") or []:
+                # 'outcome' entries are the server's warnings about the search, not matches.
+                if (entry.get("search") or {}).get("mode") == "outcome":
+                    log.debug("search %s: server note: %s", resource_type,
+                              outcome_text(entry.get("resource")))
+                    continue
+                if entry.get("resource"):
+                    yield entry["resource"]
+            url, page_params = self._next_link(bundle), None
+            if url and (url in seen or pages >= max_pages):
+                raise UpstreamError(f"search {resource_type}: paging stopped after {pages} pages "
+                                    "(the server repeats a next link or never ends)",
+                                    temporary=False)
+            if url:
+                seen.add(url)
+
+    def close(self) -> None:
+        if self._own_session:
+            self.session.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _next_link(self, bundle: dict[str, Any]) -> str | None:
+        for link in bundle.get("link") or []:
+            if link.get("relation") == "next" and link.get("url"):
+                # An absolute path ('/fhir/Observation?...') is relative to our origin, not base.
+                return self._url(urljoin(self.base_url + "/", link["url"]))
+        return None
+
+    def _url(self, path_or_url: str) -> str:
+        """An absolute URL on our server; refuses any other origin so the token stays home."""
+        if "://" not in path_or_url:
+            return f"{self.base_url}/{path_or_url.lstrip('/')}"
+        if _origin(path_or_url) != self._origin:
+            # Log only the origin: the rest of a foreign URL may carry search values.
+            scheme, host, port = _origin(path_or_url)
+            log.warning("refusing a link to %s://%s:%s outside %s", scheme, host, port,
+                        self.base_url)
+            raise UpstreamError("the hospital FHIR server sent a link to another host "
+                                f"({scheme}://{host}:{port}); refusing to send our credentials "
+                                "there", temporary=False)
+        return path_or_url
+
+    def _call(self, method: str, path_or_url: str, *, params: Params = None,
+              body: dict[str, Any] | None = None,
+              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        url = self._url(path_or_url)
+        all_headers = dict(self._headers)
+        data = None
+        if body is not None:
+            all_headers["Content-Type"] = FHIR_JSON
+            data = orjson.dumps(body)
+        all_headers.update(headers or {})
+        where = urlsplit(url).path  # no query string in logs: it may hold search values
+        for attempt in range(self.retries + 1):
+            try:
+                return self._attempt(method, url, where, params, data, all_headers)
+            except _Temporary as failure:
+                if attempt >= self.retries:
+                    raise self._exhausted(method, where, failure) from None
+                delay = self._delay(attempt, failure.response)
+                log.warning("%s %s: %s; retry %d of %d in %.1f s", method, where, failure.reason,
+                            attempt + 1, self.retries, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _delay(self, attempt: int, response: requests.Response | None) -> float:
+        asked = _retry_after(response)
+        delay = asked if asked is not None else float(2 ** attempt)  # 1, 2, 4, 8 ... s
+        return min(delay, self.retry_after_cap)
+
+    def _attempt(self, method: str, url: str, where: str, params: Params, data: bytes | None,
+                 headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            response = self.session.request(method, url, params=params, data=data,
+                                            headers=headers, timeout=self.timeout)
+        except requests.Timeout as exc:
+            raise _Temporary(f"no answer within {self.timeout} s ({type(exc).__name__})",
+                             timeout=True) from exc
+        except requests.ConnectionError as exc:
+            raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
+        status = response.status_code
+        if status in RETRY_STATUSES:
+            raise _Temporary(f"HTTP {status}", response=response,
+                             timeout=status in TIMEOUT_STATUSES)
+        if status >= 400 or status < 200:
+            raise self._fatal(method, where, response)
+        if not response.content.strip():
+            return {}
+        try:
+            parsed = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            # Seen behind broken proxies: a 200 with an HTML error page. Worth another try.
+            raise _Temporary(f"HTTP {status} with a body that is not JSON",
+                             response=response) from None
+        if not isinstance(parsed, dict):
+            raise UpstreamError(f"{method} {where}: the hospital FHIR server answered with JSON "
+                                "that is not a resource", temporary=False, upstream_status=status)
+        return parsed
+
+    def _fatal(self, method: str, where: str, response: requests.Response) -> Exception:
+        status = response.status_code
+        text = _response_outcome(response)
+        suffix = f": {text}" if text else ""
+        if status in (404, 410):
+            log.info("%s %s: HTTP %d", method, where, status)  # routine: an unknown id
+            return UpstreamNotFound(f"{method} {where}: not found at the hospital FHIR server "
+                                    f"(HTTP {status}){suffix}", details=text or None)
+        log.warning("%s %s: HTTP %d", method, where, status)
+        if status in (401, 403):
+            return UpstreamError(f"{method} {where}: the hospital FHIR server refused our "
+                                 f"credentials (HTTP {status}){suffix}", temporary=False,
+                                 upstream_status=status, details=text or None)
+        return UpstreamError(f"{method} {where}: the hospital FHIR server answered HTTP "
+                             f"{status}{suffix}", temporary=False, upstream_status=status,
+                             details=text or None)
+
+    def _exhausted(self, method: str, where: str, failure: _Temporary) -> Exception:
+        response = failure.response
+        status = response.status_code if response is not None else None
+        text = _response_outcome(response) if response is not None else ""
+        suffix = f": {text}" if text else ""
+        message = (f"{method} {where}: the hospital FHIR server failed after "
+                   f"{self.retries + 1} attempts ({failure.reason}){suffix}")
+        log.error("%s %s: giving up after %d attempts (%s)", method, where, self.retries + 1,
+                  failure.reason)
+        cls = UpstreamTimeout if failure.timeout else UpstreamError
+        return cls(message, temporary=True, upstream_status=status, details=text or None)

@@ -1,0 +1,390 @@
+"""Where patient data comes from: a hospital FHIR server or a folder of NDJSON/Bundles."""
+from __future__ import annotations
+
+import abc
+import gzip
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
+from .client import FhirClient
+from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
+
+log = logging.getLogger(__name__)
+
+Codes = Sequence[tuple[str, str]]
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # https://hl7.org/fhir/R4/datatypes.html#id
+MAX_URL = 1800  # stay under the ~2,000 characters many proxies and servers accept
+
+
+def _check_id(patient_id: str) -> str:
+    if not isinstance(patient_id, str) or not _ID.fullmatch(patient_id):
+        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression="patient")
+    return patient_id
+
+
+def _check_aware(dt: datetime | None, name: str) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:
+        raise ValueError(f"{name} must be time-zone aware")
+    return dt
+
+
+class Source(abc.ABC):
+    """Where patient data comes from (a hospital FHIR server or a folder)."""
+
+    read_only: bool
+
+    @abc.abstractmethod
+    def patient(self, patient_id: str) -> dict[str, Any]:
+        """The Patient resource; UpstreamNotFound if unknown."""
+
+    @abc.abstractmethod
+    def encounters(self, patient_id: str) -> list[dict[str, Any]]:
+        """Every Encounter of the patient."""
+
+    @abc.abstractmethod
+    def observations(self, patient_id: str, codes: Codes | None = None,
+                     since: datetime | None = None,
+                     until: datetime | None = None) -> list[dict[str, Any]]:
+        """The patient's Observations with any of ``codes`` ((system, code); an empty system
+        matches any) whose effective time overlaps [since, until]; None means no filter."""
+
+    @abc.abstractmethod
+    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """Create or update the resource by id (idempotent)."""
+
+    def close(self) -> None:
+        """Release connections; the default has nothing to release."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _escape(value: str) -> str:
+    """Escape FHIR search separators (https://hl7.org/fhir/R4/search.html#escaping)."""
+    return re.sub(r"([\\,|$])", r"\\\1", value)
+
+
+def code_token(system: str, code: str) -> str:
+    """One token search value: 'system|code', or just 'code' (any system) if system is empty."""
+    return f"{_escape(system)}|{_escape(code)}" if system else _escape(code)
+
+
+class ServerSource(Source):
+    """A hospital FHIR server, searched with standard R4 parameters."""
+
+    read_only = False
+
+    def __init__(self, client: FhirClient) -> None:
+        self.client = client
+
+    def patient(self, patient_id: str) -> dict[str, Any]:
+        return self.client.get(f"Patient/{_check_id(patient_id)}")
+
+    def encounters(self, patient_id: str) -> list[dict[str, Any]]:
+        params = [("patient", _check_id(patient_id)), ("_count", 100)]
+        return _unique(self.client.search("Encounter", params))
+
+    def observations(self, patient_id: str, codes: Codes | None = None,
+                     since: datetime | None = None,
+                     until: datetime | None = None) -> list[dict[str, Any]]:
+        params: list[tuple[str, Any]] = [("patient", _check_id(patient_id))]
+        if _check_aware(since, "since"):
+            params.append(("date", "ge" + format_datetime(since)))  # type: ignore[arg-type]
+        if _check_aware(until, "until"):
+            params.append(("date", "le" + format_datetime(until)))  # type: ignore[arg-type]
+        params.append(("_count", 200))
+        if codes is None:
+            return _unique(self.client.search("Observation", params))
+        if not codes:
+            return []
+        found: list[dict[str, Any]] = []
+        for chunk in self._code_chunks([code_token(s, c) for s, c in codes], params):
+            found.extend(self.client.search("Observation", params + [("code", chunk)]))
+        return _unique(found)
+
+    def _code_chunks(self, tokens: list[str], params: list[tuple[str, Any]]) -> Iterator[str]:
+        """Comma-joined code lists, each keeping the search URL under MAX_URL characters."""
+        room = MAX_URL - len(f"{self.client.base_url}/Observation?{urlencode(params)}&code=")
+        chunk: list[str] = []
+        for token in tokens:
+            if chunk and len(urlencode({"c": ",".join(chunk + [token])})) - 2 > room:
+                yield ",".join(chunk)
+                chunk = []
+            chunk.append(token)
+        if chunk:
+            yield ",".join(chunk)
+
+    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
+        return self.client.put(resource)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _unique(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop repeats by id (split searches overlap; live paging can repeat an entry)."""
+    seen: set[str] = set()
+    out = []
+    for resource in resources:
+        rid = resource.get("id")
+        if rid is not None:
+            if rid in seen:
+                continue
+            seen.add(rid)
+        out.append(resource)
+    return out
+
+
+# -- the folder ---------------------------------------------------------------------------------
+
+_WANTED = ("Patient", "Encounter", "Observation")
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
+# Bulk-Data files hold one resource type each and are named after it ('Condition.000.ndjson').
+_NAMED_TYPE = re.compile(r"([A-Z][A-Za-z]+)(?=[._\-]|$)")
+
+
+def _patient_key(reference: str | None, urns: dict[str, str]) -> str | None:
+    if not reference:
+        return None
+    if reference in urns:
+        return urns[reference]
+    if reference.startswith("urn:uuid:"):
+        return reference[9:]  # Synthea and others use the Patient's id as its uuid
+    match = _PATIENT_REF.search(reference)
+    return match.group(1) if match else None
+
+
+class _Index:
+    """Patient id → raw JSON of that patient's resources (bytes: ~3x smaller than dicts)."""
+
+    def __init__(self) -> None:
+        self.patients: dict[str, bytes] = {}
+        self.by_patient: dict[str, dict[str, list[bytes]]] = {t: {} for t in _WANTED[1:]}
+        self._seen: dict[str, set[str]] = {t: set() for t in _WANTED[1:]}
+        self.duplicates = 0
+        self.skipped = 0
+
+    def add(self, resource: dict[str, Any], raw: bytes | None, urns: dict[str, str]) -> None:
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if rtype == "Bundle":
+            self.add_bundle(resource)
+            return
+        if rtype not in _WANTED:
+            return
+        if not isinstance(rid, str):
+            self.skipped += 1
+            return
+        raw = raw if raw is not None else orjson.dumps(resource)
+        if rtype == "Patient":
+            if rid in self.patients:
+                self.duplicates += 1
+            else:
+                self.patients[rid] = raw
+            return
+        key = _patient_key((resource.get("subject") or {}).get("reference"), urns)
+        if key is None:
+            self.skipped += 1
+        elif rid in self._seen[rtype]:
+            self.duplicates += 1
+        else:
+            self._seen[rtype].add(rid)
+            self.by_patient[rtype].setdefault(key, []).append(raw)
+
+    def add_bundle(self, bundle: dict[str, Any]) -> None:
+        entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+        urns = {e["fullUrl"]: e["resource"]["id"] for e in entries
+                if e.get("fullUrl") and isinstance(e.get("resource"), dict)
+                and e["resource"].get("resourceType") == "Patient" and e["resource"].get("id")}
+        for entry in entries:
+            if isinstance(entry.get("resource"), dict):
+                self.add(entry["resource"], None, urns)
+
+
+class FolderSource(Source):
+    """A read-only folder of Bulk-Data NDJSON (optionally .gz) and/or .json resources/Bundles.
+
+    Read once, lazily, on first use. NDJSON files named after another resource type
+    ('Condition.ndjson', 'Claim.000.ndjson.gz') are not read at all.
+    """
+
+    read_only = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._index: _Index | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Read the folder now (e.g. at start-up, to fail fast on a bad file)."""
+        self._loaded()
+
+    def patient_ids(self) -> list[str]:
+        """Every Patient id in the folder (folder source only; for bulk runs)."""
+        return sorted(self._loaded().patients)
+
+    def patient(self, patient_id: str) -> dict[str, Any]:
+        raw = self._loaded().patients.get(_check_id(patient_id))
+        if raw is None:
+            raise UpstreamNotFound(f"Patient/{patient_id} is not in the folder source")
+        return orjson.loads(raw)
+
+    def encounters(self, patient_id: str) -> list[dict[str, Any]]:
+        rows = self._loaded().by_patient["Encounter"].get(_check_id(patient_id), [])
+        return [orjson.loads(raw) for raw in rows]
+
+    def observations(self, patient_id: str, codes: Codes | None = None,
+                     since: datetime | None = None,
+                     until: datetime | None = None) -> list[dict[str, Any]]:
+        _check_aware(since, "since")
+        _check_aware(until, "until")
+        rows = self._loaded().by_patient["Observation"].get(_check_id(patient_id), [])
+        observations = [orjson.loads(raw) for raw in rows]
+        if codes is not None:
+            exact = {(s, c) for s, c in codes if s}
+            any_system = {c for s, c in codes if not s}
+            observations = [o for o in observations if _has_code(o, exact, any_system)]
+        if since is not None or until is not None:
+            observations = [o for o in observations if _in_dates(o, since, until)]
+        return observations
+
+    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
+        raise NotSupported("the folder source is read-only")
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _loaded(self) -> _Index:
+        with self._lock:  # the first requests may arrive together; read the folder once
+            if self._index is None:
+                self._index = self._read()
+            return self._index
+
+    def _read(self) -> _Index:
+        if not self.path.is_dir():
+            raise ConfigurationError(f"FHIR source folder {self.path} does not exist")
+        index = _Index()
+        files = 0
+        for file in sorted(self.path.iterdir()):
+            name = file.name
+            if name.startswith(".") or not file.is_file():
+                continue
+            if name.endswith((".ndjson", ".ndjson.gz")):
+                named = _NAMED_TYPE.match(name)
+                if named and named.group(1) not in _WANTED + ("Bundle",):
+                    continue
+                for number, line in _lines(file):
+                    resource = _parse(line, file, number)
+                    index.add(resource, line, {})
+            elif name.endswith((".json", ".json.gz")):
+                resource = _parse(_read_bytes(file), file, None)
+                index.add(resource, None, {})
+            else:
+                continue
+            files += 1
+        log.info("folder source %s: %d files, %d patients", self.path, files,
+                 len(index.patients))
+        if index.duplicates or index.skipped:
+            log.warning("folder source %s: ignored %d repeated ids and %d resources without id "
+                        "or patient subject", self.path, index.duplicates, index.skipped)
+        return index
+
+
+def _open(file: Path) -> Any:
+    return gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb")
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        with _open(file) as handle:
+            return handle.read()
+    except (OSError, EOFError) as exc:
+        raise ConfigurationError(f"{file}: cannot read ({exc})", expression=str(file)) from exc
+
+
+def _lines(file: Path) -> Iterator[tuple[int, bytes]]:
+    try:
+        with _open(file) as handle:
+            for number, line in enumerate(handle, start=1):
+                line = line.strip()
+                if line:
+                    yield number, line
+    except (OSError, EOFError) as exc:
+        raise ConfigurationError(f"{file}: cannot read ({exc})", expression=str(file)) from exc
+
+
+def _parse(data: bytes, file: Path, line: int | None) -> dict[str, Any]:
+    """One resource; a broken file is the operator's to fix, so ConfigurationError (500)."""
+    where = f"{file}, line {line}" if line is not None else str(file)
+    try:
+        resource = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigurationError(f"{where}: not valid JSON ({exc})", expression=where) from None
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        if line is None:  # e.g. a Bulk-Data manifest lying next to the NDJSON
+            log.debug("folder source: %s is not a FHIR resource; skipped", file)
+            return {}
+        raise ConfigurationError(f"{where}: not a FHIR resource (no resourceType)",
+                                 expression=where)
+    return resource
+
+
+# -- search semantics, as a server applies them -----------------------------------------------
+
+def _has_code(observation: dict[str, Any], exact: set[tuple[str, str]],
+              any_system: set[str]) -> bool:
+    for coding in (observation.get("code") or {}).get("coding") or []:
+        code = coding.get("code")
+        if code in any_system or (coding.get("system"), code) in exact:
+            return True
+    return False
+
+
+def _effective_range(observation: dict[str, Any]) -> tuple[datetime, datetime] | None:
+    """The instants effective[x] covers; what the 'date' search parameter is compared with."""
+    value = observation.get("effectiveDateTime") or observation.get("effectiveInstant")
+    if value:
+        return datetime_range(value)
+    period = observation.get("effectivePeriod")
+    if period and (period.get("start") or period.get("end")):
+        start = datetime_range(period["start"])[0] if period.get("start") else MIN_TIME
+        end = datetime_range(period["end"])[1] if period.get("end") else MAX_TIME
+        return start, end
+    return None
+
+
+def _in_dates(observation: dict[str, Any], since: datetime | None,
+              until: datetime | None) -> bool:
+    """ge/le match when the ranges overlap (https://hl7.org/fhir/R4/search.html#prefix)."""
+    try:
+        covered = _effective_range(observation)
+    except ValueError:
+        log.warning("Observation/%s: unreadable effective time; left out of a date search",
+                    observation.get("id"))
+        return False
+    if covered is None:  # no effective[x]: a server has nothing to compare either
+        return False
+    first, last = covered
+    return (since is None or last >= since) and (until is None or first <= until)
+
+
+def make_source(url_or_path: str, *, token: str | None = None, timeout: float = 10.0,
+                retries: int = 3, retry_after_cap: float = 30.0) -> Source:
+    """A ServerSource for an http(s) URL, else a FolderSource for an existing folder."""
+    if url_or_path.startswith(("http://", "https://")):
+        return ServerSource(FhirClient(url_or_path, token=token, timeout=timeout, retries=retries,
+                                       retry_after_cap=retry_after_cap))
+    if not Path(url_or_path).is_dir():
+        raise ConfigurationError(f"FHIR source {url_or_path!r} is neither an http(s) URL nor a "
+                                 "folder", expression="source_url")
+    return FolderSource(url_or_path)

@@ -1,0 +1,296 @@
+"""FhirClient against HTTP mocked at the transport: paging, retries, errors, token safety."""
+from __future__ import annotations
+
+import json
+from email.utils import format_datetime as http_date
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+from responses import matchers
+
+from fhir_ai.errors import BadRequest, UpstreamError, UpstreamNotFound, UpstreamTimeout
+from fhir_ai.fhir.client import FhirClient
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "fhir"
+BASE = "https://fhir.hospital.example/r4"
+TOKEN = "s3cr3t-token"
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+class Sleeps(list):
+    """Records the delays the client asked for instead of sleeping."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+def client(sleeps: Sleeps):
+    with FhirClient(BASE, token=TOKEN, retries=3, retry_after_cap=30.0, sleep=sleeps) as c:
+        yield c
+
+
+@pytest.fixture
+def mocked():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def test_get_sends_fhir_accept_and_bearer_token(client, mocked):
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    patient = client.get("Patient/example")
+    assert patient["id"] == "example"
+    sent = mocked.calls[0].request
+    assert sent.headers["Accept"] == "application/fhir+json"
+    assert sent.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert "Content-Type" not in sent.headers  # only writes carry a body
+    assert TOKEN not in repr(client)
+
+
+def test_no_authorization_header_without_token(mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    with FhirClient(BASE, sleep=sleeps) as anonymous:
+        anonymous.get("Patient/example")
+    assert "Authorization" not in mocked.calls[0].request.headers
+
+
+def test_search_follows_next_links_over_three_pages(client, mocked):
+    first = mocked.get(f"{BASE}/Observation", json=fixture("search-observation-page1.json"),
+                       match=[matchers.query_param_matcher({"patient": "example", "_count": "2"})])
+    for n, offset in ((2, 2), (3, 4)):
+        mocked.get(f"{BASE}", json=fixture(f"search-observation-page{n}.json"),
+                   match=[matchers.query_param_matcher(
+                       {"_getpages": "4f1c9a", "_getpagesoffset": str(offset), "_count": "2"})])
+    ids = [o["id"] for o in client.search("Observation", {"patient": "example", "_count": 2})]
+    assert ids == ["hr-1", "hr-2", "hr-3", "hr-4", "hr-5"]
+    assert first.call_count == 1
+    assert len(mocked.calls) == 3
+    assert all(c.request.headers["Authorization"] == f"Bearer {TOKEN}" for c in mocked.calls)
+
+
+def test_search_skips_outcome_entries(client, mocked):
+    bundle = fixture("search-observation-page3.json")
+    bundle["entry"].append({"resource": fixture("operationoutcome-busy.json"),
+                            "search": {"mode": "outcome"}})
+    mocked.get(f"{BASE}/Observation", json=bundle)
+    assert [r["resourceType"] for r in client.search("Observation", {})] == ["Observation"]
+
+
+def test_next_link_to_another_host_is_refused_and_token_not_sent(client, mocked):
+    page = fixture("search-observation-page1.json")
+    page["link"][1]["url"] = "https://evil.example/r4/Observation?page=2"
+    mocked.get(f"{BASE}/Observation", json=page)
+    evil = mocked.get("https://evil.example/r4/Observation", json=fixture(
+        "search-observation-page2.json"))
+    results = client.search("Observation", {"patient": "example"})
+    assert [next(results)["id"], next(results)["id"]] == ["hr-1", "hr-2"]
+    with pytest.raises(UpstreamError) as err:
+        next(results)
+    assert err.value.temporary is False
+    assert "another host" in err.value.message
+    assert evil.call_count == 0
+
+
+@pytest.mark.parametrize("url", ["http://fhir.hospital.example/r4/Observation?p=2",  # scheme
+                                 "https://fhir.hospital.example:8443/r4/Observation?p=2"])  # port
+def test_next_link_with_other_scheme_or_port_is_refused(client, mocked, url):
+    page = fixture("search-observation-page3.json")
+    page["link"].append({"relation": "next", "url": url})
+    mocked.get(f"{BASE}/Observation", json=page)
+    with pytest.raises(UpstreamError, match="another host"):
+        list(client.search("Observation", {}))
+    assert len(mocked.calls) == 1
+
+
+def test_next_link_on_same_origin_with_explicit_default_port_is_followed(client, mocked):
+    page = fixture("search-observation-page1.json")
+    page["link"][1]["url"] = "https://FHIR.hospital.example:443/r4/Observation?page=2"
+    mocked.get(f"{BASE}/Observation", json=page,
+               match=[matchers.query_param_matcher({})])
+    mocked.get("https://fhir.hospital.example:443/r4/Observation",
+               json=fixture("search-observation-page3.json"),
+               match=[matchers.query_param_matcher({"page": "2"})])
+    assert len(list(client.search("Observation", {}))) == 3
+
+
+def test_repeated_next_link_stops_paging(client, mocked):
+    page = fixture("search-observation-page2.json")  # its next link points at itself below
+    page["link"][1]["url"] = f"{BASE}/Observation?page=2"
+    mocked.get(f"{BASE}/Observation", json=page)
+    with pytest.raises(UpstreamError, match="paging stopped after 2 pages"):
+        list(client.search("Observation", {}))
+
+
+def test_429_honours_retry_after_seconds(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", status=429, headers={"Retry-After": "7"})
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+    assert sleeps == [7.0]
+
+
+def test_retry_after_is_capped(mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", status=429, headers={"Retry-After": "3600"})
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    with FhirClient(BASE, retry_after_cap=12.5, sleep=sleeps) as capped:
+        capped.get("Patient/example")
+    assert sleeps == [12.5]
+
+
+def test_retry_after_http_date(client, mocked, sleeps):
+    when = datetime.now(timezone.utc) + timedelta(seconds=20)
+    mocked.get(f"{BASE}/Patient/example", status=503,
+               headers={"Retry-After": http_date(when, usegmt=True)})
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    client.get("Patient/example")
+    assert len(sleeps) == 1 and 17 <= sleeps[0] <= 20
+
+
+def test_503_then_success_uses_backoff(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", status=503, json=fixture("operationoutcome-busy.json"))
+    mocked.get(f"{BASE}/Patient/example", status=502)
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+    assert sleeps == [1.0, 2.0]
+
+
+def test_retries_exhausted_is_502_with_outcome_text(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", status=503, json=fixture("operationoutcome-busy.json"))
+    with pytest.raises(UpstreamError) as err:
+        client.get("Patient/example")
+    assert type(err.value) is UpstreamError
+    assert err.value.status == 502
+    assert err.value.temporary is True
+    assert err.value.upstream_status == 503
+    assert "Database connection pool exhausted" in err.value.message
+    assert len(mocked.calls) == 4  # one try + 3 retries
+    assert sleeps == [1.0, 2.0, 4.0]
+
+
+def test_timeouts_exhausted_raise_upstream_timeout(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", body=requests.ReadTimeout("read timed out"))
+    with pytest.raises(UpstreamTimeout) as err:
+        client.get("Patient/example")
+    assert err.value.status == 504
+    assert len(mocked.calls) == 4
+    assert len(sleeps) == 3
+
+
+def test_connection_error_then_success(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", body=requests.ConnectionError("refused"))
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+    assert sleeps == [1.0]
+
+
+def test_timeout_is_passed_on_every_call(mocked, sleeps):
+    seen = []
+
+    class Recording(requests.Session):
+        def request(self, *args, **kwargs):
+            seen.append(kwargs.get("timeout"))
+            return super().request(*args, **kwargs)
+
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    mocked.put(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    with FhirClient(BASE, timeout=4.5, session=Recording(), sleep=sleeps) as c:
+        c.get("Patient/example")
+        c.put(fixture("patient-example.json"))
+    assert seen == [4.5, 4.5]
+
+
+def test_malformed_json_is_retried_then_succeeds(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", body="<html>proxy error</html>", status=200)
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+    assert sleeps == [1.0]
+
+
+def test_malformed_json_every_time_is_an_upstream_error(client, mocked):
+    mocked.get(f"{BASE}/Patient/example", body="<html>proxy error</html>", status=200)
+    with pytest.raises(UpstreamError, match="not JSON") as err:
+        client.get("Patient/example")
+    assert type(err.value) is UpstreamError and err.value.status == 502
+    assert len(mocked.calls) == 4
+
+
+def test_404_with_outcome_is_upstream_not_found(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/unknown", status=404,
+               json=fixture("operationoutcome-not-found.json"))
+    with pytest.raises(UpstreamNotFound) as err:
+        client.get("Patient/unknown")
+    assert err.value.status == 404
+    assert "Resource Patient/unknown is not known" in err.value.message
+    assert sleeps == [] and len(mocked.calls) == 1  # not retried
+
+
+def test_410_is_upstream_not_found(client, mocked):
+    mocked.get(f"{BASE}/Patient/gone", status=410)
+    with pytest.raises(UpstreamNotFound):
+        client.get("Patient/gone")
+
+
+def test_403_says_credentials_refused_and_is_not_retried(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Observation", status=403, json=fixture("operationoutcome-forbidden.json"))
+    with pytest.raises(UpstreamError) as err:
+        list(client.search("Observation", {"patient": "example"}))
+    assert err.value.temporary is False and err.value.upstream_status == 403
+    assert "refused our credentials" in err.value.message
+    assert "Token lacks scope patient/Observation.read" in err.value.message
+    assert TOKEN not in err.value.message
+    assert sleeps == []
+
+
+def test_400_uses_diagnostics_when_no_details_text(client, mocked):
+    outcome = {"resourceType": "OperationOutcome",
+               "issue": [{"severity": "error", "code": "invalid", "diagnostics": "Unknown param"}]}
+    mocked.get(f"{BASE}/Observation", status=400, json=outcome)
+    with pytest.raises(UpstreamError, match="HTTP 400: Unknown param") as err:
+        list(client.search("Observation", {"bogus": "1"}))
+    assert err.value.temporary is False and err.value.upstream_status == 400
+
+
+def test_put_by_id_with_fhir_json_body(client, mocked):
+    resource = {"resourceType": "RiskAssessment", "id": "ra-1", "status": "final",
+                "subject": {"reference": "Patient/example"}}
+    mocked.put(f"{BASE}/RiskAssessment/ra-1", status=201,
+               json={**resource, "meta": {"versionId": "1"}},
+               match=[matchers.json_params_matcher(resource)])
+    body = client.put(resource)
+    assert body["meta"]["versionId"] == "1"
+    sent = mocked.calls[0].request
+    assert sent.headers["Content-Type"] == "application/fhir+json"
+    assert sent.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_put_empty_body_returns_empty_dict(client, mocked):
+    mocked.put(f"{BASE}/RiskAssessment/ra-1", status=200, body="")
+    assert client.put({"resourceType": "RiskAssessment", "id": "ra-1"}) == {}
+
+
+def test_put_needs_an_id(client):
+    with pytest.raises(BadRequest):
+        client.put({"resourceType": "RiskAssessment"})
+
+
+def test_post_passes_extra_headers(client, mocked):
+    mocked.post(f"{BASE}/RiskAssessment", status=201, body="",
+                match=[matchers.header_matcher({"If-None-Exist": "identifier=x|1"})])
+    assert client.post("RiskAssessment", {"resourceType": "RiskAssessment"},
+                       headers={"If-None-Exist": "identifier=x|1"}) == {}
+
+
+def test_absolute_url_to_other_host_refused_for_get(client, mocked):
+    with pytest.raises(UpstreamError, match="another host"):
+        client.get("https://elsewhere.example/r4/Patient/example")
+    assert len(mocked.calls) == 0
