@@ -41,8 +41,8 @@ def assessment_key(*parts: Any) -> str:
 
 
 def fingerprint_row(X: np.ndarray, row: int) -> bytes:
-    # Rounded so that unit conversion noise (1e-15) does not make a "new" assessment.
-    return np.round(np.nan_to_num(X[row], nan=-9.87654321e300), 9).tobytes()
+    # Rounded so that unit conversion noise (1e-15) does not make a "new" assessment; NaN stays NaN.
+    return np.round(X[row], 9).tobytes()
 
 
 def resource_id(key: str) -> str:
@@ -151,7 +151,8 @@ def news2_assessment(scored: Scored, total: float, partial: float, band: str | N
     resource = _base(scored, key, "NEWS2 (Royal College of Physicians 2017)")
     missing = [NEWS2_PARAMETERS_TEXT[p] for p, v in subscores.items() if math.isnan(v)]
     shown = "; ".join(f"{NEWS2_PARAMETERS_TEXT[p]} {int(v)}" for p, v in subscores.items() if not math.isnan(v))
-    if not shown:
+    measured = [p for p, v in subscores.items() if p != "air_or_oxygen" and not math.isnan(v)]
+    if not measured:
         resource["status"] = "cancelled"
         resource["note"] = [{"text": "NEWS2 not scored: none of its seven parameters was recorded in the window."}]
         return resource

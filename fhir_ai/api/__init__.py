@@ -1,0 +1,4 @@
+"""HTTP API: one blueprint per area."""
+from . import health, metadata, operations, risk_assessments
+
+BLUEPRINTS = [metadata.bp, operations.bp, risk_assessments.bp, health.bp]

@@ -1,0 +1,41 @@
+"""One error handler: every failure becomes an OperationOutcome with the right status, never a trace."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+from ..errors import FhirAiError
+from .fhir_io import fhir_response
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(FhirAiError)
+    def _ours(exc: FhirAiError):  # type: ignore[no-untyped-def]
+        if exc.status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        return fhir_response(exc.to_operation_outcome(), exc.status)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):  # type: ignore[no-untyped-def]
+        status = exc.code or 500
+        outcome = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "error", "code": _HTTP_CODES.get(status, "processing"),
+            "diagnostics": exc.description or exc.name}]}
+        response = fhir_response(outcome, status)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+        log.exception("unexpected error (%s)", type(exc).__name__)
+        outcome = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "fatal", "code": "exception",
+            "diagnostics": "internal error; the server log has the details"}]}
+        return fhir_response(outcome, 500)

@@ -1,0 +1,99 @@
+"""FHIR JSON in and out of Flask: content types, request bodies, Bundles, OperationOutcomes."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from flask import Request, Response, request
+
+from ..codes import FHIR_JSON
+from ..errors import BadRequest, FhirAiError
+
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+ACCEPTED_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+
+
+class UnsupportedMediaType(FhirAiError):
+    status = 415
+    code = "not-supported"
+
+
+class NotAcceptable(FhirAiError):
+    status = 406
+    code = "not-supported"
+
+
+def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = Response(orjson.dumps(body), status=status, mimetype=FHIR_JSON)
+    response.headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def check_accept(req: Request) -> None:
+    """JSON only: an explicit request for XML (Accept or _format) gets 406."""
+    fmt = req.args.get("_format")
+    if fmt and fmt not in ("json", "application/json", "application/fhir+json"):
+        raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks FHIR JSON",
+                            expression="_format")
+    accept = req.headers.get("Accept", "")
+    if accept and not any(t in accept for t in ("json", "*/*")):
+        raise NotAcceptable(f"cannot answer in {accept!r}; use application/fhir+json")
+
+
+def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] | None:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if optional:
+            return None
+        raise BadRequest(f"a {resource_type} resource is required in the request body")
+    mimetype = request.mimetype
+    if mimetype and mimetype not in ACCEPTED_BODY_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {mimetype!r} is not supported; send application/fhir+json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("resourceType") != resource_type:
+        found = body.get("resourceType") if isinstance(body, dict) else type(body).__name__
+        raise BadRequest(f"expected a {resource_type} resource, got {found!r}", expression="resourceType")
+    return body
+
+
+def check_id(value: str, expression: str) -> str:
+    if not _ID.fullmatch(value):
+        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=expression)
+    return value
+
+
+def lenient() -> bool:
+    return "handling=lenient" in request.headers.get("Prefer", "").replace(" ", "")
+
+
+def bundle(kind: str, resources: list[dict[str, Any]], base: str, *, total: int | None = None,
+           links: list[dict[str, str]] | None = None, outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = []
+    for resource in resources:
+        entry: dict[str, Any] = {"fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
+                                 "resource": resource}
+        if kind == "searchset":
+            entry["search"] = {"mode": "match"}
+        entries.append(entry)
+    if outcome is not None:
+        entry = {"resource": outcome}
+        if kind == "searchset":
+            entry["search"] = {"mode": "outcome"}
+        entries.append(entry)
+    out: dict[str, Any] = {"resourceType": "Bundle", "type": kind}
+    if total is not None:
+        out["total"] = total
+    if links:
+        out["link"] = links
+    out["entry"] = entries
+    return out
+
+
+def base_url() -> str:
+    return request.url_root.rstrip("/")

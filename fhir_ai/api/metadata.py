@@ -1,0 +1,69 @@
+"""GET /metadata (CapabilityStatement) and the OperationDefinition of $assess: what we truly support."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app
+
+from .. import __version__, codes
+from ..pipeline import Pipeline
+from .fhir_io import base_url, fhir_response
+
+bp = Blueprint("metadata", __name__)
+
+ASSESS_DEFINITION = f"{codes.BASE}/OperationDefinition/assess"
+
+
+def operation_definition(models: list[str]) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationDefinition", "id": "assess", "url": ASSESS_DEFINITION,
+        "name": "Assess", "status": "active", "kind": "operation", "code": "assess",
+        "description": ("Pull the patient's data from the hospital's FHIR server, score it with the chosen "
+                        "model(s), store the RiskAssessment(s) and write them back. Repeating a request with "
+                        "the same inputs returns the stored assessment instead of a duplicate."),
+        "resource": ["Patient"], "system": False, "type": False, "instance": True, "affectsState": True,
+        "parameter": [
+            {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
+             "documentation": f"Model id; default deterioration. Available: {', '.join(models)}"},
+            {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean",
+             "documentation": "Write the assessment to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
+            {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime",
+             "documentation": "Assess as of this time (default: now); later data is ignored."},
+            {"name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle",
+             "documentation": "A collection Bundle of RiskAssessments (the model's and NEWS2) and an "
+                              "OperationOutcome with warnings, if any."},
+        ],
+    }
+
+
+@bp.get("/metadata")
+def capability_statement():  # type: ignore[no-untyped-def]
+    statement = {
+        "resourceType": "CapabilityStatement", "status": "active", "date": "2026-11-25", "kind": "instance",
+        "software": {"name": "fhir_ai", "version": __version__},
+        "implementation": {"description": "fhir_ai risk assessment service", "url": base_url()},
+        "fhirVersion": "4.0.1", "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [
+                {"type": "Patient", "operation": [{"name": "assess", "definition": ASSESS_DEFINITION}]},
+                {"type": "RiskAssessment", "interaction": [{"code": "read"}, {"code": "search-type"}],
+                 "versioning": "versioned", "readHistory": False, "updateCreate": False,
+                 "searchParam": [
+                     {"name": "patient", "type": "reference",
+                      "definition": "http://hl7.org/fhir/SearchParameter/RiskAssessment-patient"},
+                     {"name": "subject", "type": "reference",
+                      "definition": "http://hl7.org/fhir/SearchParameter/RiskAssessment-subject"},
+                     {"name": "_count", "type": "number"},
+                 ]},
+                {"type": "OperationDefinition", "interaction": [{"code": "read"}]},
+            ],
+        }],
+    }
+    return fhir_response(statement)
+
+
+@bp.get("/OperationDefinition/assess")
+def assess_definition():  # type: ignore[no-untyped-def]
+    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    return fhir_response(operation_definition(sorted(pipeline.registry.models)))

@@ -1,0 +1,27 @@
+"""create_app(): configuration → pipeline (mappings, models, source, store) → blueprints → one error handler."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flask import Flask
+
+from .api import BLUEPRINTS, errors
+from .config import Settings, load_settings
+from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settings | None = None,
+               pipeline: Pipeline | None = None) -> Flask:
+    """The Flask app. Refuses to start (MappingError / ModelError) on an invalid mapping or model."""
+    app = Flask(__name__, instance_path=None)
+    settings = settings or load_settings(test_config)
+    app.config["FHIR_AI"] = settings
+    app.json.sort_keys = False
+    app.extensions["fhir_ai"] = pipeline or Pipeline.from_settings(settings)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    errors.register(app)
+    return app

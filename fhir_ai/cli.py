@@ -1,0 +1,311 @@
+"""The `fhir-ai` command: serve, assess, bulk-assess, train, mappings check, write-back, data, demo."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import DEMO_HOSPITAL, Settings, load_settings
+from .errors import FhirAiError, MappingError
+from .fhir import times
+
+log = logging.getLogger("fhir_ai")
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+def _as_of(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return times.parse_datetime(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--as-of") from exc
+
+
+class _Group(click.Group):
+    """Turns fhir_ai errors into a clear message and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MappingError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        except FhirAiError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default: FHIR_AI_LOG_LEVEL or INFO).")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
+    """fhir_ai: AI triage and deterioration warnings as a FHIR service.
+
+    Configuration comes from FHIR_AI_* environment variables (see README.md).
+    """
+    settings = load_settings()
+    logging.basicConfig(level=(log_level or settings.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"settings": settings}
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default FHIR_AI_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default FHIR_AI_PORT or 8080).")
+@click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads per worker.")
+@click.option("--dev", is_flag=True, help="Flask's development server (never for production traffic).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, threads: int, dev: bool) -> None:
+    """Serve the FHIR API under gunicorn (models and mappings load once, before workers fork)."""
+    from .app import create_app
+    settings = _settings(ctx)
+    host = host or settings.host
+    port = port or settings.port
+    app = create_app(settings=settings)   # fails here, before binding, on a bad mapping or model
+    if dev:
+        app.run(host=host, port=port)
+        return
+    from .server import run_gunicorn
+    run_gunicorn(app, host=host, port=port, workers=workers, threads=threads)
+
+
+@main.command()
+@click.argument("patient_id")
+@click.option("--model", "models", multiple=True, help="Model id (repeatable; default deterioration).")
+@click.option("--as-of", default=None, help="FHIR dateTime; default now.")
+@click.option("--write-back/--no-write-back", default=None, help="Override FHIR_AI_WRITE_BACK.")
+@click.pass_context
+def assess(ctx: click.Context, patient_id: str, models: tuple[str, ...], as_of: str | None,
+           write_back: bool | None) -> None:
+    """Assess one patient from the configured source; print the RiskAssessments as JSON."""
+    from .pipeline import Pipeline
+    pipeline = Pipeline.from_settings(_settings(ctx))
+    try:
+        result = pipeline.assess(patient_id, models=list(models) or None, as_of=_as_of(as_of),
+                                 write_back=write_back)
+    finally:
+        pipeline.close()
+    click.echo(json.dumps({"resources": result.resources, "issues": result.issues}, indent=2, ensure_ascii=False))
+
+
+@main.command("bulk-assess")
+@click.option("--input", "input_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Bulk-Data NDJSON folder (Patient/Encounter/Observation.ndjson).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write RiskAssessment NDJSON.")
+@click.option("--model", "models", multiple=True, help="Model id (repeatable; default deterioration).")
+@click.option("--as-of", default=None, help="One as-of time for everyone; default: each patient's latest data.")
+@click.option("--explain", type=click.Choice(["elevated", "all", "none"]), default="elevated", show_default=True,
+              help="Which patients get a rationale (elevated = moderate or high risk).")
+@click.option("--news2/--no-news2", default=False, show_default=True, help="Also write NEWS2 companions.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_context
+def bulk_assess(ctx: click.Context, input_dir: Path, output: Path, models: tuple[str, ...], as_of: str | None,
+                explain: str, news2: bool, progress: bool) -> None:
+    """Score every patient in an NDJSON export; one RiskAssessment per patient per model."""
+    from .bulk import bulk_assess as run
+    from .mapping import load_directory
+    from .models.registry import ModelRegistry
+    settings = _settings(ctx)
+    registry = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
+    stats = run(input_dir, output, registry, models=list(models) or ["deterioration"], as_of=_as_of(as_of),
+                explain=explain, news2=news2, progress=progress)
+    click.echo(f"{stats.patients} patients ({stats.assessed} assessed, {stats.insufficient} insufficient data), "
+               f"{stats.resources_read} resources read in {stats.seconds:.2f} s "
+               f"= {stats.patients_per_second:.0f} patients/s -> {output}")
+
+
+@main.group()
+def mappings() -> None:
+    """Check mapping files."""
+
+
+@mappings.command("check")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.pass_context
+def mappings_check(ctx: click.Context, directory: Path | None) -> None:
+    """Validate every mapping in DIRECTORY (default FHIR_AI_MAPPINGS_DIR) and its model's feature order."""
+    from .mapping import check_directory
+    from .models.registry import check_against_mapping, load_model
+    settings = _settings(ctx)
+    directory = directory or Path(settings.mappings_dir)
+    found, problems = check_directory(directory)
+    for model_id, mapping in found.items():
+        model_dir = Path(settings.models_dir) / model_id
+        if (model_dir / "model.txt").exists():
+            try:
+                check_against_mapping(load_model(model_dir), mapping)
+            except FhirAiError as exc:
+                problems[f"{mapping.path}: features"] = [exc.message]
+    for where, messages in sorted(problems.items()):
+        for message in messages:
+            click.echo(f"{where}: {message}", err=True)
+    if problems:
+        click.echo(f"{sum(len(m) for m in problems.values())} problem(s) in {directory}", err=True)
+        sys.exit(1)
+    for model_id, mapping in found.items():
+        click.echo(f"ok: {mapping.path.name} (model {model_id}, {len(mapping.inputs)} inputs, "
+                   f"{len(mapping.features)} features)")
+
+
+@main.group()
+def train() -> None:
+    """Train models reproducibly (seeded; the data hash goes into the model card)."""
+
+
+@train.command("deterioration")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The PhysioNet 2012 folder (set-a/b tar files, Outcomes files, holdout-ids.txt).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=2012, show_default=True)
+@click.option("--sets", default="a,b", show_default=True, help="Training sets (set c is held out: refused).")
+@click.option("--limit", type=int, default=None, help="Use only the first N stays (quick runs and tests).")
+@click.option("--rounds", type=int, default=None, help="Boosting rounds (default 400).")
+@click.pass_context
+def train_deterioration(ctx: click.Context, data_dir: Path, out_dir: Path, seed: int, sets: str,
+                        limit: int | None, rounds: int | None) -> None:
+    """In-hospital mortality model from PhysioNet/CinC 2012 through the FHIR path; writes model + card."""
+    from .mapping import load_mapping
+    from .models import train_deterioration as trainer
+    settings = _settings(ctx)
+    mapping = load_mapping(_mapping_file(settings, "deterioration"))
+    command = " ".join(["fhir-ai", "train", "deterioration", "--data", str(data_dir), "--out", str(out_dir),
+                        "--seed", str(seed), "--sets", sets] + (["--limit", str(limit)] if limit else [])
+                       + (["--rounds", str(rounds)] if rounds else []))
+    card = trainer.train(data_dir, out_dir, mapping, seed=seed, sets=tuple(s.strip() for s in sets.split(",")),
+                         limit=limit, rounds=rounds or trainer.ROUNDS, command=command)
+    m = card["metrics"]
+    click.echo(f"model {card['version']} -> {out_dir}")
+    click.echo(f"cross-validated AUROC {m['model']['auroc']:.3f}, event-1 {m['model']['event1']:.3f}, "
+               f"H {m['model']['hosmer_lemeshow_h']:.2f} on {m['model']['n']} stays")
+    click.echo(f"SAPS-I  AUROC {m['saps_i']['auroc']:.3f}, event-1 {m['saps_i']['event1']:.3f}, "
+               f"H {m['saps_i']['hosmer_lemeshow_h']:.2f} on {m['saps_i']['n']} stays")
+    click.echo(f"NEWS2   AUROC {m['news2']['auroc']:.3f}, event-1 {m['news2']['event1']:.3f}, "
+               f"H {m['news2']['hosmer_lemeshow_h']:.2f} on {m['news2']['n']} stays")
+
+
+def _mapping_file(settings: Settings, model_id: str) -> Path:
+    from .mapping.loader import SUFFIXES
+    for suffix in SUFFIXES:
+        path = Path(settings.mappings_dir) / f"{model_id}{suffix}"
+        if path.exists():
+            return path
+    raise MappingError({f"{settings.mappings_dir}: {model_id}": ["no mapping file for this model"]})
+
+
+@main.group("write-back")
+def write_back() -> None:
+    """See and retry write-backs to the hospital's server."""
+
+
+@write_back.command("status")
+@click.pass_context
+def write_back_status(ctx: click.Context) -> None:
+    """Count write-backs by state and list the ones not delivered."""
+    from .store import Store
+    store = Store(_settings(ctx).effective_database_url)
+    rows = store.outbox()
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+        if row.status != "delivered":
+            click.echo(f"{row.status}\tRiskAssessment/{row.resource_id}\tattempts={row.attempts}\t{row.last_error or ''}")
+    click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no write-backs recorded")
+
+
+@write_back.command("retry")
+@click.pass_context
+def write_back_retry(ctx: click.Context) -> None:
+    """Deliver every pending write-back now."""
+    from .pipeline import Pipeline
+    pipeline = Pipeline.from_settings(_settings(ctx))
+    try:
+        counts = pipeline.retry_write_backs()
+    finally:
+        pipeline.close()
+    click.echo(f"delivered {counts['delivered']}, still failing {counts['failed']}")
+
+
+@main.group()
+def data() -> None:
+    """Convert the shared data sets to FHIR NDJSON (holdout records are never written)."""
+
+
+@data.command("physionet2012")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--sets", default="a", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--limit", type=int, default=None)
+@click.option("--unit-variant", type=click.Choice(["alt"]), default=None,
+              help="Write some values in alternative units (tests unit conversion).")
+def data_physionet(data_dir: Path, sets: str, out_dir: Path, limit: int | None, unit_variant: str | None) -> None:
+    """PhysioNet/CinC 2012 records → Patient/Encounter/Observation NDJSON (+ labels.csv)."""
+    from .datasets.physionet2012 import convert_physionet
+    counts = convert_physionet(data_dir, [s.strip() for s in sets.split(",")], out_dir, limit, unit_variant)
+    click.echo(json.dumps(counts))
+
+
+@data.command("ktas")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--limit", type=int, default=None)
+def data_ktas(data_dir: Path, out_dir: Path, limit: int | None) -> None:
+    """KTAS training visits → NDJSON (holdout rows are never written)."""
+    from .datasets.ktas import convert_ktas
+    click.echo(json.dumps(convert_ktas(data_dir, out_dir, limit)))
+
+
+@data.command("demo")
+@click.option("--out", "out_dir", default=str(DEMO_HOSPITAL), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+def data_demo(out_dir: Path) -> None:
+    """Regenerate the synthetic demo hospital (seeded: same bytes every time)."""
+    from .datasets.demo import generate_demo_hospital
+    click.echo(json.dumps(generate_demo_hospital(out_dir)))
+
+
+@main.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """The main job on embedded defaults: assess every patient of the demo hospital into SQLite."""
+    from .datasets.demo import DEFAULT_ANCHOR
+    from .fhir.sources import FolderSource
+    from .pipeline import Pipeline
+    settings = _settings(ctx)
+    pipeline = Pipeline.from_settings(settings)
+    source = pipeline.source
+    if not isinstance(source, FolderSource):
+        raise click.UsageError("demo runs on a folder source; unset FHIR_AI_SOURCE_URL to use the demo hospital")
+    as_of = times.parse_datetime(DEFAULT_ANCHOR) if Path(settings.source_url) == DEMO_HOSPITAL else None
+    click.echo(f"source: {settings.source_url}\nstore:  {settings.effective_database_url}\n"
+               f"as of:  {times.format_datetime(as_of) if as_of else 'now'}\n")
+    click.echo(f"{'patient':<12} {'model':<14} {'status':<10} {'risk':<9} {'p':>6}  top reason")
+    try:
+        for patient_id in source.patient_ids():
+            result = pipeline.assess(patient_id, as_of=as_of)
+            for resource in result.resources:
+                prediction = (resource.get("prediction") or [{}])[0]
+                risk = ((prediction.get("qualitativeRisk") or {}).get("coding") or [{}])[0].get("code", "-")
+                p = prediction.get("probabilityDecimal")
+                reason = (prediction.get("rationale") or (resource.get("note") or [{}])[0].get("text", ""))
+                reason = reason.replace("Top contributing inputs: ", "").split(";")[0][:70]
+                model = resource["method"]["coding"][0]["code"]
+                click.echo(f"{patient_id:<12} {model:<14} {resource['status']:<10} {risk:<9} "
+                           f"{'' if p is None else f'{p:.3f}':>6}  {reason}")
+    finally:
+        pipeline.close()
+    click.echo("\nStored. Serve them with `fhir-ai serve` and read GET /RiskAssessment?patient=demo-001")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Score a FeatureSet with a loaded model: probabilities, risk categories, reasons, NEWS2."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+
+from ..assessment import Scored, fingerprint_row
+from ..features import FeatureSet
+from ..mapping import Mapping
+from .explain import top_reasons
+from .news2 import News2Result, alert_from_gcs, news2
+from .registry import LoadedModel
+
+EXPLAIN_MODES = ("all", "elevated", "none")
+
+
+def insufficient_reason(fs: FeatureSet, row: int) -> str:
+    mapping = fs.mapping
+    have = [name for name in mapping.core_inputs if fs.present[row, mapping.inputs[name].index]]
+    labels = [mapping.inputs[name].label for name in mapping.core_inputs]
+    return (f"Found {len(have)} of the core inputs ({', '.join(labels)}) in the time window; "
+            f"at least {mapping.min_core_inputs} are needed.")
+
+
+def score_binary(model: LoadedModel, fs: FeatureSet, *, explain: str = "all", k: int = 5) -> list[Scored]:
+    """One Scored per patient row; explanations for everyone, only moderate/high ('elevated'), or none."""
+    n = len(fs.patient_ids)
+    sufficient = fs.sufficient()
+    probability = np.full(n, np.nan)
+    risk = np.full(n, None, dtype=object)
+    rows = np.flatnonzero(sufficient)
+    if len(rows):
+        probability[rows] = model.probability(fs.X[rows])
+        risk[rows] = model.risk_category(probability[rows])
+    wanted = rows if explain == "all" else rows[risk[rows] != "low"] if explain == "elevated" else rows[:0]
+    contributions = model.contributions(fs.X[wanted]) if len(wanted) else None
+    reasons = {int(r): top_reasons(fs.mapping, fs.X[r], contributions[j], k) for j, r in enumerate(wanted)}
+    out = []
+    for row in range(n):
+        as_of = fs.as_of[row]
+        out.append(Scored(
+            patient_id=fs.patient_ids[row], encounter_id=fs.encounter_ids[row],
+            as_of=None if np.isnan(as_of) else datetime.fromtimestamp(as_of, timezone.utc),
+            model_id=model.model_id, model_version=model.version, basis=fs.basis[row],
+            missing=[fs.mapping.inputs[name].label for name in fs.missing_inputs(row)],
+            dropped=[d.as_text() for d in fs.dropped[row]], sufficient=bool(sufficient[row]),
+            insufficient_reason="" if sufficient[row] else insufficient_reason(fs, row),
+            probability=None if np.isnan(probability[row]) else float(probability[row]),
+            risk=risk[row], reasons=reasons.get(row, []), fingerprint=fingerprint_row(fs.X, row)))
+    return out
+
+
+def news2_scores(fs: FeatureSet) -> News2Result | None:
+    """NEWS2 from the mapping's news2 inputs (latest value in the NEWS2 window).
+
+    No FiO2 in the window is read as room air: wards chart oxygen when it is given, and ICU data
+    records FiO2 for ventilated patients only.
+    """
+    mapping: Mapping = fs.mapping
+    if not mapping.news2:
+        return None
+    get = fs.news2_inputs.get
+    n = len(fs.patient_ids)
+    nan = np.full(n, np.nan)
+    fio2 = get("fio2", nan)
+    on_oxygen = np.where(np.isnan(fio2), 0.0, (fio2 > 0.21 + 1e-9).astype(float))
+    if "gcs" in fs.news2_inputs:
+        alert = alert_from_gcs(np.clip(fs.news2_inputs["gcs"], 3, 15))
+    else:
+        alert = get("avpu", nan)
+    return news2(get("resp_rate", nan), get("spo2", nan), on_oxygen, get("systolic_bp", nan),
+                 get("pulse", nan), alert, get("temperature", nan))

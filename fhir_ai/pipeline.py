@@ -1,0 +1,165 @@
+"""The only module that knows every stage: fetch → map → features → score → build → store → write back."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import assessment
+from .config import Settings
+from .errors import FhirAiError, UpstreamError
+from .features import Extractor, FeatureSet
+from .fhir.sources import Source, make_source
+from .mapping import load_directory
+from .models.registry import ModelRegistry
+from .models.scoring import news2_scores, score_binary
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AssessResult:
+    """What one $assess produced: resources (stored versions) and warnings for the OperationOutcome."""
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    created: list[bool] = field(default_factory=list)
+
+
+def warning(code: str, text: str, expression: str | None = None) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": "warning", "code": code, "diagnostics": text}
+    if expression:
+        issue["expression"] = [expression]
+    return issue
+
+
+class Pipeline:
+    """Wires source, mappings, models and store together; one instance per process."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, source: Source, store: Store) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.source = source
+        self.store = store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Pipeline":
+        mappings = load_directory(settings.mappings_dir)          # refuses to start on a bad mapping
+        registry = ModelRegistry.load(settings.models_dir, mappings)
+        source = make_source(settings.source_url, token=settings.source_token, timeout=settings.source_timeout,
+                             retries=settings.source_retries, retry_after_cap=settings.source_retry_after_cap)
+        return cls(settings, registry, source, Store(settings.effective_database_url))
+
+    def close(self) -> None:
+        self.source.close()
+        self.store.close()
+
+    # -- single patient ------------------------------------------------------------------------
+    def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime) -> dict[str, FeatureSet]:
+        """Pull what the mappings need for one patient, once, and extract each model's features."""
+        patient = self.source.patient(patient_id)
+        encounters = self.source.encounters(patient_id)
+        mappings = [self.registry.get(model_id)[1] for model_id in model_ids]
+        codes: dict[tuple[str, str], None] = {}
+        lookback = 0.0
+        for mapping in mappings:
+            codes.update(dict.fromkeys(mapping.query_codes()))
+            span = mapping.longest_lookback()
+            lookback = None if span is None or lookback is None else max(lookback, span)
+        since = None if lookback is None else as_of - timedelta(seconds=lookback)
+        observations = self.source.observations(patient_id, list(codes), since=since, until=as_of) if codes else []
+        out = {}
+        for model_id, mapping in zip(model_ids, mappings):
+            extractor = Extractor(mapping)
+            extractor.add_patient(patient)
+            for encounter in encounters:
+                extractor.add_encounter(encounter)
+            for obs in observations:
+                extractor.add_observation(obs)
+            out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id])
+        return out
+
+    def assess(self, patient_id: str, *, models: list[str] | None = None, as_of: datetime | None = None,
+               write_back: bool | None = None) -> AssessResult:
+        models = models or ["deterioration"]
+        as_of = as_of or assessment.now()
+        write_back = self.settings.write_back if write_back is None else write_back
+        result = AssessResult()
+        for model_id, fs in self.features_for(patient_id, models, as_of).items():
+            model, _ = self.registry.get(model_id)
+            scored = score_binary(model, fs, explain="all")[0]
+            resources = [assessment.binary_assessment(scored)]
+            news = news2_scores(fs)
+            if news is not None:
+                resources.append(assessment.news2_assessment(
+                    scored, float(news.total[0]), float(news.partial_total[0]), news.band[0], news.min_band[0],
+                    news.clinical_response[0], {k: float(v[0]) for k, v in news.subscores.items()}))
+            if not scored.sufficient:
+                result.issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
+                                             + scored.insufficient_reason))
+            if scored.dropped:
+                result.issues.append(warning("value", f"{model_id}: {len(scored.dropped)} value(s) not used "
+                                             "(see RiskAssessment.note)"))
+            for resource in resources:
+                assessment.validate(resource)
+                saved = self.store.save_assessment(
+                    resource, model_id=resource["method"]["coding"][0]["code"],
+                    model_version=resource["method"]["coding"][0]["version"],
+                    write_back_target=self._target() if write_back else None)
+                result.resources.append(saved.resource)
+                result.created.append(saved.created)
+                log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id, model_id,
+                         "new" if saved.created else "repeat")
+                if write_back:
+                    issue = self.write_back(saved.resource)
+                    if issue:
+                        result.issues.append(issue)
+        return result
+
+    # -- write-back ----------------------------------------------------------------------------
+    def _target(self) -> str | None:
+        return None if self.source.read_only else self.settings.source_url.rstrip("/")
+
+    def write_back(self, resource: dict[str, Any]) -> dict[str, Any] | None:
+        """Deliver a stored resource's pending write-back now; a failure stays queued (never lost)."""
+        if self.source.read_only:
+            return warning("informational", "write-back skipped: the configured source is a read-only folder")
+        pending = [row for row in self.store.outbox(resource_id=resource["id"]) if row.status != "delivered"]
+        for row in pending:
+            try:
+                self.source.write(outbound(resource))
+            except UpstreamError as exc:
+                self.store.record_delivery(row.id, ok=False, error=exc.message, permanent=not exc.temporary)
+                log.warning("write-back of %s failed (%s); %s", resource["id"], exc.upstream_status,
+                            "will retry" if exc.temporary else "needs attention")
+                return warning("transient" if exc.temporary else "exception",
+                               f"write-back of RiskAssessment/{resource['id']} to the hospital server failed "
+                               f"({exc.message}); it is stored here and queued for retry")
+            except FhirAiError as exc:
+                self.store.record_delivery(row.id, ok=False, error=exc.message, permanent=True)
+                return warning("exception", f"write-back of RiskAssessment/{resource['id']} failed: {exc.message}")
+            self.store.record_delivery(row.id, ok=True)
+        return None
+
+    def retry_write_backs(self) -> dict[str, int]:
+        """Deliver every pending write-back (the CLI's `write-back retry`)."""
+        counts = {"delivered": 0, "failed": 0}
+        for row in self.store.outbox(status="pending"):
+            resource = self.store.get_assessment(row.resource_id)
+            if resource is None:
+                continue
+            issue = self.write_back(resource)
+            counts["failed" if issue else "delivered"] += 1
+        return counts
+
+
+def outbound(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource as we send it upstream: the hospital's server keeps its own versionId/lastUpdated."""
+    out = dict(resource)
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    else:
+        out.pop("meta", None)
+    return out
