@@ -1,6 +1,7 @@
 """Scores → RiskAssessment resources (plain dicts; validated with fhir.resources.R4B before they leave)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ def binary_assessment(scored: Scored, outcome: Outcome = DETERIORATION) -> dict[
     return resource
 
 
+NEWS2_VERSION = "rcp-2017"
 NEWS2_RISK = {"low": "low", "low-medium": "moderate", "medium": "moderate", "high": "high"}
 NEWS2_PARAMETERS_TEXT = {
     "respiration_rate": "respiration rate", "spo2": "SpO2", "air_or_oxygen": "air or oxygen",
@@ -143,11 +145,12 @@ NEWS2_PARAMETERS_TEXT = {
     "temperature": "temperature"}
 
 
-def news2_assessment(scored: Scored, total: float, partial: float, band: str | None, min_band: str | None,
-                     response: str | None, subscores: dict[str, float]) -> dict[str, Any]:
+def news2_assessment(scored: Scored, basis: list[str], total: float, partial: float, band: str | None,
+                     min_band: str | None, response: str | None, subscores: dict[str, float]) -> dict[str, Any]:
     """Companion RiskAssessment for NEWS2 (RCP 2017): the score, its band and clinical response."""
-    key = assessment_key(scored.patient_id, scored.encounter_id, "news2", scored.model_version,
-                         sorted(scored.basis), [None if math.isnan(v) else v for v in subscores.values()])
+    scored = dataclasses.replace(scored, model_id="news2", model_version=NEWS2_VERSION, basis=basis)
+    key = assessment_key(scored.patient_id, scored.encounter_id, "news2", NEWS2_VERSION,
+                         sorted(basis), [None if math.isnan(v) else v for v in subscores.values()])
     resource = _base(scored, key, "NEWS2 (Royal College of Physicians 2017)")
     missing = [NEWS2_PARAMETERS_TEXT[p] for p, v in subscores.items() if math.isnan(v)]
     shown = "; ".join(f"{NEWS2_PARAMETERS_TEXT[p]} {int(v)}" for p, v in subscores.items() if not math.isnan(v))

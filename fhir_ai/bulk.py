@@ -96,7 +96,7 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
                     insufficient += 1
                 if news is not None:
                     _write(out, assessment.news2_assessment(
-                        item, float(news.total[row]), float(news.partial_total[row]), news.band[row],
+                        item, fs.news2_basis[row], float(news.total[row]), float(news.partial_total[row]), news.band[row],
                         news.min_band[row], news.clinical_response[row],
                         {k: float(v[row]) for k, v in news.subscores.items()}))
     stats = BulkStats(patients, assessed, insufficient, count, time.perf_counter() - started)

@@ -93,7 +93,7 @@ class Pipeline:
             news = news2_scores(fs)
             if news is not None:
                 resources.append(assessment.news2_assessment(
-                    scored, float(news.total[0]), float(news.partial_total[0]), news.band[0], news.min_band[0],
+                    scored, fs.news2_basis[0], float(news.total[0]), float(news.partial_total[0]), news.band[0], news.min_band[0],
                     news.clinical_response[0], {k: float(v[0]) for k, v in news.subscores.items()}))
             if not scored.sufficient:
                 result.issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "

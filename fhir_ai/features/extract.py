@@ -46,6 +46,7 @@ class FeatureSet:
     dropped: list[list[Dropped]]
     present: np.ndarray                    # (patients, inputs) bool: input had a value in a feature window
     news2_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    news2_basis: list[list[str]] = field(default_factory=list)   # Observations behind the NEWS2 values
 
     @property
     def feature_names(self) -> list[str]:
@@ -249,18 +250,23 @@ class Extractor:
             used[sel] = True
             present[P[sel], spec.index] = True
         news2 = {}
+        news2_used = np.zeros(len(P), dtype=bool)
         if self.mapping.news2:
             for param, name in self.mapping.news2["inputs"].items():
                 sel = by_input[self.mapping.inputs[name].index]
                 sel = sel[self._in_window(-self.mapping.news2["window"], 0.0, P[sel], T[sel], anchor, enc_start)]
                 news2[param] = grouped("last", P[sel], T[sel], V[sel], anchor, n)
-                used[sel] = True
+                # The latest value of each patient is the one NEWS2 reads.
+                if len(sel):
+                    last = np.r_[P[sel][1:] != P[sel][:-1], True]
+                    news2_used[sel[last]] = True
         basis = self._basis(n, P[used], O[used])
+        news2_basis = self._basis(n, P[news2_used], O[news2_used])
         dropped: list[list[Dropped]] = [[] for _ in range(n)]
         for row, t, item in self._dropped:
             if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
                 dropped[row].append(item)
-        return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2)
+        return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis)
 
     def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray) -> np.ndarray:
         n = len(ids)

@@ -1,0 +1,210 @@
+"""The FHIR API on the demo hospital: $assess, RiskAssessment read/search, metadata, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from fhir_ai import codes
+from fhir_ai.app import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+AS_OF = "2026-11-20T08:00:00Z"
+FHIR = "application/fhir+json"
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    app = create_app({"instance_path": str(tmp), "database_url": f"sqlite:///{tmp / 'api.sqlite3'}",
+                      "source_url": str(REPO / "fixtures" / "demo-hospital"), "write_back": False})
+    app.testing = True
+    return app
+
+
+@pytest.fixture()
+def api(demo_app):
+    return demo_app.test_client()
+
+
+def params(**values) -> dict:
+    out = []
+    for name, value in values.items():
+        key = {"model": "valueCode", "writeBack": "valueBoolean", "asOf": "valueDateTime"}[name]
+        out.append({"name": name, key: value})
+    return {"resourceType": "Parameters", "parameter": out}
+
+
+def assess(api, patient: str, **values):
+    return api.post(f"/Patient/{patient}/$assess", json=params(**values), content_type=FHIR)
+
+
+def test_metadata_is_a_truthful_capability_statement(api):
+    response = api.get("/metadata")
+    assert response.status_code == 200
+    assert response.mimetype == FHIR
+    statement = CapabilityStatement.model_validate(response.json)
+    assert statement.fhirVersion == "4.0.1"
+    resources = {r["type"]: r for r in response.json["rest"][0]["resource"]}
+    assert resources["Patient"]["operation"][0]["name"] == "assess"
+    assert {p["name"] for p in resources["RiskAssessment"]["searchParam"]} == {"patient", "subject", "_count"}
+    definition = api.get("/OperationDefinition/assess").json
+    assert {p["name"] for p in definition["parameter"]} == {"model", "writeBack", "asOf", "return"}
+
+
+def test_assess_returns_a_valid_explained_risk_assessment(api):
+    response = assess(api, "demo-005", asOf=AS_OF)
+    assert response.status_code == 200, response.json
+    bundle = Bundle.model_validate(response.json)
+    assert bundle.type == "collection"
+    ra = response.json["entry"][0]["resource"]
+    RiskAssessment.model_validate(ra)
+    assert ra["status"] == "final"
+    assert ra["subject"] == {"reference": "Patient/demo-005"}
+    assert ra["encounter"]["reference"].startswith("Encounter/demo-enc-")
+    assert ra["occurrenceDateTime"] == AS_OF
+    method = ra["method"]["coding"]
+    assert method[0]["system"] == codes.MODEL_SYSTEM and method[0]["code"] == "deterioration"
+    assert method[0]["version"] and method[1]["code"] == f"deterioration|{method[0]['version']}"
+    assert len(ra["basis"]) > 50 and all(b["reference"].startswith("Observation/") for b in ra["basis"])
+    prediction = ra["prediction"][0]
+    assert 0 <= prediction["probabilityDecimal"] <= 1
+    assert prediction["qualitativeRisk"]["coding"][0]["code"] in {"low", "moderate", "high"}
+    assert prediction["rationale"].startswith("Top contributing inputs:")
+    assert prediction["rationale"].count("the risk") == 5
+    assert ra["identifier"][0]["system"] == codes.ASSESSMENT_IDENTIFIER
+    assert ra["meta"]["security"][0]["code"] == "AIAST"
+    assert any("0 and 1" in n["text"] for n in ra["note"])
+    news2 = response.json["entry"][1]["resource"]
+    assert news2["method"]["coding"][0]["code"] == "news2"
+    assert news2["prediction"][0]["rationale"].startswith("NEWS2 ")
+    assert news2["method"]["coding"][0]["version"] == "rcp-2017"
+    assert 1 <= len(news2["basis"]) <= 7          # the latest value of each NEWS2 parameter only
+    assert {b["reference"] for b in news2["basis"]} <= {b["reference"] for b in ra["basis"]}
+
+
+def test_basis_excludes_entered_in_error_and_later_data(api):
+    ra = assess(api, "demo-001", asOf=AS_OF).json["entry"][0]["resource"]
+    # demo-001 has an old finished encounter with abnormal results more than 48 h ago: not used.
+    encounter = ra["encounter"]["reference"]
+    assert encounter != "Encounter/demo-enc-013"
+    early = assess(api, "demo-001", asOf="2026-11-19T08:00:00Z").json["entry"][0]["resource"]
+    assert len(early["basis"]) < len(ra["basis"])
+    assert early["id"] != ra["id"]
+
+
+def test_repeating_a_request_creates_no_duplicate(api):
+    first = assess(api, "demo-002", asOf=AS_OF).json["entry"][0]["resource"]
+    second = assess(api, "demo-002", asOf=AS_OF).json["entry"][0]["resource"]
+    assert first["id"] == second["id"]
+    assert second["meta"]["versionId"] == "1"
+    found = api.get("/RiskAssessment?patient=demo-002").json
+    methods = [e["resource"]["method"]["coding"][0]["code"] for e in found["entry"]]
+    assert sorted(methods) == ["deterioration", "news2"]
+
+
+def test_insufficient_data_is_said_explicitly(api):
+    response = assess(api, "demo-010", asOf=AS_OF)
+    assert response.status_code == 200
+    ra = response.json["entry"][0]["resource"]
+    assert ra["status"] == "cancelled"
+    assert "prediction" not in ra
+    assert ra["note"][0]["text"].startswith("Not assessed: insufficient data.")
+    outcome = response.json["entry"][-1]["resource"]
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "incomplete"
+    news2 = response.json["entry"][1]["resource"]
+    assert news2["status"] == "cancelled"
+
+
+def test_assess_without_body_uses_defaults(api):
+    response = api.post("/Patient/demo-003/$assess")
+    assert response.status_code == 200
+    # "now" is after the demo data's last day plus the 48 h window: nothing recent enough to score.
+    assert response.json["entry"][0]["resource"]["status"] == "cancelled"
+
+
+def test_read_and_search(api):
+    ra = assess(api, "demo-004", asOf=AS_OF).json["entry"][0]["resource"]
+    read = api.get(f"/RiskAssessment/{ra['id']}")
+    assert read.status_code == 200
+    assert read.json["identifier"] == ra["identifier"]
+    assert read.headers["ETag"] == 'W/"1"'
+    page = api.get("/RiskAssessment?subject=Patient/demo-004&_count=1").json
+    assert page["type"] == "searchset" and page["total"] == 2 and len(page["entry"]) == 1
+    next_url = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    rest = api.get(next_url.replace("http://localhost", "")).json
+    assert len(rest["entry"]) == 1
+    assert rest["entry"][0]["resource"]["id"] != page["entry"][0]["resource"]["id"]
+    assert not [link for link in rest["link"] if link["relation"] == "next"]
+
+
+@pytest.mark.parametrize("path, status, expression", [
+    ("/RiskAssessment/unknown-id", 404, None),
+    ("/RiskAssessment?color=blue", 400, "color"),
+    ("/RiskAssessment?_count=many", 400, "_count"),
+    ("/RiskAssessment?subject=Group/1", 400, "subject"),
+    ("/Nothing/here", 404, None),
+])
+def test_read_and_search_errors_are_operation_outcomes(api, path, status, expression):
+    response = api.get(path)
+    assert response.status_code == status
+    assert response.json["resourceType"] == "OperationOutcome"
+    if expression:
+        assert response.json["issue"][0]["expression"] == [expression]
+
+
+def test_lenient_search_ignores_unknown_parameters(api):
+    response = api.get("/RiskAssessment?color=blue", headers={"Prefer": "handling=lenient"})
+    assert response.status_code == 200
+    assert response.json["entry"][-1]["search"]["mode"] == "outcome"
+
+
+@pytest.mark.parametrize("body, content_type, status, expression", [
+    ({"resourceType": "Parameters", "parameter": [{"name": "colour", "valueString": "red"}]}, FHIR, 400,
+     "Parameters.parameter[0].name"),
+    ({"resourceType": "Parameters", "parameter": [{"name": "writeBack", "valueString": "yes"}]}, FHIR, 400,
+     "Parameters.parameter[0]"),
+    ({"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": "2026-11-20T08:00:00"}]},
+     FHIR, 400, "Parameters.parameter[0].valueDateTime"),
+    ({"resourceType": "Parameters", "parameter": [{"name": "model", "valueCode": "crystal-ball"}]}, FHIR, 400,
+     "Parameters.parameter.where(name='model')"),
+    ({"resourceType": "Patient"}, FHIR, 400, "resourceType"),
+    ("not json", FHIR, 400, None),
+    ({"resourceType": "Parameters"}, "text/plain", 415, None),
+])
+def test_bad_parameters_are_rejected_with_the_offending_path(api, body, content_type, status, expression):
+    data = body if isinstance(body, str) else __import__("json").dumps(body)
+    response = api.post("/Patient/demo-001/$assess", data=data, content_type=content_type)
+    assert response.status_code == status
+    outcome = response.json
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "Traceback" not in response.get_data(as_text=True)
+    if expression:
+        assert outcome["issue"][0]["expression"] == [expression]
+
+
+def test_unknown_patient_is_404(api):
+    response = assess(api, "nobody", asOf=AS_OF)
+    assert response.status_code == 404
+    assert response.json["issue"][0]["code"] == "not-found"
+
+
+def test_method_not_allowed_is_an_operation_outcome(api):
+    response = api.delete("/RiskAssessment/x")
+    assert response.status_code == 405
+    assert response.json["resourceType"] == "OperationOutcome"
+
+
+def test_xml_is_not_acceptable(api):
+    response = api.get("/RiskAssessment?_format=xml")
+    assert response.status_code == 406
+
+
+def test_health(api):
+    body = api.get("/health").json
+    assert body["status"] == "ok"
+    assert "deterioration" in body["models"]

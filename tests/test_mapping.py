@@ -1,0 +1,173 @@
+"""Mapping files: validation errors name file and field; the default mapping accepts the documented FHIR."""
+from __future__ import annotations
+
+import csv
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fhir_ai.cli import main
+from fhir_ai.errors import MappingError, ModelError
+from fhir_ai.mapping import load_directory, load_mapping
+from fhir_ai.mapping.loader import read_file
+from fhir_ai.models.registry import check_against_mapping, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "mappings" / "deterioration.yaml"
+PHYSIONET_CSV = REPO.parent / "shared" / "data" / "physionet2012" / "fhir-mapping.csv"
+
+
+@pytest.fixture(scope="module")
+def mapping():
+    return load_mapping(DEFAULT)
+
+
+def _write(tmp_path: Path, document: dict, name: str = "deterioration.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _document() -> dict:
+    return read_file(DEFAULT)
+
+
+@pytest.mark.skipif(not PHYSIONET_CSV.exists(), reason="shared data not mounted")
+def test_default_mapping_accepts_every_documented_code_and_unit(mapping):
+    rows = list(csv.DictReader(PHYSIONET_CSV.open(encoding="utf-8")))
+    checked = 0
+    for row in rows:
+        if row["fhir_resource"] != "Observation":
+            continue
+        key = (row["code_system"], row["code"])
+        assert key in mapping.code_index, f"{row['variable']}: {key} is not mapped"
+        for index in mapping.code_index[key]:
+            spec = mapping.input_list[index]
+            if spec.value_type == "quantity":
+                assert spec.unit_conversion(row["ucum_unit"], row["ucum_unit"]) is not None, \
+                    f"{row['variable']}: unit {row['ucum_unit']!r} not convertible to {spec.unit!r}"
+            else:
+                assert spec.value_type == "boolean" and row["variable"] == "MechVent"
+        checked += 1
+    assert checked == 38          # every Observation row of the CSV
+    elements = {(spec.resource, spec.element) for spec in mapping.inputs.values()}
+    assert {("Patient", "age"), ("Patient", "gender"), ("Encounter", "serviceType")} <= elements
+
+
+@pytest.mark.parametrize("input_name, unit, value, expected", [
+    ("temperature", "[degF]", 98.6, 37.0),
+    ("temperature", "Cel", 37.2, 37.2),
+    ("creatinine", "umol/L", 88.4, 1.0),           # molar mass 113.12 g/mol
+    ("glucose", "mmol/L", 5.5, 99.09),
+    ("fio2", "%", 50, 0.5),
+    ("fio2", "1", 0.5, 0.5),
+    ("paco2", "kPa", 5.3, 39.75),
+    ("spo2", "1", 0.95, 95.0),
+    ("systolic_bp", "mmHg", 120, 120.0),            # common non-UCUM text, via aliases
+    ("weight", "[lb_av]", 154, 69.85),
+])
+def test_unit_conversions(mapping, input_name, unit, value, expected):
+    scale, offset = mapping.inputs[input_name].unit_conversion(unit, unit)
+    assert value * scale + offset == pytest.approx(expected, abs=0.01)
+
+
+def test_incommensurable_unit_is_refused(mapping):
+    assert mapping.inputs["heart_rate"].unit_conversion("mm[Hg]", None) is None
+    assert mapping.inputs["sodium"].unit_conversion("mg/dL", None) is None   # no molar mass for sodium
+
+
+def test_every_problem_is_reported_with_file_and_field(tmp_path):
+    doc = _document()
+    doc["inputs"]["heart_rate"]["unit"] = "beats per fortnight"
+    del doc["inputs"]["resp_rate"]["codes"]
+    doc["inputs"]["temperature"]["plausible"] = [45, 25]
+    doc["features"][5]["input"] = "heartrate"
+    doc["features"][6]["window"] = {"start": "-2 days"}
+    doc["surprise"] = True
+    path = _write(tmp_path, doc)
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    problems = info.value.problems
+    assert set(problems) >= {
+        f"{path}: inputs.heart_rate.value.unit",
+        f"{path}: inputs.resp_rate.value.codes",
+        f"{path}: inputs.temperature.value.plausible",
+        f"{path}: surprise",
+    }, problems
+    assert "unknown unit" in " ".join(problems[f"{path}: inputs.heart_rate.value.unit"])
+
+
+def test_cross_references_are_checked(tmp_path):
+    doc = _document()
+    doc["features"][5]["input"] = "heartrate"
+    doc["scoring"]["core_inputs"].append("pulse_ox")
+    doc["news2"]["inputs"]["pulse"] = "hr"
+    path = _write(tmp_path, doc)
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    keys = set(info.value.problems)
+    assert f"{path}: features.5.input" in keys
+    assert f"{path}: scoring.core_inputs.6" in keys
+    assert f"{path}: news2.inputs.pulse" in keys
+
+
+def test_toml_mapping_loads_like_yaml(tmp_path, mapping):
+    tomli_w = pytest.importorskip("tomli_w")
+    path = tmp_path / "deterioration.toml"
+    path.write_bytes(tomli_w.dumps(_document()).encode())
+    assert tomllib.loads(path.read_text())["model"] == "deterioration"
+    assert load_mapping(path).feature_names == mapping.feature_names
+
+
+def test_file_name_must_match_model(tmp_path):
+    path = _write(tmp_path, _document(), name="triage.yaml")
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    assert f"{path}: model" in info.value.problems
+
+
+def test_broken_yaml_names_the_file(tmp_path):
+    path = tmp_path / "deterioration.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(MappingError) as info:
+        load_directory(tmp_path)
+    assert any(str(path) in key for key in info.value.problems)
+
+
+def test_feature_order_is_checked_against_the_model(tmp_path, mapping):
+    model = load_model(REPO / "fhir_ai" / "models" / "trained" / "deterioration", mapping)
+    doc = _document()
+    doc["features"][3], doc["features"][4] = doc["features"][4], doc["features"][3]
+    reordered = load_mapping(_write(tmp_path, doc))
+    with pytest.raises(ModelError, match="order differs"):
+        check_against_mapping(model, reordered)
+    doc = _document()
+    doc["features"].pop()
+    shorter = load_mapping(_write(tmp_path, doc))
+    with pytest.raises(ModelError, match="missing"):
+        check_against_mapping(model, shorter)
+
+
+def test_cli_mappings_check(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["mappings", "check", str(REPO / "mappings")])
+    assert ok.exit_code == 0, ok.output
+    assert "ok: deterioration.yaml" in ok.output
+    doc = _document()
+    doc["inputs"]["heart_rate"]["statuses"] = ["final", "maybe"]
+    _write(tmp_path, doc)
+    bad = runner.invoke(main, ["mappings", "check", str(tmp_path)])
+    assert bad.exit_code == 1
+    assert "deterioration.yaml: inputs.heart_rate.value.statuses.1" in bad.output
+
+
+def test_service_refuses_to_start_on_invalid_mapping(tmp_path):
+    from fhir_ai.app import create_app
+    shutil.copy(DEFAULT, tmp_path / "deterioration.yaml")
+    (tmp_path / "deterioration.yaml").write_text(DEFAULT.read_text().replace("unit: /min", "unit: /fortnight", 1))
+    with pytest.raises(MappingError, match="inputs.heart_rate"):
+        create_app({"mappings_dir": str(tmp_path), "instance_path": str(tmp_path / "instance")})
