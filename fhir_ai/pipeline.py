@@ -56,66 +56,74 @@ class Pipeline:
         self.store.close()
 
     # -- single patient ------------------------------------------------------------------------
-    def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime) -> dict[str, FeatureSet]:
-        """Pull what the mappings need for one patient, once, and extract each model's features."""
+    def fetch(self, patient_id: str, model_ids: list[str], as_of: datetime) -> list[dict[str, Any]]:
+        """Pull what the mappings of these models need for one patient: Patient, Encounters, Observations."""
         patient = self.source.patient(patient_id)
         encounters = self.source.encounters(patient_id)
-        mappings = [self.registry.get(model_id)[1] for model_id in model_ids]
         codes: dict[tuple[str, str], None] = {}
-        lookback = 0.0
-        for mapping in mappings:
+        lookback: float | None = 0.0
+        for model_id in model_ids:
+            mapping = self.registry.get(model_id)[1]
             codes.update(dict.fromkeys(mapping.query_codes()))
             span = mapping.longest_lookback()
             lookback = None if span is None or lookback is None else max(lookback, span)
         since = None if lookback is None else as_of - timedelta(seconds=lookback)
         observations = self.source.observations(patient_id, list(codes), since=since, until=as_of) if codes else []
+        return [patient, *encounters, *observations]
+
+    def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime,
+                     resources: list[dict[str, Any]] | None = None) -> dict[str, FeatureSet]:
+        """Each model's features for one patient, from ``resources`` (default: fetched from the source)."""
+        if resources is None:
+            resources = self.fetch(patient_id, model_ids, as_of)
         out = {}
-        for model_id, mapping in zip(model_ids, mappings):
-            extractor = Extractor(mapping)
-            extractor.add_patient(patient)
-            for encounter in encounters:
-                extractor.add_encounter(encounter)
-            for obs in observations:
-                extractor.add_observation(obs)
+        for model_id in model_ids:
+            extractor = Extractor(self.registry.get(model_id)[1])
+            extractor.add_all(resources)
             out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id])
         return out
 
     def assess(self, patient_id: str, *, models: list[str] | None = None, as_of: datetime | None = None,
-               write_back: bool | None = None) -> AssessResult:
+               write_back: bool | None = None, resources: list[dict[str, Any]] | None = None) -> AssessResult:
+        """Assess one patient: pulled from the source, or from ``resources`` the caller sent (push mode)."""
         models = models or ["deterioration"]
+        for model_id in models:
+            self.registry.get(model_id)          # unknown model: fail before fetching anything
         as_of = as_of or assessment.now()
         write_back = self.settings.write_back if write_back is None else write_back
         result = AssessResult()
-        for model_id, fs in self.features_for(patient_id, models, as_of).items():
+        for model_id, fs in self.features_for(patient_id, models, as_of, resources).items():
             model, _ = self.registry.get(model_id)
             scored = score_binary(model, fs, explain="all")[0]
-            resources = [assessment.binary_assessment(scored)]
+            resources_out = [assessment.binary_assessment(scored)]
             news = news2_scores(fs)
             if news is not None:
-                resources.append(assessment.news2_assessment(
-                    scored, fs.news2_basis[0], float(news.total[0]), float(news.partial_total[0]), news.band[0], news.min_band[0],
-                    news.clinical_response[0], {k: float(v[0]) for k, v in news.subscores.items()}))
+                resources_out.append(assessment.news2_assessment(
+                    scored, fs.news2_basis[0], float(news.total[0]), float(news.partial_total[0]), news.band[0],
+                    news.min_band[0], news.clinical_response[0], {k: float(v[0]) for k, v in news.subscores.items()}))
             if not scored.sufficient:
                 result.issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
                                              + scored.insufficient_reason))
             if scored.dropped:
                 result.issues.append(warning("value", f"{model_id}: {len(scored.dropped)} value(s) not used "
                                              "(see RiskAssessment.note)"))
-            for resource in resources:
-                assessment.validate(resource)
-                saved = self.store.save_assessment(
-                    resource, model_id=resource["method"]["coding"][0]["code"],
-                    model_version=resource["method"]["coding"][0]["version"],
-                    write_back_target=self._target() if write_back else None)
-                result.resources.append(saved.resource)
-                result.created.append(saved.created)
-                log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id, model_id,
-                         "new" if saved.created else "repeat")
-                if write_back:
-                    issue = self.write_back(saved.resource)
-                    if issue:
-                        result.issues.append(issue)
+            for resource in resources_out:
+                self._store(resource, patient_id, write_back, result)
         return result
+
+    def _store(self, resource: dict[str, Any], patient_id: str, write_back: bool, result: AssessResult) -> None:
+        assessment.validate(resource)
+        method = resource["method"]["coding"][0]
+        saved = self.store.save_assessment(resource, model_id=method["code"], model_version=method["version"],
+                                           write_back_target=self._target() if write_back else None)
+        result.resources.append(saved.resource)
+        result.created.append(saved.created)
+        log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id, method["code"],
+                 "new" if saved.created else "repeat")
+        if write_back:
+            issue = self.write_back(saved.resource)
+            if issue:
+                result.issues.append(issue)
 
     # -- write-back ----------------------------------------------------------------------------
     def _target(self) -> str | None:
