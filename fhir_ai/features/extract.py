@@ -7,7 +7,9 @@ relative to each patient's as-of time.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -47,6 +49,7 @@ class FeatureSet:
     present: np.ndarray                    # (patients, inputs) bool: input had a value in a feature window
     news2_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     news2_basis: list[list[str]] = field(default_factory=list)   # Observations behind the NEWS2 values
+    reference: np.ndarray | None = None    # the clinician's own rating (second-reader input), NaN if absent
 
     @property
     def feature_names(self) -> list[str]:
@@ -216,8 +219,11 @@ class Extractor:
 
     # -- output --------------------------------------------------------------------------------
     def finish(self, as_of: datetime | dict[str, datetime] | None = None,
-               patient_ids: list[str] | None = None) -> FeatureSet:
-        """Build features. ``as_of``: one time for all, per patient, or None = each patient's latest data."""
+               patient_ids: list[str] | None = None, encounters: dict[str, str] | None = None) -> FeatureSet:
+        """Build features. ``as_of``: one time for all, per patient, or None = each patient's latest data.
+
+        ``encounters`` pins a patient's current encounter by id (e.g. the ED visit being triaged).
+        """
         for pid in patient_ids or ():
             self.patient_row(pid)
         ids = list(self._patients)
@@ -228,7 +234,7 @@ class Extractor:
         V = np.asarray(self._v, dtype=np.float64)
         O = np.asarray(self._o, dtype=np.int64)
         anchor = self._as_of(ids, as_of, P, T)
-        encounter_ids, enc_start = self._current_encounters(n, anchor)
+        encounter_ids, enc_start = self._current_encounters(n, anchor, encounters or {})
         order = np.lexsort((T, P))
         P, I, T, V, O = P[order], I[order], T[order], V[order], O[order]
 
@@ -260,13 +266,22 @@ class Extractor:
                 if len(sel):
                     last = np.r_[P[sel][1:] != P[sel][:-1], True]
                     news2_used[sel[last]] = True
+        reference = None
+        if self.mapping.second_reader:
+            spec = self.mapping.inputs[self.mapping.second_reader["input"]]
+            sel = by_input[spec.index]
+            sel = sel[self._in_window(self.mapping.second_reader["start"], self.mapping.second_reader["end"],
+                                      P[sel], T[sel], anchor, enc_start)]
+            reference = grouped("last", P[sel], T[sel], V[sel], anchor, n)
+            used[sel] = True
         basis = self._basis(n, P[used], O[used])
         news2_basis = self._basis(n, P[news2_used], O[news2_used])
         dropped: list[list[Dropped]] = [[] for _ in range(n)]
         for row, t, item in self._dropped:
             if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
                 dropped[row].append(item)
-        return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis)
+        return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis,
+                          reference)
 
     def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray) -> np.ndarray:
         n = len(ids)
@@ -292,11 +307,19 @@ class Extractor:
             anchor[missing] = latest[missing]
         return anchor
 
-    def _current_encounters(self, n: int, anchor: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+    def _current_encounters(self, n: int, anchor: np.ndarray,
+                            pinned: dict[str, str]) -> tuple[list[str | None], np.ndarray]:
         ids: list[str | None] = [None] * n
         starts = np.full(n, np.nan)
+        pinned_rows = {self._patients[pid]: eid for pid, eid in pinned.items() if pid in self._patients}
         for row, encounters in self._encounters.items():
             best: tuple[float, dict] | None = None
+            if row in pinned_rows:
+                chosen = [e for e in encounters if e.get("id") == pinned_rows[row]]
+                start = _period_start(chosen[0]) if chosen else None
+                if start is not None:
+                    starts[row], ids[row] = start, chosen[0]["id"]
+                continue
             for enc in encounters:
                 start = _period_start(enc)
                 if start is None or (not np.isnan(anchor[row]) and start > anchor[row]):
@@ -379,7 +402,7 @@ def static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[st
         text = " ".join(t for t in texts if t).casefold()
         if not text.strip():
             return {}
-        return {key: float(any(word.casefold() in text for word in category["keywords"]))
+        return {key: float(_keyword_pattern(tuple(category["keywords"])).search(text) is not None)
                 for key, category in spec.categories.items()}
     codings = _element_codings(resource, element)
     for coding in codings:
@@ -387,6 +410,30 @@ def static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[st
         if value is not None:
             return {None: value}
     return {}
+
+
+@lru_cache(maxsize=512)
+def _keyword_pattern(keywords: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for a category's keywords.
+
+    Latin keywords match whole words ("ha" is headache, not the start of "hand"); a trailing * makes a
+    prefix ("lacer*" finds "laceration"); spaces match any run of spaces or punctuation. Hangul keywords
+    match anywhere, because Korean attaches particles to words ("복통이", "두통으로").
+    """
+    parts = []
+    for keyword in keywords:
+        word = keyword.casefold().strip()
+        prefix = word.endswith("*")
+        word = word.rstrip("*")
+        body = r"[\s,./\-]+".join(re.escape(piece) for piece in word.split())
+        if _HANGUL.search(word):
+            parts.append(body)
+        else:
+            parts.append(rf"(?<!\w){body}" + ("" if prefix else r"(?!\w)"))
+    return re.compile("|".join(parts))
+
+
+_HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 
 
 def _element_codings(resource: dict, element: str | None) -> list[dict]:

@@ -96,6 +96,7 @@ class Mapping:
     core_inputs: list[str]
     min_core_inputs: int
     news2: dict[str, Any] | None
+    second_reader: dict[str, Any] | None = None
     description: str = ""
     code_index: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
@@ -204,10 +205,17 @@ def compile_mapping(data: dict, path: Path, digest: str) -> Mapping:
     news2 = None
     if data.get("news2"):
         news2 = {"window": parse_duration(data["news2"]["window"]), "inputs": dict(data["news2"]["inputs"])}
+    second_reader = None
+    if data.get("second_reader"):
+        window = data["second_reader"]["window"]
+        start = window["start"]
+        second_reader = {"input": data["second_reader"]["input"],
+                         "start": start if start in ("encounter", "unbounded") else parse_duration(start),
+                         "end": parse_duration(window["end"])}
     mapping = Mapping(model=data["model"], version=data["version"], path=path, digest=digest,
                       inputs=inputs, features=features, core_inputs=list(data["scoring"]["core_inputs"]),
                       min_core_inputs=data["scoring"]["min_core_inputs"], news2=news2,
-                      description=data.get("description", ""))
+                      second_reader=second_reader, description=data.get("description", ""))
     for spec in mapping.input_list:
         # Panel codes are only asked for; values are matched on the codes of the panel's components.
         for code in spec.codes:

@@ -160,6 +160,12 @@ class News2Schema(_Strict):
         values=fields.String(), required=True)
 
 
+class SecondReaderSchema(_Strict):
+    """The clinician's own rating (e.g. the nurse's KTAS level): never a model input, only compared with it."""
+    input = fields.String(required=True)
+    window = fields.Nested(WindowSchema, load_default=lambda: {"start": "encounter", "end": "0h"})
+
+
 class DefaultsSchema(_Strict):
     statuses = fields.List(fields.String(validate=validate.OneOf(OBSERVATION_STATUSES)),
                            load_default=lambda: ["final", "amended", "corrected"])
@@ -177,6 +183,7 @@ class MappingSchema(_Strict):
     features = fields.List(fields.Nested(FeatureSchema), required=True, validate=validate.Length(min=1))
     scoring = fields.Nested(ScoringSchema, required=True)
     news2 = fields.Nested(News2Schema)
+    second_reader = fields.Nested(SecondReaderSchema)
 
     @validates_schema
     def _references(self, data: dict, **kwargs: Any) -> None:
@@ -206,5 +213,13 @@ class MappingSchema(_Strict):
         for param, name in ((data.get("news2") or {}).get("inputs") or {}).items():
             if name not in inputs:
                 errors.setdefault("news2", {}).setdefault("inputs", {})[param] = [f"no input named {name!r}"]
+        reader = data.get("second_reader")
+        if reader:
+            name = reader.get("input")
+            if name not in inputs:
+                errors.setdefault("second_reader", {})["input"] = [f"no input named {name!r}"]
+            elif any(f.get("input") == name for f in data.get("features") or []):
+                errors.setdefault("second_reader", {})["input"] = [
+                    f"input {name!r} is also a model feature; the model must not see the rating it checks"]
         if errors:
             raise ValidationError(errors)

@@ -48,3 +48,46 @@ def deterioration_markdown(card: dict[str, Any]) -> str:
               + ", ".join(card["top_features_by_gain"]) + ".", "", "## Limitations"]
     lines += [f"- {item}" for item in card["limitations"]]
     return "\n".join(lines) + "\n"
+
+
+def triage_markdown(card: dict[str, Any]) -> str:
+    m = card["metrics"]
+    t = card["training"]
+    sr = card["second_reader"]
+
+    def row(name: str, s: dict[str, float]) -> str:
+        return (f"| {name} | {_f(s['exact_accuracy'])} | {_f(s['kappa_linear'])} | {_f(s['kappa_quadratic'])} | "
+                f"{_f(s['under_triage'])} | {_f(s['over_triage'])} |")
+
+    lines = [
+        f"# Model card: {card['model']} {card['version']}", "", card["title"], "",
+        "## Intended use", card["intended_use"], "",
+        "## Training data",
+        f"{t['data']}: {t['visits']} visits through the same FHIR path as serving. The nurse's KTAS level is "
+        "never a model input.",
+        "Data sha256: " + ", ".join(f"`{k}` {v[:16]}…" for k, v in t["data_sha256"].items()), "",
+        f"Reproduce: `{t['command']}` (seed {t['seed']}, {t['folds']}-fold CV, {t['rounds']} rounds).", "",
+        "## Cross-validated performance against the expert KTAS (same visits)", "",
+        "| | exact accuracy | kappa (linear) | kappa (quadratic) | under-triage | over-triage |",
+        "|---|---|---|---|---|---|",
+        row("model, decision rule (cross-fitted)", m["model"]),
+        row("model, highest probability", m["model_argmax"]),
+        row("triage nurse", m["nurse"]), "",
+        "## Decision rule and trade-off", card["decision"]["rule"] + ".", "",
+        "| beta | exact | kappa (linear) | under | over |", "|---|---|---|---|---|",
+    ]
+    for r in card["decision"]["trade_off"]:
+        lines.append(f"| {r['beta']} | {_f(r['exact_accuracy'])} | {_f(r['kappa_linear'])} | "
+                     f"{_f(r['under_triage'])} | {_f(r['over_triage'])} |")
+    lines += [
+        "", "## Second reader (nurse's level given)",
+        f"P(under-triage) = sum of the probabilities of levels more urgent than the nurse's. AUROC for the "
+        f"nurse's actual under-triage: {_f(sr['auroc_under_triage'])} (over-triage: {_f(sr['auroc_over_triage'])}). "
+        f"Flag at P ≥ {sr['flag_threshold']:.3f}: cross-fitted, {sr['flag_rate']:.1%} of visits flagged, "
+        f"sensitivity {sr['flag_sensitivity']:.2f}, PPV {sr['flag_ppv']:.2f} "
+        f"({sr['nurse_under_triaged']} under-triaged visits).", "",
+        "## Features", f"{len(card['features'])} features from `{card['mapping']['file']}`. Most important by "
+        "gain: " + ", ".join(card["top_features_by_gain"]) + ".", "", "## Limitations",
+    ]
+    lines += [f"- {item}" for item in card["limitations"]]
+    return "\n".join(lines) + "\n"
