@@ -185,3 +185,77 @@ def validate(resource: dict[str, Any]) -> dict[str, Any]:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+KTAS_LEVELS = {1: ("Resuscitation", "소생"), 2: ("Emergent", "긴급"), 3: ("Urgent", "응급"),
+               4: ("Less urgent", "준응급"), 5: ("Non-urgent", "비응급")}
+TRANSLATION = "http://hl7.org/fhir/StructureDefinition/translation"
+TRIAGE_OUTCOMES = f"{codes.BASE}/CodeSystem/triage-review"
+UNWEIGHTED = f"{codes.BASE}/StructureDefinition/class-probability"
+
+
+def ktas_coding(level: int) -> dict[str, Any]:
+    english, korean = KTAS_LEVELS[level]
+    return {"system": codes.KTAS_SYSTEM, "code": str(level), "display": f"KTAS {level} {english}",
+            "_display": {"extension": [{"url": TRANSLATION, "extension": [
+                {"url": "lang", "valueCode": "ko"}, {"url": "content", "valueString": f"KTAS {level} {korean}"}]}]}}
+
+
+def _band(p: float) -> str:
+    return "moderate" if p >= 0.2 else "low" if p >= 0.05 else "negligible"
+
+
+def triage_assessment(scored: Any) -> dict[str, Any]:
+    """KTAS RiskAssessment: one prediction per level, the predicted level marked, the nurse compared."""
+    key = assessment_key(scored.patient_id, scored.encounter_id, scored.model_id, scored.model_version,
+                         sorted(scored.basis), scored.fingerprint.hex(), scored.sufficient)
+    resource = _base(scored, key, "KTAS triage model")
+    resource["code"] = {"coding": [{"system": codes.LOINC, "code": "11283-9",
+                                    "display": "Acuity assessment at First encounter"}], "text": "KTAS triage"}
+    nurse_note = (f"The triage nurse's KTAS level ({scored.nurse_level}) stands; this is a second opinion."
+                  if scored.nurse_level else "No nurse KTAS level was recorded; nothing was compared.")
+    if not scored.sufficient:
+        resource["status"] = "cancelled"
+        resource["note"] = _notes(scored, [f"Not assessed: insufficient data. {scored.insufficient_reason}",
+                                           nurse_note])
+        return resource
+    reasons = "; ".join(r.text() for r in scored.reasons)
+    predictions: list[dict[str, Any]] = []
+    for level in range(1, 6):
+        p = float(scored.probabilities[level - 1])
+        english, korean = KTAS_LEVELS[level]
+        prediction: dict[str, Any] = {
+            "outcome": {"coding": [ktas_coding(level)], "text": f"KTAS {level} {english} / {korean}"},
+            "probabilityDecimal": round(p, 4),
+            "qualitativeRisk": _risk("high" if level == scored.level else _band(p)),
+            "extension": [{"url": UNWEIGHTED, "valueDecimal": round(float(scored.class_probabilities[level - 1]), 4)}],
+        }
+        if level == scored.level:
+            prediction["rationale"] = (f"Predicted KTAS level {level} ({english}, {korean}). "
+                                       f"Top contributing inputs: {reasons}.")
+        predictions.append(prediction)
+    if scored.nurse_level and scored.p_under is not None:
+        nurse = scored.nurse_level
+        predictions.append({
+            "outcome": {"coding": [{"system": TRIAGE_OUTCOMES, "code": "under-triage",
+                                    "display": "Nurse's KTAS level less urgent than the patient needs"}],
+                        "text": "Possible under-triage / 과소분류 가능성"},
+            "probabilityDecimal": round(scored.p_under, 4),
+            "qualitativeRisk": _risk("high" if scored.flagged else _band(scored.p_under)),
+            "rationale": (f"Nurse assigned KTAS {nurse}; probability that the right level is more urgent: "
+                          f"{scored.p_under:.2f}" + (f" (at or above {scored.flag_threshold:.2f}: please re-check "
+                                                     "this patient)." if scored.flagged else "."))})
+        predictions.append({
+            "outcome": {"coding": [{"system": TRIAGE_OUTCOMES, "code": "over-triage",
+                                    "display": "Nurse's KTAS level more urgent than the patient needs"}],
+                        "text": "Possible over-triage / 과대분류 가능성"},
+            "probabilityDecimal": round(float(scored.p_over), 4),
+            "qualitativeRisk": _risk(_band(float(scored.p_over))),
+            "rationale": f"Nurse assigned KTAS {nurse}; probability that the right level is less urgent: "
+                         f"{scored.p_over:.2f}."})
+    resource["prediction"] = predictions
+    resource["note"] = _notes(scored, [
+        "probabilityDecimal per KTAS level is the model's class probability re-weighted toward urgent levels "
+        "(see the model card's decision rule), between 0 and 1; the unweighted class probability is in the "
+        f"{UNWEIGHTED} extension. qualitativeRisk 'high' marks the predicted level.", nurse_note])
+    return resource

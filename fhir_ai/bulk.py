@@ -12,11 +12,10 @@ from typing import IO, Any, Iterator
 import orjson
 from tqdm import tqdm
 
-from . import assessment
 from .errors import BadRequest
 from .features import Extractor
 from .models.registry import ModelRegistry
-from .models.scoring import news2_scores, score_binary
+from .pipeline import build_assessments
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +85,14 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
         for (model, _), extractor in zip(pairs, extractors):
             fs = extractor.finish(as_of=as_of)
             patients = max(patients, len(fs.patient_ids))
-            scored = score_binary(model, fs, explain=explain)
-            news = news2_scores(fs) if news2 else None
-            for row, item in enumerate(tqdm(scored, desc=f"writing {model.model_id}", disable=not progress)):
-                _write(out, assessment.binary_assessment(item))
+            scored, built = build_assessments(model, fs, explain=explain, news2=news2)
+            for item, resources in zip(tqdm(scored, desc=f"writing {model.model_id}", disable=not progress), built):
+                for resource in resources:
+                    _write(out, resource)
                 if item.sufficient:
                     assessed += 1
                 else:
                     insufficient += 1
-                if news is not None:
-                    _write(out, assessment.news2_assessment(
-                        item, fs.news2_basis[row], float(news.total[row]), float(news.partial_total[row]), news.band[row],
-                        news.min_band[row], news.clinical_response[row],
-                        {k: float(v[row]) for k, v in news.subscores.items()}))
     stats = BulkStats(patients, assessed, insufficient, count, time.perf_counter() - started)
     log.info("bulk-assess: %d patients (%d assessed, %d insufficient data) from %d resources in %.1f s",
              stats.patients, assessed, insufficient, count, stats.seconds)

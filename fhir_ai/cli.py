@@ -194,6 +194,36 @@ def train_deterioration(ctx: click.Context, data_dir: Path, out_dir: Path, seed:
                f"H {m['news2']['hosmer_lemeshow_h']:.2f} on {m['news2']['n']} stays")
 
 
+@train.command("triage")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The KTAS folder (train.csv, holdout-ids.txt); holdout rows are never read.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=2019, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N visits (quick runs and tests).")
+@click.option("--rounds", type=int, default=None, help="Boosting rounds (default 300).")
+@click.pass_context
+def train_triage(ctx: click.Context, data_dir: Path, out_dir: Path, seed: int, limit: int | None,
+                 rounds: int | None) -> None:
+    """KTAS level model from the KTAS training visits through the FHIR path; writes model + card."""
+    from .mapping import load_mapping
+    from .models import train_triage as trainer
+    mapping = load_mapping(_mapping_file(_settings(ctx), "triage"))
+    command = " ".join(["fhir-ai", "train", "triage", "--data", str(data_dir), "--out", str(out_dir),
+                        "--seed", str(seed)] + (["--limit", str(limit)] if limit else [])
+                       + (["--rounds", str(rounds)] if rounds else []))
+    card = trainer.train(data_dir, out_dir, mapping, seed=seed, limit=limit, rounds=rounds or trainer.ROUNDS,
+                         command=command)
+    m = card["metrics"]
+    click.echo(f"model {card['version']} -> {out_dir}  (decision rule beta {card['decision']['beta']})")
+    for name in ("model", "model_argmax", "nurse"):
+        r = m[name]
+        click.echo(f"{name:<13} exact {r['exact_accuracy']:.3f}  kappa linear {r['kappa_linear']:.3f}  "
+                   f"quadratic {r['kappa_quadratic']:.3f}  under {r['under_triage']:.3f}  over {r['over_triage']:.3f}")
+    sr = card["second_reader"]
+    click.echo(f"second reader: AUROC(under-triage) {sr['auroc_under_triage']:.3f}, flag at {sr['flag_threshold']:.3f}: "
+               f"sensitivity {sr['flag_sensitivity']:.2f}, PPV {sr['flag_ppv']:.2f}, {sr['flag_rate']:.1%} flagged")
+
+
 def _mapping_file(settings: Settings, model_id: str) -> Path:
     from .mapping.loader import SUFFIXES
     for suffix in SUFFIXES:

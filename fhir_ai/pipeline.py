@@ -8,12 +8,14 @@ from typing import Any
 
 from . import assessment
 from .config import Settings
-from .errors import FhirAiError, UpstreamError
+from .errors import FhirAiError, NotFound, UpstreamError
 from .features import Extractor, FeatureSet
 from .fhir.sources import Source, make_source
 from .mapping import load_directory
 from .models.registry import ModelRegistry
-from .models.scoring import news2_scores, score_binary
+from .assessment import Scored
+from .models.registry import LoadedModel
+from .models.scoring import news2_scores, score_binary, score_triage
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -72,19 +74,30 @@ class Pipeline:
         return [patient, *encounters, *observations]
 
     def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime,
-                     resources: list[dict[str, Any]] | None = None) -> dict[str, FeatureSet]:
-        """Each model's features for one patient, from ``resources`` (default: fetched from the source)."""
+                     resources: list[dict[str, Any]] | None = None,
+                     encounter: str | None = None) -> dict[str, FeatureSet]:
+        """Each model's features for one patient, from ``resources`` (default: fetched from the source).
+
+        ``encounter`` pins the visit to assess (e.g. the ED encounter being triaged); NotFound if the
+        patient has no such encounter.
+        """
         if resources is None:
             resources = self.fetch(patient_id, model_ids, as_of)
         out = {}
         for model_id in model_ids:
+        if encounter is not None and not any(
+                r.get("resourceType") == "Encounter" and r.get("id") == encounter for r in resources):
+            raise NotFound(f"Encounter/{encounter} is not an encounter of Patient/{patient_id}",
+                           expression="Parameters.parameter.where(name='encounter')")
+        pinned = {patient_id: encounter} if encounter else None
             extractor = Extractor(self.registry.get(model_id)[1])
             extractor.add_all(resources)
-            out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id])
+            out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id], encounters=pinned)
         return out
 
     def assess(self, patient_id: str, *, models: list[str] | None = None, as_of: datetime | None = None,
-               write_back: bool | None = None, resources: list[dict[str, Any]] | None = None) -> AssessResult:
+               write_back: bool | None = None, resources: list[dict[str, Any]] | None = None,
+               encounter: str | None = None) -> AssessResult:
         """Assess one patient: pulled from the source, or from ``resources`` the caller sent (push mode)."""
         models = models or ["deterioration"]
         for model_id in models:
@@ -92,22 +105,16 @@ class Pipeline:
         as_of = as_of or assessment.now()
         write_back = self.settings.write_back if write_back is None else write_back
         result = AssessResult()
-        for model_id, fs in self.features_for(patient_id, models, as_of, resources).items():
+        for model_id, fs in self.features_for(patient_id, models, as_of, resources, encounter).items():
             model, _ = self.registry.get(model_id)
-            scored = score_binary(model, fs, explain="all")[0]
-            resources_out = [assessment.binary_assessment(scored)]
-            news = news2_scores(fs)
-            if news is not None:
-                resources_out.append(assessment.news2_assessment(
-                    scored, fs.news2_basis[0], float(news.total[0]), float(news.partial_total[0]), news.band[0],
-                    news.min_band[0], news.clinical_response[0], {k: float(v[0]) for k, v in news.subscores.items()}))
-            if not scored.sufficient:
+            scored, resources_out = build_assessments(model, fs)
+            if not scored[0].sufficient:
                 result.issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
-                                             + scored.insufficient_reason))
-            if scored.dropped:
-                result.issues.append(warning("value", f"{model_id}: {len(scored.dropped)} value(s) not used "
+                                             + scored[0].insufficient_reason))
+            if scored[0].dropped:
+                result.issues.append(warning("value", f"{model_id}: {len(scored[0].dropped)} value(s) not used "
                                              "(see RiskAssessment.note)"))
-            for resource in resources_out:
+            for resource in resources_out[0]:
                 self._store(resource, patient_id, write_back, result)
         return result
 
@@ -164,6 +171,24 @@ class Pipeline:
 
 def outbound(resource: dict[str, Any]) -> dict[str, Any]:
     """The resource as we send it upstream: the hospital's server keeps its own versionId/lastUpdated."""
+def build_assessments(model: LoadedModel, fs: FeatureSet, *, explain: str = "all",
+                      news2: bool = True) -> tuple[list[Scored], list[list[dict[str, Any]]]]:
+    """Score every patient row of a FeatureSet and build its RiskAssessment(s) (the model's, then NEWS2)."""
+    if model.kind == "multiclass":
+        triaged = score_triage(model, fs, explain=explain)
+        return list(triaged), [[assessment.triage_assessment(item)] for item in triaged]
+    scored = score_binary(model, fs, explain=explain)
+    out = [[assessment.binary_assessment(item)] for item in scored]
+    scores = news2_scores(fs) if news2 else None
+    if scores is not None:
+        for row, item in enumerate(scored):
+            out[row].append(assessment.news2_assessment(
+                item, fs.news2_basis[row], float(scores.total[row]), float(scores.partial_total[row]),
+                scores.band[row], scores.min_band[row], scores.clinical_response[row],
+                {k: float(v[row]) for k, v in scores.subscores.items()}))
+    return list(scored), out
+
+
     out = dict(resource)
     meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
     if meta:

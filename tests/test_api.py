@@ -52,7 +52,7 @@ def test_metadata_is_a_truthful_capability_statement(api):
     assert resources["Patient"]["operation"][0]["name"] == "assess"
     assert {p["name"] for p in resources["RiskAssessment"]["searchParam"]} == {"patient", "subject", "_count"}
     definition = api.get("/OperationDefinition/assess").json
-    assert {p["name"] for p in definition["parameter"]} == {"model", "writeBack", "asOf", "return"}
+    assert {p["name"] for p in definition["parameter"]} == {"model", "writeBack", "asOf", "encounter", "return"}
 
 
 def test_assess_returns_a_valid_explained_risk_assessment(api):

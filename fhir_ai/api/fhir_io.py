@@ -10,7 +10,7 @@ from flask import Request, Response, request
 from ..codes import FHIR_JSON
 from ..errors import BadRequest, FhirAiError
 
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ACCEPTED_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
 
 
@@ -63,7 +63,7 @@ def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] |
 
 
 def check_id(value: str, expression: str) -> str:
-    if not _ID.fullmatch(value):
+    if not ID.fullmatch(value):
         raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=expression)
     return value
 

@@ -29,6 +29,9 @@ def operation_definition(models: list[str]) -> dict[str, Any]:
              "documentation": "Write the assessment to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
             {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime",
              "documentation": "Assess as of this time (default: now); later data is ignored."},
+            {"name": "encounter", "use": "in", "min": 0, "max": "1", "type": "Reference",
+             "documentation": "The visit to assess (e.g. the ED encounter being triaged); default: the "
+                              "patient's current encounter."},
             {"name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle",
              "documentation": "A collection Bundle of RiskAssessments (the model's and NEWS2) and an "
                               "OperationOutcome with warnings, if any."},

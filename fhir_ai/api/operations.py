@@ -10,12 +10,13 @@ from flask import Blueprint, current_app, request
 from ..errors import BadRequest
 from ..fhir import times
 from ..pipeline import Pipeline
-from .fhir_io import base_url, bundle, check_accept, check_id, fhir_response, lenient, read_body
+from .fhir_io import ID, base_url, bundle, check_accept, check_id, fhir_response, lenient, read_body
 
 bp = Blueprint("operations", __name__)
 
 PARAMETERS = {"model": ("valueCode", "valueString"), "writeBack": ("valueBoolean",),
-              "asOf": ("valueDateTime", "valueInstant")}
+              "asOf": ("valueDateTime", "valueInstant"),
+              "encounter": ("valueReference", "valueString", "valueId")}
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AssessRequest:
     models: list[str] = field(default_factory=list)
     write_back: bool | None = None
     as_of: datetime | None = None
+    encounter: str | None = None
 
 
 def parse_parameters(body: dict[str, Any] | None, *, strict: bool = True) -> AssessRequest:
@@ -68,6 +70,16 @@ def parse_parameters(body: dict[str, Any] | None, *, strict: bool = True) -> Ass
                 out.as_of = times.parse_datetime(value)
             except ValueError as exc:
                 raise BadRequest(f"asOf: {exc}", expression=path) from exc
+        elif name == "encounter":
+            if out.encounter is not None:
+                raise BadRequest("encounter given twice", expression=where)
+            reference = value.get("reference") if isinstance(value, dict) else value
+            if not isinstance(reference, str):
+                raise BadRequest("encounter must reference an Encounter", expression=path)
+            kind, _, ident = reference.rpartition("/")
+            if kind not in ("", "Encounter") or not ID.fullmatch(ident):
+                raise BadRequest("encounter must be 'Encounter/<id>'", expression=path)
+            out.encounter = ident
     return out
 
 
@@ -80,6 +92,6 @@ def assess(patient_id: str):  # type: ignore[no-untyped-def]
     for model_id in params.models:
         pipeline.registry.get(model_id)   # unknown model → 400 before anything is fetched
     result = pipeline.assess(patient_id, models=params.models or None, as_of=params.as_of,
-                             write_back=params.write_back)
+                             write_back=params.write_back, encounter=params.encounter)
     outcome = {"resourceType": "OperationOutcome", "issue": result.issues} if result.issues else None
     return fhir_response(bundle("collection", result.resources, base_url(), outcome=outcome))
