@@ -251,6 +251,11 @@ def write_back_status(ctx: click.Context) -> None:
         if row.status != "delivered":
             click.echo(f"{row.status}\tRiskAssessment/{row.resource_id}\tattempts={row.attempts}\t{row.last_error or ''}")
     click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no write-backs recorded")
+    from .delivery import summary
+    health = summary(store, _settings(ctx))
+    oldest = health["oldestPendingSeconds"]
+    click.echo(f"health: {health['status']} (oldest pending "
+               f"{'-' if oldest is None else f'{oldest} s'}, stale after {health['staleAfterSeconds']:.0f} s)")
 
 
 @write_back.command("retry")
@@ -264,6 +269,53 @@ def write_back_retry(ctx: click.Context) -> None:
     finally:
         pipeline.close()
     click.echo(f"delivered {counts['delivered']}, still failing {counts['failed']}")
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass over what is due, then exit (cron, tests).")
+@click.option("--interval", type=float, default=None, help="Seconds between passes (default FHIR_AI_WORKER_INTERVAL).")
+@click.pass_context
+def worker(ctx: click.Context, once: bool, interval: float | None) -> None:
+    """Deliver pending write-backs: backoff with jitter, Retry-After, a circuit per server.
+
+    Several workers may run at once: each row is claimed before it is sent.
+    """
+    import signal
+    from .delivery import Worker
+    from .store import Store
+    settings = _settings(ctx)
+    store = Store(settings.effective_database_url)
+    runner = Worker(settings, store)
+    try:
+        if once:
+            report = runner.run_once()
+            click.echo(str(report))
+            sys.exit(1 if report.failed else 0)
+        signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+        try:
+            runner.run_forever(interval)
+        except KeyboardInterrupt:
+            runner.stop()
+    finally:
+        runner.close()
+        store.close()
+
+
+@main.command("check-site")
+@click.argument("url")
+@click.option("--sample", type=int, default=200, show_default=True, help="Observations to sample for code coverage.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.pass_context
+def check_site(ctx: click.Context, url: str, sample: int, as_json: bool) -> None:
+    """Check a hospital FHIR server: CapabilityStatement, SMART configuration, mapping codes seen.
+
+    Uses FHIR_AI_SOURCE_TOKEN or the FHIR_AI_SMART_* client when configured. Exit 1 when
+    something fhir_ai needs is missing.
+    """
+    from .sitecheck import check_site as run, render
+    report = run(url, _settings(ctx), sample=sample)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    sys.exit(0 if report.ok else 1)
 
 
 @main.group()

@@ -41,6 +41,25 @@ class Settings:
     source_timeout: float = 10.0          # seconds per request (connect and read)
     source_retries: int = 3               # extra attempts for 408/429/5xx and network faults
     source_retry_after_cap: float = 30.0  # never sleep longer than this on Retry-After
+    # SMART Backend Services (instead of source_token): client id, private key (PEM text or a
+    # path to a PEM file; kept out of repr), RS384 or ES384, key id (default: JWK thumbprint).
+    smart_client_id: str | None = None
+    smart_private_key: str | None = field(default=None, repr=False)
+    smart_alg: str = "RS384"
+    smart_key_id: str | None = None
+    smart_scopes: str = ("system/Patient.rs system/Encounter.rs system/Observation.rs "
+                         "system/RiskAssessment.cu")
+    smart_token_url: str | None = None    # default: discovered from .well-known/smart-configuration
+    # The write-back worker (fhir-ai worker): seconds between passes, rows per pass, backoff
+    # base and cap, failures that open a server's circuit, how long it stays open, and the age
+    # at which a pending write-back makes /health report "degraded".
+    worker_interval: float = 10.0
+    worker_batch: int = 100
+    write_back_backoff: float = 30.0
+    write_back_backoff_cap: float = 3600.0
+    circuit_failures: int = 5
+    circuit_cooldown: float = 60.0
+    write_back_stale_after: float = 900.0
     database_url: str = ""                # default: sqlite file in instance_path
     instance_path: str = str(REPO_DIR / "instance")
     mappings_dir: str = str(DEFAULT_MAPPINGS)

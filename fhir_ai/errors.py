@@ -68,10 +68,11 @@ class UpstreamError(FhirAiError):
     code = "transient"
 
     def __init__(self, message: str, *, temporary: bool = True, upstream_status: int | None = None,
-                 **kwargs: Any) -> None:
+                 retry_after: float | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.temporary = temporary
         self.upstream_status = upstream_status
+        self.retry_after = retry_after    # seconds the server asked us to wait (Retry-After)
 
 
 class UpstreamTimeout(UpstreamError):

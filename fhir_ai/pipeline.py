@@ -10,6 +10,7 @@ from . import assessment
 from .config import Settings
 from .errors import FhirAiError, NotFound, UpstreamError
 from .features import Extractor, FeatureSet
+from .fhir import smart
 from .fhir.sources import Source, make_source
 from .mapping import load_directory
 from .models.registry import ModelRegistry
@@ -50,7 +51,8 @@ class Pipeline:
         mappings = load_directory(settings.mappings_dir)          # refuses to start on a bad mapping
         registry = ModelRegistry.load(settings.models_dir, mappings)
         source = make_source(settings.source_url, token=settings.source_token, timeout=settings.source_timeout,
-                             retries=settings.source_retries, retry_after_cap=settings.source_retry_after_cap)
+                             retries=settings.source_retries, retry_after_cap=settings.source_retry_after_cap,
+                             auth=smart.auth_from_settings(settings) if not settings.source_is_folder else None)
         return cls(settings, registry, source, Store(settings.effective_database_url))
 
     def close(self) -> None:

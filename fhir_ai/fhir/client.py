@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import orjson
@@ -73,6 +73,24 @@ def _retry_after(response: requests.Response | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
+class Auth(Protocol):
+    """How requests are authorised (e.g. fhir.smart.SmartBackendAuth)."""
+
+    def headers(self) -> Mapping[str, str]:
+        """Headers for the next request (may fetch or renew a token)."""
+
+    def on_unauthorized(self) -> None:
+        """The server answered 401: drop the cached credential so the next headers() renews it."""
+
+
+class _Unauthorized(Exception):
+    """HTTP 401 while an ``auth`` hook is in use: renew once, then give up (internal)."""
+
+    def __init__(self, response: requests.Response) -> None:
+        super().__init__("HTTP 401")
+        self.response = response
+
+
 class _Temporary(Exception):
     """One failed attempt worth retrying (internal to the retry loop)."""
 
@@ -90,7 +108,7 @@ class FhirClient:
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0,
                  retries: int = 3, retry_after_cap: float = 30.0,
                  session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, auth: Auth | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         if self._origin[0] not in _DEFAULT_PORTS or not self._origin[1]:
@@ -104,8 +122,12 @@ class FhirClient:
         self.session = session or requests.Session()
         # Per-request headers rather than session.headers: a shared session stays untouched.
         self._headers = {"Accept": FHIR_JSON}
+        if token and auth is not None:
+            raise ConfigurationError("give a static token or an auth hook, not both",
+                                     expression="source_token")
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self.auth = auth
 
     def __repr__(self) -> str:  # never show the token
         return f"FhirClient({self.base_url!r})"
@@ -203,9 +225,27 @@ class FhirClient:
             data = orjson.dumps(body)
         all_headers.update(headers or {})
         where = urlsplit(url).path  # no query string in logs: it may hold search values
+        if self.auth is None:
+            return self._with_retries(method, url, where, params, data, all_headers)
+        try:
+            return self._with_retries(method, url, where, params, data, all_headers)
+        except _Unauthorized:
+            # A token can be revoked or the server's keys rotated before it expires: renew once.
+            log.info("%s %s: HTTP 401; renewing the access token once", method, where)
+            self.auth.on_unauthorized()
+        try:
+            return self._with_retries(method, url, where, params, data, all_headers)
+        except _Unauthorized as denied:
+            raise self._fatal(method, where, denied.response) from None
+
+    def _with_retries(self, method: str, url: str, where: str, params: Params,
+                      data: bytes | None, headers: dict[str, str]) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
             try:
-                return self._attempt(method, url, where, params, data, all_headers)
+                attempt_headers = headers
+                if self.auth is not None:  # per attempt: the token may be renewed meanwhile
+                    attempt_headers = {**headers, **self.auth.headers()}
+                return self._attempt(method, url, where, params, data, attempt_headers)
             except _Temporary as failure:
                 if attempt >= self.retries:
                     raise self._exhausted(method, where, failure) from None
@@ -231,6 +271,8 @@ class FhirClient:
         except requests.ConnectionError as exc:
             raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
         status = response.status_code
+        if status == 401 and self.auth is not None:
+            raise _Unauthorized(response)
         if status in RETRY_STATUSES:
             raise _Temporary(f"HTTP {status}", response=response,
                              timeout=status in TIMEOUT_STATUSES)
@@ -276,4 +318,5 @@ class FhirClient:
         log.error("%s %s: giving up after %d attempts (%s)", method, where, self.retries + 1,
                   failure.reason)
         cls = UpstreamTimeout if failure.timeout else UpstreamError
-        return cls(message, temporary=True, upstream_status=status, details=text or None)
+        return cls(message, temporary=True, upstream_status=status, details=text or None,
+                   retry_after=_retry_after(response))

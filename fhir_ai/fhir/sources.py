@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 import orjson
 
 from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
-from .client import FhirClient
+from .client import Auth, FhirClient
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
 log = logging.getLogger(__name__)
@@ -379,11 +379,11 @@ def _in_dates(observation: dict[str, Any], since: datetime | None,
 
 
 def make_source(url_or_path: str, *, token: str | None = None, timeout: float = 10.0,
-                retries: int = 3, retry_after_cap: float = 30.0) -> Source:
+                retries: int = 3, retry_after_cap: float = 30.0, auth: Auth | None = None) -> Source:
     """A ServerSource for an http(s) URL, else a FolderSource for an existing folder."""
     if url_or_path.startswith(("http://", "https://")):
         return ServerSource(FhirClient(url_or_path, token=token, timeout=timeout, retries=retries,
-                                       retry_after_cap=retry_after_cap))
+                                       retry_after_cap=retry_after_cap, auth=auth))
     if not Path(url_or_path).is_dir():
         raise ConfigurationError(f"FHIR source {url_or_path!r} is neither an http(s) URL nor a "
                                  "folder", expression="source_url")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import and_, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -128,7 +128,8 @@ class Store:
             return list(session.scalars(query))
 
     def record_delivery(self, outbox_id: int, *, ok: bool, error: str | None = None,
-                        permanent: bool = False) -> None:
+                        permanent: bool = False, retry_at: datetime | None = None) -> None:
+        """One delivery attempt's result; releases the worker's claim. ``retry_at``: not before."""
         now = _utcnow()
         with self.session() as session, session.begin():
             row = session.get(OutboxRow, outbox_id)
@@ -136,11 +137,47 @@ class Store:
                 return
             row.attempts += 1
             row.updated_at = now
+            row.claimed_by = row.claimed_until = None
+            row.next_attempt_at = retry_at if not ok else None
             if ok:
                 row.status, row.delivered_at, row.last_error = "delivered", now, None
             else:
                 row.status = "failed" if permanent else "pending"
                 row.last_error = (error or "")[:2000]
+
+    def claim_write_backs(self, worker: str, *, lease: float, limit: int = 100, min_age: float = 0.0,
+                          now: datetime | None = None) -> list[OutboxRow]:
+        """Claim pending rows that are due (one atomic UPDATE each), so no other worker sends them.
+
+        Rows never attempted and younger than ``min_age`` seconds are left alone: the request that
+        stored them is delivering them right now.
+        """
+        now = now or _utcnow()
+        until = now + timedelta(seconds=lease)
+        free = or_(OutboxRow.claimed_until.is_(None), OutboxRow.claimed_until < now)
+        due = or_(OutboxRow.next_attempt_at.is_(None), OutboxRow.next_attempt_at <= now)
+        settled = or_(OutboxRow.attempts > 0, OutboxRow.created_at <= now - timedelta(seconds=min_age))
+        claimable = and_(OutboxRow.status == "pending", free, due, settled)
+        with self.session() as session:
+            candidates = list(session.scalars(select(OutboxRow.id).where(claimable)
+                                              .order_by(OutboxRow.id).limit(limit)))
+        claimed = []
+        for outbox_id in candidates:
+            with self.session() as session, session.begin():
+                # The WHERE repeats the test: of two workers racing for a row, one updates it.
+                result = session.execute(update(OutboxRow).where(OutboxRow.id == outbox_id, claimable)
+                                         .values(claimed_by=worker, claimed_until=until))
+                if result.rowcount == 1:
+                    claimed.append(session.get(OutboxRow, outbox_id))
+        return claimed
+
+    def defer_write_back(self, outbox_id: int, until: datetime) -> None:
+        """Release a claim without an attempt (e.g. the server's circuit is open)."""
+        with self.session() as session, session.begin():
+            row = session.get(OutboxRow, outbox_id)
+            if row is not None:
+                row.claimed_by = row.claimed_until = None
+                row.next_attempt_at = until
 
     def write_back_state(self, resource_id: str) -> dict[str, Any] | None:
         rows = self.outbox(resource_id=resource_id)
