@@ -85,13 +85,13 @@ class Pipeline:
         """
         if resources is None:
             resources = self.fetch(patient_id, model_ids, as_of)
-        out = {}
-        for model_id in model_ids:
         if encounter is not None and not any(
                 r.get("resourceType") == "Encounter" and r.get("id") == encounter for r in resources):
             raise NotFound(f"Encounter/{encounter} is not an encounter of Patient/{patient_id}",
                            expression="Parameters.parameter.where(name='encounter')")
         pinned = {patient_id: encounter} if encounter else None
+        out = {}
+        for model_id in model_ids:
             extractor = Extractor(self.registry.get(model_id)[1])
             extractor.add_all(resources)
             out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id], encounters=pinned)
@@ -171,8 +171,6 @@ class Pipeline:
         return counts
 
 
-def outbound(resource: dict[str, Any]) -> dict[str, Any]:
-    """The resource as we send it upstream: the hospital's server keeps its own versionId/lastUpdated."""
 def build_assessments(model: LoadedModel, fs: FeatureSet, *, explain: str = "all",
                       news2: bool = True) -> tuple[list[Scored], list[list[dict[str, Any]]]]:
     """Score every patient row of a FeatureSet and build its RiskAssessment(s) (the model's, then NEWS2)."""
@@ -191,6 +189,8 @@ def build_assessments(model: LoadedModel, fs: FeatureSet, *, explain: str = "all
     return list(scored), out
 
 
+def outbound(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource as we send it upstream: the hospital's server keeps its own versionId/lastUpdated."""
     out = dict(resource)
     meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
     if meta:
