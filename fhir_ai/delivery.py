@@ -142,7 +142,8 @@ class Worker:
         for row in rows:
             circuit = self.circuit(row.target)
             if not circuit.allow():
-                wait = max(circuit.seconds_until_trial(), 1.0)
+                # open: until its trial; half-open with the trial under way: shortly after
+                wait = circuit.seconds_until_trial() or min(1.0, circuit.cooldown)
                 self.store.defer_write_back(row.id, self._now() + timedelta(seconds=wait))
                 report.deferred += 1
                 continue
