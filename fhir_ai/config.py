@@ -68,6 +68,19 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "INFO"
+    # CDS Hooks (fhir_ai/cds): trusted EHRs as JSON text or a path to a JSON file,
+    # {iss: {"jwks": {...} | "jwks_url": URL, "jku": [URLs allowed in the JWT header]}};
+    # the public base URL the EHR calls (JWT aud, card links; default: the request's own);
+    # card language when the request names none (en | ko); fhirServer fetch timeout; allowed
+    # fhirServer URL prefixes (comma-separated; empty: any).
+    cds_issuers: str = ""
+    cds_require_jwt: bool = True
+    cds_jwt_leeway: float = 30.0
+    cds_jwt_max_lifetime: float = 3600.0
+    cds_public_url: str = ""
+    cds_language: str = "en"
+    cds_fetch_timeout: float = 5.0
+    cds_fhir_servers: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -2,3 +2,8 @@
 from . import health, metadata, operations, risk_assessments, write_back
 
 BLUEPRINTS = [metadata.bp, operations.bp, risk_assessments.bp, health.bp, write_back.bp]
+
+# EHR integration: CDS Hooks and push mode (POST /$assess).
+from . import cds_hooks, push  # noqa: E402
+
+BLUEPRINTS += [cds_hooks.bp, push.bp]

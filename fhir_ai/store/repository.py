@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..fhir import times
 from .tables import AssessmentRow, Base, OutboxRow
+from .tables import CdsCardEventRow, CdsJtiRow
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +192,36 @@ class Store:
         with self.session() as session:
             for row in session.scalars(select(AssessmentRow).order_by(AssessmentRow.created_at)):
                 yield orjson.loads(row.resource)
+
+    # -- CDS Hooks: card audit trail and JWT replay protection ---------------------------------
+    def add_card_events(self, events: list[dict[str, Any]]) -> None:
+        """Append card events (issued cards, feedback); append-only, one transaction."""
+        now = _utcnow()
+        with self.session() as session, session.begin():
+            session.add_all([CdsCardEventRow(received_at=now, **event) for event in events])
+
+    def card_events(self, *, service_id: str | None = None, patient_id: str | None = None,
+                    card_uuid: str | None = None, event: str | None = None, count: int = 100,
+                    offset: int = 0) -> tuple[int, list[CdsCardEventRow]]:
+        """(total, page) of card events, oldest first."""
+        conditions = [column == value for column, value in (
+            (CdsCardEventRow.service_id, service_id), (CdsCardEventRow.patient_id, patient_id),
+            (CdsCardEventRow.card_uuid, card_uuid), (CdsCardEventRow.event, event)) if value is not None]
+        with self.session() as session:
+            total = session.scalar(select(func.count()).select_from(CdsCardEventRow).where(*conditions)) or 0
+            rows = session.scalars(select(CdsCardEventRow).where(*conditions).order_by(CdsCardEventRow.id)
+                                   .offset(offset).limit(count))
+            return total, list(rows)
+
+    def use_jti(self, issuer: str, jti: str, expires_at: datetime) -> bool:
+        """Record a JWT id; False if this issuer already used it (a replay). Forgets expired ids."""
+        now = _utcnow()
+        with self.session() as session:
+            try:
+                with session.begin():
+                    session.execute(CdsJtiRow.__table__.delete().where(CdsJtiRow.expires_at < now))
+                    session.add(CdsJtiRow(issuer=issuer, jti=jti, expires_at=expires_at))
+                return True
+            except IntegrityError:
+                session.rollback()
+                return False

@@ -53,3 +53,37 @@ class OutboxRow(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (UniqueConstraint("resource_type", "resource_id", "target", name="uq_outbox_target"),)
+
+
+class CdsCardEventRow(Base):
+    """CDS Hooks audit trail: each card returned ('issued') and each feedback on it (accepted/overridden)."""
+    __tablename__ = "cds_card_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event: Mapped[str] = mapped_column(String(16))                  # issued | accepted | overridden
+    service_id: Mapped[str] = mapped_column(String(64))
+    card_uuid: Mapped[str] = mapped_column(String(64), index=True)
+    hook_instance: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    assessment_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    indicator: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    override_system: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    override_code: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    override_display: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    accepted_suggestions: Mapped[str | None] = mapped_column(Text, nullable=True)   # JSON list of uuids
+    outcome_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    client: Mapped[str | None] = mapped_column(String(512), nullable=True)          # the EHR's JWT iss
+    tenant: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CdsJtiRow(Base):
+    """JWT ids already accepted from each EHR, kept until the token expires (replay refused in every worker)."""
+    __tablename__ = "cds_jti"
+
+    issuer: Mapped[str] = mapped_column(String(512), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

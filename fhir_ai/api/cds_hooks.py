@@ -1,0 +1,221 @@
+"""CDS Hooks 2.0 endpoints: discovery, service calls, feedback, and the auditors' view of cards.
+
+Authentication of service calls and feedback is the EHR's signed JWT (fhir_ai.cds.jwt_verify); this
+blueprint does it itself. Discovery carries no patient data and is open.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import orjson
+from flask import Blueprint, current_app, jsonify, request
+
+from .. import assessment
+from ..cds import feedback, services
+from ..cds.cards import CardBuilder, CardSet
+from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
+from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
+from ..cds.patient_data import check_id
+from ..cds.prefetch import Gathered, Gatherer
+from ..config import Settings
+from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
+from ..pipeline import Pipeline
+from .fhir_io import fhir_response
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("cds_hooks", __name__)
+
+_USER = re.compile(r"^[\w]+/[\w\-.]+$")      # invariant ord-1: {type}/{id}
+ED_CLASS_CODES = {"EMER"}                    # v3 ActCode: emergency
+MAX_AUDIT_PAGE = 500
+
+
+def _settings() -> Settings:
+    return current_app.config["FHIR_AI"]
+
+
+def _pipeline() -> Pipeline:
+    return current_app.extensions["fhir_ai"]
+
+
+def _verifier() -> JwtVerifier:
+    verifier = current_app.extensions.get("fhir_ai.cds_jwt")
+    if verifier is None:
+        settings = _settings()
+        verifier = JwtVerifier(parse_issuers(settings.cds_issuers), _pipeline().store.use_jti,
+                               leeway=settings.cds_jwt_leeway, max_lifetime=settings.cds_jwt_max_lifetime,
+                               fetch_timeout=settings.cds_fetch_timeout)
+        current_app.extensions["fhir_ai.cds_jwt"] = verifier
+    return verifier
+
+
+def _public_base() -> str:
+    return _settings().cds_public_url.rstrip("/") or request.url_root.rstrip("/")
+
+
+def _authenticate() -> Verified | None:
+    """The EHR's JWT, whose aud must be exactly the URL called (behind a proxy: cds_public_url + path)."""
+    if not _settings().cds_require_jwt:
+        return None
+    public = _settings().cds_public_url.rstrip("/")
+    audience = f"{public}{request.path}" if public else request.base_url
+    return _verifier().verify(request.headers.get("Authorization"), audience)
+
+
+def _service(service_id: str) -> services.Service:
+    service = services.find(_pipeline().registry, service_id)
+    if service is None:
+        known = [s.id for s in services.available(_pipeline().registry)]
+        raise NotFound(f"no CDS service {service_id!r} here; available: {known}")
+    return service
+
+
+def _json_body() -> dict[str, Any]:
+    if request.mimetype and request.mimetype not in ("application/json", "application/fhir+json"):
+        raise BadRequest(f"Content-Type {request.mimetype!r}: send application/json")
+    try:
+        body = orjson.loads(request.get_data(cache=True) or b"null")
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def check_hook_request(body: dict[str, Any], service: services.Service) -> None:
+    """CDSHooksRequest (cds-r-1) and the hook's context model (ord-1, required ids)."""
+    if body.get("hook") != service.hook:
+        raise BadRequest(f"service {service.id} answers the {service.hook} hook, not {body.get('hook')!r}",
+                         expression="hook")
+    if not isinstance(body.get("hookInstance"), str) or not body["hookInstance"]:
+        raise BadRequest("hookInstance is required", expression="hookInstance")
+    context = body.get("context")
+    if not isinstance(context, dict):
+        raise BadRequest("context is required", expression="context")
+    user = context.get("userId")
+    if not isinstance(user, str) or not _USER.match(user):
+        raise BadRequest("context.userId must be {type}/{id}", expression="context.userId")
+    check_id(context.get("patientId"), "context.patientId")
+    if service.requires_encounter() or context.get("encounterId") is not None:
+        check_id(context.get("encounterId"), "context.encounterId")
+    auth = body.get("fhirAuthorization")
+    if auth is not None:
+        if not body.get("fhirServer"):
+            raise BadRequest("fhirAuthorization needs fhirServer (cds-r-1)", expression="fhirServer")
+        if not isinstance(auth, dict) or not isinstance(auth.get("access_token"), str):
+            raise BadRequest("fhirAuthorization.access_token is required", expression="fhirAuthorization.access_token")
+    server = body.get("fhirServer")
+    if server is not None and (not isinstance(server, str) or not server.startswith(("http://", "https://"))):
+        raise BadRequest("fhirServer must be an http(s) URL", expression="fhirServer")
+
+
+def _is_ed(gathered: Gathered) -> bool:
+    encounters = [r for r in gathered.resources if r.get("resourceType") == "Encounter"]
+    if gathered.encounter_id:
+        encounters = [e for e in encounters if e.get("id") == gathered.encounter_id]
+    else:
+        encounters = [e for e in encounters if e.get("status") in ("arrived", "triaged", "in-progress")]
+    return any((e.get("class") or {}).get("code") in ED_CLASS_CODES for e in encounters)
+
+
+@bp.errorhandler(Unauthorized)
+def _unauthorized(exc: Unauthorized):  # type: ignore[no-untyped-def]
+    log.warning("CDS Hooks call refused: %s", exc.message)
+    message = exc.message.replace('"', "'")
+    return fhir_response(exc.to_operation_outcome(), 401,
+                         headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{message}"'})
+
+
+@bp.get("/cds-services")
+def discovery():  # type: ignore[no-untyped-def]
+    return jsonify(services.discovery(_pipeline().registry, assessment.now()))
+
+
+@bp.post("/cds-services/<service_id>")
+def call(service_id: str):  # type: ignore[no-untyped-def]
+    service = _service(service_id)
+    caller = _authenticate()
+    body = _json_body()
+    check_hook_request(body, service)
+    settings, pipeline = _settings(), _pipeline()
+    model, mapping = pipeline.registry.get(service.model_id)
+    language = negotiate(request.headers.get("Accept-Language"),
+                         (body.get("extension") or {}).get(LANGUAGE_EXTENSION) if isinstance(body.get("extension"), dict)
+                         else None, settings.cds_language)
+    as_of = assessment.now()
+    allowed = [p.strip() for p in settings.cds_fhir_servers.split(",") if p.strip()]
+    gathered = Gatherer(service, mapping, body, as_of=as_of, timeout=settings.cds_fetch_timeout,
+                        allowed_servers=allowed).gather()
+    patient_id = body["context"]["patientId"]
+    builder = CardBuilder(model_id=model.model_id, model_version=model.version, mapping=mapping,
+                          language=language, base_url=_public_base(), notes=gathered.notes, issues=[],
+                          resources_in=gathered.resources)
+    if service.ed_only and not _is_ed(gathered):
+        cards = builder.not_applicable_card("reason.not_ed")
+    else:
+        pinned = gathered.encounter_id if any(r.get("resourceType") == "Encounter" and r.get("id") == gathered.encounter_id
+                                              for r in gathered.resources) else None
+        result = pipeline.assess(patient_id, models=[service.model_id], as_of=as_of, resources=gathered.resources,
+                                 encounter=pinned)
+        builder.issues = result.issues
+        cards = builder.assessment_cards(result.resources)
+        if not cards.cards:   # never "200 with no cards": a clinician would read that as "no risk"
+            raise FhirAiError(f"{service.model_id} produced no assessment for this patient")
+    _record(cards, service, body, caller, patient_id)
+    log.info("CDS %s: %d card(s) for patient %s", service.id, len(cards.cards), patient_id)
+    return jsonify({"cards": cards.cards})
+
+
+def _record(cards: CardSet, service: services.Service, body: dict[str, Any], caller: Verified | None,
+            patient_id: str) -> None:
+    for event in cards.events:
+        event.update(event="issued", service_id=service.id, hook_instance=str(body["hookInstance"])[:128],
+                     patient_id=patient_id, client=caller.issuer if caller else None,
+                     tenant=caller.tenant if caller else None)
+    _pipeline().store.add_card_events(cards.events)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback_post(service_id: str):  # type: ignore[no-untyped-def]
+    service = _service(service_id)
+    caller = _authenticate()
+    rows = feedback.parse(_json_body())
+    store = _pipeline().store
+    for i, row in enumerate(rows):
+        _, issued = store.card_events(card_uuid=row["card_uuid"], event="issued", count=1)
+        if issued and issued[0].service_id != service.id:
+            raise BadRequest(f"card {row['card_uuid']} came from service {issued[0].service_id}, "
+                             f"not {service.id}", expression=f"feedback[{i}].card")
+        if issued:   # link the feedback to the patient and assessment the card was about
+            row.update(patient_id=issued[0].patient_id, assessment_id=issued[0].assessment_id,
+                       hook_instance=issued[0].hook_instance, model_id=issued[0].model_id,
+                       model_version=issued[0].model_version, indicator=issued[0].indicator)
+        row.update(service_id=service.id, client=caller.issuer if caller else None,
+                   tenant=caller.tenant if caller else None)
+    store.add_card_events(rows)
+    log.info("CDS %s: %d feedback entr(ies) stored", service.id, len(rows))
+    return jsonify({}), 200
+
+
+@bp.get("/audit/cds-cards")
+def audit():  # type: ignore[no-untyped-def]
+    """Cards issued and the feedback on them, oldest first (for auditors; JSON)."""
+    args = request.args
+    unknown = sorted(set(args) - {"service", "patient", "card", "event", "_count", "_offset"})
+    if unknown:
+        raise BadRequest(f"unsupported parameter(s) {unknown}", expression=unknown)
+    try:
+        count = min(int(args.get("_count", 100)), MAX_AUDIT_PAGE)
+        offset = max(int(args.get("_offset", 0)), 0)
+    except ValueError as exc:
+        raise BadRequest("_count and _offset must be whole numbers", expression="_count") from exc
+    event = args.get("event")
+    if event is not None and event not in ("issued", *feedback.OUTCOMES):
+        raise BadRequest("event must be issued, accepted or overridden", expression="event")
+    total, rows = _pipeline().store.card_events(service_id=args.get("service"), patient_id=args.get("patient"),
+                                                card_uuid=args.get("card"), event=event, count=count,
+                                                offset=offset)
+    return jsonify({"total": total, "events": [feedback.as_json(r) for r in rows]})

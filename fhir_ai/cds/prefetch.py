@@ -1,0 +1,241 @@
+"""One hook call's data: prefetch when the EHR sent it, the EHR's fhirServer for what it did not.
+
+CDS Hooks 2.0: a missing key was not attempted (fetch it); ``null`` means there is no such data; an
+OperationOutcome means the EHR failed (fetch it ourselves, or 412 when we cannot).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from ..errors import (BadRequest, ConfigurationError, FhirAiError, UpstreamError, UpstreamNotFound)
+from ..fhir.client import FhirClient, outcome_text
+from ..fhir.sources import ServerSource
+from ..mapping import Mapping
+from .patient_data import RecordChecker
+from .services import ENCOUNTER_KEY, PATIENT_KEY, Service, observation_chunks, observation_keys
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+WHAT = {PATIENT_KEY: "Patient", ENCOUNTER_KEY: "Encounter"}
+
+
+class PreconditionFailed(FhirAiError):
+    """CDS Hooks: required FHIR data could not be obtained, by prefetch or from the EHR's server."""
+    status = 412
+    code = "incomplete"
+
+
+@dataclass
+class Gathered:
+    """The checked resources of one patient and notes (i18n key, values) for the card."""
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    encounter_id: str | None = None
+
+
+ClientFactory = Callable[[str, str | None], FhirClient]
+
+
+class Gatherer:
+    """Resolves one hook request's prefetch against the service's templates."""
+
+    def __init__(self, service: Service, mapping: Mapping, hook_request: dict[str, Any], *,
+                 as_of: datetime, timeout: float, allowed_servers: list[str],
+                 client_factory: ClientFactory | None = None) -> None:
+        self.service = service
+        self.mapping = mapping
+        self.request = hook_request
+        self.as_of = as_of
+        self.timeout = timeout
+        self.allowed_servers = allowed_servers
+        self.client_factory = client_factory or self._client
+        context = hook_request["context"]
+        self.patient_id: str = context["patientId"]
+        self.encounter_id: str | None = context.get("encounterId")
+        self.checker = RecordChecker(self.patient_id)
+        self.out = Gathered(encounter_id=self.encounter_id)
+        self._source: ServerSource | None = None
+
+    def gather(self) -> Gathered:
+        prefetch = self.request.get("prefetch")
+        if prefetch is None:
+            prefetch = {}
+        if not isinstance(prefetch, dict):
+            raise BadRequest("prefetch must be an object", expression="prefetch")
+        try:
+            self._patient(prefetch.get(PATIENT_KEY, _MISSING))
+            self._encounter(prefetch.get(ENCOUNTER_KEY, _MISSING))
+            for key, codes in zip(observation_keys(self.mapping), observation_chunks(self.mapping)):
+                self._observations(key, codes, prefetch.get(key, _MISSING))
+        finally:
+            if self._source is not None:
+                self._source.close()
+        self.out.resources = self.checker.data.resources
+        return self.out
+
+    # -- one prefetch key each -------------------------------------------------------------------
+    def _patient(self, value: Any) -> None:
+        path = f"prefetch.{PATIENT_KEY}"
+        if value is None:
+            raise PreconditionFailed(f"the EHR has no Patient/{self.patient_id} (prefetch {PATIENT_KEY} is null); "
+                                     "the patient is needed to assess", expression=path)
+        if value is _MISSING or _is_outcome(value):
+            self._fetch_note(PATIENT_KEY, value)
+            try:
+                value = self._fetch(PATIENT_KEY, lambda s: s.patient(self.patient_id))
+            except UpstreamNotFound as exc:
+                raise PreconditionFailed(f"Patient/{self.patient_id} is not on the EHR's FHIR server",
+                                         expression=path) from exc
+            path = "fhirServer:Patient"
+        self.checker.add(value, path)
+
+    def _encounter(self, value: Any) -> None:
+        path = f"prefetch.{ENCOUNTER_KEY}"
+        if value is None:
+            if self.service.requires_encounter():
+                raise PreconditionFailed(f"the EHR has no Encounter/{self.encounter_id} (prefetch "
+                                         f"{ENCOUNTER_KEY} is null); {self.service.hook} needs it", expression=path)
+            self.out.notes.append(("note.prefetch_null", {"what": "Encounter"}))
+            return
+        if value is _MISSING or _is_outcome(value):
+            self._fetch_note(ENCOUNTER_KEY, value)
+            if self.encounter_id:
+                try:
+                    found = [self._fetch(ENCOUNTER_KEY, lambda s: s.client.get(f"Encounter/{self.encounter_id}"))]
+                except UpstreamNotFound as exc:
+                    raise PreconditionFailed(f"Encounter/{self.encounter_id} is not on the EHR's FHIR server",
+                                             expression=path) from exc
+            else:
+                found = self._fetch(ENCOUNTER_KEY, lambda s: s.encounters(self.patient_id))
+            for i, encounter in enumerate(found):
+                self.checker.add(encounter, f"fhirServer:Encounter[{i}]")
+            return
+        if value.get("resourceType") == "Bundle":
+            for i, resource in _entries(value, path):
+                self.checker.add(resource, f"{path}.entry[{i}].resource")
+            return
+        if self.encounter_id and value.get("resourceType") == "Encounter" and value.get("id") != self.encounter_id:
+            raise BadRequest(f"prefetch {ENCOUNTER_KEY} is Encounter/{value.get('id')}, but context.encounterId "
+                             f"is {self.encounter_id}", expression=f"{path}.id")
+        self.checker.add(value, path)
+
+    def _observations(self, key: str, codes: list[tuple[str, str]], value: Any) -> None:
+        path = f"prefetch.{key}"
+        if value is None:
+            self.out.notes.append(("note.prefetch_null", {"what": "Observation"}))
+            return
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle" and _failed_entries(value):
+            value = _failed_entries(value)[0]      # the EHR's search failed in part: fetch it whole
+        if value is _MISSING or _is_outcome(value):
+            self._fetch_note(key, value)
+            lookback = self.mapping.longest_lookback()
+            since = None if lookback is None else self.as_of - timedelta(seconds=lookback)
+            found = self._fetch(key, lambda s: s.observations(self.patient_id, codes, since=since, until=self.as_of))
+            for i, observation in enumerate(found):
+                self.checker.add(observation, f"fhirServer:{key}[{i}]")
+            return
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+            raise BadRequest(f"prefetch {key} must be a searchset Bundle, null or an OperationOutcome",
+                             expression=f"{path}.resourceType")
+        for i, resource in _entries(value, path):
+            self.checker.add(resource, f"{path}.entry[{i}].resource")
+        next_url = next((link.get("url") for link in value.get("link") or []
+                         if isinstance(link, dict) and link.get("relation") == "next"), None)
+        if next_url:
+            # The client paginated its prefetch (allowed by the spec): read the remaining pages ourselves.
+            self._rest_of_pages(key, next_url)
+
+    def _rest_of_pages(self, key: str, url: str) -> None:
+        def pages(source: ServerSource) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = []
+            link: str | None = url
+            seen: set[str] = set()
+            while link and link not in seen:
+                seen.add(link)
+                bundle = source.client.get(link)
+                found.extend(r for _, r in _entries(bundle, "fhirServer:next"))
+                link = next((x.get("url") for x in bundle.get("link") or [] if x.get("relation") == "next"), None)
+            return found
+        for i, resource in enumerate(self._fetch(key, pages)):
+            self.checker.add(resource, f"fhirServer:{key}(next pages)[{i}]")
+
+    # -- the EHR's FHIR server ---------------------------------------------------------------------
+    def _fetch_note(self, key: str, value: Any) -> None:
+        if value is _MISSING:
+            self.out.notes.append(("note.fetched", {"what": _what(key)}))
+        else:
+            error = outcome_text(value) or "OperationOutcome"
+            log.info("prefetch %s failed at the EHR; fetching it", key)
+            self.out.notes.append(("note.prefetch_error", {"what": _what(key), "error": error[:200]}))
+
+    def _fetch(self, key: str, call: Callable[[ServerSource], Any]) -> Any:
+        source = self._server(key)
+        try:
+            return call(source)
+        except UpstreamNotFound:
+            raise
+        except UpstreamError as exc:
+            raise PreconditionFailed(f"cannot obtain {_what(key)} from the EHR's FHIR server: {exc.message}",
+                                     expression=f"prefetch.{key}") from exc
+
+    def _server(self, key: str) -> ServerSource:
+        if self._source is not None:
+            return self._source
+        server = self.request.get("fhirServer")
+        if not server:
+            raise PreconditionFailed(f"prefetch {key} was not provided (or failed) and the request has no "
+                                     "fhirServer to fetch it from", expression=f"prefetch.{key}")
+        if self.allowed_servers and not any(server.startswith(p) for p in self.allowed_servers):
+            raise PreconditionFailed(f"prefetch {key} is missing and fhirServer {server} is not one this service "
+                                     "may call (cds_fhir_servers)", expression="fhirServer")
+        auth = self.request.get("fhirAuthorization") or {}
+        try:
+            client = self.client_factory(server, auth.get("access_token"))
+        except ConfigurationError as exc:
+            raise BadRequest(f"fhirServer is not an http(s) FHIR base URL: {server!r}",
+                             expression="fhirServer") from exc
+        self._source = ServerSource(client)
+        return self._source
+
+    def _client(self, server: str, token: str | None) -> FhirClient:
+        # No retries: a hook answer should come within about 500 ms; a failed fetch is a 412.
+        return FhirClient(server, token=token, timeout=self.timeout, retries=0)
+
+
+def _what(key: str) -> str:
+    return WHAT.get(key, f"Observations ({key})")
+
+
+def _is_outcome(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
+
+
+def _failed_entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """OperationOutcomes inside a prefetch Bundle that report an error (not mere search remarks)."""
+    out = []
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if _is_outcome(resource) and any(isinstance(i, dict) and i.get("severity") in ("error", "fatal")
+                                         for i in resource.get("issue") or []):
+            out.append(resource)
+    return out
+
+
+def _entries(bundle: dict[str, Any], path: str) -> list[tuple[int, dict[str, Any]]]:
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise BadRequest("Bundle.entry must be a list", expression=f"{path}.entry")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise BadRequest("a Bundle entry must be an object", expression=f"{path}.entry[{i}]")
+        resource = entry.get("resource")
+        if (entry.get("search") or {}).get("mode") == "outcome" or _is_outcome(resource):
+            continue        # the server's remarks about the search, not data
+        if resource is not None:
+            out.append((i, resource))
+    return out

@@ -1,0 +1,495 @@
+"""CDS Hooks 2.0: discovery, calls with prefetch present / partial / missing / OperationOutcome / null,
+cards checked against the specification's examples and logical-model invariants, feedback, language, JWT."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import responses
+from cryptography.hazmat.primitives.asymmetric import ec
+from flask import Flask
+from flask.testing import FlaskClient
+from jwt.algorithms import ECAlgorithm
+
+from fhir_ai.app import create_app
+from fhir_ai.cds.services import observation_chunks
+
+import factories as f
+
+CONFORMANCE = Path("/work/shared/conformance/cds-hooks")
+SPEC = CONFORMANCE / "spec-2.0.1-examples"
+LIBRARY = CONFORMANCE / "hooks-library-examples"
+INVARIANTS = json.loads((CONFORMANCE / "logical-models-3.0.0-ballot" / "invariants.json").read_text())
+FHIR = "https://ehr.example.org/fhir"
+TOKEN = "some-opaque-fhir-access-token"
+
+
+def spec(name: str) -> Any:
+    # The examples were cut from the spec's Jekyll source: drop its {% raw %} escaping of "{{".
+    return json.loads(re.sub(r"{%\s*(end)?raw\s*%}", "", (SPEC / name).read_text()))
+
+
+# -- what a conforming response / discovery looks like (CDSHooksResponse, CDSHooksServices) ---------------
+
+def check_response(body: dict[str, Any]) -> None:
+    """The logical model's cardinalities and invariants cds-resp-1..7, and the 2.0.1 text's rules."""
+    assert isinstance(body.get("cards"), list)                 # json-empty-behavior: present
+    for card in body["cards"]:
+        assert isinstance(card["summary"], str) and len(card["summary"]) < 140
+        assert card["indicator"] in ("info", "warning", "critical")
+        assert isinstance(card["source"]["label"], str) and card["source"]["label"]
+        if "uuid" in card:
+            uuid.UUID(card["uuid"])
+        suggestions = card.get("suggestions") or []
+        if suggestions:                                          # cds-resp-6
+            assert card.get("selectionBehavior") in ("at-most-one", "any")
+        if card.get("selectionBehavior") == "at-most-one":      # cds-resp-1
+            assert sum(1 for s in suggestions if s.get("isRecommended")) <= 1
+        for s in suggestions:
+            assert isinstance(s["label"], str)
+            for action in s.get("actions") or []:               # cds-resp-5, cds-resp-2
+                assert action.get("description") and action["type"] in ("create", "update", "delete")
+        for reason in card.get("overrideReasons") or []:        # cds-resp-4
+            assert reason.get("display")
+        for link in card.get("links") or []:
+            assert link["label"] and link["url"] and link["type"] in ("absolute", "smart")
+            if link["type"] != "smart":                           # cds-resp-3
+                assert "appContext" not in link
+
+
+def check_discovery(body: dict[str, Any]) -> None:
+    assert isinstance(body.get("services"), list)
+    for service in body["services"]:
+        assert {"hook", "description", "id"} <= set(service)
+        assert set(service) <= {"hook", "title", "description", "id", "prefetch", "usageRequirements", "extension"}
+        for key, template in (service.get("prefetch") or {}).items():
+            assert isinstance(key, str) and isinstance(template, str)
+            # Prefetch tokens: only root-level context fields or the user identifiers (2.0.1 "Prefetch tokens").
+            for token in re.findall(r"{{(.*?)}}", template):
+                assert re.fullmatch(r"context\.\w+|userPractitionerId|userPractitionerRoleId|userPatientId|"
+                                    r"userRelatedPersonId", token)
+
+
+def test_the_checkers_accept_the_specs_examples_and_catch_violations() -> None:
+    for name in ("spec-17-example.json", "spec-10-http-response.json"):
+        check_response(spec(name))
+    # spec-18 (the autolaunchable-link example) omits `indicator`, which the 2.0.1 card table marks REQUIRED.
+    with pytest.raises(KeyError):
+        check_response(spec("spec-18-example.json"))
+    check_discovery(spec("spec-01-discovery-example.json"))
+    check_discovery(spec("spec-27-extensions.json"))
+    bad = spec("spec-17-example.json")
+    bad["cards"][0]["links"][0]["appContext"] = "x"             # appContext on an absolute link
+    with pytest.raises(AssertionError):
+        check_response(bad)
+    bad = spec("spec-17-example.json")
+    bad["cards"][1]["overrideReasons"][0].pop("display")
+    with pytest.raises(AssertionError):
+        check_response(bad)
+    assert "cds-resp-3" in INVARIANTS and "cds-fb-2" in INVARIANTS
+
+
+# -- fixtures -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def settings_overrides(settings_overrides: dict[str, Any]) -> dict[str, Any]:
+    settings_overrides["cds_require_jwt"] = False     # the JWT has its own tests below and in test_cds_jwt.py
+    return settings_overrides
+
+
+@pytest.fixture
+def record() -> dict[str, Any]:
+    now = datetime.now(timezone.utc) - timedelta(minutes=5)
+    patient = f.patient()
+    encounter = f.encounter(patient["id"])
+    return {"patient": patient, "encounter": encounter,
+            "observations": f.sepsis_observations(patient["id"], encounter["id"], now)}
+
+
+def searchset(resources: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources], **extra}
+
+
+def hook_request(record: dict[str, Any], *, prefetch: dict[str, Any] | None = None, server: bool = True,
+                 hook: str = "patient-view") -> dict[str, Any]:
+    """A request shaped like the spec's example (spec-02) for our patient."""
+    body = spec("spec-02-example.json")
+    body["hook"] = hook
+    body["hookInstance"] = str(uuid.uuid4())
+    body["context"] = {"userId": "Practitioner/example", "patientId": record["patient"]["id"],
+                       "encounterId": record["encounter"]["id"]}
+    body["prefetch"] = prefetch if prefetch is not None else {}
+    if server:
+        body["fhirServer"] = FHIR
+    else:
+        body.pop("fhirServer")
+        body.pop("fhirAuthorization")
+    return body
+
+
+def full_prefetch(record: dict[str, Any]) -> dict[str, Any]:
+    return {"patient": record["patient"], "encounter": record["encounter"],
+            "observations": searchset(record["observations"])}
+
+
+def mock_server(rsps: responses.RequestsMock, record: dict[str, Any], *, observations: bool = True) -> None:
+    auth = [responses.matchers.header_matcher({"Authorization": f"Bearer {TOKEN}"})]
+    rsps.get(f"{FHIR}/Patient/{record['patient']['id']}", json=record["patient"], match=auth)
+    rsps.get(f"{FHIR}/Encounter/{record['encounter']['id']}", json=record["encounter"], match=auth)
+    if observations:
+        rsps.get(f"{FHIR}/Observation", json=searchset(record["observations"]), match=auth)
+
+
+def call(client: FlaskClient, body: dict[str, Any], service: str = "deterioration", **headers: str) -> Any:
+    return client.post(f"/cds-services/{service}", json=body, headers=headers)
+
+
+def the_card(response: Any) -> dict[str, Any]:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    check_response(response.json)
+    assert len(response.json["cards"]) == 1
+    return response.json["cards"][0]
+
+
+# -- discovery ------------------------------------------------------------------------------------------
+
+def test_discovery_lists_loaded_models_with_prefetch_from_the_mapping(app: Flask, client: FlaskClient) -> None:
+    body = client.get("/cds-services").json
+    check_discovery(body)
+    by_id = {s["id"]: s for s in body["services"]}
+    registry = app.extensions["fhir_ai"].registry
+    assert by_id["deterioration"]["hook"] == "patient-view"
+    assert registry.models["deterioration"].version in by_id["deterioration"]["description"]
+    prefetch = by_id["deterioration"]["prefetch"]
+    assert prefetch["patient"] == "Patient/{{context.patientId}}"
+    assert prefetch["encounter"] == "Encounter/{{context.encounterId}}"
+    mapping = registry.mappings["deterioration"]
+    codes = [c for key in prefetch if key.startswith("observations")
+             for c in re.search(r"code=([^&]*)", prefetch[key]).group(1).split(",")]
+    assert codes == [f"{s}|{c}" for s, c in mapping.query_codes()]
+    assert all(len(t) <= 1800 for t in prefetch.values())
+    assert len(observation_chunks(mapping)) == sum(1 for k in prefetch if k.startswith("observations"))
+    if "triage" in registry.models:
+        assert by_id["triage"]["hook"] == "encounter-start"
+        assert by_id["triage-ed-view"]["hook"] == "patient-view"
+
+
+def test_discovery_is_truthful_about_models_that_are_not_loaded(app: Flask, client: FlaskClient) -> None:
+    registry = app.extensions["fhir_ai"].registry
+    registry.models.pop("triage", None)
+    ids = [s["id"] for s in client.get("/cds-services").json["services"]]
+    assert ids == ["deterioration"]
+    assert call(client, {}, "triage").status_code == 404
+
+
+# -- prefetch present / partial / missing / OperationOutcome / null --------------------------------------
+
+@responses.activate
+def test_full_prefetch_assesses_without_calling_the_ehr(client: FlaskClient, record: dict[str, Any]) -> None:
+    card = the_card(call(client, hook_request(record, prefetch=full_prefetch(record))))
+    assert len(responses.calls) == 0
+    assert "deterioration" in card["source"]["label"] and re.search(r"\d+\.\w+", card["source"]["label"])
+    detail = card["detail"]
+    assert re.search(r"\*\*\d+%\*\*|<1%", detail)
+    assert "**NEWS2**" in detail and "**Top contributing inputs**" in detail and "**Missing inputs**" in detail
+    # NEWS2 of the septic course is high: the card cannot look routine whatever the model says.
+    assert card["indicator"] == "critical"
+    link = card["links"][0]
+    assert link["type"] == "absolute" and "/RiskAssessment/fai-" in link["url"]
+    stored = client.get(link["url"].replace("http://localhost", ""))
+    assert stored.status_code == 200 and stored.json["subject"]["reference"] == f"Patient/{record['patient']['id']}"
+
+
+def test_partial_prefetch_fetches_only_what_is_missing(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    del prefetch["observations"]
+    with responses.RequestsMock() as rsps:
+        mock_server(rsps, record)
+        rsps.remove(responses.GET, f"{FHIR}/Patient/{record['patient']['id']}")
+        rsps.remove(responses.GET, f"{FHIR}/Encounter/{record['encounter']['id']}")
+        card = the_card(call(client, hook_request(record, prefetch=prefetch)))
+        # Only Observation searches (ServerSource splits long code lists over several searches).
+        assert {c.request.url.split("?")[0] for c in rsps.calls} == {f"{FHIR}/Observation"}
+        assert f"patient={record['patient']['id']}" in rsps.calls[0].request.url
+    assert "fetched from the EHR's FHIR server" in card["detail"]
+    assert re.search(r"Based on 20 observation", card["detail"])
+
+
+def test_missing_prefetch_is_fetched_with_the_access_token(client: FlaskClient, record: dict[str, Any]) -> None:
+    with responses.RequestsMock() as rsps:
+        mock_server(rsps, record)
+        card = the_card(call(client, hook_request(record)))
+        urls = [c.request.url.split("?")[0] for c in rsps.calls]
+        assert urls[:2] == [f"{FHIR}/Patient/{record['patient']['id']}", f"{FHIR}/Encounter/{record['encounter']['id']}"]
+        assert set(urls[2:]) == {f"{FHIR}/Observation"}
+    assert "Based on 20 observation" in card["detail"]
+
+
+def test_missing_prefetch_without_fhir_server_is_412(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    del prefetch["observations"]
+    response = call(client, hook_request(record, prefetch=prefetch, server=False))
+    assert response.status_code == 412
+    assert response.json["issue"][0]["expression"] == ["prefetch.observations"]
+
+
+def test_operation_outcome_prefetch_is_fetched_again(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    prefetch["observations"] = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "timeout", "diagnostics": "lab system did not answer"}]}
+    with responses.RequestsMock() as rsps:
+        mock_server(rsps, record)
+        rsps.remove(responses.GET, f"{FHIR}/Patient/{record['patient']['id']}")
+        rsps.remove(responses.GET, f"{FHIR}/Encounter/{record['encounter']['id']}")
+        card = the_card(call(client, hook_request(record, prefetch=prefetch)))
+        assert {c.request.url.split("?")[0] for c in rsps.calls} == {f"{FHIR}/Observation"}
+    assert "lab system did not answer" in card["detail"] and "Based on 20 observation" in card["detail"]
+
+
+def test_operation_outcome_without_fhir_server_is_412(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    prefetch["patient"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
+    assert call(client, hook_request(record, prefetch=prefetch, server=False)).status_code == 412
+
+
+@pytest.mark.parametrize("status", [401, 500, 503])
+def test_ehr_server_failing_is_412(client: FlaskClient, record: dict[str, Any], status: int) -> None:
+    prefetch = full_prefetch(record)
+    del prefetch["observations"]
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Observation", status=status, json={"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "security", "diagnostics": "token rejected"}]})
+        response = call(client, hook_request(record, prefetch=prefetch))
+    assert response.status_code == 412
+    assert "cannot obtain Observations" in response.json["issue"][0]["diagnostics"]
+
+
+def test_patient_unknown_at_the_ehr_is_412(client: FlaskClient, record: dict[str, Any]) -> None:
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Patient/{record['patient']['id']}", status=404)
+        response = call(client, hook_request(record))
+    assert response.status_code == 412
+
+
+def test_null_patient_is_412(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    prefetch["patient"] = None
+    assert call(client, hook_request(record, prefetch=prefetch, server=False)).status_code == 412
+
+
+def test_null_observations_give_a_not_assessed_card_never_an_empty_answer(
+        client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    prefetch["observations"] = None
+    card = the_card(call(client, hook_request(record, prefetch=prefetch, server=False)))
+    assert "not assessed" in card["summary"] and card["indicator"] == "warning"
+    assert "The EHR reported no Observation" in card["detail"]
+    assert card["links"][0]["url"].endswith(card["links"][0]["url"].rsplit("/", 1)[1])
+
+
+def test_paginated_prefetch_is_completed_from_the_server(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    first, rest = record["observations"][:5], record["observations"][5:]
+    prefetch["observations"] = searchset(first, link=[{"relation": "next", "url": f"{FHIR}/Observation?page=2"}])
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Observation", json=searchset(rest))
+        card = the_card(call(client, hook_request(record, prefetch=prefetch)))
+    assert "Based on 20 observation" in card["detail"]
+
+
+# -- bad requests -----------------------------------------------------------------------------------
+
+def test_another_patients_observation_in_prefetch_is_refused(client: FlaskClient, record: dict[str, Any]) -> None:
+    prefetch = full_prefetch(record)
+    prefetch["observations"]["entry"][3]["resource"]["subject"] = {"reference": "Patient/someone-else"}
+    response = call(client, hook_request(record, prefetch=prefetch, server=False))
+    assert response.status_code == 400
+    assert response.json["issue"][0]["expression"] == ["prefetch.observations.entry[3].resource.subject"]
+
+
+@pytest.mark.parametrize("change, expression", [
+    (lambda b: b.update(hook="order-sign"), "hook"),
+    (lambda b: b.pop("hookInstance"), "hookInstance"),
+    (lambda b: b["context"].update(userId="not a reference"), "context.userId"),
+    (lambda b: b["context"].pop("patientId"), "context.patientId"),
+    (lambda b: b.pop("fhirServer"), "fhirServer"),                         # cds-r-1
+])
+def test_invalid_hook_requests(client: FlaskClient, record: dict[str, Any], change: Any, expression: str) -> None:
+    body = hook_request(record, prefetch=full_prefetch(record))
+    change(body)
+    response = call(client, body)
+    assert response.status_code == 400 and response.json["issue"][0]["expression"] == [expression]
+
+
+def test_library_contexts_are_accepted(client: FlaskClient, record: dict[str, Any]) -> None:
+    """The hooks library's patient-view contexts (with and without encounterId) pass our checks."""
+    for name in ("patient-view-01-examples.json", "patient-view-02-examples.json"):
+        context = json.loads((LIBRARY / name).read_text())["context"]
+        body = hook_request(record, prefetch=full_prefetch(record), server=False)
+        body["context"] = {**context, "patientId": record["patient"]["id"]}
+        if "encounterId" in context:
+            body["context"]["encounterId"] = record["encounter"]["id"]
+        the_card(call(client, body))
+
+
+# -- language ------------------------------------------------------------------------------------------
+
+def test_korean_when_the_request_asks_for_it(client: FlaskClient, record: dict[str, Any]) -> None:
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    card = the_card(call(client, body, **{"Accept-Language": "ko-KR,ko;q=0.9,en;q=0.5"}))
+    assert "악화 위험" in card["summary"] and "주요 기여 입력값" in card["detail"]
+    english = the_card(call(client, copy.deepcopy(body), **{"Accept-Language": "fr, en;q=0.8"}))
+    assert "Deterioration risk" in english["summary"]
+    body["extension"] = {"fhir-ai.language": "ko"}
+    assert "악화" in the_card(call(client, body))["summary"]
+
+
+def test_site_default_language(settings_overrides: dict[str, Any], record: dict[str, Any]) -> None:
+    app = create_app({**settings_overrides, "cds_language": "ko"})
+    try:
+        client = app.test_client()
+        body = hook_request(record, prefetch=full_prefetch(record), server=False)
+        assert "악화" in the_card(call(client, body))["summary"]
+        assert "Deterioration" in the_card(call(client, body, **{"Accept-Language": "en"}))["summary"]
+    finally:
+        app.extensions["fhir_ai"].close()
+
+
+# -- triage --------------------------------------------------------------------------------------------
+
+def ed_record(ed: bool = True) -> dict[str, Any]:
+    arrived = datetime.now(timezone.utc) - timedelta(minutes=20)
+    patient = f.patient()
+    encounter = f.encounter(patient["id"], period={"start": f.fhir_time(arrived)},
+                            reasonCode=[{"text": "chest pain"}],
+                            **{"class": {"system": f.ACT_CODE, "code": "EMER" if ed else "IMP"}})
+    when = arrived + timedelta(minutes=5)
+    observations = [f.observation(patient["id"], code, value, unit, when)
+                    for code, value, unit in (("8867-4", 118, "/min"), ("9279-1", 26, "/min"),
+                                              ("8480-6", 92, "mm[Hg]"), ("8310-5", 38.4, "Cel"),
+                                              ("59408-5", 91, "%"))]
+    observations.append(f.observation(patient["id"], "11283-9", 0, "1", when, valueQuantity=None,
+                                      valueCodeableConcept={"coding": [{
+                                          "system": "https://fhir-ai.invalid/CodeSystem/ktas-level", "code": "3"}]}))
+    for obs in observations:
+        obs.pop("valueQuantity", None) if obs.get("valueCodeableConcept") else None
+    return {"patient": patient, "encounter": encounter, "observations": observations}
+
+
+def test_triage_on_encounter_start(app: Flask, client: FlaskClient) -> None:
+    if "triage" not in app.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record()
+    body = hook_request(record, prefetch=full_prefetch(record), server=False, hook="encounter-start")
+    card = the_card(call(client, body, "triage"))
+    assert "KTAS" in card["summary"] and "triage" in card["source"]["label"]
+    assert "**Nurse KTAS** (next to the model): 3" in card["detail"]
+
+
+def test_triage_outside_the_ed_says_not_assessed(app: Flask, client: FlaskClient) -> None:
+    if "triage" not in app.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record(ed=False)
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    card = the_card(call(client, body, "triage-ed-view"))
+    assert "not an emergency department encounter" in card["summary"] and card["indicator"] == "info"
+
+
+# -- feedback ------------------------------------------------------------------------------------------
+
+def test_spec_feedback_examples_are_stored_for_auditors(client: FlaskClient) -> None:
+    for name in ("spec-19-example-suggestion-accepted.json",
+                 "spec-20-example-overridden-guidance-without-overridereason.json",
+                 "spec-21-example-overridden-guidance-with-overridereason.json"):
+        response = client.post("/cds-services/deterioration/feedback", json=spec(name))
+        assert response.status_code == 200, response.json
+    events = client.get("/audit/cds-cards?service=deterioration").json["events"]
+    assert [e["event"] for e in events] == ["accepted", "overridden", "overridden"]
+    assert events[0]["acceptedSuggestions"] == ["e56e1945-20b3-4393-8503-a1a20fd73152"]
+    assert events[2]["overrideReason"]["code"] == "d7ecf885"
+    assert events[2]["userComment"] == "A comment entered by the clinician."
+    assert events[2]["outcomeTimestamp"] == "2020-12-11T00:00:00Z"
+
+
+def test_feedback_is_linked_to_the_card_patient_and_assessment(client: FlaskClient, record: dict[str, Any]) -> None:
+    card = the_card(call(client, hook_request(record, prefetch=full_prefetch(record), server=False)))
+    feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-25T10:05:31Z",
+                              "overrideReason": {"reason": card["overrideReasons"][2], "userComment": "on it"}}]}
+    assert client.post("/cds-services/deterioration/feedback", json=feedback).status_code == 200
+    events = client.get(f"/audit/cds-cards?card={card['uuid']}").json["events"]
+    assert [e["event"] for e in events] == ["issued", "overridden"]
+    assert events[1]["patient"] == record["patient"]["id"]
+    assert events[1]["assessment"] == card["links"][0]["url"].rsplit("/", 1)[1]
+    assert events[1]["overrideReason"]["code"] == "managed"
+
+
+@pytest.mark.parametrize("item, expression", [
+    ({"card": str(uuid.uuid4()), "outcome": "dismissed", "outcomeTimestamp": "2026-01-01T00:00:00Z"},
+     "feedback[0].outcome"),                                                             # cds-fb-1
+    ({"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-01-01T00:00:00Z"},
+     "feedback[0].acceptedSuggestions"),                                                 # cds-fb-2
+    ({"card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z",
+      "overrideReason": {}}, "feedback[0].overrideReason"),                              # cds-fb-3
+    ({"card": "not-a-uuid", "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}, "feedback[0].card"),
+    ({"card": str(uuid.uuid4()), "outcome": "overridden"}, "feedback[0].outcomeTimestamp"),
+])
+def test_invalid_feedback(client: FlaskClient, item: dict[str, Any], expression: str) -> None:
+    response = client.post("/cds-services/deterioration/feedback", json={"feedback": [item]})
+    assert response.status_code == 400 and response.json["issue"][0]["expression"] == [expression]
+    assert client.get("/audit/cds-cards").json["total"] == 0
+
+
+# -- the EHR's JWT at the endpoints --------------------------------------------------------------------
+
+EHR_KEY = ec.generate_private_key(ec.SECP384R1())
+EHR = "https://ehr.example.org/"
+
+
+def ehr_token(aud: str, jti: str | None = None) -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": EHR, "aud": aud, "exp": now + 60, "iat": now, "jti": jti or str(uuid.uuid4())},
+                      EHR_KEY, algorithm="ES384", headers={"kid": "ehr-1", "typ": "JWT"})
+
+
+@pytest.fixture
+def secured(settings_overrides: dict[str, Any]) -> Any:
+    jwk = {**ECAlgorithm.to_jwk(EHR_KEY.public_key(), as_dict=True), "kid": "ehr-1", "alg": "ES384"}
+    app = create_app({**settings_overrides, "cds_require_jwt": True, "cds_public_url": "https://cds.example.org/",
+                      "cds_issuers": json.dumps({EHR: {"jwks": {"keys": [jwk]}}})})
+    yield app.test_client()
+    app.extensions["fhir_ai"].close()
+
+
+def test_service_call_needs_a_valid_jwt(secured: FlaskClient, record: dict[str, Any]) -> None:
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    missing = call(secured, body)
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"].startswith("Bearer error=")
+    url = "https://cds.example.org/cds-services/deterioration"
+    token = ehr_token(url)
+    the_card(call(secured, body, Authorization=f"Bearer {token}"))
+    replay = call(secured, body, Authorization=f"Bearer {token}")
+    assert replay.status_code == 401 and "already used" in replay.json["issue"][0]["diagnostics"]
+    other_service = call(secured, body, Authorization=f"Bearer {ehr_token(url.replace('deterioration', 'triage'))}")
+    assert other_service.status_code == 401 and "aud must be exactly" in other_service.json["issue"][0]["diagnostics"]
+    events = secured.get("/audit/cds-cards").json["events"]
+    assert [e["client"] for e in events] == [EHR]
+
+
+def test_feedback_needs_a_jwt_for_the_feedback_url(secured: FlaskClient) -> None:
+    body = spec("spec-20-example-overridden-guidance-without-overridereason.json")
+    url = "https://cds.example.org/cds-services/deterioration/feedback"
+    wrong = secured.post("/cds-services/deterioration/feedback", json=body,
+                         headers={"Authorization": f"Bearer {ehr_token(url.rsplit('/', 1)[0])}"})
+    assert wrong.status_code == 401
+    ok = secured.post("/cds-services/deterioration/feedback", json=body,
+                      headers={"Authorization": f"Bearer {ehr_token(url)}"})
+    assert ok.status_code == 200
