@@ -179,3 +179,13 @@ def test_other_parameters_keep_their_own_index(client: FlaskClient) -> None:
 def test_not_a_parameters_body(client: FlaskClient) -> None:
     response = push(client, {"resourceType": "Bundle", "type": "collection", "entry": []})
     assert response.status_code == 400 and response.json["issue"][0]["expression"] == ["resourceType"]
+
+
+def test_capability_statement_and_operation_definition(client: FlaskClient) -> None:
+    rest = client.get("/metadata").json["rest"][0]
+    assert {"name": "assess", "definition": "https://fhir-ai.invalid/OperationDefinition/assess-bundle"} \
+        in rest["operation"]
+    assert "/cds-services" in rest["documentation"]
+    definition = client.get("/OperationDefinition/assess-bundle").json
+    assert definition["system"] is True and definition["instance"] is False
+    assert definition["parameter"][0]["name"] == "bundle"

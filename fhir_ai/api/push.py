@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 
+from .. import codes
 from ..cds.patient_data import RecordChecker, check_id
 from ..errors import BadRequest
 from ..pipeline import Pipeline, warning
@@ -23,6 +24,38 @@ bp = Blueprint("push", __name__)
 
 BUNDLE_PARAMETER = "bundle"
 BUNDLE_TYPES = {"collection", "searchset", "transaction", "batch"}
+PUSH_DEFINITION = f"{codes.BASE}/OperationDefinition/assess-bundle"
+
+
+def operation_definition() -> dict[str, Any]:
+    return {
+        "resourceType": "OperationDefinition", "id": "assess-bundle", "url": PUSH_DEFINITION,
+        "name": "AssessBundle", "status": "active", "kind": "operation", "code": "assess",
+        "description": ("Push mode: assess one patient from the resources in the Bundle (exactly one Patient, its "
+                        "Encounters and Observations); nothing is pulled from the hospital. Scoring, storage, "
+                        "write-back and the answer are those of Patient/[id]/$assess."),
+        "system": True, "type": False, "instance": False, "affectsState": True,
+        "parameter": [
+            {"name": BUNDLE_PARAMETER, "use": "in", "min": 1, "max": "1", "type": "Bundle",
+             "documentation": "collection, searchset, transaction or batch; every resource needs an id and its "
+                              "subject must be the Patient (Patient/[id], or the Patient entry's fullUrl)."},
+            {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code"},
+            {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean"},
+            {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime"},
+            {"name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle",
+             "documentation": "As Patient/[id]/$assess: a collection Bundle of RiskAssessments and warnings."},
+        ],
+    }
+
+
+def capability_additions(statement: dict[str, Any]) -> None:
+    """What push mode and CDS Hooks add to the CapabilityStatement (called by api/metadata.py)."""
+    rest = statement["rest"][0]
+    rest.setdefault("operation", []).append({"name": "assess", "definition": PUSH_DEFINITION})
+    note = ("Push mode: POST [base]/$assess with a Bundle. CDS Hooks 2.0: discovery at [base]/cds-services, "
+            "services at [base]/cds-services/{id} and feedback at [base]/cds-services/{id}/feedback "
+            "(the EHR's JWT, RS384 or ES384).")
+    rest["documentation"] = f"{rest['documentation']} {note}" if rest.get("documentation") else note
 
 
 def split_parameters(body: dict[str, Any]) -> tuple[tuple[int, dict[str, Any]], dict[str, Any]]:
@@ -72,6 +105,11 @@ def check_bundle(index: int, resource: dict[str, Any], *, lenient_mode: bool) ->
     for i, entry in enumerate(entries):
         checker.add(entry["resource"], f"{where}.entry[{i}].resource")
     return patient_id, checker.data.resources, checker.data.skipped
+
+
+@bp.get("/OperationDefinition/assess-bundle")
+def push_definition():  # type: ignore[no-untyped-def]
+    return fhir_response(operation_definition())
 
 
 def _original_index(expression: str, removed: int) -> str:
