@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
+from . import auth
 from .api import BLUEPRINTS, errors
 from .config import Settings, load_settings
 from .pipeline import Pipeline
@@ -24,4 +25,5 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     errors.register(app)
+    auth.init_app(app)          # every request: token, scope, audit (fhir_ai/auth)
     return app

@@ -389,5 +389,13 @@ def demo(ctx: click.Context) -> None:
     click.echo("\nStored. Serve them with `fhir-ai serve` and read GET /RiskAssessment?patient=demo-001")
 
 
+# Auditors and access: `fhir-ai audit export|verify`, `fhir-ai auth token`.
+from .auth.commands import auth as _auth_commands  # noqa: E402
+from .store.commands import audit as _audit_commands  # noqa: E402
+
+main.add_command(_audit_commands)
+main.add_command(_auth_commands)
+
+
 if __name__ == "__main__":
     main()

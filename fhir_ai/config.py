@@ -60,6 +60,16 @@ class Settings:
     circuit_failures: int = 5
     circuit_cooldown: float = 60.0
     write_back_stale_after: float = 900.0
+    # Who may call the API (fhir_ai/auth): static bearer tokens as "client:role:sha256hex" entries
+    # (comma-separated; `fhir-ai auth token` makes one), and/or JWTs (RS384/ES384) checked against
+    # a JWKS (JSON text or a file path) or a JWKS URL, with allowed issuers (comma-separated), the
+    # required audience and clock leeway in seconds.
+    auth_tokens: str = field(default="", repr=False)
+    auth_jwks: str = ""
+    auth_jwks_url: str = ""
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    auth_leeway: float = 30.0
     database_url: str = ""                # default: sqlite file in instance_path
     instance_path: str = str(REPO_DIR / "instance")
     mappings_dir: str = str(DEFAULT_MAPPINGS)

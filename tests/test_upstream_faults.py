@@ -349,10 +349,6 @@ def test_bad_parameters_name_the_offending_path(client: FlaskClient, hospital: F
     assert len(hospital.rsps.calls) == 0            # refused before anything was fetched
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG store/repository.py write_back_state: SQLite hands back delivered_at naive, "
-                   "times.format_datetime refuses it, so GET /RiskAssessment/<id> answers 500 once the "
-                   "write-back was delivered")
 def test_read_shows_a_delivered_write_back(client: FlaskClient, hospital: FakeHospital) -> None:
     [model, _] = assessments(assess(client))
     assert hospital.puts                            # delivered at once

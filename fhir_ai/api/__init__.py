@@ -7,3 +7,8 @@ BLUEPRINTS = [metadata.bp, operations.bp, risk_assessments.bp, health.bp, write_
 from . import cds_hooks, push  # noqa: E402
 
 BLUEPRINTS += [cds_hooks.bp, push.bp]
+
+# Auditors: Provenance and AuditEvent (read and search).
+from . import audit, provenance  # noqa: E402
+
+BLUEPRINTS += [provenance.bp, audit.bp]

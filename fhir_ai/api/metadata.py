@@ -7,6 +7,7 @@ from flask import Blueprint, current_app
 
 from .. import __version__, codes
 from ..pipeline import Pipeline
+from . import search
 from .fhir_io import base_url, fhir_response
 
 bp = Blueprint("metadata", __name__)
@@ -47,18 +48,10 @@ def capability_statement():  # type: ignore[no-untyped-def]
         "implementation": {"description": "fhir_ai risk assessment service", "url": base_url()},
         "fhirVersion": "4.0.1", "format": ["application/fhir+json", "json"],
         "rest": [{
-            "mode": "server",
+            "mode": "server", "security": search.SECURITY,
             "resource": [
                 {"type": "Patient", "operation": [{"name": "assess", "definition": ASSESS_DEFINITION}]},
-                {"type": "RiskAssessment", "interaction": [{"code": "read"}, {"code": "search-type"}],
-                 "versioning": "versioned", "readHistory": False, "updateCreate": False,
-                 "searchParam": [
-                     {"name": "patient", "type": "reference",
-                      "definition": "http://hl7.org/fhir/SearchParameter/RiskAssessment-patient"},
-                     {"name": "subject", "type": "reference",
-                      "definition": "http://hl7.org/fhir/SearchParameter/RiskAssessment-subject"},
-                     {"name": "_count", "type": "number"},
-                 ]},
+                *search.capability_resources(),     # RiskAssessment, Provenance, AuditEvent
                 {"type": "OperationDefinition", "interaction": [{"code": "read"}]},
             ],
         }],

@@ -1,21 +1,27 @@
-"""RiskAssessment read and search from the local store."""
+"""RiskAssessment read, vread, history, search, and withdrawal (entered-in-error) from the local store."""
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import urlencode
 
 from flask import Blueprint, current_app, request
 
 from .. import codes
+from ..auth import guard
+from ..auth.policy import requires
 from ..errors import BadRequest, NotFound
 from ..pipeline import Pipeline
-from .fhir_io import base_url, bundle, check_accept, check_id, fhir_response, lenient
+from .fhir_io import check_accept, check_id, fhir_response, read_body
+from .search import history_bundle, search_response
 
 bp = Blueprint("risk_assessments", __name__)
 
-SEARCH_PARAMETERS = {"patient", "subject", "_count", "_offset", "_format"}
-MAX_COUNT = 200
 WRITE_BACK_EXTENSION = f"{codes.BASE}/StructureDefinition/write-back"
+_ETAG = re.compile(r'(?:W/)?"(\d+)"')
+
+
+def _pipeline() -> Pipeline:
+    return current_app.extensions["fhir_ai"]
 
 
 def _with_write_back(pipeline: Pipeline, resource: dict[str, Any]) -> dict[str, Any]:
@@ -34,68 +40,74 @@ def _with_write_back(pipeline: Pipeline, resource: dict[str, Any]) -> dict[str, 
     return out
 
 
+def _answer(resource: dict[str, Any], with_state: bool = True):  # type: ignore[no-untyped-def]
+    guard.note_entities(guard.entities_of([resource]))
+    body = _with_write_back(_pipeline(), resource) if with_state else resource
+    return fhir_response(body, headers={"ETag": f'W/"{resource["meta"]["versionId"]}"',
+                                        "Last-Modified": resource["meta"]["lastUpdated"]})
+
+
 @bp.get("/RiskAssessment/<resource_id>")
+@requires("RiskAssessment", "r", audit="read")
 def read(resource_id: str):  # type: ignore[no-untyped-def]
     check_accept(request)
     check_id(resource_id, "RiskAssessment.id")
-    pipeline: Pipeline = current_app.extensions["fhir_ai"]
-    resource = pipeline.store.get_assessment(resource_id)
+    resource = _pipeline().store.get_assessment(resource_id)
     if resource is None:
         raise NotFound(f"RiskAssessment/{resource_id} is not known here")
-    return fhir_response(_with_write_back(pipeline, resource),
-                         headers={"ETag": f'W/"{resource["meta"]["versionId"]}"',
-                                  "Last-Modified": resource["meta"]["lastUpdated"]})
+    return _answer(resource)
 
 
-def _int(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be a whole number", expression=name) from exc
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must lie between {low} and {high}", expression=name)
-    return value
+@bp.get("/RiskAssessment/<resource_id>/_history/<version>")
+@requires("RiskAssessment", "r", audit="vread")
+def vread(resource_id: str, version: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
+    check_id(resource_id, "RiskAssessment.id")
+    if not version.isdigit():
+        raise BadRequest("the version must be a whole number", expression="versionId")
+    resource = _pipeline().store.get_assessment_version(resource_id, int(version))
+    if resource is None:
+        raise NotFound(f"RiskAssessment/{resource_id}/_history/{version} is not known here")
+    return _answer(resource, with_state=False)
 
 
-def _patient_filter() -> str | None:
-    values = []
-    for name in ("patient", "subject"):
-        for raw in request.args.getlist(name):
-            value = raw.split("/_history", 1)[0]
-            if "/" in value:
-                kind, _, value = value.rpartition("/")
-                if kind.rsplit("/", 1)[-1] != "Patient":
-                    raise BadRequest(f"{name} must reference a Patient", expression=name)
-            values.append(check_id(value, name))
-    if len(set(values)) > 1:
-        raise BadRequest("patient and subject name different patients", expression="patient")
-    return values[0] if values else None
+@bp.get("/RiskAssessment/<resource_id>/_history")
+@requires("RiskAssessment", "r", audit="history-instance")
+def history(resource_id: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
+    check_id(resource_id, "RiskAssessment.id")
+    versions = _pipeline().store.assessment_history(resource_id)
+    if not versions:
+        raise NotFound(f"RiskAssessment/{resource_id} is not known here")
+    guard.note_entities(guard.entities_of(versions))
+    return fhir_response(history_bundle(versions, "RiskAssessment"))
 
 
 @bp.get("/RiskAssessment")
+@requires("RiskAssessment", "s", audit="search-type")
 def search():  # type: ignore[no-untyped-def]
+    return search_response("RiskAssessment")
+
+
+@bp.post("/RiskAssessment/<resource_id>/$withdraw")
+@requires("RiskAssessment", "u", audit="update", audit_failures_only=True)
+def withdraw(resource_id: str):  # type: ignore[no-untyped-def]
+    """Mark an assessment entered-in-error (a new version; the old one stays readable). Parameters:
+    ``reason`` (string, required). ``If-Match: W/"n"`` guards against withdrawing a newer version."""
     check_accept(request)
-    unknown = sorted(set(request.args) - SEARCH_PARAMETERS)
-    if unknown and not lenient():
-        raise BadRequest(f"unsupported search parameter(s) {unknown}; supported: {sorted(SEARCH_PARAMETERS)} "
-                         "(send Prefer: handling=lenient to ignore them)", expression=unknown)
-    count = _int("_count", 50, 0, MAX_COUNT)
-    offset = _int("_offset", 0, 0, 10**9)
-    patient = _patient_filter()
-    pipeline: Pipeline = current_app.extensions["fhir_ai"]
-    total, page = pipeline.store.search_assessments(patient=patient, count=count, offset=offset)
-    base = base_url()
-    query = {k: v for k, v in request.args.items() if k in SEARCH_PARAMETERS and k not in ("_offset",)}
-    links = [{"relation": "self", "url": f"{base}/RiskAssessment?{urlencode({**query, '_offset': offset})}"}]
-    if count and offset + count < total:
-        links.append({"relation": "next",
-                      "url": f"{base}/RiskAssessment?{urlencode({**query, '_offset': offset + count})}"})
-    outcome = None
-    if unknown:
-        outcome = {"resourceType": "OperationOutcome", "issue": [{
-            "severity": "warning", "code": "not-supported",
-            "diagnostics": f"ignored unsupported search parameter(s) {unknown}"}]}
-    return fhir_response(bundle("searchset", page, base, total=total, links=links, outcome=outcome))
+    check_id(resource_id, "RiskAssessment.id")
+    body = read_body("Parameters")
+    assert body is not None
+    reasons = [p.get("valueString") for p in body.get("parameter") or [] if p.get("name") == "reason"]
+    if len(reasons) != 1 or not isinstance(reasons[0], str) or not reasons[0].strip():
+        raise BadRequest("$withdraw needs exactly one 'reason' (valueString)", expression="Parameters.parameter")
+    expected = None
+    if request.headers.get("If-Match"):
+        match = _ETAG.fullmatch(request.headers["If-Match"].strip())
+        if not match:
+            raise BadRequest('If-Match must be W/"<version>"', expression="If-Match")
+        expected = int(match.group(1))
+    saved = _pipeline().store.withdraw_assessment(resource_id, reason=reasons[0].strip()[:1000],
+                                                  expected_version=expected)
+    return fhir_response(saved.resource, headers={"ETag": f'W/"{saved.resource["meta"]["versionId"]}"',
+                                                  "Last-Modified": saved.resource["meta"]["lastUpdated"]})

@@ -1,4 +1,6 @@
-"""Storage: SQLAlchemy on SQLite (embedded default) or PostgreSQL."""
+"""Storage: SQLAlchemy on SQLite (embedded default) or PostgreSQL, schema by Alembic migrations."""
+from .actors import Actor
+from .audit import Access, Entity
 from .repository import Saved, Store
 
-__all__ = ["Saved", "Store"]
+__all__ = ["Access", "Actor", "Entity", "Saved", "Store"]

@@ -1,21 +1,20 @@
-"""The store: save assessments idempotently, read and search them, track write-back."""
+"""The store: assessments (with history, Provenance and audit: trail.py), the write-back outbox."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import orjson
-from sqlalchemy import and_, create_engine, event, func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..fhir import times
-from .tables import AssessmentRow, Base, OutboxRow
+from .tables import OutboxRow
 from .tables import CdsCardEventRow, CdsJtiRow
+from .engine import make_engine, migrate as run_migrations
+from .searching import utc
+from .trail import Saved, TrailMixin  # noqa: F401  (Saved is part of the store's API)
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +23,16 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@dataclass
-class Saved:
-    resource: dict[str, Any]
-    created: bool            # False: the same assessment was already stored (idempotent repeat)
+class Store(TrailMixin):
+    """All database access goes through here (one transaction per call).
 
+    Assessments, their versions, Provenance and the audit trail: ``TrailMixin`` (trail.py).
+    """
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            # WAL lets readers and a writer work at once; busy_timeout waits instead of failing.
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
-            cursor.close()
-    return engine
-
-
-class Store:
-    """All database access goes through here (one transaction per call)."""
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        if migrate:
+            run_migrations(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -59,64 +41,8 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    # -- assessments ---------------------------------------------------------------------------
-    def save_assessment(self, resource: dict[str, Any], *, model_id: str, model_version: str,
-                        write_back_target: str | None = None) -> Saved:
-        """Insert unless an assessment with the same identifier exists; queue its write-back."""
-        identifier = resource["identifier"][0]["value"]
-        prediction = (resource.get("prediction") or [{}])[0]
-        risk_codes = (prediction.get("qualitativeRisk") or {}).get("coding") or [{}]
-        occurrence = resource.get("occurrenceDateTime")
-        now = _utcnow()
-        row = AssessmentRow(
-            id=resource["id"], identifier=identifier, version_id=1,
-            patient_id=resource["subject"]["reference"].split("/", 1)[1],
-            encounter_id=(resource.get("encounter") or {}).get("reference", "/").split("/", 1)[1] or None,
-            model_id=model_id, model_version=model_version, status=resource["status"],
-            risk=risk_codes[0].get("code"), probability=prediction.get("probabilityDecimal"),
-            occurrence=times.parse_datetime(occurrence) if occurrence else None, created_at=now,
-            resource=b"")
-        stored = dict(resource)
-        stored["meta"] = {**resource.get("meta", {}), "versionId": "1", "lastUpdated": times.format_datetime(now)}
-        row.resource = orjson.dumps(stored).decode()
-        with self.session() as session:
-            try:
-                with session.begin():
-                    session.add(row)
-                    if write_back_target:
-                        session.add(OutboxRow(resource_type="RiskAssessment", resource_id=row.id,
-                                              target=write_back_target, status="pending", attempts=0,
-                                              created_at=now, updated_at=now))
-                return Saved(stored, True)
-            except IntegrityError:
-                session.rollback()
-        existing = self.get_assessment_by_identifier(identifier)
-        if existing is None:   # a different row holds the id: never overwrite it
-            raise
-        return Saved(existing, False)
-
-    def get_assessment(self, resource_id: str) -> dict[str, Any] | None:
-        with self.session() as session:
-            row = session.get(AssessmentRow, resource_id)
-            return orjson.loads(row.resource) if row else None
-
-    def get_assessment_by_identifier(self, identifier: str) -> dict[str, Any] | None:
-        with self.session() as session:
-            row = session.scalars(select(AssessmentRow).where(AssessmentRow.identifier == identifier)).first()
-            return orjson.loads(row.resource) if row else None
-
-    def search_assessments(self, *, patient: str | None = None, count: int = 50,
-                           offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
-        """(total, page) newest first."""
-        query = select(AssessmentRow)
-        total_query = select(func.count()).select_from(AssessmentRow)
-        if patient is not None:
-            query = query.where(AssessmentRow.patient_id == patient)
-            total_query = total_query.where(AssessmentRow.patient_id == patient)
-        query = query.order_by(AssessmentRow.created_at.desc(), AssessmentRow.id).offset(offset).limit(count)
-        with self.session() as session:
-            total = session.scalar(total_query) or 0
-            return total, [orjson.loads(row.resource) for row in session.scalars(query)]
+    def _now(self) -> datetime:
+        return _utcnow()
 
     # -- write-back outbox ---------------------------------------------------------------------
     def outbox(self, status: str | None = None, resource_id: str | None = None) -> list[OutboxRow]:
@@ -186,12 +112,8 @@ class Store:
             return None
         row = rows[-1]
         return {"status": row.status, "attempts": row.attempts, "lastError": row.last_error,
-                "deliveredAt": times.format_datetime(row.delivered_at) if row.delivered_at else None}
+                "deliveredAt": times.format_datetime(utc(row.delivered_at)) if row.delivered_at else None}
 
-    def iter_assessments(self) -> Iterator[dict[str, Any]]:
-        with self.session() as session:
-            for row in session.scalars(select(AssessmentRow).order_by(AssessmentRow.created_at)):
-                yield orjson.loads(row.resource)
 
     # -- CDS Hooks: card audit trail and JWT replay protection ---------------------------------
     def add_card_events(self, events: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""SQLAlchemy tables: stored assessments and the write-back outbox."""
+"""SQLAlchemy tables: stored assessments and the write-back outbox (the audit trail: trail_tables.py)."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -28,6 +28,14 @@ class AssessmentRow(Base):
     occurrence: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resource: Mapped[str] = mapped_column(Text)
+    # The current version's JSON is ``resource``; every version (this one too) is in
+    # risk_assessment_version. ``seq`` is the storage order (keyset paging), ``occurrence`` ..
+    # ``occurrence_end`` the range occurrence[x] stands for (date search), ``sort_date`` what
+    # _sort=date orders by (occurrence, else storage time).
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    occurrence_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sort_date: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_risk_assessment_patient_created", "patient_id", "created_at"),)
 

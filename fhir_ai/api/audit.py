@@ -1,0 +1,30 @@
+"""AuditEvent read and search (append-only: there is no way to change or delete one over HTTP)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, request
+
+from ..auth import guard
+from ..auth.policy import requires
+from ..errors import NotFound
+from .fhir_io import check_accept, check_id, fhir_response
+from .search import search_response
+
+bp = Blueprint("audit_events", __name__)
+
+
+@bp.get("/AuditEvent/<resource_id>")
+@requires("AuditEvent", "r", audit="read")
+def read(resource_id: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
+    check_id(resource_id, "AuditEvent.id")
+    resource = current_app.extensions["fhir_ai"].store.get_audit_event(resource_id)
+    if resource is None:
+        raise NotFound(f"AuditEvent/{resource_id} is not known here")
+    guard.note_entities(guard.entities_of([resource]))
+    return fhir_response(resource, headers={"ETag": 'W/"1"', "Last-Modified": resource["meta"]["lastUpdated"]})
+
+
+@bp.get("/AuditEvent")
+@requires("AuditEvent", "s", audit="search-type")
+def search():  # type: ignore[no-untyped-def]
+    return search_response("AuditEvent")

@@ -1,0 +1,30 @@
+"""Provenance read and search (``GET /Provenance?target=RiskAssessment/{id}``)."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, request
+
+from ..auth import guard
+from ..auth.policy import requires
+from ..errors import NotFound
+from .fhir_io import check_accept, check_id, fhir_response
+from .search import search_response
+
+bp = Blueprint("provenance", __name__)
+
+
+@bp.get("/Provenance/<resource_id>")
+@requires("Provenance", "r", audit="read")
+def read(resource_id: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
+    check_id(resource_id, "Provenance.id")
+    resource = current_app.extensions["fhir_ai"].store.get_provenance(resource_id)
+    if resource is None:
+        raise NotFound(f"Provenance/{resource_id} is not known here")
+    guard.note_entities(guard.entities_of([resource]))
+    return fhir_response(resource, headers={"ETag": 'W/"1"', "Last-Modified": resource["meta"]["lastUpdated"]})
+
+
+@bp.get("/Provenance")
+@requires("Provenance", "s", audit="search-type")
+def search():  # type: ignore[no-untyped-def]
+    return search_response("Provenance")

@@ -1,0 +1,95 @@
+"""Run a FHIR search over the store and answer with a searchset Bundle (keyset-paged next links)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+from urllib.parse import urlencode
+
+from flask import Response, current_app, request
+
+from .. import codes
+from ..auth import guard
+from ..pipeline import Pipeline
+from ..search import PARAMETERS, parse_query
+from ..search.params import MAX_COUNT, SORT_PARAMETER
+from .fhir_io import base_url, check_accept, fhir_response, lenient
+
+
+def search_response(resource_type: str,
+                    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Response:
+    check_accept(request)
+    query = parse_query(resource_type, request.args.items(multi=True), lenient=lenient())
+    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    page = pipeline.store.search(query)
+    guard.note_entities(guard.entities_of(page.resources))
+    base = base_url()
+    path = f"{base}/{resource_type}"
+    echo = list(query.echo)
+    self_params = echo + ([("_cursor", query.cursor.encode())] if query.cursor else [])
+    links = [{"relation": "self", "url": f"{path}?{urlencode(self_params)}" if self_params else path}]
+    if page.next_cursor is not None:
+        links.append({"relation": "next", "url": f"{path}?{urlencode(echo + [('_cursor', page.next_cursor.encode())])}"})
+    entries: list[dict[str, Any]] = []
+    for resource in page.resources:
+        shown = transform(resource) if transform else resource
+        entries.append({"fullUrl": f"{path}/{resource['id']}", "resource": shown, "search": {"mode": "match"}})
+    if query.ignored:
+        entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "warning", "code": "not-supported",
+            "diagnostics": f"ignored unsupported or invalid search parameter(s) {sorted(set(query.ignored))}"}]},
+            "search": {"mode": "outcome"}})
+    body: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": page.total, "link": links}
+    if entries:
+        body["entry"] = entries
+    return fhir_response(body)
+
+
+def history_bundle(resources: list[dict[str, Any]], resource_type: str) -> dict[str, Any]:
+    """A history Bundle, newest version first."""
+    base = base_url()
+    entries = []
+    for resource in resources:
+        version = resource["meta"]["versionId"]
+        entries.append({
+            "fullUrl": f"{base}/{resource_type}/{resource['id']}", "resource": resource,
+            "request": {"method": "POST" if version == "1" else "PUT", "url": f"{resource_type}/{resource['id']}"},
+            "response": {"status": "201 Created" if version == "1" else "200 OK",
+                         "etag": f'W/"{version}"', "lastModified": resource["meta"]["lastUpdated"]}})
+    return {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
+
+
+_SEARCH_TYPES = {"id": "token"}
+_INTERACTIONS = {"RiskAssessment": ["read", "vread", "history-instance", "search-type"],
+                 "Provenance": ["read", "search-type"], "AuditEvent": ["read", "search-type"]}
+WITHDRAW_DEFINITION = f"{codes.BASE}/OperationDefinition/withdraw"
+
+
+def capability_resources() -> list[dict[str, Any]]:
+    """CapabilityStatement.rest.resource entries for what the store serves, from the search definitions."""
+    out = []
+    for resource_type, params in PARAMETERS.items():
+        search_params = [{"name": p.name, "type": _SEARCH_TYPES.get(p.kind, p.kind), "definition": p.definition}
+                         for p in params.values()]
+        search_params += [
+            {"name": "_count", "type": "number", "documentation": f"page size, at most {MAX_COUNT}"},
+            {"name": "_sort", "type": "string", "documentation": f"{SORT_PARAMETER[resource_type]} or "
+                                                                 f"-{SORT_PARAMETER[resource_type]}"},
+            {"name": "_summary", "type": "token", "documentation": "count"}]
+        entry: dict[str, Any] = {"type": resource_type,
+                                 "interaction": [{"code": c} for c in _INTERACTIONS[resource_type]],
+                                 "versioning": "versioned" if resource_type == "RiskAssessment" else "no-version",
+                                 "readHistory": resource_type == "RiskAssessment", "updateCreate": False,
+                                 "searchParam": search_params}
+        if resource_type == "RiskAssessment":
+            entry["operation"] = [{"name": "withdraw", "definition": WITHDRAW_DEFINITION,
+                                   "documentation": "mark entered-in-error as a new version (Parameters: reason)"}]
+        out.append(entry)
+    return out
+
+
+SECURITY = {
+    "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                             "code": "SMART-on-FHIR"}]}],
+    "description": ("Bearer tokens: JWTs (RS384/ES384) from the configured issuer, or static tokens issued by the "
+                    "site. SMART scopes system/RiskAssessment.*, system/Provenance.*, system/AuditEvent.* decide "
+                    "what a client may do; /metadata and /health need no token."),
+}

@@ -1,0 +1,220 @@
+"""Which search parameters each stored resource type supports, and parsing a query string into filters."""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import orjson
+
+from ..errors import BadRequest, NotSupported
+from . import values
+from .values import Reference
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search parameter: its FHIR type and where the store finds its values."""
+    name: str
+    kind: str                                  # date | number | token | reference | id
+    targets: tuple[str, ...] = ()              # reference: the resource types it may point to
+    index: str = ""                            # name in the search index (default: name)
+    definition: str = ""                       # canonical URL of the SearchParameter
+
+    @property
+    def key(self) -> str:
+        return self.index or self.name
+
+
+def _std(resource: str, name: str, kind: str, *targets: str, index: str = "") -> Param:
+    return Param(name, kind, targets, index, f"http://hl7.org/fhir/SearchParameter/{resource}-{name}")
+
+
+_COMMON = {
+    "_id": Param("_id", "id", definition="http://hl7.org/fhir/SearchParameter/Resource-id"),
+    "_lastUpdated": Param("_lastUpdated", "date", definition="http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"),
+}
+
+PARAMETERS: dict[str, dict[str, Param]] = {
+    "RiskAssessment": {
+        "condition": _std("RiskAssessment", "condition", "reference", "Condition"),
+        "date": Param("date", "date", definition="http://hl7.org/fhir/SearchParameter/clinical-date"),
+        "encounter": Param("encounter", "reference", ("Encounter",),
+                           definition="http://hl7.org/fhir/SearchParameter/clinical-encounter"),
+        "identifier": Param("identifier", "token",
+                            definition="http://hl7.org/fhir/SearchParameter/clinical-identifier"),
+        "method": _std("RiskAssessment", "method", "token"),
+        "patient": Param("patient", "reference", ("Patient",), index="subject",
+                         definition="http://hl7.org/fhir/SearchParameter/clinical-patient"),
+        "performer": _std("RiskAssessment", "performer", "reference", "Practitioner", "PractitionerRole",
+                          "Device"),
+        "probability": _std("RiskAssessment", "probability", "number"),
+        "risk": _std("RiskAssessment", "risk", "token"),
+        "subject": _std("RiskAssessment", "subject", "reference", "Patient", "Group"),
+        **_COMMON,
+    },
+    "Provenance": {
+        "target": _std("Provenance", "target", "reference"),
+        "patient": _std("Provenance", "patient", "reference", "Patient"),
+        "agent": _std("Provenance", "agent", "reference"),
+        "entity": _std("Provenance", "entity", "reference"),
+        "recorded": _std("Provenance", "recorded", "date"),
+        **_COMMON,
+    },
+    "AuditEvent": {
+        "date": _std("AuditEvent", "date", "date"),
+        "agent": _std("AuditEvent", "agent", "reference"),
+        "entity": _std("AuditEvent", "entity", "reference"),
+        "action": _std("AuditEvent", "action", "token"),
+        "outcome": _std("AuditEvent", "outcome", "token"),
+        "subtype": _std("AuditEvent", "subtype", "token"),
+        "type": _std("AuditEvent", "type", "token"),
+        "patient": _std("AuditEvent", "patient", "reference", "Patient"),
+        "address": _std("AuditEvent", "address", "token"),
+        **_COMMON,
+    },
+}
+
+# The date parameter each type sorts by with _sort=date / -date.
+SORT_PARAMETER = {"RiskAssessment": "date", "Provenance": "recorded", "AuditEvent": "date"}
+CONTROL = {"_count", "_sort", "_summary", "_cursor", "_format", "_total"}
+MODIFIERS = {"token": {"not", "missing"}, "reference": {"missing", "identifier"},
+             "date": {"missing"}, "number": {"missing"}, "id": set()}
+MAX_COUNT = 200
+DEFAULT_COUNT = 50
+
+
+@dataclass
+class Filter:
+    """One parameter occurrence: its alternatives are ORed; several filters are ANDed."""
+    param: Param
+    modifier: str | None
+    values: list[Any]                     # DateValue | NumberValue | Token | Reference | str | bool
+
+
+@dataclass
+class Cursor:
+    """Where the previous page ended: (sort key, seq) of its last row, and the high-water seq."""
+    high: int
+    key: str | None
+    seq: int
+
+    def encode(self) -> str:
+        raw = orjson.dumps({"h": self.high, "k": self.key, "s": self.seq})
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> "Cursor":
+        try:
+            data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            return cls(int(data["h"]), data["k"], int(data["s"]))
+        except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise BadRequest("_cursor is not one this server issued; start the search again",
+                             expression="_cursor") from exc
+
+
+@dataclass
+class SearchQuery:
+    resource_type: str
+    filters: list[Filter] = field(default_factory=list)
+    count: int = DEFAULT_COUNT
+    sort: str | None = None              # None: newest stored first; "date" / "-date"
+    summary_count: bool = False
+    cursor: Cursor | None = None
+    ignored: list[str] = field(default_factory=list)
+    echo: list[tuple[str, str]] = field(default_factory=list)   # the accepted parameters, for links
+
+
+def _value(param: Param, modifier: str | None, raw: str) -> Any:
+    if modifier == "missing":
+        if raw not in ("true", "false"):
+            raise ValueError(":missing takes true or false")
+        return raw == "true"
+    if param.kind == "date":
+        return values.parse_date(raw)
+    if param.kind == "number":
+        return values.parse_number(raw)
+    if param.kind == "token" or modifier == "identifier":
+        return values.parse_token(raw)
+    if param.kind == "id":
+        if not values._ID.fullmatch(raw):
+            raise ValueError(f"not a FHIR id: {raw!r}")
+        return raw
+    ref = values.parse_reference(raw, default_type=modifier)
+    if modifier and ref.type != modifier:
+        raise ValueError(f"reference {raw!r} is not a {modifier}")
+    if param.targets and ref.type is not None and ref.type not in param.targets:
+        raise ValueError(f"{param.name} refers to {', '.join(param.targets)}, not {ref.type}")
+    if len(param.targets) == 1 and ref.type is None:
+        ref = Reference(param.targets[0], ref.id)
+    return ref
+
+
+def _int(name: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be a whole number", expression=name) from exc
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must lie between {low} and {high}", expression=name)
+    return value
+
+
+def parse_query(resource_type: str, args: Iterable[tuple[str, str]], *, lenient: bool = False) -> SearchQuery:
+    """Every parameter checked; unknown or malformed ones → BadRequest naming them, unless lenient
+    (then they are ignored and listed in ``ignored``)."""
+    supported = PARAMETERS[resource_type]
+    query = SearchQuery(resource_type)
+    for name, raw in args:
+        base, _, modifier = name.partition(":")
+        try:
+            if base in CONTROL and not modifier:
+                _control(query, base, raw)
+                continue
+            if base in ("_include", "_revinclude"):
+                raise NotSupported(f"{base} is not supported: this server stores no patients or other "
+                                   "resources to include", expression=name)
+            param = supported.get(base)
+            if param is None:
+                raise BadRequest(f"unknown search parameter {name!r}; {resource_type} supports "
+                                 f"{', '.join(sorted(supported))}", expression=name)
+            mod = modifier or None
+            if mod is not None and mod not in MODIFIERS[param.kind] and not (
+                    param.kind == "reference" and mod in param.targets):
+                raise BadRequest(f"modifier :{mod} is not supported on {base}", expression=name)
+            alternatives = [raw] if mod == "missing" else values.split_values(raw)
+            try:
+                parsed = [_value(param, mod, alt) for alt in alternatives]
+            except ValueError as exc:
+                raise BadRequest(f"{name}: {exc}", expression=name) from exc
+            query.filters.append(Filter(param, mod, parsed))
+            query.echo.append((name, raw))
+        except (BadRequest, NotSupported):
+            if not lenient or base in ("_count", "_cursor"):
+                raise
+            query.ignored.append(name)
+    return query
+
+
+def _control(query: SearchQuery, name: str, raw: str) -> None:
+    if name == "_count":
+        query.count = _int("_count", raw, 0, MAX_COUNT)
+        query.echo.append((name, raw))
+    elif name == "_sort":
+        field_name = SORT_PARAMETER[query.resource_type]
+        if raw not in (field_name, f"-{field_name}"):
+            raise BadRequest(f"_sort supports {field_name} and -{field_name}", expression="_sort")
+        query.sort = raw
+        query.echo.append((name, raw))
+    elif name == "_summary":
+        if raw != "count":
+            raise BadRequest("_summary supports count only", expression="_summary")
+        query.summary_count = True
+        query.echo.append((name, raw))
+    elif name == "_total":
+        if raw not in ("none", "estimate", "accurate"):
+            raise BadRequest("_total must be none, estimate or accurate", expression="_total")
+    elif name == "_cursor":
+        query.cursor = Cursor.decode(raw)
+    # _format is checked by the API layer (JSON only).

@@ -1,0 +1,199 @@
+"""Search parameter values: prefixes, the range a date or number stands for, tokens and references.
+
+https://hl7.org/fhir/R4/search.html#prefix — a date or number given with some precision means the
+whole range of values that round to it (``2026-11`` is all of November, ``0.25`` is [0.245, 0.255)).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+
+UTC = timezone.utc
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+NUMBER_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+
+_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
+                   r"(Z|[+-]\d{2}:\d{2})?)?)?)?")
+_NUMBER = re.compile(r"[+-]?(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+@dataclass(frozen=True)
+class DateValue:
+    prefix: str
+    low: datetime        # inclusive
+    high: datetime       # exclusive
+
+
+@dataclass(frozen=True)
+class NumberValue:
+    prefix: str
+    value: float
+    low: float           # inclusive: the value's implicit precision range
+    high: float          # exclusive
+
+
+@dataclass(frozen=True)
+class Token:
+    system: str | None   # None: any system; "": no system
+    code: str | None     # None: any code of the system
+
+
+@dataclass(frozen=True)
+class Reference:
+    type: str | None     # None: any resource type
+    id: str
+
+
+def split_prefix(text: str, allowed: tuple[str, ...]) -> tuple[str, str]:
+    if len(text) > 2 and text[:2] in allowed and not text[:2].isdigit():
+        return text[:2], text[2:]
+    if len(text) > 2 and text[:2].isalpha():
+        raise ValueError(f"unknown prefix {text[:2]!r} (allowed: {', '.join(allowed)})")
+    return "eq", text
+
+
+def _zone(text: str | None, default: timezone) -> timezone:
+    if text is None:
+        return default
+    if text == "Z":
+        return UTC
+    sign = 1 if text[0] == "+" else -1
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if hours > 14 or minutes > 59:
+        raise ValueError(f"time zone offset out of range: {text!r}")
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def date_range(text: str, default_zone: timezone = UTC) -> tuple[datetime, datetime]:
+    """[low, high) in UTC of a FHIR date, dateTime or instant, by the precision it is given with.
+
+    Values without a time zone (partial dates, or a time without offset) are read in
+    ``default_zone``: this server's zone is UTC.
+    """
+    match = _DATE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a FHIR date/dateTime: {text!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    tz = _zone(zone, default_zone)
+    y = int(year)
+    try:
+        if month is None:
+            low, high = datetime(y, 1, 1, tzinfo=tz), datetime(y + 1, 1, 1, tzinfo=tz)
+        elif day is None:
+            m = int(month)
+            low = datetime(y, m, 1, tzinfo=tz)
+            high = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=tz)
+        elif hour is None:
+            low = datetime(y, int(month), int(day), tzinfo=tz)
+            high = low + timedelta(days=1)
+        else:
+            sec = min(int(second or 0), 59)       # a leap second folds into :59
+            micro = int((fraction or "")[:6].ljust(6, "0"))
+            low = datetime(y, int(month), int(day), int(hour), int(minute), sec, micro, tzinfo=tz)
+            if second is None:
+                step = timedelta(minutes=1)
+            elif fraction is None:
+                step = timedelta(seconds=1)
+            else:
+                step = timedelta(microseconds=max(1, 10 ** (6 - min(len(fraction), 6))))
+            high = low + step
+    except ValueError as exc:
+        raise ValueError(f"not a valid date: {text!r} ({exc})") from exc
+    return low.astimezone(UTC), high.astimezone(UTC)
+
+
+def parse_date(text: str) -> DateValue:
+    prefix, rest = split_prefix(text, DATE_PREFIXES + ("ap",))
+    if prefix == "ap":
+        raise ValueError("the ap prefix is not supported for dates")
+    low, high = date_range(rest)
+    return DateValue(prefix, low, high)
+
+
+def parse_number(text: str) -> NumberValue:
+    prefix, rest = split_prefix(text, NUMBER_PREFIXES)
+    match = _NUMBER.fullmatch(rest)
+    if not match:
+        raise ValueError(f"not a number: {rest!r}")
+    try:
+        value = Decimal(rest)
+    except InvalidOperation as exc:
+        raise ValueError(f"not a number: {rest!r}") from exc
+    # Half a unit of the last digit given: 0.25 → ±0.005, 100 → ±0.5, 1e2 → ±50.
+    digits = len(match.group(2) or "")
+    exponent = int(match.group(3) or 0)
+    half = Decimal(5) * Decimal(10) ** (exponent - digits - 1)
+    return NumberValue(prefix, float(value), float(value - half), float(value + half))
+
+
+def split_values(text: str, separator: str = ",") -> list[str]:
+    """Split on the separator unless escaped with a backslash (https://hl7.org/fhir/R4/search.html#escaping)."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char if char in ",|$\\" else "\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        current.append("\\")
+    parts.append("".join(current))
+    return parts
+
+
+def parse_token(text: str) -> Token:
+    """``code``, ``system|code``, ``|code`` (no system) or ``system|`` (any code of the system)."""
+    if not text:
+        raise ValueError("empty token")
+    pipe = _unescaped_pipe(text)
+    if pipe < 0:
+        return Token(None, _unescape(text))
+    system, code = _unescape(text[:pipe]), _unescape(text[pipe + 1:])
+    if not system and not code:
+        raise ValueError("a token needs a system or a code")
+    return Token(system, code or None)
+
+
+def _unescaped_pipe(text: str) -> int:
+    escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "|":
+            return i
+    return -1
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([,|$\\])", r"\1", text)
+
+
+def parse_reference(text: str, *, default_type: str | None = None) -> Reference:
+    """``id``, ``Type/id``, ``Type/id/_history/n`` or an absolute URL ending in ``Type/id``."""
+    value = text.split("/_history/", 1)[0]
+    if "://" in value:
+        # An absolute URL: the hospital's server or ours; what identifies the resource is Type/id.
+        parts = value.split("/")
+        if len(parts) < 5:
+            raise ValueError(f"not a resource URL: {text!r}")
+        value = "/".join(parts[-2:])
+    if "/" in value:
+        kind, _, rid = value.partition("/")
+        if not _TYPE.fullmatch(kind) or "/" in rid:
+            raise ValueError(f"not a reference: {text!r}")
+    else:
+        kind, rid = default_type, value
+    if not _ID.fullmatch(rid):
+        raise ValueError(f"not a FHIR id: {rid!r}")
+    return Reference(kind, rid)

@@ -1,0 +1,40 @@
+"""Who is acting: the authenticated client of the current request, or this process (CLI, worker)."""
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Actor:
+    """A caller as the audit trail records it (no patient data: a client id, a role, an address)."""
+    client_id: str
+    role: str
+    address: str | None = None
+    kind: str = "client"          # client (bearer token) | local (this process) | anonymous
+
+    @property
+    def is_user(self) -> bool:
+        return self.kind == "client"
+
+
+LOCAL = Actor("fhir-ai", "system", None, "local")
+ANONYMOUS = Actor("anonymous", "none", None, "anonymous")
+_current: ContextVar[Actor | None] = ContextVar("fhir_ai_actor", default=None)
+
+
+def current() -> Actor:
+    """The actor set for this request (by fhir_ai.auth), else this process itself."""
+    return _current.get() or LOCAL
+
+
+def set_current(actor: Actor | None) -> object:
+    """Set the actor for the rest of this request; returns a token for ``reset``."""
+    return _current.set(actor)
+
+
+def reset(token: object) -> None:
+    try:
+        _current.reset(token)  # type: ignore[arg-type]
+    except ValueError:         # set in another context (should not happen): just clear it
+        _current.set(None)

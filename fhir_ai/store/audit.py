@@ -1,0 +1,166 @@
+"""AuditEvent resources and the hash chain that makes the trail tamper-evident.
+
+Each event's ``hash`` is sha256 over its position, the previous event's hash and its canonical JSON;
+the chain head (one row) is locked first by every writing transaction, so events, assessments and
+Provenance are appended in one order and a write and its audit row share a transaction.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from .. import codes
+from ..fhir import times
+from . import indexing
+from .actors import Actor
+from .provenance import CLIENT_SYSTEM, ROLE_SYSTEM
+from .trail_tables import AuditEventRow, ChainHeadRow, SearchIndexRow
+
+GENESIS = "0" * 64
+CHAIN_EXTENSION = f"{codes.BASE}/StructureDefinition/audit-chain"
+EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
+RESTFUL = "http://hl7.org/fhir/restful-interaction"
+OPERATION = f"{codes.BASE}/OperationDefinition"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+NETWORK_IP = "2"
+OUTCOMES = {"0": "success", "4": "minor failure", "8": "serious failure", "12": "major failure"}
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A resource an event is about; ``sha256`` of the stored JSON when the event wrote it."""
+    reference: str
+    sha256: str | None = None
+
+
+@dataclass
+class Access:
+    """What happened, as the API layer or the store describes it; becomes one AuditEvent."""
+    action: str                               # C R U D E
+    interaction: str                          # http://hl7.org/fhir/restful-interaction code
+    outcome: str = "0"                        # 0 success, 4 minor failure, 8 serious, 12 major
+    description: str | None = None
+    entities: list[Entity] = field(default_factory=list)
+    query: str | None = None                  # the query string of a search
+    operation: str | None = None              # e.g. "assess"
+    actor: Actor | None = None
+
+
+def outcome_for_status(status: int) -> str:
+    return "0" if status < 400 else "4" if status < 500 else "8"
+
+
+def canonical(resource: dict[str, Any]) -> bytes:
+    return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+
+
+def sha256_of(resource: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(resource)).hexdigest()
+
+
+def link_hash(seq: int, prev_hash: str, resource: dict[str, Any]) -> str:
+    """The hash of one link: position, previous hash and the event without its chain extension."""
+    return hashlib.sha256(f"{seq}\n{prev_hash}\n".encode() + canonical(without_chain(resource))).hexdigest()
+
+
+def without_chain(resource: dict[str, Any]) -> dict[str, Any]:
+    extensions = [e for e in resource.get("extension") or [] if e.get("url") != CHAIN_EXTENSION]
+    out = {k: v for k, v in resource.items() if k != "extension"}
+    if extensions:
+        out["extension"] = extensions
+    return out
+
+
+def chain_values(resource: dict[str, Any]) -> dict[str, Any]:
+    for extension in resource.get("extension") or []:
+        if extension.get("url") == CHAIN_EXTENSION:
+            return {part["url"]: next(v for k, v in part.items() if k.startswith("value"))
+                    for part in extension.get("extension") or []}
+    return {}
+
+
+def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, Any]:
+    subtype = [{"system": RESTFUL, "code": access.interaction}]
+    if access.operation:
+        subtype.append({"system": OPERATION, "code": access.operation})
+    agent: dict[str, Any] = {
+        "type": {"text": actor.kind},
+        "who": {"identifier": {"system": CLIENT_SYSTEM, "value": actor.client_id}, "display": actor.client_id},
+        "role": [{"coding": [{"system": ROLE_SYSTEM, "code": actor.role}]}],
+        "requestor": True,
+    }
+    if actor.address:
+        agent["network"] = {"address": actor.address, "type": NETWORK_IP}
+    entities: list[dict[str, Any]] = []
+    for entity in access.entities:
+        is_patient = entity.reference.startswith("Patient/")
+        item: dict[str, Any] = {
+            "what": {"reference": entity.reference},
+            "type": {"system": ENTITY_TYPE, "code": "1" if is_patient else "2"},
+            "role": {"system": OBJECT_ROLE, "code": "1" if is_patient else "4"}}
+        if entity.sha256:
+            item["detail"] = [{"type": "sha256", "valueString": entity.sha256}]
+        entities.append(item)
+    if access.query is not None:
+        entities.append({"type": {"system": ENTITY_TYPE, "code": "2"}, "role": {"system": OBJECT_ROLE, "code": "24"},
+                         "query": base64.b64encode(access.query.encode()).decode()})
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent", "id": uuid.uuid4().hex,
+        "meta": {"versionId": "1", "lastUpdated": times.format_datetime(recorded)},
+        "type": {"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"},
+        "subtype": subtype, "action": access.action, "recorded": times.format_datetime(recorded),
+        "outcome": access.outcome, "agent": [agent],
+        "source": {"observer": {"display": "fhir_ai"}, "type": [{"system": SOURCE_TYPE, "code": "4"}]},
+    }
+    if access.description:
+        event["outcomeDesc"] = access.description
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def add_index(session: Session, resource_type: str, resource_id: str,
+              entries: list[indexing.Entry]) -> None:
+    session.add_all([SearchIndexRow(resource_type=resource_type, resource_id=resource_id, param=param,
+                                    system=system, code=code, number=number)
+                     for param, system, code, number in entries])
+
+
+class Chain:
+    """The audit chain inside one transaction: lock the head first, append, then ``close()``."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        # A no-op UPDATE takes the row lock (PostgreSQL) / the write lock (SQLite) before anything
+        # is read, so concurrent writers queue here instead of forking the chain.
+        row = session.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=ChainHeadRow.seq)
+                              .returning(ChainHeadRow.seq, ChainHeadRow.hash)).one()
+        self.seq, self.hash = int(row[0]), str(row[1])
+
+    def append(self, access: Access, actor: Actor, recorded: datetime) -> dict[str, Any]:
+        event = build_event(access, actor, recorded)
+        seq = self.seq + 1
+        digest = link_hash(seq, self.hash, event)
+        event["extension"] = [{"url": CHAIN_EXTENSION, "extension": [
+            {"url": "sequence", "valueString": str(seq)}, {"url": "previous", "valueString": self.hash},
+            {"url": "hash", "valueString": digest}]}]
+        self.session.add(AuditEventRow(seq=seq, id=event["id"], recorded=recorded, action=access.action,
+                                       outcome=access.outcome, agent=actor.client_id[:256], role=actor.role[:64],
+                                       prev_hash=self.hash, hash=digest, resource=orjson.dumps(event).decode()))
+        add_index(self.session, "AuditEvent", event["id"], indexing.audit_event(event))
+        self.seq, self.hash = seq, digest
+        return event
+
+    def close(self) -> None:
+        self.session.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1)
+                             .values(seq=self.seq, hash=self.hash))

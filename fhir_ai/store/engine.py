@@ -1,0 +1,56 @@
+"""Database engine and schema migrations (Alembic ``upgrade head`` at start-up)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Any constant: PostgreSQL advisory lock that lets one process at a time migrate a database.
+_MIGRATION_LOCK = 0x66686972
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets readers and a writer work at once; busy_timeout waits instead of failing.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+    return engine
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision``; refuses a database made before migrations existed."""
+    from alembic import command
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        tables = set(inspect(connection).get_table_names())
+        if "risk_assessment" in tables and "alembic_version" not in tables:
+            raise ConfigurationError(
+                f"the database at {engine.url.render_as_string(hide_password=True)} was created by an earlier "
+                "fhir_ai without migrations; move it away (or export what you need) and start again",
+                expression="database_url")
+        command.upgrade(alembic_config(connection), revision)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the store; ``fhir_ai.store.engine.migrate`` runs them at start-up."""

@@ -1,0 +1,79 @@
+"""Provenance for each assessment version, after the HL7 AI Transparency on FHIR approach.
+
+The model is the author: a contained Device with the model id and version. The inputs (basis
+Observations) and the model card are entities; the client that asked is a second agent.
+https://build.fhir.org/ig/HL7/aitransparency-ig/
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .. import codes
+from ..fhir import times
+from .actors import Actor
+
+PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+MODEL_CARD = f"{codes.BASE}/model-card"
+CLIENT_SYSTEM = f"{codes.BASE}/identifier/client"
+ROLE_SYSTEM = f"{codes.BASE}/CodeSystem/role"
+
+
+def provenance_id(assessment_id: str, version: int) -> str:
+    return f"prov-{assessment_id}-{version}"
+
+
+def client_reference(actor: Actor) -> dict[str, Any]:
+    return {"identifier": {"system": CLIENT_SYSTEM, "value": actor.client_id}, "display": actor.client_id}
+
+
+def _device(model_id: str, model_version: str) -> dict[str, Any]:
+    return {"resourceType": "Device", "id": "model",
+            "identifier": [{"system": codes.MODEL_VERSION_SYSTEM, "value": f"{model_id}|{model_version}"}],
+            "deviceName": [{"name": f"fhir_ai {model_id}", "type": "model-name"}],
+            "type": {"text": "AI/ML model (software)"},
+            "version": [{"value": model_version}]}
+
+
+def _agent(code: str, who: dict[str, Any], role: str | None = None) -> dict[str, Any]:
+    agent: dict[str, Any] = {"type": {"coding": [{"system": PARTICIPANT, "code": code}]}, "who": who}
+    if role:
+        agent["role"] = [{"coding": [{"system": ROLE_SYSTEM, "code": role}]}]
+    return agent
+
+
+def for_assessment(resource: dict[str, Any], *, model_id: str, model_version: str, actor: Actor,
+                   recorded: datetime) -> dict[str, Any]:
+    """Provenance of version 1: the model made it from these inputs, at this client's request."""
+    version = int(resource["meta"]["versionId"])
+    entities = [{"role": "source", "what": {"reference": b["reference"]}} for b in resource.get("basis") or []]
+    if model_id != "news2":   # a rule score has no trained model and so no card
+        entities.append({"role": "source", "what": {
+            "identifier": {"system": MODEL_CARD, "value": f"{model_id}|{model_version}"},
+            "display": f"model card of {model_id} {model_version}"}})
+    return {
+        "resourceType": "Provenance", "id": provenance_id(resource["id"], version),
+        "contained": [_device(model_id, model_version)],
+        "target": [{"reference": f"RiskAssessment/{resource['id']}/_history/{version}"}],
+        "recorded": times.format_datetime(recorded),
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": "CREATE", "display": "create"}]},
+        "agent": [_agent("author", {"reference": "#model", "display": f"fhir_ai {model_id} {model_version}"}),
+                  _agent("enterer", client_reference(actor), actor.role)],
+        **({"entity": entities} if entities else {}),
+    }
+
+
+def for_withdrawal(resource: dict[str, Any], *, reason: str, actor: Actor, recorded: datetime) -> dict[str, Any]:
+    """Provenance of an entered-in-error version: who withdrew which version, and why."""
+    version = int(resource["meta"]["versionId"])
+    return {
+        "resourceType": "Provenance", "id": provenance_id(resource["id"], version),
+        "target": [{"reference": f"RiskAssessment/{resource['id']}/_history/{version}"}],
+        "recorded": times.format_datetime(recorded),
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": "NULLIFY", "display": "nullify"}]},
+        "reason": [{"text": reason}],
+        "agent": [_agent("author", client_reference(actor), actor.role)],
+        "entity": [{"role": "revision",
+                    "what": {"reference": f"RiskAssessment/{resource['id']}/_history/{version - 1}"}}],
+    }

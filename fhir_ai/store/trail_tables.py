@@ -1,0 +1,77 @@
+"""Append-only tables: assessment versions, Provenance, AuditEvent with its hash chain, the search index."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .tables import Base
+
+
+class AssessmentVersionRow(Base):
+    """Every version of every RiskAssessment, never changed: history and vread read from here."""
+    __tablename__ = "risk_assessment_version"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resource: Mapped[str] = mapped_column(Text)
+
+
+class ProvenanceRow(Base):
+    """The Provenance of one assessment version: model (Device), inputs and model card, who asked."""
+    __tablename__ = "provenance"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    target_id: Mapped[str] = mapped_column(String(64), index=True)
+    target_version: Mapped[int] = mapped_column(Integer)
+    recorded: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resource: Mapped[str] = mapped_column(Text)
+
+
+class AuditEventRow(Base):
+    """One AuditEvent; ``hash`` = sha256(seq, prev_hash, resource), so any change breaks the chain."""
+    __tablename__ = "audit_event"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    recorded: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    action: Mapped[str] = mapped_column(String(1))
+    outcome: Mapped[str] = mapped_column(String(2))
+    agent: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(Text)
+
+    @property
+    def last_updated(self) -> datetime:
+        return self.recorded
+
+
+class ChainHeadRow(Base):
+    """The last link of the audit chain (one row). Writers lock it first, which orders every write."""
+    __tablename__ = "audit_chain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class SearchIndexRow(Base):
+    """Token, reference and number values of stored resources, one row per value (search only)."""
+    __tablename__ = "search_index"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    param: Mapped[str] = mapped_column(String(64))
+    system: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    code: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    number: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_search_index_value", "resource_type", "param", "code"),
+                      Index("ix_search_index_resource", "resource_type", "resource_id"))

@@ -1,0 +1,156 @@
+"""`fhir-ai audit verify`: walk the audit hash chain and check every stored resource against it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..fhir import times
+from . import indexing
+from .audit import GENESIS, chain_values, link_hash, sha256_of
+from .searching import utc
+from .tables import AssessmentRow
+from .trail_tables import AssessmentVersionRow, AuditEventRow, ChainHeadRow, ProvenanceRow, SearchIndexRow
+
+BATCH = 500
+MAX_PROBLEMS = 100
+
+
+@dataclass
+class Report:
+    events: int = 0
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    versions: int = 0
+    provenance: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+
+
+def _index_set(entries: list[indexing.Entry]) -> set[tuple[Any, ...]]:
+    return {(p, s, c, None if n is None else round(n, 9)) for p, s, c, n in entries}
+
+
+def _check_event(row: AuditEventRow, expected_seq: int, prev: str, report: Report,
+                 stored_index: set[tuple[Any, ...]]) -> dict[str, Any] | None:
+    where = f"AuditEvent seq {row.seq} ({row.id})"
+    if row.seq != expected_seq:
+        report.problem(f"{where}: expected seq {expected_seq}: events are missing or were inserted")
+    try:
+        event = orjson.loads(row.resource)
+    except orjson.JSONDecodeError:
+        report.problem(f"{where}: stored JSON is unreadable")
+        return None
+    chain = chain_values(event)
+    if row.prev_hash != prev or chain.get("previous") != prev:
+        report.problem(f"{where}: does not link to the previous event (chain broken)")
+    digest = link_hash(row.seq, row.prev_hash, event)
+    if digest != row.hash or chain.get("hash") != row.hash or chain.get("sequence") != str(row.seq):
+        report.problem(f"{where}: content does not match its hash (altered)")
+    agent = ((event.get("agent") or [{}])[0].get("who") or {}).get("identifier", {}).get("value")
+    if (event.get("id") != row.id or event.get("action") != row.action or event.get("outcome") != row.outcome
+            or agent != row.agent or event.get("recorded") != _format(row.recorded)):
+        report.problem(f"{where}: searchable columns differ from the event (altered)")
+    if _index_set(indexing.audit_event(event)) != stored_index:
+        report.problem(f"{where}: search index differs from the event (altered)")
+    return event
+
+
+def _format(value: Any) -> str:
+    return times.format_datetime(utc(value))
+
+
+def _index_rows(session: Session, resource_type: str, ids: list[str]) -> dict[str, set[tuple[Any, ...]]]:
+    out: dict[str, set[tuple[Any, ...]]] = {i: set() for i in ids}
+    rows = session.execute(select(SearchIndexRow.resource_id, SearchIndexRow.param, SearchIndexRow.system,
+                                  SearchIndexRow.code, SearchIndexRow.number)
+                           .where(SearchIndexRow.resource_type == resource_type, SearchIndexRow.resource_id.in_(ids)))
+    for rid, param, system, code, number in rows:
+        out[rid].add((param, system, code, None if number is None else round(number, 9)))
+    return out
+
+
+def verify(session: Session, *, anchor: tuple[int, str] | None = None,
+           progress: Callable[[int], None] | None = None) -> Report:
+    """Every check, all problems listed (up to 100): the chain (order, links, hashes), the events'
+    searchable columns and index, the head row, and that every stored assessment version and
+    Provenance is exactly what its audit event recorded (nothing altered, added or removed)."""
+    report = Report()
+    prev, expected_seq, last_seq = GENESIS, 1, 0
+    recorded: dict[str, str] = {}        # 'RiskAssessment/x/_history/1' → sha256 the event recorded
+    while True:
+        rows = list(session.scalars(select(AuditEventRow).where(AuditEventRow.seq > last_seq)
+                                    .order_by(AuditEventRow.seq).limit(BATCH)))
+        if not rows:
+            break
+        index = _index_rows(session, "AuditEvent", [r.id for r in rows])
+        for row in rows:
+            event = _check_event(row, expected_seq, prev, report, index.get(row.id, set()))
+            for entity in (event or {}).get("entity") or []:
+                for detail in entity.get("detail") or []:
+                    if detail.get("type") == "sha256":
+                        recorded[entity["what"]["reference"]] = detail["valueString"]
+            if anchor and row.seq == anchor[0] and row.hash != anchor[1]:
+                report.problem(f"AuditEvent seq {row.seq}: hash differs from the anchor you recorded")
+            prev, expected_seq, last_seq = row.hash, row.seq + 1, row.seq
+            report.events += 1
+        if progress:
+            progress(len(rows))
+    if anchor and anchor[0] > last_seq:
+        report.problem(f"the chain ends at seq {last_seq}, before the anchor {anchor[0]}: events were removed")
+    head = session.get(ChainHeadRow, 1)
+    report.head_seq, report.head_hash = last_seq, prev
+    if head is None or head.seq != last_seq or head.hash != prev:
+        report.problem("the chain head does not match the last event: events were removed or added")
+    _check_stored(session, recorded, report)
+    return report
+
+
+def _check_stored(session: Session, recorded: dict[str, str], report: Report) -> None:
+    seen: set[str] = set()
+    latest: dict[str, int] = {}
+    for rid, version, text in session.execute(select(AssessmentVersionRow.id, AssessmentVersionRow.version_id,
+                                                     AssessmentVersionRow.resource)).yield_per(BATCH):
+        ref = f"RiskAssessment/{rid}/_history/{version}"
+        _compare(ref, text, recorded, report)
+        seen.add(ref)
+        latest[rid] = max(latest.get(rid, 0), version)
+        report.versions += 1
+    for rid, text in session.execute(select(ProvenanceRow.id, ProvenanceRow.resource)).yield_per(BATCH):
+        ref = f"Provenance/{rid}/_history/1"
+        _compare(ref, text, recorded, report)
+        seen.add(ref)
+        report.provenance += 1
+    for ref in sorted(set(recorded) - seen):
+        report.problem(f"{ref}: recorded in the audit trail but no longer stored (removed)")
+    for rid, version, text in session.execute(select(AssessmentRow.id, AssessmentRow.version_id,
+                                                     AssessmentRow.resource)).yield_per(BATCH):
+        ref = f"RiskAssessment/{rid}/_history/{version}"
+        if latest.get(rid) != version:
+            report.problem(f"RiskAssessment/{rid}: current version {version} is not its latest stored version")
+        elif recorded.get(ref) and _hash(text) != recorded[ref]:
+            report.problem(f"RiskAssessment/{rid}: the current resource differs from {ref} (altered)")
+
+
+def _hash(text: str) -> str | None:
+    try:
+        return sha256_of(orjson.loads(text))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _compare(ref: str, text: str, recorded: dict[str, str], report: Report) -> None:
+    if ref not in recorded:
+        report.problem(f"{ref}: stored without an audit event (added behind the trail's back)")
+    elif _hash(text) != recorded[ref]:
+        report.problem(f"{ref}: content differs from what the audit trail recorded (altered)")
