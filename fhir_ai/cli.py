@@ -272,18 +272,33 @@ def write_back_retry(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--once", is_flag=True, help="One pass over what is due, then exit (cron, tests).")
-@click.option("--interval", type=float, default=None, help="Seconds between passes (default FHIR_AI_WORKER_INTERVAL).")
+@click.option("--once", is_flag=True, help="One write-back delivery pass, then exit (cron, tests); no Celery.")
+@click.option("--interval", type=float, default=None, help="Seconds between write-back passes (default FHIR_AI_WORKER_INTERVAL).")
+@click.option("--beat/--no-beat", default=True, show_default=True,
+              help="Run the scheduler (write-back passes, ward rescoring) inside this worker.")
+@click.option("--concurrency", type=int, default=None, help="Celery pool processes (default: CPU count).")
+@click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork", show_default=True)
+@click.option("--delivery-only", is_flag=True, help="Only the write-back delivery loop, without Celery/Redis.")
 @click.pass_context
-def worker(ctx: click.Context, once: bool, interval: float | None) -> None:
-    """Deliver pending write-backs: backoff with jitter, Retry-After, a circuit per server.
+def worker(ctx: click.Context, once: bool, interval: float | None, beat: bool, concurrency: int | None, pool: str,
+           delivery_only: bool) -> None:
+    """A Celery worker (Redis broker): batch jobs, event-driven rescoring, and write-back delivery.
 
-    Several workers may run at once: each row is claimed before it is sent.
+    Write-back delivery (backoff with jitter, Retry-After, a circuit per server) runs as a periodic
+    task; several workers may run at once (rows are claimed before they are sent).
     """
     import signal
     from .delivery import Worker
     from .store import Store
     settings = _settings(ctx)
+    if not once and not delivery_only:
+        import dataclasses
+        from .jobs.worker import run_worker
+        if interval is not None:
+            settings = dataclasses.replace(settings, worker_interval=interval)
+        run_worker(settings, beat=beat, concurrency=concurrency, pool=pool,
+                   loglevel=logging.getLevelName(logging.getLogger().level))
+        return
     store = Store(settings.effective_database_url)
     runner = Worker(settings, store)
     try:

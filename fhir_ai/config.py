@@ -60,6 +60,25 @@ class Settings:
     circuit_failures: int = 5
     circuit_cooldown: float = 60.0
     write_back_stale_after: float = 900.0
+    # Batch jobs on Celery (fhir_ai/jobs): the broker, the queue's name, patients per task, how long
+    # Redis keeps a task a worker took before handing it to another worker if that one died
+    # (seconds; a task should finish well within it), the wards rescored on a schedule (Group ids,
+    # comma-separated) and how often (seconds).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    job_queue: str = "fhir_ai"
+    job_chunk_size: int = 10
+    job_visibility_timeout: float = 600.0
+    wards: str = ""
+    ward_interval: float = 900.0
+    # Bulk Data export (fhir_ai/bulkdata.py): entries per write-back transaction Bundle, and the
+    # longest time to wait for the hospital's server to finish an export (seconds).
+    bulk_bundle_size: int = 100
+    bulk_export_timeout: float = 21600.0
+    # Subscriptions (rest-hook): "subscription-id=secret" pairs (comma-separated) that the hospital's
+    # server sends as Authorization: Bearer <secret>; observations for one patient arriving within
+    # rescore_debounce seconds cost one assessment.
+    subscription_secrets: str = field(default="", repr=False)
+    rescore_debounce: float = 60.0
     # Who may call the API (fhir_ai/auth): static bearer tokens as "client:role:sha256hex" entries
     # (comma-separated; `fhir-ai auth token` makes one), and/or JWTs (RS384/ES384) checked against
     # a JWKS (JSON text or a file path) or a JWKS URL, with allowed issuers (comma-separated), the

@@ -12,3 +12,8 @@ BLUEPRINTS += [cds_hooks.bp, push.bp]
 from . import audit, provenance  # noqa: E402
 
 BLUEPRINTS += [provenance.bp, audit.bp]
+
+# Batch jobs (async Group/$assess, $assess-all, job status) and Subscription notifications.
+from . import jobs, subscriptions  # noqa: E402
+
+BLUEPRINTS += [jobs.bp, subscriptions.bp]

@@ -58,6 +58,8 @@ def capability_statement():  # type: ignore[no-untyped-def]
     }
     from .push import capability_additions   # push mode and CDS Hooks (issue 5), kept in one place
     capability_additions(statement)
+    from .jobs import capability_additions as batch_additions   # batch jobs, Subscriptions
+    batch_additions(statement)
     return fhir_response(statement)
 
 

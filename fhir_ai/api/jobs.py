@@ -1,0 +1,163 @@
+"""Batch assessment in the FHIR asynchronous request pattern: kick-off 202, status URL, manifest, DELETE."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from .. import codes
+from ..errors import BadRequest, FhirAiError, NotFound
+from ..fhir import times
+from ..jobs import runtime
+from ..jobs.celery_app import configure as configure_celery
+from ..jobs.state import JobStore, JobView
+from ..jobs.tasks import submit
+from ..pipeline import Pipeline
+from ..store import actors
+from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
+from .operations import parse_parameters
+
+try:  # the auth framework (issue 4): scopes per endpoint; without it every endpoint is open
+    from ..auth.policy import requires
+except ImportError:  # pragma: no cover
+    def requires(resource: str, interaction: str, **_: Any):  # type: ignore[no-redef]
+        return lambda view: view
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__)
+
+GROUP_DEFINITION = f"{codes.BASE}/OperationDefinition/group-assess"
+ALL_DEFINITION = f"{codes.BASE}/OperationDefinition/assess-all"
+POLL_SECONDS = 3
+
+
+class JobFailed(FhirAiError):
+    """A job ended in error; the status URL answers with the error's own status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = "not-found" if status == 404 else "transient" if status in (502, 503, 504) else "exception"
+
+
+def _jobs() -> JobStore:
+    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    settings = current_app.config["FHIR_AI"]
+    configure_celery(settings)
+    runtime.configure(settings, pipeline)     # eager runs (tests) use this app's pipeline
+    return JobStore(pipeline.store)
+
+
+def _kick_off(kind: str, scope: str, line: str) -> Any:
+    check_accept(request)
+    params = parse_parameters(read_body("Parameters", optional=True), strict=not lenient())
+    if params.encounter:
+        raise BadRequest("encounter cannot be given for a batch of patients",
+                         expression="Parameters.parameter.where(name='encounter')")
+    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    for model_id in params.models:
+        pipeline.registry.get(model_id)       # unknown model → 400 now, not in the worker
+    as_of = params.as_of or times_now()
+    job_id, _ = submit(_jobs(), kind=kind, scope=scope, as_of=as_of,
+                       request={"request": line, "models": params.models, "writeBack": params.write_back})
+    location = f"{base_url()}/jobs/{job_id}"
+    outcome = {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "information", "code": "informational",
+        "diagnostics": f"accepted; poll {location} for progress and the result"}]}
+    return fhir_response(outcome, 202, {"Content-Location": location})
+
+
+def times_now() -> Any:
+    from ..assessment import now
+    return now()
+
+
+@bp.post("/Group/<group_id>/$assess")
+def group_assess(group_id: str):  # type: ignore[no-untyped-def]
+    check_id(group_id, "Group.id")
+    return _kick_off("group", group_id, f"POST {base_url()}/Group/{group_id}/$assess")
+
+
+@bp.post("/$assess-all")
+def assess_all():  # type: ignore[no-untyped-def]
+    return _kick_off("all", "all", f"POST {base_url()}/$assess-all")
+
+
+def _visible(job: JobView | None) -> JobView:
+    """Only the client that asked (or an admin) sees a job; a cancelled one is gone."""
+    actor = actors.current()
+    if job is None or job.status == "cancelled":
+        raise NotFound("no such job (unknown, or cancelled)")
+    if actor.kind == "client" and actor.role != "admin" and actor.client_id != job.requested_by:
+        raise NotFound("no such job (unknown, or cancelled)")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+@requires("RiskAssessment", "r")
+def job_status(job_id: str):  # type: ignore[no-untyped-def]
+    check_id(job_id, "job id")
+    jobs = _jobs()
+    job = _visible(jobs.get(job_id))
+    if job.status in ("queued", "running"):
+        progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
+        return fhir_response({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational", "diagnostics": f"{job.status}: {progress}"}]},
+            202, {"X-Progress": progress, "Retry-After": str(POLL_SECONDS)})
+    if job.status == "failed":
+        raise JobFailed(job.error or "the job failed", job.error_status or 500)
+    return fhir_response(manifest(job, jobs))
+
+
+@bp.delete("/jobs/<job_id>")
+@requires("RiskAssessment", "c")
+def job_cancel(job_id: str):  # type: ignore[no-untyped-def]
+    check_id(job_id, "job id")
+    jobs = _jobs()
+    _visible(jobs.get(job_id))
+    jobs.cancel(job_id)
+    log.info("job %s cancelled", job_id)
+    return fhir_response({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "information", "code": "informational", "diagnostics": "job cancelled"}]}, 202)
+
+
+def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
+    """The completed job's result, shaped like a Bulk Data manifest: what was made, what failed."""
+    base = base_url()
+    output: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    for item in jobs.items(job.id):
+        if item.status == "failed":
+            errors.append({"type": "OperationOutcome", "patient": f"Patient/{item.patient_id}",
+                           "diagnostics": item.error or "not assessed"})
+            continue
+        for reference in item.assessments:
+            output.append({"type": "RiskAssessment", "url": f"{base}/{reference}",
+                           "patient": f"Patient/{item.patient_id}", "status": item.status})
+    return {
+        "transactionTime": times.format_datetime(job.as_of),
+        "request": job.request.get("request"),
+        "requiresAccessToken": True,
+        "job": job.id, "kind": job.kind, "scope": job.scope,
+        "patients": job.total or 0,
+        "assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
+        "failed": job.counts.get("failed", 0),
+        "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
+        "output": output, "error": errors,
+    }
+
+
+def capability_additions(statement: dict[str, Any]) -> None:
+    """Group/$assess, $assess-all (async) and the subscription notification endpoint."""
+    rest = statement["rest"][0]
+    resources = rest.setdefault("resource", [])
+    resources.append({"type": "Group", "operation": [{"name": "assess", "definition": GROUP_DEFINITION,
+                                                      "documentation": "asynchronous (202 + Content-Location)"}]})
+    rest.setdefault("operation", []).append({"name": "assess-all", "definition": ALL_DEFINITION,
+                                             "documentation": "asynchronous: everyone with an active "
+                                                              "inpatient or ED encounter"})
+    rest.setdefault("extension", []).append({
+        "url": f"{codes.BASE}/StructureDefinition/subscription-notification-endpoint",
+        "valueUrl": f"{base_url()}/subscriptions/notify"})

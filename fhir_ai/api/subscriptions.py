@@ -1,0 +1,77 @@
+"""POST /subscriptions/notify: the rest-hook endpoint for R4 backport Subscription notifications."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from .. import subscriptions
+from ..jobs import runtime
+from ..jobs.celery_app import configure as configure_celery
+from ..jobs.tasks import QueueUnavailable, rescore_patient
+from ..pipeline import Pipeline
+from .fhir_io import fhir_response, read_body
+
+try:  # the auth framework (issue 4): this endpoint checks its callers itself (a secret per subscription)
+    from ..auth.guard import set_actor
+    from ..auth.policy import authenticates_itself
+except ImportError:  # pragma: no cover
+    def authenticates_itself(target: Any) -> Any:  # type: ignore[no-redef]
+        return target
+
+    def set_actor(client_id: str, role: str, kind: str = "client") -> None:  # type: ignore[no-redef]
+        return None
+
+log = logging.getLogger(__name__)
+
+bp = authenticates_itself(Blueprint("subscriptions", __name__))
+SECRET_HEADER = "X-Subscription-Secret"
+
+
+def _presented() -> str | None:
+    """The secret the hospital's server sent: Subscription.channel.header 'Authorization: Bearer …' (or ours)."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get(SECRET_HEADER)
+
+
+@bp.post("/subscriptions/notify")
+def notify():  # type: ignore[no-untyped-def]
+    settings = current_app.config["FHIR_AI"]
+    notification = subscriptions.parse_notification(read_body("Bundle"))
+    subscriptions.authenticate(settings, notification.subscription, _presented())
+    set_actor(f"subscription/{notification.subscription}", "system")
+    if notification.type != "event-notification":
+        log.info("Subscription/%s: %s", notification.subscription, notification.type)
+        return _answer(f"{notification.type} received")
+    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    configure_celery(settings)
+    runtime.configure(settings, pipeline)
+    window = settings.rescore_debounce
+
+    def enqueue(patient_id: str) -> None:
+        # The countdown lets the rest of a burst arrive first; the debounce key stops repeats meanwhile.
+        try:
+            rescore_patient.apply_async((patient_id,), countdown=window,
+                                        retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        except (KombuError, RedisError, OSError) as exc:  # the hospital's server will send it again
+            raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
+
+    codes = pipeline.registry.get("deterioration")[1].query_codes() if "deterioration" in pipeline.registry.models \
+        else []
+    try:
+        outcome = subscriptions.handle(notification, source=pipeline.source, codes=codes,
+                                       debounce=subscriptions.debouncer(settings), enqueue=enqueue)
+    except RedisError as exc:  # Redis (the debounce keys) is down: the hospital's server will retry
+        raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
+    return _answer(f"{outcome.events} event(s): rescoring queued for {len(outcome.queued)} patient(s), "
+                   f"{len(outcome.debounced)} already queued, {outcome.ignored} ignored")
+
+
+def _answer(text: str) -> Any:
+    return fhir_response({"resourceType": "OperationOutcome",
+                          "issue": [{"severity": "information", "code": "informational", "diagnostics": text}]})

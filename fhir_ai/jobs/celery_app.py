@@ -1,0 +1,64 @@
+"""The Celery app: Redis broker, late acknowledgement, one queue, and the beat schedule."""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+
+from ..config import Settings
+
+app = Celery("fhir_ai", include=["fhir_ai.jobs.tasks"])
+_configured: dict[str, Any] = {}
+
+
+def wards(settings: Settings) -> list[str]:
+    return [w.strip() for w in settings.wards.split(",") if w.strip()]
+
+
+def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Periodic tasks: write-back delivery every worker_interval, each ward every ward_interval."""
+    # expires: a tick nobody ran in time is dropped, so a backlog never piles up while workers are down.
+    entries: dict[str, dict[str, Any]] = {
+        "deliver-write-backs": {"task": "fhir_ai.deliver_write_backs",
+                                "schedule": timedelta(seconds=settings.worker_interval),
+                                "options": {"expires": max(1.0, settings.worker_interval)}},
+    }
+    if wards(settings):
+        entries["rescore-wards"] = {"task": "fhir_ai.rescore_wards",
+                                    "schedule": timedelta(seconds=settings.ward_interval),
+                                    "options": {"expires": max(1.0, settings.ward_interval)}}
+    return entries
+
+
+def configure(settings: Settings) -> Celery:
+    """Apply the settings to the app (idempotent; again only when they changed)."""
+    key = (settings.broker_url, settings.job_queue, settings.job_visibility_timeout, settings.worker_interval,
+           settings.wards, settings.ward_interval)
+    if _configured.get("key") == key:
+        return app
+    if _configured:
+        # The app keeps the connection and producer pools of the broker it first used: let go of
+        # them (kombu keeps one pool per broker URL, so going back to a URL finds its pool again).
+        app._pool = None
+        app.amqp._producer_pool = None
+    app.conf.update(
+        broker_url=settings.broker_url,
+        # Redis hands a task taken by a worker that died (never acknowledged) to another worker after this.
+        broker_transport_options={"visibility_timeout": settings.job_visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.job_queue,
+        task_serializer="json", accept_content=["json"], result_serializer="json",
+        task_ignore_result=True,                # job state lives in the store, not in a result backend
+        # Acknowledge after the task ran, and give a task back when its worker process dies:
+        # tasks are idempotent (deterministic assessment ids), so running one again is safe.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        timezone="UTC", enable_utc=True,
+        beat_scheduler="celery.beat:Scheduler",  # in memory: no schedule file to share or clean up
+        beat_schedule=schedule(settings),
+    )
+    _configured["key"] = key
+    return app

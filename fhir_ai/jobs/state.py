@@ -1,0 +1,206 @@
+"""Job state in the store: create, expand into patients, record each patient, finish, cancel."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..store import Store
+from .tables import JobItemRow, JobRow
+
+log = logging.getLogger(__name__)
+
+FINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass
+class JobView:
+    """A job as the API and the tasks see it (no ORM objects leave this module)."""
+    id: str
+    kind: str
+    scope: str
+    status: str
+    request: dict[str, Any]
+    as_of: datetime
+    total: int | None
+    requested_by: str
+    requested_role: str
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None = None
+    error_status: int | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)   # items by status
+
+    @property
+    def done(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "pending")
+
+
+@dataclass
+class ItemView:
+    patient_id: str
+    status: str
+    assessments: list[str]
+    error: str | None
+
+
+class JobStore:
+    """Job rows on the store's database; every call is one short transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- creating ------------------------------------------------------------------------------
+    def create(self, job_id: str, *, kind: str, scope: str, as_of: datetime, request: dict[str, Any],
+               requested_by: str = "fhir_ai", requested_role: str = "system") -> bool:
+        """Insert a queued job; False if a job with this id exists (scheduled runs use fixed ids)."""
+        now = _utcnow()
+        row = JobRow(id=job_id, kind=kind, scope=scope, status="queued", request=orjson.dumps(request).decode(),
+                     as_of=as_of, requested_by=requested_by[:256], requested_role=requested_role[:64],
+                     created_at=now, updated_at=now)
+        with self.store.session() as session:
+            try:
+                with session.begin():
+                    session.add(row)
+            except IntegrityError:
+                return False
+        return True
+
+    def expand(self, job_id: str, patient_ids: list[str]) -> bool:
+        """Record the job's patients once (a repeat after a crash keeps the first list). True if new."""
+        now = _utcnow()
+        unique = list(dict.fromkeys(patient_ids))
+        with self.store.session() as session:
+            try:
+                with session.begin():
+                    # The WHERE makes the first expansion win when a restarted task races the old one.
+                    result = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.total.is_(None))
+                                             .values(total=len(unique), updated_at=now))
+                    if result.rowcount != 1:
+                        return False
+                    session.add_all([JobItemRow(job_id=job_id, patient_id=p, status="pending", updated_at=now)
+                                     for p in unique])
+            except IntegrityError:
+                return False
+        return True
+
+    # -- progress -------------------------------------------------------------------------------
+    def start(self, job_id: str) -> bool:
+        """queued → running; True if the job is (now) running."""
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                            .values(status="running", updated_at=_utcnow()))
+            return session.scalar(select(JobRow.status).where(JobRow.id == job_id)) == "running"
+
+    def record(self, job_id: str, patient_id: str, status: str, assessments: list[str] | None = None,
+               error: str | None = None) -> None:
+        """One patient's outcome; a repeat (task redelivered) writes the same thing again."""
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobItemRow)
+                            .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id)
+                            .values(status=status, error=(error or None) and error[:2000], updated_at=_utcnow(),
+                                    assessments=orjson.dumps(assessments or []).decode()))
+
+    def finish_if_done(self, job_id: str) -> bool:
+        """running → completed once no patient is pending (of two racing tasks, one does it)."""
+        pending = exists().where(JobItemRow.job_id == job_id, JobItemRow.status == "pending")
+        now = _utcnow()
+        with self.store.session() as session, session.begin():
+            result = session.execute(update(JobRow)
+                                     .where(JobRow.id == job_id, JobRow.status == "running",
+                                            JobRow.total.is_not(None), ~pending)
+                                     .values(status="completed", finished_at=now, updated_at=now))
+            done = result.rowcount == 1
+        if done:
+            log.info("job %s completed", job_id)
+        return done
+
+    def fail(self, job_id: str, message: str, status: int = 500) -> None:
+        now = _utcnow()
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.not_in(FINAL))
+                            .values(status="failed", error=message[:2000], error_status=status,
+                                    finished_at=now, updated_at=now))
+        log.warning("job %s failed (%s)", job_id, status)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel (or forget a finished job): the status URL answers 404 afterwards. False if unknown."""
+        now = _utcnow()
+        with self.store.session() as session, session.begin():
+            row = session.get(JobRow, job_id)
+            if row is None or row.status == "cancelled":
+                return False
+            row.status, row.updated_at = "cancelled", now
+            row.finished_at = row.finished_at or now
+        return True
+
+    def set_result(self, job_id: str, result: dict[str, Any], status: str | None = None) -> None:
+        now = _utcnow()
+        values: dict[str, Any] = {"result": orjson.dumps(result).decode(), "updated_at": now}
+        if status:
+            values.update(status=status, finished_at=now)
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobView | None:
+        with self.store.session() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                return None
+            counts = dict(session.execute(select(JobItemRow.status, func.count())
+                                          .where(JobItemRow.job_id == job_id).group_by(JobItemRow.status)).all())
+            return _view(row, {str(k): int(v) for k, v in counts.items()})
+
+    def status(self, job_id: str) -> str | None:
+        with self.store.session() as session:
+            return session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+
+    def items(self, job_id: str, status: str | None = None) -> list[ItemView]:
+        query = select(JobItemRow).where(JobItemRow.job_id == job_id).order_by(JobItemRow.patient_id)
+        if status:
+            query = query.where(JobItemRow.status == status)
+        with self.store.session() as session:
+            return [ItemView(r.patient_id, r.status, orjson.loads(r.assessments) if r.assessments else [], r.error)
+                    for r in session.scalars(query)]
+
+    def pending(self, job_id: str) -> list[str]:
+        return [item.patient_id for item in self.items(job_id, "pending")]
+
+    def item_status(self, job_id: str, patient_id: str) -> str | None:
+        with self.store.session() as session:
+            return session.scalar(select(JobItemRow.status).where(JobItemRow.job_id == job_id,
+                                                                  JobItemRow.patient_id == patient_id))
+
+    def last(self, kind: str, scope: str, status: str = "completed") -> JobView | None:
+        """The newest job of this kind and scope in ``status`` (e.g. the last export, for _since)."""
+        with self.store.session() as session:
+            row = session.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.scope == scope,
+                                                       JobRow.status == status)
+                                  .order_by(JobRow.created_at.desc()).limit(1)).first()
+            return _view(row, {}) if row is not None else None
+
+
+def _view(row: JobRow, counts: dict[str, int]) -> JobView:
+    return JobView(id=row.id, kind=row.kind, scope=row.scope, status=row.status, request=orjson.loads(row.request),
+                   as_of=_utc(row.as_of), total=row.total, requested_by=row.requested_by,  # type: ignore[arg-type]
+                   requested_role=row.requested_role, created_at=_utc(row.created_at),  # type: ignore[arg-type]
+                   finished_at=_utc(row.finished_at), error=row.error, error_status=row.error_status,
+                   result=orjson.loads(row.result) if row.result else {}, counts=counts)

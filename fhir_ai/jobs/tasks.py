@@ -1,0 +1,195 @@
+"""Celery tasks: expand a job into patients, assess them in chunks, deliver write-backs, rescore wards.
+
+Every task is acknowledged late and safe to run twice: a patient already recorded is skipped, and
+assessing one again stores nothing new (its RiskAssessment id is a hash of its inputs).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from kombu.exceptions import KombuError, OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import OperationalError as DatabaseUnavailable
+
+from ..errors import FhirAiError, UpstreamError
+from ..store import actors
+from ..store.actors import Actor
+from . import members, runtime
+from .celery_app import app, wards
+from .state import FINAL, JobStore
+
+log = logging.getLogger(__name__)
+
+# A database that is briefly away (restart, failover) is worth waiting for; anything else is a bug.
+RETRY = {"autoretry_for": (DatabaseUnavailable,), "retry_backoff": 2, "retry_backoff_max": 60,
+         "max_retries": 8}
+
+
+class QueueUnavailable(FhirAiError):
+    """The job queue (Redis) cannot be reached; the job was not started."""
+    status = 503
+    code = "transient"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: dict[str, Any],
+           actor: Actor | None = None, job_id: str | None = None) -> tuple[str, bool]:
+    """Store a queued job and queue its expansion; (job id, False if that id already existed)."""
+    actor = actor or actors.current()
+    job_id = job_id or new_job_id()
+    created = jobs.create(job_id, kind=kind, scope=scope, as_of=as_of, request=request,
+                          requested_by=actor.client_id, requested_role=actor.role)
+    if not created:
+        return job_id, False
+    try:
+        expand_job.apply_async((job_id,), retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+    except (KombuError, KombuOperationalError, RedisError, OSError) as exc:
+        jobs.fail(job_id, "the job queue is unavailable", 503)
+        log.error("job %s: could not queue it (%s)", job_id, type(exc).__name__)
+        raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
+    log.info("job %s queued (%s)", job_id, kind)
+    return job_id, True
+
+
+@contextmanager
+def _acting_for(requested_by: str, role: str) -> Iterator[None]:
+    """Store under the name of whoever asked for the job, so the audit trail says who."""
+    kind = "local" if requested_by == actors.LOCAL.client_id else "client"
+    token = actors.set_current(Actor(requested_by, role, None, kind))
+    try:
+        yield
+    finally:
+        actors.reset(token)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    size = max(1, size)
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@app.task(name="fhir_ai.expand_job", bind=True, **RETRY)
+def expand_job(self: Any, job_id: str) -> int:
+    """Find the job's patients (once), then queue a chunk task for each group of pending ones."""
+    jobs = runtime.jobs()
+    job = jobs.get(job_id)
+    if job is None or job.status in FINAL or not jobs.start(job_id):
+        return 0
+    if job.total is None:
+        source = runtime.pipeline().source
+        try:
+            patients = (members.active_patients(source) if job.kind == "all"
+                        else members.group_members(source, job.scope))
+        except UpstreamError as exc:
+            if exc.temporary and self.request.retries < 5:
+                raise self.retry(countdown=min(300, 10 * 2 ** self.request.retries), exc=exc)
+            jobs.fail(job_id, exc.message, exc.status)
+            return 0
+        except FhirAiError as exc:
+            jobs.fail(job_id, exc.message, exc.status)
+            return 0
+        jobs.expand(job_id, patients)
+    pending = jobs.pending(job_id)
+    if not pending:
+        jobs.finish_if_done(job_id)
+        return 0
+    size = runtime.settings().job_chunk_size
+    for chunk in _chunks(pending, size):
+        assess_chunk.apply_async((job_id, chunk))
+    log.info("job %s: %d patient(s) pending in chunks of %d", job_id, len(pending), size)
+    return len(pending)
+
+
+@app.task(name="fhir_ai.assess_chunk", **RETRY)
+def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
+    """Assess each still-pending patient of the chunk; stop early when the job was cancelled."""
+    jobs = runtime.jobs()
+    job = jobs.get(job_id)
+    if job is None or job.status != "running":
+        return 0
+    pipeline = runtime.pipeline()
+    request = job.request
+    assessed = 0
+    with _acting_for(job.requested_by, job.requested_role):
+        for patient_id in patient_ids:
+            if jobs.status(job_id) != "running":
+                log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))
+                return assessed
+            if jobs.item_status(job_id, patient_id) != "pending":
+                continue      # done before this task was redelivered
+            try:
+                result = pipeline.assess(patient_id, models=request.get("models") or None, as_of=job.as_of,
+                                         write_back=request.get("writeBack"))
+            except FhirAiError as exc:
+                # The client already retried temporary faults; record the patient as failed, go on.
+                jobs.record(job_id, patient_id, "failed", error=exc.message)
+                log.warning("job %s: patient %s not assessed (%s)", job_id, patient_id, type(exc).__name__)
+                continue
+            cancelled = any(r.get("status") == "cancelled" for r in result.resources[:1])
+            jobs.record(job_id, patient_id, "insufficient" if cancelled else "assessed",
+                        [f"RiskAssessment/{r['id']}" for r in result.resources])
+            assessed += 1
+    jobs.finish_if_done(job_id)
+    return assessed
+
+
+_delivery: dict[int, Any] = {}
+
+
+@app.task(name="fhir_ai.deliver_write_backs", ignore_result=True)
+def deliver_write_backs() -> dict[str, int]:
+    """One pass of the write-back worker (fhir_ai.delivery); its circuits live in this process."""
+    from ..delivery import Worker
+    pid = os.getpid()
+    if pid not in _delivery:
+        _delivery.clear()
+        _delivery[pid] = Worker(runtime.settings(), runtime.pipeline().store)
+    report = _delivery[pid].run_once()
+    return {"claimed": report.claimed, "delivered": report.delivered, "retryLater": report.retry_later,
+            "failed": report.failed, "deferred": report.deferred}
+
+
+def ward_job_id(ward: str, slot: int) -> str:
+    """The same ward in the same time slot is one job, however many schedulers fire."""
+    return "ward-" + hashlib.sha256(f"{ward}|{slot}".encode()).hexdigest()[:32]
+
+
+@app.task(name="fhir_ai.rescore_wards", ignore_result=True)
+def rescore_wards(now: float | None = None) -> list[str]:
+    """Start a rescoring job for each configured ward, as of the start of the current slot."""
+    settings = runtime.settings()
+    interval = max(1.0, settings.ward_interval)
+    stamp = datetime.now(timezone.utc).timestamp() if now is None else now
+    slot = int(stamp // interval)
+    as_of = datetime.fromtimestamp(slot * interval, timezone.utc)
+    started = []
+    for ward in wards(settings):
+        job_id, created = submit(runtime.jobs(), kind="ward", scope=ward, as_of=as_of,
+                                 request={"request": f"scheduled rescoring of Group/{ward}", "models": []},
+                                 actor=actors.LOCAL, job_id=ward_job_id(ward, slot))
+        if created:
+            started.append(job_id)
+    return started
+
+
+@app.task(name="fhir_ai.rescore_patient", **RETRY)
+def rescore_patient(patient_id: str) -> list[str]:
+    """Event-driven rescoring (Subscriptions): one patient, as of now, after the debounce window."""
+    from ..subscriptions import debouncer
+    settings = runtime.settings()
+    # Release first: an observation arriving while we assess deserves an assessment of its own.
+    debouncer(settings).release(patient_id)
+    with _acting_for("subscription", "system"):
+        result = runtime.pipeline().assess(patient_id)
+    log.info("rescored patient %s after new observations", patient_id)
+    return [r["id"] for r in result.resources]

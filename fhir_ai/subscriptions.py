@@ -1,0 +1,228 @@
+"""Subscriptions (R4 backport, rest-hook): read notifications, find changed vital signs, queue debounced rescoring."""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .config import Settings
+from .errors import BadRequest, FhirAiError, Unauthorized
+from .fhir.sources import ServerSource, Source
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_TYPES = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")
+VITAL_SIGNS = ("http://terminology.hl7.org/CodeSystem/observation-category", "vital-signs")
+# "registered" has no value yet: nothing for a model to read.
+IGNORED_STATUSES = frozenset({"registered"})
+
+
+@dataclass
+class Event:
+    number: str | None
+    focus: str | None                      # 'Observation/123'
+    resource: dict[str, Any] | None        # full-resource payloads carry it
+
+
+@dataclass
+class Notification:
+    subscription: str                      # the Subscription's id
+    type: str
+    topic: str | None = None
+    events_since_start: str | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What one notification did (answered to the hospital's server, counted in tests)."""
+    events: int = 0
+    queued: list[str] = field(default_factory=list)       # patients whose rescoring was queued
+    debounced: list[str] = field(default_factory=list)    # patients already waiting for one
+    ignored: int = 0                                      # not a vital sign, no patient, cannot fetch
+
+
+def _value(param: dict[str, Any]) -> Any:
+    for key, value in param.items():
+        if key.startswith("value"):
+            return value
+    return None
+
+
+def _tail(reference: str | None, kind: str) -> str | None:
+    """'Subscription/abc', '.../Subscription/abc/_history/2' → 'abc' (None if another type)."""
+    if not reference:
+        return None
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
+
+
+def parse_notification(bundle: Any) -> Notification:
+    """A `history` Bundle whose first entry is the SubscriptionStatus (a Parameters in the R4 backport)."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "history":
+        raise BadRequest("a subscription notification is a Bundle of type history", expression="Bundle.type")
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+    status = (entries[0].get("resource") if entries else None) or {}
+    if status.get("resourceType") != "Parameters":
+        raise BadRequest("the notification's first entry must be the SubscriptionStatus Parameters",
+                         expression="Bundle.entry[0].resource")
+    params: dict[str, Any] = {}
+    raw_events: list[list[dict[str, Any]]] = []
+    for param in status.get("parameter") or []:
+        if not isinstance(param, dict):
+            continue
+        if param.get("name") == "notification-event":
+            raw_events.append([p for p in param.get("part") or [] if isinstance(p, dict)])
+        else:
+            params.setdefault(param.get("name"), _value(param))
+    reference = params.get("subscription")
+    subscription = _tail(reference.get("reference") if isinstance(reference, dict) else reference, "Subscription")
+    if not subscription:
+        raise BadRequest("the SubscriptionStatus names no Subscription",
+                         expression="Bundle.entry[0].resource.parameter.where(name='subscription')")
+    kind = params.get("type")
+    if kind not in NOTIFICATION_TYPES:
+        raise BadRequest(f"unknown notification type {kind!r}",
+                         expression="Bundle.entry[0].resource.parameter.where(name='type')")
+    out = Notification(subscription, kind, params.get("topic"),
+                       None if params.get("events-since-subscription-start") is None
+                       else str(params["events-since-subscription-start"]))
+    if kind != "event-notification":
+        return out
+    by_url = {_short(e.get("fullUrl")): e for e in entries[1:] if e.get("fullUrl")}
+    by_ref = {f"{e['resource'].get('resourceType')}/{e['resource'].get('id')}": e
+              for e in entries[1:] if isinstance(e.get("resource"), dict)}
+    if raw_events:
+        for parts in raw_events:
+            values = {p.get("name"): _value(p) for p in parts}
+            focus = values.get("focus")
+            focus_ref = _short(focus.get("reference") if isinstance(focus, dict) else None)
+            entry = by_ref.get(focus_ref or "") or by_url.get(focus_ref or "")
+            out.events.append(Event(None if values.get("event-number") is None else str(values["event-number"]),
+                                    focus_ref, (entry or {}).get("resource")))
+    else:
+        # Older servers list the focus resources as entries without notification-event parameters.
+        for entry in entries[1:]:
+            resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else None
+            ref = (f"{resource['resourceType']}/{resource.get('id')}" if resource
+                   else _short(entry.get("fullUrl") or (entry.get("request") or {}).get("url")))
+            out.events.append(Event(None, ref, resource))
+    return out
+
+
+def _short(url: str | None) -> str | None:
+    """'https://ehr/fhir/Observation/1/_history/3' → 'Observation/1'."""
+    if not url:
+        return None
+    parts = url.split("/_history/")[0].rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else None
+
+
+def secrets(settings: Settings) -> dict[str, str]:
+    """Subscription id → shared secret, from ``subscription_secrets`` ('id=secret,id2=secret2')."""
+    out: dict[str, str] = {}
+    for pair in settings.subscription_secrets.split(","):
+        name, sep, secret = pair.strip().partition("=")
+        if sep and name.strip() and secret.strip():
+            out[name.strip()] = secret.strip()
+    return out
+
+
+def authenticate(settings: Settings, subscription: str, presented: str | None) -> None:
+    """The secret configured for this subscription must be presented; nothing configured → refused."""
+    expected = secrets(settings).get(subscription)
+    if not expected or not presented or not hmac.compare_digest(expected.encode(), presented.encode()):
+        log.warning("subscription notification for Subscription/%s refused: unknown subscription or wrong secret",
+                    subscription)
+        raise Unauthorized("unknown subscription or wrong secret")
+
+
+class Debouncer:
+    """One pending rescoring per patient: a Redis key with a TTL marks "already queued"."""
+
+    def __init__(self, client: redis.Redis, window: float, prefix: str) -> None:
+        self.client, self.window, self.prefix = client, window, prefix
+
+    def key(self, patient_id: str) -> str:
+        return f"{self.prefix}{patient_id}"
+
+    def claim(self, patient_id: str) -> bool:
+        """True if no rescoring of this patient is waiting (this caller must queue one)."""
+        if self.window <= 0:
+            return True
+        return bool(self.client.set(self.key(patient_id), b"1", nx=True, px=max(1, int(self.window * 1000))))
+
+    def release(self, patient_id: str) -> None:
+        self.client.delete(self.key(patient_id))
+
+
+_debouncers: dict[tuple[Any, ...], Debouncer] = {}
+
+
+def debouncer(settings: Settings) -> Debouncer:
+    key = (os.getpid(), settings.broker_url, settings.job_queue, settings.rescore_debounce)
+    if key not in _debouncers:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        _debouncers[key] = Debouncer(client, settings.rescore_debounce, f"fhir_ai:{settings.job_queue}:rescore:")
+    return _debouncers[key]
+
+
+def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]]) -> bool:
+    """A vital sign by category, or any code the deterioration mapping reads (components included)."""
+    if observation.get("resourceType") != "Observation" or observation.get("status") in IGNORED_STATUSES:
+        return False
+    for category in observation.get("category") or []:
+        for coding in (category or {}).get("coding") or []:
+            if (coding.get("system"), coding.get("code")) == VITAL_SIGNS:
+                return True
+    wanted = set(codes)
+    any_system = {c for s, c in wanted if not s}
+    concepts = [observation.get("code") or {}] + [(c or {}).get("code") or {} for c in observation.get("component") or []]
+    for concept in concepts:
+        for coding in concept.get("coding") or []:
+            if (coding.get("system"), coding.get("code")) in wanted or coding.get("code") in any_system:
+                return True
+    return False
+
+
+def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[str, str]],
+           debounce: Debouncer, enqueue: Callable[[str], None]) -> Outcome:
+    """Queue one rescoring per patient with a new or changed vital sign (unless one is already waiting)."""
+    outcome = Outcome(events=len(notification.events))
+    codes = list(codes)
+    patients: dict[str, None] = {}
+    for event in notification.events:
+        resource = event.resource
+        if resource is None and event.focus and event.focus.startswith("Observation/"):
+            resource = _fetch(source, event.focus)        # id-only payload: read it from the source
+        patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
+        if resource is None or not patient or not is_vital_sign(resource, codes):
+            outcome.ignored += 1
+            continue
+        patients[patient] = None
+    for patient in patients:
+        if debounce.claim(patient):
+            enqueue(patient)
+            outcome.queued.append(patient)
+        else:
+            outcome.debounced.append(patient)
+    log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored",
+             notification.subscription, outcome.events, len(outcome.queued), len(outcome.debounced),
+             outcome.ignored)
+    return outcome
+
+
+def _fetch(source: Source, reference: str) -> dict[str, Any] | None:
+    if not isinstance(source, ServerSource):
+        log.warning("id-only notification for %s, but the source cannot read single resources", reference)
+        return None
+    try:
+        return source.client.get(reference)
+    except FhirAiError as exc:
+        log.warning("id-only notification: %s could not be read (%s)", reference, type(exc).__name__)
+        return None

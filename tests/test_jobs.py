@@ -1,0 +1,294 @@
+"""Batch jobs: the asynchronous request pattern (202, X-Progress, manifest, DELETE), job state, redelivery
+without duplicates, scheduled ward rescoring and the write-back delivery task. Tasks run eagerly here;
+tests/integration/test_concurrency.py runs them on real Celery workers with Redis and PostgreSQL."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+from celery import beat
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from fhir_ai.app import create_app
+from fhir_ai.config import DEMO_HOSPITAL, load_settings
+from fhir_ai.jobs import JobStore, runtime
+from fhir_ai.jobs import tasks
+from fhir_ai.jobs.celery_app import app as celery, configure, schedule
+from fhir_ai.store.tables import AssessmentRow, OutboxRow
+
+AS_OF = "2026-11-20T08:00:00Z"
+WARD = ["demo-001", "demo-002", "demo-003", "demo-004"]
+
+
+def parameters(**values: Any) -> dict[str, Any]:
+    kinds = {"asOf": "valueDateTime", "model": "valueCode", "writeBack": "valueBoolean", "encounter": "valueString"}
+    return {"resourceType": "Parameters", "parameter": [{"name": k, kinds[k]: v} for k, v in values.items()]}
+
+
+def group(group_id: str, patients: list[str], inactive: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"resourceType": "Group", "id": group_id, "type": "person", "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{p}"}, **({"inactive": True} if p in inactive else {})}
+                       for p in patients] + [{"entity": {"reference": "Device/monitor-1"}}]}
+
+
+@pytest.fixture
+def hospital(tmp_path: Path) -> Path:
+    """The demo hospital (linked, not copied) plus a Group file with two wards."""
+    folder = tmp_path / "hospital"
+    folder.mkdir()
+    for name in ("Patient.ndjson", "Encounter.ndjson", "Observation.ndjson"):
+        (folder / name).symlink_to(DEMO_HOSPITAL / name)
+    lines = [group("ward-a", WARD + ["demo-005"], inactive=("demo-005",)), group("ward-b", ["demo-003", "demo-006"])]
+    (folder / "Group.ndjson").write_text("\n".join(json.dumps(g) for g in lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def eager() -> Iterator[None]:
+    """Tasks run inside the request (no broker), exceptions propagate."""
+    saved = celery.conf.task_always_eager, celery.conf.task_eager_propagates
+    celery.conf.task_always_eager = celery.conf.task_eager_propagates = True
+    yield
+    celery.conf.task_always_eager, celery.conf.task_eager_propagates = saved
+    runtime.close()
+
+
+@pytest.fixture
+def job_app(settings_overrides: dict[str, Any], hospital: Path, eager: None) -> Iterator[Flask]:
+    settings_overrides["source_url"] = str(hospital)
+    app = create_app(settings_overrides)
+    app.config["TESTING"] = True
+    runtime.configure(app.config["FHIR_AI"], app.extensions["fhir_ai"])
+    yield app
+    app.extensions["fhir_ai"].close()
+
+
+@pytest.fixture
+def jc(job_app: Flask) -> FlaskClient:
+    return job_app.test_client()
+
+
+def store_of(app: Flask) -> Any:
+    return app.extensions["fhir_ai"].store
+
+
+def assessment_rows(app: Flask) -> list[tuple[str, str]]:
+    with store_of(app).session() as session:
+        return [tuple(r) for r in session.execute(select(AssessmentRow.patient_id, AssessmentRow.identifier))]
+
+
+def kick_off(jc: FlaskClient, url: str, body: dict[str, Any] | None = None) -> str:
+    response = jc.post(url, json=body or parameters(asOf=AS_OF), headers={"Prefer": "respond-async"})
+    assert response.status_code == 202, response.get_json()
+    location = response.headers["Content-Location"]
+    assert location.startswith("http://localhost/jobs/")
+    return location.removeprefix("http://localhost")
+
+
+# -- the asynchronous request pattern ---------------------------------------------------------------
+
+def test_group_assess_answers_202_then_a_manifest_of_every_active_member(jc: FlaskClient, job_app: Flask) -> None:
+    status_url = kick_off(jc, "/Group/ward-a/$assess")
+    response = jc.get(status_url)
+    assert response.status_code == 200
+    manifest = response.get_json()
+    assert manifest["transactionTime"] == AS_OF
+    assert manifest["request"] == "POST http://localhost/Group/ward-a/$assess"
+    assert manifest["patients"] == 4 and manifest["assessed"] + manifest["insufficientData"] == 4
+    assert manifest["failed"] == 0 and manifest["error"] == []
+    # the inactive member (demo-005) and the Device member are left out
+    patients = sorted({o["patient"] for o in manifest["output"]})
+    assert patients == [f"Patient/{p}" for p in WARD]
+    assert len(manifest["output"]) == 8          # the model's RiskAssessment and NEWS2 for each
+    first = manifest["output"][0]["url"].removeprefix("http://localhost")
+    assert jc.get(first).status_code == 200
+    rows = assessment_rows(job_app)
+    assert sorted({p for p, _ in rows}) == WARD and len(rows) == 8
+
+
+def test_a_repeated_job_stores_nothing_new(jc: FlaskClient, job_app: Flask) -> None:
+    first = jc.get(kick_off(jc, "/Group/ward-a/$assess")).get_json()
+    second = jc.get(kick_off(jc, "/Group/ward-b/$assess")).get_json()   # demo-003 again, demo-006 new
+    again = jc.get(kick_off(jc, "/Group/ward-a/$assess")).get_json()
+    assert sorted(o["url"] for o in again["output"]) == sorted(o["url"] for o in first["output"])
+    rows = assessment_rows(job_app)
+    assert len(rows) == len({i for _, i in rows}) == 10   # 5 patients × 2, nothing twice
+    assert {o["patient"] for o in second["output"]} == {"Patient/demo-003", "Patient/demo-006"}
+
+
+def test_assess_all_takes_everyone_with_an_active_inpatient_encounter(jc: FlaskClient, job_app: Flask) -> None:
+    manifest = jc.get(kick_off(jc, "/$assess-all")).get_json()
+    assert manifest["kind"] == "all"
+    # the demo hospital: 12 patients, each with an in-progress inpatient stay
+    assert manifest["patients"] == 12
+    assert len({o["patient"] for o in manifest["output"]}) == 12
+
+
+def test_a_running_job_answers_202_with_progress(jc: FlaskClient, job_app: Flask) -> None:
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-1", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                request={"request": "POST /Group/ward-a/$assess"}, requested_by="test-suite", requested_role="admin")
+    response = jc.get("/jobs/job-1")
+    assert response.status_code == 202
+    assert response.headers["X-Progress"] == "finding patients" and response.headers["Retry-After"] == "3"
+    jobs.start("job-1")
+    jobs.expand("job-1", ["p1", "p2", "p3", "p2"])
+    jobs.record("job-1", "p1", "assessed", ["RiskAssessment/x"])
+    response = jc.get("/jobs/job-1")
+    assert response.status_code == 202 and response.headers["X-Progress"] == "1/3 patients"
+    assert not jobs.finish_if_done("job-1")
+    for p in ("p2", "p3"):
+        jobs.record("job-1", p, "failed", error="upstream said no")
+    assert jobs.finish_if_done("job-1") and not jobs.finish_if_done("job-1")
+    manifest = jc.get("/jobs/job-1").get_json()
+    assert manifest["failed"] == 2 and [e["patient"] for e in manifest["error"]] == ["Patient/p2", "Patient/p3"]
+
+
+def test_delete_cancels_a_job_and_its_remaining_patients(jc: FlaskClient, job_app: Flask) -> None:
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-2", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []}, requested_by="test-suite", requested_role="admin")
+    jobs.start("job-2")
+    jobs.expand("job-2", WARD)
+    assert jc.delete("/jobs/job-2").status_code == 202
+    assert jc.get("/jobs/job-2").status_code == 404
+    assert jc.delete("/jobs/job-2").status_code == 404
+    # a chunk task that arrives after the cancel assesses nobody
+    assert tasks.assess_chunk(  "job-2", WARD) == 0
+    assert assessment_rows(job_app) == []
+    assert jc.get("/jobs/no-such-job").status_code == 404
+
+
+def test_an_unknown_group_fails_the_job_with_404(jc: FlaskClient) -> None:
+    response = jc.get(kick_off(jc, "/Group/no-such-ward/$assess"))
+    assert response.status_code == 404
+    assert "Group/no-such-ward" in response.get_json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("body, where", [
+    (parameters(encounter="Encounter/e1"), "encounter"),
+    (parameters(model="no-such-model"), "model"),
+    (parameters(asOf="yesterday"), "asOf"),
+])
+def test_bad_kick_off_parameters_are_refused_before_a_job_exists(jc: FlaskClient, job_app: Flask,
+                                                                  body: dict[str, Any], where: str) -> None:
+    response = jc.post("/Group/ward-a/$assess", json=body)
+    assert response.status_code == 400, where
+    with store_of(job_app).session() as session:
+        from fhir_ai.jobs.tables import JobRow
+        assert session.scalar(select(func.count()).select_from(JobRow)) == 0
+
+
+def test_jobs_are_visible_only_to_the_client_that_asked(jc: FlaskClient, job_app: Flask) -> None:
+    credentials = pytest.importorskip("credentials")
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-3", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                request={"request": "x"}, requested_by="test-suite", requested_role="admin")
+    other = credentials.bearer(credentials.ROLE_TOKENS["ehr"])
+    assert jc.get("/jobs/job-3", headers=other).status_code == 404
+    assert jc.delete("/jobs/job-3", headers=other).status_code == 404
+    assert jc.get("/jobs/job-3").status_code == 202
+
+
+def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_overrides: dict[str, Any],
+                                                                   hospital: Path) -> None:
+    settings_overrides.update(source_url=str(hospital), broker_url="redis://127.0.0.1:9/0")   # nothing listens
+    app = create_app(settings_overrides)
+    try:
+        response = app.test_client().post("/Group/ward-a/$assess", json=parameters(asOf=AS_OF))
+        assert response.status_code == 503
+        assert "queue" in response.get_json()["issue"][0]["diagnostics"]
+        with store_of(app).session() as session:
+            from fhir_ai.jobs.tables import JobRow
+            assert [r.status for r in session.scalars(select(JobRow))] == ["failed"]
+    finally:
+        app.extensions["fhir_ai"].close()
+        configure(load_settings())
+
+
+# -- tasks: redelivery, schedule, write-back ------------------------------------------------------------
+
+def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_app: Flask) -> None:
+    jobs = JobStore(store_of(job_app))
+    as_of = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)
+    jobs.create("job-4", kind="group", scope="ward-a", as_of=as_of, request={"request": "x", "models": []})
+    jobs.start("job-4")
+    jobs.expand("job-4", WARD)
+    assert tasks.assess_chunk("job-4", WARD[:2]) == 2
+    rows = assessment_rows(job_app)
+    # Killed after storing WARD[1] but before recording it: it is pending again and redelivered.
+    jobs.record("job-4", WARD[1], "pending")
+    assert tasks.assess_chunk("job-4", WARD[:2]) == 1           # WARD[0] skipped, WARD[1] repeated
+    assert assessment_rows(job_app) == rows                     # ... and the repeat stored nothing
+    assert jobs.status("job-4") == "running"
+    assert tasks.assess_chunk("job-4", WARD[2:]) == 2
+    assert jobs.status("job-4") == "completed"
+    assert jobs.expand("job-4", ["someone-else"]) is False       # a restarted expansion keeps the first list
+    assert len(assessment_rows(job_app)) == 8
+
+
+def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
+    settings = load_settings({"wards": "ward-a, ward-b", "ward_interval": 300, "worker_interval": 7})
+    app = configure(settings)
+    try:
+        entries = beat.Scheduler(app=app, lazy=True)
+        entries.setup_schedule()
+        due = {name: entry.schedule.run_every.total_seconds() for name, entry in entries.schedule.items()
+               if not name.startswith("celery.")}
+        assert due == {"deliver-write-backs": 7.0, "rescore-wards": 300.0}
+        assert schedule(load_settings({"wards": ""})).keys() == {"deliver-write-backs"}
+    finally:
+        configure(load_settings())
+
+
+def test_scheduled_rescoring_starts_one_job_per_ward_per_slot(job_app: Flask) -> None:
+    settings = load_settings({**{k: getattr(job_app.config["FHIR_AI"], k) for k in
+                                 ("database_url", "source_url", "mappings_dir", "models_dir", "write_back")},
+                              "wards": "ward-a,ward-b", "ward_interval": 900})
+    runtime.configure(settings, job_app.extensions["fhir_ai"])
+    slot_time = datetime(2026, 11, 20, 8, 5, tzinfo=timezone.utc).timestamp()
+    started = tasks.rescore_wards(now=slot_time)
+    assert len(started) == 2
+    # A second scheduler (another worker with --beat) firing in the same slot starts nothing new.
+    assert tasks.rescore_wards(now=slot_time + 60) == []
+    jobs = JobStore(store_of(job_app))
+    job = jobs.get(started[0])
+    assert job is not None and job.status == "completed" and job.kind == "ward"
+    assert job.as_of == datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)   # the slot's start
+    assert len(tasks.rescore_wards(now=slot_time + 900)) == 2                  # the next slot
+    assert {p for p, _ in assessment_rows(job_app)} == set(WARD) | {"demo-006"}
+
+
+@responses.activate
+def test_write_back_delivery_runs_as_a_task(settings_overrides: dict[str, Any], eager: None) -> None:
+    base = "https://ehr.example.org/fhir"
+    settings = load_settings({**settings_overrides, "source_url": base, "write_back": True})
+    from fhir_ai.store import Store
+    store = Store(settings.effective_database_url)
+    try:
+        resource = {"resourceType": "RiskAssessment", "id": "ra-1", "status": "final",
+                    "identifier": [{"system": "https://fhir-ai.invalid/id", "value": "ra-1"}],
+                    "subject": {"reference": "Patient/p1"}, "method": {"coding": [{"code": "deterioration"}]}}
+        store.save_assessment(resource, model_id="deterioration", model_version="1", write_back_target=base)
+        import fhir_ai.delivery as delivery
+        saved_grace, delivery.FRESH_GRACE = delivery.FRESH_GRACE, 0.0
+        responses.put(f"{base}/RiskAssessment/ra-1", json={}, status=200)
+        runtime.configure(settings)
+        try:
+            report = tasks.deliver_write_backs.delay().get()
+        finally:
+            delivery.FRESH_GRACE = saved_grace
+        assert report["delivered"] == 1
+        assert [row.status for row in store.outbox()] == ["delivered"]
+        with store.session() as session:
+            assert session.scalar(select(func.count()).select_from(OutboxRow)) == 1
+    finally:
+        store.close()
+        runtime.close()
