@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from .. import codes
+from ..auth.policy import requires
 from ..errors import BadRequest, FhirAiError, NotFound
 from ..fhir import times
 from ..jobs import runtime
@@ -17,12 +18,6 @@ from ..pipeline import Pipeline
 from ..store import actors
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
 from .operations import parse_parameters
-
-try:  # the auth framework (issue 4): scopes per endpoint; without it every endpoint is open
-    from ..auth.policy import requires
-except ImportError:  # pragma: no cover
-    def requires(resource: str, interaction: str, **_: Any):  # type: ignore[no-redef]
-        return lambda view: view
 
 log = logging.getLogger(__name__)
 

@@ -9,21 +9,12 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from .. import subscriptions
+from ..auth.policy import authenticates_itself
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.tasks import QueueUnavailable, rescore_patient
 from ..pipeline import Pipeline
 from .fhir_io import fhir_response, read_body
-
-try:  # the auth framework (issue 4): this endpoint checks its callers itself (a secret per subscription)
-    from ..auth.guard import set_actor
-    from ..auth.policy import authenticates_itself
-except ImportError:  # pragma: no cover
-    def authenticates_itself(target: Any) -> Any:  # type: ignore[no-redef]
-        return target
-
-    def set_actor(client_id: str, role: str, kind: str = "client") -> None:  # type: ignore[no-redef]
-        return None
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +35,7 @@ def notify():  # type: ignore[no-untyped-def]
     settings = current_app.config["FHIR_AI"]
     notification = subscriptions.parse_notification(read_body("Bundle"))
     subscriptions.authenticate(settings, notification.subscription, _presented())
+    from ..auth.guard import set_actor   # not at import time: fhir_ai.auth imports the api package
     set_actor(f"subscription/{notification.subscription}", "system")
     if notification.type != "event-notification":
         log.info("Subscription/%s: %s", notification.subscription, notification.type)

@@ -1,0 +1,240 @@
+"""Subscriptions (R4 backport, rest-hook): handshake, heartbeat, id-only and full-resource event
+notifications, the shared secret per subscription, and debounced rescoring (real Redis keys)."""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+import redis
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from factories import observation
+from fhir_ai.app import create_app
+from fhir_ai.jobs import runtime, tasks
+from fhir_ai.jobs.celery_app import app as celery
+from fhir_ai.subscriptions import Debouncer, debouncer, is_vital_sign, parse_notification
+
+BASE = "https://ehr.example.org/fhir"
+SECRET = "s3cret-for-sub-1"
+TOPIC = "http://hl7.org/fhir/us/core/SubscriptionTopic/observation-create"
+NOW = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+
+
+def redis_or_skip(url: str = "redis://127.0.0.1:6379/0") -> redis.Redis:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError:
+        if os.environ.get("CI"):
+            pytest.fail("Redis is not running at 127.0.0.1:6379 (.ci/run starts it)")
+        pytest.skip("Redis is not running at 127.0.0.1:6379")
+    return client
+
+
+def status(kind: str, events: list[tuple[int, str]] = (), subscription: str = "sub-1") -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"name": "subscription", "valueReference": {"reference": f"{BASE}/Subscription/{subscription}"}},
+        {"name": "topic", "valueCanonical": TOPIC},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(max([n for n, _ in events], default=0))},
+    ]
+    for number, focus in events:
+        params.append({"name": "notification-event", "part": [
+            {"name": "event-number", "valueString": str(number)},
+            {"name": "timestamp", "valueInstant": "2026-11-20T08:00:00Z"},
+            {"name": "focus", "valueReference": {"reference": focus}}]})
+    return {"resourceType": "Parameters", "parameter": params}
+
+
+def notification(kind: str, resources: list[dict[str, Any]] = (), *, id_only: bool = False, start: int = 1,
+                 subscription: str = "sub-1") -> dict[str, Any]:
+    events = [(start + i, f"{BASE}/Observation/{r['id']}") for i, r in enumerate(resources)]
+    entries: list[dict[str, Any]] = [{"fullUrl": "urn:uuid:" + uuid.uuid4().hex,
+                                      "resource": status(kind, events, subscription)}]
+    for resource in resources:
+        entry: dict[str, Any] = {"fullUrl": f"{BASE}/Observation/{resource['id']}",
+                                 "request": {"method": "POST", "url": "Observation"},
+                                 "response": {"status": "201"}}
+        if not id_only:
+            entry["resource"] = resource
+        entries.append(entry)
+    return {"resourceType": "Bundle", "type": "history", "timestamp": "2026-11-20T08:00:01Z", "entry": entries}
+
+
+def heart_rate(patient_id: str, value: float = 120) -> dict[str, Any]:
+    return observation(patient_id, "8867-4", value, "/min", NOW)
+
+
+def hba1c(patient_id: str) -> dict[str, Any]:
+    """A laboratory value no model reads (HbA1c)."""
+    return observation(patient_id, "4548-4", 6.1, "%", NOW, category=[
+        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}])
+
+
+@pytest.fixture
+def queued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """Rescoring tasks queued (patient, countdown) instead of sent to the broker."""
+    calls: list[tuple[str, float]] = []
+    monkeypatch.setattr(tasks.rescore_patient, "apply_async",
+                        lambda args, countdown=None, **_: calls.append((args[0], countdown)))
+    return calls
+
+
+@pytest.fixture
+def sub_app(settings_overrides: dict[str, Any]) -> Iterator[Flask]:
+    redis_or_skip()
+    settings_overrides.update(subscription_secrets=f"sub-1={SECRET}, sub-2=other-secret",
+                              job_queue=f"test-{uuid.uuid4().hex[:8]}", rescore_debounce=30.0)
+    app = create_app(settings_overrides)
+    yield app
+    settings = app.config["FHIR_AI"]
+    keys = debouncer(settings).client.keys(f"fhir_ai:{settings.job_queue}:*")
+    if keys:
+        debouncer(settings).client.delete(*keys)
+    app.extensions["fhir_ai"].close()
+
+
+@pytest.fixture
+def sc(sub_app: Flask) -> FlaskClient:
+    return sub_app.test_client()
+
+
+def post(sc: FlaskClient, bundle: dict[str, Any], secret: str | None = SECRET) -> Any:
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {"Authorization": ""}
+    return sc.post("/subscriptions/notify", json=bundle, headers=headers)
+
+
+def test_handshake_and_heartbeat_are_acknowledged_without_work(sc: FlaskClient, queued: list) -> None:
+    for kind in ("handshake", "heartbeat"):
+        response = post(sc, notification(kind))
+        assert response.status_code == 200
+        assert kind in response.get_json()["issue"][0]["diagnostics"]
+    assert queued == []
+
+
+@pytest.mark.parametrize("secret, subscription", [(None, "sub-1"), ("wrong", "sub-1"), (SECRET, "sub-2"),
+                                                  (SECRET, "sub-unknown")])
+def test_a_notification_without_its_subscriptions_secret_is_refused(sc: FlaskClient, queued: list,
+                                                                    secret: str | None, subscription: str) -> None:
+    response = post(sc, notification("event-notification", [heart_rate("p1")], subscription=subscription),
+                    secret=secret)
+    assert response.status_code == 401
+    assert queued == []
+
+
+def test_the_secret_may_come_in_its_own_header(sc: FlaskClient, queued: list) -> None:
+    response = sc.post("/subscriptions/notify", json=notification("heartbeat"),
+                       headers={"Authorization": "", "X-Subscription-Secret": SECRET})
+    assert response.status_code == 200
+
+
+def test_full_resource_burst_for_one_patient_costs_one_rescoring(sc: FlaskClient, queued: list) -> None:
+    for n in range(5):   # five notifications, one per new heart rate, within the debounce window
+        response = post(sc, notification("event-notification", [heart_rate("p1", 100 + n)], start=n + 1))
+        assert response.status_code == 200
+    assert queued == [("p1", 30.0)]
+    # several patients in one notification: one each; a lab value no model reads is ignored
+    post(sc, notification("event-notification", [heart_rate("p2"), heart_rate("p2", 130), heart_rate("p1"),
+                                                 hba1c("p3")], start=10))
+    assert queued == [("p1", 30.0), ("p2", 30.0)]
+
+
+def test_when_the_rescoring_has_started_a_new_observation_queues_another(sub_app: Flask, sc: FlaskClient,
+                                                                         queued: list) -> None:
+    post(sc, notification("event-notification", [heart_rate("p1")]))
+    debouncer(sub_app.config["FHIR_AI"]).release("p1")     # what rescore_patient does first
+    post(sc, notification("event-notification", [heart_rate("p1", 140)], start=2))
+    assert [p for p, _ in queued] == ["p1", "p1"]
+
+
+@responses.activate
+def test_id_only_notifications_read_the_observation_from_the_hospital(settings_overrides: dict[str, Any],
+                                                                      queued: list) -> None:
+    redis_or_skip()
+    settings_overrides.update(source_url=BASE, subscription_secrets=f"sub-1={SECRET}",
+                              job_queue=f"test-{uuid.uuid4().hex[:8]}")
+    app = create_app(settings_overrides)
+    try:
+        vital, lab = heart_rate("p7"), hba1c("p8")
+        responses.get(f"{BASE}/Observation/{vital['id']}", json=vital)
+        responses.get(f"{BASE}/Observation/{lab['id']}", json=lab)
+        gone = heart_rate("p9")
+        responses.get(f"{BASE}/Observation/{gone['id']}", status=404,
+                      json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]})
+        response = post(app.test_client(), notification("event-notification", [vital, lab, gone], id_only=True))
+        assert response.status_code == 200
+        assert "1 patient(s)" in response.get_json()["issue"][0]["diagnostics"]
+        assert [p for p, _ in queued] == ["p7"]
+        assert len(responses.calls) == 3
+    finally:
+        settings = app.config["FHIR_AI"]
+        debouncer(settings).release("p7")
+        app.extensions["fhir_ai"].close()
+
+
+@pytest.mark.parametrize("bundle, where", [
+    ({"resourceType": "Bundle", "type": "collection", "entry": []}, "Bundle.type"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {"resourceType": "Patient"}}]},
+     "Bundle.entry[0].resource"),
+])
+def test_a_malformed_notification_is_400(sc: FlaskClient, bundle: dict[str, Any], where: str) -> None:
+    response = post(sc, bundle)
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["expression"] == [where]
+
+
+def test_notification_parsing_without_notification_event_parameters() -> None:
+    vital = heart_rate("p1")
+    bundle = notification("event-notification", [vital])
+    bundle["entry"][0]["resource"]["parameter"] = [p for p in bundle["entry"][0]["resource"]["parameter"]
+                                                   if p["name"] != "notification-event"]
+    parsed = parse_notification(bundle)
+    assert parsed.subscription == "sub-1" and parsed.topic == TOPIC and parsed.events_since_start == "1"
+    assert [(e.focus, e.resource["id"]) for e in parsed.events] == [(f"Observation/{vital['id']}", vital["id"])]
+
+
+def test_vital_signs_are_recognised_by_category_or_by_the_mappings_codes() -> None:
+    codes = [("http://loinc.org", "8867-4"), ("", "local-hr")]
+    assert is_vital_sign(heart_rate("p"), [])
+    assert is_vital_sign(observation("p", "local-hr", 80, "/min", NOW, category=[]), codes)
+    assert not is_vital_sign(hba1c("p"), codes)
+    assert not is_vital_sign({**heart_rate("p"), "status": "registered"}, codes)
+    bp = observation("p", "85354-9", 0, "", NOW, category=[], valueQuantity=None,
+                     component=[{"code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}])
+    assert is_vital_sign(bp, codes)
+
+
+def test_the_debounce_key_expires_by_itself() -> None:
+    client = redis_or_skip()
+    gate = Debouncer(client, 0.2, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:rescore:")
+    assert gate.claim("p1") and not gate.claim("p1")
+    assert 0 < client.pttl(gate.key("p1")) <= 200
+    import time
+    time.sleep(0.3)
+    assert gate.claim("p1")
+    gate.release("p1")
+    assert Debouncer(client, 0, "x:").claim("p1") and Debouncer(client, 0, "x:").claim("p1")   # no debounce
+
+
+def test_the_rescoring_task_releases_the_key_and_stores_an_assessment(sub_app: Flask) -> None:
+    settings = sub_app.config["FHIR_AI"]
+    runtime.configure(settings, sub_app.extensions["fhir_ai"])
+    gate = debouncer(settings)
+    assert gate.claim("demo-004")
+    saved = celery.conf.task_always_eager
+    celery.conf.task_always_eager = True
+    try:
+        ids = tasks.rescore_patient.delay("demo-004").get()
+    finally:
+        celery.conf.task_always_eager = saved
+        runtime.close()
+    assert len(ids) == 2
+    assert gate.claim("demo-004")       # released: the next observation queues a new rescoring
+    assert sub_app.extensions["fhir_ai"].store.get_assessment(ids[0])["subject"]["reference"] == "Patient/demo-004"
