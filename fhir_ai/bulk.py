@@ -7,19 +7,21 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import orjson
 from tqdm import tqdm
 
 from .errors import BadRequest
 from .features import Extractor
+from .features.ndjson import NdjsonExport
 from .models.registry import ModelRegistry
 from .pipeline import build_assessments
 
 log = logging.getLogger(__name__)
 
 TYPES = ("Patient", "Encounter", "Observation")
+CHUNK_PATIENTS = 2000     # patients scored at a time: bounds memory, large enough for vectorised work
 
 
 @dataclass
@@ -48,6 +50,7 @@ def input_files(directory: Path) -> list[Path]:
 
 
 def read_resources(files: list[Path], progress: bool) -> Iterator[dict[str, Any]]:
+    """Every resource of the files, parsed one line at a time (for small exports and tests)."""
     total = sum(p.stat().st_size for p in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
         for path in files:
@@ -66,39 +69,39 @@ def read_resources(files: list[Path], progress: bool) -> Iterator[dict[str, Any]
 
 def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegistry, *,
                 models: list[str], as_of: datetime | None = None, explain: str = "elevated",
-                news2: bool = False, progress: bool = True) -> BulkStats:
-    """Score everyone in the folder. Without ``as_of`` each patient is assessed as of their own latest data."""
+                news2: bool = False, progress: bool = True, chunk_patients: int = CHUNK_PATIENTS) -> BulkStats:
+    """Score everyone in the folder. Without ``as_of`` each patient is assessed as of their own latest data.
+
+    Streaming: the export is staged by DuckDB and scored ``chunk_patients`` whole patients at a time, so
+    memory does not grow with the size of the export. Output is NDJSON, chunk by chunk, model by model.
+    """
     started = time.perf_counter()
     files = input_files(Path(input_dir))
     pairs = [registry.get(model_id) for model_id in models]
-    extractors = [Extractor(mapping) for _, mapping in pairs]
-    count = 0
-    for resource in read_resources(files, progress):
-        count += 1
-        for extractor in extractors:
-            extractor.add(resource)
+    codes = [code for _, mapping in pairs for code in mapping.code_index]
     assessed = insufficient = 0
-    patients = 0
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "wb") as out:
-        for (model, _), extractor in zip(pairs, extractors):
-            fs = extractor.finish(as_of=as_of)
-            patients = max(patients, len(fs.patient_ids))
-            scored, built = build_assessments(model, fs, explain=explain, news2=news2)
-            for item, resources in zip(tqdm(scored, desc=f"writing {model.model_id}", disable=not progress), built):
-                for resource in resources:
-                    _write(out, resource)
-                if item.sufficient:
-                    assessed += 1
-                else:
-                    insufficient += 1
+    with NdjsonExport(files, codes, chunk_patients=chunk_patients) as export, open(output, "wb") as out, \
+            tqdm(total=export.patients, unit="patients", desc="scoring", disable=not progress) as bar:
+        patients = 0
+        for chunk in export:
+            rows = 0
+            for model, mapping in pairs:
+                extractor = Extractor(mapping)
+                extractor.add_all(chunk.resources)
+                extractor.add_columns(chunk.columns)
+                fs = extractor.finish(as_of=as_of)
+                rows = max(rows, len(fs.patient_ids))
+                scored, built = build_assessments(model, fs, explain=explain, news2=news2)
+                out.write(b"".join(orjson.dumps(resource) + b"\n" for resources in built for resource in resources))
+                ok = sum(item.sufficient for item in scored)
+                assessed += ok
+                insufficient += len(scored) - ok
+            patients += rows
+            bar.update(chunk.patients)
+        count = export.resources_read
     stats = BulkStats(patients, assessed, insufficient, count, time.perf_counter() - started)
     log.info("bulk-assess: %d patients (%d assessed, %d insufficient data) from %d resources in %.1f s",
              stats.patients, assessed, insufficient, count, stats.seconds)
     return stats
-
-
-def _write(out: IO[bytes], resource: dict[str, Any]) -> None:
-    out.write(orjson.dumps(resource))
-    out.write(b"\n")

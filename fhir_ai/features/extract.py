@@ -14,10 +14,17 @@ from datetime import datetime
 from typing import Any, Iterable
 
 import numpy as np
+import orjson
 
 from ..fhir import times
 from ..mapping import Input, Mapping
 from .aggregate import grouped
+from .columns import STATUSES, ColumnBuilder, ObservationColumns, patient_id
+
+_FLUSH_ROWS = 200_000
+# Why a matched value was not used (0 = used); unit, coded-value and plausibility reasons carry detail.
+_REASONS = {1: "no effective time", 2: "unreadable effective time", 3: "unit cannot be converted",
+            4: "coded value not in the mapping's values", 5: "implausible value"}
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +88,9 @@ class Extractor:
         self._patients: dict[str, int] = {}
         self._patient_resources: dict[int, dict] = {}
         self._encounters: dict[int, list[dict]] = {}
-        self._p: list[int] = []
-        self._i: list[int] = []
-        self._t: list[float] = []
-        self._v: list[float] = []
-        self._o: list[int] = []
+        self._chunks: list[tuple[np.ndarray, ...]] = []      # (P, I, T, V, O) per add_columns call
         self._refs: list[str] = []
+        self._builder = ColumnBuilder(mapping.code_index)
         self._dropped: list[tuple[int, float, Dropped]] = []
         self._conversions: dict[tuple[int, str | None, str | None], tuple[float, float] | None] = {}
 
@@ -119,103 +123,159 @@ class Extractor:
             self._encounters.setdefault(self.patient_row(patient_id), []).append(encounter)
 
     def add_observation(self, obs: dict) -> None:
-        patient_id = _patient_id(obs)
-        if patient_id is None:
+        pid = self._builder.add(obs)
+        if pid is not None:
+            self.patient_row(pid)         # rows follow the order patients first appear in
+            if len(self._builder) >= _FLUSH_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if len(self._builder):
+            self.add_columns(self._builder.take())
+
+    def add_columns(self, cols: ObservationColumns) -> None:
+        """The one extraction core: Observation rows → (patient, input, time, value) arrays and drops.
+
+        Every caller goes through here (``add_observation`` buffers into columns first), so statuses,
+        time parsing, unit conversion, plausibility and what counts as dropped are decided once.
+        """
+        if not len(cols):
             return
+        rows, inputs = self._match(cols)
+        if not len(rows):
+            return
+        first = np.unique(cols.patient[rows], return_index=True)
+        for code in first[0][np.argsort(first[1], kind="stable")]:
+            self.patient_row(cols.patient_ids[code])
+        lookup = np.fromiter((self._patients.get(pid, -1) for pid in cols.patient_ids), np.int64,
+                             len(cols.patient_ids))
+        P = lookup[cols.patient[rows]]
+        T = self._times(cols, rows)
+        problem = np.zeros(len(rows), dtype=np.int8)      # 0 ok, see _REASONS
+        problem[np.isnan(T)] = np.where(_is_none(cols.time_text[rows[np.isnan(T)]]), 1, 2)
+        timed = problem == 0
+        allowed = np.zeros((len(self._inputs), len(STATUSES) + 1), dtype=bool)
+        for spec in self._inputs:
+            for status in spec.statuses:
+                allowed[spec.index, STATUSES.index(status)] = True
+        counted = timed & allowed[inputs, cols.status[rows]]     # status -1 reads the last (False) column
+        V = np.full(len(rows), np.nan)
+        text: dict[int, str] = {}
+        for spec in self._inputs:
+            sel = np.flatnonzero(counted & (inputs == spec.index))
+            if len(sel):
+                self._values(spec, cols, rows, sel, V, problem, text)
+        kept = counted & (problem == 0) & ~np.isnan(V)
+        self._keep(cols, rows[kept], P[kept], inputs[kept], T[kept], V[kept])
+        for j in np.flatnonzero(problem):
+            reason = text.get(int(j)) or _REASONS[problem[j]]
+            ref = f"Observation/{cols.obs_id[rows[j]]}"
+            self._dropped.append((int(P[j]), float(T[j]), Dropped(ref, self._inputs[inputs[j]].name, reason)))
+
+    def _match(self, cols: ObservationColumns) -> tuple[np.ndarray, np.ndarray]:
+        """(row, input) pairs: each coding's inputs; one pair per input and Observation part."""
         index = self.mapping.code_index
-        parts: list[tuple[list[dict], dict]] = [((obs.get("code") or {}).get("coding") or [], obs)]
-        for component in obs.get("component") or ():
-            parts.append((((component.get("code") or {}).get("coding")) or [], component))
-        matches: list[tuple[Input, dict]] = []
-        for codings, holder in parts:
-            seen: set[int] = set()
-            for coding in codings:
-                for i in index.get((coding.get("system"), coding.get("code")), ()):
-                    if i not in seen:
-                        seen.add(i)
-                        matches.append((self._inputs[i], holder))
-        if not matches:
-            return
-        row = self.patient_row(patient_id)
-        ref = f"Observation/{obs.get('id')}"
-        when = times.effective_time(obs)
-        status = obs.get("status")
-        if when is None:
-            for spec, _ in matches:
-                self._drop(row, float("nan"), ref, spec, "no effective time")
-            return
-        try:
-            t = times.to_epoch(when)
-        except ValueError:
-            for spec, _ in matches:
-                self._drop(row, float("nan"), ref, spec, "unreadable effective time")
-            return
-        obs_index = -1
-        for spec, holder in matches:
-            if status not in spec.statuses:
-                continue      # e.g. preliminary or entered-in-error: not a value, not a problem either
-            value, problem = self._value(spec, holder)
-            if problem is not None:
-                self._drop(row, t, ref, spec, problem)
-                continue
-            if value is None:
-                continue
-            if obs_index < 0:
-                obs_index = len(self._refs)
-                self._refs.append(ref)
-            self._p.append(row)
-            self._i.append(spec.index)
-            self._t.append(t)
-            self._v.append(value)
-            self._o.append(obs_index)
-
-    def _drop(self, row: int, t: float, ref: str, spec: Input, reason: str) -> None:
-        self._dropped.append((row, t, Dropped(ref, spec.name, reason)))
-
-    def _value(self, spec: Input, holder: dict) -> tuple[float | None, str | None]:
-        """(value in the input's unit, None) or (None, why it was refused); (None, None) = no value."""
-        if spec.value_type == "quantity":
-            q = holder.get("valueQuantity")
-            if q is None:
-                if "valueInteger" in holder:
-                    return self._check(spec, float(holder["valueInteger"]))
-                return None, None
-            raw = q.get("value")
-            if raw is None:
-                return None, None
-            code = q.get("code") if q.get("system") in (None, UCUM) else None
-            key = (spec.index, code, q.get("unit"))
-            if key not in self._conversions:
-                self._conversions[key] = spec.unit_conversion(code, q.get("unit"))
-            conv = self._conversions[key]
-            if conv is None:
-                return None, f"unit {q.get('code') or q.get('unit')!r} cannot be converted to {spec.unit!r}"
-            return self._check(spec, float(raw) * conv[0] + conv[1])
-        if spec.value_type == "boolean":
-            if "valueBoolean" in holder:
-                return (1.0 if holder["valueBoolean"] else 0.0), None
-            return None, None
-        if spec.value_type == "integer":
-            if "valueInteger" in holder:
-                return self._check(spec, float(holder["valueInteger"]))
-            q = holder.get("valueQuantity") or {}
-            return (self._check(spec, float(q["value"])) if q.get("value") is not None else (None, None))
-        # coding
-        concept = holder.get("valueCodeableConcept")
-        if concept is None:
-            return None, None
-        for coding in concept.get("coding") or ():
-            mapped = spec.coded_value(coding.get("system"), coding.get("code"))
-            if mapped is not None:
-                return mapped, None
-        return None, "coded value not in the mapping's values"
+        targets = [index.get(tuple(code), []) for code in cols.codes]   # type: ignore[arg-type]
+        counts = np.fromiter((len(t) for t in targets), np.int64, len(targets))
+        per_row = counts[cols.code]
+        rows = np.repeat(np.arange(len(cols)), per_row)
+        if not len(rows):
+            return rows, rows
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        flat = np.fromiter((i for t in targets for i in t), np.int64, int(counts.sum()))
+        offset = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        inputs = flat[starts[cols.code[rows]] + offset]
+        # The same input named twice in one part (two codings of one concept) is one value, not two.
+        group = np.r_[0, np.cumsum((np.diff(cols.obs[rows]) != 0) | (np.diff(cols.part[rows]) != 0))]
+        key = group * (len(self._inputs) + 1) + inputs
+        if len(np.unique(key)) < len(key):
+            keep = np.sort(np.unique(key, return_index=True)[1])
+            rows, inputs = rows[keep], inputs[keep]
+        return rows, inputs
 
     @staticmethod
-    def _check(spec: Input, value: float) -> tuple[float | None, str | None]:
-        if spec.plausible and not (spec.plausible[0] <= value <= spec.plausible[1]):
-            return None, (f"implausible value {value:g} {spec.unit or ''} "
-                          f"(plausible {spec.plausible[0]:g}-{spec.plausible[1]:g})").replace("  ", " ")
-        return value, None
+    def _times(cols: ObservationColumns, rows: np.ndarray) -> np.ndarray:
+        T = cols.time[rows].copy()
+        missing = np.flatnonzero(np.isnan(T))
+        parsed: dict[str, float] = {}
+        for j in missing:
+            text = cols.time_text[rows[j]]
+            if text is None:
+                continue
+            if text not in parsed:
+                try:
+                    parsed[text] = times.to_epoch(text)
+                except ValueError:
+                    parsed[text] = np.nan
+            T[j] = parsed[text]
+        return T
+
+    def _values(self, spec: Input, cols: ObservationColumns, rows: np.ndarray, sel: np.ndarray,
+                V: np.ndarray, problem: np.ndarray, text: dict[int, str]) -> None:
+        """Values of one input's rows ``sel`` into V (NaN = no value); refusals into problem/text."""
+        r = rows[sel]
+        kind = spec.value_type
+        if kind == "boolean":
+            b = cols.boolean[r]
+            V[sel] = np.where(b >= 0, b.astype(np.float64), np.nan)
+            return
+        if kind == "coding":
+            for j, concept in zip(sel, cols.concept[r]):
+                if concept is None:
+                    continue
+                if isinstance(concept, (str, bytes)):
+                    concept = orjson.loads(concept)
+                for coding in concept.get("coding") or ():
+                    mapped = spec.coded_value(coding.get("system"), coding.get("code"))
+                    if mapped is not None:
+                        V[j] = mapped
+                        break
+                else:
+                    problem[j] = 4
+            return
+        q, has_q, integer = cols.quantity[r], cols.has_quantity[r], cols.integer[r]
+        if kind == "integer":
+            value = np.where(~np.isnan(integer), integer, np.where(has_q, q, np.nan))
+        else:
+            value = np.where(has_q, q, integer)
+            converted = np.flatnonzero(has_q & ~np.isnan(q))
+            if len(converted):
+                units, inverse = np.unique(cols.unit[r[converted]], return_inverse=True)
+                scale = np.empty(len(units))
+                shift = np.empty(len(units))
+                for u, unit in enumerate(units):
+                    code, unit_text, sent = cols.units[unit]
+                    key = (spec.index, code, unit_text)
+                    if key not in self._conversions:
+                        self._conversions[key] = spec.unit_conversion(code, unit_text)
+                    conv = self._conversions[key]
+                    scale[u], shift[u] = conv if conv is not None else (np.nan, np.nan)
+                    if conv is None:
+                        bad = converted[inverse == u]
+                        problem[sel[bad]] = 3
+                        reason = f"unit {sent or unit_text!r} cannot be converted to {spec.unit!r}"
+                        text.update(dict.fromkeys(sel[bad].tolist(), reason))
+                value[converted] = value[converted] * scale[inverse] + shift[inverse]
+        V[sel] = value
+        if spec.plausible:
+            low, high = spec.plausible
+            out = np.flatnonzero(~np.isnan(value) & ~((low <= value) & (value <= high)) & (problem[sel] == 0))
+            for j in out:
+                problem[sel[j]] = 5
+                text[int(sel[j])] = (f"implausible value {value[j]:g} {spec.unit or ''} "
+                                     f"(plausible {low:g}-{high:g})").replace("  ", " ")
+
+    def _keep(self, cols: ObservationColumns, rows: np.ndarray, P: np.ndarray, I: np.ndarray, T: np.ndarray,
+              V: np.ndarray) -> None:
+        if not len(rows):
+            return
+        ordinals, first, inverse = np.unique(cols.obs[rows], return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")          # references in order of first appearance
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        base = len(self._refs)
+        self._refs.extend(f"Observation/{cols.obs_id[rows[first[k]]]}" for k in order)
+        self._chunks.append((P, I, T, V, base + rank[inverse]))
 
     # -- output --------------------------------------------------------------------------------
     def finish(self, as_of: datetime | dict[str, datetime] | None = None,
@@ -224,15 +284,14 @@ class Extractor:
 
         ``encounters`` pins a patient's current encounter by id (e.g. the ED visit being triaged).
         """
+        self._flush()
         for pid in patient_ids or ():
             self.patient_row(pid)
         ids = list(self._patients)
         n = len(ids)
-        P = np.asarray(self._p, dtype=np.int64)
-        I = np.asarray(self._i, dtype=np.int64)
-        T = np.asarray(self._t, dtype=np.float64)
-        V = np.asarray(self._v, dtype=np.float64)
-        O = np.asarray(self._o, dtype=np.int64)
+        P, I, T, V, O = (np.concatenate(parts) if self._chunks else np.empty(0, dtype)
+                         for parts, dtype in zip(zip(*self._chunks) if self._chunks else [()] * 5,
+                                                 (np.int64, np.int64, np.float64, np.float64, np.int64)))
         anchor = self._as_of(ids, as_of, P, T)
         encounter_ids, enc_start = self._current_encounters(n, anchor, encounters or {})
         order = np.lexsort((T, P))
@@ -369,13 +428,17 @@ class Extractor:
         return out
 
     def _basis(self, n: int, P: np.ndarray, O: np.ndarray) -> list[list[str]]:
+        """Each patient's Observation references, in order of first use, each once."""
         basis: list[list[str]] = [[] for _ in range(n)]
         if len(P) == 0:
             return basis
-        pairs = np.unique(np.stack([P, O], axis=1), axis=0)
-        refs = self._refs
-        for row, obs in pairs:
-            basis[row].append(refs[obs])
+        width = len(self._refs)
+        pairs = np.unique(P * width + O)
+        rows, obs = np.divmod(pairs, width)
+        refs = np.asarray(self._refs, dtype=object)[obs]
+        bounds = np.flatnonzero(np.diff(rows)) + 1
+        for row, group in zip(rows[np.r_[0, bounds]].tolist(), np.split(refs, bounds)):
+            basis[row] = group.tolist()
         return basis
 
 
@@ -456,12 +519,11 @@ def _element_codings(resource: dict, element: str | None) -> list[dict]:
 
 
 def _patient_id(resource: dict) -> str | None:
-    ref = (resource.get("subject") or resource.get("patient") or {}).get("reference")
-    if not ref:
-        return None
-    if ref.startswith("Patient/"):
-        return ref[8:].split("/_history", 1)[0]
-    return ref.rsplit("Patient/", 1)[-1] if "Patient/" in ref else None
+    return patient_id((resource.get("subject") or resource.get("patient") or {}).get("reference"))
+
+
+def _is_none(values: np.ndarray) -> np.ndarray:
+    return np.fromiter((v is None for v in values), bool, len(values))
 
 
 def _period_start(enc: dict) -> float | None:
