@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..store import Store
+from ..store import Store, actors
 from .tables import JobItemRow, JobRow
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,11 @@ class JobStore:
 
     # -- creating ------------------------------------------------------------------------------
     def create(self, job_id: str, *, kind: str, scope: str, as_of: datetime, request: dict[str, Any],
-               requested_by: str = "fhir_ai", requested_role: str = "system") -> bool:
+               requested_by: str | None = None, requested_role: str | None = None) -> bool:
         """Insert a queued job; False if a job with this id exists (scheduled runs use fixed ids)."""
         now = _utcnow()
+        requested_by = requested_by or actors.LOCAL.client_id
+        requested_role = requested_role or actors.LOCAL.role
         row = JobRow(id=job_id, kind=kind, scope=scope, status="queued", request=orjson.dumps(request).decode(),
                      as_of=as_of, requested_by=requested_by[:256], requested_role=requested_role[:64],
                      created_at=now, updated_at=now)
