@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 ALGORITHMS = ("RS384", "ES384")
 CLIENT_NAME = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-JWKS_REFRESH_AFTER = 300.0      # seconds: an unknown kid triggers at most one fetch per this interval
+JWKS_MAX_AGE = 3600.0           # seconds a fetched JWKS is used before it is fetched again
+JWKS_MIN_REFRESH = 60.0         # an unknown kid triggers at most one extra fetch per this interval
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class TokenVerifier:
         self._fetch = fetch or _fetch_json
         self._fetched: dict[str, Any] | None = None
         self._fetched_at = 0.0
+        self._forced_at = -JWKS_MIN_REFRESH
         self._lock = threading.Lock()
         if (jwks or jwks_url) and not (self.issuers and self.audience):
             raise ConfigurationError("JWT bearer tokens need FHIR_AI_AUTH_ISSUER and FHIR_AI_AUTH_AUDIENCE",
@@ -157,8 +159,11 @@ class TokenVerifier:
         out = list(jwt.PyJWKSet.from_dict(self.jwks).keys) if self.jwks else []
         if self.jwks_url:
             with self._lock:
-                stale = time.monotonic() - self._fetched_at > JWKS_REFRESH_AFTER
-                if self._fetched is None or (refresh and stale):
+                now = time.monotonic()
+                forced = refresh and now - self._forced_at > JWKS_MIN_REFRESH
+                if forced:
+                    self._forced_at = now
+                if self._fetched is None or forced or now - self._fetched_at > JWKS_MAX_AGE:
                     try:
                         self._fetched = self._fetch(self.jwks_url)
                         self._fetched_at = time.monotonic()

@@ -33,6 +33,9 @@ class Store(TrailMixin):
         self.engine = make_engine(url)
         if migrate:
             run_migrations(self.engine)
+            # Leave no pooled connection behind: servers fork workers after start-up, and a
+            # connection shared by two processes garbles both.
+            self.engine.dispose()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
