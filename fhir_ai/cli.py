@@ -125,6 +125,46 @@ def bulk_assess(ctx: click.Context, input_dir: Path, output: Path, models: tuple
                f"= {stats.patients_per_second:.0f} patients/s -> {output}")
 
 
+@main.command("bulk-export-assess")
+@click.option("--group", default=None, help="Export Group/{id} (a ward); default: Patient/$export (everyone).")
+@click.option("--full", is_flag=True, help="Ignore the last run's transactionTime (no _since).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to keep the RiskAssessment NDJSON.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the downloaded NDJSON (default: a temporary folder, removed afterwards).")
+@click.option("--model", "models", multiple=True, help="Model id (repeatable; default deterioration).")
+@click.option("--explain", type=click.Choice(["elevated", "all", "none"]), default="elevated", show_default=True)
+@click.option("--write-back/--no-write-back", default=None, help="Override FHIR_AI_WRITE_BACK.")
+@click.pass_context
+def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output: Path, workdir: Path | None,
+                       models: tuple[str, ...], explain: str, write_back: bool | None) -> None:
+    """Bulk Data: $export at the hospital (since the last run), score everyone, write back in Bundles."""
+    import tempfile
+    from .bulkdata import client_from_settings, export_and_assess
+    from .jobs import JobStore
+    from .mapping import load_directory
+    from .models.registry import ModelRegistry
+    from .store import Store
+    settings = _settings(ctx)
+    if settings.source_is_folder:
+        raise click.UsageError("bulk-export-assess needs FHIR_AI_SOURCE_URL to be the hospital's FHIR server")
+    registry = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
+    store = Store(settings.effective_database_url)
+    client = client_from_settings(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fhir-ai-export-") as scratch:
+            run = export_and_assess(settings, registry, JobStore(store), client, workdir=workdir or Path(scratch),
+                                    output=output, group=group, full=full, models=list(models) or None,
+                                    explain=explain, write_back=write_back)
+    finally:
+        client.close()
+        store.close()
+    click.echo(f"export {run.transaction_time} (since {run.since or 'the beginning'}): {run.patients} patients, "
+               f"{run.assessed} assessed; written back {run.written.written} in {run.written.bundles} bundle(s), "
+               f"failed {run.written.failed} -> {output}")
+    sys.exit(1 if run.written.failed else 0)
+
+
 @main.group()
 def mappings() -> None:
     """Check mapping files."""

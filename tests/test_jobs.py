@@ -292,3 +292,11 @@ def test_write_back_delivery_runs_as_a_task(settings_overrides: dict[str, Any], 
     finally:
         store.close()
         runtime.close()
+
+
+def test_the_capability_statement_lists_the_batch_operations(jc: FlaskClient) -> None:
+    rest = jc.get("/metadata").get_json()["rest"][0]
+    group = next(r for r in rest["resource"] if r["type"] == "Group")
+    assert group["operation"][0]["name"] == "assess"
+    assert "assess-all" in [o["name"] for o in rest["operation"]]
+    assert any(e["valueUrl"].endswith("/subscriptions/notify") for e in rest["extension"])

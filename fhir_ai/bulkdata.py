@@ -1,0 +1,379 @@
+"""Bulk Data client: kick off $export at the hospital, poll, download NDJSON, score in bulk, write back in Bundles.
+
+https://hl7.org/fhir/uv/bulkdata/export.html — kick-off with ``Prefer: respond-async`` answers 202 and a
+status URL; polling answers 202 (``X-Progress``, ``Retry-After``; 429 when polled too fast) until a 200
+manifest (``transactionTime``, ``output[]``, ``error[]``); DELETE cancels. The next run asks ``_since`` the
+last manifest's ``transactionTime``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import requests
+
+from .config import Settings
+from .errors import FhirAiError, UpstreamError, UpstreamTimeout
+from .fhir import smart
+from .fhir.client import Auth, _origin, _retry_after, outcome_text
+from .jobs.state import JobStore
+
+log = logging.getLogger(__name__)
+
+TYPES = ("Patient", "Encounter", "Observation")
+NDJSON = "application/fhir+ndjson"
+DEFAULT_POLL = 5.0        # seconds between polls when the server does not say
+MAX_POLL = 300.0          # never wait longer than this between polls, whatever Retry-After says
+TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class OutputFile:
+    type: str
+    url: str
+    count: int | None = None
+
+
+@dataclass
+class Manifest:
+    transaction_time: str
+    requires_access_token: bool | None
+    output: list[OutputFile]
+    error: list[OutputFile]
+    request: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> "Manifest":
+        if not isinstance(body, dict) or not isinstance(body.get("transactionTime"), str):
+            raise UpstreamError("the export manifest has no transactionTime", temporary=False)
+        files = {name: [OutputFile(str(o.get("type")), str(o.get("url")), o.get("count"))
+                        for o in body.get(name) or [] if isinstance(o, dict) and o.get("url")]
+                 for name in ("output", "error")}
+        return cls(body["transactionTime"], body.get("requiresAccessToken"), files["output"], files["error"],
+                   body.get("request"))
+
+
+@dataclass
+class WriteBackCounts:
+    bundles: int = 0
+    written: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class BulkDataClient:
+    """The $export protocol against one FHIR server; the token never leaves that server unless the
+    manifest says the files need it (``requiresAccessToken``)."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, auth: Auth | None = None,
+                 timeout: float = 30.0, retries: int = 4, max_wait: float = 21600.0,
+                 session: requests.Session | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._origin = _origin(self.base_url)
+        self.token, self.auth = token, auth
+        self.timeout, self.retries, self.max_wait = timeout, max(0, retries), max_wait
+        self.session = session or requests.Session()
+        self._sleep, self._clock = sleep, clock
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- the protocol ---------------------------------------------------------------------------
+    def kick_off(self, *, group: str | None = None, types: Iterable[str] = TYPES, since: str | None = None,
+                 patients: list[str] | None = None) -> str:
+        """Start an export; the status URL. ``patients`` (POST kick-off) limits it to those patients."""
+        path = f"Group/{group}/$export" if group else "Patient/$export"
+        headers = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
+        if patients:
+            params: list[dict[str, Any]] = [{"name": "_outputFormat", "valueString": NDJSON},
+                                            {"name": "_type", "valueString": ",".join(types)}]
+            if since:
+                params.append({"name": "_since", "valueInstant": since})
+            params += [{"name": "patient", "valueReference": {"reference": f"Patient/{p}"}} for p in patients]
+            response = self._request("POST", f"{self.base_url}/{path}", headers={
+                **headers, "Content-Type": "application/fhir+json"},
+                data=orjson.dumps({"resourceType": "Parameters", "parameter": params}))
+        else:
+            query = {"_outputFormat": NDJSON, "_type": ",".join(types)}
+            if since:
+                query["_since"] = since
+            response = self._request("GET", f"{self.base_url}/{path}", headers=headers, params=query)
+        if response.status_code != 202:
+            raise self._error("export kick-off", response)
+        location = response.headers.get("Content-Location")
+        if not location:
+            raise UpstreamError("export kick-off: 202 without Content-Location", temporary=False)
+        status_url = urljoin(self.base_url + "/", location)
+        self._same_origin(status_url, "status URL")
+        log.info("export started (%s%s)", path, f", since {since}" if since else "")
+        return status_url
+
+    def poll(self, status_url: str) -> Manifest:
+        """Wait for the export: honours Retry-After (202 and 429), retries temporary errors, gives up
+        after ``max_wait`` seconds (UpstreamTimeout; the caller cancels)."""
+        started = self._clock()
+        failures = 0
+        while True:
+            response = self._request("GET", status_url, headers={"Accept": "application/json"}, retry=False)
+            status = response.status_code
+            if status == 200:
+                return Manifest.parse(_json(response))
+            if status == 202:
+                failures = 0
+                progress = response.headers.get("X-Progress")
+                if progress:
+                    log.info("export in progress: %s", progress[:100])
+                wait = _retry_after(response) or DEFAULT_POLL
+            elif status in TRANSIENT:
+                failures += 1
+                if failures > self.retries:
+                    raise self._error("export status", response)
+                wait = _retry_after(response) or min(MAX_POLL, DEFAULT_POLL * 2 ** (failures - 1))
+                log.warning("export status: HTTP %d; polling again in %.0f s", status, wait)
+            else:
+                raise self._error("export", response)   # the export itself failed (4xx/5xx + OperationOutcome)
+            wait = min(MAX_POLL, wait)
+            if self._clock() - started + wait > self.max_wait:
+                raise UpstreamTimeout(f"the export did not finish within {self.max_wait:.0f} s")
+            self._sleep(wait)
+
+    def cancel(self, status_url: str) -> None:
+        """DELETE the export (202 expected; 404 means it is already gone)."""
+        response = self._request("DELETE", status_url, headers={"Accept": "application/fhir+json"})
+        if response.status_code not in (200, 202, 204, 404):
+            raise self._error("export cancel", response)
+        log.info("export cancelled")
+
+    def download(self, manifest: Manifest, folder: Path, types: Iterable[str] = TYPES) -> dict[str, list[Path]]:
+        """Stream each wanted output file to ``folder`` as '<Type>.<n>.ndjson'; error files are logged."""
+        folder.mkdir(parents=True, exist_ok=True)
+        wanted = set(types)
+        paths: dict[str, list[Path]] = {}
+        for n, item in enumerate(manifest.output):
+            if item.type not in wanted:
+                continue
+            path = folder / f"{item.type}.{n:03d}.ndjson"
+            self._fetch_file(item.url, path, manifest.requires_access_token)
+            paths.setdefault(item.type, []).append(path)
+        for n, item in enumerate(manifest.error):
+            path = folder / f"errors.{n:03d}.ndjson"
+            self._fetch_file(item.url, path, manifest.requires_access_token)
+            issues = [outcome_text(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+            log.warning("export reported %d error(s), e.g. %s", len(issues), (issues or [""])[0][:200])
+        return paths
+
+    def write_bundles(self, resources: Iterable[dict[str, Any]], size: int) -> WriteBackCounts:
+        """PUT every resource (deterministic ids: a repeat is a no-op) in transaction Bundles of ``size``."""
+        counts = WriteBackCounts()
+        for chunk in _chunks(resources, max(1, size)):
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}", "resource": r,
+                 "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in chunk]}
+            counts.bundles += 1
+            response = self._request("POST", self.base_url, data=orjson.dumps(bundle), headers={
+                "Accept": "application/fhir+json", "Content-Type": "application/fhir+json"})
+            if response.status_code >= 300:
+                error = self._error("write-back transaction", response)
+                counts.failed += len(chunk)
+                counts.errors.append(error.message)
+                continue
+            bad = [e for e in (_json(response).get("entry") or [])
+                   if not str((e.get("response") or {}).get("status", "")).startswith("2")]
+            counts.failed += len(bad)
+            counts.written += len(chunk) - len(bad)
+            counts.errors += [str((e.get("response") or {}).get("status")) for e in bad]
+        return counts
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _same_origin(self, url: str, what: str) -> None:
+        if _origin(url) != self._origin:
+            raise UpstreamError(f"the server's {what} points to another host; refusing to send our credentials "
+                                "there", temporary=False)
+
+    def _headers(self) -> dict[str, str]:
+        if self.auth is not None:
+            return dict(self.auth.headers())
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _fetch_file(self, url: str, path: Path, requires_token: bool | None) -> None:
+        """The token goes with a file only when the manifest says files need it; to our own server also
+        when the manifest does not say (files behind the same OAuth); never otherwise."""
+        ours = _origin(url) == self._origin
+        send_token = requires_token is True or (requires_token is None and ours)
+        if send_token and not ours:
+            log.warning("export file on another host; sending the token because requiresAccessToken is true")
+        response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True, credentials=send_token)
+        if response.status_code != 200:
+            raise self._error("export file download", response)
+        with open(path, "wb") as out:
+            for block in response.iter_content(1 << 20):
+                out.write(block)
+
+    def _request(self, method: str, url: str, *, headers: dict[str, str], params: Any = None,
+                 data: bytes | None = None, stream: bool = False, retry: bool = True,
+                 credentials: bool = True) -> requests.Response:
+        """One call; temporary failures retried (Retry-After honoured) unless ``retry`` is False; a 401
+        with an auth hook renews the token once."""
+        renewed = False
+        attempt = 0
+        while True:
+            all_headers = {**(self._headers() if credentials else {}), **headers}
+            try:
+                response = self.session.request(method, url, headers=all_headers, params=params, data=data,
+                                                timeout=self.timeout, stream=stream, allow_redirects=False)
+            except requests.Timeout as exc:
+                if not retry or attempt >= self.retries:
+                    raise UpstreamTimeout(f"{method} {urlsplit(url).path}: no answer in {self.timeout:.0f} s") from exc
+                wait = DEFAULT_POLL
+            except requests.RequestException as exc:
+                if not retry or attempt >= self.retries:
+                    raise UpstreamError(f"{method} {urlsplit(url).path}: {type(exc).__name__}") from exc
+                wait = DEFAULT_POLL
+            else:
+                if response.status_code == 401 and self.auth is not None and credentials and not renewed:
+                    self.auth.on_unauthorized()
+                    renewed = True
+                    continue
+                if not retry or response.status_code not in TRANSIENT or attempt >= self.retries:
+                    return response
+                wait = _retry_after(response) or DEFAULT_POLL * 2 ** attempt
+                log.warning("%s %s: HTTP %d; retrying in %.0f s", method, urlsplit(url).path,
+                            response.status_code, min(MAX_POLL, wait))
+            attempt += 1
+            self._sleep(min(MAX_POLL, wait))
+
+    def _error(self, what: str, response: requests.Response) -> UpstreamError:
+        try:
+            text = outcome_text(orjson.loads(response.content))
+        except orjson.JSONDecodeError:
+            text = ""
+        status = response.status_code
+        return UpstreamError(f"{what}: HTTP {status}" + (f" ({text})" if text else ""),
+                             temporary=status in TRANSIENT, upstream_status=status,
+                             retry_after=_retry_after(response))
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("the server's answer is not JSON", temporary=False) from exc
+    return body if isinstance(body, dict) else {}
+
+
+def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def read_ndjson(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def changed_patients(paths: dict[str, list[Path]]) -> list[str]:
+    """Patients with any changed resource in an incremental (``_since``) export."""
+    found: set[str] = set()
+    for kind, files in paths.items():
+        for path in files:
+            for resource in read_ndjson(path):
+                reference = resource.get("id") if kind == "Patient" else (resource.get("subject") or {}).get("reference")
+                if reference:
+                    found.add(reference.rsplit("/", 1)[-1])
+    return sorted(found)
+
+
+@dataclass
+class ExportRun:
+    """What one export-and-assess run did."""
+    job_id: str
+    transaction_time: str
+    since: str | None
+    patients: int = 0
+    assessed: int = 0
+    written: WriteBackCounts = field(default_factory=WriteBackCounts)
+    output: Path | None = None
+
+
+def client_from_settings(settings: Settings, **kwargs: Any) -> BulkDataClient:
+    return BulkDataClient(settings.source_url, token=settings.source_token,
+                          auth=smart.auth_from_settings(settings), timeout=max(30.0, settings.source_timeout),
+                          max_wait=settings.bulk_export_timeout, **kwargs)
+
+
+def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client: BulkDataClient, *,
+                      workdir: Path, output: Path, group: str | None = None, full: bool = False,
+                      models: list[str] | None = None, explain: str = "elevated",
+                      write_back: bool | None = None) -> ExportRun:
+    """One run: export (incremental from the last run unless ``full``), score, write back, remember.
+
+    An incremental export holds only what changed, not the history a model reads, so the patients it
+    names are exported again in full (POST kick-off with ``patient``) before scoring. The run's
+    ``transactionTime`` becomes the next ``_since`` only when everything was written back.
+    """
+    from .bulk import bulk_assess
+    scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
+    last = None if full else jobs.last("bulk-export", scope)
+    since = last.result.get("transactionTime") if last else None
+    job_id = f"bulk-{uuid.uuid4().hex}"
+    jobs.create(job_id, kind="bulk-export", scope=scope, as_of=datetime.now(timezone.utc),
+                request={"request": f"GET {scope}", "since": since})
+    jobs.start(job_id)
+    try:
+        manifest = _export(client, group=group, since=since)
+        paths = client.download(manifest, workdir / "export")
+        run = ExportRun(job_id, manifest.transaction_time, since, output=output)
+        folder = workdir / "export"
+        if since:
+            patients = changed_patients(paths)
+            log.info("incremental export: %d patient(s) changed since %s", len(patients), since)
+            if patients:
+                full_manifest = _export(client, group=group, patients=patients)
+                folder = workdir / "changed"
+                client.download(full_manifest, folder)
+            else:
+                folder = None
+        if folder is not None and any(folder.glob("*.ndjson")):
+            stats = bulk_assess(folder, output, registry, models=models or ["deterioration"], explain=explain,
+                                progress=False)
+            run.patients, run.assessed = stats.patients, stats.assessed
+            if settings.write_back if write_back is None else write_back:
+                run.written = client.write_bundles(read_ndjson(output), settings.bulk_bundle_size)
+        if run.written.failed:
+            jobs.fail(job_id, f"{run.written.failed} RiskAssessment(s) not written back: "
+                      + "; ".join(run.written.errors[:3]), 502)
+        else:
+            jobs.set_result(job_id, {"transactionTime": run.transaction_time, "patients": run.patients,
+                                     "assessed": run.assessed, "written": run.written.written,
+                                     "bundles": run.written.bundles}, status="completed")
+        return run
+    except FhirAiError as exc:
+        jobs.fail(job_id, exc.message, exc.status)
+        raise
+
+
+def _export(client: BulkDataClient, *, group: str | None, since: str | None = None,
+            patients: list[str] | None = None) -> Manifest:
+    status_url = client.kick_off(group=group, since=since, patients=patients)
+    try:
+        return client.poll(status_url)
+    except (UpstreamTimeout, KeyboardInterrupt):
+        client.cancel(status_url)          # do not leave the server working for nobody
+        raise
