@@ -1,6 +1,9 @@
 """Real processes against the real PostgreSQL (127.0.0.1:5432/test) and Redis (127.0.0.1:6379): a Celery
 worker killed mid-job and a new one finishing it, then several Celery workers and gunicorn workers assessing
-overlapping patient sets at once. Nothing lost, nothing stored twice. Loopback only; every wait is bounded."""
+overlapping patient sets at once. Nothing lost, nothing stored twice. Loopback only; every wait is bounded.
+
+They need PostgreSQL whatever the suite's store backend, so they run once: in the PostgreSQL pass
+(`pytest --database=postgresql`, which .ci/run makes), and are skipped in the SQLite pass."""
 from __future__ import annotations
 
 import json
@@ -37,7 +40,10 @@ from fhir_ai.fhir import times
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+try:
+    from .. import databases
+except ImportError:
+    import databases  # type: ignore[no-redef]
 REDIS = "redis://127.0.0.1:6379/0"
 AS_OF = "2026-11-20T08:00:00Z"
 TOKEN = "concurrency-test-token"
@@ -147,13 +153,16 @@ def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    server = databases.server_url()
+    if not server:
+        pytest.skip("runs in the PostgreSQL pass (pytest --database=postgresql)")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
     _need(lambda: admin.connect().close(), "PostgreSQL at 127.0.0.1:5432/test")
     schema = f"conc_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        yield databases.with_schema(server, schema)
     finally:
         with admin.connect() as connection:
             connection.execute(text("SET lock_timeout = '10s'"))
