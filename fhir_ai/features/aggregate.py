@@ -10,17 +10,38 @@ def grouped(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray,
 
     ``P`` must be sorted and ``T`` sorted within each patient (Extractor.finish guarantees it).
     """
-    count = np.bincount(P, minlength=n).astype(np.float64)
+    return grouped_many([aggregate], P, T, V, anchor, n)[0]
+
+
+def grouped_many(aggregates: list[str | None], P: np.ndarray, T: np.ndarray, V: np.ndarray,
+                 anchor: np.ndarray, n: int) -> list[np.ndarray]:
+    """Several aggregates of the same values; the per-patient segments are found once."""
+    segments = None
+    if len(P):
+        # np.r_ costs more than the work itself for a single patient's few values.
+        change = np.empty(len(P), dtype=bool)
+        change[0] = True
+        np.not_equal(P[1:], P[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:]
+        ends[-1] = len(P)
+        segments = (starts, P[starts], ends)
+    return [_one(aggregate, P, T, V, anchor, n, segments) for aggregate in aggregates]
+
+
+def _one(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray, anchor: np.ndarray, n: int,
+         segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
     if aggregate == "count":
-        return count
+        return np.bincount(P, minlength=n).astype(np.float64)
     if aggregate == "sum":
         return np.bincount(P, weights=V, minlength=n)
     out = np.full(n, np.nan)
-    if len(P) == 0:
+    if segments is None:
+        if aggregate not in _KNOWN:
+            raise ValueError(f"unknown aggregate {aggregate!r}")
         return out
-    starts = np.flatnonzero(np.r_[True, P[1:] != P[:-1]])
-    rows = P[starts]
-    ends = np.r_[starts[1:], len(P)]
+    starts, rows, ends = segments
     if aggregate == "last":
         out[rows] = V[ends - 1]
     elif aggregate == "first":
@@ -43,6 +64,9 @@ def grouped(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray,
     else:
         raise ValueError(f"unknown aggregate {aggregate!r}")
     return out
+
+
+_KNOWN = {"last", "first", "min", "max", "any", "mean", "delta", "median", "std", "slope"}
 
 
 def _slopes(P: np.ndarray, hours: np.ndarray, V: np.ndarray, starts: np.ndarray,

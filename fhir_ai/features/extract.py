@@ -18,7 +18,7 @@ import orjson
 
 from ..fhir import times
 from ..mapping import Input, Mapping
-from .aggregate import grouped
+from .aggregate import grouped, grouped_many
 from .columns import STATUSES, ColumnBuilder, ObservationColumns, patient_id
 
 _FLUSH_ROWS = 200_000
@@ -181,12 +181,12 @@ class Extractor:
         rows = np.repeat(np.arange(len(cols)), per_row)
         if not len(rows):
             return rows, rows
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        starts = np.cumsum(counts) - counts
         flat = np.fromiter((i for t in targets for i in t), np.int64, int(counts.sum()))
         offset = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
         inputs = flat[starts[cols.code[rows]] + offset]
         # The same input named twice in one part (two codings of one concept) is one value, not two.
-        group = np.r_[0, np.cumsum((np.diff(cols.obs[rows]) != 0) | (np.diff(cols.part[rows]) != 0))]
+        group = np.concatenate(([0], np.cumsum((np.diff(cols.obs[rows]) != 0) | (np.diff(cols.part[rows]) != 0))))
         key = group * (len(self._inputs) + 1) + inputs
         if len(np.unique(key)) < len(key):
             keep = np.sort(np.unique(key, return_index=True)[1])
@@ -301,19 +301,29 @@ class Extractor:
         X = np.full((n, len(features)), np.nan)
         used = np.zeros(len(P), dtype=bool)
         present = np.zeros((n, len(self._inputs)), dtype=bool)
-        by_input = {spec.index: np.flatnonzero(I == spec.index) for spec in self._inputs if spec.is_observation}
+        # Rows of each input (still sorted by patient and time), found with one stable sort.
+        by_i = np.argsort(I, kind="stable")
+        bounds = np.searchsorted(I[by_i], np.arange(len(self._inputs) + 1))
+        by_input = {spec.index: by_i[bounds[spec.index]:bounds[spec.index + 1]]
+                    for spec in self._inputs if spec.is_observation}
         statics = self._static_values(n, anchor, enc_start)
+        # Features of one input over one window share the selection and the per-patient segments.
+        groups: dict[tuple, list[int]] = {}
         for col, feature in enumerate(features):
             spec = self.mapping.inputs[feature.input]
             if not spec.is_observation:
                 X[:, col] = statics[(feature.input, feature.category)]
                 present[:, spec.index] |= ~np.isnan(X[:, col])
                 continue
-            sel = by_input[spec.index]
-            sel = sel[self._in_window(feature.window_start, feature.window_end, P[sel], T[sel], anchor, enc_start)]
-            X[:, col] = grouped(feature.aggregate, P[sel], T[sel], V[sel], anchor, n)
+            groups.setdefault((spec.index, feature.window_start, feature.window_end), []).append(col)
+        for (index, start, end), columns in groups.items():
+            sel = by_input[index]
+            sel = sel[self._in_window(start, end, P[sel], T[sel], anchor, enc_start)]
+            values = grouped_many([features[col].aggregate for col in columns], P[sel], T[sel], V[sel], anchor, n)
+            for col, value in zip(columns, values):
+                X[:, col] = value
             used[sel] = True
-            present[P[sel], spec.index] = True
+            present[P[sel], index] = True
         news2 = {}
         news2_used = np.zeros(len(P), dtype=bool)
         if self.mapping.news2:
@@ -323,7 +333,7 @@ class Extractor:
                 news2[param] = grouped("last", P[sel], T[sel], V[sel], anchor, n)
                 # The latest value of each patient is the one NEWS2 reads.
                 if len(sel):
-                    last = np.r_[P[sel][1:] != P[sel][:-1], True]
+                    last = np.append(P[sel][1:] != P[sel][:-1], True)
                     news2_used[sel[last]] = True
         reference = None
         if self.mapping.second_reader:

@@ -1,0 +1,239 @@
+"""Single-patient $assess: latency (own overhead vs upstream) and throughput under gunicorn; prints figures.
+
+    python bench/assess.py                    # 300 timed requests in-process, then 2 sync workers for ≤ 2000 requests / 60 s
+
+The hospital's server is a small HTTP server on 127.0.0.1 answering from memory (pre-rendered Patient,
+Encounter and Observation Bundles of generated patients). Latency is measured in-process through the
+Flask test client, with the time spent inside the source's calls (the upstream round trips) recorded
+separately: own overhead = request time − upstream time. Explanations are on (``$assess`` explains
+every assessment); write-back is off (it would be upstream time); each assessment is stored in SQLite.
+Throughput: ``fhir-ai serve --workers 2 --threads 1`` (gunicorn, sync workers), loopback only, a bounded
+number of requests and seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import orjson
+import requests
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))      # this checkout's fhir_ai, whatever an editable install points at
+TOKEN = "bench-token-not-a-secret"
+
+
+def load_patients(export: Path, count: int) -> dict[str, dict]:
+    """{patient id: {"Patient": bytes, "Encounter": bytes, "Observation": bytes, "as_of": str}}."""
+    wanted: dict[str, dict] = {}
+    for line in open(export / "Patient.ndjson", "rb"):
+        r = orjson.loads(line)
+        wanted[r["id"]] = {"Patient": line.strip(), "Encounter": [], "Observation": [], "latest": ""}
+        if len(wanted) == count:
+            break
+    for kind in ("Encounter", "Observation"):
+        for line in open(export / f"{kind}.ndjson", "rb"):
+            r = orjson.loads(line)
+            pid = r["subject"]["reference"].split("/", 1)[1]
+            if pid in wanted:
+                wanted[pid][kind].append(r)
+    from fhir_ai.fhir import times
+    for pid, item in wanted.items():
+        latest = max(times.parse_datetime(o["effectiveDateTime"]) for o in item["Observation"])
+        item["as_of"] = times.format_datetime(latest)
+        for kind in ("Encounter", "Observation"):
+            entries = [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r, "search": {"mode": "match"}}
+                       for r in item[kind]]
+            item[kind] = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": len(entries),
+                                       "entry": entries})
+    return wanted
+
+
+def serve_upstream(export: Path, count: int, port_out: "multiprocessing.Queue[int]") -> None:
+    patients = load_patients(export, count)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True     # headers and body go out as separate writes
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            url = urlparse(self.path)
+            parts = url.path.strip("/").split("/")
+            query = parse_qs(url.query)
+            body = None
+            if parts[0] == "Patient" and len(parts) == 2 and parts[1] in patients:
+                body = patients[parts[1]]["Patient"]
+            elif parts[0] in ("Encounter", "Observation") and query.get("patient", [""])[0] in patients:
+                body = patients[query["patient"][0]][parts[0]]
+            self.send_response(200 if body else 404)
+            body = body or b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"not-found"}]}'
+            self.send_header("Content-Type", "application/fhir+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port_out.put(server.server_address[1])
+    server.serve_forever()
+
+
+def settings(upstream: str, folder: Path) -> dict[str, str]:
+    return {"source_url": upstream, "database_url": f"sqlite:///{folder / 'bench.sqlite3'}", "write_back": "false",
+            "instance_path": str(folder), "log_level": "WARNING",
+            "auth_tokens": f"bench:ehr:{hashlib.sha256(TOKEN.encode()).hexdigest()}"}
+
+
+def body(as_of: str) -> bytes:
+    return orjson.dumps({"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": as_of}]})
+
+
+HEADERS = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"}
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: int) -> None:
+    from fhir_ai.app import create_app
+    app = create_app(settings(upstream, folder))
+    source = app.extensions["fhir_ai"].source
+    spent = [0.0]
+    for name in ("patient", "encounters", "observations"):
+        original = getattr(source, name)
+
+        def timed(*args, _original=original, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+        setattr(source, name, timed)
+    client = app.test_client()
+    gc.collect()
+    gc.freeze()                      # what the gunicorn workers do after the fork
+    ids = list(patients)
+    total, upstream_s, own = [], [], []
+    for i in range(requests_n + 20):
+        pid = ids[i % len(ids)]
+        spent[0] = 0.0
+        started = time.perf_counter()
+        response = client.post(f"/Patient/{pid}/$assess", data=body(patients[pid]["as_of"]), headers=HEADERS)
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200, (response.status_code, response.data[:300])
+        if i >= 20:                  # warm-up: first connections, first SQLite pages
+            total.append(elapsed * 1e3)
+            upstream_s.append(spent[0] * 1e3)
+            own.append((elapsed - spent[0]) * 1e3)
+    print(f"latency, {requests_n} requests in-process (explanations on, stored, no write-back):")
+    for label, values in (("own overhead", own), ("upstream (local, from memory)", upstream_s), ("total", total)):
+        print(f"  {label:<32} p50 {percentile(values, 50):6.2f} ms   p99 {percentile(values, 99):6.2f} ms   "
+              f"mean {statistics.mean(values):6.2f} ms")
+    print("  goals: own overhead p50 <= 5 ms, p99 <= 15 ms")
+
+
+def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_requests: int, max_seconds: float,
+               clients: int) -> None:
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.update({f"FHIR_AI_{k.upper()}": v for k, v in settings(upstream, folder).items()})
+    server = subprocess.Popen([sys.executable, "-m", "fhir_ai.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+                               "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(f"{base}/metadata", timeout=1)
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("fhir-ai serve did not start: " + server.stderr.read().decode()[-2000:])
+                time.sleep(0.2)
+        ids = list(patients)
+        counter = iter(range(max_requests))
+        lock = threading.Lock()
+        done: list[int] = []
+        stop = time.monotonic() + max_seconds
+
+        def worker() -> None:
+            session = requests.Session()
+            while time.monotonic() < stop:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                pid = ids[i % len(ids)]
+                r = session.post(f"{base}/Patient/{pid}/$assess", data=body(patients[pid]["as_of"]),
+                                 headers=HEADERS, timeout=30)
+                with lock:
+                    done.append(r.status_code)
+        for _ in range(5):                                   # warm-up
+            requests.post(f"{base}/Patient/{ids[0]}/$assess", data=body(patients[ids[0]]["as_of"]), headers=HEADERS)
+        started = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - started
+        ok = sum(1 for s in done if s == 200)
+        print(f"throughput, gunicorn 2 sync workers on 127.0.0.1, {clients} client threads: {ok} assessments "
+              f"in {seconds:.1f} s = {ok / seconds:.0f} assessments/s ({len(done) - ok} errors: "
+              f"{sorted(set(s for s in done if s != 200))}); goal >= 250/s")
+        print("  (the load generator and the upstream share the same CPUs with the workers)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--max-requests", type=int, default=2000)
+    parser.add_argument("--max-seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    import generate
+    from bulk import machine
+    print("machine:", machine())
+    export = generate.cached(1000)
+    queue: "multiprocessing.Queue[int]" = multiprocessing.Queue()
+    upstream_process = multiprocessing.Process(target=serve_upstream, args=(export, args.patients, queue), daemon=True)
+    upstream_process.start()
+    upstream = f"http://127.0.0.1:{queue.get(timeout=120)}"
+    patients = load_patients(export, args.patients)
+    n_obs = statistics.mean(len(json.loads(p["Observation"])["entry"]) for p in patients.values())
+    print(f"{len(patients)} patients, {n_obs:.0f} Observations each on average")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
+            latency(upstream, Path(tmp), patients, args.requests)
+        with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
+            throughput(upstream, Path(tmp), patients, args.max_requests, args.max_seconds, args.clients)
+    finally:
+        upstream_process.terminate()
+    print("machine at the end:", machine())
+
+
+if __name__ == "__main__":
+    main()
