@@ -315,10 +315,7 @@ def test_celery_and_gunicorn_workers_at_once_lose_and_duplicate_nothing(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        # gunicorn with the app made in each worker: `fhir-ai serve` preloads the app, and its workers then
-        # share the master's pooled PostgreSQL connection (reported; server.py's post_fork must dispose it).
-        group.start("gunicorn", "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}",
-                    "fhir_ai.app:create_app()", module=True)
+        group.start("gunicorn", "serve", "--port", str(port), "--workers", "2")   # `fhir-ai serve`: gunicorn
         base = f"http://127.0.0.1:{port}"
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json",
                 "Prefer": "respond-async"}
