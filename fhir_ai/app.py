@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from . import auth
-from .api import BLUEPRINTS, errors
+from .api import blueprints, errors
 from .config import Settings, load_settings
 from .pipeline import Pipeline
 
@@ -22,7 +22,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     app.config["FHIR_AI"] = settings
     app.json.sort_keys = False
     app.extensions["fhir_ai"] = pipeline or Pipeline.from_settings(settings)
-    for blueprint in BLUEPRINTS:
+    for blueprint in blueprints():
         app.register_blueprint(blueprint)
     errors.register(app)
     auth.init_app(app)          # every request: token, scope, audit (fhir_ai/auth)

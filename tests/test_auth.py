@@ -42,6 +42,10 @@ MATRIX = [
     ("GET", "/AuditEvent", None, {"auditor", "admin"}),
     ("GET", "/AuditEvent?action=C", None, {"auditor", "admin"}),
     ("GET", "/write-back", None, {"integrator", "admin"}),
+    ("GET", "/mappings", None, {"integrator", "admin"}),
+    ("POST", "/mappings/$check", None, {"integrator", "admin"}),
+    ("POST", "/mappings/$reload", None, {"integrator", "admin"}),
+    ("GET", "/audit/cds-cards", None, {"auditor", "admin"}),
 ]
 ROLES = ["ehr", "integrator", "auditor", "admin"]
 

@@ -1,19 +1,22 @@
-"""HTTP API: one blueprint per area."""
-from . import health, metadata, operations, risk_assessments, write_back
+"""HTTP API: one blueprint per area.
 
-BLUEPRINTS = [metadata.bp, operations.bp, risk_assessments.bp, health.bp, write_back.bp]
+Blueprints are imported when the app is built, not when ``fhir_ai.api`` is imported, so that light
+helpers (``fhir_io``, used by the CLI and auth) do not pull in models, the pipeline and Celery.
+"""
+from __future__ import annotations
 
-# EHR integration: CDS Hooks and push mode (POST /$assess).
-from . import cds_hooks, push  # noqa: E402
+from importlib import import_module
 
-BLUEPRINTS += [cds_hooks.bp, push.bp]
+from flask import Blueprint
 
-# Auditors: Provenance and AuditEvent (read and search).
-from . import audit, provenance  # noqa: E402
+MODULES = [
+    "metadata", "operations", "risk_assessments", "health", "write_back",
+    "cds_hooks", "push",            # EHR integration: CDS Hooks and push mode (POST /$assess)
+    "provenance", "audit",          # auditors: Provenance and AuditEvent (read and search)
+    "jobs", "subscriptions",        # batch jobs (async pattern) and Subscription notifications
+    "mappings",                     # integrators: list, check and reload mappings
+]
 
-BLUEPRINTS += [provenance.bp, audit.bp]
 
-# Batch jobs (async Group/$assess, $assess-all, job status) and Subscription notifications.
-from . import jobs, subscriptions  # noqa: E402
-
-BLUEPRINTS += [jobs.bp, subscriptions.bp]
+def blueprints() -> list[Blueprint]:
+    return [import_module(f"{__name__}.{name}").bp for name in MODULES]

@@ -19,6 +19,8 @@ from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
+from ..auth.guard import set_actor
+from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..pipeline import Pipeline
@@ -57,12 +59,17 @@ def _public_base() -> str:
 
 
 def _authenticate() -> Verified | None:
-    """The EHR's JWT, whose aud must be exactly the URL called (behind a proxy: cds_public_url + path)."""
+    """The EHR's JWT, whose aud must be exactly the URL called (behind a proxy: cds_public_url + path).
+
+    The verified issuer becomes the actor of the audit trail for what this request stores.
+    """
     if not _settings().cds_require_jwt:
         return None
     public = _settings().cds_public_url.rstrip("/")
     audience = f"{public}{request.path}" if public else request.base_url
-    return _verifier().verify(request.headers.get("Authorization"), audience)
+    caller = _verifier().verify(request.headers.get("Authorization"), audience)
+    set_actor(caller.issuer, "ehr")
+    return caller
 
 
 def _service(service_id: str) -> services.Service:
@@ -201,6 +208,7 @@ def feedback_post(service_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/audit/cds-cards")
+@requires("AuditEvent", "s", audit="search-type")
 def audit():  # type: ignore[no-untyped-def]
     """Cards issued and the feedback on them, oldest first (for auditors; JSON)."""
     args = request.args

@@ -1,0 +1,88 @@
+"""Integrators: list, check and reload the mapping files (and the models they feed) of this server."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+
+from ..auth.policy import requires
+from ..errors import FhirAiError, Unprocessable
+from ..mapping import check_directory
+from ..models.registry import ModelRegistry, check_against_mapping, load_model
+from ..pipeline import Pipeline
+from .fhir_io import fhir_response
+
+log = logging.getLogger(__name__)
+bp = Blueprint("mappings", __name__)
+
+
+def _pipeline() -> Pipeline:
+    return current_app.extensions["fhir_ai"]
+
+
+def _problems(pipeline: Pipeline) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The mappings as they are on disk now, and every problem (file: field), model order included."""
+    settings = pipeline.settings
+    found, problems = check_directory(settings.mappings_dir)
+    for model_id, mapping in found.items():
+        model_dir = Path(settings.models_dir) / model_id
+        if (model_dir / "model.txt").exists():
+            try:
+                check_against_mapping(load_model(model_dir), mapping)
+            except FhirAiError as exc:
+                problems.setdefault(f"{mapping.path}: features", []).append(exc.message)
+    return found, problems
+
+
+def _outcome(problems: dict[str, list[str]], ok_text: str) -> dict[str, Any]:
+    if not problems:
+        return {"resourceType": "OperationOutcome",
+                "issue": [{"severity": "information", "code": "informational", "diagnostics": ok_text}]}
+    return {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": message, "expression": [where]}
+        for where, messages in sorted(problems.items()) for message in messages]}
+
+
+@bp.get("/mappings")
+@requires("Mapping", "r")
+def list_mappings():  # type: ignore[no-untyped-def]
+    """What this process serves: each mapping's file, version, digest and the model version it feeds."""
+    registry = _pipeline().registry
+    out = []
+    for model_id, mapping in sorted(registry.mappings.items()):
+        model = registry.models.get(model_id)
+        out.append({"model": model_id, "file": mapping.path.name, "version": mapping.version,
+                    "digest": mapping.digest, "inputs": len(mapping.inputs), "features": len(mapping.features),
+                    "modelVersion": model.version if model else None})
+    return jsonify({"mappings": out})
+
+
+@bp.post("/mappings/$check")
+@requires("Mapping", "r")
+def check():  # type: ignore[no-untyped-def]
+    """Validate the mapping files on disk now (without loading them): every problem, with file and field."""
+    found, problems = _problems(_pipeline())
+    return fhir_response(_outcome(problems, f"{len(found)} mapping(s) valid: {', '.join(sorted(found))}"))
+
+
+@bp.post("/mappings/$reload")
+@requires("Mapping", "u")
+def reload():  # type: ignore[no-untyped-def]
+    """Load the mappings and models from disk into this worker process, only if all of them are valid.
+
+    Under gunicorn each worker process holds its own copy: a reload reaches the worker that answered.
+    Restart the service (or roll the workers) to reload all of them.
+    """
+    pipeline = _pipeline()
+    found, problems = _problems(pipeline)
+    if problems:
+        raise Unprocessable("mappings not reloaded: " + "; ".join(
+            f"{where}: {m}" for where, msgs in sorted(problems.items()) for m in msgs),
+            expression=sorted(problems))
+    pipeline.registry = ModelRegistry.load(pipeline.settings.models_dir, found)
+    log.info("mappings reloaded: %s", ", ".join(f"{k} {m.version}" for k, m in sorted(found.items())))
+    return fhir_response(_outcome({}, "reloaded: " + ", ".join(
+        f"{k} (mapping {m.version}, model {pipeline.registry.models[k].version if k in pipeline.registry.models else 'none'})"
+        for k, m in sorted(found.items()))))
