@@ -138,14 +138,18 @@ class Pipeline:
     def _target(self) -> str | None:
         return None if self.source.read_only else self.settings.source_url.rstrip("/")
 
-    def write_back(self, resource: dict[str, Any]) -> dict[str, Any] | None:
-        """Deliver a stored resource's pending write-back now; a failure stays queued (never lost)."""
+    def write_back(self, resource: dict[str, Any], *, retries: int | None = 0) -> dict[str, Any] | None:
+        """Deliver a stored resource's pending write-back now; a failure stays queued (never lost).
+
+        A request that is waiting for its answer makes one attempt (``retries=0``): during an outage it
+        must not hang on back-offs; the queue (``fhir-ai worker``) retries with backoff and a circuit.
+        """
         if self.source.read_only:
             return warning("informational", "write-back skipped: the configured source is a read-only folder")
         pending = [row for row in self.store.outbox(resource_id=resource["id"]) if row.status != "delivered"]
         for row in pending:
             try:
-                self.source.write(outbound(resource))
+                self.source.write(outbound(resource), retries=retries)
             except UpstreamError as exc:
                 self.store.record_delivery(row.id, ok=False, error=exc.message, permanent=not exc.temporary)
                 log.warning("write-back of %s failed (%s); %s", resource["id"], exc.upstream_status,
@@ -166,7 +170,7 @@ class Pipeline:
             resource = self.store.get_assessment(row.resource_id)
             if resource is None:
                 continue
-            issue = self.write_back(resource)
+            issue = self.write_back(resource, retries=None)
             counts["failed" if issue else "delivered"] += 1
         return counts
 

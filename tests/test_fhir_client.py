@@ -164,6 +164,14 @@ def test_503_then_success_uses_backoff(client, mocked, sleeps):
     assert sleeps == [1.0, 2.0]
 
 
+def test_put_with_retries_zero_makes_one_attempt(client, mocked, sleeps):
+    mocked.put(f"{BASE}/RiskAssessment/ra-1", status=503, json=fixture("operationoutcome-busy.json"))
+    with pytest.raises(UpstreamError) as err:
+        client.put({"resourceType": "RiskAssessment", "id": "ra-1", "status": "final"}, retries=0)
+    assert err.value.temporary is True and "1 attempt(s)" in err.value.message
+    assert len(mocked.calls) == 1 and sleeps == []
+
+
 def test_retries_exhausted_is_502_with_outcome_text(client, mocked, sleeps):
     mocked.get(f"{BASE}/Patient/example", status=503, json=fixture("operationoutcome-busy.json"))
     with pytest.raises(UpstreamError) as err:

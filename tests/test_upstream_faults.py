@@ -284,10 +284,12 @@ def write_back_status(client: FlaskClient, resource_id: str) -> dict[str, Any]:
 
 
 def test_failed_write_back_is_stored_queued_and_delivered_later(app: Flask, client: FlaskClient,
-                                                                hospital: FakeHospital, attempts: int) -> None:
+                                                                hospital: FakeHospital, sleeps: list[float]) -> None:
     error_body = json.dumps(operation_outcome("database unavailable", "exception"))
-    hospital.fail("PUT", *[(500, {"Content-Type": FHIR_JSON}, error_body)] * attempts * 2)
+    # A waiting request makes one attempt per resource (no back-off): the queue retries later.
+    hospital.fail("PUT", *[(500, {"Content-Type": FHIR_JSON}, error_body)] * 2)
     response = assess(client)
+    assert sleeps == []
     assert response.status_code == 200
     stored = assessments(response)
     assert len(stored) == 2                         # the model's and the NEWS2 companion

@@ -138,12 +138,16 @@ class FhirClient:
         """GET a resource or Bundle; a relative path is taken from base_url."""
         return self._call("GET", path_or_url, params=params)
 
-    def put(self, resource: dict[str, Any]) -> dict[str, Any]:
-        """PUT {type}/{id}: create or update, so a retry never duplicates. {} if no body."""
+    def put(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
+        """PUT {type}/{id}: create or update, so a retry never duplicates. {} if no body.
+
+        ``retries`` overrides the client's retry count for this call (0: one attempt, e.g. when a
+        queue will retry later and a caller is waiting).
+        """
         rtype, rid = resource.get("resourceType"), resource.get("id")
         if not rtype or not rid:
             raise BadRequest("a resource needs resourceType and id to be PUT")
-        return self._call("PUT", f"{rtype}/{rid}", body=resource)
+        return self._call("PUT", f"{rtype}/{rid}", body=resource, retries=retries)
 
     def post(self, path: str, body: dict[str, Any],
              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -216,7 +220,7 @@ class FhirClient:
 
     def _call(self, method: str, path_or_url: str, *, params: Params = None,
               body: dict[str, Any] | None = None,
-              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+              headers: Mapping[str, str] | None = None, retries: int | None = None) -> dict[str, Any]:
         url = self._url(path_or_url)
         all_headers = dict(self._headers)
         data = None
@@ -226,32 +230,33 @@ class FhirClient:
         all_headers.update(headers or {})
         where = urlsplit(url).path  # no query string in logs: it may hold search values
         if self.auth is None:
-            return self._with_retries(method, url, where, params, data, all_headers)
+            return self._with_retries(method, url, where, params, data, all_headers, retries)
         try:
-            return self._with_retries(method, url, where, params, data, all_headers)
+            return self._with_retries(method, url, where, params, data, all_headers, retries)
         except _Unauthorized:
             # A token can be revoked or the server's keys rotated before it expires: renew once.
             log.info("%s %s: HTTP 401; renewing the access token once", method, where)
             self.auth.on_unauthorized()
         try:
-            return self._with_retries(method, url, where, params, data, all_headers)
+            return self._with_retries(method, url, where, params, data, all_headers, retries)
         except _Unauthorized as denied:
             raise self._fatal(method, where, denied.response) from None
 
     def _with_retries(self, method: str, url: str, where: str, params: Params,
-                      data: bytes | None, headers: dict[str, str]) -> dict[str, Any]:
-        for attempt in range(self.retries + 1):
+                      data: bytes | None, headers: dict[str, str], retries: int | None = None) -> dict[str, Any]:
+        retries = self.retries if retries is None else max(0, retries)
+        for attempt in range(retries + 1):
             try:
                 attempt_headers = headers
                 if self.auth is not None:  # per attempt: the token may be renewed meanwhile
                     attempt_headers = {**headers, **self.auth.headers()}
                 return self._attempt(method, url, where, params, data, attempt_headers)
             except _Temporary as failure:
-                if attempt >= self.retries:
-                    raise self._exhausted(method, where, failure) from None
+                if attempt >= retries:
+                    raise self._exhausted(method, where, failure, retries) from None
                 delay = self._delay(attempt, failure.response)
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", method, where, failure.reason,
-                            attempt + 1, self.retries, delay)
+                            attempt + 1, retries, delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -308,14 +313,14 @@ class FhirClient:
                              f"{status}{suffix}", temporary=False, upstream_status=status,
                              details=text or None)
 
-    def _exhausted(self, method: str, where: str, failure: _Temporary) -> Exception:
+    def _exhausted(self, method: str, where: str, failure: _Temporary, retries: int) -> Exception:
         response = failure.response
         status = response.status_code if response is not None else None
         text = _response_outcome(response) if response is not None else ""
         suffix = f": {text}" if text else ""
         message = (f"{method} {where}: the hospital FHIR server failed after "
-                   f"{self.retries + 1} attempts ({failure.reason}){suffix}")
-        log.error("%s %s: giving up after %d attempts (%s)", method, where, self.retries + 1,
+                   f"{retries + 1} attempt(s) ({failure.reason}){suffix}")
+        log.error("%s %s: giving up after %d attempt(s) (%s)", method, where, retries + 1,
                   failure.reason)
         cls = UpstreamTimeout if failure.timeout else UpstreamError
         return cls(message, temporary=True, upstream_status=status, details=text or None,

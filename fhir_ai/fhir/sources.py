@@ -58,8 +58,8 @@ class Source(abc.ABC):
         matches any) whose effective time overlaps [since, until]; None means no filter."""
 
     @abc.abstractmethod
-    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
-        """Create or update the resource by id (idempotent)."""
+    def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
+        """Create or update the resource by id (idempotent); ``retries`` overrides the client's."""
 
     def close(self) -> None:
         """Release connections; the default has nothing to release."""
@@ -126,8 +126,8 @@ class ServerSource(Source):
         if chunk:
             yield ",".join(chunk)
 
-    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
-        return self.client.put(resource)
+    def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
+        return self.client.put(resource, retries=retries)
 
     def close(self) -> None:
         self.client.close()
@@ -259,7 +259,7 @@ class FolderSource(Source):
             observations = [o for o in observations if _in_dates(o, since, until)]
         return observations
 
-    def write(self, resource: dict[str, Any]) -> dict[str, Any]:
+    def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
         raise NotSupported("the folder source is read-only")
 
     # -- reading --------------------------------------------------------------------------------
