@@ -175,18 +175,10 @@ def mappings() -> None:
 @click.pass_context
 def mappings_check(ctx: click.Context, directory: Path | None) -> None:
     """Validate every mapping in DIRECTORY (default FHIR_AI_MAPPINGS_DIR) and its model's feature order."""
-    from .mapping import check_directory
-    from .models.registry import check_against_mapping, load_model
+    from .models.registry import check_mappings
     settings = _settings(ctx)
     directory = directory or Path(settings.mappings_dir)
-    found, problems = check_directory(directory)
-    for model_id, mapping in found.items():
-        model_dir = Path(settings.models_dir) / model_id
-        if (model_dir / "model.txt").exists():
-            try:
-                check_against_mapping(load_model(model_dir), mapping)
-            except FhirAiError as exc:
-                problems[f"{mapping.path}: features"] = [exc.message]
+    found, problems = check_mappings(directory, settings.models_dir)
     for where, messages in sorted(problems.items()):
         for message in messages:
             click.echo(f"{where}: {message}", err=True)

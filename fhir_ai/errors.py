@@ -56,6 +56,18 @@ class NotSupported(FhirAiError):
     code = "not-supported"
 
 
+class UnsupportedMediaType(FhirAiError):
+    """The request body is not FHIR JSON."""
+    status = 415
+    code = "not-supported"
+
+
+class NotAcceptable(FhirAiError):
+    """The caller asked for a format this server does not speak (e.g. XML)."""
+    status = 406
+    code = "not-supported"
+
+
 class Unprocessable(FhirAiError):
     """Well-formed input that fails a business rule."""
     status = 422

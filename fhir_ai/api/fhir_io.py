@@ -8,20 +8,10 @@ import orjson
 from flask import Request, Response, request
 
 from ..codes import FHIR_JSON
-from ..errors import BadRequest, FhirAiError
+from ..errors import BadRequest, NotAcceptable, UnsupportedMediaType
 
 ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ACCEPTED_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
-
-
-class UnsupportedMediaType(FhirAiError):
-    status = 415
-    code = "not-supported"
-
-
-class NotAcceptable(FhirAiError):
-    status = 406
-    code = "not-supported"
 
 
 def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:

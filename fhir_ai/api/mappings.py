@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
 from ..auth.policy import requires
-from ..errors import FhirAiError, Unprocessable
-from ..mapping import check_directory
-from ..models.registry import ModelRegistry, check_against_mapping, load_model
+from ..errors import Unprocessable
+from ..models.registry import ModelRegistry, check_mappings
 from ..pipeline import Pipeline
 from .fhir_io import fhir_response
 
@@ -23,17 +21,7 @@ def _pipeline() -> Pipeline:
 
 
 def _problems(pipeline: Pipeline) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """The mappings as they are on disk now, and every problem (file: field), model order included."""
-    settings = pipeline.settings
-    found, problems = check_directory(settings.mappings_dir)
-    for model_id, mapping in found.items():
-        model_dir = Path(settings.models_dir) / model_id
-        if (model_dir / "model.txt").exists():
-            try:
-                check_against_mapping(load_model(model_dir), mapping)
-            except FhirAiError as exc:
-                problems.setdefault(f"{mapping.path}: features", []).append(exc.message)
-    return found, problems
+    return check_mappings(pipeline.settings.mappings_dir, pipeline.settings.models_dir)
 
 
 def _outcome(problems: dict[str, list[str]], ok_text: str) -> dict[str, Any]:

@@ -104,6 +104,21 @@ def check_against_mapping(model: LoadedModel, mapping: Mapping) -> None:
                      + "; ".join(detail), expression=f"{mapping.path}: features")
 
 
+def check_mappings(mappings_dir: Path | str, models_dir: Path | str) -> tuple[dict[str, Mapping], dict[str, list[str]]]:
+    """Every mapping in a folder as it is on disk now, and every problem ('file: field.path' → messages),
+    including a mapping whose features no longer fit its trained model (names and order)."""
+    from ..mapping import check_directory
+    found, problems = check_directory(mappings_dir)
+    for model_id, mapping in found.items():
+        directory = Path(models_dir) / model_id
+        if (directory / MODEL_FILE).exists():
+            try:
+                check_against_mapping(load_model(directory), mapping)
+            except ModelError as exc:
+                problems.setdefault(f"{mapping.path}: features", []).append(exc.message)
+    return found, problems
+
+
 class ModelRegistry:
     """Every model fhir_ai serves, loaded at start-up."""
 
