@@ -248,6 +248,22 @@ def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
         configure(load_settings())
 
 
+def test_a_dead_workers_task_is_swept_back_within_the_visibility_timeout() -> None:
+    # kombu's defaults sweep for unacknowledged tasks only every 10 s x 10 calls = 100 s, whatever the
+    # visibility timeout; the configured broker must sweep often enough to honour the timeout.
+    app = configure(load_settings({"job_visibility_timeout": 4}))
+    try:
+        options = app.conf.broker_transport_options
+        sweep = options["unacked_restore_interval"] * options["unacked_restore_throttle"]
+        assert options["visibility_timeout"] == 4 and sweep <= 1.0
+        assert options["unacked_mutex_expire"] <= 300
+        app = configure(load_settings({"job_visibility_timeout": 3600}))
+        options = app.conf.broker_transport_options
+        assert options["unacked_restore_interval"] * options["unacked_restore_throttle"] <= 10
+    finally:
+        configure(load_settings())
+
+
 def test_scheduled_rescoring_starts_one_job_per_ward_per_slot(job_app: Flask) -> None:
     settings = load_settings({**{k: getattr(job_app.config["FHIR_AI"], k) for k in
                                  ("database_url", "source_url", "mappings_dir", "models_dir", "write_back")},

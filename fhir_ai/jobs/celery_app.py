@@ -31,6 +31,23 @@ def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def transport_options(settings: Settings) -> dict[str, float]:
+    """Redis transport options: when a task taken by a dead worker is handed to another one.
+
+    kombu gives back an unacknowledged task once it is older than ``visibility_timeout``, but only
+    when a live worker sweeps for such tasks: by default every ``unacked_restore_interval`` (10 s) ×
+    ``unacked_restore_throttle`` (10) = 100 s, whatever the timeout. Sweep every quarter of the
+    timeout (at most every 10 s, at least every second) on every call, so a killed worker's task
+    comes back within about 1.25 × the timeout. The sweep's lock expires after the timeout (at most
+    5 minutes), so a worker killed while sweeping does not stop the others for long.
+    """
+    timeout = max(1.0, settings.job_visibility_timeout)
+    return {"visibility_timeout": timeout,
+            "unacked_restore_interval": min(10.0, max(1.0, timeout / 4)),
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": int(min(300.0, max(5.0, timeout)))}
+
+
 def configure(settings: Settings) -> Celery:
     """Apply the settings to the app (idempotent; again only when they changed)."""
     key = (settings.broker_url, settings.job_queue, settings.job_visibility_timeout, settings.worker_interval,
@@ -45,7 +62,7 @@ def configure(settings: Settings) -> Celery:
     app.conf.update(
         broker_url=settings.broker_url,
         # Redis hands a task taken by a worker that died (never acknowledged) to another worker after this.
-        broker_transport_options={"visibility_timeout": settings.job_visibility_timeout},
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.job_queue,
         task_serializer="json", accept_content=["json"], result_serializer="json",

@@ -272,9 +272,6 @@ def check_store(url: str, patients: list[str], hospital: Hospital) -> dict[str, 
 
 # -- the tests -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=(
-    "FLAKY (2 of 3 runs on 2026-11-25): after SIGKILL the chunk the dead worker held is not always redelivered "
-    "by Redis within 90 s although the visibility timeout is 4 s, so the job never completes; see issue 6"))
 def test_a_job_survives_its_worker_being_killed_and_scheduled_rescoring_runs(
         postgres_url: str, queue: str, tmp_path: Path) -> None:
     patients = [f"c-{n:03d}" for n in range(18)]
