@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import gzip
 import logging
 import re
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import orjson
 
@@ -118,10 +119,13 @@ class ServerSource(Source):
         """Comma-joined code lists, each keeping the search URL under MAX_URL characters."""
         room = MAX_URL - len(f"{self.client.base_url}/Observation?{urlencode(params)}&code=")
         chunk: list[str] = []
+        used = 0
         for token in tokens:
-            if chunk and len(urlencode({"c": ",".join(chunk + [token])})) - 2 > room:
+            size = _encoded_length(token)
+            if chunk and used + len(_COMMA) + size > room:
                 yield ",".join(chunk)
-                chunk = []
+                chunk, used = [], 0
+            used += size + (len(_COMMA) if chunk else 0)
             chunk.append(token)
         if chunk:
             yield ",".join(chunk)
@@ -131,6 +135,15 @@ class ServerSource(Source):
 
     def close(self) -> None:
         self.client.close()
+
+
+_COMMA = quote_plus(",")
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_length(token: str) -> int:
+    """Characters a search token takes in a query string (the same codes are asked for every time)."""
+    return len(quote_plus(token))
 
 
 def _unique(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
