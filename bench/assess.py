@@ -4,8 +4,8 @@
 
 The hospital's server is a small HTTP server on 127.0.0.1 answering from memory (pre-rendered Patient,
 Encounter and Observation Bundles of generated patients). Latency is measured in-process through the
-Flask test client, with the time spent inside the source's calls (the upstream round trips) recorded
-separately: own overhead = request time − upstream time. Explanations are on (``$assess`` explains
+Flask test client, with the time spent in the HTTP exchanges with the upstream (sending each request and
+reading its answer, not parsing it) recorded separately: own overhead = request time − upstream time. Explanations are on (``$assess`` explains
 every assessment); write-back is off (it would be upstream time); each assessment is stored in SQLite.
 Throughput: ``fhir-ai serve --workers 2 --threads 1`` (gunicorn, sync workers), loopback only, a bounded
 number of requests and seconds.
@@ -114,20 +114,23 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: int) -> None:
+    import requests.adapters
     from fhir_ai.app import create_app
     app = create_app(settings(upstream, folder))
-    source = app.extensions["fhir_ai"].source
     spent = [0.0]
-    for name in ("patient", "encounters", "observations"):
-        original = getattr(source, name)
+    # Upstream time = the HTTP exchanges themselves (request out, the server's answer read in); parsing
+    # the answer, building queries and everything else around them is our own overhead.
+    original_send = requests.adapters.HTTPAdapter.send
 
-        def timed(*args, _original=original, **kwargs):
-            started = time.perf_counter()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - started
-        setattr(source, name, timed)
+    def timed_send(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            response = original_send(self, *args, **kwargs)
+            response.content          # the body is read here, as part of the exchange
+            return response
+        finally:
+            spent[0] += time.perf_counter() - started
+    requests.adapters.HTTPAdapter.send = timed_send
     client = app.test_client()
     gc.collect()
     gc.freeze()                      # what the gunicorn workers do after the fork
@@ -151,8 +154,23 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
     print("  goals: own overhead p50 <= 5 ms, p99 <= 15 ms")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants that are alive now (Linux /proc)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_requests: int, max_seconds: float,
-               clients: int) -> None:
+               clients: int, upstream_pid: int) -> None:
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.update({f"FHIR_AI_{k.upper()}": v for k, v in settings(upstream, folder).items()})
@@ -190,17 +208,27 @@ def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_reque
         for _ in range(5):                                   # warm-up
             requests.post(f"{base}/Patient/{ids[0]}/$assess", data=body(patients[ids[0]]["as_of"]), headers=HEADERS)
         started = time.perf_counter()
+        cpu_before = {"workers": cpu_seconds(server.pid), "upstream": cpu_seconds(upstream_pid),
+                      "client": time.process_time()}
         threads = [threading.Thread(target=worker) for _ in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         seconds = time.perf_counter() - started
+        cpu = {"workers": cpu_seconds(server.pid), "upstream": cpu_seconds(upstream_pid),
+               "client": time.process_time()}
+        cpu = {k: v - cpu_before[k] for k, v in cpu.items()}
         ok = sum(1 for s in done if s == 200)
         print(f"throughput, gunicorn 2 sync workers on 127.0.0.1, {clients} client threads: {ok} assessments "
               f"in {seconds:.1f} s = {ok / seconds:.0f} assessments/s ({len(done) - ok} errors: "
               f"{sorted(set(s for s in done if s != 200))}); goal >= 250/s")
         print("  (the load generator and the upstream share the same CPUs with the workers)")
+        if ok:
+            per = {k: v / ok * 1e3 for k, v in cpu.items()}
+            print("  CPU per assessment: " + ", ".join(f"{k} {v:.1f} ms" for k, v in per.items())
+                  + f"; {os.cpu_count()} CPUs / (workers' CPU per assessment) = "
+                  f"{os.cpu_count() * 1e3 / per['workers']:.0f} assessments/s if the workers had the CPUs to themselves")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -229,7 +257,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
             latency(upstream, Path(tmp), patients, args.requests)
         with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
-            throughput(upstream, Path(tmp), patients, args.max_requests, args.max_seconds, args.clients)
+            throughput(upstream, Path(tmp), patients, args.max_requests, args.max_seconds, args.clients,
+                       upstream_process.pid)
     finally:
         upstream_process.terminate()
     print("machine at the end:", machine())
