@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -101,8 +102,13 @@ def settings(upstream: str, folder: Path) -> dict[str, str]:
             "auth_tokens": f"bench:ehr:{hashlib.sha256(TOKEN.encode()).hexdigest()}"}
 
 
-def body(as_of: str) -> bytes:
-    return orjson.dumps({"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": as_of}]})
+def body(as_of: str, request_number: int = 0) -> bytes:
+    """$assess as of the patient's latest Observation plus one minute per round through the patients:
+    every request is a new assessment (a repeat would only be looked up and audited)."""
+    from fhir_ai.fhir import times
+    at = times.parse_datetime(as_of) + timedelta(minutes=request_number)
+    return orjson.dumps({"resourceType": "Parameters",
+                         "parameter": [{"name": "asOf", "valueDateTime": times.format_datetime(at)}]})
 
 
 HEADERS = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"}
@@ -140,7 +146,8 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
         pid = ids[i % len(ids)]
         spent[0] = 0.0
         started = time.perf_counter()
-        response = client.post(f"/Patient/{pid}/$assess", data=body(patients[pid]["as_of"]), headers=HEADERS)
+        response = client.post(f"/Patient/{pid}/$assess", data=body(patients[pid]["as_of"], i // len(ids)),
+                               headers=HEADERS)
         elapsed = time.perf_counter() - started
         assert response.status_code == 200, (response.status_code, response.data[:300])
         if i >= 20:                  # warm-up: first connections, first SQLite pages
@@ -201,8 +208,8 @@ def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_reque
                 if i is None:
                     return
                 pid = ids[i % len(ids)]
-                r = session.post(f"{base}/Patient/{pid}/$assess", data=body(patients[pid]["as_of"]),
-                                 headers=HEADERS, timeout=30)
+                r = session.post(f"{base}/Patient/{pid}/$assess",
+                                 data=body(patients[pid]["as_of"], 1 + i // len(ids)), headers=HEADERS, timeout=30)
                 with lock:
                     done.append(r.status_code)
         for _ in range(5):                                   # warm-up
