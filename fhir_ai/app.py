@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from . import auth
+from . import auth, reloads
 from .api import blueprints, errors
 from .config import Settings, load_settings
 from .pipeline import Pipeline
@@ -26,4 +26,6 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
         app.register_blueprint(blueprint)
     errors.register(app)
     auth.init_app(app)          # every request: token, scope, audit (fhir_ai/auth)
+    follower = reloads.follower(app.extensions["fhir_ai"])
+    app.before_request(follower.follow)    # a $reload answered by another worker reaches this one too
     return app

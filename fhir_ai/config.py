@@ -92,6 +92,8 @@ class Settings:
     database_url: str = ""                # default: sqlite file in instance_path
     instance_path: str = str(REPO_DIR / "instance")
     mappings_dir: str = str(DEFAULT_MAPPINGS)
+    # How often (seconds) a worker process looks for a mapping reload done by another worker ($reload).
+    reload_check_interval: float = 5.0
     models_dir: str = str(DEFAULT_MODELS)
     write_back: bool = True
     host: str = "127.0.0.1"

@@ -41,11 +41,8 @@ def test_list_check_and_reload(mappings_dir, client):
         "resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": "2026-11-20T08:00:00Z"}]})
     assert assessed.status_code == 200
 
-    local = good.replace("    - system: http://loinc.org\n      code: 8867-4\n",
-                         "    - system: http://loinc.org\n      code: 8867-4\n"
-                         "    - system: urn:oid:1.2.410.100\n      code: HR-LOCAL\n", 1)
-    assert local != good
-    path.write_text(local)
+    path.write_text(good)
+    add_local_heart_rate_code(path)
     reloaded = client.post("/mappings/$reload")
     assert reloaded.status_code == 200, reloaded.json
     after = {m["model"]: m for m in client.get("/mappings").json["mappings"]}
@@ -62,3 +59,71 @@ def test_reload_refuses_a_mapping_that_no_longer_fits_its_model(mappings_dir, cl
     response = client.post("/mappings/$reload")
     assert response.status_code == 422
     assert "features do not match model triage" in response.json["issue"][0]["diagnostics"]
+
+
+def add_local_heart_rate_code(path: Path) -> None:
+    text = path.read_text()
+    changed = text.replace("    - system: http://loinc.org\n      code: 8867-4\n",
+                           "    - system: http://loinc.org\n      code: 8867-4\n"
+                           "    - system: urn:oid:1.2.410.100\n      code: HR-LOCAL\n", 1)
+    assert changed != text
+    path.write_text(changed)
+
+
+def test_a_reload_reaches_every_worker_sharing_the_store(mappings_dir, settings_overrides, caplog):
+    """Two web workers and a Celery worker's pipeline: $reload on one, the others follow."""
+    from fhir_ai.app import create_app
+    from fhir_ai.jobs import runtime
+    from fhir_ai.config import load_settings
+    settings_overrides["reload_check_interval"] = 0
+    first, second = create_app(settings_overrides), create_app(settings_overrides)
+    settings = load_settings(settings_overrides)
+    runtime.configure(settings)
+    try:
+        a, b = first.test_client(), second.test_client()
+        before = b.get("/mappings").json
+        assert before["reload"] == 0 and "warning" not in before
+        task_pipeline = runtime.pipeline()
+        add_local_heart_rate_code(mappings_dir / "deterioration.yaml")
+        answer = a.post("/mappings/$reload")
+        assert answer.status_code == 200, answer.json
+        assert "other worker processes follow" in answer.json["issue"][0]["diagnostics"]
+        after = b.get("/mappings").json          # the next request on the other worker follows the reload
+        assert after["reload"] == 1 and "warning" not in after
+        digest = {m["model"]: m["digest"] for m in after["mappings"]}["deterioration"]
+        assert digest != {m["model"]: m["digest"] for m in before["mappings"]}["deterioration"]
+        assert ("urn:oid:1.2.410.100", "HR-LOCAL") in \
+            second.extensions["fhir_ai"].registry.mappings["deterioration"].code_index
+        assert runtime.pipeline() is task_pipeline        # the task worker's pipeline follows in place
+        assert ("urn:oid:1.2.410.100", "HR-LOCAL") in task_pipeline.registry.mappings["deterioration"].code_index
+
+        # Files broken on the other machine after the reload: it keeps what it has and says why.
+        path = mappings_dir / "deterioration.yaml"
+        served = second.extensions["fhir_ai"].registry
+        assert a.post("/mappings/$reload").status_code == 200          # reload 2, valid here
+        path.write_text(path.read_text().replace("unit: /min", "unit: /fortnight", 1))
+        with caplog.at_level("ERROR", logger="fhir_ai.reloads"):
+            later = b.get("/mappings").json
+        assert later["reload"] == 2 and "invalid" in later["warning"]
+        assert second.extensions["fhir_ai"].registry is served
+        assert any("not followed" in r.getMessage() for r in caplog.records)
+    finally:
+        runtime.close()
+        first.extensions["fhir_ai"].close()
+        second.extensions["fhir_ai"].close()
+
+
+def test_a_worker_checks_for_reloads_at_most_every_interval(mappings_dir, settings_overrides):
+    from fhir_ai.app import create_app
+    settings_overrides["reload_check_interval"] = 3600
+    first, second = create_app(settings_overrides), create_app(settings_overrides)
+    try:
+        add_local_heart_rate_code(mappings_dir / "deterioration.yaml")
+        assert first.test_client().post("/mappings/$reload").status_code == 200
+        assert second.test_client().get("/mappings").json["reload"] == 0      # not yet: next check in an hour
+        from fhir_ai import reloads
+        reloads.follower(second.extensions["fhir_ai"]).state.next_check = 0   # the hour has passed
+        assert second.test_client().get("/mappings").json["reload"] == 1
+    finally:
+        first.extensions["fhir_ai"].close()
+        second.extensions["fhir_ai"].close()

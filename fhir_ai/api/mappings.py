@@ -8,8 +8,10 @@ from flask import Blueprint, current_app, jsonify
 
 from ..auth.policy import requires
 from ..errors import Unprocessable
-from ..models.registry import ModelRegistry, check_mappings
+from .. import reloads
+from ..models.registry import check_mappings
 from ..pipeline import Pipeline
+from ..store import actors
 from .fhir_io import fhir_response
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,19 @@ def _outcome(problems: dict[str, list[str]], ok_text: str) -> dict[str, Any]:
 @requires("Mapping", "r")
 def list_mappings():  # type: ignore[no-untyped-def]
     """What this process serves: each mapping's file, version, digest and the model version it feeds."""
-    registry = _pipeline().registry
+    pipeline = _pipeline()
+    registry = pipeline.registry
     out = []
     for model_id, mapping in sorted(registry.mappings.items()):
         model = registry.models.get(model_id)
         out.append({"model": model_id, "file": mapping.path.name, "version": mapping.version,
                     "digest": mapping.digest, "inputs": len(mapping.inputs), "features": len(mapping.features),
                     "modelVersion": model.version if model else None})
-    return jsonify({"mappings": out})
+    state = reloads.follower(pipeline).state
+    body: dict[str, Any] = {"mappings": out, "reload": state.seen}
+    if state.differs:
+        body["warning"] = state.differs
+    return jsonify(body)
 
 
 @bp.post("/mappings/$check")
@@ -58,19 +65,21 @@ def check():  # type: ignore[no-untyped-def]
 @bp.post("/mappings/$reload")
 @requires("Mapping", "u")
 def reload():  # type: ignore[no-untyped-def]
-    """Load the mappings and models from disk into this worker process, only if all of them are valid.
+    """Load the mappings and models from disk, only if all of them are valid, into every worker.
 
-    Under gunicorn each worker process holds its own copy: a reload reaches the worker that answered.
-    Restart the service (or roll the workers) to reload all of them.
+    The answering process loads them now and records the reload in the store; every other web and
+    Celery worker process sharing the store follows within ``reload_check_interval`` seconds.
     """
     pipeline = _pipeline()
-    found, problems = _problems(pipeline)
+    found, problems = reloads.load_from_disk(pipeline)
     if problems:
         raise Unprocessable("mappings not reloaded: " + "; ".join(
             f"{where}: {m}" for where, msgs in sorted(problems.items()) for m in msgs),
             expression=sorted(problems))
-    pipeline.registry = ModelRegistry.load(pipeline.settings.models_dir, found)
-    log.info("mappings reloaded: %s", ", ".join(f"{k} {m.version}" for k, m in sorted(found.items())))
-    return fhir_response(_outcome({}, "reloaded: " + ", ".join(
-        f"{k} (mapping {m.version}, model {pipeline.registry.models[k].version if k in pipeline.registry.models else 'none'})"
-        for k, m in sorted(found.items()))))
+    seq = reloads.follower(pipeline).announce(actors.current().client_id)
+    log.info("mappings reloaded (reload %d): %s", seq, ", ".join(f"{k} {m.version}" for k, m in sorted(found.items())))
+    models = pipeline.registry.models
+    return fhir_response(_outcome({}, f"reload {seq}: " + ", ".join(
+        f"{k} (mapping {m.version}, model {models[k].version if k in models else 'none'})"
+        for k, m in sorted(found.items()))
+        + f"; other worker processes follow within {pipeline.settings.reload_check_interval:g} s"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 
+from .. import reloads
 from ..config import Settings, load_settings
 from ..pipeline import Pipeline
 from .state import JobStore
@@ -32,7 +33,9 @@ def pipeline() -> Pipeline:
     with _lock:
         if _state.get("pipeline") is None or _state.get("pid") != os.getpid():
             _state.update(pipeline=Pipeline.from_settings(current), pid=os.getpid(), own=True)
-        return _state["pipeline"]  # type: ignore[return-value]
+        found: Pipeline = _state["pipeline"]  # type: ignore[assignment]
+    reloads.follower(found).follow()        # a $reload done by a web worker reaches the task workers too
+    return found
 
 
 def jobs() -> JobStore:
