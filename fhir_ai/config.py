@@ -68,6 +68,7 @@ class Settings:
     job_queue: str = "fhir_ai"
     job_chunk_size: int = 10
     job_visibility_timeout: float = 600.0
+    job_retention: float = 7 * 86400.0     # seconds a finished job's status and manifest stay (0: forever)
     wards: str = ""
     ward_interval: float = 900.0
     # Bulk Data export (fhir_ai/bulkdata.py): entries per write-back transaction Bundle, and the

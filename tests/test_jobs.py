@@ -3,9 +3,10 @@ without duplicates, scheduled ward rescoring and the write-back delivery task. T
 tests/integration/test_concurrency.py runs them on real Celery workers with Redis and PostgreSQL."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fhir_ai.config import DEMO_HOSPITAL, load_settings
 from fhir_ai.jobs import JobStore, runtime
 from fhir_ai.jobs import tasks
 from fhir_ai.jobs.celery_app import app as celery, configure, schedule
+from fhir_ai.jobs.tables import JobItemRow
 from fhir_ai.store.tables import AssessmentRow, OutboxRow
 
 AS_OF = "2026-11-20T08:00:00Z"
@@ -234,6 +236,33 @@ def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_
     assert len(assessment_rows(job_app)) == 8
 
 
+def test_finished_jobs_expire_after_the_retention_but_the_last_export_and_all_assessments_stay(
+        job_app: Flask, jc: FlaskClient) -> None:
+    jobs = JobStore(store_of(job_app))
+    old = kick_off(jc, "/Group/ward-a/$assess")
+    newer = kick_off(jc, "/Group/ward-a/$assess")          # the same ward again: the newest run stays
+    assert jc.get(old).status_code == 200 and jc.get(newer).status_code == 200
+    stored = assessment_rows(job_app)
+    as_of = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)
+    for n in range(3):      # three exports of one scope: the newest completed one holds the next _since
+        jobs.create(f"export-{n}", kind="bulk-export", scope="Group/ward-a", as_of=as_of, request={"request": "x"})
+        jobs.set_result(f"export-{n}", {"transactionTime": f"2026-11-2{n}T00:00:00Z"}, status="completed")
+    jobs.create("running", kind="group", scope="ward-b", as_of=as_of, request={"request": "x", "models": []})
+    jobs.start("running")
+    runtime.configure(dataclasses.replace(job_app.config["FHIR_AI"], job_retention=3600), job_app.extensions["fhir_ai"])
+    assert tasks.expire_jobs() == 0                          # all finished within the hour: nothing goes
+    expired = jobs.expire(datetime.now(timezone.utc) + timedelta(days=1))
+    assert expired == 3                                      # the older ward-a run and the two older exports
+    assert jc.get(old).status_code == 404 and jc.get(newer).status_code == 200
+    assert jobs.get("export-2") is not None and jobs.get("export-0") is None
+    assert jobs.last("bulk-export", "Group/ward-a").result["transactionTime"] == "2026-11-22T00:00:00Z"
+    assert jobs.status("running") == "running"               # unfinished jobs never expire
+    assert assessment_rows(job_app) == stored                # the assessments a job stored stay
+    with store_of(job_app).session() as session:
+        left = set(session.scalars(select(JobItemRow.job_id)))
+    assert left == {newer.rsplit("/", 1)[1]}                 # the expired jobs' patients went with them
+
+
 def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
     settings = load_settings({"wards": "ward-a, ward-b", "ward_interval": 300, "worker_interval": 7})
     app = configure(settings)
@@ -242,8 +271,8 @@ def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
         entries.setup_schedule()
         due = {name: entry.schedule.run_every.total_seconds() for name, entry in entries.schedule.items()
                if not name.startswith("celery.")}
-        assert due == {"deliver-write-backs": 7.0, "rescore-wards": 300.0}
-        assert schedule(load_settings({"wards": ""})).keys() == {"deliver-write-backs"}
+        assert due == {"deliver-write-backs": 7.0, "rescore-wards": 300.0, "expire-jobs": 3600.0}
+        assert schedule(load_settings({"wards": "", "job_retention": 0})).keys() == {"deliver-write-backs"}
     finally:
         configure(load_settings())
 

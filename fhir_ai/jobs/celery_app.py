@@ -17,13 +17,18 @@ def wards(settings: Settings) -> list[str]:
 
 
 def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Periodic tasks: write-back delivery every worker_interval, each ward every ward_interval."""
+    """Periodic tasks: write-back delivery every worker_interval, each ward every ward_interval, and
+    forgetting finished jobs older than job_retention (checked hourly)."""
     # expires: a tick nobody ran in time is dropped, so a backlog never piles up while workers are down.
     entries: dict[str, dict[str, Any]] = {
         "deliver-write-backs": {"task": "fhir_ai.deliver_write_backs",
                                 "schedule": timedelta(seconds=settings.worker_interval),
                                 "options": {"expires": max(1.0, settings.worker_interval)}},
     }
+    if settings.job_retention > 0:
+        entries["expire-jobs"] = {"task": "fhir_ai.expire_jobs",
+                                  "schedule": timedelta(seconds=min(3600.0, settings.job_retention)),
+                                  "options": {"expires": 60.0}}
     if wards(settings):
         entries["rescore-wards"] = {"task": "fhir_ai.rescore_wards",
                                     "schedule": timedelta(seconds=settings.ward_interval),
@@ -51,7 +56,7 @@ def transport_options(settings: Settings) -> dict[str, float]:
 def configure(settings: Settings) -> Celery:
     """Apply the settings to the app (idempotent; again only when they changed)."""
     key = (settings.broker_url, settings.job_queue, settings.job_visibility_timeout, settings.worker_interval,
-           settings.wards, settings.ward_interval)
+           settings.wards, settings.ward_interval, settings.job_retention)
     if _configured.get("key") == key:
         return app
     if _configured:

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..store import Store, actors
@@ -160,6 +160,29 @@ class JobStore:
             values.update(status=status, finished_at=now)
         with self.store.session() as session, session.begin():
             session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+    def expire(self, finished_before: datetime) -> int:
+        """Forget jobs that ended before ``finished_before`` (their status URLs answer 404 afterwards).
+
+        The newest completed job of each kind and scope stays: a Bulk Data export's next ``_since``
+        comes from it. The assessments a job stored are never touched (they and their audit trail
+        stay); only the job's progress and manifest go.
+        """
+        newest = (select(JobRow.kind, JobRow.scope, func.max(JobRow.created_at).label("created_at"))
+                  .where(JobRow.status == "completed").group_by(JobRow.kind, JobRow.scope).subquery())
+        keep = select(JobRow.id).join(newest, (JobRow.kind == newest.c.kind) & (JobRow.scope == newest.c.scope)
+                                      & (JobRow.created_at == newest.c.created_at)).where(JobRow.status == "completed")
+        old = select(JobRow.id).where(JobRow.status.in_(FINAL), JobRow.finished_at < finished_before,
+                                      JobRow.id.not_in(keep))
+        with self.store.session() as session, session.begin():
+            ids = list(session.scalars(old))
+            for start in range(0, len(ids), 500):
+                batch = ids[start:start + 500]
+                session.execute(delete(JobItemRow).where(JobItemRow.job_id.in_(batch)))
+                session.execute(delete(JobRow).where(JobRow.id.in_(batch)))
+        if ids:
+            log.info("expired %d finished job(s)", len(ids))
+        return len(ids)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobView | None:

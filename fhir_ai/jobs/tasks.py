@@ -11,7 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kombu.exceptions import KombuError, OperationalError as KombuOperationalError
@@ -180,6 +180,15 @@ def rescore_wards(now: float | None = None) -> list[str]:
         if created:
             started.append(job_id)
     return started
+
+
+@app.task(name="fhir_ai.expire_jobs", ignore_result=True)
+def expire_jobs() -> int:
+    """Forget finished jobs older than the retention (their assessments and audit trail stay)."""
+    retention = runtime.settings().job_retention
+    if retention <= 0:
+        return 0
+    return runtime.jobs().expire(datetime.now(timezone.utc) - timedelta(seconds=retention))
 
 
 @app.task(name="fhir_ai.rescore_patient", **RETRY)
