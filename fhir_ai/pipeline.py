@@ -17,7 +17,7 @@ from .models.registry import ModelRegistry
 from .assessment import Scored
 from .models.registry import LoadedModel
 from .models.scoring import news2_scores, score_binary, score_triage
-from .store import Store
+from .store import NewAssessment, Store
 
 log = logging.getLogger(__name__)
 
@@ -107,32 +107,45 @@ class Pipeline:
         as_of = as_of or assessment.now()
         write_back = self.settings.write_back if write_back is None else write_back
         result = AssessResult()
+        planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []   # per model: warnings, resources
         for model_id, fs in self.features_for(patient_id, models, as_of, resources, encounter).items():
             model, _ = self.registry.get(model_id)
             scored, resources_out = build_assessments(model, fs)
+            issues = []
             if not scored[0].sufficient:
-                result.issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
-                                             + scored[0].insufficient_reason))
+                issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
+                                      + scored[0].insufficient_reason))
             if scored[0].dropped:
-                result.issues.append(warning("value", f"{model_id}: {len(scored[0].dropped)} value(s) not used "
-                                             "(see RiskAssessment.note)"))
-            for resource in resources_out[0]:
-                self._store(resource, patient_id, write_back, result)
+                issues.append(warning("value", f"{model_id}: {len(scored[0].dropped)} value(s) not used "
+                                      "(see RiskAssessment.note)"))
+            planned.append((issues, resources_out[0]))
+        self._store(planned, patient_id, write_back, result)
         return result
 
-    def _store(self, resource: dict[str, Any], patient_id: str, write_back: bool, result: AssessResult) -> None:
-        assessment.validate(resource)
-        method = resource["method"]["coding"][0]
-        saved = self.store.save_assessment(resource, model_id=method["code"], model_version=method["version"],
-                                           write_back_target=self._target() if write_back else None)
-        result.resources.append(saved.resource)
-        result.created.append(saved.created)
-        log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id, method["code"],
-                 "new" if saved.created else "repeat")
-        if write_back:
-            issue = self.write_back(saved.resource)
-            if issue:
-                result.issues.append(issue)
+    def _store(self, planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]], patient_id: str,
+               write_back: bool, result: AssessResult) -> None:
+        """Store every assessment of one request in one transaction, then write each back (in order,
+        each model's warnings before its write-back issues)."""
+        target = self._target() if write_back else None
+        items = []
+        for _, resources in planned:
+            for resource in resources:
+                assessment.validate(resource)
+                method = resource["method"]["coding"][0]
+                items.append(NewAssessment(resource, method["code"], method["version"], target))
+        saved_all = iter(self.store.save_assessments(items))
+        for issues, resources in planned:
+            result.issues.extend(issues)
+            for resource in resources:
+                saved = next(saved_all)
+                result.resources.append(saved.resource)
+                result.created.append(saved.created)
+                log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id,
+                         resource["method"]["coding"][0]["code"], "new" if saved.created else "repeat")
+                if write_back:
+                    issue = self.write_back(saved.resource)
+                    if issue:
+                        result.issues.append(issue)
 
     # -- write-back ----------------------------------------------------------------------------
     def _target(self) -> str | None:

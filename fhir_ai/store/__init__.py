@@ -2,5 +2,6 @@
 from .actors import Actor
 from .audit import Access, Entity
 from .repository import Saved, Store
+from .trail import NewAssessment
 
-__all__ = ["Access", "Actor", "Entity", "Saved", "Store"]
+__all__ = ["Access", "Actor", "Entity", "NewAssessment", "Saved", "Store"]

@@ -14,12 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Connection
 
 from .. import codes
 from ..fhir import times
-from . import indexing
+from . import indexing, rawsql
 from .actors import Actor
 from .provenance import CLIENT_SYSTEM, ROLE_SYSTEM
 from .trail_tables import AuditEventRow, ChainHeadRow, SearchIndexRow
@@ -114,11 +113,12 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
     if access.query is not None:
         entities.append({"type": {"system": ENTITY_TYPE, "code": "2"}, "role": {"system": OBJECT_ROLE, "code": "24"},
                          "query": base64.b64encode(access.query.encode()).decode()})
+    stamp = times.format_datetime(recorded)
     event: dict[str, Any] = {
         "resourceType": "AuditEvent", "id": uuid.uuid4().hex,
-        "meta": {"versionId": "1", "lastUpdated": times.format_datetime(recorded)},
+        "meta": {"versionId": "1", "lastUpdated": stamp},
         "type": {"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"},
-        "subtype": subtype, "action": access.action, "recorded": times.format_datetime(recorded),
+        "subtype": subtype, "action": access.action, "recorded": stamp,
         "outcome": access.outcome, "agent": [agent],
         "source": {"observer": {"display": "fhir_ai"}, "type": [{"system": SOURCE_TYPE, "code": "4"}]},
     }
@@ -129,23 +129,34 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
     return event
 
 
-def add_index(session: Session, resource_type: str, resource_id: str,
-              entries: list[indexing.Entry]) -> None:
-    session.add_all([SearchIndexRow(resource_type=resource_type, resource_id=resource_id, param=param,
-                                    system=system, code=code, number=number)
-                     for param, system, code, number in entries])
+_INDEX_INSERT = rawsql.Insert(SearchIndexRow.__table__,
+                              ("resource_type", "resource_id", "param", "system", "code", "number"))
+_EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded", "action", "outcome", "agent",
+                                                       "role", "prev_hash", "hash", "resource"))
+_LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"
+_MOVE_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = {{}}, hash = {{}} WHERE id = 1"
 
 
 class Chain:
-    """The audit chain inside one transaction: lock the head first, append, then ``close()``."""
+    """The audit chain inside one transaction: lock the head first, append, then ``close()``.
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    ``connection`` is the transaction's Connection (``session.connection()`` in an ORM session).
+    Events and search index rows (``index``: also those of the other resources the transaction
+    writes) are buffered and inserted by ``close()``, one INSERT per table (``rawsql.Insert``).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         # A no-op UPDATE takes the row lock (PostgreSQL) / the write lock (SQLite) before anything
         # is read, so concurrent writers queue here instead of forking the chain.
-        row = session.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1).values(seq=ChainHeadRow.seq)
-                              .returning(ChainHeadRow.seq, ChainHeadRow.hash)).one()
+        row = rawsql.run(connection, _LOCK_HEAD)[0]
         self.seq, self.hash = int(row[0]), str(row[1])
+        self._events: list[tuple[Any, ...]] = []
+        self._index: list[tuple[Any, ...]] = []
+
+    def index(self, resource_type: str, resource_id: str, entries: list[indexing.Entry]) -> None:
+        """Buffer the search index rows of a resource this transaction writes."""
+        self._index += [(resource_type, resource_id, *entry) for entry in entries]
 
     def append(self, access: Access, actor: Actor, recorded: datetime) -> dict[str, Any]:
         event = build_event(access, actor, recorded)
@@ -154,13 +165,16 @@ class Chain:
         event["extension"] = [{"url": CHAIN_EXTENSION, "extension": [
             {"url": "sequence", "valueString": str(seq)}, {"url": "previous", "valueString": self.hash},
             {"url": "hash", "valueString": digest}]}]
-        self.session.add(AuditEventRow(seq=seq, id=event["id"], recorded=recorded, action=access.action,
-                                       outcome=access.outcome, agent=actor.client_id[:256], role=actor.role[:64],
-                                       prev_hash=self.hash, hash=digest, resource=orjson.dumps(event).decode()))
-        add_index(self.session, "AuditEvent", event["id"], indexing.audit_event(event))
+        self._events.append((seq, event["id"], recorded, access.action, access.outcome, actor.client_id[:256],
+                             actor.role[:64], self.hash, digest, orjson.dumps(event).decode()))
+        self.index("AuditEvent", event["id"], indexing.audit_event(event))
         self.seq, self.hash = seq, digest
         return event
 
     def close(self) -> None:
-        self.session.execute(update(ChainHeadRow).where(ChainHeadRow.id == 1)
-                             .values(seq=self.seq, hash=self.hash))
+        """Insert what was buffered and move the head (the caller's transaction commits)."""
+        if self._events:
+            _EVENT_INSERT.execute(self.connection, self._events)
+            rawsql.run(self.connection, rawsql.statement(self.connection, _MOVE_HEAD, 1, 1), (self.seq, self.hash))
+        _INDEX_INSERT.execute(self.connection, self._index)
+        self._events, self._index = [], []

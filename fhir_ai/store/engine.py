@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,28 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x66686972
 
 
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A pooled connection opened before a fork (gunicorn preload, Celery prefork) belongs to the
+    # parent: used by a child too, it garbles both. The child starts with empty pools instead
+    # (close=False: the parent's connections are left to the parent).
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
+    sqlite = url.startswith("sqlite")
+    # A ping per checkout guards against server connections that died (PostgreSQL restarts, idle
+    # timeouts); an SQLite connection is a file handle that cannot die that way, so it skips it.
+    engine = create_engine(url, future=True, pool_pre_ping=not sqlite)
+    if sqlite:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
             # WAL lets readers and a writer work at once; busy_timeout waits instead of failing.
@@ -29,6 +48,7 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+    _ENGINES.add(engine)
     return engine
 
 

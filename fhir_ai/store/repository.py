@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, ContextManager
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +41,10 @@ class Store(TrailMixin):
 
     def session(self) -> Session:
         return self._session()
+
+    def transaction(self) -> ContextManager[Connection]:
+        """A Core connection in a transaction (committed at the end of the ``with``, rolled back on error)."""
+        return self.engine.begin()
 
     def close(self) -> None:
         self.engine.dispose()

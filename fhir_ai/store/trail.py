@@ -4,19 +4,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import orjson
 from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from ..errors import FhirAiError, NotFound, Unprocessable
 from ..fhir import times
 from ..search.params import SearchQuery
 from ..search.values import date_range
-from . import actors, indexing, provenance, searching
+from . import actors, indexing, provenance, rawsql, searching
 from .actors import Actor
-from .audit import Access, Chain, Entity, add_index, sha256_of
+from .audit import Access, Chain, Entity, sha256_of
 from .tables import AssessmentRow, OutboxRow
 from .trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow
 
@@ -27,6 +28,15 @@ class VersionConflict(FhirAiError):
     """If-Match named a version that is no longer the current one."""
     status = 412
     code = "conflict"
+
+
+@dataclass
+class NewAssessment:
+    """One assessment to store with ``save_assessments``: the resource and the model that made it."""
+    resource: dict[str, Any]
+    model_id: str
+    model_version: str
+    write_back_target: str | None = None
 
 
 @dataclass
@@ -52,9 +62,20 @@ def _occurrence(resource: dict[str, Any]) -> tuple[datetime | None, datetime | N
         return None, None
 
 
-def _next_seq(session: Session, column: Any) -> int:
-    # Safe without a sequence: every writer holds the audit chain lock (see audit.Chain).
-    return (session.scalar(select(func.max(column))) or 0) + 1
+_ASSESSMENT_INSERT = rawsql.Insert(AssessmentRow.__table__, (
+    "id", "identifier", "version_id", "seq", "patient_id", "encounter_id", "model_id", "model_version", "status",
+    "risk", "probability", "occurrence", "occurrence_end", "sort_date", "created_at", "last_updated", "resource"))
+_VERSION_INSERT = rawsql.Insert(AssessmentVersionRow.__table__, ("id", "version_id", "last_updated", "resource"))
+_PROVENANCE_INSERT = rawsql.Insert(ProvenanceRow.__table__, (
+    "id", "seq", "target_id", "target_version", "recorded", "last_updated", "resource"))
+_OUTBOX_INSERT = rawsql.Insert(OutboxRow.__table__, (
+    "resource_type", "resource_id", "target", "status", "attempts", "created_at", "updated_at"))
+# Whatever already holds one of the identifiers or ids being saved (one round trip for a batch).
+_EXISTING = (f"SELECT id, identifier, resource FROM {AssessmentRow.__tablename__} "
+             "WHERE identifier IN ({}) OR id IN ({})")
+# Storage order without a sequence: safe because every writer holds the audit chain lock (audit.Chain).
+_LAST_SEQS = (f"SELECT (SELECT max(seq) FROM {AssessmentRow.__tablename__}), "
+              f"(SELECT max(seq) FROM {ProvenanceRow.__tablename__})")
 
 
 def _versioned(resource: dict[str, Any]) -> str:
@@ -73,10 +94,20 @@ def patient_of(resource: dict[str, Any]) -> str | None:
     return parsed[1] if parsed and parsed[0] == "Patient" else None
 
 
+def _provenance_row(chain: Chain, prov: dict[str, Any], target_id: str, version: int, patient: str | None,
+                    seq: int, now: datetime) -> tuple[Any, ...]:
+    """The provenance row (``_PROVENANCE_INSERT``); its search index goes into the chain's buffer."""
+    chain.index("Provenance", prov["id"], indexing.provenance(prov, patient))
+    return prov["id"], seq, target_id, version, now, now, orjson.dumps(prov).decode()
+
+
 class TrailMixin:
     """The parts of ``Store`` that keep history, Provenance and the audit trail."""
 
     def session(self) -> Session:  # provided by Store
+        raise NotImplementedError
+
+    def transaction(self) -> ContextManager[Connection]:  # provided by Store: a Core connection in a transaction
         raise NotImplementedError
 
     def _now(self) -> datetime:     # provided by Store (one clock for the outbox and the trail)
@@ -87,57 +118,84 @@ class TrailMixin:
                         write_back_target: str | None = None, actor: Actor | None = None) -> Saved:
         """Store version 1 with its Provenance, AuditEvent and write-back outbox row, in one
         transaction; an assessment with the same identifier is returned instead (and the repeat audited)."""
-        actor = actor or actors.current()
-        identifier = resource["identifier"][0]["value"]
-        now = self._now()
-        stored = dict(resource)
-        stored["meta"] = {**resource.get("meta", {}), "versionId": "1", "lastUpdated": times.format_datetime(now)}
-        patient = patient_of(resource)
-        with self.session() as session, session.begin():
-            chain = Chain(session)
-            existing = session.scalar(select(AssessmentRow).where(AssessmentRow.identifier == identifier))
-            if existing is not None:
-                current = orjson.loads(existing.resource)
-                chain.append(Access("R", "read", operation="assess",
-                                    description="repeated request: the stored assessment was returned",
-                                    entities=_entities(current, patient=patient)), actor, now)
-                chain.close()
-                return Saved(current, False)
-            if session.get(AssessmentRow, resource["id"]) is not None:
-                raise Unprocessable(f"RiskAssessment/{resource['id']} is stored with another identifier")
-            prov = provenance.for_assessment(stored, model_id=model_id, model_version=model_version,
-                                             actor=actor, recorded=now)
-            prov["meta"] = {"versionId": "1", "lastUpdated": times.format_datetime(now)}
-            start, end = _occurrence(resource)
-            prediction = (resource.get("prediction") or [{}])[0]
-            risk_codes = (prediction.get("qualitativeRisk") or {}).get("coding") or [{}]
-            encounter = indexing.split_reference((resource.get("encounter") or {}).get("reference") or "")
-            text = orjson.dumps(stored).decode()
-            session.add(AssessmentRow(
-                id=resource["id"], identifier=identifier, version_id=1, seq=_next_seq(session, AssessmentRow.seq),
-                patient_id=patient or "", encounter_id=encounter[1] if encounter else None,
-                model_id=model_id, model_version=model_version, status=resource["status"],
-                risk=risk_codes[0].get("code"), probability=prediction.get("probabilityDecimal"),
-                occurrence=start, occurrence_end=end, sort_date=start or now, created_at=now, last_updated=now,
-                resource=text))
-            session.add(AssessmentVersionRow(id=resource["id"], version_id=1, last_updated=now, resource=text))
-            add_index(session, "RiskAssessment", resource["id"], indexing.risk_assessment(stored))
-            self._add_provenance(session, prov, resource["id"], 1, patient, now)
-            if write_back_target:
-                session.add(OutboxRow(resource_type="RiskAssessment", resource_id=resource["id"],
-                                      target=write_back_target, status="pending", attempts=0,
-                                      created_at=now, updated_at=now))
-            chain.append(Access("C", "create", operation="assess",
-                                entities=_entities(stored, prov, patient=patient)), actor, now)
-            chain.close()
-        return Saved(stored, True)
+        return self.save_assessments([NewAssessment(resource, model_id, model_version, write_back_target)],
+                                     actor=actor)[0]
 
-    def _add_provenance(self, session: Session, prov: dict[str, Any], target_id: str, version: int,
-                        patient: str | None, now: datetime) -> None:
-        session.add(ProvenanceRow(id=prov["id"], seq=_next_seq(session, ProvenanceRow.seq), target_id=target_id,
-                                  target_version=version, recorded=now, last_updated=now,
-                                  resource=orjson.dumps(prov).decode()))
-        add_index(session, "Provenance", prov["id"], indexing.provenance(prov, patient))
+    def save_assessments(self, items: list[NewAssessment], *, actor: Actor | None = None) -> list[Saved]:
+        """``save_assessment`` for several assessments (e.g. a model's and its NEWS2 companion) in ONE
+        transaction: all are stored, or none. Each gets the rows and the AuditEvent it would get alone,
+        in the given order; an item repeating an earlier item's identifier is a repeat of it."""
+        if not items:
+            return []
+        actor = actor or actors.current()
+        now = self._now()
+        stamp = times.format_datetime(now)
+        identifiers = [item.resource["identifier"][0]["value"] for item in items]
+        out: list[Saved] = []
+        with self.transaction() as connection:
+            chain = Chain(connection)
+            by_identifier: dict[str, str] = {}      # identifier -> stored JSON text
+            taken: set[str] = set()                 # ids stored (or being stored)
+            for rid, identifier, text in rawsql.run(
+                    connection, rawsql.statement(connection, _EXISTING, len(items), len(items)),
+                    (*identifiers, *(item.resource["id"] for item in items))):
+                by_identifier[identifier] = text
+                taken.add(rid)
+            seqs: list[int] | None = None
+            rows: dict[rawsql.Insert, list[tuple[Any, ...]]] = {
+                _ASSESSMENT_INSERT: [], _VERSION_INSERT: [], _PROVENANCE_INSERT: [], _OUTBOX_INSERT: []}
+            for item, identifier in zip(items, identifiers):
+                resource = item.resource
+                patient = patient_of(resource)
+                if identifier in by_identifier:
+                    current = orjson.loads(by_identifier[identifier])
+                    chain.append(Access("R", "read", operation="assess",
+                                        description="repeated request: the stored assessment was returned",
+                                        entities=_entities(current, patient=patient)), actor, now)
+                    out.append(Saved(current, False))
+                    continue
+                if resource["id"] in taken:
+                    raise Unprocessable(f"RiskAssessment/{resource['id']} is stored with another identifier")
+                if seqs is None:
+                    seqs = [seq or 0 for seq in rawsql.run(connection, _LAST_SEQS)[0]]
+                seqs = [seqs[0] + 1, seqs[1] + 1]
+                stored, text = self._stage_new(chain, rows, item, identifier, patient, seqs, actor, now, stamp)
+                by_identifier[identifier] = text
+                taken.add(resource["id"])
+                out.append(Saved(stored, True))
+            for insert, values in rows.items():
+                insert.execute(connection, values)
+            chain.close()
+        return out
+
+    def _stage_new(self, chain: Chain, rows: dict[rawsql.Insert, list[tuple[Any, ...]]], item: NewAssessment,
+                   identifier: str, patient: str | None, seqs: list[int], actor: Actor, now: datetime,
+                   stamp: str) -> tuple[dict[str, Any], str]:
+        """The rows of one new assessment (buffered in ``rows`` and ``chain``); (stored resource, its JSON)."""
+        resource = item.resource
+        rid = resource["id"]
+        stored = dict(resource)
+        stored["meta"] = {**resource.get("meta", {}), "versionId": "1", "lastUpdated": stamp}
+        prov = provenance.for_assessment(stored, model_id=item.model_id, model_version=item.model_version,
+                                         actor=actor, recorded=now)
+        prov["meta"] = {"versionId": "1", "lastUpdated": stamp}
+        start, end = _occurrence(resource)
+        prediction = (resource.get("prediction") or [{}])[0]
+        risk_codes = (prediction.get("qualitativeRisk") or {}).get("coding") or [{}]
+        encounter = indexing.split_reference((resource.get("encounter") or {}).get("reference") or "")
+        text = orjson.dumps(stored).decode()
+        rows[_ASSESSMENT_INSERT].append((
+            rid, identifier, 1, seqs[0], patient or "", encounter[1] if encounter else None, item.model_id,
+            item.model_version, resource["status"], risk_codes[0].get("code"), prediction.get("probabilityDecimal"),
+            start, end, start or now, now, now, text))
+        rows[_VERSION_INSERT].append((rid, 1, now, text))
+        chain.index("RiskAssessment", rid, indexing.risk_assessment(stored))
+        rows[_PROVENANCE_INSERT].append(_provenance_row(chain, prov, rid, 1, patient, seqs[1], now))
+        if item.write_back_target:
+            rows[_OUTBOX_INSERT].append(("RiskAssessment", rid, item.write_back_target, "pending", 0, now, now))
+        chain.append(Access("C", "create", operation="assess",
+                            entities=_entities(stored, prov, patient=patient)), actor, now)
+        return stored, text
 
     def withdraw_assessment(self, resource_id: str, *, reason: str, actor: Actor | None = None,
                             expected_version: int | None = None) -> Saved:
@@ -145,7 +203,7 @@ class TrailMixin:
         actor = actor or actors.current()
         now = self._now()
         with self.session() as session, session.begin():
-            chain = Chain(session)
+            chain = Chain(session.connection())
             row = session.get(AssessmentRow, resource_id)
             if row is None:
                 raise NotFound(f"RiskAssessment/{resource_id} is not known here")
@@ -169,7 +227,9 @@ class TrailMixin:
             prov = provenance.for_withdrawal(new, reason=reason, actor=actor, recorded=now)
             prov["meta"] = {"versionId": "1", "lastUpdated": times.format_datetime(now)}
             patient = patient_of(new)
-            self._add_provenance(session, prov, resource_id, version, patient, now)
+            seq = (session.scalar(select(func.max(ProvenanceRow.seq))) or 0) + 1
+            _PROVENANCE_INSERT.execute(chain.connection,
+                                       [_provenance_row(chain, prov, resource_id, version, patient, seq, now)])
             for outbox in session.scalars(select(OutboxRow).where(OutboxRow.resource_id == resource_id)):
                 outbox.status, outbox.updated_at = "pending", now   # the hospital must learn of it too
             chain.append(Access("U", "update", operation="withdraw", description="entered in error",
@@ -181,7 +241,7 @@ class TrailMixin:
     def record_access(self, access: Access) -> dict[str, Any]:
         """Append one AuditEvent (reads, searches, denials) to the chain."""
         with self.session() as session, session.begin():
-            chain = Chain(session)
+            chain = Chain(session.connection())
             event = chain.append(access, access.actor or actors.current(), self._now())
             chain.close()
         return event
