@@ -6,13 +6,15 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
 
 from .config import Settings
-from .errors import BadRequest, FhirAiError, Unauthorized
+from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized
 from .fhir.sources import ServerSource, Source
+from .fhir.times import format_datetime
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class Outcome:
     queued: list[str] = field(default_factory=list)       # patients whose rescoring was queued
     debounced: list[str] = field(default_factory=list)    # patients already waiting for one
     ignored: int = 0                                      # not a vital sign, no patient, cannot fetch
+    missed: int = 0                                       # events the hospital's server numbered but never sent us
+    recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
+    recovery_failed: str | None = None                    # why the catch-up search failed (tried again next time)
 
 
 def _value(param: dict[str, Any]) -> Any:
@@ -172,6 +177,103 @@ def debouncer(settings: Settings) -> Debouncer:
     return _debouncers[key]
 
 
+@dataclass
+class Gap:
+    missed: int                    # how many events were numbered but never arrived
+    since: datetime                # catch up on Observations changed from here on
+
+
+class EventLog:
+    """Per subscription, the highest event number seen and when (Redis): finds missed notifications.
+
+    The backport numbers every event of a subscription (``events-since-subscription-start``, each
+    event's ``event-number``). A notification that starts beyond the next number, or a heartbeat whose
+    count is beyond what we have seen, means events were lost (a notification the hospital's server gave
+    up on, an outage here). Out-of-order or repeated deliveries are not gaps.
+    """
+
+    MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+
+    def _key(self, subscription: str) -> str:
+        return f"{self.prefix}{subscription}"
+
+    def check(self, notification: Notification, now: datetime) -> Gap | None:
+        """The gap this notification reveals (None: none, or the first notification we ever saw)."""
+        seen = self.client.hgetall(self._key(notification.subscription))
+        if not seen:
+            return None
+        last = int(seen[b"number"])
+        numbers = [n for n in (_number(e.number) for e in notification.events) if n is not None]
+        if numbers:
+            missed = min(numbers) - last - 1
+        else:
+            since_start = _number(notification.events_since_start)
+            missed = since_start - last if since_start is not None else 0
+        if missed <= 0:
+            return None
+        return Gap(missed, datetime.fromtimestamp(float(seen[b"at"]), timezone.utc) - self.MARGIN)
+
+    def advance(self, notification: Notification, now: datetime) -> None:
+        """Record the highest number this notification carries (never moves back)."""
+        numbers = [n for n in (_number(e.number) for e in notification.events) if n is not None]
+        since_start = _number(notification.events_since_start)
+        highest = max(numbers + ([since_start] if since_start is not None else []), default=None)
+        if highest is None:
+            return
+        key = self._key(notification.subscription)
+        with self.client.pipeline() as pipe:      # optimistic: two notifications at once never lower it
+            while True:
+                try:
+                    pipe.watch(key)
+                    current = pipe.hget(key, "number")
+                    pipe.multi()
+                    if current is None or int(current) < highest:
+                        pipe.hset(key, mapping={"number": highest, "at": now.timestamp()})
+                    else:
+                        pipe.hset(key, "at", now.timestamp())
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+
+def _number(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_event_logs: dict[tuple[Any, ...], EventLog] = {}
+
+
+def event_log(settings: Settings) -> EventLog:
+    key = (os.getpid(), settings.broker_url, settings.job_queue)
+    if key not in _event_logs:
+        client = debouncer(settings).client
+        _event_logs[key] = EventLog(client, f"fhir_ai:{settings.job_queue}:subscription:")
+    return _event_logs[key]
+
+
+def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
+             max_pages: int = 20) -> list[str]:
+    """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap)."""
+    if not isinstance(source, ServerSource):
+        raise NotSupported("the configured source cannot be searched for changed Observations")
+    codes = list(codes)
+    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_count", 200)]
+    patients: dict[str, None] = {}
+    # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
+    for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
+        patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
+        if patient and is_vital_sign(resource, codes):
+            patients[patient] = None
+    return list(patients)
+
+
 def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]]) -> bool:
     """A vital sign by category, or any code the deterioration mapping reads (components included)."""
     if observation.get("resourceType") != "Observation" or observation.get("status") in IGNORED_STATUSES:
@@ -191,11 +293,31 @@ def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]])
 
 
 def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[str, str]],
-           debounce: Debouncer, enqueue: Callable[[str], None]) -> Outcome:
-    """Queue one rescoring per patient with a new or changed vital sign (unless one is already waiting)."""
+           debounce: Debouncer, enqueue: Callable[[str], None], events: EventLog | None = None,
+           now: datetime | None = None) -> Outcome:
+    """Queue one rescoring per patient with a new or changed vital sign (unless one is already waiting).
+
+    With an ``events`` log, a gap in the subscription's event numbers starts a catch-up: a search for
+    Observations changed since the last notification we saw, and a rescoring for each patient with a
+    vital sign among them. If that search fails, the log is not advanced, so the next notification
+    tries again.
+    """
+    now = now or datetime.now(timezone.utc)
     outcome = Outcome(events=len(notification.events))
     codes = list(codes)
     patients: dict[str, None] = {}
+    gap = events.check(notification, now) if events is not None else None
+    if gap is not None:
+        outcome.missed = gap.missed
+        log.warning("Subscription/%s: %d event(s) missed; catching up on Observations changed since %s",
+                    notification.subscription, gap.missed, format_datetime(gap.since))
+        try:
+            outcome.recovered = catch_up(source, gap.since, codes)
+            patients.update(dict.fromkeys(outcome.recovered))
+        except FhirAiError as exc:
+            outcome.recovery_failed = exc.message
+            log.error("Subscription/%s: catch-up after missed events failed (%s); tried again with the next "
+                      "notification", notification.subscription, type(exc).__name__)
     for event in notification.events:
         resource = event.resource
         if resource is None and event.focus and event.focus.startswith("Observation/"):
@@ -211,6 +333,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             outcome.queued.append(patient)
         else:
             outcome.debounced.append(patient)
+    if events is not None and outcome.recovery_failed is None:
+        events.advance(notification, now)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored",
              notification.subscription, outcome.events, len(outcome.queued), len(outcome.debounced),
              outcome.ignored)

@@ -142,7 +142,7 @@ def test_full_resource_burst_for_one_patient_costs_one_rescoring(sc: FlaskClient
     assert queued == [("p1", 30.0)]
     # several patients in one notification: one each; a lab value no model reads is ignored
     post(sc, notification("event-notification", [heart_rate("p2"), heart_rate("p2", 130), heart_rate("p1"),
-                                                 hba1c("p3")], start=10))
+                                                 hba1c("p3")], start=6))
     assert queued == [("p1", 30.0), ("p2", 30.0)]
 
 
@@ -177,6 +177,68 @@ def test_id_only_notifications_read_the_observation_from_the_hospital(settings_o
         settings = app.config["FHIR_AI"]
         debouncer(settings).release("p7")
         app.extensions["fhir_ai"].close()
+
+
+@pytest.fixture
+def server_app(settings_overrides: dict[str, Any]) -> Iterator[Flask]:
+    """The hospital is a FHIR server (mocked with responses): id-only reads and catch-up searches go there."""
+    redis_or_skip()
+    settings_overrides.update(source_url=BASE, subscription_secrets=f"sub-1={SECRET}",
+                              job_queue=f"test-{uuid.uuid4().hex[:8]}")
+    app = create_app(settings_overrides)
+    yield app
+    settings = app.config["FHIR_AI"]
+    keys = debouncer(settings).client.keys(f"fhir_ai:{settings.job_queue}:*")
+    if keys:
+        debouncer(settings).client.delete(*keys)
+    app.extensions["fhir_ai"].close()
+
+
+def searchset(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+
+
+def diagnostics(response: Any) -> str:
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["issue"][0]["diagnostics"]
+
+
+@responses.activate
+def test_missed_events_start_a_catch_up_search_for_changed_vital_signs(server_app: Flask, queued: list) -> None:
+    sc = server_app.test_client()
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    # events 2-4 never arrive (the hospital's server gave up on them); event 5 does
+    catch_up = responses.get(f"{BASE}/Observation", json=searchset(heart_rate("p7"), hba1c("p8"), heart_rate("p1")))
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("p2")], start=5)))
+    assert "3 event(s) missed" in text and "found 2 patient(s)" in text
+    assert catch_up.call_count == 1
+    query = responses.calls[-1].request.params
+    assert query["_lastUpdated"].startswith("ge") and "code" not in query
+    assert sorted(p for p, _ in queued) == ["p1", "p2", "p7"]     # p1 was already queued: debounced, not twice
+    # late or repeated deliveries of old numbers are no gap
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p3")], start=3)))
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p3")], start=6)))
+    assert catch_up.call_count == 1
+
+
+@responses.activate
+def test_a_heartbeat_reveals_missed_events_and_a_failed_catch_up_is_tried_again(server_app: Flask,
+                                                                                queued: list) -> None:
+    sc = server_app.test_client()
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    broken = responses.get(f"{BASE}/Observation", status=500, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "exception"}]})
+    beat = notification("heartbeat")
+    beat["entry"][0]["resource"]["parameter"][4]["valueString"] = "3"       # 3 events so far; we saw 1
+    text = diagnostics(post(sc, beat))
+    assert "2 event(s) missed" in text and "catch-up search failed" in text
+    assert broken.call_count >= 1
+    responses.replace(responses.GET, f"{BASE}/Observation", json=searchset(heart_rate("p9")))
+    text = diagnostics(post(sc, beat))                                      # the same gap, tried again
+    assert "2 event(s) missed" in text and "found 1 patient(s)" in text
+    assert [p for p, _ in queued] == ["p1", "p9"]
+    assert "missed" not in diagnostics(post(sc, beat))                      # caught up: no gap any more
 
 
 @pytest.mark.parametrize("bundle, where", [

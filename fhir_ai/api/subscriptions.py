@@ -37,7 +37,7 @@ def notify():  # type: ignore[no-untyped-def]
     subscriptions.authenticate(settings, notification.subscription, _presented())
     from ..auth.guard import set_actor   # not at import time: fhir_ai.auth imports the api package
     set_actor(f"subscription/{notification.subscription}", "system")
-    if notification.type != "event-notification":
+    if notification.type not in ("event-notification", "heartbeat"):
         log.info("Subscription/%s: %s", notification.subscription, notification.type)
         return _answer(f"{notification.type} received")
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
@@ -57,11 +57,18 @@ def notify():  # type: ignore[no-untyped-def]
         else []
     try:
         outcome = subscriptions.handle(notification, source=pipeline.source, codes=codes,
-                                       debounce=subscriptions.debouncer(settings), enqueue=enqueue)
+                                       debounce=subscriptions.debouncer(settings), enqueue=enqueue,
+                                       events=subscriptions.event_log(settings))
     except RedisError as exc:  # Redis (the debounce keys) is down: the hospital's server will retry
         raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
-    return _answer(f"{outcome.events} event(s): rescoring queued for {len(outcome.queued)} patient(s), "
-                   f"{len(outcome.debounced)} already queued, {outcome.ignored} ignored")
+    text = (f"{notification.type}: {outcome.events} event(s): rescoring queued for {len(outcome.queued)} "
+            f"patient(s), {len(outcome.debounced)} already queued, {outcome.ignored} ignored")
+    if outcome.missed:
+        text += (f"; {outcome.missed} event(s) missed: " + (
+            f"catch-up search failed ({outcome.recovery_failed}), tried again with the next notification"
+            if outcome.recovery_failed else
+            f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"))
+    return _answer(text)
 
 
 def _answer(text: str) -> Any:

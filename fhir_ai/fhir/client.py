@@ -165,14 +165,15 @@ class FhirClient:
         return self._call("POST", path, body=body, headers=headers)
 
     def search(self, resource_type: str, params: Params = None, *,
-               max_pages: int = MAX_PAGES) -> Iterator[dict[str, Any]]:
-        """Yield each matching resource, following Bundle.link[relation=next] page by page."""
+               max_pages: int = MAX_PAGES, retries: int | None = None) -> Iterator[dict[str, Any]]:
+        """Yield each matching resource, following Bundle.link[relation=next] page by page
+        (``retries`` overrides the client's retry count for each page)."""
         url: str | None = f"{self.base_url}/{resource_type}"
         page_params = params
         seen: set[str] = set()
         pages = 0
         while url:
-            bundle = self._call("GET", url, params=page_params)
+            bundle = self._call("GET", url, params=page_params, retries=retries)
             pages += 1
             if bundle.get("resourceType") != "Bundle":
                 raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered "
