@@ -87,6 +87,15 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
     return calls
 
 
+def close(app: Flask) -> None:
+    """Drop the test's Redis keys (debounce, event log) and close the app."""
+    settings = app.config["FHIR_AI"]
+    keys = debouncer(settings).client.keys(f"fhir_ai:{settings.job_queue}:*")
+    if keys:
+        debouncer(settings).client.delete(*keys)
+    app.extensions["fhir_ai"].close()
+
+
 @pytest.fixture
 def sub_app(settings_overrides: dict[str, Any]) -> Iterator[Flask]:
     redis_or_skip()
@@ -94,11 +103,7 @@ def sub_app(settings_overrides: dict[str, Any]) -> Iterator[Flask]:
                               job_queue=f"test-{uuid.uuid4().hex[:8]}", rescore_debounce=30.0)
     app = create_app(settings_overrides)
     yield app
-    settings = app.config["FHIR_AI"]
-    keys = debouncer(settings).client.keys(f"fhir_ai:{settings.job_queue}:*")
-    if keys:
-        debouncer(settings).client.delete(*keys)
-    app.extensions["fhir_ai"].close()
+    close(app)
 
 
 @pytest.fixture
@@ -187,11 +192,7 @@ def server_app(settings_overrides: dict[str, Any]) -> Iterator[Flask]:
                               job_queue=f"test-{uuid.uuid4().hex[:8]}")
     app = create_app(settings_overrides)
     yield app
-    settings = app.config["FHIR_AI"]
-    keys = debouncer(settings).client.keys(f"fhir_ai:{settings.job_queue}:*")
-    if keys:
-        debouncer(settings).client.delete(*keys)
-    app.extensions["fhir_ai"].close()
+    close(app)
 
 
 def searchset(*resources: dict[str, Any]) -> dict[str, Any]:
