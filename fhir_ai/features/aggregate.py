@@ -1,7 +1,65 @@
-"""Grouped aggregates over (patient, time)-sorted value arrays, vectorised with numpy."""
+"""Grouped aggregates over (patient, time)-sorted value arrays, vectorised with numpy.
+
+The core works on segments: runs of rows that belong to one group (a patient, or a patient and a
+feature window). ``Extractor.finish`` segments every feature window of every patient at once and asks
+for each aggregate once; ``grouped`` is the same core for one window, one segment per patient.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+KNOWN = frozenset({"last", "first", "min", "max", "any", "mean", "delta", "median", "std", "slope", "count",
+                   "sum"})
+ZERO_WHEN_EMPTY = frozenset({"count", "sum"})      # a patient without values counts 0, sums to 0
+
+
+def segment_starts(keys: tuple[np.ndarray, ...], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs where every key array stays the same (rows already grouped)."""
+    change = np.empty(size, dtype=bool)
+    change[0] = True
+    np.not_equal(keys[0][1:], keys[0][:-1], out=change[1:])
+    for key in keys[1:]:
+        change[1:] |= key[1:] != key[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = size
+    return starts, ends
+
+
+def segment_values(aggregate: str, V: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   hours: np.ndarray | None = None) -> np.ndarray:
+    """One value per segment (segments are non-empty, contiguous and cover V in order).
+
+    ``hours``: each row's time relative to its as-of time (only ``slope`` reads it).
+    """
+    if aggregate == "last":
+        return V[ends - 1]
+    if aggregate == "first":
+        return V[starts]
+    if aggregate == "min":
+        return np.minimum.reduceat(V, starts)
+    if aggregate == "max":
+        return np.maximum.reduceat(V, starts)
+    if aggregate == "any":
+        return (np.maximum.reduceat(V, starts) > 0).astype(np.float64)
+    if aggregate == "mean":
+        return np.add.reduceat(V, starts) / (ends - starts)
+    if aggregate == "delta":
+        return V[ends - 1] - V[starts]
+    if aggregate == "count":
+        return (ends - starts).astype(np.float64)
+    if aggregate == "sum":
+        # bincount adds each segment's values one after the other, from 0.
+        segment = np.repeat(np.arange(len(starts)), ends - starts)
+        return np.bincount(segment, weights=V, minlength=len(starts))
+    if aggregate in ("median", "std"):
+        fn = np.median if aggregate == "median" else np.std
+        return np.array([fn(V[s:e]) for s, e in zip(starts.tolist(), ends.tolist())], dtype=np.float64)
+    if aggregate == "slope":
+        assert hours is not None
+        return _slopes(hours, V, starts, ends)
+    raise ValueError(f"unknown aggregate {aggregate!r}")
 
 
 def grouped(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray,
@@ -16,62 +74,26 @@ def grouped(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray,
 def grouped_many(aggregates: list[str | None], P: np.ndarray, T: np.ndarray, V: np.ndarray,
                  anchor: np.ndarray, n: int) -> list[np.ndarray]:
     """Several aggregates of the same values; the per-patient segments are found once."""
-    segments = None
-    if len(P):
-        # np.r_ costs more than the work itself for a single patient's few values.
-        change = np.empty(len(P), dtype=bool)
-        change[0] = True
-        np.not_equal(P[1:], P[:-1], out=change[1:])
-        starts = np.flatnonzero(change)
-        ends = np.empty_like(starts)
-        ends[:-1] = starts[1:]
-        ends[-1] = len(P)
-        segments = (starts, P[starts], ends)
-    return [_one(aggregate, P, T, V, anchor, n, segments) for aggregate in aggregates]
-
-
-def _one(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray, anchor: np.ndarray, n: int,
-         segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
-    if aggregate == "count":
-        return np.bincount(P, minlength=n).astype(np.float64)
-    if aggregate == "sum":
-        return np.bincount(P, weights=V, minlength=n)
-    out = np.full(n, np.nan)
-    if segments is None:
-        if aggregate not in _KNOWN:
+    for aggregate in aggregates:
+        if aggregate not in KNOWN:
             raise ValueError(f"unknown aggregate {aggregate!r}")
+    out = []
+    if not len(P):
+        for aggregate in aggregates:
+            out.append(np.zeros(n) if aggregate in ZERO_WHEN_EMPTY else np.full(n, np.nan))
         return out
-    starts, rows, ends = segments
-    if aggregate == "last":
-        out[rows] = V[ends - 1]
-    elif aggregate == "first":
-        out[rows] = V[starts]
-    elif aggregate == "min":
-        out[rows] = np.minimum.reduceat(V, starts)
-    elif aggregate == "max":
-        out[rows] = np.maximum.reduceat(V, starts)
-    elif aggregate == "any":
-        out[rows] = (np.maximum.reduceat(V, starts) > 0).astype(np.float64)
-    elif aggregate == "mean":
-        out[rows] = np.add.reduceat(V, starts) / (ends - starts)
-    elif aggregate == "delta":
-        out[rows] = V[ends - 1] - V[starts]
-    elif aggregate in ("median", "std"):
-        fn = np.median if aggregate == "median" else np.std
-        out[rows] = [fn(V[s:e]) for s, e in zip(starts, ends)]
-    elif aggregate == "slope":
-        out[rows] = _slopes(P, (T - anchor[P]) / 3600.0, V, starts, ends)
-    else:
-        raise ValueError(f"unknown aggregate {aggregate!r}")
+    starts, ends = segment_starts((P,), len(P))
+    rows = P[starts]
+    hours = (T - anchor[P]) / 3600.0 if "slope" in aggregates else None
+    for aggregate in aggregates:
+        column = np.zeros(n) if aggregate in ZERO_WHEN_EMPTY else np.full(n, np.nan)
+        column[rows] = segment_values(aggregate, V, starts, ends, hours)   # type: ignore[arg-type]
+        out.append(column)
     return out
 
 
-_KNOWN = {"last", "first", "min", "max", "any", "mean", "delta", "median", "std", "slope"}
-
-
-def _slopes(P: np.ndarray, hours: np.ndarray, V: np.ndarray, starts: np.ndarray,
-            ends: np.ndarray) -> np.ndarray:
-    """Least-squares slope per group (value units per hour); NaN with fewer than 2 distinct times."""
+def _slopes(hours: np.ndarray, V: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Least-squares slope per segment (value units per hour); NaN with fewer than 2 distinct times."""
     k = (ends - starts).astype(np.float64)
     st = np.add.reduceat(hours, starts)
     sv = np.add.reduceat(V, starts)

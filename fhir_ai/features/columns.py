@@ -79,6 +79,8 @@ class ColumnBuilder:
         self._units: dict[UnitKey, int] = {}
         self._sent_units: dict[tuple, int] = {}
         self._patients: dict[str, int] = {}
+        self._subjects: dict[str | None, str | None] = {}     # reference -> patient id
+        self._epochs: dict[str, float] = {}                    # time text -> epoch (emptied by take)
         self._rows: list[tuple] = []
         self._count = 0
 
@@ -92,16 +94,34 @@ class ColumnBuilder:
         components = obs.get("component")
         codings = (code.get("coding") if code else None) or ()
         if not components:
-            for c in codings:
-                if (c.get("system"), c.get("code")) in known:
-                    break
+            # The common case, one part: the Observation's own codings.
+            if len(codings) == 1:
+                coding = codings[0]
+                key = (coding.get("system"), coding.get("code"))
+                if key not in known:
+                    return None           # a code no model reads: nothing to do
+                matched = [key]
             else:
-                return None               # a code no model reads: nothing to do
-        pid = patient_id((obs.get("subject") or obs.get("patient") or {}).get("reference"))
+                matched = [key for key in [(c.get("system"), c.get("code")) for c in codings] if key in known]
+                if not matched:
+                    return None
+            pid = self._patient_id(obs)
+            if pid is None:
+                return None
+            head = self._head(obs, pid)
+            values = self._values(obs)
+            codes, rows = self._codes, self._rows
+            for key in matched:
+                code_no = codes.get(key)
+                if code_no is None:
+                    code_no = codes[key] = len(codes)
+                rows.append((*head, 0, code_no, *values))
+            return pid
+        pid = self._patient_id(obs)
         if pid is None:
             return None
         parts = [(codings, obs)]
-        for component in components or ():
+        for component in components:
             parts.append((((component.get("code") or {}).get("coding")) or (), component))
         head: tuple | None = None
         for part, (codings, holder) in enumerate(parts):
@@ -111,19 +131,37 @@ class ColumnBuilder:
                 if key not in known:
                     continue
                 if head is None:
-                    when = times.effective_time(obs)
-                    t = epoch(when) if when else np.nan
-                    head = (self._count, obs.get("id"), self._patient_no(pid),
-                            _STATUS_NO.get(obs.get("status"), -1),   # type: ignore[arg-type]
-                            t, when if t != t else None)
-                    self._count += 1
+                    head = self._head(obs, pid)
                 if values is None:
                     values = self._values(holder)
                 self._rows.append((*head, part, self._codes.setdefault(key, len(self._codes)), *values))
         return pid if head is not None else None
 
-    def _patient_no(self, pid: str) -> int:
-        return self._patients.setdefault(pid, len(self._patients))
+    def _patient_id(self, obs: dict) -> str | None:
+        reference = (obs.get("subject") or obs.get("patient") or {}).get("reference")
+        try:
+            return self._subjects[reference]
+        except KeyError:
+            pid = self._subjects[reference] = patient_id(reference)
+            return pid
+
+    def _head(self, obs: dict, pid: str) -> tuple:
+        """What every row of the Observation shares: ordinal, id, patient, status, time."""
+        when = times.effective_time(obs)
+        if when:
+            t = self._epochs.get(when)
+            if t is None:
+                t = self._epochs[when] = epoch(when)
+        else:
+            t = np.nan
+        patients = self._patients
+        patient = patients.get(pid)
+        if patient is None:
+            patient = patients[pid] = len(patients)
+        head = (self._count, obs.get("id"), patient, _STATUS_NO.get(obs.get("status"), -1),  # type: ignore[arg-type]
+                t, when if t != t else None)
+        self._count += 1
+        return head
 
     def _values(self, holder: dict) -> tuple:
         q = holder.get("valueQuantity")
@@ -143,6 +181,7 @@ class ColumnBuilder:
     def take(self) -> ObservationColumns:
         """Everything buffered so far as columns; the buffer starts again empty."""
         rows, self._rows = self._rows, []
+        self._epochs = {}
         n = len(rows)
         cols = list(zip(*rows)) if rows else [()] * 14
         obs, ids, patients, status, t, when, part, code, has_q, quantity, unit, integer, boolean, concept = cols

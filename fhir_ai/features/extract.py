@@ -2,7 +2,10 @@
 
 Resources go in one at a time (cheap dict look-ups per Observation); values land in flat arrays
 (patient, input, time, value); every feature is then a vectorised grouped aggregate over a window
-relative to each patient's as-of time.
+relative to each patient's as-of time. What a mapping needs (status, unit and plausibility tables, the
+(input, window) groups, which aggregate goes to which column) is worked out once per loaded mapping
+(``plan.plan_for``), and ``finish`` computes every window of every patient in one pass, so that one
+patient costs a fixed number of numpy calls rather than a few per feature.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import orjson
 
 from ..fhir import times
 from ..mapping import Input, Mapping
-from .aggregate import grouped, grouped_many
-from .columns import STATUSES, ColumnBuilder, ObservationColumns, patient_id
+from .aggregate import segment_starts, segment_values
+from .columns import ColumnBuilder, ObservationColumns, patient_id
+from .plan import BOOLEAN, CODING, INTEGER, QUANTITY, plan_for
 
 _FLUSH_ROWS = 200_000
 # Why a matched value was not used (0 = used); unit, coded-value and plausibility reasons carry detail.
@@ -83,8 +87,8 @@ class Extractor:
 
     def __init__(self, mapping: Mapping) -> None:
         self.mapping = mapping
-        self._inputs = mapping.input_list
-        self._static = [spec for spec in self._inputs if not spec.is_observation]
+        self._plan = plan_for(mapping)
+        self._inputs = self._plan.inputs
         self._patients: dict[str, int] = {}
         self._patient_resources: dict[int, dict] = {}
         self._encounters: dict[int, list[dict]] = {}
@@ -92,7 +96,6 @@ class Extractor:
         self._refs: list[str] = []
         self._builder = ColumnBuilder(mapping.code_index)
         self._dropped: list[tuple[int, float, Dropped]] = []
-        self._conversions: dict[tuple[int, str | None, str | None], tuple[float, float] | None] = {}
 
     # -- input ---------------------------------------------------------------------------------
     def patient_row(self, patient_id: str) -> int:
@@ -111,8 +114,17 @@ class Extractor:
             self.add_encounter(resource)
 
     def add_all(self, resources: Iterable[dict]) -> None:
+        builder, patients = self._builder, self._patients
         for resource in resources:
-            self.add(resource)
+            if resource.get("resourceType") == "Observation":
+                pid = builder.add(resource)
+                if pid is not None:
+                    if pid not in patients:       # rows follow the order patients first appear in
+                        patients[pid] = len(patients)
+                    if len(builder) >= _FLUSH_ROWS:
+                        self._flush()
+            else:
+                self.add(resource)
 
     def add_patient(self, patient: dict) -> None:
         self._patient_resources[self.patient_row(patient["id"])] = patient
@@ -141,65 +153,87 @@ class Extractor:
         """
         if not len(cols):
             return
-        rows, inputs = self._match(cols)
-        if not len(rows):
+        plan = self._plan
+        rows, inputs = self._match(cols)          # rows None: every row once, in order
+
+        def pick(column: np.ndarray) -> np.ndarray:
+            return column if rows is None else column[rows]
+
+        if not len(inputs):
             return
-        first = np.unique(cols.patient[rows], return_index=True)
-        for code in first[0][np.argsort(first[1], kind="stable")]:
-            self.patient_row(cols.patient_ids[code])
-        lookup = np.fromiter((self._patients.get(pid, -1) for pid in cols.patient_ids), np.int64,
-                             len(cols.patient_ids))
-        P = lookup[cols.patient[rows]]
-        T = self._times(cols, rows)
-        problem = np.zeros(len(rows), dtype=np.int8)      # 0 ok, see _REASONS
-        problem[np.isnan(T)] = np.where(_is_none(cols.time_text[rows[np.isnan(T)]]), 1, 2)
-        timed = problem == 0
-        allowed = np.zeros((len(self._inputs), len(STATUSES) + 1), dtype=bool)
-        for spec in self._inputs:
-            for status in spec.statuses:
-                allowed[spec.index, STATUSES.index(status)] = True
-        counted = timed & allowed[inputs, cols.status[rows]]     # status -1 reads the last (False) column
-        V = np.full(len(rows), np.nan)
+        patient = pick(cols.patient)
+        if len(cols.patient_ids) == 1:
+            lookup = np.array([self.patient_row(cols.patient_ids[0])], dtype=np.int64)
+        else:
+            first = np.unique(patient, return_index=True)
+            for code in first[0][np.argsort(first[1], kind="stable")].tolist():
+                self.patient_row(cols.patient_ids[code])
+            lookup = np.fromiter((self._patients.get(pid, -1) for pid in cols.patient_ids), np.int64,
+                                 len(cols.patient_ids))
+        P = lookup[patient]
+        T = pick(cols.time)
+        problem = np.zeros(len(inputs), dtype=np.int8)      # 0 ok, see _REASONS
+        untimed = np.isnan(T)
+        if untimed.any():
+            T = self._parse_times(cols, rows, T, untimed)
+            untimed = np.isnan(T)
+            problem[untimed] = np.where(_is_none(pick(cols.time_text)[untimed]), 1, 2)
+            counted = ~untimed & plan.allowed[inputs, pick(cols.status)]
+        else:
+            counted = plan.allowed[inputs, pick(cols.status)]      # status -1 reads the last (False) column
         text: dict[int, str] = {}
-        for spec in self._inputs:
-            sel = np.flatnonzero(counted & (inputs == spec.index))
-            if len(sel):
-                self._values(spec, cols, rows, sel, V, problem, text)
-        kept = counted & (problem == 0) & ~np.isnan(V)
-        self._keep(cols, rows[kept], P[kept], inputs[kept], T[kept], V[kept])
-        for j in np.flatnonzero(problem):
-            reason = text.get(int(j)) or _REASONS[problem[j]]
-            ref = f"Observation/{cols.obs_id[rows[j]]}"
+        V = self._values(cols, pick, inputs, counted, problem, text)
+        kept = np.flatnonzero(counted & (problem == 0) & ~np.isnan(V))
+        self._keep(cols, kept if rows is None else rows[kept], P[kept], inputs[kept], T[kept], V[kept])
+        for j in np.flatnonzero(problem).tolist():
+            reason = text.get(j) or _REASONS[int(problem[j])]
+            ref = f"Observation/{cols.obs_id[j if rows is None else rows[j]]}"
             self._dropped.append((int(P[j]), float(T[j]), Dropped(ref, self._inputs[inputs[j]].name, reason)))
 
-    def _match(self, cols: ObservationColumns) -> tuple[np.ndarray, np.ndarray]:
-        """(row, input) pairs: each coding's inputs; one pair per input and Observation part."""
+    def _match(self, cols: ObservationColumns) -> tuple[np.ndarray | None, np.ndarray]:
+        """(row, input) pairs: each coding's inputs; one pair per input and Observation part.
+
+        Rows are None when every row is one pair (each code names one input): the common case.
+        """
         index = self.mapping.code_index
-        targets = [index.get(tuple(code), []) for code in cols.codes]   # type: ignore[arg-type]
-        counts = np.fromiter((len(t) for t in targets), np.int64, len(targets))
-        per_row = counts[cols.code]
-        rows = np.repeat(np.arange(len(cols)), per_row)
-        if not len(rows):
-            return rows, rows
-        starts = np.cumsum(counts) - counts
-        flat = np.fromiter((i for t in targets for i in t), np.int64, int(counts.sum()))
-        offset = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        inputs = flat[starts[cols.code[rows]] + offset]
+        targets = [index.get(tuple(code), ()) for code in cols.codes]   # type: ignore[arg-type]
+        rows: np.ndarray | None
+        if all(len(t) == 1 for t in targets):
+            rows = None
+            inputs = np.array([t[0] for t in targets], dtype=np.int64)[cols.code]
+            obs, part = cols.obs, cols.part
+        else:
+            counts = np.fromiter((len(t) for t in targets), np.int64, len(targets))
+            per_row = counts[cols.code]
+            rows = np.repeat(np.arange(len(cols)), per_row)
+            if not len(rows):
+                return rows, rows
+            starts = np.cumsum(counts) - counts
+            flat = np.fromiter((i for t in targets for i in t), np.int64, int(counts.sum()))
+            offset = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+            inputs = flat[starts[cols.code[rows]] + offset]
+            obs, part = cols.obs[rows], cols.part[rows]
         # The same input named twice in one part (two codings of one concept) is one value, not two.
-        group = np.concatenate(([0], np.cumsum((np.diff(cols.obs[rows]) != 0) | (np.diff(cols.part[rows]) != 0))))
-        key = group * (len(self._inputs) + 1) + inputs
-        if len(np.unique(key)) < len(key):
-            keep = np.sort(np.unique(key, return_index=True)[1])
-            rows, inputs = rows[keep], inputs[keep]
+        same = obs[1:] == obs[:-1]
+        if same.any():
+            same &= part[1:] == part[:-1]
+            if same.any():
+                group = np.concatenate(([0], np.cumsum(~same)))
+                key = group * (len(self._inputs) + 1) + inputs
+                if len(np.unique(key)) < len(key):
+                    keep = np.sort(np.unique(key, return_index=True)[1])
+                    rows = keep if rows is None else rows[keep]
+                    inputs = inputs[keep]
         return rows, inputs
 
     @staticmethod
-    def _times(cols: ObservationColumns, rows: np.ndarray) -> np.ndarray:
-        T = cols.time[rows].copy()
-        missing = np.flatnonzero(np.isnan(T))
+    def _parse_times(cols: ObservationColumns, rows: np.ndarray | None, T: np.ndarray,
+                     untimed: np.ndarray) -> np.ndarray:
+        """Times the front-end left unparsed (``time_text``), parsed here (NaN if unreadable)."""
+        T = T.copy()
         parsed: dict[str, float] = {}
-        for j in missing:
-            text = cols.time_text[rows[j]]
+        for j in np.flatnonzero(untimed).tolist():
+            text = cols.time_text[j if rows is None else rows[j]]
             if text is None:
                 continue
             if text not in parsed:
@@ -210,72 +244,80 @@ class Extractor:
             T[j] = parsed[text]
         return T
 
-    def _values(self, spec: Input, cols: ObservationColumns, rows: np.ndarray, sel: np.ndarray,
-                V: np.ndarray, problem: np.ndarray, text: dict[int, str]) -> None:
-        """Values of one input's rows ``sel`` into V (NaN = no value); refusals into problem/text."""
-        r = rows[sel]
-        kind = spec.value_type
-        if kind == "boolean":
-            b = cols.boolean[r]
-            V[sel] = np.where(b >= 0, b.astype(np.float64), np.nan)
-            return
-        if kind == "coding":
-            for j, concept in zip(sel, cols.concept[r]):
-                if concept is None:
-                    continue
-                if isinstance(concept, (str, bytes)):
-                    concept = orjson.loads(concept)
-                for coding in concept.get("coding") or ():
-                    mapped = spec.coded_value(coding.get("system"), coding.get("code"))
-                    if mapped is not None:
-                        V[j] = mapped
-                        break
-                else:
-                    problem[j] = 4
-            return
-        q, has_q, integer = cols.quantity[r], cols.has_quantity[r], cols.integer[r]
-        if kind == "integer":
-            value = np.where(~np.isnan(integer), integer, np.where(has_q, q, np.nan))
-        else:
-            value = np.where(has_q, q, integer)
-            converted = np.flatnonzero(has_q & ~np.isnan(q))
-            if len(converted):
-                units, inverse = np.unique(cols.unit[r[converted]], return_inverse=True)
-                scale = np.empty(len(units))
-                shift = np.empty(len(units))
-                for u, unit in enumerate(units):
-                    code, unit_text, sent = cols.units[unit]
-                    key = (spec.index, code, unit_text)
-                    if key not in self._conversions:
-                        self._conversions[key] = spec.unit_conversion(code, unit_text)
-                    conv = self._conversions[key]
-                    scale[u], shift[u] = conv if conv is not None else (np.nan, np.nan)
-                    if conv is None:
-                        bad = converted[inverse == u]
-                        problem[sel[bad]] = 3
-                        reason = f"unit {sent or unit_text!r} cannot be converted to {spec.unit!r}"
-                        text.update(dict.fromkeys(sel[bad].tolist(), reason))
-                value[converted] = value[converted] * scale[inverse] + shift[inverse]
-        V[sel] = value
-        if spec.plausible:
-            low, high = spec.plausible
-            out = np.flatnonzero(~np.isnan(value) & ~((low <= value) & (value <= high)) & (problem[sel] == 0))
-            for j in out:
-                problem[sel[j]] = 5
-                text[int(sel[j])] = (f"implausible value {value[j]:g} {spec.unit or ''} "
-                                     f"(plausible {low:g}-{high:g})").replace("  ", " ")
+    def _values(self, cols: ObservationColumns, pick: Any, inputs: np.ndarray, counted: np.ndarray,
+                problem: np.ndarray, text: dict[int, str]) -> np.ndarray:
+        """Each row's value in its input's unit (NaN = none); refusals of counted rows into problem/text."""
+        plan = self._plan
+        kind = plan.kind[inputs]
+        has_q, q, integer = pick(cols.has_quantity), pick(cols.quantity), pick(cols.integer)
+        V = np.where(has_q, q, integer)                 # quantity inputs: valueQuantity, else valueInteger
+        if plan.kinds[INTEGER]:
+            V = np.where(kind == INTEGER, np.where(~np.isnan(integer), integer, np.where(has_q, q, np.nan)), V)
+        if plan.kinds[BOOLEAN]:
+            b = pick(cols.boolean)
+            V = np.where(kind == BOOLEAN, np.where(b >= 0, b, np.nan), V)
+        if plan.kinds[CODING]:
+            coded = kind == CODING
+            V[coded] = np.nan
+            which = np.flatnonzero(coded & counted)
+            for j, concept in zip(which.tolist(), pick(cols.concept)[which].tolist()):
+                V[j], problem[j] = self._coded(self._inputs[inputs[j]], concept)
+        converted = np.flatnonzero(counted & (kind == QUANTITY) & has_q & ~np.isnan(q))
+        if len(converted):
+            scale, shift = plan.unit_tables(cols.units)
+            unit, index = pick(cols.unit)[converted], inputs[converted]
+            factor = scale[unit, index]
+            V[converted] = V[converted] * factor + shift[unit, index]
+            bad = np.isnan(factor)
+            for j, u in zip(converted[bad].tolist(), unit[bad].tolist()):
+                spec = self._inputs[inputs[j]]
+                code, unit_text, sent = cols.units[u]
+                problem[j] = 3
+                text[j] = f"unit {sent or unit_text!r} cannot be converted to {spec.unit!r}"
+        low, high = plan.low[inputs], plan.high[inputs]
+        # (comparisons with NaN are False: values without a number or a unit are not implausible)
+        for j in np.flatnonzero(counted & plan.numeric[inputs] & ((V < low) | (V > high))).tolist():
+            spec = self._inputs[inputs[j]]
+            low_j, high_j = spec.plausible         # type: ignore[misc]
+            problem[j] = 5
+            text[j] = (f"implausible value {V[j]:g} {spec.unit or ''} "
+                       f"(plausible {low_j:g}-{high_j:g})").replace("  ", " ")
+        return V
+
+    @staticmethod
+    def _coded(spec: Input, concept: Any) -> tuple[float, int]:
+        """(value, problem) of a valueCodeableConcept: the first coding the input maps."""
+        if concept is None:
+            return np.nan, 0
+        if isinstance(concept, (str, bytes)):
+            concept = orjson.loads(concept)
+        for coding in concept.get("coding") or ():
+            mapped = spec.coded_value(coding.get("system"), coding.get("code"))
+            if mapped is not None:
+                return mapped, 0
+        return np.nan, 4
 
     def _keep(self, cols: ObservationColumns, rows: np.ndarray, P: np.ndarray, I: np.ndarray, T: np.ndarray,
               V: np.ndarray) -> None:
         if not len(rows):
             return
-        ordinals, first, inverse = np.unique(cols.obs[rows], return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")          # references in order of first appearance
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
+        obs = cols.obs[rows]
+        change = np.empty(len(obs), dtype=bool)
+        change[0] = True
+        np.not_equal(obs[1:], obs[:-1], out=change[1:])
+        if (obs[1:] >= obs[:-1]).all():
+            # Rows in Observation order (always so from ColumnBuilder): references in that order.
+            first = np.flatnonzero(change)
+            ordinal = np.cumsum(change) - 1
+        else:
+            _, first, inverse = np.unique(obs, return_index=True, return_inverse=True)
+            order = np.argsort(first, kind="stable")          # references in order of first appearance
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            first, ordinal = first[order], rank[inverse]
         base = len(self._refs)
-        self._refs.extend(f"Observation/{cols.obs_id[rows[first[k]]]}" for k in order)
-        self._chunks.append((P, I, T, V, base + rank[inverse]))
+        self._refs.extend([f"Observation/{oid}" for oid in cols.obs_id[rows[first]].tolist()])
+        self._chunks.append((P, I, T, V, base + ordinal))
 
     # -- output --------------------------------------------------------------------------------
     def finish(self, as_of: datetime | dict[str, datetime] | None = None,
@@ -289,62 +331,66 @@ class Extractor:
             self.patient_row(pid)
         ids = list(self._patients)
         n = len(ids)
-        P, I, T, V, O = (np.concatenate(parts) if self._chunks else np.empty(0, dtype)
-                         for parts, dtype in zip(zip(*self._chunks) if self._chunks else [()] * 5,
-                                                 (np.int64, np.int64, np.float64, np.float64, np.int64)))
-        anchor = self._as_of(ids, as_of, P, T)
-        encounter_ids, enc_start = self._current_encounters(n, anchor, encounters or {})
-        order = np.lexsort((T, P))
+        plan = self._plan
+        if len(self._chunks) == 1:
+            P, I, T, V, O = self._chunks[0]
+        else:
+            P, I, T, V, O = (np.concatenate(parts) if self._chunks else np.empty(0, dtype)
+                             for parts, dtype in zip(zip(*self._chunks) if self._chunks else [()] * 5,
+                                                     (np.int64, np.int64, np.float64, np.float64, np.int64)))
+        periods = {row: [(_period_start(enc), enc) for enc in encounters_]
+                   for row, encounters_ in self._encounters.items()}
+        anchor = self._as_of(ids, as_of, P, T, periods)
+        encounter_ids, enc_start, current = self._current_encounters(n, anchor, encounters or {}, periods)
+        # Rows sorted by input, patient and time: each (window, input) group's rows of each patient
+        # are one contiguous run, in time order.
+        order = np.lexsort((T, P, I))
         P, I, T, V, O = P[order], I[order], T[order], V[order], O[order]
 
-        features = self.mapping.features
-        X = np.full((n, len(features)), np.nan)
-        used = np.zeros(len(P), dtype=bool)
+        X = np.full((n, len(self.mapping.features)), np.nan)
+        X[:, plan.zero_columns] = 0.0
         present = np.zeros((n, len(self._inputs)), dtype=bool)
-        # Rows of each input (still sorted by patient and time), found with one stable sort.
-        by_i = np.argsort(I, kind="stable")
-        bounds = np.searchsorted(I[by_i], np.arange(len(self._inputs) + 1))
-        by_input = {spec.index: by_i[bounds[spec.index]:bounds[spec.index + 1]]
-                    for spec in self._inputs if spec.is_observation}
-        statics = self._static_values(n, anchor, enc_start)
-        # Features of one input over one window share the selection and the per-patient segments.
-        groups: dict[tuple, list[int]] = {}
-        for col, feature in enumerate(features):
-            spec = self.mapping.inputs[feature.input]
-            if not spec.is_observation:
-                X[:, col] = statics[(feature.input, feature.category)]
-                present[:, spec.index] |= ~np.isnan(X[:, col])
-                continue
-            groups.setdefault((spec.index, feature.window_start, feature.window_end), []).append(col)
-        for (index, start, end), columns in groups.items():
-            sel = by_input[index]
-            sel = sel[self._in_window(start, end, P[sel], T[sel], anchor, enc_start)]
-            values = grouped_many([features[col].aggregate for col in columns], P[sel], T[sel], V[sel], anchor, n)
-            for col, value in zip(columns, values):
-                X[:, col] = value
-            used[sel] = True
-            present[P[sel], index] = True
-        news2 = {}
+        self._static_columns(X, present, anchor, enc_start, current)
+
+        # Every group's rows at once: each window's rows (in order) of the inputs some group reads in it.
+        a = anchor[P]
+        low = a + plan.window_low[:, None]          # (windows, rows)
+        if plan.encounter_windows:
+            low[plan.encounter_windows] = enc_start[P]
+        groups = plan.group_of_input[:, I]
+        window, sel = np.nonzero((groups >= 0) & (T >= low) & (T <= a + plan.window_high[:, None]))
+        G = groups[window, sel]
+        used = np.zeros(len(P), dtype=bool)
         news2_used = np.zeros(len(P), dtype=bool)
-        if self.mapping.news2:
-            for param, name in self.mapping.news2["inputs"].items():
-                sel = by_input[self.mapping.inputs[name].index]
-                sel = sel[self._in_window(-self.mapping.news2["window"], 0.0, P[sel], T[sel], anchor, enc_start)]
-                news2[param] = grouped("last", P[sel], T[sel], V[sel], anchor, n)
-                # The latest value of each patient is the one NEWS2 reads.
-                if len(sel):
-                    last = np.append(P[sel][1:] != P[sel][:-1], True)
-                    news2_used[sel[last]] = True
-        reference = None
-        if self.mapping.second_reader:
-            spec = self.mapping.inputs[self.mapping.second_reader["input"]]
-            sel = by_input[spec.index]
-            sel = sel[self._in_window(self.mapping.second_reader["start"], self.mapping.second_reader["end"],
-                                      P[sel], T[sel], anchor, enc_start)]
-            reference = grouped("last", P[sel], T[sel], V[sel], anchor, n)
-            used[sel] = True
-        basis = self._basis(n, P[used], O[used])
-        news2_basis = self._basis(n, P[news2_used], O[news2_used])
+        # Latest values kept beside the features: one row per NEWS2 parameter, then the second reader's.
+        extras = np.full((len(plan.extra_group), n), np.nan)
+        news2 = dict(zip(plan.news2_groups, extras))
+        reference = None if plan.second_reader_group is None else extras[-1]
+        if len(sel):
+            PS, VS = P[sel], V[sel]
+            starts, ends = segment_starts((G, PS), len(sel))
+            seg_group, seg_patient = G[starts], PS[starts]
+            hours = (T[sel] - anchor[PS]) / 3600.0 if "slope" in plan.aggregates else None
+            values = np.stack([segment_values(aggregate, VS, starts, ends, hours) for aggregate in plan.aggregates]
+                              or [np.empty(len(starts))])
+            # Each (group, patient) has at most one segment: its number, -1 = no values.
+            segment = np.full((len(plan.groups), n), -1, dtype=np.int64)
+            segment[seg_group, seg_patient] = np.arange(len(starts))
+            found = segment[plan.pair_group]            # (column/aggregate pairs, patients)
+            has = found >= 0
+            X[:, plan.pair_column] = np.where(has, values[plan.pair_aggregate[:, None], found], X[:, plan.pair_column].T).T
+            marks = plan.group_present[seg_group]
+            present[seg_patient[marks], plan.group_input[seg_group[marks]]] = True
+            used[sel[plan.group_used[G]]] = True
+            found = segment[plan.extra_group]           # (extras, patients)
+            has = found >= 0
+            latest = ends[found] - 1
+            extras[has] = VS[latest[has]]
+            # The latest value of each patient is the one NEWS2 reads.
+            news2_used[sel[latest[:len(news2)][has[:len(news2)]]]] = True
+        keys = P * len(self._refs) + O
+        basis = self._basis(n, keys[used], len(self._refs))
+        news2_basis = self._basis(n, keys[news2_used], len(self._refs))
         dropped: list[list[Dropped]] = [[] for _ in range(n)]
         for row, t, item in self._dropped:
             if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
@@ -352,7 +398,8 @@ class Extractor:
         return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis,
                           reference)
 
-    def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray) -> np.ndarray:
+    def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray,
+               periods: dict[int, list[tuple[float | None, dict]]]) -> np.ndarray:
         n = len(ids)
         if isinstance(as_of, datetime):
             return np.full(n, as_of.timestamp())
@@ -367,34 +414,34 @@ class Extractor:
             latest = np.full(n, -np.inf)
             if len(P):
                 np.maximum.at(latest, P, T)
-            for row, encounters in self._encounters.items():
-                for enc in encounters:
-                    start = _period_start(enc)
+            for row, items in periods.items():
+                for start, _ in items:
                     if start is not None:
                         latest[row] = max(latest[row], start)
             latest[np.isinf(latest)] = np.nan
             anchor[missing] = latest[missing]
         return anchor
 
-    def _current_encounters(self, n: int, anchor: np.ndarray,
-                            pinned: dict[str, str]) -> tuple[list[str | None], np.ndarray]:
+    def _current_encounters(self, n: int, anchor: np.ndarray, pinned: dict[str, str],
+                            periods: dict[int, list[tuple[float | None, dict]]]
+                            ) -> tuple[list[str | None], np.ndarray, dict[int, dict]]:
+        """Each patient's current encounter: ids, start times, and the resource (for Encounter inputs)."""
         ids: list[str | None] = [None] * n
         starts = np.full(n, np.nan)
         pinned_rows = {self._patients[pid]: eid for pid, eid in pinned.items() if pid in self._patients}
-        for row, encounters in self._encounters.items():
+        for row, items in periods.items():
             best: tuple[float, dict] | None = None
+            when = float(anchor[row])
             if row in pinned_rows:
-                chosen = [e for e in encounters if e.get("id") == pinned_rows[row]]
-                start = _period_start(chosen[0]) if chosen else None
-                if start is not None:
-                    starts[row], ids[row] = start, chosen[0]["id"]
+                chosen = [(start, e) for start, e in items if e.get("id") == pinned_rows[row]]
+                if chosen and chosen[0][0] is not None:
+                    starts[row], ids[row] = chosen[0][0], chosen[0][1]["id"]
                 continue
-            for enc in encounters:
-                start = _period_start(enc)
-                if start is None or (not np.isnan(anchor[row]) and start > anchor[row]):
+            for start, enc in items:
+                if start is None or (when == when and start > when):
                     continue
                 end = _period_end(enc)
-                if end is not None and not np.isnan(anchor[row]) and end < anchor[row] \
+                if end is not None and when == when and end < when \
                         and enc.get("status") not in ("in-progress", "arrived", "triaged", "onleave"):
                     continue
                 if best is None or start > best[0]:
@@ -402,53 +449,57 @@ class Extractor:
             if best is not None:
                 starts[row] = best[0]
                 ids[row] = best[1].get("id")
-        return ids, starts
-
-    @staticmethod
-    def _in_window(start: float | str | None, end: float | None, P: np.ndarray, T: np.ndarray,
-                   anchor: np.ndarray, enc_start: np.ndarray) -> np.ndarray:
-        a = anchor[P]
-        upper = T <= a + (end or 0.0)
-        if start == "unbounded":
-            return upper
-        if start == "encounter":
-            return upper & (T >= enc_start[P])
-        return upper & (T >= a + float(start))
-
-    def _static_values(self, n: int, anchor: np.ndarray, enc_start: np.ndarray) -> dict[tuple[str, str | None], np.ndarray]:
-        out: dict[tuple[str, str | None], np.ndarray] = {}
+        # Encounter inputs read the last encounter (in the order given) that starts when the current one does.
         current: dict[int, dict] = {}
-        for row, encounters in self._encounters.items():
-            start = enc_start[row]
-            for enc in encounters:
-                if _period_start(enc) == start:
+        for row, items in periods.items():
+            start = starts[row]
+            for when, enc in items:
+                if when == start:
                     current[row] = enc
-        for spec in self._static:
-            keys = list(spec.categories) if spec.element == "reasonText" else [None]
-            columns = {key: np.full(n, np.nan) for key in keys}
-            for row in range(n):
-                source = self._patient_resources.get(row) if spec.resource == "Patient" else current.get(row)
-                if source is None:
-                    continue
+        return ids, starts, current
+
+    def _static_columns(self, X: np.ndarray, present: np.ndarray, anchor: np.ndarray, enc_start: np.ndarray,
+                        current: dict[int, dict]) -> None:
+        """Patient and Encounter inputs into their X columns (and ``present``)."""
+        plan = self._plan
+        if not plan.static_columns:
+            return
+        found: dict[tuple[str, str | None], list[tuple[int, float]]] = {}
+        for spec in plan.static:
+            sources = self._patient_resources if spec.resource == "Patient" else current
+            for row, source in sources.items():
                 reference = enc_start[row] if not np.isnan(enc_start[row]) else anchor[row]
                 for key, value in static_value(spec, source, reference).items():
-                    columns[key][row] = value
-            for key, column in columns.items():
-                out[(spec.name, key)] = column
-        return out
+                    found.setdefault((spec.name, key), []).append((row, value))
+        rows: list[int] = []
+        columns: list[int] = []
+        inputs: list[int] = []
+        values: list[float] = []
+        for col, spec, category in plan.static_columns:
+            for row, value in found.get((spec.name, category), ()):
+                rows.append(row)
+                columns.append(col)
+                inputs.append(spec.index)
+                values.append(value)
+        if rows:
+            V = np.array(values, dtype=np.float64)
+            X[rows, columns] = V
+            ok = ~np.isnan(V)
+            present[np.array(rows)[ok], np.array(inputs)[ok]] = True
 
-    def _basis(self, n: int, P: np.ndarray, O: np.ndarray) -> list[list[str]]:
-        """Each patient's Observation references, in order of first use, each once."""
+    def _basis(self, n: int, keys: np.ndarray, width: int) -> list[list[str]]:
+        """Each patient's Observation references (keys: patient * width + reference number), each once."""
         basis: list[list[str]] = [[] for _ in range(n)]
-        if len(P) == 0:
+        if len(keys) == 0:
             return basis
-        width = len(self._refs)
-        pairs = np.unique(P * width + O)
-        rows, obs = np.divmod(pairs, width)
-        refs = np.asarray(self._refs, dtype=object)[obs]
-        bounds = np.flatnonzero(np.diff(rows)) + 1
-        for row, group in zip(rows[np.r_[0, bounds]].tolist(), np.split(refs, bounds)):
-            basis[row] = group.tolist()
+        keys = np.sort(keys)                   # (np.unique's hash table is slower on large unsorted input)
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+        rows, obs = np.divmod(keys, width)
+        refs = self._refs
+        picked = [refs[o] for o in obs.tolist()]
+        bounds = (np.flatnonzero(rows[1:] != rows[:-1]) + 1).tolist()
+        for row, start, end in zip(rows[[0, *bounds]].tolist(), [0, *bounds], [*bounds, len(picked)]):
+            basis[row] = picked[start:end]
         return basis
 
 
@@ -459,7 +510,7 @@ def static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[st
         birth = resource.get("birthDate")
         if not birth or np.isnan(reference_epoch):
             return {}
-        born = times.parse_datetime(birth)
+        born = _parse_datetime(birth)
         ref = datetime.fromtimestamp(reference_epoch, tz=born.tzinfo)
         years = ref.year - born.year - ((ref.month, ref.day) < (born.month, born.day))
         if spec.plausible and not (spec.plausible[0] <= years <= spec.plausible[1]):
@@ -536,11 +587,16 @@ def _is_none(values: np.ndarray) -> np.ndarray:
     return np.fromiter((v is None for v in values), bool, len(values))
 
 
+# The same birth dates and encounter periods come back request after request: parse each once.
+_parse_datetime = lru_cache(maxsize=4096)(times.parse_datetime)
+_to_epoch = lru_cache(maxsize=4096)(times.to_epoch)
+
+
 def _period_start(enc: dict) -> float | None:
     start = (enc.get("period") or {}).get("start")
-    return times.to_epoch(start) if start else None
+    return _to_epoch(start) if start else None
 
 
 def _period_end(enc: dict) -> float | None:
     end = (enc.get("period") or {}).get("end")
-    return times.to_epoch(end) if end else None
+    return _to_epoch(end) if end else None
