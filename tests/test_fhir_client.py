@@ -205,9 +205,9 @@ def test_timeout_is_passed_on_every_call(mocked, sleeps):
     seen = []
 
     class Recording(requests.Session):
-        def request(self, *args, **kwargs):
+        def send(self, *args, **kwargs):
             seen.append(kwargs.get("timeout"))
-            return super().request(*args, **kwargs)
+            return super().send(*args, **kwargs)
 
     mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
     mocked.put(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
@@ -302,3 +302,19 @@ def test_absolute_url_to_other_host_refused_for_get(client, mocked):
     with pytest.raises(UpstreamError, match="another host"):
         client.get("https://elsewhere.example/r4/Patient/example")
     assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize("url, params", [
+    ("Observation", [("patient", "p-1"), ("date", "ge2026-11-20T08:00:00+09:00"), ("_count", 200),
+                     ("code", "http://loinc.org|8867-4,urn:oid:1.2.410.100|HR LOCAL,\u00e9tat|x&y=z")]),
+    ("Observation", {"patient": "p-1", "code": ["a|b", "c"], "skipped": None, "n": 3.5}),
+    ("Observation?_getpages=abc&_offset=10", [("extra", "1")]),
+    ("Patient/example", None),
+    ("Observation", [("value", "~ spaced + plus %25 [x]")]),
+])
+def test_the_query_is_encoded_as_requests_encodes_params(url: str, params) -> None:
+    """The client appends the query itself (requests re-parses long URLs slowly): the URL must not change."""
+    client = FhirClient(BASE)
+    ours = client._prepare("GET", f"{BASE}/{url}", params, None, {"Accept": "application/fhir+json"})
+    theirs = requests.Session().prepare_request(requests.Request("GET", f"{BASE}/{url}", params=params))
+    assert ours.url == theirs.url
