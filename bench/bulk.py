@@ -5,7 +5,8 @@
 
 Each measurement runs in its own child process (peak RSS is that child's ``ru_maxrss``); the time is
 measured inside the child from loading the model to the last byte written, for both pipelines alike
-(interpreter start-up and imports excluded; the CLI's full wall time is printed once as well).
+(interpreter start-up and imports excluded; the CLI's full wall time is printed once as well). CPU
+seconds (user + system, all threads) over the same span show how much of a shared machine a run took.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ MAPPING = REPO / "mappings" / "deterioration.yaml"
 def child(kind: str, export: Path, out: Path, explain: str) -> dict:
     if kind == "raw":
         import raw
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), os.times()
         result = raw.run(export, MODEL, MAPPING, out, explain=explain == "elevated")
         seconds = time.perf_counter() - started
         result = {"patients": result["patients"], "explained": result["explained"]}
@@ -40,12 +41,14 @@ def child(kind: str, export: Path, out: Path, explain: str) -> dict:
         from fhir_ai.bulk import bulk_assess
         from fhir_ai.mapping import load_directory
         from fhir_ai.models.registry import ModelRegistry
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), os.times()
         registry = ModelRegistry.load(MODEL.parent, load_directory(REPO / "mappings"))
         stats = bulk_assess(export, out, registry, models=["deterioration"], explain=explain, progress=False)
         seconds = time.perf_counter() - started
         result = {"patients": stats.patients, "resources": stats.resources_read}
-    result.update(seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    done = os.times()
+    result.update(seconds=seconds, cpu_seconds=done.user + done.system - cpu.user - cpu.system,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 
 
@@ -80,7 +83,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--memory", default="2500,5000,10000", help="patient counts for the peak-RSS series")
+    parser.add_argument("--memory", default="2500,5000,10000,20000", help="patient counts for the peak-RSS series")
     parser.add_argument("--child"), parser.add_argument("--export"), parser.add_argument("--out")
     parser.add_argument("--explain", default="none")
     args = parser.parse_args()
@@ -98,10 +101,11 @@ def main() -> None:
         for kind in ("raw", "fhir_ai"):
             for explain in ("none", "elevated"):
                 runs.setdefault((kind, explain), []).append(measure(kind, export, explain))
-    print(f"\n{'pipeline':<34}{'best s':>8}{'median s':>10}{'peak RSS MB':>13}")
+    print(f"\n{'pipeline':<34}{'best s':>8}{'median s':>10}{'median CPU s':>14}{'peak RSS MB':>13}")
     for (kind, explain), results in runs.items():
         seconds = [r["seconds"] for r in results]
         print(f"{kind + ' explain=' + explain:<34}{min(seconds):>8.2f}{statistics.median(seconds):>10.2f}"
+              f"{statistics.median(r['cpu_seconds'] for r in results):>14.2f}"
               f"{max(r['peak_rss_mb'] for r in results):>13.0f}")
     best = {key: min(r["seconds"] for r in results) for key, results in runs.items()}
     median = {key: statistics.median(r["seconds"] for r in results) for key, results in runs.items()}

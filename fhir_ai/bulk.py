@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 TYPES = ("Patient", "Encounter", "Observation")
 CHUNK_PATIENTS = 2000     # patients scored at a time: bounds memory, large enough for vectorised work
+_LINE = orjson.OPT_APPEND_NEWLINE
 
 
 @dataclass
@@ -94,7 +95,7 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
                 fs = extractor.finish(as_of=as_of)
                 rows = max(rows, len(fs.patient_ids))
                 scored, built = build_assessments(model, fs, explain=explain, news2=news2)
-                out.write(b"".join(orjson.dumps(resource) + b"\n" for resources in built for resource in resources))
+                out.write(b"".join([orjson.dumps(resource, option=_LINE) for rs in built for resource in rs]))
                 ok = sum(item.sufficient for item in scored)
                 assessed += ok
                 insufficient += len(scored) - ok

@@ -1,16 +1,21 @@
 """Bulk-Data NDJSON → per-patient-chunk ObservationColumns with DuckDB, in bounded memory.
 
-DuckDB reads the Observation files with explicit columns (no per-line JSON parsing in Python), keeps
-the codings some mapping knows, and parses full dateTimes with an offset; everything else (dates, odd
-forms) is left to ``Extractor.add_columns``, the same core every other path uses. Exports are not sorted
-by patient, so rows are first partitioned into chunks of whole patients in an on-disk DuckDB database
-(temporary; DuckDB spills to it beyond ``memory_limit``), then handed out one chunk at a time: memory
-stays flat however many patients the export holds.
+DuckDB reads the Observation files once with explicit columns (no per-line JSON parsing in Python) into
+one table: in memory for exports up to 640 MB of Observation NDJSON, beyond that in a temporary on-disk
+database (compressed, cached only up to ``memory_limit``), so memory stops growing however many
+patients the export holds. Exports are not sorted by patient: patients are numbered in id order and cut
+into chunks of whole patients; each chunk's rows (one per Observation part and coding some mapping knows,
+in file order) are selected, flattened and fetched when the chunk is due — in a background thread,
+while the caller scores the chunk before it. Full dateTimes with an offset are parsed by DuckDB;
+everything else (dates, odd forms) is left to ``Extractor.add_columns``, the same core every other
+path uses.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +25,7 @@ import numpy as np
 import orjson
 
 from ..errors import BadRequest
-from .columns import STATUSES, UCUM, ObservationColumns, patient_id
+from .columns import STATUSES, UCUM, ObservationColumns, UnitKey, patient_id
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,11 @@ _OBSERVATION = {
     "valueCodeableConcept": "JSON",
     "component": f"STRUCT(code {_CODING}, {_VALUES})[]",
 }
+# Staged in memory up to this much Observation NDJSON: the table takes about 245 bytes per Observation
+# (0.47 of its NDJSON), so it stays under 60 % of the default memory_limit. Beyond it on disk, compressed
+# (about 25 bytes per Observation): a little slower to write, but memory stops growing. Gzipped files
+# count eight times their size.
+_IN_MEMORY_NDJSON = 640 * 2**20
 # Only what fromisoformat and DuckDB read alike goes to DuckDB's parser; the rest to fhir_ai.fhir.times.
 _FULL_DATETIME = (r"^\d{4}-\d{2}-\d{2}T([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?"
                   r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$")
@@ -62,17 +72,64 @@ def _files(paths: list[Path]) -> str:
     return "[" + ", ".join(_sql_text(str(p)) for p in paths) + "]"
 
 
+# One chunk's rows: the Observation's own codings (part 0) and each component's (part k), one row per
+# coding some mapping knows. Most Observations have one coding and no components: that case is a plain
+# column read; only the rest is unnested. Each branch scans the table again (the scan is cheap; holding
+# the chunk's Observations for all three would cost ~100 MB per chunk). Every chunk scans the whole
+# table: about 0.1 s per million Observations, in the background.
+_HEAD = "obs, id, status, pkey, t"
+_CHUNK_OBS = ("SELECT o.rowid AS obs, o.id, o.status, m.pkey, o.t, o.codings, o.q, o.vi, o.vb, o.vc, o.component "
+              "FROM obs o JOIN refmap m ON m.ref = o.ref WHERE m.chunk = $chunk")
+_CHUNK_ROWS = f"""
+    WITH flat AS (
+        SELECT 0 AS part, 0 AS k, codings[1] AS cd, {_HEAD}, q, vi, vb, vc FROM ({_CHUNK_OBS})
+        UNION ALL
+        SELECT 0, k, codings[k + 1], {_HEAD}, q, vi, vb, vc FROM (
+            SELECT unnest(range(1, len(codings))) AS k, codings, {_HEAD}, q, vi, vb, vc
+            FROM ({_CHUNK_OBS} AND len(o.codings) > 1))
+        UNION ALL
+        SELECT part, k, h.code.coding[k + 1], {_HEAD},
+               h.valueQuantity, h.valueInteger, h.valueBoolean, h.valueCodeableConcept FROM (
+            SELECT part, h, unnest(range(len(h.code.coding))) AS k, {_HEAD} FROM (
+                SELECT unnest(range(1, len(component) + 1)) AS part, unnest(component) AS h, {_HEAD}
+                FROM ({_CHUNK_OBS} AND o.component IS NOT NULL)))),
+    r AS (
+        SELECT f.obs, f.part, f.k, f.id, f.pkey, f.status, c.no AS code, f.q, f.vi, f.vb, f.vc, f.t,
+               CASE WHEN regexp_full_match(f.t, {_sql_text(_FULL_DATETIME)})
+                    THEN epoch_us(TRY_CAST(f.t AS TIMESTAMPTZ)) END AS us
+        FROM flat f JOIN codes c ON f.cd.system = c.system AND f.cd.code = c.code)
+    SELECT r.obs, r.part, r.k, r.id, r.pkey, r.code,
+           CASE r.status {" ".join(f"WHEN {_sql_text(s)} THEN {i}" for i, s in enumerate(STATUSES))}
+                ELSE -1 END AS status,
+           coalesce(r.us::DOUBLE, 'NaN'::DOUBLE) AS us, CASE WHEN r.us IS NULL THEN r.t END AS t,
+           r.q IS NOT NULL AS has_q, coalesce(r.q.value, 'NaN'::DOUBLE) AS qv, coalesce(u.no, -1) AS unit,
+           coalesce(r.vi::DOUBLE, 'NaN'::DOUBLE) AS vi, coalesce(r.vb::BIGINT, -1) AS vb, r.vc
+    FROM r LEFT JOIN units u ON r.q IS NOT NULL AND u.system IS NOT DISTINCT FROM r.q.system
+         AND u.usent IS NOT DISTINCT FROM r.q.code AND u.utext IS NOT DISTINCT FROM r.q.unit"""
+
+
 class NdjsonExport:
-    """One export folder staged for chunked reading; use as a context manager (removes its temp files)."""
+    """One export folder staged for chunked reading; use as a context manager (removes its temp files).
+
+    ``threads``: DuckDB threads while the export is read (default: one per core). While chunks are
+    handed out DuckDB uses one thread, so that the caller's scoring keeps a core of its own.
+    ``on_disk``: stage in a temporary on-disk database rather than in memory (default: when the
+    Observation NDJSON is larger than ``_IN_MEMORY_NDJSON``).
+    """
 
     def __init__(self, files: list[Path], codes: list[tuple[str, str]], *, chunk_patients: int = 2000,
-                 memory_limit: str = "512MB", threads: int | None = None) -> None:
+                 memory_limit: str = "512MB", threads: int | None = None, on_disk: bool | None = None) -> None:
         self.files = files
         self.codes = list(dict.fromkeys(codes))
         self.chunk_patients = chunk_patients
         self._tmp = tempfile.TemporaryDirectory(prefix="fhir-ai-bulk-")
-        # In memory up to memory_limit, spilling to the temporary folder beyond it.
-        self.con = duckdb.connect()
+        if on_disk is None:
+            on_disk = _ndjson_bytes(self._of("Observation")) > _IN_MEMORY_NDJSON
+        self.on_disk = on_disk
+        # In memory (fastest) while the staged table stays well under memory_limit; beyond that in a
+        # temporary on-disk database: compressed (about 25 bytes per Observation), cached in memory up
+        # to memory_limit, so memory stays flat. Intermediates beyond memory_limit spill to the folder.
+        self.con = duckdb.connect(str(Path(self._tmp.name) / "export.duckdb") if on_disk else ":memory:")
         self.con.execute(f"SET memory_limit = {_sql_text(memory_limit)}")
         self.con.execute(f"SET temp_directory = {_sql_text(self._tmp.name)}")
         self.con.execute("SET enable_progress_bar = false")
@@ -82,6 +139,9 @@ class NdjsonExport:
         self.patients = 0
         self.chunks = 0
         self.resources_read = 0
+        self.patient_ids: list[str] = []
+        self.units: list[UnitKey] = []
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "NdjsonExport":
         try:
@@ -95,6 +155,8 @@ class NdjsonExport:
         self.close()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.con.close()
         self._tmp.cleanup()
 
@@ -108,7 +170,8 @@ class NdjsonExport:
                     [len(self.codes), [s for s, _ in self.codes], [c for _, c in self.codes]])
         observations = self._of("Observation")
         if observations:
-            # Insertion order is file order, so rowid numbers the Observations as they were read.
+            # The one pass over the Observations. Insertion order is file order, so rowid numbers the
+            # Observations as they were read.
             con.execute(f"""
                 CREATE TABLE obs AS
                 SELECT id, status, subject.reference AS ref,
@@ -147,64 +210,58 @@ class NdjsonExport:
         self.patients = len(keys)
         self.chunks = max(1, -(-self.patients // self.chunk_patients))
         mapped = [(ref, keys[pid]) for ref, pid in ids.items() if pid is not None]
-        con.execute("CREATE TABLE refmap AS SELECT unnest(?::VARCHAR[]) AS ref, unnest(?::BIGINT[]) AS pkey",
+        con.execute(f"""CREATE TABLE refmap AS SELECT ref, pkey, pkey // {int(self.chunk_patients)} AS chunk
+                        FROM (SELECT unnest(?::VARCHAR[]) AS ref, unnest(?::BIGINT[]) AS pkey)""",
                     [[r for r, _ in mapped], [k for _, k in mapped]])
-        # One row per (Observation, part, known coding). Most Observations have one coding and no
-        # components: that case is a plain column read; only the rest is unnested.
-        head = "id, status, ref, t"
-        component = "h.valueQuantity AS q, h.valueInteger AS vi, h.valueBoolean AS vb, h.valueCodeableConcept AS vc"
-        con.execute(f"""
-            CREATE TABLE flat AS
-            SELECT rowid AS obs, 0 AS part, 0 AS k, codings[1] AS cd, {head}, q, vi, vb, vc FROM obs
-            UNION ALL
-            SELECT obs, 0, k, codings[k + 1], {head}, q, vi, vb, vc FROM (
-                SELECT rowid AS obs, codings, unnest(range(1, len(codings))) AS k, {head}, q, vi, vb, vc
-                FROM obs WHERE len(codings) > 1)
-            UNION ALL
-            SELECT obs, part, k, h.code.coding[k + 1], {head}, {component} FROM (
-                SELECT obs, part, h, unnest(range(len(h.code.coding))) AS k, {head} FROM (
-                    SELECT rowid AS obs, unnest(range(1, len(component) + 1)) AS part, unnest(component) AS h,
-                           {head} FROM obs WHERE component IS NOT NULL))""")
-        con.execute(f"""
-            CREATE TABLE rows AS
-            SELECT m.pkey // {int(self.chunk_patients)} AS chunk, f.obs, f.part, f.k, f.id, m.pkey,
-                   CASE f.status {" ".join(f"WHEN {_sql_text(s)} THEN {i}" for i, s in enumerate(STATUSES))}
-                        ELSE -1 END AS status,
-                   CASE WHEN regexp_full_match(f.t, {_sql_text(_FULL_DATETIME)})
-                        THEN epoch_us(TRY_CAST(f.t AS TIMESTAMPTZ)) END AS us,
-                   f.t, c.no AS code, f.q IS NOT NULL AS has_q, f.q.value AS qv,
-                   CASE WHEN f.q.system IS NULL OR f.q.system = {_sql_text(UCUM)} THEN f.q.code END AS ucode,
-                   f.q.unit AS utext, f.q.code AS usent, f.vi, f.vb, f.vc
-            FROM flat f JOIN codes c ON f.cd.system = c.system AND f.cd.code = c.code
-            JOIN refmap m ON m.ref = f.ref
-            ORDER BY chunk, f.obs, f.part, f.k""")
-        con.execute("DROP TABLE flat")
-        con.execute("""CREATE TABLE units AS SELECT row_number() OVER () - 1 AS no, ucode, utext, usent
-                       FROM (SELECT DISTINCT ucode, utext, usent FROM rows WHERE has_q)""")
-        self.units = [tuple(u) for u in con.execute("SELECT ucode, utext, usent FROM units ORDER BY no").fetchall()]
-        con.execute(f"""CREATE TABLE static_rows AS SELECT m.pkey // {int(self.chunk_patients)} AS chunk,
-                        s.rowid AS seq, s.resource FROM statics s JOIN refmap m USING (ref) ORDER BY chunk, seq""")
+        # Every unit a value was sent with (a few dozen), numbered once for all chunks.
+        con.execute("""
+            CREATE TABLE units AS
+            SELECT row_number() OVER (ORDER BY system, usent, utext) - 1 AS no, system, usent, utext FROM (
+                SELECT DISTINCT q.system AS system, q.code AS usent, q.unit AS utext FROM (
+                    SELECT q FROM obs WHERE q IS NOT NULL
+                    UNION ALL
+                    SELECT h.valueQuantity FROM (SELECT unnest(component) AS h FROM obs WHERE component IS NOT NULL)
+                    WHERE h.valueQuantity IS NOT NULL))""")
+        self.units = [(usent if system is None or system == UCUM else None, utext, usent)
+                      for system, usent, utext in con.execute("SELECT system, usent, utext FROM units ORDER BY no")
+                      .fetchall()]
+        con.execute("""CREATE TABLE static_rows AS SELECT m.chunk, s.rowid AS seq, s.resource
+                       FROM statics s JOIN refmap m USING (ref) ORDER BY chunk, seq""")
         log.info("bulk export staged: %d patients in %d chunk(s)", self.patients, self.chunks)
 
     def __iter__(self) -> Iterator[Chunk]:
-        for chunk in range(self.chunks):
-            resources = [orjson.loads(text) for (text,) in self.con.execute(
-                "SELECT resource FROM static_rows WHERE chunk = ? ORDER BY seq", [chunk]).fetchall()]
-            yield Chunk(resources, self._columns(chunk),
-                        min(self.chunk_patients, self.patients - chunk * self.chunk_patients))
+        """Chunks in order; the next one is prepared in a background thread while the caller scores this one.
 
-    def _columns(self, chunk: int) -> ObservationColumns:
-        data = self.con.execute("""
-            SELECT r.obs, r.id, r.part, r.pkey, r.code, r.status,
-                   coalesce(r.us::DOUBLE, 'NaN'::DOUBLE) AS us, CASE WHEN r.us IS NULL THEN r.t END AS t,
-                   r.has_q, coalesce(r.qv, 'NaN'::DOUBLE) AS qv, coalesce(u.no, -1) AS unit,
-                   coalesce(r.vi::DOUBLE, 'NaN'::DOUBLE) AS vi, coalesce(r.vb::BIGINT, -1) AS vb, r.vc
-            FROM rows r LEFT JOIN units u ON r.has_q AND u.ucode IS NOT DISTINCT FROM r.ucode
-                 AND u.utext IS NOT DISTINCT FROM r.utext AND u.usent IS NOT DISTINCT FROM r.usent
-            WHERE r.chunk = ?
-            ORDER BY r.obs, r.part, r.k""", [chunk]).fetchnumpy()
+        DuckDB releases the GIL while a query runs, so selecting and flattening chunk k+1 overlaps the
+        (Python) scoring of chunk k; from the second chunk on DuckDB uses one thread, so the scoring keeps
+        a core. At most two chunks are held at a time.
+        """
+        cursor = self.con.cursor()
+        pool = self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-ai-bulk")
+        try:
+            pending: Future[Chunk] = pool.submit(self._chunk, cursor, 0)
+            for chunk in range(self.chunks):
+                ready = pending.result()
+                if chunk == 0:
+                    cursor.execute("SET threads = 1")       # nothing runs in the background just now
+                if chunk + 1 < self.chunks:
+                    pending = pool.submit(self._chunk, cursor, chunk + 1)
+                yield ready
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            with contextlib.suppress(duckdb.Error):     # already closed if the caller closed the export
+                cursor.close()
+
+    def _chunk(self, con: duckdb.DuckDBPyConnection, chunk: int) -> Chunk:
+        resources = [orjson.loads(text) for (text,) in con.execute(
+            "SELECT resource FROM static_rows WHERE chunk = ? ORDER BY seq", [chunk]).fetchall()]
+        data = con.execute(_CHUNK_ROWS, {"chunk": chunk}).fetchnumpy()
         n = len(data["obs"])
-        return ObservationColumns(
+        # File order: Observations as read, then parts and codings in order (sorted here, not in DuckDB).
+        order = np.lexsort((_plain(data["k"], np.int64), _plain(data["part"], np.int64), _plain(data["obs"], np.int64)))
+        data = {name: values[order] for name, values in data.items()}
+        columns = ObservationColumns(
             obs=_plain(data["obs"], np.int64), obs_id=_objects(data["id"]), part=_plain(data["part"], np.int64),
             patient=_plain(data["pkey"], np.int64), code=_plain(data["code"], np.int64),
             status=_plain(data["status"], np.int64), time=_plain(data["us"], np.float64) / 1e6,
@@ -212,7 +269,12 @@ class NdjsonExport:
             quantity=_plain(data["qv"], np.float64), unit=_plain(data["unit"], np.int64),
             integer=_plain(data["vi"], np.float64), boolean=_plain(data["vb"], np.int64),
             concept=_objects(data["vc"]) if n else np.empty(0, dtype=object),
-            patient_ids=self.patient_ids, codes=self.codes, units=self.units)  # type: ignore[arg-type]
+            patient_ids=self.patient_ids, codes=self.codes, units=self.units)
+        return Chunk(resources, columns, min(self.chunk_patients, self.patients - chunk * self.chunk_patients))
+
+
+def _ndjson_bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size * (8 if p.suffix == ".gz" else 1) for p in paths)
 
 
 def _plain(values: Any, dtype: Any) -> np.ndarray:
