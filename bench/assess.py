@@ -119,7 +119,8 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: int) -> None:
+def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: int,
+            profile: str | None = None) -> None:
     import requests.adapters
     from fhir_ai.app import create_app
     app = create_app(settings(upstream, folder))
@@ -143,7 +144,12 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
     gc.freeze()                      # what the gunicorn workers do after the fork
     ids = list(patients)
     total, upstream_s, own = [], [], []
+    profiler = None
     for i in range(requests_n + 20):
+        if i == 20 and profile:
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         pid = ids[i % len(ids)]
         spent[0] = 0.0
         if i == 20:
@@ -158,6 +164,11 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
             total.append(elapsed * 1e3)
             upstream_s.append(spent[0] * 1e3)
             own.append((elapsed - spent[0]) * 1e3)
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        print(f"profile of {requests_n} requests (cProfile inflates small calls; compare, don't add up):")
+        pstats.Stats(profiler).sort_stats(profile).print_stats(40)
     print(f"latency, {requests_n} requests in-process (explanations on, stored, no write-back):")
     for label, values in (("own overhead", own), ("upstream (local, from memory)", upstream_s), ("total", total)):
         print(f"  {label:<32} p50 {percentile(values, 50):6.2f} ms   p99 {percentile(values, 99):6.2f} ms   "
@@ -286,6 +297,8 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=2000)
     parser.add_argument("--max-seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--profile", choices=("tottime", "cumulative"),
+                        help="profile the in-process requests (cProfile, sorted so) and skip the throughput run")
     args = parser.parse_args()
     import generate
     from bulk import machine
@@ -300,7 +313,9 @@ def main() -> None:
     print(f"{len(patients)} patients, {n_obs:.0f} Observations each on average")
     try:
         with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
-            latency(upstream, Path(tmp), patients, args.requests)
+            latency(upstream, Path(tmp), patients, args.requests, args.profile)
+        if args.profile:
+            return
         with tempfile.TemporaryDirectory(prefix="fhir-ai-bench-") as tmp:
             throughput(upstream, Path(tmp), patients, args.max_requests, args.max_seconds, args.clients,
                        upstream_process.pid)
