@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -177,29 +178,145 @@ def news2_assessment(scored: Scored, basis: list[str], total: float, partial: fl
     return resource
 
 
-# A basis entry as this module writes it: a literal reference to an Observation by its FHIR id
+# References as this module writes them: literal, to a resource of one type by its FHIR id
 # (stricter than the model's check of Reference.reference, a string without surrounding whitespace).
-_BASIS_REFERENCE = re.compile(r"Observation/[A-Za-z0-9\-.]{1,64}")
+# Several are checked at once, joined by newlines (which no id holds).
+_REFERENCES = {kind: re.compile(rf"{kind}/[A-Za-z0-9\-.]{{1,64}}(?:\n{kind}/[A-Za-z0-9\-.]{{1,64}})*")
+               for kind in ("Observation", "Encounter")}
+# Reference elements that are optional and no choice: (element, the resource type referred to, a list?).
+_REFERENCE_ELEMENTS = (("basis", "Observation", True), ("encounter", "Encounter", False))
+
+
+def _plain_references(entries: list[Any], kind: str) -> bool:
+    """Is every entry exactly ``{"reference": "<kind>/<id>"}`` (a dict and a str, no subclasses)?"""
+    if set(map(type, entries)) != {dict} or set(map(len, entries)) != {1}:
+        return False
+    try:
+        references = list(map(itemgetter("reference"), entries))
+    except KeyError:
+        return False
+    if set(map(type, references)) != {str}:
+        return False
+    joined = "\n".join(references)
+    return joined.count("\n") == len(references) - 1 and _REFERENCES[kind].fullmatch(joined) is not None
+
+
+# Optional elements that are no choice ([x]) and whose values repeat from one RiskAssessment to the
+# next: the model's method and performer, meta, fixed notes, outcome and risk codings, score
+# extensions; (single elements, lists of elements) of the resource and of each prediction.
+_REPEATING = {"RiskAssessment": (("meta", "method", "performer", "code"), ("note",)),
+              "prediction": (("outcome", "qualitativeRisk"), ("extension",))}
+# Values fhir.resources accepted, by place: (where, element, "value" | "item", frozen value).
+_ACCEPTED: dict[tuple[Any, ...], None] = {}
+_ACCEPTED_MAX = 4096
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of JSON made of dicts, lists, str and int only (exact types, order kept);
+    _NotPlain for anything else (floats, bools, None, subclasses...)."""
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is dict:
+        out: list[Any] = ["d"]
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotPlain
+            out += (key, _frozen(item))
+        return tuple(out)
+    if kind is list:
+        return ("l", *map(_frozen, value))
+    if kind is int:
+        return ("i", value)
+    raise _NotPlain
+
+
+def _place(where: str, element: str, how: str, value: Any) -> tuple[Any, ...] | None:
+    try:
+        return where, element, how, _frozen(value)
+    except _NotPlain:
+        return None
+
+
+def _leave_out_accepted(container: dict[str, Any], where: str, learned: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A shallow copy of ``container`` without the repeating elements (or list items) that were
+    accepted before in this place; the places of the others go to ``learned``."""
+    singles, lists = _REPEATING[where]
+    out = dict(container)
+    for element in singles:
+        if element in out:
+            place = _place(where, element, "value", out[element])
+            if place in _ACCEPTED:
+                del out[element]
+            elif place is not None:
+                learned.append(place)
+    for element in lists:
+        items = out.get(element)
+        if type(items) is not list:
+            continue
+        keep = []
+        for item in items:
+            place = _place(where, element, "item", item)
+            if place not in _ACCEPTED:
+                keep.append(item)
+                if place is not None:
+                    learned.append(place)
+        if not keep:
+            del out[element]
+        elif len(keep) < len(items):
+            out[element] = keep
+    return out
 
 
 def validate(resource: dict[str, Any]) -> dict[str, Any]:
     """Full fhir.resources.R4B validation (single-patient path); raises ValueError on a bad resource.
 
-    ``basis`` holds up to hundreds of references of one shape, ``{"reference": "Observation/<id>"}``,
-    and validating each as a pydantic Reference costs about 30 µs: two thirds of the time for a
-    typical assessment. The model validates the resource with the first of them, and every one must
-    have exactly that shape with a valid id — a stricter check than the model's, so a resource that
-    passes here passes the model's validation of the whole resource too (a test checks both agree).
+    fhir.resources validates an element on its own: whether it is accepted depends on nothing around
+    it (the parent checks only required and choice elements, nulls in lists and unknown names, and
+    those are never left out here). So what the model is given is cut down in ways that decide nothing
+    differently — tests check that every variant is accepted or refused exactly as when the model
+    validates the whole resource:
+
+    * ``basis`` holds up to hundreds of references of one shape, ``{"reference": "Observation/<id>"}``,
+      and validating each as a pydantic Reference costs about 20 µs. When every entry has exactly
+      that shape with a valid id (a stricter check than the model's), the model validates only the
+      first; once such a reference was accepted there, none. ``encounter`` likewise.
+    * An optional repeating element (method, performer, meta, notes, outcome and risk codings, score
+      extensions) whose exact value — dicts, lists, str and int of exactly these types — was accepted
+      in the same place before is left out: it would be accepted again.
+
+    What was accepted is remembered only after the whole resource was accepted.
     """
     from fhir.resources.R4B import get_fhir_model_class
-    basis = resource.get("basis")
-    if isinstance(basis, list) and len(basis) > 1 and all(
-            type(entry) is dict and entry.keys() == {"reference"} and type(entry["reference"]) is str
-            and _BASIS_REFERENCE.fullmatch(entry["reference"]) for entry in basis):
-        resource_checked = {**resource, "basis": basis[:1]}
-    else:
-        resource_checked = resource
-    get_fhir_model_class(resource["resourceType"]).model_validate(resource_checked)
+    checked = resource
+    learned: list[tuple[Any, ...]] = []
+    if type(resource) is dict and resource.get("resourceType") == "RiskAssessment":
+        checked = _leave_out_accepted(resource, "RiskAssessment", learned)
+        for element, kind, many in _REFERENCE_ELEMENTS:
+            value = checked.get(element)
+            entries = value if many else [value]
+            if type(entries) is not list or not entries or not _plain_references(entries, kind):
+                continue
+            place = ("RiskAssessment", element, "shape", kind)
+            if place in _ACCEPTED:
+                del checked[element]
+            else:
+                learned.append(place)
+                if len(entries) > 1:
+                    checked[element] = value[:1]
+        predictions = checked.get("prediction")
+        if type(predictions) is list:
+            checked["prediction"] = [_leave_out_accepted(item, "prediction", learned) if type(item) is dict
+                                     else item for item in predictions]
+    get_fhir_model_class(resource["resourceType"]).model_validate(checked)
+    if learned:
+        if len(_ACCEPTED) > _ACCEPTED_MAX:
+            _ACCEPTED.clear()
+        _ACCEPTED.update(dict.fromkeys(learned))
     return resource
 
 

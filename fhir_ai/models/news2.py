@@ -67,20 +67,23 @@ CLINICAL_RESPONSE: dict[str, str] = {
 # Tolerance on band edges; see the module docstring (unit conversions, not clinical slack).
 _EPS = 1e-6
 
-# (upper edge of band, score), ascending; values above the last edge get ``top``.
-_RESP = ((8, 3), (11, 1), (20, 0), (24, 2))
-_RESP_TOP = 3
-_SPO2_SCALE1 = ((91, 3), (93, 2), (95, 1))
-_SPO2_SCALE1_TOP = 0
-_SPO2_SCALE2_LOW = ((83, 3), (85, 2), (87, 1), (92, 0))   # identical on air and oxygen
-_SPO2_SCALE2_O2 = ((94, 1), (96, 2))                      # ≥93 on oxygen
-_SPO2_SCALE2_O2_TOP = 3
-_SBP = ((90, 3), (100, 2), (110, 1), (219, 0))
-_SBP_TOP = 3
-_PULSE = ((40, 3), (50, 1), (90, 0), (110, 1), (130, 2))
-_PULSE_TOP = 3
-_TEMP = ((35.0, 3), (36.0, 1), (38.0, 0), (39.0, 1))
-_TEMP_TOP = 2
+
+
+def _table(edges: Sequence[tuple[float, int]], top: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """A band table for ``np.searchsorted``: the upper edges (+ ``_EPS``, then +inf) and the scores
+    (then ``top`` above the last edge, then NaN, where NaN values sort: after +inf)."""
+    return (np.array([edge + _EPS for edge, _ in edges] + [np.inf]),
+            np.array([float(score) for _, score in edges] + [float(top), np.nan]))
+
+
+# (upper edge of band, score), ascending; values above the last edge get the second argument.
+_RESP = _table(((8, 3), (11, 1), (20, 0), (24, 2)), 3)
+_SPO2_SCALE1 = _table(((91, 3), (93, 2), (95, 1)), 0)
+_SPO2_SCALE2_LOW = _table(((83, 3), (85, 2), (87, 1), (92, 0)), np.nan)   # identical on air and oxygen
+_SPO2_SCALE2_O2 = _table(((94, 1), (96, 2)), 3)                            # ≥93 on oxygen
+_SBP = _table(((90, 3), (100, 2), (110, 1), (219, 0)), 3)
+_PULSE = _table(((40, 3), (50, 1), (90, 0), (110, 1), (130, 2)), 3)
+_TEMP = _table(((35.0, 3), (36.0, 1), (38.0, 0), (39.0, 1)), 2)
 
 _AVPU = {"A": 1.0, "C": 0.0, "V": 0.0, "P": 0.0, "U": 0.0,
          "ALERT": 1.0, "CONFUSION": 0.0, "VOICE": 0.0, "VERBAL": 0.0, "PAIN": 0.0,
@@ -109,17 +112,11 @@ def _floats(x: ArrayLike, name: str) -> NDArray[np.float64]:
                          expression=name) from exc
 
 
-def _bands(values: NDArray[np.float64], edges: Sequence[tuple[float, int]],
-           top: float) -> NDArray[np.float64]:
-    """Score each value by the first band whose upper edge it does not exceed."""
-    out = np.full(values.shape, float(top))
-    done = np.zeros(values.shape, dtype=bool)
-    for edge, score in edges:
-        hit = ~done & (values <= edge + _EPS)
-        out[hit] = score
-        done |= hit
-    out[np.isnan(values)] = np.nan
-    return out
+def _bands(values: NDArray[np.float64], table: tuple[NDArray[np.float64], NDArray[np.float64]]
+           ) -> NDArray[np.float64]:
+    """Score each value by the first band whose upper edge it does not exceed (NaN stays NaN)."""
+    edges, scores = table
+    return np.asarray(scores[np.searchsorted(edges, values)])
 
 
 def _flags(x: ArrayLike, name: str) -> NDArray[np.float64]:
@@ -141,24 +138,33 @@ def _flags(x: ArrayLike, name: str) -> NDArray[np.float64]:
 
 
 def _spo2(spo2: NDArray[np.float64], o2: NDArray[np.float64],
-          scale: NDArray[np.float64]) -> NDArray[np.float64]:
-    s1 = _bands(spo2, _SPO2_SCALE1, _SPO2_SCALE1_TOP)
+          scale2: NDArray[np.bool_]) -> NDArray[np.float64]:
+    s1 = _bands(spo2, _SPO2_SCALE1)
+    if not scale2.any():
+        return s1
     high = spo2 > 92 + _EPS
-    s2 = _bands(spo2, _SPO2_SCALE2_LOW, np.nan)   # NaN above 92: decided below by oxygen
-    s2_o2 = _bands(spo2, _SPO2_SCALE2_O2, _SPO2_SCALE2_O2_TOP)
+    s2 = _bands(spo2, _SPO2_SCALE2_LOW)   # NaN above 92: decided below by oxygen
+    s2_o2 = _bands(spo2, _SPO2_SCALE2_O2)
     s2 = np.where(high & (o2 == 0), 0.0, s2)
     s2 = np.where(high & (o2 == 1), s2_o2, s2)
-    return np.where(scale == 2, s2, s1)
+    return np.where(scale2, s2, s1)
 
 
-def _band(total: NDArray[np.float64], any3: NDArray[np.bool_]) -> NDArray[np.object_]:
-    band = np.full(total.shape, None, dtype=object)
-    known = ~np.isnan(total)
-    band[known & (total <= 4)] = "low"
-    band[known & (total <= 4) & any3] = "low-medium"
-    band[known & (total >= 5) & (total <= 6)] = "medium"
-    band[known & (total >= 7)] = "high"
-    return band
+# Band codes: 0 none (total missing), then BANDS in order; their Chart 4 responses likewise.
+_BAND_NAMES = np.array([None, *BANDS], dtype=object)
+_RESPONSES = np.array([None, *(CLINICAL_RESPONSE[name] for name in BANDS)], dtype=object)
+
+
+def _pick(table: NDArray[np.object_], codes: NDArray[np.intp]) -> NDArray[np.object_]:
+    """table[codes] as an array of the codes' shape (also 0-d)."""
+    return table[np.ravel(codes)].reshape(np.shape(codes))
+
+
+def _band(total: NDArray[np.float64], any3: NDArray[np.bool_]) -> NDArray[np.intp]:
+    """0 where the total is NaN (or between charted totals), else 1 + the index of its band in BANDS:
+    ≤4 low (low-medium with a 3 in any parameter), 5–6 medium, ≥7 high."""
+    low = total <= 4
+    return low * (1 + any3) + 3 * ((total >= 5) & (total <= 6)) + 4 * (total >= 7)
 
 
 def news2(resp_rate: ArrayLike, spo2: ArrayLike, on_oxygen: ArrayLike, systolic_bp: ArrayLike,
@@ -177,19 +183,21 @@ def news2(resp_rate: ArrayLike, spo2: ArrayLike, on_oxygen: ArrayLike, systolic_
     o2 = _flags(on_oxygen, "on_oxygen")
     alert_f = _flags(alert, "alert")
     scale = _floats(spo2_scale, "spo2_scale")
-    if not np.all(np.isin(scale, (1.0, 2.0))):
+    scale2 = scale == 2.0
+    if not np.all(scale2 | (scale == 1.0)):
         raise BadRequest("news2: spo2_scale must be 1 or 2", expression="spo2_scale")
-    rr, sat, o2, sbp, hr, alert_f, temp, scale = np.broadcast_arrays(
-        rr, sat, o2, sbp, hr, alert_f, temp, scale)
+    rr, sat, o2, sbp, hr, alert_f, temp, scale2 = np.broadcast_arrays(
+        rr, sat, o2, sbp, hr, alert_f, temp, scale2)
 
+    # o2 and alert_f are 1.0, 0.0 or NaN: air 0 / oxygen 2, alert 0 / not alert 3, NaN stays NaN.
     subscores = {
-        "respiration_rate": _bands(rr, _RESP, _RESP_TOP),
-        "spo2": _spo2(sat, o2, scale),
-        "air_or_oxygen": np.where(np.isnan(o2), np.nan, np.where(o2 == 1, 2.0, 0.0)),
-        "systolic_bp": _bands(sbp, _SBP, _SBP_TOP),
-        "pulse": _bands(hr, _PULSE, _PULSE_TOP),
-        "consciousness": np.where(np.isnan(alert_f), np.nan, np.where(alert_f == 1, 0.0, 3.0)),
-        "temperature": _bands(temp, _TEMP, _TEMP_TOP),
+        "respiration_rate": _bands(rr, _RESP),
+        "spo2": _spo2(sat, o2, scale2),
+        "air_or_oxygen": o2 * 2.0,
+        "systolic_bp": _bands(sbp, _SBP),
+        "pulse": _bands(hr, _PULSE),
+        "consciousness": (1.0 - alert_f) * 3.0,
+        "temperature": _bands(temp, _TEMP),
     }
     stacked = np.stack([subscores[p] for p in PARAMETERS])
     missing = np.isnan(stacked)
@@ -199,12 +207,11 @@ def news2(resp_rate: ArrayLike, spo2: ArrayLike, on_oxygen: ArrayLike, systolic_
     any3 = np.any(stacked == 3, axis=0)
 
     band = _band(total, any3)
-    response = np.full(band.shape, None, dtype=object)
-    for name in BANDS:
-        response[band == name] = CLINICAL_RESPONSE[name]
+    response = _pick(_RESPONSES, band)
     response[total == 0] = CLINICAL_RESPONSE["zero"]
     return News2Result(total=total, partial_total=partial, subscores=subscores,
-                       n_missing=n_missing, band=band, min_band=_band(partial, any3),
+                       n_missing=n_missing, band=_pick(_BAND_NAMES, band),
+                       min_band=_pick(_BAND_NAMES, _band(partial, any3)),
                        clinical_response=response)
 
 
