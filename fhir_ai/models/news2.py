@@ -186,8 +186,9 @@ def news2(resp_rate: ArrayLike, spo2: ArrayLike, on_oxygen: ArrayLike, systolic_
     scale2 = scale == 2.0
     if not np.all(scale2 | (scale == 1.0)):
         raise BadRequest("news2: spo2_scale must be 1 or 2", expression="spo2_scale")
-    rr, sat, o2, sbp, hr, alert_f, temp, scale2 = np.broadcast_arrays(
-        rr, sat, o2, sbp, hr, alert_f, temp, scale2)
+    arrays = (rr, sat, o2, sbp, hr, alert_f, temp)
+    if len({a.shape for a in arrays}) > 1 or scale2.shape not in ((), rr.shape):   # else nothing to do
+        rr, sat, o2, sbp, hr, alert_f, temp, scale2 = np.broadcast_arrays(*arrays, scale2)
 
     # o2 and alert_f are 1.0, 0.0 or NaN: air 0 / oxygen 2, alert 0 / not alert 3, NaN stays NaN.
     subscores = {

@@ -65,7 +65,7 @@ def news2_scores(fs: FeatureSet) -> News2Result | None:
     n = len(fs.patient_ids)
     nan = np.full(n, np.nan)
     fio2 = get("fio2", nan)
-    on_oxygen = np.where(np.isnan(fio2), 0.0, (fio2 > 0.21 + 1e-9).astype(float))
+    on_oxygen = (fio2 > 0.21 + 1e-9).astype(float)      # NaN compares False: room air
     if "gcs" in fs.news2_inputs:
         alert = alert_from_gcs(np.clip(fs.news2_inputs["gcs"], 3, 15))
     else:
