@@ -10,7 +10,8 @@ from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from fhir_ai.errors import Unprocessable
-from fhir_ai.store import NewAssessment, Store, rawsql
+from fhir_ai.search.params import parse_query
+from fhir_ai.store import NewAssessment, Store, indexing, rawsql
 from fhir_ai.store.tables import AssessmentRow, OutboxRow
 from fhir_ai.store.trail_tables import (AssessmentVersionRow, AuditEventRow, ChainHeadRow, ProvenanceRow,
                                        SearchIndexRow)
@@ -179,3 +180,75 @@ def test_plain_sql_errors_are_sqlalchemy_errors_and_roll_back(store):
     assert store.assessment_history("e2") == []
     with store.session() as session:
         assert verify(session).ok
+
+
+@pytest.mark.parametrize("reference, parsed", [
+    ("Patient/p1", ("Patient", "p1")),
+    ("https://h.test/fhir/Observation/o-1", ("Observation", "o-1")),
+    ("Observation/o-1/_history/2", ("Observation", "o-1")),
+    ("Observation/o-1/", ("Observation", "o-1")),
+    ("o-1", (None, "o-1")),
+    ("/o-1", ("", "o-1")),
+    ("Patient/", (None, "Patient")),
+    ("#model", None),
+    ("", None),
+])
+def test_references_split_into_type_and_id(reference, parsed):
+    assert indexing.split_reference(reference) == parsed
+
+
+def _search(store: Store, resource_type: str, query: str) -> list[str]:
+    parsed = parse_query(resource_type, [tuple(part.split("=", 1)) for part in query.split("&")])
+    return sorted(r["id"] for r in store.search(parsed).resources)
+
+
+def test_every_provenance_and_audit_search_finds_a_stored_batch(store):
+    """The index rows of a batch (many basis references per Provenance) answer every supported search."""
+    basis = [{"reference": f"Observation/s1-obs-{n}"} for n in range(60)] + [
+        {"reference": "https://h.test/fhir/Observation/far/_history/3"}]
+    store.save_assessments([item("s1", basis=basis), NewAssessment(risk_assessment("s2"), "news2", "2")])
+    assert _search(store, "Provenance", "entity=Observation/s1-obs-59") == ["prov-s1-1"]
+    assert _search(store, "Provenance", "entity=s1-obs-0") == ["prov-s1-1"]
+    assert _search(store, "Provenance", "entity=Observation/far") == ["prov-s1-1"]
+    assert _search(store, "Provenance", "entity=Observation/s2-obs-1") == ["prov-s2-1"]
+    assert _search(store, "Provenance", "entity:identifier=https://fhir-ai.invalid/model-card|deterioration|1.0") \
+        == ["prov-s1-1"]                                         # NEWS2 has no model card
+    assert _search(store, "Provenance", "target=RiskAssessment/s2") == ["prov-s2-1"]
+    assert _search(store, "Provenance", "patient=p1") == ["prov-s1-1", "prov-s2-1"]
+    assert _search(store, "Provenance", "agent:identifier=fhir-ai") == ["prov-s1-1", "prov-s2-1"]
+    assert _search(store, "Provenance", "entity:missing=true") == []
+    created = _search(store, "AuditEvent", "entity=RiskAssessment/s1&action=C&outcome=0")
+    assert len(created) == 1
+    assert _search(store, "AuditEvent", "entity=Provenance/prov-s1-1") == created
+    assert _search(store, "AuditEvent", "patient=p1&subtype=assess&type=rest") == sorted(
+        _search(store, "AuditEvent", "agent=fhir-ai"))
+    assert len(_search(store, "AuditEvent", "patient=p1")) == 2
+    assert _search(store, "RiskAssessment", "subject=Patient/p1&identifier=key-s2") == ["s2"]
+    with store.session() as session:
+        assert verify(session).ok
+
+
+def test_a_failed_insert_stores_nothing_of_the_batch(store):
+    """One INSERT of the batch failing (here the outbox: on PostgreSQL part of the one combined statement)
+    rolls back every row of it: assessments, Provenance, events, index rows, the chain head."""
+    store.save_assessments([item("f0")])
+    with store.transaction() as connection:     # the outbox row the batch would add, already there
+        rawsql.Insert(OutboxRow.__table__, ("resource_type", "resource_id", "target", "status", "attempts",
+                                            "created_at", "updated_at")).execute(
+            connection, [("RiskAssessment", "f2", TARGET, "pending", 0, datetime.now(timezone.utc),
+                          datetime.now(timezone.utc))])
+    with store.session() as session:
+        head = session.get(ChainHeadRow, 1)
+        before = (head.seq, head.hash, session.scalar(select(func.count()).select_from(SearchIndexRow)))
+    with pytest.raises(IntegrityError):
+        store.save_assessments([item("f1"), NewAssessment(risk_assessment("f2"), "deterioration", "1.0", TARGET)])
+    with store.session() as session:
+        head = session.get(ChainHeadRow, 1)
+        assert (head.seq, head.hash, session.scalar(select(func.count()).select_from(SearchIndexRow))) == before
+        assert verify(session).ok
+    assert store.get_assessment("f1") is None and store.get_provenance("prov-f2-1") is None
+    saved = store.save_assessments([item("f1")])                # the next batch numbers on from the last
+    with store.session() as session:
+        assert session.scalar(select(AssessmentRow.seq).where(AssessmentRow.id == "f1")) == 2
+        assert verify(session).ok
+    assert saved[0].created

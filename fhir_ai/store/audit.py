@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterable
 
 import orjson
 from sqlalchemy.engine import Connection
@@ -69,7 +69,8 @@ def sha256_of(resource: dict[str, Any]) -> str:
 
 def link_hash(seq: int, prev_hash: str, resource: dict[str, Any]) -> str:
     """The hash of one link: position, previous hash and the event without its chain extension."""
-    return hashlib.sha256(f"{seq}\n{prev_hash}\n".encode() + canonical(without_chain(resource))).hexdigest()
+    unchained = without_chain(resource) if "extension" in resource else resource
+    return hashlib.sha256(f"{seq}\n{prev_hash}\n".encode() + canonical(unchained)).hexdigest()
 
 
 def without_chain(resource: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +136,14 @@ _EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded",
                                                        "role", "prev_hash", "hash", "resource"))
 _LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"
 _MOVE_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = {{}}, hash = {{}} WHERE id = 1"
+_MOVE_HEAD_SQL: dict[str, str] = {}
+
+
+def _move_head(connection: Connection) -> str:
+    style = connection.dialect.paramstyle
+    if style not in _MOVE_HEAD_SQL:
+        _MOVE_HEAD_SQL[style] = rawsql.statement(connection, _MOVE_HEAD, 1, 1)
+    return _MOVE_HEAD_SQL[style]
 
 
 class Chain:
@@ -171,10 +180,10 @@ class Chain:
         self.seq, self.hash = seq, digest
         return event
 
-    def close(self) -> None:
-        """Insert what was buffered and move the head (the caller's transaction commits)."""
-        if self._events:
-            _EVENT_INSERT.execute(self.connection, self._events)
-            rawsql.run(self.connection, rawsql.statement(self.connection, _MOVE_HEAD, 1, 1), (self.seq, self.hash))
-        _INDEX_INSERT.execute(self.connection, self._index)
+    def close(self, rows: Iterable[tuple[rawsql.Insert, list[tuple[Any, ...]]]] = ()) -> None:
+        """Insert ``rows`` (the transaction's other rows, in that order) and what was buffered, and move
+        the head (the caller's transaction commits). On PostgreSQL all of it is one statement."""
+        move = (_move_head(self.connection), (self.seq, self.hash)) if self._events else None
+        rawsql.insert_all(self.connection, [*rows, (_EVENT_INSERT, self._events), (_INDEX_INSERT, self._index)],
+                          then=move)
         self._events, self._index = [], []

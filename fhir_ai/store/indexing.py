@@ -1,50 +1,63 @@
-"""What each stored resource contributes to the search index: (param, system, code, number) rows."""
+"""What each stored resource contributes to the search index: (param, system, code, number) rows.
+
+Every $assess indexes two Provenance with one entity per basis reference (~50 each), so the rows are
+built in one pass with plain appends (no generators, one string split per reference).
+"""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 Entry = tuple[str, str | None, str | None, float | None]
+
+_ACTION = "http://hl7.org/fhir/audit-event-action"
+_OUTCOME = "http://hl7.org/fhir/audit-event-outcome"
 
 
 def split_reference(reference: str) -> tuple[str | None, str] | None:
     """'Patient/1', 'https://h/fhir/Patient/1' or 'Patient/1/_history/2' → ('Patient', '1'); '#x' → None."""
-    if not reference or reference.startswith("#"):
+    if not reference or reference[0] == "#":
         return None
-    value = reference.split("/_history/", 1)[0].rstrip("/")
-    parts = value.split("/")
-    if len(parts) >= 2:
-        return parts[-2], parts[-1]
-    return None, parts[0]
+    if "/_history/" in reference:
+        reference = reference.split("/_history/", 1)[0]
+    if reference[-1:] == "/":
+        reference = reference.rstrip("/")
+    head, slash, last = reference.rpartition("/")
+    if not slash:
+        return None, last
+    return head.rpartition("/")[2], last
 
 
-def _reference(param: str, ref: dict[str, Any] | None) -> Iterator[Entry]:
+def _reference(out: list[Entry], param: str, ref: Any) -> None:
+    """Append the rows of one Reference: its (type, id) and its logical identifier (``param:identifier``)."""
     if not isinstance(ref, dict):
         return
-    parsed = split_reference(ref.get("reference") or "")
-    if parsed:
-        yield param, parsed[0], parsed[1], None
+    reference = ref.get("reference")
+    if reference:
+        parsed = split_reference(reference)
+        if parsed:
+            out.append((param, parsed[0], parsed[1], None))
     identifier = ref.get("identifier")
     if isinstance(identifier, dict) and identifier.get("value"):
-        yield f"{param}:identifier", identifier.get("system"), identifier["value"], None
+        out.append((param + ":identifier", identifier.get("system"), identifier["value"], None))
 
 
-def _codings(param: str, concept: dict[str, Any] | None) -> Iterator[Entry]:
-    for coding in (concept or {}).get("coding") or []:
+def _codings(out: list[Entry], param: str, codings: Any) -> None:
+    for coding in codings or ():
         if coding.get("code"):
-            yield param, coding.get("system"), coding["code"], None
+            out.append((param, coding.get("system"), coding["code"], None))
 
 
 def risk_assessment(resource: dict[str, Any]) -> list[Entry]:
     out: list[Entry] = []
-    for identifier in resource.get("identifier") or []:
+    for identifier in resource.get("identifier") or ():
         out.append(("identifier", identifier.get("system"), identifier.get("value"), None))
-    out += _codings("method", resource.get("method"))
-    out += _reference("subject", resource.get("subject"))
-    out += _reference("encounter", resource.get("encounter"))
-    out += _reference("condition", resource.get("condition"))
-    out += _reference("performer", resource.get("performer"))
-    for prediction in resource.get("prediction") or []:
-        out += _codings("risk", prediction.get("qualitativeRisk"))
+    _codings(out, "method", (resource.get("method") or {}).get("coding"))
+    _reference(out, "subject", resource.get("subject"))
+    _reference(out, "encounter", resource.get("encounter"))
+    _reference(out, "condition", resource.get("condition"))
+    _reference(out, "performer", resource.get("performer"))
+    for prediction in resource.get("prediction") or ():
+        _codings(out, "risk", (prediction.get("qualitativeRisk") or {}).get("coding"))
         if isinstance(prediction.get("probabilityDecimal"), (int, float)):
             out.append(("probability", None, None, float(prediction["probabilityDecimal"])))
     return out
@@ -52,34 +65,38 @@ def risk_assessment(resource: dict[str, Any]) -> list[Entry]:
 
 def provenance(resource: dict[str, Any], patient_id: str | None) -> list[Entry]:
     out: list[Entry] = []
-    for target in resource.get("target") or []:
-        out += _reference("target", target)
-    for agent in resource.get("agent") or []:
-        out += _reference("agent", agent.get("who"))
-    for entity in resource.get("entity") or []:
-        out += _reference("entity", entity.get("what"))
+    for target in resource.get("target") or ():
+        _reference(out, "target", target)
+    for agent in resource.get("agent") or ():
+        _reference(out, "agent", agent.get("who"))
+    for entity in resource.get("entity") or ():
+        _reference(out, "entity", entity.get("what"))
     if patient_id:
         out.append(("patient", "Patient", patient_id, None))
     return out
 
 
 def audit_event(resource: dict[str, Any]) -> list[Entry]:
-    out: list[Entry] = [("action", "http://hl7.org/fhir/audit-event-action", resource.get("action"), None),
-                        ("outcome", "http://hl7.org/fhir/audit-event-outcome", resource.get("outcome"), None)]
-    out += [("type",) + entry[1:] for entry in _codings("type", {"coding": [resource.get("type") or {}]})]
-    out += [("subtype",) + entry[1:] for entry in _codings("subtype", {"coding": resource.get("subtype") or []})]
-    for agent in resource.get("agent") or []:
+    out: list[Entry] = []
+    if resource.get("action") is not None:
+        out.append(("action", _ACTION, resource["action"], None))
+    if resource.get("outcome") is not None:
+        out.append(("outcome", _OUTCOME, resource["outcome"], None))
+    _codings(out, "type", [resource.get("type") or {}])
+    _codings(out, "subtype", resource.get("subtype"))
+    for agent in resource.get("agent") or ():
         who = agent.get("who") or {}
-        out += _reference("agent", who)
+        _reference(out, "agent", who)
         identifier = who.get("identifier") or {}
         if identifier.get("value"):     # a plain agent=<client id> finds the client too
             out.append(("agent", None, identifier["value"], None))
         address = (agent.get("network") or {}).get("address")
         if address:
             out.append(("address", None, address, None))
-    for entity in resource.get("entity") or []:
-        out += _reference("entity", entity.get("what"))
-        parsed = split_reference((entity.get("what") or {}).get("reference") or "")
-        if parsed and parsed[0] == "Patient":
-            out.append(("patient", "Patient", parsed[1], None))
-    return [entry for entry in out if entry[2] is not None or entry[3] is not None]
+    for entity in resource.get("entity") or ():
+        what = entity.get("what")
+        start = len(out)
+        _reference(out, "entity", what)
+        if len(out) > start and out[start][0] == "entity" and out[start][1] == "Patient":
+            out.append(("patient", "Patient", out[start][2], None))
+    return out

@@ -4,13 +4,18 @@ Each statement goes straight to the DB-API cursor of the caller's Connection (it
 SQLAlchemy's per-statement and per-row bookkeeping, which costs more than SQLite itself here. Values go
 through each column type's own bind processor (SQLite's DateTime → text), so the rows are exactly what a
 Core insert stores; driver errors are raised as SQLAlchemy's (``OperationalError``, ``IntegrityError``…).
-SQLite takes many rows as one ``executemany``; PostgreSQL (psycopg) as one ``INSERT … SELECT FROM
-unnest(arrays)`` with the arrays sent in binary: one statement however many rows (an executemany runs one
-INSERT per row), and no quoting of the JSON texts (text-format arrays cost more than they save).
+
+SQLite takes many rows as one ``executemany`` per table, on one cursor (prepared once, stepped per row:
+as cheap as a multi-row ``VALUES`` for ~150 index rows, cheaper for a few; measured). PostgreSQL
+(psycopg) takes each table's rows as one ``INSERT … SELECT FROM unnest(arrays)`` with the arrays sent in
+binary (an executemany runs one INSERT per row; text-format arrays cost more in quoting the JSON than
+they save), and ``insert_all`` sends the INSERTs of several tables as ONE statement (data-modifying
+WITH queries): one round trip for all the rows of a transaction.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from itertools import chain
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Dialect
@@ -39,13 +44,21 @@ def run(connection: Connection, sql: str, parameters: Any = (), *, many: bool = 
     As ``exec_driver_sql`` would: a driver error becomes SQLAlchemy's, a lost server connection is
     invalidated (the pool will not hand it out again).
     """
+    return run_all(connection, [(sql, parameters)], many=many)
+
+
+def run_all(connection: Connection, statements: Iterable[tuple[str, Any]], *,
+            many: bool = False) -> list[tuple[Any, ...]]:
+    """``run`` for several statements on one cursor; the rows the last one returns, if any."""
     dbapi_error = connection.dialect.loaded_dbapi.Error
     cursor = connection.connection.cursor()
+    sql, parameters = "", ()
     try:
-        if many:
-            cursor.executemany(sql, parameters)
-        else:
-            cursor.execute(sql, parameters)
+        for sql, parameters in statements:
+            if many:
+                cursor.executemany(sql, parameters)
+            else:
+                cursor.execute(sql, parameters)
         return cursor.fetchall() if cursor.description else []
     except dbapi_error as error:
         lost = connection.dialect.is_disconnect(error, connection.connection.dbapi_connection, cursor)
@@ -97,20 +110,58 @@ class Insert:
             self._compiled[key] = (sql, processors)
         return self._compiled[key]
 
-    def execute(self, connection: Connection, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        dialect = connection.dialect
+    def _processed(self, processors: list[tuple[int, Processor]], rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+        """The rows as columns, each value through its column's bind processor."""
+        columns = [list(values) for values in zip(*rows)]
+        for i, process in processors:
+            columns[i] = [process(value) for value in columns[i]]
+        return columns
+
+    def unnest(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
+        """PostgreSQL (psycopg): (one INSERT … SELECT FROM unnest of every row, its column arrays)."""
         sql, processors = self._for(dialect)
-        if _unnest(dialect):
-            columns = [list(values) for values in zip(*rows)]
-            for i, process in processors:
-                columns[i] = [process(value) for value in columns[i]]
-            run(connection, sql, columns)
-            return
+        return sql, self._processed(processors, rows)
+
+    def many(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[tuple[Any, ...]]]:
+        """SQLite: (the one-row INSERT, the rows through their bind processors) for an ``executemany``."""
+        sql, processors = self._for(dialect)
         if processors:
-            columns = list(zip(*rows))
-            for i, process in processors:
-                columns[i] = tuple(process(value) for value in columns[i])
-            rows = list(zip(*columns))
-        run(connection, sql, rows, many=True)
+            rows = list(zip(*self._processed(processors, rows)))
+        return sql, rows
+
+    def execute(self, connection: Connection, rows: list[tuple[Any, ...]]) -> None:
+        insert_all(connection, [(self, rows)])
+
+
+_COMBINED: dict[tuple[Any, ...], str] = {}
+
+
+def insert_all(connection: Connection, batches: Iterable[tuple[Insert, list[tuple[Any, ...]]]],
+               then: tuple[str, tuple[Any, ...]] | None = None) -> None:
+    """Insert the rows of several tables, in the order given (tables without rows are skipped), and run
+    ``then`` (an UPDATE without RETURNING, its parameters) after them.
+
+    PostgreSQL (psycopg): ONE statement for all of it, ``then`` and the first tables' INSERTs as WITH
+    queries of the last INSERT (all run, one round trip; a constraint violation fails the statement as it
+    would fail its own INSERT). SQLite: an ``executemany`` per table and ``then``, on one cursor.
+    """
+    batches = [(insert, rows) for insert, rows in batches if rows]
+    dialect = connection.dialect
+    if not batches or not _unnest(dialect):
+        statements: list[tuple[str, Any]] = [insert.many(dialect, rows) for insert, rows in batches]
+        if then is not None:
+            statements.append((then[0], [then[1]]))
+        run_all(connection, statements, many=True)
+        return
+    parts = [insert.unnest(dialect, rows) for insert, rows in batches]
+    key = (dialect.name, dialect.driver, then[0] if then else None, *(insert for insert, _ in batches))
+    sql = _COMBINED.get(key)
+    if sql is None:
+        *first, last = [text for text, _ in parts]
+        withs = [f"i{n} AS ({text})" for n, text in enumerate(first)]
+        if then is not None:
+            withs.insert(0, f"u AS ({then[0]})")
+        sql = _COMBINED[key] = f"WITH {', '.join(withs)} {last}" if withs else last
+    parameters = list(then[1]) if then is not None else []
+    parameters.extend(chain.from_iterable(columns for _, columns in parts))
+    run(connection, sql, parameters)

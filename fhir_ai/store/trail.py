@@ -70,12 +70,21 @@ _PROVENANCE_INSERT = rawsql.Insert(ProvenanceRow.__table__, (
     "id", "seq", "target_id", "target_version", "recorded", "last_updated", "resource"))
 _OUTBOX_INSERT = rawsql.Insert(OutboxRow.__table__, (
     "resource_type", "resource_id", "target", "status", "attempts", "created_at", "updated_at"))
-# Whatever already holds one of the identifiers or ids being saved (one round trip for a batch).
-_EXISTING = (f"SELECT id, identifier, resource FROM {AssessmentRow.__tablename__} "
-             "WHERE identifier IN ({}) OR id IN ({})")
-# Storage order without a sequence: safe because every writer holds the audit chain lock (audit.Chain).
-_LAST_SEQS = (f"SELECT (SELECT max(seq) FROM {AssessmentRow.__tablename__}), "
-              f"(SELECT max(seq) FROM {ProvenanceRow.__tablename__})")
+# One round trip for a batch: whatever already holds one of the identifiers or ids being saved, and a
+# row without id holding the last storage positions (storage order without a sequence: safe because
+# every writer holds the audit chain lock, audit.Chain).
+_LOOKUP = (f"SELECT NULL, NULL, NULL, (SELECT max(seq) FROM {AssessmentRow.__tablename__}), "
+           f"(SELECT max(seq) FROM {ProvenanceRow.__tablename__}) "
+           f"UNION ALL SELECT id, identifier, resource, NULL, NULL FROM {AssessmentRow.__tablename__} "
+           "WHERE identifier IN ({}) OR id IN ({})")
+_LOOKUP_SQL: dict[tuple[str, int], str] = {}
+
+
+def _lookup(connection: Connection, count: int) -> str:
+    key = (connection.dialect.paramstyle, count)
+    if key not in _LOOKUP_SQL:
+        _LOOKUP_SQL[key] = rawsql.statement(connection, _LOOKUP, count, count)
+    return _LOOKUP_SQL[key]
 
 
 def _versioned(resource: dict[str, Any]) -> str:
@@ -136,12 +145,15 @@ class TrailMixin:
             chain = Chain(connection)
             by_identifier: dict[str, str] = {}      # identifier -> stored JSON text
             taken: set[str] = set()                 # ids stored (or being stored)
-            for rid, identifier, text in rawsql.run(
-                    connection, rawsql.statement(connection, _EXISTING, len(items), len(items)),
+            seqs = [0, 0]
+            for rid, identifier, text, last_assessment, last_provenance in rawsql.run(
+                    connection, _lookup(connection, len(items)),
                     (*identifiers, *(item.resource["id"] for item in items))):
+                if rid is None:
+                    seqs = [last_assessment or 0, last_provenance or 0]
+                    continue
                 by_identifier[identifier] = text
                 taken.add(rid)
-            seqs: list[int] | None = None
             rows: dict[rawsql.Insert, list[tuple[Any, ...]]] = {
                 _ASSESSMENT_INSERT: [], _VERSION_INSERT: [], _PROVENANCE_INSERT: [], _OUTBOX_INSERT: []}
             for item, identifier in zip(items, identifiers):
@@ -156,16 +168,12 @@ class TrailMixin:
                     continue
                 if resource["id"] in taken:
                     raise Unprocessable(f"RiskAssessment/{resource['id']} is stored with another identifier")
-                if seqs is None:
-                    seqs = [seq or 0 for seq in rawsql.run(connection, _LAST_SEQS)[0]]
                 seqs = [seqs[0] + 1, seqs[1] + 1]
                 stored, text = self._stage_new(chain, rows, item, identifier, patient, seqs, actor, now, stamp)
                 by_identifier[identifier] = text
                 taken.add(resource["id"])
                 out.append(Saved(stored, True))
-            for insert, values in rows.items():
-                insert.execute(connection, values)
-            chain.close()
+            chain.close(rows.items())
         return out
 
     def _stage_new(self, chain: Chain, rows: dict[rawsql.Insert, list[tuple[Any, ...]]], item: NewAssessment,
@@ -228,13 +236,12 @@ class TrailMixin:
             prov["meta"] = {"versionId": "1", "lastUpdated": times.format_datetime(now)}
             patient = patient_of(new)
             seq = (session.scalar(select(func.max(ProvenanceRow.seq))) or 0) + 1
-            _PROVENANCE_INSERT.execute(chain.connection,
-                                       [_provenance_row(chain, prov, resource_id, version, patient, seq, now)])
+            provenance_row = _provenance_row(chain, prov, resource_id, version, patient, seq, now)
             for outbox in session.scalars(select(OutboxRow).where(OutboxRow.resource_id == resource_id)):
                 outbox.status, outbox.updated_at = "pending", now   # the hospital must learn of it too
             chain.append(Access("U", "update", operation="withdraw", description="entered in error",
                                 entities=_entities(new, prov, patient=patient)), actor, now)
-            chain.close()
+            chain.close([(_PROVENANCE_INSERT, [provenance_row])])
         log.info("assessment %s withdrawn (version %s)", resource_id, version)
         return Saved(new, True)
 
