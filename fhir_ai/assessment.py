@@ -202,11 +202,12 @@ def _plain_references(entries: list[Any], kind: str) -> bool:
 
 
 # Optional elements that are no choice ([x]) and whose values repeat from one RiskAssessment to the
-# next: the model's method and performer, meta, fixed notes, outcome and risk codings, score
-# extensions; (single elements, lists of elements) of the resource and of each prediction.
-_REPEATING = {"RiskAssessment": (("meta", "method", "performer", "code"), ("note",)),
+# next: the model's method and performer, meta, outcome and risk codings, score extensions;
+# (single elements, lists of elements) of the resource and of each prediction.
+_REPEATING = {"RiskAssessment": (("meta", "method", "performer", "code"), ()),
               "prediction": (("outcome", "qualitativeRisk"), ("extension",))}
-# Values fhir.resources accepted, by place: (where, element, "value" | "item", frozen value).
+# Values fhir.resources accepted, by place: (where, element, "value" | "item", frozen value). None of
+# these elements holds patient data (notes, which may quote values not used, are not among them).
 _ACCEPTED: dict[tuple[Any, ...], None] = {}
 _ACCEPTED_MAX = 4096
 
@@ -285,7 +286,7 @@ def validate(resource: dict[str, Any]) -> dict[str, Any]:
       and validating each as a pydantic Reference costs about 20 µs. When every entry has exactly
       that shape with a valid id (a stricter check than the model's), the model validates only the
       first; once such a reference was accepted there, none. ``encounter`` likewise.
-    * An optional repeating element (method, performer, meta, notes, outcome and risk codings, score
+    * An optional repeating element (method, performer, meta, outcome and risk codings, score
       extensions) whose exact value — dicts, lists, str and int of exactly these types — was accepted
       in the same place before is left out: it would be accepted again.
 

@@ -69,7 +69,7 @@ class Text(str):
 
 
 def complete() -> dict:
-    """A RiskAssessment with every repeating element this module writes."""
+    """A RiskAssessment with every repeating element this module writes (and notes)."""
     coding = {"system": "http://terminology.hl7.org/CodeSystem/risk-probability", "code": "high", "display": "High"}
     return {"resourceType": "RiskAssessment", "id": "ra-2",
             "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -184,7 +184,7 @@ def test_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(assessment, "_ACCEPTED_MAX", 10)
     for n in range(30):
         r = complete()
-        r["note"] = [{"text": f"note {n}"}]
+        r["method"]["text"] = f"model m, version {n}"
         assert our_check_accepts(r)
         assert len(assessment._ACCEPTED) <= 10 + 8
 
