@@ -5,14 +5,16 @@ import json
 from email.utils import format_datetime as http_date
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
 import responses
+import urllib3
 from responses import matchers
 
 from fhir_ai.errors import BadRequest, UpstreamError, UpstreamNotFound, UpstreamTimeout
-from fhir_ai.fhir.client import FhirClient
+from fhir_ai.fhir.client import FhirClient, encode_params
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "fhir"
 BASE = "https://fhir.hospital.example/r4"
@@ -311,10 +313,62 @@ def test_absolute_url_to_other_host_refused_for_get(client, mocked):
     ("Observation?_getpages=abc&_offset=10", [("extra", "1")]),
     ("Patient/example", None),
     ("Observation", [("value", "~ spaced + plus %25 [x]")]),
+    ("Observation", [("code", "http://x.example/cs|a\\,b\\|c\\$d"), ("q", "?@!$'()*;#/:=&")]),
+    ("Observation", "patient=p-1&code=http://loinc.org%7C8867-4,http://loinc.org%7C9279-1"),
 ])
-def test_the_query_is_encoded_as_requests_encodes_params(url: str, params) -> None:
-    """The client appends the query itself (requests re-parses long URLs slowly): the URL must not change."""
+def test_the_query_is_what_requests_builds_from_it_and_means_what_params_mean(url: str, params) -> None:
+    """The client appends the query itself (requests and urllib3 re-parse long URLs char by char) and
+    leaves ':', '/' and ',' unescaped, where requests' own encoding of ``params`` escapes them: the URL
+    is byte for byte what requests builds from that query, urllib3 sends it unchanged, and a server
+    decodes it to the very parameters of the URL requests builds from ``params``."""
     client = FhirClient(BASE)
     ours = client._prepare("GET", f"{BASE}/{url}", params, None, {"Accept": "application/fhir+json"})
-    theirs = requests.Session().prepare_request(requests.Request("GET", f"{BASE}/{url}", params=params))
-    assert ours.url == theirs.url
+    query = encode_params(params)
+    from_query = requests.Session().prepare_request(requests.Request("GET", f"{BASE}/{url}",
+                                                                     params=query or None))
+    assert ours.url == from_query.url
+    assert urllib3.util.parse_url(ours.url).url == ours.url          # nothing for urllib3 to re-escape
+    from_params = requests.Session().prepare_request(requests.Request("GET", f"{BASE}/{url}", params=params))
+    assert (parse_qsl(urlsplit(ours.url).query, keep_blank_values=True)
+            == parse_qsl(urlsplit(from_params.url).query, keep_blank_values=True))
+    assert urlsplit(ours.url)[:3] == urlsplit(from_params.url)[:3]
+
+
+def test_query_keeps_colon_slash_comma_and_escapes_the_rest() -> None:
+    """The deliberate difference from requests' encoding, and what stays escaped."""
+    assert encode_params([("code", "http://loinc.org|8867-4,x\\,y"), ("date", "ge2026-11-20T08:00:00+09:00"),
+                          ("q", "a b&c=d?e@f")]) == (
+        "code=http://loinc.org%7C8867-4,x%5C,y&date=ge2026-11-20T08:00:00%2B09:00&q=a+b%26c%3Dd%3Fe%40f")
+    assert encode_params("already=encoded,as:is") == "already=encoded,as:is"
+    assert encode_params([]) == encode_params(None) == ""
+
+
+@pytest.mark.parametrize("method, data, headers", [
+    ("GET", None, {"Accept": "application/fhir+json"}),
+    ("GET", None, {"Accept": "application/fhir+json", "Authorization": "Bearer t", "X-Extra": "1"}),
+    ("PUT", b'{"resourceType":"Basic"}', {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}),
+    ("POST", b"{}", {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json",
+                     "User-Agent": "ours"}),
+])
+@pytest.mark.parametrize("cookie", [False, True])
+def test_own_session_requests_are_prepared_as_the_session_prepares_them(method, data, headers, cookie) -> None:
+    """Our session's requests skip Session.prepare_request's slow merging: same request all the same."""
+    client = FhirClient(BASE)
+    if cookie:   # e.g. a load balancer's affinity cookie set by an earlier answer
+        client.session.cookies.set("AWSALB", "sticky", domain="fhir.hospital.example", path="/")
+    ours = client._prepare(method, f"{BASE}/Observation", None, data, headers)
+    theirs = client.session.prepare_request(requests.Request(method, f"{BASE}/Observation", data=data,
+                                                             headers=headers))
+    assert (ours.method, ours.url, ours.body) == (theirs.method, theirs.url, theirs.body)
+    assert list(ours.headers.items()) == list(theirs.headers.items())
+    assert ours.hooks == theirs.hooks
+    assert ("Cookie" in ours.headers) is cookie
+
+
+def test_a_cookie_the_server_sets_is_sent_back(client, mocked):
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"),
+               headers={"Set-Cookie": "AWSALB=sticky; Path=/"})
+    client.get("Patient/example")
+    client.get("Patient/example")
+    assert "Cookie" not in mocked.calls[0].request.headers
+    assert mocked.calls[1].request.headers["Cookie"] == "AWSALB=sticky"

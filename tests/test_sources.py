@@ -275,3 +275,29 @@ def test_server_rejects_unsafe_patient_id(server):
     with pytest.raises(BadRequest):
         source.observations("example/../../Patient")
     assert len(rsps.calls) == 0
+
+
+def test_server_observation_query_is_sent_compact(server):
+    """':', '/' and ',' go out as they are (FHIR's own form), '|' and the escaping backslash escaped."""
+    source, rsps = server
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    source.observations("example", codes=[HR, ("", "x,y")], since=utc(2024, 5, 6))
+    assert rsps.calls[0].request.url == (f"{BASE}/Observation?patient=example&date=ge2024-05-06T00:00:00Z"
+                                         "&_count=200&code=http://loinc.org%7C8867-4,x%5C,y")
+
+
+def test_server_code_chunks_are_filled_up_to_max_url(server):
+    """Each split search but the last would pass MAX_URL with the next code: no more searches than needed."""
+    source, rsps = server
+    codes = [(LOINC, f"{10000 + i}-{i % 10}") for i in range(150)]
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    for patient in ("example", "a-much-longer-patient-id-0123456789"):   # another room, another split
+        rsps.calls.reset()
+        source.observations(patient, codes=codes, until=utc(2024, 5, 6))
+        urls = [call.request.url for call in rsps.calls]
+        assert len(urls) > 1 and all(len(url) <= MAX_URL for url in urls)
+        for url, following in zip(urls, urls[1:]):
+            first = urlsplit(following).query.split("&code=", 1)[1].split(",", 1)[0]
+            assert len(url) + len(",") + len(first) > MAX_URL
+        sent = [code for url in urls for code in parse_qs(urlsplit(url).query)["code"][0].split(",")]
+        assert sent == [code_token(s, c) for s, c in codes]

@@ -255,6 +255,22 @@ def test_malformed_json_once_is_retried_to_success(client: FlaskClient, hospital
     assert len(hospital.calls("/Encounter")) == 2
 
 
+def test_observation_search_is_retried_with_the_same_compact_query(client: FlaskClient, hospital: FakeHospital,
+                                                                   registry: ModelRegistry,
+                                                                   sleeps: list[float]) -> None:
+    """The Observation search's code list is escaped once and cached: a retry sends the very same URL, and
+    the hospital gets every code of the mapping, with ':', '/' and ',' as FHIR writes them."""
+    hospital.fail("Observation", (503, {"Content-Type": FHIR_JSON}, json.dumps(operation_outcome("busy", "transient"))))
+    for _ in range(2):                              # the second $assess uses the cached code list
+        assert assess(client).status_code == 200
+    first, retried, again = [url for url in hospital.calls("/Observation?") if "_getpages" not in url]
+    assert first == retried == again
+    assert sleeps == [1.0]
+    assert "code=http://loinc.org%7C" in first and "%3A" not in first and "%2C" not in first
+    wanted = {f"{system}|{code}" if system else code for system, code in registry.get("deterioration")[1].query_codes()}
+    assert set(parse_qs(urlsplit(first).query)["code"][0].split(",")) == wanted
+
+
 def test_observation_search_follows_next_pages(client: FlaskClient, hospital: FakeHospital) -> None:
     hospital.page_size = 5
     response = assess(client)

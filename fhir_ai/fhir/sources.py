@@ -11,12 +11,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus
 
 import orjson
 
 from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
-from .client import Auth, FhirClient
+from .client import QUERY_SAFE, Auth, FhirClient, encode_params
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
 log = logging.getLogger(__name__)
@@ -110,25 +110,12 @@ class ServerSource(Source):
             return _unique(self.client.search("Observation", params))
         if not codes:
             return []
+        head = encode_params(params)
+        room = MAX_URL - len(f"{self.client.base_url}/Observation?{head}&code=")
         found: list[dict[str, Any]] = []
-        for chunk in self._code_chunks([code_token(s, c) for s, c in codes], params):
-            found.extend(self.client.search("Observation", params + [("code", chunk)]))
+        for chunk in _code_chunks(tuple(codes), room):
+            found.extend(self.client.search("Observation", f"{head}&code={chunk}"))
         return _unique(found)
-
-    def _code_chunks(self, tokens: list[str], params: list[tuple[str, Any]]) -> Iterator[str]:
-        """Comma-joined code lists, each keeping the search URL under MAX_URL characters."""
-        room = MAX_URL - len(f"{self.client.base_url}/Observation?{urlencode(params)}&code=")
-        chunk: list[str] = []
-        used = 0
-        for token in tokens:
-            size = _encoded_length(token)
-            if chunk and used + len(_COMMA) + size > room:
-                yield ",".join(chunk)
-                chunk, used = [], 0
-            used += size + (len(_COMMA) if chunk else 0)
-            chunk.append(token)
-        if chunk:
-            yield ",".join(chunk)
 
     def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
         return self.client.put(resource, retries=retries)
@@ -137,13 +124,26 @@ class ServerSource(Source):
         self.client.close()
 
 
-_COMMA = quote_plus(",")
+@functools.lru_cache(maxsize=256)
+def _code_chunks(codes: tuple[tuple[str, str], ...], room: int) -> tuple[str, ...]:
+    """The codes as encoded, comma-joined 'code' values of at most ``room`` characters each.
 
-
-@functools.lru_cache(maxsize=4096)
-def _encoded_length(token: str) -> int:
-    """Characters a search token takes in a query string (the same codes are asked for every time)."""
-    return len(quote_plus(token))
+    The same code lists are asked for on every request (one per mapping); ``room`` varies only with
+    the length of the patient id and dates: each list is escaped and split once.
+    """
+    chunks: list[str] = []
+    chunk: list[str] = []
+    used = 0
+    for system, code in codes:
+        token = quote_plus(code_token(system, code), safe=QUERY_SAFE)
+        if chunk and used + 1 + len(token) > room:  # 1: the ',' between tokens
+            chunks.append(",".join(chunk))
+            chunk, used = [], 0
+        used += len(token) + (1 if chunk else 0)
+        chunk.append(token)
+    if chunk:
+        chunks.append(",".join(chunk))
+    return tuple(chunks)
 
 
 def _unique(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
