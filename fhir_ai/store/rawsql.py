@@ -114,7 +114,11 @@ class Insert:
         """The rows as columns, each value through its column's bind processor."""
         columns = [list(values) for values in zip(*rows)]
         for i, process in processors:
-            columns[i] = [process(value) for value in columns[i]]
+            done: dict[Any, Any] = {}       # a transaction's rows share their timestamps: each formatted once
+            for value in columns[i]:
+                if value not in done:
+                    done[value] = process(value)
+            columns[i] = [done[value] for value in columns[i]]
         return columns
 
     def unnest(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
