@@ -197,6 +197,25 @@ def test_references_split_into_type_and_id(reference, parsed):
     assert indexing.split_reference(reference) == parsed
 
 
+
+def test_provenance_entities_of_every_shape_are_indexed_as_references():
+    """Basis references (the common 'Type/id' alone) and every other shape of entity.what."""
+    prov = {"entity": [{"what": {"reference": "Observation/o1"}},
+                       {"what": {"reference": "https://h.test/fhir/Observation/o2"}},
+                       {"what": {"reference": "Observation/o3/_history/4"}},
+                       {"what": {"reference": "Observation/o4/"}},
+                       {"what": {"reference": "o5"}},
+                       {"what": {"reference": "#contained"}},
+                       {"what": {"reference": ""}},
+                       {"what": {"reference": "Observation/o6", "display": "SpO2"}},
+                       {"what": {"identifier": {"system": "s", "value": "card"}, "display": "model card"}},
+                       {"what": None}, {}]}
+    assert indexing.provenance(prov, "p1") == [
+        ("entity", "Observation", "o1", None), ("entity", "Observation", "o2", None),
+        ("entity", "Observation", "o3", None), ("entity", "Observation", "o4", None), ("entity", None, "o5", None),
+        ("entity", "Observation", "o6", None), ("entity:identifier", "s", "card", None),
+        ("patient", "Patient", "p1", None)]
+
 def _search(store: Store, resource_type: str, query: str) -> list[str]:
     parsed = parse_query(resource_type, [tuple(part.split("=", 1)) for part in query.split("&")])
     return sorted(r["id"] for r in store.search(parsed).resources)

@@ -70,7 +70,14 @@ def provenance(resource: dict[str, Any], patient_id: str | None) -> list[Entry]:
     for agent in resource.get("agent") or ():
         _reference(out, "agent", agent.get("who"))
     for entity in resource.get("entity") or ():
-        _reference(out, "entity", entity.get("what"))
+        what = entity.get("what")
+        reference = what.get("reference") if what.__class__ is dict and len(what) == 1 else None
+        # the common case, a basis reference 'Type/id' alone: split inline (as split_reference would)
+        if reference and reference[0] != "#" and reference[-1] != "/" and "/_history/" not in reference:
+            head, slash, last = reference.rpartition("/")
+            out.append(("entity", head.rpartition("/")[2] if slash else None, last, None))
+        else:
+            _reference(out, "entity", what)
     if patient_id:
         out.append(("patient", "Patient", patient_id, None))
     return out
