@@ -178,27 +178,42 @@ def news2_assessment(scored: Scored, basis: list[str], total: float, partial: fl
     return resource
 
 
-# References as this module writes them: literal, to a resource of one type by its FHIR id
-# (stricter than the model's check of Reference.reference, a string without surrounding whitespace).
-# Several are checked at once, joined by newlines (which no id holds).
-_REFERENCES = {kind: re.compile(rf"{kind}/[A-Za-z0-9\-.]{{1,64}}(?:\n{kind}/[A-Za-z0-9\-.]{{1,64}})*")
-               for kind in ("Observation", "Encounter")}
-# Reference elements that are optional and no choice: (element, the resource type referred to, a list?).
-_REFERENCE_ELEMENTS = (("basis", "Observation", True), ("encounter", "Encounter", False))
+def _strings(pattern: str) -> re.Pattern[str]:
+    """One or more strings matching ``pattern`` (which never matches a newline), joined by newlines."""
+    return re.compile(rf"(?:{pattern})(?:\n(?:{pattern}))*")
 
 
-def _plain_references(entries: list[Any], kind: str) -> bool:
-    """Is every entry exactly ``{"reference": "<kind>/<id>"}`` (a dict and a str, no subclasses)?"""
-    if set(map(type, entries)) != {dict} or set(map(len, entries)) != {1}:
+_ID = r"[A-Za-z0-9\-.]{1,64}"
+# Optional elements (no choice) as this module writes them, checked by shape: exactly these keys,
+# each a str matching a pattern stricter than the model's check of that primitive (Reference.reference
+# and Identifier.value are String: a string with some non-whitespace; Identifier.system is Uri: no
+# whitespace; Annotation.text is Markdown: any string that pydantic takes, so no lone surrogates).
+# (where, element) → (a list of them?, {key: pattern}).
+_SHAPES: dict[tuple[str, str], tuple[bool, dict[str, re.Pattern[str]]]] = {
+    ("RiskAssessment", "basis"): (True, {"reference": _strings(rf"Observation/{_ID}")}),
+    ("RiskAssessment", "encounter"): (False, {"reference": _strings(rf"Encounter/{_ID}")}),
+    ("RiskAssessment", "identifier"): (True, {"system": _strings(r"[!-~]{1,1024}"),
+                                              "value": _strings(r"[!-~]{1,1024}")}),
+    ("RiskAssessment", "note"): (True, {"text": _strings(r"[^\s\ud800-\udfff](?:[^\n\ud800-\udfff]*[^\s\ud800-\udfff])?")}),
+}
+
+
+def _shaped(entries: list[Any], patterns: dict[str, re.Pattern[str]]) -> bool:
+    """Is every entry a dict (no subclass) with exactly these keys, each a str matching its pattern?
+    All entries at once (a basis may hold hundreds): the values of a key joined by newlines."""
+    if set(map(type, entries)) != {dict} or set(map(len, entries)) != {len(patterns)}:
         return False
-    try:
-        references = list(map(itemgetter("reference"), entries))
-    except KeyError:
-        return False
-    if set(map(type, references)) != {str}:
-        return False
-    joined = "\n".join(references)
-    return joined.count("\n") == len(references) - 1 and _REFERENCES[kind].fullmatch(joined) is not None
+    for key, pattern in patterns.items():
+        try:
+            values = list(map(itemgetter(key), entries))
+        except KeyError:
+            return False
+        if set(map(type, values)) != {str}:
+            return False
+        joined = "\n".join(values)
+        if joined.count("\n") != len(values) - 1 or pattern.fullmatch(joined) is None:
+            return False
+    return True
 
 
 # Optional elements that are no choice ([x]) and whose values repeat from one RiskAssessment to the
@@ -285,7 +300,8 @@ def validate(resource: dict[str, Any]) -> dict[str, Any]:
     * ``basis`` holds up to hundreds of references of one shape, ``{"reference": "Observation/<id>"}``,
       and validating each as a pydantic Reference costs about 20 µs. When every entry has exactly
       that shape with a valid id (a stricter check than the model's), the model validates only the
-      first; once such a reference was accepted there, none. ``encounter`` likewise.
+      first; once such an entry was accepted there, none. ``encounter``, ``identifier`` and ``note``
+      likewise (see _SHAPES).
     * An optional repeating element (method, performer, meta, outcome and risk codings, score
       extensions) whose exact value — dicts, lists, str and int of exactly these types — was accepted
       in the same place before is left out: it would be accepted again.
@@ -297,12 +313,12 @@ def validate(resource: dict[str, Any]) -> dict[str, Any]:
     learned: list[tuple[Any, ...]] = []
     if type(resource) is dict and resource.get("resourceType") == "RiskAssessment":
         checked = _leave_out_accepted(resource, "RiskAssessment", learned)
-        for element, kind, many in _REFERENCE_ELEMENTS:
+        for (where, element), (many, patterns) in _SHAPES.items():
             value = checked.get(element)
             entries = value if many else [value]
-            if type(entries) is not list or not entries or not _plain_references(entries, kind):
+            if type(entries) is not list or not entries or not _shaped(entries, patterns):
                 continue
-            place = ("RiskAssessment", element, "shape", kind)
+            place = (where, element, "shape")
             if place in _ACCEPTED:
                 del checked[element]
             else:

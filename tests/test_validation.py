@@ -146,6 +146,26 @@ VARIANTS = [
     (("status",), DELETE),                                                         # required
     (("code",), {"text": "KTAS"}),
     (("code",), {"text": 5}),
+    (("identifier",), {"system": "https://fhir-ai.invalid/identifier/risk-assessment", "value": "k-1"}),
+    (("identifier",), [None]),
+    (("identifier",), []),
+    (("identifier", 0, "value"), "k 1"),
+    (("identifier", 0, "value"), ""),
+    (("identifier", 0, "value"), 5),
+    (("identifier", 0, "value"), "\ud800"),
+    (("identifier", 0, "value"), Text("k-1")),
+    (("identifier", 0, "system"), "a b"),
+    (("identifier", 0, "system"), DELETE),
+    (("identifier", 0, "use"), "official"),
+    (("identifier", 0, "use"), "no-such-use"),
+    (("identifier", 0, "bogus"), 1),
+    (("note", 0, "text"), " leading space"),
+    (("note", 0, "text"), "two\nlines"),
+    (("note", 0, "text"), "\ud800"),
+    (("note", 0, "text"), "한국어 메모 — 위험을 높임"),
+    (("note", 0, "authorString"), "me"),
+    (("note", 0, "time"), "not a time"),
+    (("note", 0, "text"), DELETE),
 ]
 
 
@@ -199,7 +219,7 @@ def test_the_elements_left_out_are_optional_and_no_choice() -> None:
             assert not info.is_required() and "one_of_many" not in (info.json_schema_extra or {}), name
             assert (name in lists) == (getattr(info.annotation, "__origin__", None) is list
                                        or "List" in str(info.annotation)), name
-    for name, _, many in assessment._REFERENCE_ELEMENTS:
-        info = RiskAssessment.model_fields[name]
+    for (where, name), (many, _) in assessment._SHAPES.items():
+        info = models[where].model_fields[name]
         assert not info.is_required() and "one_of_many" not in (info.json_schema_extra or {})
         assert many == ("List" in str(info.annotation) or "list" in str(info.annotation))
