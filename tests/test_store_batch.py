@@ -271,3 +271,22 @@ def test_a_failed_insert_stores_nothing_of_the_batch(store):
         assert session.scalar(select(AssessmentRow.seq).where(AssessmentRow.id == "f1")) == 2
         assert verify(session).ok
     assert saved[0].created
+
+
+def test_index_rows_sent_as_json_store_what_arrays_store(store):
+    """``json_rows`` (PostgreSQL: the rows as one JSON array) stores the same values as the array form:
+    quotes, backslashes, non-ASCII, empty and missing texts, ints, exact floats; NaN goes as arrays."""
+    columns = ("resource_type", "resource_id", "param", "system", "code", "number")
+    values = [("X", "j1", "code", 'sy"s\\tem', "ünï/cødé\n", None), ("X", "j2", "code", None, "", 1),
+              ("X", "j3", "probability", None, None, 0.1 + 0.2), ("X", "j4", "probability", None, None, 1e-300)]
+    with store.transaction() as connection:
+        rawsql.Insert(SearchIndexRow.__table__, columns, json_rows=True).execute(connection, values)
+        rawsql.Insert(SearchIndexRow.__table__, columns, json_rows=True).execute(
+            connection, [("X", "j5", "probability", None, None, float("nan"))])
+        connection.execute(insert(SearchIndexRow.__table__), [dict(zip(columns, ("X", "j6", "probability", None,
+                                                                                 None, float("nan"))))])
+    with store.session() as session:
+        stored = session.execute(select(*[getattr(SearchIndexRow, c) for c in columns])
+                                 .where(SearchIndexRow.resource_type == "X").order_by(SearchIndexRow.id)).all()
+    assert [tuple(row) for row in stored[:4]] == [v[:5] + (None if v[5] is None else float(v[5]),) for v in values]
+    assert str(stored[4].number) == str(stored[5].number)     # NaN as a Core insert stores it (SQLite: NULL)

@@ -9,14 +9,17 @@ SQLite takes many rows as one ``executemany`` per table, on one cursor (prepared
 as cheap as a multi-row ``VALUES`` for ~150 index rows, cheaper for a few; measured). PostgreSQL
 (psycopg) takes each table's rows as one ``INSERT … SELECT FROM unnest(arrays)`` with the arrays sent in
 binary (an executemany runs one INSERT per row; text-format arrays cost more in quoting the JSON than
-they save), and ``insert_all`` sends the INSERTs of several tables as ONE statement (data-modifying
-WITH queries): one round trip for all the rows of a transaction.
+they save), or, for the search index's many short values (psycopg dumps arrays element by element in
+Python), as one JSON array of rows made by orjson; ``insert_all`` sends the INSERTs of several tables as
+ONE statement (data-modifying WITH queries): one round trip for all the rows of a transaction.
 """
 from __future__ import annotations
 
 from itertools import chain
+from math import isfinite
 from typing import Any, Callable, Iterable, Sequence
 
+import orjson
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -81,10 +84,15 @@ def _unnest(dialect: Dialect) -> bool:
 class Insert:
     """INSERT INTO ``table`` (``columns``) of rows given as tuples in ``columns`` order."""
 
-    def __init__(self, table: Table, columns: Sequence[str]) -> None:
+    def __init__(self, table: Table, columns: Sequence[str], *, json_rows: bool = False) -> None:
+        """``json_rows``: on PostgreSQL send the rows as one JSON array (for many short values: psycopg
+        dumps binary arrays element by element in Python); only for text and number columns."""
         self.table = table
         self.columns = tuple(columns)
+        self.json_rows = json_rows
         self._compiled: dict[tuple[str, str], tuple[str, list[tuple[int, Processor]]]] = {}
+        self._json_sql: dict[tuple[str, str], str] = {}
+        self._floats = [i for i, name in enumerate(self.columns) if table.c[name].type.python_type is float]
 
     def _for(self, dialect: Dialect) -> tuple[str, list[tuple[int, Processor]]]:
         key = (dialect.name, dialect.paramstyle)
@@ -105,6 +113,8 @@ class Insert:
                     casts.append(f"%b::{column_type.compile(dialect=dialect)}[]")     # %b: binary
             if unnest:
                 sql = f"{head} SELECT * FROM unnest({', '.join(casts)})"
+                elements = ", ".join(f"(r->>{i})::{cast[4:-2]}" for i, cast in enumerate(casts))
+                self._json_sql[key] = f"{head} SELECT {elements} FROM jsonb_array_elements(%s::jsonb) AS r"
             else:
                 sql = f"{head} VALUES ({', '.join([placeholder(dialect)] * len(self.columns))})"
             self._compiled[key] = (sql, processors)
@@ -121,10 +131,15 @@ class Insert:
             columns[i] = [done[value] for value in columns[i]]
         return columns
 
-    def unnest(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
-        """PostgreSQL (psycopg): (one INSERT … SELECT FROM unnest of every row, its column arrays)."""
+    def unnest(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        """PostgreSQL (psycopg): (one INSERT … SELECT FROM unnest of every row, its column arrays), or
+        with ``json_rows`` (… FROM jsonb_array_elements, the rows as one JSON text)."""
         sql, processors = self._for(dialect)
-        return sql, self._processed(processors, rows)
+        columns = self._processed(processors, rows)
+        if self.json_rows and all(value is None or isfinite(value) for i in self._floats for value in columns[i]):
+            # JSON has no NaN or infinity (orjson writes null): such rows go as arrays
+            return self._json_sql[(dialect.name, dialect.paramstyle)], [orjson.dumps(list(zip(*columns))).decode()]
+        return sql, columns
 
     def many(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[tuple[Any, ...]]]:
         """SQLite: (the one-row INSERT, the rows through their bind processors) for an ``executemany``."""
@@ -158,7 +173,7 @@ def insert_all(connection: Connection, batches: Iterable[tuple[Insert, list[tupl
         run_all(connection, statements, many=True)
         return
     parts = [insert.unnest(dialect, rows) for insert, rows in batches]
-    key = (dialect.name, dialect.driver, then[0] if then else None, *(insert for insert, _ in batches))
+    key = (then[0] if then else None, *(text for text, _ in parts))
     sql = _COMBINED.get(key)
     if sql is None:
         *first, last = [text for text, _ in parts]
