@@ -2,7 +2,7 @@
 plain-SQL inserts under it: the same rows, events and errors as one save at a time, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import orjson
 import pytest
@@ -274,14 +274,14 @@ def test_a_failed_insert_stores_nothing_of_the_batch(store):
 
 
 def test_index_rows_sent_as_json_store_what_arrays_store(store):
-    """``json_rows`` (PostgreSQL: the rows as one JSON array) stores the same values as the array form:
-    quotes, backslashes, non-ASCII, empty and missing texts, ints, exact floats; NaN goes as arrays."""
+    """Rows sent as one JSON array (PostgreSQL) store what a Core insert stores: quotes, backslashes,
+    non-ASCII, empty and missing texts, ints, exact floats; NaN (no JSON for it) goes as arrays."""
     columns = ("resource_type", "resource_id", "param", "system", "code", "number")
     values = [("X", "j1", "code", 'sy"s\\tem', "ünï/cødé\n", None), ("X", "j2", "code", None, "", 1),
               ("X", "j3", "probability", None, None, 0.1 + 0.2), ("X", "j4", "probability", None, None, 1e-300)]
     with store.transaction() as connection:
-        rawsql.Insert(SearchIndexRow.__table__, columns, json_rows=True).execute(connection, values)
-        rawsql.Insert(SearchIndexRow.__table__, columns, json_rows=True).execute(
+        rawsql.Insert(SearchIndexRow.__table__, columns).execute(connection, values)
+        rawsql.Insert(SearchIndexRow.__table__, columns).execute(
             connection, [("X", "j5", "probability", None, None, float("nan"))])
         connection.execute(insert(SearchIndexRow.__table__), [dict(zip(columns, ("X", "j6", "probability", None,
                                                                                  None, float("nan"))))])
@@ -290,3 +290,22 @@ def test_index_rows_sent_as_json_store_what_arrays_store(store):
                                  .where(SearchIndexRow.resource_type == "X").order_by(SearchIndexRow.id)).all()
     assert [tuple(row) for row in stored[:4]] == [v[:5] + (None if v[5] is None else float(v[5]),) for v in values]
     assert str(stored[4].number) == str(stored[5].number)     # NaN as a Core insert stores it (SQLite: NULL)
+
+
+def test_timestamps_of_every_kind_store_what_core_inserts_store(store):
+    """Datetimes with microseconds, another offset, or none (the session's zone) are the same instant
+    whether they go as plain-SQL rows (PostgreSQL: JSON text) or through a Core insert."""
+    seoul = timezone(timedelta(hours=9))
+    times = [datetime(2026, 11, 20, 8, 0, 0, 123456, tzinfo=timezone.utc), datetime(2026, 11, 21, 0, 30, tzinfo=seoul),
+             datetime(2026, 11, 20, 8, 0, 0, 1), datetime(2026, 11, 20, 8, 0)]
+    columns = ("resource_type", "resource_id", "target", "status", "attempts", "created_at", "updated_at")
+    with store.transaction() as connection:
+        rawsql.Insert(OutboxRow.__table__, columns).execute(connection, [
+            ("RiskAssessment", f"plain{n}", TARGET, "pending", 0, when, when) for n, when in enumerate(times)])
+        connection.execute(insert(OutboxRow.__table__), [
+            dict(zip(columns, ("RiskAssessment", f"core{n}", TARGET, "pending", 0, when, when)))
+            for n, when in enumerate(times)])
+    rows = {row.resource_id: row for row in store.outbox()}
+    for n in range(len(times)):
+        assert (rows[f"plain{n}"].created_at, rows[f"plain{n}"].updated_at) == (rows[f"core{n}"].created_at,
+                                                                                rows[f"core{n}"].updated_at)

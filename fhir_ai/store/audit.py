@@ -131,7 +131,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
 
 
 _INDEX_INSERT = rawsql.Insert(SearchIndexRow.__table__,
-                              ("resource_type", "resource_id", "param", "system", "code", "number"), json_rows=True)
+                              ("resource_type", "resource_id", "param", "system", "code", "number"))
 _EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded", "action", "outcome", "agent",
                                                        "role", "prev_hash", "hash", "resource"))
 _LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"

@@ -7,11 +7,11 @@ Core insert stores; driver errors are raised as SQLAlchemy's (``OperationalError
 
 SQLite takes many rows as one ``executemany`` per table, on one cursor (prepared once, stepped per row:
 as cheap as a multi-row ``VALUES`` for ~150 index rows, cheaper for a few; measured). PostgreSQL
-(psycopg) takes each table's rows as one ``INSERT … SELECT FROM unnest(arrays)`` with the arrays sent in
-binary (an executemany runs one INSERT per row; text-format arrays cost more in quoting the JSON than
-they save), or, for the search index's many short values (psycopg dumps arrays element by element in
-Python), as one JSON array of rows made by orjson; ``insert_all`` sends the INSERTs of several tables as
-ONE statement (data-modifying WITH queries): one round trip for all the rows of a transaction.
+(psycopg) takes each table's rows as one ``INSERT … SELECT FROM jsonb_array_elements(json)``, the rows
+one JSON text made by orjson (an executemany runs one INSERT per row; arrays, binary or text, psycopg
+dumps element by element in Python), or as ``unnest`` of binary arrays where JSON cannot hold a value
+as it is (NaN…); ``insert_all`` sends the INSERTs of several tables as ONE statement (data-modifying
+WITH queries): one round trip for all the rows of a transaction.
 """
 from __future__ import annotations
 
@@ -84,12 +84,9 @@ def _unnest(dialect: Dialect) -> bool:
 class Insert:
     """INSERT INTO ``table`` (``columns``) of rows given as tuples in ``columns`` order."""
 
-    def __init__(self, table: Table, columns: Sequence[str], *, json_rows: bool = False) -> None:
-        """``json_rows``: on PostgreSQL send the rows as one JSON array (for many short values: psycopg
-        dumps binary arrays element by element in Python); only for text and number columns."""
+    def __init__(self, table: Table, columns: Sequence[str]) -> None:
         self.table = table
         self.columns = tuple(columns)
-        self.json_rows = json_rows
         self._compiled: dict[tuple[str, str], tuple[str, list[tuple[int, Processor]]]] = {}
         self._json_sql: dict[tuple[str, str], str] = {}
         self._floats = [i for i, name in enumerate(self.columns) if table.c[name].type.python_type is float]
@@ -132,13 +129,18 @@ class Insert:
         return columns
 
     def unnest(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
-        """PostgreSQL (psycopg): (one INSERT … SELECT FROM unnest of every row, its column arrays), or
-        with ``json_rows`` (… FROM jsonb_array_elements, the rows as one JSON text)."""
+        """PostgreSQL (psycopg): (one INSERT … SELECT FROM jsonb_array_elements, the rows as one JSON
+        text), or where JSON cannot hold a value as it is (NaN, infinity, bytes, Decimal…) (one INSERT …
+        SELECT FROM unnest, the column arrays)."""
         sql, processors = self._for(dialect)
         columns = self._processed(processors, rows)
-        if self.json_rows and all(value is None or isfinite(value) for i in self._floats for value in columns[i]):
-            # JSON has no NaN or infinity (orjson writes null): such rows go as arrays
-            return self._json_sql[(dialect.name, dialect.paramstyle)], [orjson.dumps(list(zip(*columns))).decode()]
+        if all(value is None or isfinite(value) for i in self._floats for value in columns[i]):
+            try:
+                text = orjson.dumps(list(zip(*columns))).decode()
+            except orjson.JSONEncodeError:
+                pass
+            else:
+                return self._json_sql[(dialect.name, dialect.paramstyle)], [text]
         return sql, columns
 
     def many(self, dialect: Dialect, rows: list[tuple[Any, ...]]) -> tuple[str, list[tuple[Any, ...]]]:
