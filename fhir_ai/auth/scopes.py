@@ -53,7 +53,12 @@ class Scopes:
 
 
 def role_scopes(role: str) -> Scopes:
-    return Scopes.parse(ROLES[role])
+    return _ROLE_SCOPES[role]
+
+
+# Parsed once: every request of a static token (and every JWT's role_of) reads them. Scopes is frozen
+# and nothing changes its grants.
+_ROLE_SCOPES = {role: Scopes.parse(text) for role, text in ROLES.items()}
 
 
 def role_of(scopes: Scopes) -> str:

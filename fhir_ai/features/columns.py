@@ -81,11 +81,11 @@ class ColumnBuilder:
         self._patients: dict[str, int] = {}
         self._subjects: dict[str | None, str | None] = {}     # reference -> patient id
         self._epochs: dict[str, float] = {}                    # time text -> epoch (emptied by take)
-        self._rows: list[tuple] = []
+        self.rows: list[tuple] = []                             # buffered rows (a new list after take)
         self._count = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.rows)
 
     def add(self, obs: dict) -> str | None:
         """Buffer the Observation's known codings; the patient id if it had any, else None."""
@@ -110,7 +110,7 @@ class ColumnBuilder:
                 return None
             head = self._head(obs, pid)
             values = self._values(obs)
-            codes, rows = self._codes, self._rows
+            codes, rows = self._codes, self.rows
             for key in matched:
                 code_no = codes.get(key)
                 if code_no is None:
@@ -134,7 +134,7 @@ class ColumnBuilder:
                     head = self._head(obs, pid)
                 if values is None:
                     values = self._values(holder)
-                self._rows.append((*head, part, self._codes.setdefault(key, len(self._codes)), *values))
+                self.rows.append((*head, part, self._codes.setdefault(key, len(self._codes)), *values))
         return pid if head is not None else None
 
     def _patient_id(self, obs: dict) -> str | None:
@@ -180,7 +180,7 @@ class ColumnBuilder:
 
     def take(self) -> ObservationColumns:
         """Everything buffered so far as columns; the buffer starts again empty."""
-        rows, self._rows = self._rows, []
+        rows, self.rows = self.rows, []
         self._epochs = {}
         n = len(rows)
         cols = list(zip(*rows)) if rows else [()] * 14

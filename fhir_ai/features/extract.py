@@ -78,8 +78,8 @@ class FeatureSet:
 
     def missing_inputs(self, row: int) -> list[str]:
         """Inputs some model feature reads that had no value for this patient."""
-        wanted = dict.fromkeys(f.input for f in self.mapping.features)
-        return [name for name in wanted if not self.present[row, self.mapping.inputs[name].index]]
+        present = self.present[row].tolist()
+        return [name for name, index in plan_for(self.mapping).feature_inputs if not present[index]]
 
 
 class Extractor:
@@ -115,13 +115,14 @@ class Extractor:
 
     def add_all(self, resources: Iterable[dict]) -> None:
         builder, patients = self._builder, self._patients
+        add = builder.add
         for resource in resources:
             if resource.get("resourceType") == "Observation":
-                pid = builder.add(resource)
+                pid = add(resource)
                 if pid is not None:
                     if pid not in patients:       # rows follow the order patients first appear in
                         patients[pid] = len(patients)
-                    if len(builder) >= _FLUSH_ROWS:
+                    if len(builder.rows) >= _FLUSH_ROWS:
                         self._flush()
             else:
                 self.add(resource)

@@ -60,6 +60,7 @@ class Plan:
     news2_groups: dict[str, int]         # NEWS2 parameter -> group
     second_reader_group: int | None
     extra_group: np.ndarray              # groups whose latest value is kept: NEWS2 parameters, then second reader
+    feature_inputs: list[tuple[str, int]]   # (name, index) of each input some model feature reads, in feature order
     conversions: dict[UnitKey, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     tables: dict[tuple[UnitKey, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -168,4 +169,5 @@ def _build(mapping: Mapping) -> Plan:
                                if aggregate in ZERO_WHEN_EMPTY], dtype=np.int64),
         static_columns=static_columns, news2_groups=news2_groups, second_reader_group=second_reader_group,
         extra_group=np.array([*news2_groups.values(), *([] if second_reader_group is None else [second_reader_group])],
-                             dtype=np.int64))
+                             dtype=np.int64),
+        feature_inputs=[(name, mapping.inputs[name].index) for name in dict.fromkeys(f.input for f in mapping.features)])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class LoadedModel:
     booster: lgb.Booster
     card: dict[str, Any]
     path: Path
+    _calibration_arrays: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, init=False, repr=False,
+                                                                             compare=False)
 
     @property
     def feature_names(self) -> list[str]:
@@ -49,8 +51,20 @@ class LoadedModel:
         raw = self.raw_probability(X)
         calibration = self.card.get("calibration")
         if self.kind == "binary" and calibration:
-            return np.clip(apply_calibration(calibration, raw), 0.0, 1.0)
+            return np.clip(apply_calibration(self._calibration(calibration), raw), 0.0, 1.0)
         return raw
+
+    def _calibration(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """The card's calibration with isotonic knots as float arrays, made once (apply_calibration would
+        turn the lists into arrays on every call)."""
+        made = self._calibration_arrays
+        if made is None or made[0] is not calibration:
+            prepared = dict(calibration)
+            if calibration.get("kind") == "isotonic":
+                prepared["x"] = np.asarray(calibration["x"], dtype=float)
+                prepared["y"] = np.asarray(calibration["y"], dtype=float)
+            made = self._calibration_arrays = (calibration, prepared)
+        return made[1]
 
     def contributions(self, X: np.ndarray) -> np.ndarray:
         """SHAP-style contributions (log-odds space); (n, features + 1) or (n, classes, features + 1)."""
