@@ -10,11 +10,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
 
-import fhir_ai.app  # noqa: F401  (imports every module that defines tables)
+import fhir_ai.app  # noqa: F401  (imports the modules that define tables…)
+import fhir_ai.jobs.tables  # noqa: F401  (…and this one, which the app imports lazily)
 from fhir_ai.errors import ConfigurationError
 from fhir_ai.store import Store
 from fhir_ai.store.tables import AssessmentRow, Base
-from fhir_ai.store.trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow
+from fhir_ai.store.trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow, created_on
 from fhir_ai.store.verify import verify
 
 try:
@@ -31,7 +32,10 @@ def test_migrations_create_exactly_the_tables_the_code_defines(database_url):
     store = Store(database_url)
     try:
         with store.engine.connect() as connection:
-            diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+            # an index made for the other backend only is left out (trail_tables.only_on_sqlite)
+            context = MigrationContext.configure(connection, opts={
+                "include_object": lambda item, *_: created_on(item, connection.dialect.name)})
+            diff = compare_metadata(context, Base.metadata)
         assert diff == [], ("the models and the migrations differ: add a migration in "
                             f"fhir_ai/store/migrations/versions/ ({diff})")
         Store(database_url).close()                      # a second start migrates nothing and fails nothing

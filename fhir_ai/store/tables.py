@@ -18,7 +18,7 @@ class AssessmentRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     version_id: Mapped[int] = mapped_column(Integer, default=1)
     identifier: Mapped[str] = mapped_column(String(128), unique=True)
-    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64))     # indexed by ix_risk_assessment_patient_created
     encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_id: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(128))

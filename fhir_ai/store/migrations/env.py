@@ -4,7 +4,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from fhir_ai.store import trail_tables  # noqa: F401  (registers the audit trail tables)
+from fhir_ai.store import trail_tables  # (registers the audit trail tables)
 from fhir_ai.store.tables import Base
 
 config = context.config
@@ -13,7 +13,8 @@ connection = config.attributes.get("connection")
 
 def _run(conn) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=conn, target_metadata=Base.metadata,
-                      render_as_batch=conn.dialect.name == "sqlite", compare_type=True)
+                      render_as_batch=conn.dialect.name == "sqlite", compare_type=True,
+                      include_object=lambda item, *_: trail_tables.created_on(item, conn.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
 
