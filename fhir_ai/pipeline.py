@@ -28,6 +28,7 @@ class AssessResult:
     resources: list[dict[str, Any]] = field(default_factory=list)
     issues: list[dict[str, Any]] = field(default_factory=list)
     created: list[bool] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)    # each resource's stored JSON (Saved.text)
 
 
 def warning(code: str, text: str, expression: str | None = None) -> dict[str, Any]:
@@ -140,6 +141,7 @@ class Pipeline:
                 saved = next(saved_all)
                 result.resources.append(saved.resource)
                 result.created.append(saved.created)
+                result.texts.append(saved.text)
                 log.info("assessment %s for patient %s (%s, %s)", resource["id"], patient_id,
                          resource["method"]["coding"][0]["code"], "new" if saved.created else "repeat")
                 if write_back:

@@ -3,20 +3,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from fhir_ai import codes
+from fhir_ai.api.fhir_io import bundle
 from fhir_ai.app import create_app
+from fhir_ai.pipeline import Pipeline
+from fhir_ai.store import Store
 
 try:
     from . import databases
     from .credentials import TEST_TOKENS_SETTING
+    from .stored import risk_assessment
 except ImportError:
     import databases  # type: ignore[no-redef]
     from credentials import TEST_TOKENS_SETTING  # type: ignore[no-redef]
+    from stored import risk_assessment  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
 AS_OF = "2026-11-20T08:00:00Z"
@@ -218,3 +224,56 @@ def test_health(api):
     body = api.get("/health").json
     assert body["status"] == "ok"
     assert "deterioration" in body["models"]
+
+
+# $assess answers embed each new RiskAssessment's stored JSON (orjson.Fragment) instead of serialising it
+# again: the answer is byte for byte what serialising the resources gives (new and repeated assessments,
+# with and without an OperationOutcome).
+@pytest.fixture()
+def results(monkeypatch):
+    """Every AssessResult the pipeline hands to the API."""
+    seen = []
+    original = Pipeline.assess
+
+    def spy(self, *args, **kwargs):
+        seen.append(original(self, *args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(Pipeline, "assess", spy)
+    return seen
+
+
+@pytest.mark.parametrize("patient", ["demo-005", "demo-010"])     # demo-010: insufficient data, a warning
+def test_the_answer_is_the_resources_serialised(api, results, patient):
+    body = {"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": "2026-11-20T07:00:00Z"}]}
+    answers = []
+    for _ in range(2):                                                  # new, then a repeat
+        response = api.post(f"/Patient/{patient}/$assess", json=body, content_type=FHIR)
+        assert response.status_code == 200, response.json
+        result = results[-1]
+        outcome = {"resourceType": "OperationOutcome", "issue": result.issues} if result.issues else None
+        # what the answer was before: the resources serialised by orjson
+        assert response.data == orjson.dumps(bundle("collection", result.resources, "http://localhost",
+                                                    outcome=outcome))
+        answers.append(response.data)
+    for result in results:                                              # a new one's answer embeds its text
+        assert [text is not None for text in result.texts] == result.created
+    assert patient == "demo-010" or results[0].created == [True, True]  # demo-010's may be stored already
+    assert results[1].created == [False, False]
+    assert answers[0] == answers[1]
+    assert patient != "demo-010" or b'"OperationOutcome"' in answers[0]
+
+
+def test_saved_text_is_the_stored_json_of_the_resource(database_url):
+    store = Store(database_url)
+    try:
+        odd = risk_assessment("u1", probability=0.1 + 0.2, note=[{"text": "Überwachung – 観察 \u2028 \"q\" \\ \U0001f600"}])
+        saved = store.save_assessment(odd, model_id="deterioration", model_version="1.0")
+        assert saved.text == orjson.dumps(saved.resource).decode()
+        assert saved.text == orjson.dumps(store.get_assessment("u1")).decode()
+        repeat = store.save_assessment(odd, model_id="deterioration", model_version="1.0")
+        assert not repeat.created and repeat.text is None and repeat.resource == saved.resource
+        with_text = bundle("collection", [saved.resource, repeat.resource], "https://x", texts=[saved.text, None])
+        without = bundle("collection", [saved.resource, repeat.resource], "https://x")
+        assert orjson.dumps(with_text) == orjson.dumps(without)
+    finally:
+        store.close()

@@ -63,11 +63,15 @@ def lenient() -> bool:
 
 
 def bundle(kind: str, resources: list[dict[str, Any]], base: str, *, total: int | None = None,
-           links: list[dict[str, str]] | None = None, outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+           links: list[dict[str, str]] | None = None, outcome: dict[str, Any] | None = None,
+           texts: list[str | None] | None = None) -> dict[str, Any]:
+    """``texts``: each resource's JSON as orjson made it when it was stored (None: not at hand),
+    embedded as it is (orjson.Fragment) instead of serialising the resource again; same bytes."""
     entries: list[dict[str, Any]] = []
-    for resource in resources:
+    for i, resource in enumerate(resources):
+        text = texts[i] if texts is not None else None
         entry: dict[str, Any] = {"fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
-                                 "resource": resource}
+                                 "resource": resource if text is None else orjson.Fragment(text)}
         if kind == "searchset":
             entry["search"] = {"mode": "match"}
         entries.append(entry)

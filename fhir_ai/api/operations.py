@@ -94,4 +94,5 @@ def assess(patient_id: str):  # type: ignore[no-untyped-def]
     result = pipeline.assess(patient_id, models=params.models or None, as_of=params.as_of,
                              write_back=params.write_back, encounter=params.encounter)
     outcome = {"resourceType": "OperationOutcome", "issue": result.issues} if result.issues else None
-    return fhir_response(bundle("collection", result.resources, base_url(), outcome=outcome))
+    return fhir_response(bundle("collection", result.resources, base_url(), outcome=outcome,
+                                 texts=result.texts))

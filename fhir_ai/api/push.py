@@ -144,4 +144,5 @@ def assess_pushed():  # type: ignore[no-untyped-def]
                               skipped[0]))
     log.info("push $assess for patient %s: %d resource(s) received", patient_id, len(resources))
     outcome = {"resourceType": "OperationOutcome", "issue": issues} if issues else None
-    return fhir_response(bundle("collection", result.resources, base_url(), outcome=outcome))
+    return fhir_response(bundle("collection", result.resources, base_url(), outcome=outcome,
+                                 texts=result.texts))

@@ -43,6 +43,9 @@ class NewAssessment:
 class Saved:
     resource: dict[str, Any]
     created: bool            # False: the same assessment was already stored (idempotent repeat)
+    # ``resource`` as stored: orjson's JSON of it, byte for byte (an answer embeds it instead of
+    # serialising the resource again); None when not at hand (a repeat answers from the parsed row).
+    text: str | None = None
 
 
 def _utcnow() -> datetime:
@@ -172,7 +175,7 @@ class TrailMixin:
                 stored, text = self._stage_new(chain, rows, item, identifier, patient, seqs, actor, now, stamp)
                 by_identifier[identifier] = text
                 taken.add(resource["id"])
-                out.append(Saved(stored, True))
+                out.append(Saved(stored, True, text))
             chain.close(rows.items())
         return out
 
