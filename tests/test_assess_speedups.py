@@ -105,5 +105,22 @@ def test_configured_keys_are_used_on_every_request_and_a_bad_set_fails_every_tim
         assert verifier.verify(_token("k1")).scopes == scopes.Scopes.parse("system/RiskAssessment.rs")
     broken = TokenVerifier(static=[], jwks={"keys": []}, issuers=[ISSUER], audience=AUDIENCE)
     for _ in range(2):
-        with pytest.raises(jwt.PyJWTError):
+        with pytest.raises(Unauthorized, match="no usable signing key"):
             broken.verify(_token("k1"))
+
+
+def test_a_fetched_set_without_a_usable_key_is_a_401_not_a_crash(caplog):
+    verifier = TokenVerifier(static=[], jwks_url="https://idp.hospital.test/jwks",
+                             fetch=lambda url: {"keys": [{"kty": "RSA", "kid": "bad"}]},
+                             issuers=[ISSUER], audience=AUDIENCE)
+    with caplog.at_level("WARNING"):
+        with pytest.raises(Unauthorized, match="kid"):
+            verifier.verify(_token("k1"))
+    assert "holds no usable key" in caplog.text
+
+
+def test_a_configured_set_without_a_usable_key_stops_start_up_with_a_clear_error():
+    from fhir_ai.auth.tokens import _load_jwks
+    from fhir_ai.errors import ConfigurationError
+    with pytest.raises(ConfigurationError, match="auth_jwks|JWKS"):
+        _load_jwks(json.dumps({"keys": [{"kty": "RSA", "kid": "bad"}]}))

@@ -71,7 +71,7 @@ def _load_jwks(text: str) -> dict[str, Any] | None:
         keys = json.loads(raw)
         jwt.PyJWKSet.from_dict(keys)          # fail at start-up, not on the first request
         return keys
-    except (OSError, ValueError, jwt.PyJWKError) as exc:
+    except (OSError, ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:   # SetError: no usable key
         raise ConfigurationError(f"FHIR_AI_AUTH_JWKS: not a readable JWKS ({exc})", expression="auth_jwks") from exc
 
 
@@ -161,7 +161,10 @@ class TokenVerifier:
 
     def _keysets(self, refresh: bool) -> list[Any]:
         if self.jwks and self._configured_keys is None:
-            self._configured_keys = list(jwt.PyJWKSet.from_dict(self.jwks).keys)
+            parsed = self._parse_fetched(self.jwks)
+            if parsed is None:
+                raise Unauthorized("no usable signing key is configured here")
+            self._configured_keys = parsed
         out = list(self._configured_keys) if self.jwks and self._configured_keys else []
         if self.jwks_url:
             with self._lock:
@@ -193,7 +196,7 @@ class TokenVerifier:
     def _parse_fetched(keyset: dict[str, Any]) -> list[Any] | None:
         try:
             return list(jwt.PyJWKSet.from_dict(keyset).keys)
-        except jwt.PyJWKError:
+        except (jwt.PyJWKError, jwt.PyJWKSetError):     # a set with no usable key raises the latter
             return None
 
 
