@@ -112,6 +112,11 @@ def _report(store):
     ("DELETE FROM audit_event WHERE seq = 2", "chain broken"),
     # an event's index rows removed (to hide it from searches)
     ("DELETE FROM search_index WHERE resource_type = 'AuditEvent' AND param = 'entity'", "search index"),
+    # an event's index rows moved to another event (searches would find that one instead)
+    ("UPDATE search_index SET resource_seq = 1 WHERE resource_type = 'AuditEvent' AND resource_seq = 2",
+     "search index"),
+    ("UPDATE search_index SET resource_id = (SELECT id FROM audit_event WHERE seq = 1) "
+     "WHERE resource_type = 'AuditEvent' AND resource_seq = 2", "search index"),
     # a stored assessment changed after the fact
     ("UPDATE risk_assessment_version SET resource = REPLACE(resource, '0.25', '0.05')", "differs from what"),
     # a Provenance removed

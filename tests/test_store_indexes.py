@@ -1,10 +1,10 @@
-"""The store's indexes on the run's backend (SQLite, or PostgreSQL with --database=postgresql): migration
-0004 on a fresh database and on one upgraded from 0003 with data in it (and back), and searches that give
-the same answers before and after it."""
+"""The store's indexes on the run's backend (SQLite, or PostgreSQL with --database=postgresql): migrations
+0004 and 0005 on a fresh database and on one with data in it (down to 0003 and up again), and searches that
+give the same answers before and after."""
 from __future__ import annotations
 
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from fhir_ai.search import parse_query
 from fhir_ai.store import Store
@@ -15,7 +15,7 @@ try:
 except ImportError:
     from stored import risk_assessment  # type: ignore[no-redef]
 
-SQLITE = {"ix_search_index_lookup": ["resource_type", "resource_id", "param", "code"]}
+SQLITE = {"ix_search_index_lookup": ["resource_type", "resource_seq", "param", "code"]}
 ELSEWHERE = {"ix_search_index_value": ["resource_type", "param", "code"],
              "ix_search_index_resource": ["resource_type", "resource_id"]}
 BEFORE = {**ELSEWHERE}
@@ -64,32 +64,59 @@ def test_a_fresh_database_has_the_indexes_of_its_backend(database_url):
         store.close()
 
 
+def _index_rows(store: Store) -> list[tuple]:
+    with store.engine.connect() as connection:
+        return [tuple(r) for r in connection.execute(text(
+            "SELECT id, resource_type, resource_id, resource_seq, param, system, code, number FROM search_index "
+            "ORDER BY id"))]
+
+
+def _resource_seqs(store: Store) -> set[tuple]:
+    """(type, id, seq) of every stored resource: what each index row's resource_seq must be."""
+    with store.engine.connect() as connection:
+        return {tuple(r) for r in connection.execute(text(
+            "SELECT 'RiskAssessment', id, seq FROM risk_assessment UNION ALL SELECT 'Provenance', id, seq "
+            "FROM provenance UNION ALL SELECT 'AuditEvent', id, seq FROM audit_event"))}
+
+
 def test_an_existing_database_is_upgraded_and_searches_answer_the_same(database_url):
-    store = Store(database_url, migrate=False)
+    """Rows stored before 0005 (no resource_seq: downgraded to 0003, as 0003 and 0004 left them) get the
+    seq of their resource on upgrade, exactly what a new write stores; searches answer the same after it.
+    (This code cannot write or search a 0003/0004 database, so the data is written at the head.)"""
+    store = Store(database_url)
     try:
-        migrate(store.engine, "0003_mapping_reload")
-        assert _indexes(store, "search_index") == BEFORE
-        assert "ix_risk_assessment_patient_id" in _indexes(store, "risk_assessment")
+        sqlite = store.engine.dialect.name == "sqlite"
         _fill(store)
         before = _answers(store)
         assert before["Provenance?entity=Observation/a1-obs-1"][0] == 1
         assert before["RiskAssessment?subject=Patient/p1"][0] == 2
         assert before["AuditEvent?patient=Patient/p2"][0] >= 2
-        migrate(store.engine)
-        sqlite = store.engine.dialect.name == "sqlite"
+        written = _index_rows(store)
+        seqs = _resource_seqs(store)
+        assert {(t, rid, seq) for _, t, rid, seq, *_ in written} == seqs and None not in {r[3] for r in written}
+        with store.engine.begin() as connection:                          # down to 0003 ...
+            command.downgrade(alembic_config(connection), "0003_mapping_reload")
+        assert _indexes(store, "search_index") == BEFORE
+        assert "ix_risk_assessment_patient_id" in _indexes(store, "risk_assessment")
+        with store.engine.connect() as connection:
+            assert "resource_seq" not in {c["name"] for c in inspect(connection).get_columns("search_index")}
+        migrate(store.engine, "0004_search_index_layout")                  # ... 0004 ...
+        assert _indexes(store, "search_index") == ({"ix_search_index_lookup": [
+            "resource_type", "resource_id", "param", "code"]} if sqlite else ELSEWHERE)
+        migrate(store.engine)                                              # ... and up again: filled
         assert _indexes(store, "search_index") == (SQLITE if sqlite else ELSEWHERE)
         assert "ix_risk_assessment_patient_id" not in _indexes(store, "risk_assessment")
+        assert _index_rows(store) == written
         assert _answers(store) == before
         store.save_assessment(risk_assessment("a4", subject="Patient/p2", basis=[{"reference": "Observation/a1-obs-1"}]),
                               model_id="deterioration", model_version="1.0")
         after = _answers(store)
         assert after["Provenance?entity=Observation/a1-obs-1"][0] == 2
-        with store.engine.begin() as connection:                          # and back down
-            command.downgrade(alembic_config(connection), "0003_mapping_reload")
-        assert _indexes(store, "search_index") == BEFORE
-        assert "ix_risk_assessment_patient_id" in _indexes(store, "risk_assessment")
-        assert _answers(store) == after
+        assert {(t, rid, seq) for _, t, rid, seq, *_ in _index_rows(store)} == _resource_seqs(store)
+        with store.engine.begin() as connection:                          # down to 0004 and back
+            command.downgrade(alembic_config(connection), "0004_search_index_layout")
         migrate(store.engine)
         assert _answers(store) == after
+        assert {(t, rid, seq) for _, t, rid, seq, *_ in _index_rows(store)} == _resource_seqs(store)
     finally:
         store.close()

@@ -131,7 +131,8 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
 
 
 _INDEX_INSERT = rawsql.Insert(SearchIndexRow.__table__,
-                              ("resource_type", "resource_id", "param", "system", "code", "number"))
+                              ("resource_type", "resource_id", "resource_seq", "param", "system", "code",
+                               "number"))
 _EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded", "action", "outcome", "agent",
                                                        "role", "prev_hash", "hash", "resource"))
 _LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"
@@ -163,9 +164,9 @@ class Chain:
         self._events: list[tuple[Any, ...]] = []
         self._index: list[tuple[Any, ...]] = []
 
-    def index(self, resource_type: str, resource_id: str, entries: list[indexing.Entry]) -> None:
-        """Buffer the search index rows of a resource this transaction writes."""
-        self._index += [(resource_type, resource_id, *entry) for entry in entries]
+    def index(self, resource_type: str, resource_id: str, seq: int, entries: list[indexing.Entry]) -> None:
+        """Buffer the search index rows of a resource this transaction writes (``seq``: its row's)."""
+        self._index += [(resource_type, resource_id, seq, *entry) for entry in entries]
 
     def append(self, access: Access, actor: Actor, recorded: datetime) -> dict[str, Any]:
         event = build_event(access, actor, recorded)
@@ -176,7 +177,7 @@ class Chain:
             {"url": "hash", "valueString": digest}]}]
         self._events.append((seq, event["id"], recorded, access.action, access.outcome, actor.client_id[:256],
                              actor.role[:64], self.hash, digest, orjson.dumps(event).decode()))
-        self.index("AuditEvent", event["id"], indexing.audit_event(event))
+        self.index("AuditEvent", event["id"], seq, indexing.audit_event(event))
         self.seq, self.hash = seq, digest
         return event
 

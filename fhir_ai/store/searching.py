@@ -12,7 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from ..search.params import Cursor, Filter, SearchQuery
 from ..search.values import DateValue, NumberValue, Reference, Token
 from .tables import AssessmentRow
-from .trail_tables import AuditEventRow, ProvenanceRow, SearchIndexRow
+from .trail_tables import AuditEventRow, ProvenanceRow, SearchIndexRow, probes_by_seq
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def reference_clause(value: Reference) -> ColumnElement[bool]:
     return and_(SearchIndexRow.system == value.type, SearchIndexRow.code == value.id)
 
 
-def filter_clause(resource_type: str, key: Any, item: Filter) -> ColumnElement[bool]:
+def filter_clause(resource_type: str, key: Any, item: Filter, *, by_seq: bool = False) -> ColumnElement[bool]:
+    """``key``: the searched table's id; its index rows are found by the row's ``seq`` (``by_seq``) or id."""
     param, spec = item.param, SPECS[resource_type]
     if param.kind == "id":
         return key.in_(item.values)
@@ -93,10 +94,11 @@ def filter_clause(resource_type: str, key: Any, item: Filter) -> ColumnElement[b
             return start.is_(None) if item.values[0] else start.is_not(None)
         return or_(false(), *[date_clause(start, end, v) for v in item.values])
     name = param.key + (":identifier" if item.modifier == "identifier" else "")
+    probe = SearchIndexRow.resource_seq == spec.row.seq if by_seq else SearchIndexRow.resource_id == key
 
     def indexed(condition: ColumnElement[bool]) -> ColumnElement[bool]:
-        return exists().where(SearchIndexRow.resource_type == resource_type, SearchIndexRow.resource_id == key,
-                              SearchIndexRow.param == name, condition)
+        return exists().where(SearchIndexRow.resource_type == resource_type, probe, SearchIndexRow.param == name,
+                              condition)
 
     if item.modifier == "missing":
         return not_(indexed(true())) if item.values[0] else indexed(true())
@@ -113,7 +115,8 @@ def run(session: Session, query: SearchQuery) -> Page:
     row: Any = spec.row
     key: InstrumentedAttribute[Any] = row.id
     seq: InstrumentedAttribute[int] = row.seq
-    where = [filter_clause(query.resource_type, key, f) for f in query.filters]
+    by_seq = probes_by_seq(session.get_bind().dialect.name)
+    where = [filter_clause(query.resource_type, key, f, by_seq=by_seq) for f in query.filters]
     # The high-water mark fixes the result set at the first page: rows stored later never shift
     # the pages that follow (nothing skipped, nothing shown twice) and `total` stays the same.
     high = query.cursor.high if query.cursor else (session.scalar(select(func.max(seq))) or 0)

@@ -109,7 +109,7 @@ def patient_of(resource: dict[str, Any]) -> str | None:
 def _provenance_row(chain: Chain, prov: dict[str, Any], target_id: str, version: int, patient: str | None,
                     seq: int, now: datetime) -> tuple[Any, ...]:
     """The provenance row (``_PROVENANCE_INSERT``); its search index goes into the chain's buffer."""
-    chain.index("Provenance", prov["id"], indexing.provenance(prov, patient))
+    chain.index("Provenance", prov["id"], seq, indexing.provenance(prov, patient))
     return prov["id"], seq, target_id, version, now, now, orjson.dumps(prov).decode()
 
 
@@ -200,7 +200,7 @@ class TrailMixin:
             item.model_version, resource["status"], risk_codes[0].get("code"), prediction.get("probabilityDecimal"),
             start, end, start or now, now, now, text))
         rows[_VERSION_INSERT].append((rid, 1, now, text))
-        chain.index("RiskAssessment", rid, indexing.risk_assessment(stored))
+        chain.index("RiskAssessment", rid, seqs[0], indexing.risk_assessment(stored))
         rows[_PROVENANCE_INSERT].append(_provenance_row(chain, prov, rid, 1, patient, seqs[1], now))
         if item.write_back_target:
             rows[_OUTBOX_INSERT].append(("RiskAssessment", rid, item.write_back_target, "pending", 0, now, now))

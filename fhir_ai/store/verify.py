@@ -13,7 +13,8 @@ from . import indexing
 from .audit import GENESIS, chain_values, link_hash, sha256_of
 from .searching import utc
 from .tables import AssessmentRow
-from .trail_tables import AssessmentVersionRow, AuditEventRow, ChainHeadRow, ProvenanceRow, SearchIndexRow
+from .trail_tables import (AssessmentVersionRow, AuditEventRow, ChainHeadRow, ProvenanceRow, SearchIndexRow,
+                           probes_by_seq)
 
 BATCH = 500
 MAX_PROBLEMS = 100
@@ -70,13 +71,22 @@ def _format(value: Any) -> str:
     return times.format_datetime(utc(value))
 
 
-def _index_rows(session: Session, resource_type: str, ids: list[str]) -> dict[str, set[tuple[Any, ...]]]:
-    out: dict[str, set[tuple[Any, ...]]] = {i: set() for i in ids}
-    rows = session.execute(select(SearchIndexRow.resource_id, SearchIndexRow.param, SearchIndexRow.system,
-                                  SearchIndexRow.code, SearchIndexRow.number)
-                           .where(SearchIndexRow.resource_type == resource_type, SearchIndexRow.resource_id.in_(ids)))
-    for rid, param, system, code, number in rows:
-        out[rid].add((param, system, code, None if number is None else round(number, 9)))
+def _index_rows(session: Session, events: list[AuditEventRow]) -> dict[str, set[tuple[Any, ...]]]:
+    """The stored search index rows of ``events``, by event id, found as searches find them: by seq
+    (``probes_by_seq``) or by id. A row whose other key (id, or seq) is not its event's counts as foreign:
+    that event's rows then differ from what the event gives (searches would find it under another event)."""
+    out: dict[str, set[tuple[Any, ...]]] = {e.id: set() for e in events}
+    seq_of = {e.id: e.seq for e in events}
+    id_of = {e.seq: e.id for e in events}
+    by_seq = probes_by_seq(session.get_bind().dialect.name)
+    found = SearchIndexRow.resource_seq.in_(list(id_of)) if by_seq else SearchIndexRow.resource_id.in_(list(out))
+    rows = session.execute(select(SearchIndexRow.resource_id, SearchIndexRow.resource_seq, SearchIndexRow.param,
+                                  SearchIndexRow.system, SearchIndexRow.code, SearchIndexRow.number)
+                           .where(SearchIndexRow.resource_type == "AuditEvent", found))
+    for rid, seq, param, system, code, number in rows:
+        owner = id_of[seq] if by_seq else rid
+        entry = (param, system, code, None if number is None else round(number, 9))
+        out[owner].add(entry if rid == owner and seq == seq_of[owner] else ("foreign", rid, seq, *entry))
     return out
 
 
@@ -93,7 +103,7 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
                                     .order_by(AuditEventRow.seq).limit(BATCH)))
         if not rows:
             break
-        index = _index_rows(session, "AuditEvent", [r.id for r in rows])
+        index = _index_rows(session, rows)
         for row in rows:
             event = _check_event(row, expected_seq, prev, report, index.get(row.id, set()))
             for entity in (event or {}).get("entity") or []:
