@@ -79,12 +79,23 @@ def serve_upstream(export: Path, count: int, port_out: "multiprocessing.Queue[in
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path, _, query = self.path.partition("?")
+            self.answer(path.strip("/").split("/"), query)
+
+        def do_POST(self) -> None:  # noqa: N802 - a search by POST [type]/_search, the form as the query
+            path, _, query = self.path.partition("?")
             parts = path.strip("/").split("/")
+            form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("ascii")
+            is_search = (len(parts) == 2 and parts[1] == "_search"
+                         and self.headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"))
+            self.answer(parts[:1] if is_search else ["POST", *parts], "&".join(q for q in (query, form) if q))
+
+        def answer(self, parts: list[str], query: str) -> None:
             patient = PATIENT_PARAMETER.search(query)   # parse_qs would decode the whole long query
             body = None
             if parts[0] == "Patient" and len(parts) == 2 and parts[1] in patients:
                 body = patients[parts[1]]["Patient"]
-            elif parts[0] in ("Encounter", "Observation") and patient and unquote(patient[1]) in patients:
+            elif (parts[0] in ("Encounter", "Observation") and len(parts) == 1 and patient
+                  and unquote(patient[1]) in patients):
                 body = patients[unquote(patient[1])][parts[0]]
             self.send_response(200 if body else 404)
             body = body or b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"not-found"}]}'

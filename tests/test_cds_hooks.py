@@ -146,7 +146,7 @@ def mock_server(rsps: responses.RequestsMock, record: dict[str, Any], *, observa
     rsps.get(f"{FHIR}/Patient/{record['patient']['id']}", json=record["patient"], match=auth)
     rsps.get(f"{FHIR}/Encounter/{record['encounter']['id']}", json=record["encounter"], match=auth)
     if observations:
-        rsps.get(f"{FHIR}/Observation", json=searchset(record["observations"]), match=auth)
+        rsps.post(f"{FHIR}/Observation/_search", json=searchset(record["observations"]), match=auth)
 
 
 def call(client: FlaskClient, body: dict[str, Any], service: str = "deterioration", **headers: str) -> Any:
@@ -217,9 +217,9 @@ def test_partial_prefetch_fetches_only_what_is_missing(client: FlaskClient, reco
         rsps.remove(responses.GET, f"{FHIR}/Patient/{record['patient']['id']}")
         rsps.remove(responses.GET, f"{FHIR}/Encounter/{record['encounter']['id']}")
         card = the_card(call(client, hook_request(record, prefetch=prefetch)))
-        # Only Observation searches (ServerSource splits long code lists over several searches).
-        assert {c.request.url.split("?")[0] for c in rsps.calls} == {f"{FHIR}/Observation"}
-        assert f"patient={record['patient']['id']}" in rsps.calls[0].request.url
+        # Only the Observation search (one POST _search with every code of the mapping in its form).
+        assert [c.request.url for c in rsps.calls] == [f"{FHIR}/Observation/_search"]
+        assert f"patient={record['patient']['id']}" in rsps.calls[0].request.body.decode()
     assert "fetched from the EHR's FHIR server" in card["detail"]
     assert re.search(r"Based on 20 observation", card["detail"])
 
@@ -230,7 +230,7 @@ def test_missing_prefetch_is_fetched_with_the_access_token(client: FlaskClient, 
         card = the_card(call(client, hook_request(record)))
         urls = [c.request.url.split("?")[0] for c in rsps.calls]
         assert urls[:2] == [f"{FHIR}/Patient/{record['patient']['id']}", f"{FHIR}/Encounter/{record['encounter']['id']}"]
-        assert set(urls[2:]) == {f"{FHIR}/Observation"}
+        assert urls[2:] == [f"{FHIR}/Observation/_search"]
     assert "Based on 20 observation" in card["detail"]
 
 
@@ -251,7 +251,7 @@ def test_operation_outcome_prefetch_is_fetched_again(client: FlaskClient, record
         rsps.remove(responses.GET, f"{FHIR}/Patient/{record['patient']['id']}")
         rsps.remove(responses.GET, f"{FHIR}/Encounter/{record['encounter']['id']}")
         card = the_card(call(client, hook_request(record, prefetch=prefetch)))
-        assert {c.request.url.split("?")[0] for c in rsps.calls} == {f"{FHIR}/Observation"}
+        assert [c.request.url for c in rsps.calls] == [f"{FHIR}/Observation/_search"]
     assert "lab system did not answer" in card["detail"] and "Based on 20 observation" in card["detail"]
 
 
@@ -266,7 +266,7 @@ def test_ehr_server_failing_is_412(client: FlaskClient, record: dict[str, Any], 
     prefetch = full_prefetch(record)
     del prefetch["observations"]
     with responses.RequestsMock() as rsps:
-        rsps.get(f"{FHIR}/Observation", status=status, json={"resourceType": "OperationOutcome", "issue": [
+        rsps.post(f"{FHIR}/Observation/_search", status=status, json={"resourceType": "OperationOutcome", "issue": [
             {"severity": "error", "code": "security", "diagnostics": "token rejected"}]})
         response = call(client, hook_request(record, prefetch=prefetch))
     assert response.status_code == 412

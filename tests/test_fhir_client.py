@@ -372,3 +372,62 @@ def test_a_cookie_the_server_sets_is_sent_back(client, mocked):
     client.get("Patient/example")
     assert "Cookie" not in mocked.calls[0].request.headers
     assert mocked.calls[1].request.headers["Cookie"] == "AWSALB=sticky"
+
+
+# -- search by POST [type]/_search ------------------------------------------------------------
+
+def searchset(*ids: str, next_url: str | None = None) -> dict:
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"resource": {"resourceType": "Observation", "id": i}} for i in ids]}
+    if next_url:
+        bundle["link"] = [{"relation": "next", "url": next_url}]
+    return bundle
+
+
+def test_post_search_sends_the_parameters_as_a_form(client, mocked):
+    params = [("patient", "p1"), ("code", "http://loinc.org|8867-4,http://loinc.org|9279-1"), ("_count", 200)]
+    mocked.post(f"{BASE}/Observation/_search", json=searchset("o1", next_url=f"{BASE}/Observation?page=2"))
+    mocked.get(f"{BASE}/Observation", json=searchset("o2"), match=[matchers.query_param_matcher({"page": "2"})])
+    assert [r["id"] for r in client.search("Observation", params, post=True)] == ["o1", "o2"]
+    posted, paged = (call.request for call in mocked.calls)
+    assert posted.method == "POST" and posted.url == f"{BASE}/Observation/_search"
+    assert posted.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert posted.headers["Accept"] == "application/fhir+json"
+    assert posted.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert parse_qsl(posted.body.decode()) == [(k, str(v)) for k, v in params]
+    assert posted.body.decode() == encode_params(params)          # the very text a GET would carry
+    assert paged.method == "GET"
+
+
+def test_post_search_is_retried_like_a_read(client, mocked, sleeps):
+    """429 with Retry-After, 503, a timeout and a broken body: retried with the same form, as a GET is."""
+    url = f"{BASE}/Observation/_search"
+    mocked.post(url, status=429, headers={"Retry-After": "3"})
+    mocked.post(url, status=503)
+    mocked.post(url, body=requests.ReadTimeout("slow"))
+    mocked.post(url, body="<html>oops</html>", status=200)
+    with pytest.raises(UpstreamError) as raised:
+        list(client.search("Observation", {"patient": "p1"}, post=True))
+    assert raised.value.temporary and "not JSON" in str(raised.value)
+    assert sleeps == [3.0, 2.0, 4.0]
+    assert len({call.request.body for call in mocked.calls}) == 1 and len(mocked.calls) == 4
+
+
+def test_post_search_renews_the_token_once_on_401(mocked, sleeps):
+    class Renewing:
+        def __init__(self) -> None:
+            self.token, self.renewed = "old", 0
+
+        def headers(self) -> dict[str, str]:
+            return {"Authorization": f"Bearer {self.token}"}
+
+        def on_unauthorized(self) -> None:
+            self.token, self.renewed = "new", self.renewed + 1
+
+    auth = Renewing()
+    mocked.post(f"{BASE}/Observation/_search", status=401)
+    mocked.post(f"{BASE}/Observation/_search", json=searchset("o1"))
+    with FhirClient(BASE, auth=auth, sleep=sleeps) as authed:
+        assert [r["id"] for r in authed.search("Observation", {"patient": "p1"}, post=True)] == ["o1"]
+    assert auth.renewed == 1
+    assert [c.request.headers["Authorization"] for c in mocked.calls] == ["Bearer old", "Bearer new"]

@@ -9,11 +9,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 import responses
 from responses import matchers
 
-from fhir_ai.errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
+from fhir_ai.errors import BadRequest, ConfigurationError, NotSupported, UpstreamError, UpstreamNotFound
 from fhir_ai.fhir import FolderSource, ServerSource, make_source
+from fhir_ai.fhir.client import FhirClient, SearchPostRefused
 from fhir_ai.fhir.sources import MAX_URL, code_token
 from fhir_ai.fhir.times import (datetime_range, effective_time, format_datetime, parse_datetime,
                                 to_epoch)
@@ -205,6 +207,23 @@ def server():
         source.close()
 
 
+@pytest.fixture
+def get_server(server):
+    """A server source whose server refused POST _search before: it searches by GET."""
+    source, rsps = server
+    source.search_by_post = False
+    return source, rsps
+
+
+@pytest.fixture
+def sleeps_source():
+    """A server source that retries (back-offs recorded, not slept)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        source = ServerSource(FhirClient(BASE, retries=2, sleep=lambda seconds: None))
+        yield source, rsps
+        source.close()
+
+
 def bundle(*resources: dict) -> dict:
     return {"resourceType": "Bundle", "type": "searchset",
             "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
@@ -235,8 +254,8 @@ def test_server_encounters_query(server):
     assert ids(source.encounters("example")) == ["enc-1"]
 
 
-def test_server_observation_query_with_codes_and_dates(server):
-    source, rsps = server
+def test_server_observation_query_with_codes_and_dates(get_server):
+    source, rsps = get_server
     rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
     since, until = utc(2024, 5, 6), datetime.fromisoformat("2024-05-06T18:00:00+09:00")
     assert ids(source.observations("example", codes=[HR, ("", "x,y")], since=since,
@@ -248,8 +267,8 @@ def test_server_observation_query_with_codes_and_dates(server):
     assert query["_count"] == ["200"]
 
 
-def test_server_long_code_lists_are_split_and_deduplicated(server):
-    source, rsps = server
+def test_server_long_code_lists_are_split_and_deduplicated(get_server):
+    source, rsps = get_server
     codes = [(LOINC, f"{10000 + i}-{i % 10}") for i in range(150)]
     rsps.get(f"{BASE}/Observation", json=bundle(obs("o1"), obs("o2")))  # every search: same two
     assert ids(source.observations("example", codes=codes)) == ["o1", "o2"]
@@ -277,18 +296,18 @@ def test_server_rejects_unsafe_patient_id(server):
     assert len(rsps.calls) == 0
 
 
-def test_server_observation_query_is_sent_compact(server):
+def test_server_observation_query_is_sent_compact(get_server):
     """':', '/' and ',' go out as they are (FHIR's own form), '|' and the escaping backslash escaped."""
-    source, rsps = server
+    source, rsps = get_server
     rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
     source.observations("example", codes=[HR, ("", "x,y")], since=utc(2024, 5, 6))
     assert rsps.calls[0].request.url == (f"{BASE}/Observation?patient=example&date=ge2024-05-06T00:00:00Z"
                                          "&_count=200&code=http://loinc.org%7C8867-4,x%5C,y")
 
 
-def test_server_code_chunks_are_filled_up_to_max_url(server):
+def test_server_code_chunks_are_filled_up_to_max_url(get_server):
     """Each split search but the last would pass MAX_URL with the next code: no more searches than needed."""
-    source, rsps = server
+    source, rsps = get_server
     codes = [(LOINC, f"{10000 + i}-{i % 10}") for i in range(150)]
     rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
     for patient in ("example", "a-much-longer-patient-id-0123456789"):   # another room, another split
@@ -301,3 +320,159 @@ def test_server_code_chunks_are_filled_up_to_max_url(server):
             assert len(url) + len(",") + len(first) > MAX_URL
         sent = [code for url in urls for code in parse_qs(urlsplit(url).query)["code"][0].split(",")]
         assert sent == [code_token(s, c) for s, c in codes]
+
+
+# -- search by POST _search, and the GET it falls back to -------------------------------------
+
+SEARCH = f"{BASE}/Observation/_search"
+CODES_150 = [(LOINC, f"{10000 + i}-{i % 10}") for i in range(150)]
+
+
+def form_of(request) -> dict[str, list[str]]:
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    return parse_qs(request.body.decode("ascii"))
+
+
+def test_server_code_search_is_one_post_with_every_code_in_the_form(server):
+    source, rsps = server
+    rsps.post(SEARCH, json=bundle(obs("o1"), obs("o2"), obs("o1")))     # a repeat is dropped as before
+    since, until = utc(2024, 5, 6), datetime.fromisoformat("2024-05-06T18:00:00+09:00")
+    assert ids(source.observations("example", codes=[*CODES_150, ("", "x,y")], since=since,
+                                   until=until)) == ["o1", "o2"]
+    [call] = rsps.calls                                   # however many codes: one request
+    assert call.request.method == "POST" and call.request.url == SEARCH   # nothing in the URL
+    assert call.request.headers["Authorization"] == "Bearer tok"
+    form = form_of(call.request)
+    assert form["patient"] == ["example"]
+    assert form["code"] == [",".join([*(code_token(s, c) for s, c in CODES_150), "x\\,y"])]
+    assert form["date"] == ["ge2024-05-06T00:00:00Z", "le2024-05-06T09:00:00Z"]
+    assert form["_count"] == ["200"]
+    assert source.search_by_post
+
+
+def test_server_post_search_pages_by_get_next_links(server):
+    source, rsps = server
+    first = bundle(obs("o1"))
+    first["link"] = [{"relation": "next", "url": f"{BASE}/Observation?_getpages=t&_page=1"}]
+    rsps.post(SEARCH, json=first)
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o2")),
+             match=[matchers.query_param_matcher({"_getpages": "t", "_page": "1"})])
+    assert ids(source.observations("example", codes=[HR])) == ["o1", "o2"]
+    assert [c.request.method for c in rsps.calls] == ["POST", "GET"]
+
+
+def matching(request, observations: list[dict]) -> tuple[int, dict, str]:
+    """A server's search: the Observations with any of the 'code' values, by GET or POST _search."""
+    text = urlsplit(request.url).query
+    if request.method == "POST":
+        text = "&".join(q for q in (text, request.body.decode("ascii")) if q)
+    wanted = set(parse_qs(text)["code"][0].split(","))
+    found = [o for o in observations if code_token(*(lambda c: (c["system"], c["code"]))(o["code"]["coding"][0])) in wanted]
+    return 200, {"Content-Type": "application/fhir+json"}, json.dumps(bundle(*found))
+
+
+def test_server_post_and_get_searches_find_the_same_observations(server):
+    """150 codes: one POST, or (server refusing POST) several GETs split by MAX_URL: the same resources."""
+    source, rsps = server
+    observations = [{**obs(f"o{i}"), "code": {"coding": [{"system": LOINC, "code": c}]}}
+                    for i, (_, c) in enumerate(CODES_150[::7] + [(LOINC, "not-asked")])]
+    answer = lambda request: matching(request, observations)  # noqa: E731
+    rsps.add_callback(responses.POST, SEARCH, answer)
+    rsps.add_callback(responses.GET, f"{BASE}/Observation", answer)
+    by_post = source.observations("example", codes=CODES_150)
+    source.search_by_post = False
+    by_get = source.observations("example", codes=CODES_150)
+    assert [c.request.method for c in rsps.calls][0] == "POST" and len(rsps.calls) > 2
+    assert by_post == by_get and ids(by_post) == ids(observations[:-1])
+
+
+REFUSALS = [
+    (405, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported"}]}),
+    (404, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found",
+                                                          "diagnostics": "Observation/_search is not known"}]}),
+    (501, None),
+    (415, None),
+    (400, {"resourceType": "OperationOutcome",
+           "issue": [{"severity": "error", "code": "not-supported", "diagnostics": "POST search is not supported"}]}),
+]
+
+
+@pytest.mark.parametrize("status, body", REFUSALS)
+def test_server_refusing_post_search_is_searched_by_get_and_remembered(server, caplog, status, body):
+    source, rsps = server
+    rsps.post(SEARCH, status=status, json=body)
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    with caplog.at_level("WARNING", logger="fhir_ai.fhir.sources"):
+        assert ids(source.observations("secret-patient", codes=CODES_150)) == ["o1"]
+        methods = [c.request.method for c in rsps.calls]
+        assert methods[0] == "POST" and set(methods[1:]) == {"GET"} and len(methods) > 2   # split as before
+        rsps.calls.reset()
+        assert ids(source.observations("secret-patient", codes=[HR])) == ["o1"]
+        assert [c.request.method for c in rsps.calls] == ["GET"]          # remembered: no POST again
+    assert not source.search_by_post
+    [record] = [r for r in caplog.records if "POST" in r.getMessage()]      # said once
+    assert f"HTTP {status}" in record.getMessage() and "secret-patient" not in record.getMessage()
+
+
+@pytest.mark.parametrize("status, body", [
+    (400, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+                                                          "diagnostics": "unknown parameter"}]}),
+    (400, {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "not-supported"}]}),
+    (400, None),
+    (403, None),
+    (422, None),
+    (500, None),
+    (503, None),
+    (429, None),
+])
+def test_server_post_search_errors_are_errors_not_a_refusal(server, status, body):
+    """Anything but a refusal is the error it would be for a GET (5xx and 429 retried as ever: retries=0
+    here), and no GET is tried."""
+    source, rsps = server
+    rsps.post(SEARCH, status=status, json=body)
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    with pytest.raises(UpstreamError) as raised:
+        source.observations("example", codes=[HR])
+    assert not isinstance(raised.value, SearchPostRefused)
+    assert raised.value.upstream_status == status
+    assert raised.value.temporary == (status in (429, 500, 503))
+    assert [c.request.method for c in rsps.calls] == ["POST"]
+    assert source.search_by_post
+
+
+def test_server_post_search_timeout_is_retried_not_a_refusal(sleeps_source):
+    source, rsps = sleeps_source
+    rsps.post(SEARCH, body=requests.ReadTimeout("slow"))
+    rsps.post(SEARCH, json=bundle(obs("o1")))
+    assert ids(source.observations("example", codes=[HR])) == ["o1"]
+    assert [c.request.method for c in rsps.calls] == ["POST", "POST"]
+    assert rsps.calls[0].request.body == rsps.calls[1].request.body
+    assert source.search_by_post
+
+
+def test_server_refusal_whose_get_fails_too_is_not_remembered(server):
+    """A 404 to POST and to GET (e.g. no such type at that base): the GET's error, and POST tried again."""
+    source, rsps = server
+    rsps.post(SEARCH, status=404)
+    rsps.get(f"{BASE}/Observation", status=404,
+             json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]})
+    with pytest.raises(UpstreamNotFound, match="GET"):
+        source.observations("example", codes=[HR])
+    assert source.search_by_post
+
+
+def test_server_post_search_redirected_into_a_get_is_a_refusal(server):
+    """A 302 makes requests resend a POST as a GET without its form: never taken as the search's answer."""
+    source, rsps = server
+    rsps.post(SEARCH, status=302, headers={"Location": f"{BASE}/Observation/_search"})
+    rsps.get(SEARCH, json=bundle(obs("everyone's")))
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    assert ids(source.observations("example", codes=[HR])) == ["o1"]
+    assert not source.search_by_post
+
+
+def test_server_search_without_codes_stays_a_get(server):
+    source, rsps = server
+    rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
+    assert ids(source.observations("example")) == ["o1"]
+    assert [c.request.method for c in rsps.calls] == ["GET"]

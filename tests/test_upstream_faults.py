@@ -44,8 +44,9 @@ Fault = tuple[int, dict[str, str], str] | Exception
 
 
 class FakeHospital:
-    """A hospital FHIR server at the transport: Patient read, Encounter/Observation search
-    (code filter, optional paging), RiskAssessment PUT. Queued faults are answered first."""
+    """A hospital FHIR server at the transport: Patient read, Encounter/Observation search by GET or
+    by POST [type]/_search with a form body (code filter, optional paging), RiskAssessment PUT.
+    Queued faults are answered first; ``refuse_post`` (an answer) is given to every POST search."""
 
     def __init__(self, rsps: responses.RequestsMock) -> None:
         self.rsps = rsps
@@ -57,9 +58,13 @@ class FakeHospital:
         self.next_base = BASE                 # where next links point
         self.pages_served: list[str] = []     # _getpages tokens asked for
         self._pages: dict[str, list[list[dict[str, Any]]]] = {}
+        self.refuse_post: Fault | None = None
+        self.searches: list[tuple[str, str]] = []   # (method, query or form) of each first-page search
         rsps.add_callback(responses.GET, re.compile(re.escape(BASE) + r"/Patient/[^/?]+"), self._read)
         rsps.add_callback(responses.GET, f"{BASE}/Encounter", self._search)
         rsps.add_callback(responses.GET, f"{BASE}/Observation", self._search)
+        rsps.add_callback(responses.POST, f"{BASE}/Encounter/_search", self._search)
+        rsps.add_callback(responses.POST, f"{BASE}/Observation/_search", self._search)
         rsps.add_callback(responses.PUT, re.compile(re.escape(BASE) + r"/RiskAssessment/[^/?]+"), self._put)
 
     def add(self, *resources: dict[str, Any]) -> None:
@@ -90,11 +95,20 @@ class FakeHospital:
         return self._ok(self.resources["Patient"][pid])
 
     def _search(self, request: requests.PreparedRequest) -> Fault:
-        rtype = urlsplit(request.url).path.rsplit("/", 1)[1]
+        path = urlsplit(request.url).path
+        rtype = path.rsplit("/", 2)[1] if path.endswith("/_search") else path.rsplit("/", 1)[1]
+        if request.method == "POST" and self.refuse_post is not None:
+            return self.refuse_post
         fault = self._fault(rtype)
         if fault is not None:
             return fault
-        query = parse_qs(urlsplit(request.url).query)
+        text = urlsplit(request.url).query
+        if request.method == "POST":
+            assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+            text = "&".join(q for q in (text, request.body.decode("ascii")) if q)
+        query = parse_qs(text)
+        if "_getpages" not in query:
+            self.searches.append((request.method, text))
         if "_getpages" in query:
             token, page = query["_getpages"][0], int(query["_page"][0])
             self.pages_served.append(token)
@@ -258,17 +272,66 @@ def test_malformed_json_once_is_retried_to_success(client: FlaskClient, hospital
 def test_observation_search_is_retried_with_the_same_compact_query(client: FlaskClient, hospital: FakeHospital,
                                                                    registry: ModelRegistry,
                                                                    sleeps: list[float]) -> None:
-    """The Observation search's code list is escaped once and cached: a retry sends the very same URL, and
-    the hospital gets every code of the mapping, with ':', '/' and ',' as FHIR writes them."""
+    """The Observation search goes as one POST _search, its code list escaped once and cached: a retry (a
+    search is a read) sends the very same form, and the hospital gets every code of the mapping, with
+    ':', '/' and ',' as FHIR writes them."""
     hospital.fail("Observation", (503, {"Content-Type": FHIR_JSON}, json.dumps(operation_outcome("busy", "transient"))))
     for _ in range(2):                              # the second $assess uses the cached code list
         assert assess(client).status_code == 200
+    assert hospital.calls("/Observation?") == []     # no GET: not one search split by URL length
+    posts = [call.request for call in hospital.rsps.calls if call.request.url == f"{BASE}/Observation/_search"]
+    first, retried, again = [request.body for request in posts]
+    assert first == retried == again
+    assert sleeps == [1.0]
+    assert b"code=http://loinc.org%7C" in first and b"%3A" not in first and b"%2C" not in first
+    wanted = {f"{system}|{code}" if system else code for system, code in registry.get("deterioration")[1].query_codes()}
+    assert set(parse_qs(first.decode())["code"][0].split(",")) == wanted
+    assert parse_qs(first.decode())["patient"] == [PATIENT]
+
+
+@pytest.fixture
+def get_only(hospital: FakeHospital) -> FakeHospital:
+    """A hospital whose server answers POST _search with 405 (searched by GET after the first try)."""
+    hospital.refuse_post = (405, {"Content-Type": FHIR_JSON},
+                            json.dumps(operation_outcome("POST search is not allowed", "not-supported")))
+    return hospital
+
+
+def test_observation_search_by_get_is_retried_with_the_same_compact_query(
+        client: FlaskClient, get_only: FakeHospital, registry: ModelRegistry, sleeps: list[float]) -> None:
+    """Where the server refuses POST _search: the GET form, escaped once and cached, and a retry sends
+    the very same URL, every code of the mapping, with ':', '/' and ',' as FHIR writes them."""
+    hospital = get_only
+    hospital.fail("Observation", (503, {"Content-Type": FHIR_JSON}, json.dumps(operation_outcome("busy", "transient"))))
+    for _ in range(2):                              # the second $assess uses the cached code list
+        assert assess(client).status_code == 200
+    assert len(hospital.calls("/Observation/_search")) == 1       # refused once, then GET only
     first, retried, again = [url for url in hospital.calls("/Observation?") if "_getpages" not in url]
     assert first == retried == again
     assert sleeps == [1.0]
     assert "code=http://loinc.org%7C" in first and "%3A" not in first and "%2C" not in first
     wanted = {f"{system}|{code}" if system else code for system, code in registry.get("deterioration")[1].query_codes()}
     assert set(parse_qs(urlsplit(first).query)["code"][0].split(",")) == wanted
+
+
+def test_post_and_get_searches_give_the_same_assessment(settings_overrides: dict[str, Any], registry: ModelRegistry,
+                                                        hospital: FakeHospital) -> None:
+    """The same chart read by POST _search and (server refusing it) by GET: the same Observations, so
+    the same RiskAssessments but for their ids and times of making."""
+    answers = []
+    for refuse in (None, (501, {"Content-Type": FHIR_JSON}, json.dumps(operation_outcome("no", "not-supported")))):
+        hospital.refuse_post = refuse
+        settings = load_settings({**settings_overrides, "source_url": BASE, "write_back": False}, environ={})
+        pipeline = Pipeline(settings, registry, ServerSource(FhirClient(BASE, retries=0)),
+                            Store(settings.effective_database_url))
+        try:
+            answers.append(pipeline.fetch(PATIENT, ["deterioration"], AS_OF))
+        finally:
+            pipeline.close()
+    by_post, by_get = answers
+    assert [method for method, query in hospital.searches if "code=" in query] == ["POST", "GET"]
+    assert sorted(json.dumps(r, sort_keys=True) for r in by_post) == sorted(json.dumps(r, sort_keys=True) for r in by_get)
+    assert len([r for r in by_post if r["resourceType"] == "Observation"]) == len(hospital.resources["Observation"])
 
 
 def test_observation_search_follows_next_pages(client: FlaskClient, hospital: FakeHospital) -> None:

@@ -20,11 +20,25 @@ from ..errors import (BadRequest, ConfigurationError, UpstreamError, UpstreamNot
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+FORM = "application/x-www-form-urlencoded"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # A gateway or the server itself saying "too slow" is reported to our caller as a timeout too.
 TIMEOUT_STATUSES = frozenset({408, 504})
 MAX_PAGES = 10_000
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# What a server that does not take a search by POST answers one (https://hl7.org/fhir/R4/http.html#search
+# makes POST [base]/[type]/_search a SHALL, but not every server or gateway routes it): the method not
+# allowed or not implemented (405, 501), the form body refused (415), '_search' taken for an id or an
+# unknown route (404: a search of a type the server has would not be 404, and if it is, the GET
+# that follows says so), or a 400 whose OperationOutcome says 'not-supported'. Anything else - other
+# 4xx, and 5xx, 429, timeouts (retried as for any call) - is the same error it would be for a GET.
+SEARCH_POST_REFUSED = frozenset({404, 405, 415, 501})
+
+
+class SearchPostRefused(UpstreamError):
+    """The server does not take a search by POST [type]/_search (see SEARCH_POST_REFUSED): search by GET."""
+
 
 # Search parameters, or a query string already encoded by encode_params (e.g. cached).
 Params = Mapping[str, Any] | list[tuple[str, Any]] | str | None
@@ -74,6 +88,27 @@ def _retry_after(response: requests.Response | None) -> float | None:
     if when.tzinfo is None:  # HTTP-dates are GMT by definition (RFC 9110 5.6.7)
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _refuses_search_post(response: requests.Response) -> bool:
+    """Whether an answer to POST [type]/_search says the server does not search by POST (see
+    SEARCH_POST_REFUSED); retried statuses never get here."""
+    if response.request is not None and response.request.method != "POST":
+        # A 301/302/303 on the way turned it into a GET without the form: not the search we asked for.
+        return True
+    status = response.status_code
+    if status in SEARCH_POST_REFUSED:
+        return True
+    if status != 400:
+        return False
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return False
+    return (isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
+            and any(isinstance(issue, dict) and issue.get("code") == "not-supported"
+                    and issue.get("severity") in ("error", "fatal")
+                    for issue in body.get("issue") or []))
 
 
 class Auth(Protocol):
@@ -197,15 +232,26 @@ class FhirClient:
         return self._call("POST", path, body=body, headers=headers)
 
     def search(self, resource_type: str, params: Params = None, *,
-               max_pages: int = MAX_PAGES, retries: int | None = None) -> Iterator[dict[str, Any]]:
+               max_pages: int = MAX_PAGES, retries: int | None = None,
+               post: bool = False) -> Iterator[dict[str, Any]]:
         """Yield each matching resource, following Bundle.link[relation=next] page by page
-        (``retries`` overrides the client's retry count for each page)."""
+        (``retries`` overrides the client's retry count for each page).
+
+        ``post``: the first page is asked for by ``POST [type]/_search`` with the parameters as a form
+        body (https://hl7.org/fhir/R4/http.html#search): no URL length limit, and no long URL for
+        urllib3 to check byte by byte. A search is a read, so it is retried like a GET; the next pages
+        are the server's own links, read by GET. A server that does not take it (SEARCH_POST_REFUSED)
+        raises SearchPostRefused before anything is yielded: the caller searches by GET instead.
+        """
         url: str | None = f"{self.base_url}/{resource_type}"
         page_params = params
         seen: set[str] = set()
         pages = 0
         while url:
-            bundle = self._call("GET", url, params=page_params, retries=retries)
+            if post and not pages:
+                bundle = self._call("POST", f"{url}/_search", form=encode_params(params), retries=retries)
+            else:
+                bundle = self._call("GET", url, params=page_params, retries=retries)
             pages += 1
             if bundle.get("resourceType") != "Bundle":
                 raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered "
@@ -261,38 +307,44 @@ class FhirClient:
         return path_or_url
 
     def _call(self, method: str, path_or_url: str, *, params: Params = None,
-              body: dict[str, Any] | None = None,
+              body: dict[str, Any] | None = None, form: str | None = None,
               headers: Mapping[str, str] | None = None, retries: int | None = None) -> dict[str, Any]:
+        """One call with retries; ``form``: an encoded search form, POSTed to [type]/_search."""
         url = self._url(path_or_url)
         all_headers = dict(self._headers)
         data = None
         if body is not None:
             all_headers["Content-Type"] = FHIR_JSON
             data = orjson.dumps(body)
+        elif form is not None:
+            all_headers["Content-Type"] = FORM
+            data = form.encode("ascii")      # encode_params leaves nothing but ASCII
         all_headers.update(headers or {})
         where = urlsplit(url).path  # no query string in logs: it may hold search values
+        search_post = form is not None
         if self.auth is None:
-            return self._with_retries(method, url, where, params, data, all_headers, retries)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
         try:
-            return self._with_retries(method, url, where, params, data, all_headers, retries)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
         except _Unauthorized:
             # A token can be revoked or the server's keys rotated before it expires: renew once.
             log.info("%s %s: HTTP 401; renewing the access token once", method, where)
             self.auth.on_unauthorized()
         try:
-            return self._with_retries(method, url, where, params, data, all_headers, retries)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
         except _Unauthorized as denied:
             raise self._fatal(method, where, denied.response) from None
 
     def _with_retries(self, method: str, url: str, where: str, params: Params,
-                      data: bytes | None, headers: dict[str, str], retries: int | None = None) -> dict[str, Any]:
+                      data: bytes | None, headers: dict[str, str], retries: int | None = None,
+                      search_post: bool = False) -> dict[str, Any]:
         retries = self.retries if retries is None else max(0, retries)
         for attempt in range(retries + 1):
             try:
                 attempt_headers = headers
                 if self.auth is not None:  # per attempt: the token may be renewed meanwhile
                     attempt_headers = {**headers, **self.auth.headers()}
-                return self._attempt(method, url, where, params, data, attempt_headers)
+                return self._attempt(method, url, where, params, data, attempt_headers, search_post)
             except _Temporary as failure:
                 if attempt >= retries:
                     raise self._exhausted(method, where, failure, retries) from None
@@ -308,7 +360,7 @@ class FhirClient:
         return min(delay, self.retry_after_cap)
 
     def _attempt(self, method: str, url: str, where: str, params: Params, data: bytes | None,
-                 headers: dict[str, str]) -> dict[str, Any]:
+                 headers: dict[str, str], search_post: bool = False) -> dict[str, Any]:
         try:
             prepared = self._prepare(method, url, params, data, headers)
             # Our own session has trust_env off and the environment's settings already merged (see
@@ -327,6 +379,9 @@ class FhirClient:
         if status in RETRY_STATUSES:
             raise _Temporary(f"HTTP {status}", response=response,
                              timeout=status in TIMEOUT_STATUSES)
+        if search_post and _refuses_search_post(response):
+            raise SearchPostRefused(f"{method} {where}: the hospital FHIR server does not take a search "
+                                    f"by POST (HTTP {status})", temporary=False, upstream_status=status)
         if status >= 400 or status < 200:
             raise self._fatal(method, where, response)
         if not response.content.strip():

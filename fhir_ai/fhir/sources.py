@@ -16,7 +16,7 @@ from urllib.parse import quote_plus
 import orjson
 
 from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
-from .client import QUERY_SAFE, Auth, FhirClient, encode_params
+from .client import QUERY_SAFE, Auth, FhirClient, SearchPostRefused, encode_params
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,18 @@ def code_token(system: str, code: str) -> str:
 
 
 class ServerSource(Source):
-    """A hospital FHIR server, searched with standard R4 parameters."""
+    """A hospital FHIR server, searched with standard R4 parameters.
+
+    A search with a code list (long) goes as one ``POST [type]/_search`` with a form body; a server
+    that does not take it (SearchPostRefused) is searched by GET from then on, the code list split
+    so that no URL passes MAX_URL.
+    """
 
     read_only = False
 
     def __init__(self, client: FhirClient) -> None:
         self.client = client
+        self.search_by_post = True    # until the server refuses a POST _search (then GET, remembered)
 
     def patient(self, patient_id: str) -> dict[str, Any]:
         return self.client.get(f"Patient/{_check_id(patient_id)}")
@@ -110,11 +116,29 @@ class ServerSource(Source):
             return _unique(self.client.search("Observation", params))
         if not codes:
             return []
-        head = encode_params(params)
-        room = MAX_URL - len(f"{self.client.base_url}/Observation?{head}&code=")
+        return self._search_codes("Observation", encode_params(params), tuple(codes))
+
+    def _search_codes(self, resource_type: str, head: str,
+                      codes: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+        """Search ``head`` (an encoded query) with 'code' any of ``codes``: by POST _search with every
+        code in one form, or, where the server refuses that, by as many GETs as MAX_URL needs."""
+        refused = None
+        if self.search_by_post:
+            try:
+                return _unique(self.client.search(resource_type, f"{head}&code={_code_list(codes)}",
+                                                  post=True))
+            except SearchPostRefused as exc:
+                refused = exc
+        room = MAX_URL - len(f"{self.client.base_url}/{resource_type}?{head}&code=")
         found: list[dict[str, Any]] = []
-        for chunk in _code_chunks(tuple(codes), room):
-            found.extend(self.client.search("Observation", f"{head}&code={chunk}"))
+        for chunk in _code_chunks(codes, room):
+            found.extend(self.client.search(resource_type, f"{head}&code={chunk}"))
+        if refused is not None and self.search_by_post:
+            # Remembered only once the GET worked: a refusal that was the search's own fault (a 400
+            # 'not-supported' parameter, an unknown type) fails the GET too, and is reported as such.
+            self.search_by_post = False
+            log.warning("%s: the FHIR server does not take a search by POST _search (HTTP %s); "
+                        "searching by GET from now on", self.client.base_url, refused.upstream_status)
         return _unique(found)
 
     def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
@@ -122,6 +146,18 @@ class ServerSource(Source):
 
     def close(self) -> None:
         self.client.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _code_tokens(codes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """Each code as one encoded token search value (escaped and encoded once per code list)."""
+    return tuple(quote_plus(code_token(system, code), safe=QUERY_SAFE) for system, code in codes)
+
+
+@functools.lru_cache(maxsize=256)
+def _code_list(codes: tuple[tuple[str, str], ...]) -> str:
+    """Every code as one encoded, comma-joined 'code' value (any of them: FHIR's 'or')."""
+    return ",".join(_code_tokens(codes))
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,8 +170,7 @@ def _code_chunks(codes: tuple[tuple[str, str], ...], room: int) -> tuple[str, ..
     chunks: list[str] = []
     chunk: list[str] = []
     used = 0
-    for system, code in codes:
-        token = quote_plus(code_token(system, code), safe=QUERY_SAFE)
+    for token in _code_tokens(codes):
         if chunk and used + 1 + len(token) > room:  # 1: the ',' between tokens
             chunks.append(",".join(chunk))
             chunk, used = [], 0
