@@ -161,11 +161,11 @@ class TokenVerifier:
 
     def _keysets(self, refresh: bool) -> list[Any]:
         if self.jwks and self._configured_keys is None:
-            parsed = self._parse_fetched(self.jwks)
+            parsed = self._parse(self.jwks)
             if parsed is None:
                 raise Unauthorized("no usable signing key is configured here")
             self._configured_keys = parsed
-        out = list(self._configured_keys) if self.jwks and self._configured_keys else []
+        out = list(self._configured_keys or [])
         if self.jwks_url:
             with self._lock:
                 now = time.monotonic()
@@ -182,10 +182,10 @@ class TokenVerifier:
                             raise Unauthorized("the signing keys cannot be fetched right now") from exc
                 fetched = self._fetched
             parsed = self._fetched_keys
-            if not fetched:
-                parsed = (fetched, self._parse_fetched({"keys": []}))
+            if not fetched:                                 # an empty answer: no usable key
+                parsed = (fetched, None)
             elif parsed is None or parsed[0] is not fetched:
-                parsed = self._fetched_keys = (fetched, self._parse_fetched(fetched))
+                parsed = self._fetched_keys = (fetched, self._parse(fetched))
             if parsed[1] is None:
                 log.warning("the JWKS at the configured URL holds no usable key")
             else:
@@ -193,7 +193,7 @@ class TokenVerifier:
         return out
 
     @staticmethod
-    def _parse_fetched(keyset: dict[str, Any]) -> list[Any] | None:
+    def _parse(keyset: dict[str, Any]) -> list[Any] | None:
         try:
             return list(jwt.PyJWKSet.from_dict(keyset).keys)
         except (jwt.PyJWKError, jwt.PyJWKSetError):     # a set with no usable key raises the latter
