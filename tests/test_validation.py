@@ -1,4 +1,5 @@
-"""assessment.validate: full fhir.resources validation, with basis references checked by shape."""
+"""assessment.validate: full fhir.resources validation, with basis, encounter, identifier and notes checked
+by shape and elements accepted before left out; it accepts and refuses exactly what the model does."""
 from __future__ import annotations
 
 import copy
