@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-KNOWN = frozenset({"last", "first", "min", "max", "any", "mean", "delta", "median", "std", "slope", "count",
-                   "sum"})
+from ..mapping.schema import AGGREGATES
+
 ZERO_WHEN_EMPTY = frozenset({"count", "sum"})      # a patient without values counts 0, sums to 0
 
 
@@ -68,27 +68,13 @@ def grouped(aggregate: str | None, P: np.ndarray, T: np.ndarray, V: np.ndarray,
 
     ``P`` must be sorted and ``T`` sorted within each patient (Extractor.finish guarantees it).
     """
-    return grouped_many([aggregate], P, T, V, anchor, n)[0]
-
-
-def grouped_many(aggregates: list[str | None], P: np.ndarray, T: np.ndarray, V: np.ndarray,
-                 anchor: np.ndarray, n: int) -> list[np.ndarray]:
-    """Several aggregates of the same values; the per-patient segments are found once."""
-    for aggregate in aggregates:
-        if aggregate not in KNOWN:
-            raise ValueError(f"unknown aggregate {aggregate!r}")
-    out = []
-    if not len(P):
-        for aggregate in aggregates:
-            out.append(np.zeros(n) if aggregate in ZERO_WHEN_EMPTY else np.full(n, np.nan))
-        return out
-    starts, ends = segment_starts((P,), len(P))
-    rows = P[starts]
-    hours = (T - anchor[P]) / 3600.0 if "slope" in aggregates else None
-    for aggregate in aggregates:
-        column = np.zeros(n) if aggregate in ZERO_WHEN_EMPTY else np.full(n, np.nan)
-        column[rows] = segment_values(aggregate, V, starts, ends, hours)   # type: ignore[arg-type]
-        out.append(column)
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}")
+    out = np.zeros(n) if aggregate in ZERO_WHEN_EMPTY else np.full(n, np.nan)
+    if len(P):
+        starts, ends = segment_starts((P,), len(P))
+        hours = (T - anchor[P]) / 3600.0 if aggregate == "slope" else None
+        out[P[starts]] = segment_values(aggregate, V, starts, ends, hours)
     return out
 
 

@@ -32,7 +32,6 @@ _REASONS = {1: "no effective time", 2: "unreadable effective time", 3: "unit can
 
 log = logging.getLogger(__name__)
 
-UCUM = "http://unitsofmeasure.org"
 _ENDED_ENCOUNTER = {"cancelled", "entered-in-error"}
 
 

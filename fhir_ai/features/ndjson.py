@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from ..errors import BadRequest
-from .columns import STATUSES, UCUM, ObservationColumns, UnitKey, patient_id
+from .columns import STATUSES, ObservationColumns, UnitKey, patient_id, unit_key
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class NdjsonExport:
                     UNION ALL
                     SELECT h.valueQuantity FROM (SELECT unnest(component) AS h FROM obs WHERE component IS NOT NULL)
                     WHERE h.valueQuantity IS NOT NULL))""")
-        self.units = [(usent if system is None or system == UCUM else None, utext, usent)
+        self.units = [unit_key({"system": system, "code": usent, "unit": utext})     # as ColumnBuilder keys them
                       for system, usent, utext in con.execute("SELECT system, usent, utext FROM units ORDER BY no")
                       .fetchall()]
         con.execute("""CREATE TABLE static_rows AS SELECT m.chunk, s.rowid AS seq, s.resource

@@ -42,7 +42,6 @@ class Plan:
     numeric: np.ndarray                  # bool per input: quantity or integer (checked for plausibility)
     low: np.ndarray                      # plausible range per input (-inf, inf when none)
     high: np.ndarray
-    windows: list[tuple[float | str | None, float | None]]
     window_low: np.ndarray               # per window: start relative to as-of (-inf: unbounded; encounter: see below)
     window_high: np.ndarray              # per window: end relative to as-of
     encounter_windows: list[int]         # windows starting at the current encounter's start
@@ -160,7 +159,7 @@ def _build(mapping: Mapping) -> Plan:
         window_high=np.array([end or 0.0 for _, end in windows], dtype=np.float64),
         encounter_windows=[w for w, (start, _) in enumerate(windows) if start == "encounter"],
         allowed=allowed, kind=kind, kinds=[bool((kind == k).any()) for k in range(len(_KINDS))],
-        numeric=(kind == QUANTITY) | (kind == INTEGER), low=low, high=high, windows=list(windows), groups=groups,
+        numeric=(kind == QUANTITY) | (kind == INTEGER), low=low, high=high, groups=groups,
         group_of_input=group_of_input, group_input=np.array([item.input for item in groups], dtype=np.int64),
         group_present=np.array([bool(item.features) for item in groups], dtype=bool),
         group_used=np.array([bool(item.features) or item.second_reader for item in groups], dtype=bool),
