@@ -112,7 +112,7 @@ class Follower:
             if latest is None or latest.seq <= self.state.seen:
                 return
             self.state.seen = latest.seq
-            found, problems = load_from_disk(self.pipeline)
+            _, problems = load_from_disk(self.pipeline)
             if problems:
                 self.state.differs = (f"reload {latest.seq} by {latest.requested_by} not followed: the mappings "
                                       f"here are invalid ({len(problems)} problem(s)); still serving the earlier ones")

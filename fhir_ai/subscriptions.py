@@ -200,13 +200,13 @@ class EventLog:
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
 
-    def check(self, notification: Notification, now: datetime) -> Gap | None:
+    def check(self, notification: Notification) -> Gap | None:
         """The gap this notification reveals (None: none, or the first notification we ever saw)."""
         seen = self.client.hgetall(self._key(notification.subscription))
         if not seen:
             return None
         last = int(seen[b"number"])
-        numbers = [n for n in (_number(e.number) for e in notification.events) if n is not None]
+        numbers = _event_numbers(notification)
         if numbers:
             missed = min(numbers) - last - 1
         else:
@@ -217,8 +217,8 @@ class EventLog:
         return Gap(missed, datetime.fromtimestamp(float(seen[b"at"]), timezone.utc) - self.MARGIN)
 
     def advance(self, notification: Notification, now: datetime) -> None:
-        """Record the highest number this notification carries (never moves back)."""
-        numbers = [n for n in (_number(e.number) for e in notification.events) if n is not None]
+        """Record the highest number this notification carries and when (neither moves back)."""
+        numbers = _event_numbers(notification)
         since_start = _number(notification.events_since_start)
         highest = max(numbers + ([since_start] if since_start is not None else []), default=None)
         if highest is None:
@@ -229,15 +229,20 @@ class EventLog:
                 try:
                     pipe.watch(key)
                     current = pipe.hget(key, "number")
+                    if current is not None and int(current) > highest:
+                        # A late delivery of older events: it says nothing about what happened since
+                        # the last one seen, so the catch-up window keeps starting there.
+                        return
                     pipe.multi()
-                    if current is None or int(current) < highest:
-                        pipe.hset(key, mapping={"number": highest, "at": now.timestamp()})
-                    else:
-                        pipe.hset(key, "at", now.timestamp())
+                    pipe.hset(key, mapping={"number": highest, "at": now.timestamp()})
                     pipe.execute()
                     return
                 except redis.WatchError:
                     continue
+
+
+def _event_numbers(notification: Notification) -> list[int]:
+    return [n for n in (_number(e.number) for e in notification.events) if n is not None]
 
 
 def _number(value: str | None) -> int | None:
@@ -306,7 +311,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     outcome = Outcome(events=len(notification.events))
     codes = list(codes)
     patients: dict[str, None] = {}
-    gap = events.check(notification, now) if events is not None else None
+    gap = events.check(notification) if events is not None else None
     if gap is not None:
         outcome.missed = gap.missed
         log.warning("Subscription/%s: %d event(s) missed; catching up on Observations changed since %s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from factories import observation
 from fhir_ai.app import create_app
 from fhir_ai.jobs import runtime, tasks
 from fhir_ai.jobs.celery_app import app as celery
-from fhir_ai.subscriptions import Debouncer, debouncer, is_vital_sign, parse_notification
+from fhir_ai.subscriptions import Debouncer, EventLog, debouncer, is_vital_sign, parse_notification
 
 BASE = "https://ehr.example.org/fhir"
 SECRET = "s3cret-for-sub-1"
@@ -240,6 +240,22 @@ def test_a_heartbeat_reveals_missed_events_and_a_failed_catch_up_is_tried_again(
     assert "2 event(s) missed" in text and "found 1 patient(s)" in text
     assert [p for p, _ in queued] == ["p1", "p9"]
     assert "missed" not in diagnostics(post(sc, beat))                      # caught up: no gap any more
+
+
+def test_a_late_delivery_of_older_events_does_not_move_the_catch_up_window() -> None:
+    """Events 6-7 lost, then event 3 redelivered an hour later, then event 8: the catch-up still
+    searches from when event 5 was seen, not from the late delivery (which would skip 6-7)."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.advance(parse_notification(notification("event-notification", [heart_rate("p1")], start=5)), NOW)
+        late = parse_notification(notification("event-notification", [heart_rate("p2")], start=3))
+        assert events.check(late) is None
+        events.advance(late, NOW + timedelta(hours=1))
+        gap = events.check(parse_notification(notification("event-notification", [heart_rate("p3")], start=8)))
+        assert gap is not None and gap.missed == 2 and gap.since == NOW - EventLog.MARGIN
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
 
 
 @pytest.mark.parametrize("bundle, where", [
