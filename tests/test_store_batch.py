@@ -197,7 +197,6 @@ def test_references_split_into_type_and_id(reference, parsed):
     assert indexing.split_reference(reference) == parsed
 
 
-
 def test_provenance_entities_of_every_shape_are_indexed_as_references():
     """Basis references (the common 'Type/id' alone) and every other shape of entity.what."""
     prov = {"entity": [{"what": {"reference": "Observation/o1"}},
@@ -215,6 +214,7 @@ def test_provenance_entities_of_every_shape_are_indexed_as_references():
         ("entity", "Observation", "o3", None), ("entity", "Observation", "o4", None), ("entity", None, "o5", None),
         ("entity", "Observation", "o6", None), ("entity:identifier", "s", "card", None),
         ("patient", "Patient", "p1", None)]
+
 
 def _search(store: Store, resource_type: str, query: str) -> list[str]:
     parsed = parse_query(resource_type, [tuple(part.split("=", 1)) for part in query.split("&")])

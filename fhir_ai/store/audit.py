@@ -137,14 +137,6 @@ _EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded",
                                                        "role", "prev_hash", "hash", "resource"))
 _LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"
 _MOVE_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = {{}}, hash = {{}} WHERE id = 1"
-_MOVE_HEAD_SQL: dict[str, str] = {}
-
-
-def _move_head(connection: Connection) -> str:
-    style = connection.dialect.paramstyle
-    if style not in _MOVE_HEAD_SQL:
-        _MOVE_HEAD_SQL[style] = rawsql.statement(connection, _MOVE_HEAD, 1, 1)
-    return _MOVE_HEAD_SQL[style]
 
 
 class Chain:
@@ -184,7 +176,9 @@ class Chain:
     def close(self, rows: Iterable[tuple[rawsql.Insert, list[tuple[Any, ...]]]] = ()) -> None:
         """Insert ``rows`` (the transaction's other rows, in that order) and what was buffered, and move
         the head (the caller's transaction commits). On PostgreSQL all of it is one statement."""
-        move = (_move_head(self.connection), (self.seq, self.hash)) if self._events else None
+        move = None
+        if self._events:
+            move = (rawsql.statement(self.connection, _MOVE_HEAD, 1, 1), (self.seq, self.hash))
         rawsql.insert_all(self.connection, [*rows, (_EVENT_INSERT, self._events), (_INDEX_INSERT, self._index)],
                           then=move)
         self._events, self._index = [], []

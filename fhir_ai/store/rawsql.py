@@ -35,10 +35,18 @@ def placeholder(dialect: Dialect) -> str:
         raise NotImplementedError(f"no plain-SQL placeholder for paramstyle {dialect.paramstyle!r}") from None
 
 
+_STATEMENTS: dict[tuple[str, str, tuple[int, ...]], str] = {}
+
+
 def statement(connection: Connection, template: str, *counts: int) -> str:
-    """``template`` with each ``{}`` replaced by a list of ``counts[i]`` placeholders (for IN lists)."""
-    mark = placeholder(connection.dialect)
-    return template.format(*(", ".join([mark] * n) for n in counts))
+    """``template`` with each ``{}`` replaced by a list of ``counts[i]`` placeholders (for IN lists);
+    made once per template, paramstyle and counts."""
+    key = (template, connection.dialect.paramstyle, counts)
+    sql = _STATEMENTS.get(key)
+    if sql is None:
+        mark = placeholder(connection.dialect)
+        sql = _STATEMENTS[key] = template.format(*(", ".join([mark] * n) for n in counts))
+    return sql
 
 
 def run(connection: Connection, sql: str, parameters: Any = (), *, many: bool = False) -> list[tuple[Any, ...]]:

@@ -80,14 +80,6 @@ _LOOKUP = (f"SELECT NULL, NULL, NULL, (SELECT max(seq) FROM {AssessmentRow.__tab
            f"(SELECT max(seq) FROM {ProvenanceRow.__tablename__}) "
            f"UNION ALL SELECT id, identifier, resource, NULL, NULL FROM {AssessmentRow.__tablename__} "
            "WHERE identifier IN ({}) OR id IN ({})")
-_LOOKUP_SQL: dict[tuple[str, int], str] = {}
-
-
-def _lookup(connection: Connection, count: int) -> str:
-    key = (connection.dialect.paramstyle, count)
-    if key not in _LOOKUP_SQL:
-        _LOOKUP_SQL[key] = rawsql.statement(connection, _LOOKUP, count, count)
-    return _LOOKUP_SQL[key]
 
 
 def _versioned(resource: dict[str, Any]) -> str:
@@ -150,7 +142,7 @@ class TrailMixin:
             taken: set[str] = set()                 # ids stored (or being stored)
             seqs = [0, 0]
             for rid, identifier, text, last_assessment, last_provenance in rawsql.run(
-                    connection, _lookup(connection, len(items)),
+                    connection, rawsql.statement(connection, _LOOKUP, len(items), len(items)),
                     (*identifiers, *(item.resource["id"] for item in items))):
                 if rid is None:
                     seqs = [last_assessment or 0, last_provenance or 0]
