@@ -49,7 +49,8 @@ class Outcome:
     ignored: int = 0                                      # not a vital sign, no patient, cannot fetch
     missed: int = 0                                       # events the hospital's server numbered but never sent us
     recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
-    recovery_failed: str | None = None                    # why the catch-up search failed (tried again next time)
+    recovery_failed: str | None = None                    # why the catch-up search failed
+    recovery_retried: bool = False                        # it failed for now: tried again with the next notification
 
 
 def _value(param: dict[str, Any]) -> Any:
@@ -305,7 +306,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     With an ``events`` log, a gap in the subscription's event numbers starts a catch-up: a search for
     Observations changed since the last notification we saw, and a rescoring for each patient with a
     vital sign among them. If that search fails, the log is not advanced, so the next notification
-    tries again.
+    tries again; a source that cannot be searched at all (NotSupported) is said once, not retried.
     """
     now = now or datetime.now(timezone.utc)
     outcome = Outcome(events=len(notification.events))
@@ -319,8 +320,12 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
         try:
             outcome.recovered = catch_up(source, gap.since, codes)
             patients.update(dict.fromkeys(outcome.recovered))
-        except FhirAiError as exc:
+        except NotSupported as exc:    # never possible with this source: retrying would report the gap forever
             outcome.recovery_failed = exc.message
+            log.error("Subscription/%s: %d missed event(s) cannot be caught up: %s", notification.subscription,
+                      gap.missed, exc.message)
+        except FhirAiError as exc:
+            outcome.recovery_failed, outcome.recovery_retried = exc.message, True
             log.error("Subscription/%s: catch-up after missed events failed (%s); tried again with the next "
                       "notification", notification.subscription, type(exc).__name__)
     for event in notification.events:
@@ -338,7 +343,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             outcome.queued.append(patient)
         else:
             outcome.debounced.append(patient)
-    if events is not None and outcome.recovery_failed is None:
+    if events is not None and not outcome.recovery_retried:
         events.advance(notification, now)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored",
              notification.subscription, outcome.events, len(outcome.queued), len(outcome.debounced),

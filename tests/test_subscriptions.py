@@ -242,6 +242,14 @@ def test_a_heartbeat_reveals_missed_events_and_a_failed_catch_up_is_tried_again(
     assert "missed" not in diagnostics(post(sc, beat))                      # caught up: no gap any more
 
 
+def test_missed_events_a_folder_source_cannot_catch_up_are_reported_once(sc: FlaskClient, queued: list) -> None:
+    """No FHIR server to search: the gap is said, not retried (which would report it with every notification)."""
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("p2")], start=5)))
+    assert "3 event(s) missed" in text and "catch-up search failed" in text and "tried again" not in text
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p3")], start=6)))
+    assert [p for p, _ in queued] == ["p1", "p2", "p3"]
+
 def test_a_late_delivery_of_older_events_does_not_move_the_catch_up_window() -> None:
     """Events 6-7 lost, then event 3 redelivered an hour later, then event 8: the catch-up still
     searches from when event 5 was seen, not from the late delivery (which would skip 6-7)."""

@@ -65,7 +65,8 @@ def notify():  # type: ignore[no-untyped-def]
             f"patient(s), {len(outcome.debounced)} already queued, {outcome.ignored} ignored")
     if outcome.missed:
         text += (f"; {outcome.missed} event(s) missed: " + (
-            f"catch-up search failed ({outcome.recovery_failed}), tried again with the next notification"
+            f"catch-up search failed ({outcome.recovery_failed})"
+            + (", tried again with the next notification" if outcome.recovery_retried else "")
             if outcome.recovery_failed else
             f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"))
     return _answer(text)
