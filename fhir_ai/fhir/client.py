@@ -227,8 +227,9 @@ class FhirClient:
 
     def post(self, path: str, body: dict[str, Any],
              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """POST a body (retried like any call: use it for searches, operations, conditional
-        creates with If-None-Exist; not for a plain create). {} if no body."""
+        """POST a JSON body (retried like any call: use it for operations and conditional creates
+        with If-None-Exist; not for a plain create, and not for a search: that is ``search(post=True)``,
+        a form body). {} if no body."""
         return self._call("POST", path, body=body, headers=headers)
 
     def search(self, resource_type: str, params: Params = None, *,
