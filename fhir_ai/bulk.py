@@ -1,13 +1,11 @@
 """Bulk scoring: a Bulk-Data NDJSON folder → one RiskAssessment per patient per model, as NDJSON."""
 from __future__ import annotations
 
-import gzip
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
 
 import orjson
 from tqdm import tqdm
@@ -48,24 +46,6 @@ def input_files(directory: Path) -> list[Path]:
         raise BadRequest(f"{directory} holds no Patient/Encounter/Observation NDJSON files", expression="--input")
     # Patients and Encounters first: cheap, and they anchor the Observations.
     return sorted(files, key=lambda p: TYPES.index(p.name.split(".", 1)[0]))
-
-
-def read_resources(files: list[Path], progress: bool) -> Iterator[dict[str, Any]]:
-    """Every resource of the files, parsed one line at a time (for small exports and tests)."""
-    total = sum(p.stat().st_size for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
-        for path in files:
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as fh:
-                for number, line in enumerate(fh, 1):
-                    bar.update(len(line))
-                    if not line.strip():
-                        continue
-                    try:
-                        yield orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        raise BadRequest(f"{path.name}, line {number}: not valid JSON ({exc})",
-                                         expression=f"{path.name}:{number}") from exc
 
 
 def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegistry, *,
