@@ -218,21 +218,29 @@ class EventLog:
         return Gap(missed, datetime.fromtimestamp(float(seen[b"at"]), timezone.utc) - self.MARGIN)
 
     def advance(self, notification: Notification, now: datetime) -> None:
-        """Record the highest number this notification carries and when (neither moves back)."""
+        """Record the highest number this notification carries and when (neither moves back).
+
+        The time moves only with the number, or with a heartbeat: a heartbeat's count is the server's
+        count at that moment, so one that matches ours says no event came since. A repeated
+        notification is an old delivery and says nothing about now (refreshing the time would move
+        the next catch-up window past events lost meanwhile).
+        """
         numbers = _event_numbers(notification)
         since_start = _number(notification.events_since_start)
         highest = max(numbers + ([since_start] if since_start is not None else []), default=None)
         if highest is None:
             return
+        heartbeat = notification.type == "heartbeat" and not notification.events   # as the backport sends it
         key = self._key(notification.subscription)
         with self.client.pipeline() as pipe:      # optimistic: two notifications at once never lower it
             while True:
                 try:
                     pipe.watch(key)
                     current = pipe.hget(key, "number")
-                    if current is not None and int(current) > highest:
-                        # A late delivery of older events: it says nothing about what happened since
-                        # the last one seen, so the catch-up window keeps starting there.
+                    if current is not None and (int(current) > highest or
+                                                (int(current) == highest and not heartbeat)):
+                        # A late or repeated delivery of events already seen: it says nothing about
+                        # what happened since, so the catch-up window keeps starting there.
                         return
                     pipe.multi()
                     pipe.hset(key, mapping={"number": highest, "at": now.timestamp()})

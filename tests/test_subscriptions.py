@@ -266,6 +266,29 @@ def test_a_late_delivery_of_older_events_does_not_move_the_catch_up_window() -> 
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
 
 
+def test_only_a_new_event_number_or_a_heartbeat_moves_when_the_subscription_was_last_seen() -> None:
+    """Event 5 seen, then redelivered an hour later (nothing new): a later gap is still searched from
+    when event 5 was first seen. A heartbeat counting 5 says nothing came since: the window moves to it."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    five = notification("event-notification", [heart_rate("p1")], start=5)
+    eight = parse_notification(notification("event-notification", [heart_rate("p3")], start=8))
+    try:
+        events.advance(parse_notification(five), NOW)
+        repeat = parse_notification(five)
+        assert events.check(repeat) is None
+        events.advance(repeat, NOW + timedelta(hours=1))
+        gap = events.check(eight)
+        assert gap is not None and gap.missed == 2 and gap.since == NOW - EventLog.MARGIN
+        beat = notification("heartbeat")
+        beat["entry"][0]["resource"]["parameter"][4]["valueString"] = "5"
+        events.advance(parse_notification(beat), NOW + timedelta(hours=2))
+        gap = events.check(eight)
+        assert gap is not None and gap.missed == 2 and gap.since == NOW + timedelta(hours=2) - EventLog.MARGIN
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
 @pytest.mark.parametrize("bundle, where", [
     ({"resourceType": "Bundle", "type": "collection", "entry": []}, "Bundle.type"),
     ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {"resourceType": "Patient"}}]},
