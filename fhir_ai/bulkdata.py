@@ -25,11 +25,14 @@ from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
 from .fhir.client import Auth, _origin, _retry_after, outcome_text
 from .jobs.state import JobStore
+from .store import Store
+from .store.trail import NewAssessment
 
 log = logging.getLogger(__name__)
 
 TYPES = ("Patient", "Encounter", "Observation")
 NDJSON = "application/fhir+ndjson"
+STORE_BATCH = 500         # assessments per local store transaction
 DEFAULT_POLL = 5.0        # seconds between polls when the server does not say
 MAX_POLL = 300.0          # never wait longer than this between polls, whatever Retry-After says
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
@@ -67,6 +70,7 @@ class WriteBackCounts:
     written: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    failed_ids: list[str] = field(default_factory=list)     # RiskAssessment ids not written
 
 
 class BulkDataClient:
@@ -184,13 +188,16 @@ class BulkDataClient:
             if response.status_code >= 300:
                 error = self._error("write-back transaction", response)
                 counts.failed += len(chunk)
+                counts.failed_ids += [r["id"] for r in chunk]
                 counts.errors.append(error.message)
                 continue
-            bad = [e for e in (_json(response).get("entry") or [])
+            # The response's entries answer the request's, in the same order (FHIR R4 http.html#transaction).
+            bad = [(r, e) for r, e in zip(chunk, _json(response).get("entry") or [])
                    if not str((e.get("response") or {}).get("status", "")).startswith("2")]
             counts.failed += len(bad)
+            counts.failed_ids += [r["id"] for r, _ in bad]
             counts.written += len(chunk) - len(bad)
-            counts.errors += [str((e.get("response") or {}).get("status")) for e in bad]
+            counts.errors += [str((e.get("response") or {}).get("status")) for _, e in bad]
         return counts
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -308,6 +315,8 @@ class ExportRun:
     since: str | None
     patients: int = 0
     assessed: int = 0
+    stored: int = 0           # new in the local store (a repeat of a stored assessment is not counted)
+    queued: int = 0           # not written back: left to the write-back worker (fhir-ai worker)
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
 
@@ -354,19 +363,39 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             stats = bulk_assess(folder, output, registry, models=models or ["deterioration"], explain=explain,
                                 progress=False)
             run.patients, run.assessed = stats.patients, stats.assessed
+            run.stored = store_results(jobs.store, output)
             if settings.write_back if write_back is None else write_back:
                 run.written = client.write_bundles(read_ndjson(output), settings.bulk_bundle_size)
         if run.written.failed:
-            jobs.fail(job_id, f"{run.written.failed} RiskAssessment(s) not written back: "
-                      + "; ".join(run.written.errors[:3]), 502)
+            run.queued = jobs.store.queue_write_backs(run.written.failed_ids, client.base_url,
+                                                      "; ".join(run.written.errors[:3]))
+            jobs.fail(job_id, f"{run.written.failed} RiskAssessment(s) not written back (stored here, "
+                      f"queued for the write-back worker): " + "; ".join(run.written.errors[:3]), 502)
         else:
             jobs.set_result(job_id, {"transactionTime": run.transaction_time, "patients": run.patients,
-                                     "assessed": run.assessed, "written": run.written.written,
-                                     "bundles": run.written.bundles}, status="completed")
+                                     "assessed": run.assessed, "stored": run.stored,
+                                     "written": run.written.written, "bundles": run.written.bundles},
+                            status="completed")
         return run
     except FhirAiError as exc:
         jobs.fail(job_id, exc.message, exc.status)
         raise
+
+
+def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> int:
+    """Keep every RiskAssessment of a scored export in the local store, as ``$assess`` keeps its own:
+    versioned, with Provenance (model, version, inputs), an AuditEvent each and search entries, so
+    auditors find them and no assessment exists only at the hospital. ``batch`` assessments per
+    transaction; a re-run's repeats (same identifier) are audited as repeats, not stored twice.
+    Returns how many were new."""
+    created = 0
+    for chunk in _chunks(read_ndjson(path), batch):
+        items = []
+        for resource in chunk:
+            method = resource["method"]["coding"][0]
+            items.append(NewAssessment(resource, method["code"], method["version"]))
+        created += sum(saved.created for saved in store.save_assessments(items))
+    return created
 
 
 def _export(client: BulkDataClient, *, group: str | None, since: str | None = None,

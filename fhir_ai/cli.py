@@ -160,8 +160,8 @@ def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output
         client.close()
         store.close()
     click.echo(f"export {run.transaction_time} (since {run.since or 'the beginning'}): {run.patients} patients, "
-               f"{run.assessed} assessed; written back {run.written.written} in {run.written.bundles} bundle(s), "
-               f"failed {run.written.failed} -> {output}")
+               f"{run.assessed} assessed, {run.stored} new in the store; written back {run.written.written} in "
+               f"{run.written.bundles} bundle(s), failed {run.written.failed} (queued {run.queued}) -> {output}")
     sys.exit(1 if run.written.failed else 0)
 
 

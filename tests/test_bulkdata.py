@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import pytest
 import responses
+from sqlalchemy import func, select
 from click.testing import CliRunner
 
 from fhir_ai.bulkdata import BulkDataClient, Manifest, export_and_assess
@@ -22,6 +23,8 @@ from fhir_ai.jobs import JobStore
 from fhir_ai.mapping import load_directory
 from fhir_ai.models.registry import ModelRegistry
 from fhir_ai.store import Store
+from fhir_ai.store.trail_tables import AuditEventRow, ProvenanceRow
+from fhir_ai.store.verify import verify
 
 BASE = "https://ehr.example.org/fhir"
 STATUS = "https://ehr.example.org/fhir/$export-poll/42"
@@ -223,6 +226,26 @@ def test_a_run_scores_everyone_and_writes_back_in_bounded_transactions(
     assert run.written.written == 12 and run.written.failed == 0
     job = jobs.last("bulk-export", f"{BASE}/Group/ward-3/$export")
     assert job is not None and job.result["transactionTime"] == "2026-11-20T08:00:00Z"
+    # Every assessment is kept here too, as $assess keeps its own: stored, with its Provenance
+    # (model version, inputs) and a 'create' AuditEvent, nothing queued (all were written back).
+    assert run.stored == 12 and job.result["stored"] == 12
+    store = jobs.store
+    for line in lines:
+        assert store.get_assessment(line["id"])["identifier"] == line["identifier"]
+    with store.session() as session:
+        provenance = {row.target_id: orjson.loads(row.resource) for row in session.scalars(select(ProvenanceRow))}
+        audits = [orjson.loads(row.resource) for row in session.scalars(select(AuditEventRow))]
+    assert set(provenance) == {line["id"] for line in lines}
+    some = lines[0]
+    what = [e["what"] for e in provenance[some["id"]]["entity"]]
+    assert [w["reference"] for w in what if "reference" in w] == [b["reference"] for b in some["basis"]]
+    assert [w["identifier"]["value"] for w in what if "identifier" in w] == [
+        f"deterioration|{some['method']['coding'][0]['version']}"]           # the model card
+    created = [a for a in audits if a["action"] == "C"]
+    assert len(created) == 12
+    assert not store.outbox()
+    with store.session() as session:
+        assert verify(session).ok                       # the audit chain and the stored copies agree
 
 
 @responses.activate
@@ -270,6 +293,20 @@ def test_a_refused_write_back_keeps_since_where_it_was(registry: ModelRegistry, 
     assert run.written.failed == 12 and "disk full" in run.written.errors[0]
     assert jobs.last("bulk-export", f"{BASE}/Patient/$export") is None       # the next run starts over
     assert jobs.last("bulk-export", f"{BASE}/Patient/$export", status="failed").error_status == 502
+    # Not lost: stored here and queued for the write-back worker, one row each, with the reason.
+    ids = sorted(orjson.loads(l)["id"] for l in (tmp_path / "ra.ndjson").read_bytes().splitlines())
+    assert run.stored == 12 and run.queued == 12
+    pending = jobs.store.outbox(status="pending")
+    assert sorted(row.resource_id for row in pending) == ids
+    assert {(row.target, row.attempts) for row in pending} == {(BASE, 1)}
+    assert "disk full" in pending[0].last_error
+    # A second run over the same export stores nothing twice and queues nothing twice.
+    again = export_and_assess(settings, registry, jobs, client, workdir=tmp_path / "again",
+                              output=tmp_path / "ra2.ndjson")
+    assert again.stored == 0 and again.queued == 0 and again.written.failed == 12
+    assert len(jobs.store.outbox()) == 12
+    with jobs.store.session() as session:
+        assert session.scalar(select(func.count()).select_from(ProvenanceRow)) == 12
 
 
 @responses.activate

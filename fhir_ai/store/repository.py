@@ -62,6 +62,25 @@ class Store(TrailMixin):
         with self.session() as session:
             return list(session.scalars(query))
 
+    def queue_write_backs(self, resource_ids: list[str], target: str, error: str) -> int:
+        """Queue stored RiskAssessments whose delivery already failed once elsewhere (a Bulk Data run's
+        transaction Bundle) for the write-back worker; a row already queued for that target is kept.
+        Returns how many were queued now."""
+        now = _utcnow()
+        queued = 0
+        with self.session() as session, session.begin():
+            for start in range(0, len(resource_ids), 500):
+                chunk = resource_ids[start:start + 500]
+                known = set(session.scalars(select(OutboxRow.resource_id).where(
+                    OutboxRow.resource_type == "RiskAssessment", OutboxRow.target == target,
+                    OutboxRow.resource_id.in_(chunk))))
+                fresh = [rid for rid in dict.fromkeys(chunk) if rid not in known]
+                session.add_all(OutboxRow(resource_type="RiskAssessment", resource_id=rid, target=target,
+                                          status="pending", attempts=1, last_error=error[:2000],
+                                          created_at=now, updated_at=now) for rid in fresh)
+                queued += len(fresh)
+        return queued
+
     def record_delivery(self, outbox_id: int, *, ok: bool, error: str | None = None,
                         permanent: bool = False, retry_at: datetime | None = None) -> None:
         """One delivery attempt's result; releases the worker's claim. ``retry_at``: not before."""
