@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import codes
 from ..mapping import Mapping
-from .i18n import TEXT, t, translate_labels
+from .i18n import TEXT, Translator, t, what
 
 MAX_SUMMARY = 139                     # the spec: "<140-character summary"
 OVERRIDE_SYSTEM = f"{codes.BASE}/CodeSystem/cds-override-reason"
@@ -48,15 +48,12 @@ class CardBuilder:
         self.model_id, self.version, self.mapping = model_id, model_version, mapping
         self.language, self.base_url = language, base_url
         self.notes, self.issues, self.resources_in = notes, issues, resources_in
-        self.labels = {spec.label: spec.label_ko for spec in mapping.inputs.values() if spec.label_ko}
+        self.tr = Translator(language, mapping)
         key = f"model.{model_id}"
         self.title = t(key, language) if key in TEXT else model_id
 
     def t(self, key: str, **values: object) -> str:
         return t(key, self.language, **values)
-
-    def tr(self, text: str) -> str:
-        return translate_labels(text, self.language, self.labels)
 
     # -- cards ------------------------------------------------------------------------------------
     def assessment_cards(self, stored: list[dict[str, Any]]) -> CardSet:
@@ -98,8 +95,8 @@ class CardBuilder:
                                for pr in sorted(levels_found, key=lambda x: x["outcome"]["coding"][0]["code"]))
             lines.append(self.t("detail.level_probability", levels=levels))
             for review in (pr for pr in predictions if pr not in levels_found and pr.get("rationale")):
-                text = (review.get("outcome") or {}).get("text") or ""
-                lines.append(f"- {text}: {_percent(review.get('probabilityDecimal') or 0)} ({review['rationale']})")
+                lines.append(f"- {self._review_title(review)}: {_percent(review.get('probabilityDecimal') or 0)} "
+                             f"({self.tr(review['rationale'])})")
                 if _risk_code(review) == "high" and indicator == "info":
                     indicator = "warning"      # a flagged possible under-triage must not look routine
         else:
@@ -112,7 +109,7 @@ class CardBuilder:
             indicator = INDICATOR.get(risk, "warning")
             lines.append(self.t("detail.probability", outcome=outcome, probability=_percent(p),
                                 time_frame=self.t("detail.time_frame")))
-        lines.append(self.t("detail.model", model=self.model_id, version=self.version))
+        lines.append(self.t("detail.model", title=self.title, model=self.model_id, version=self.version))
         if companion_line:
             lines += ["", companion_line]
         reasons = [pr["rationale"] for pr in predictions if REASONS_PREFIX in (pr.get("rationale") or "")]
@@ -125,10 +122,11 @@ class CardBuilder:
         observations = sum(1 for b in resource.get("basis") or [] if b.get("reference", "").startswith("Observation/"))
         if resource.get("occurrenceDateTime"):
             lines.append(self.t("detail.data", n=observations, as_of=resource["occurrenceDateTime"]))
-        notes = [self.t(key, **values) for key, values in self.notes]
+        notes = [self.t(key, **{**values, "what": what(values.get("what", ""), self.language)})
+                 for key, values in self.notes]
         notes += [self.tr(n["text"]) for n in resource.get("note") or []
                   if n.get("text", "").startswith("Values not used")]
-        notes += [i.get("diagnostics", "") for i in self.issues if i.get("diagnostics")]
+        notes += [self._issue(i["diagnostics"]) for i in self.issues if i.get("diagnostics")]
         if notes:
             lines += ["", self.t("detail.notes")] + [f"- {n}" for n in notes]
         lines += ["", self.t("detail.disclaimer")]
@@ -145,7 +143,7 @@ class CardBuilder:
             "summary": _summary(summary),
             "indicator": indicator,
             "detail": "\n".join(lines).strip(),
-            "source": {"label": f"fhir_ai {self.model_id} model {self.version}",
+            "source": {"label": self.t("source.label", title=self.title, model=self.model_id, version=self.version),
                        "topic": {"system": codes.MODEL_SYSTEM, "code": self.model_id,
                                  "display": f"{self.model_id} {self.version}"}},
             "suggestions": [{"label": self.t("suggestion.acknowledge"), "uuid": str(uuid.uuid4())}],
@@ -167,7 +165,21 @@ class CardBuilder:
             key = f"outcome.{coding.get('code')}"
             if key in TEXT:
                 return self.t(key)
-        return (outcome.get("text") or "the outcome").lower()
+        return (outcome.get("text") or self.t("outcome.unknown")).lower()
+
+    def _review_title(self, review: dict[str, Any]) -> str:
+        """'Possible under-triage / 과소분류 가능성' as stored, or only the card language's half of it."""
+        outcome = review.get("outcome") or {}
+        code = ((outcome.get("coding") or [{}])[0]).get("code")
+        if self.language != "en" and f"review.{code}" in TEXT:
+            return self.t(f"review.{code}")
+        return outcome.get("text") or ""
+
+    def _issue(self, diagnostics: str) -> str:
+        """A pipeline warning ('deterioration: ...') with the model named by the card's title."""
+        if self.language != "en" and diagnostics.startswith(f"{self.model_id}: "):
+            diagnostics = f"{self.title}: {diagnostics[len(self.model_id) + 2:]}"
+        return self.tr(diagnostics)
 
     def _companion(self, companions: list[dict[str, Any]]) -> tuple[str, str | None, str | None]:
         """(' (NEWS2 7)', detail line, indicator) from NEWS2, else the nurse's KTAS, else nothing."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from ..mapping import Mapping
+
 LANGUAGES = ("en", "ko")
 # A CDS Hooks request extension a client may send instead of Accept-Language (namespaced per the spec).
 LANGUAGE_EXTENSION = "fhir-ai.language"
@@ -32,7 +34,7 @@ TEXT: dict[str, dict[str, str]] = {
                            "ko": "**{outcome} 확률**: **{probability}** (보정됨; {time_frame})"},
     "detail.level_probability": {"en": "**Probability** of each KTAS level: {levels}",
                                  "ko": "**KTAS 단계별 확률**: {levels}"},
-    "detail.model": {"en": "Model: {model} {version}", "ko": "모델: {model} {version}"},
+    "detail.model": {"en": "Model: {model} {version}", "ko": "모델: {title} ({model} {version})"},
     "detail.news2": {"en": "**NEWS2** (next to the model): {text}", "ko": "**NEWS2** (모델과 비교): {text}"},
     "detail.news2_score": {"en": "{score} ({band})", "ko": "{score}점 ({band})"},
     "detail.news2_partial": {"en": "partial {score} from the parameters recorded; missing: {missing}",
@@ -49,7 +51,14 @@ TEXT: dict[str, dict[str, str]] = {
     "detail.disclaimer": {"en": "_Decision support only: it augments clinical judgement and never replaces it._",
                           "ko": "_의사결정 보조 정보이며 임상적 판단을 대신하지 않습니다._"},
     "detail.time_frame": {"en": "until hospital discharge", "ko": "퇴원 시까지"},
-    "link.assessment": {"en": "Stored assessment (FHIR RiskAssessment)", "ko": "저장된 평가 (FHIR RiskAssessment)"},
+    "link.assessment": {"en": "Stored assessment (FHIR RiskAssessment)", "ko": "저장된 평가 결과 (FHIR)"},
+    "source.label": {"en": "fhir_ai {model} model {version}", "ko": "fhir_ai {title} 모델 {version}"},
+    "outcome.unknown": {"en": "the outcome", "ko": "결과"},
+    "review.under-triage": {"en": "Possible under-triage", "ko": "과소분류 가능성"},
+    "review.over-triage": {"en": "Possible over-triage", "ko": "과대분류 가능성"},
+    "what.Patient": {"en": "Patient", "ko": "환자 정보"},
+    "what.Encounter": {"en": "Encounter", "ko": "내원 정보"},
+    "what.Observation": {"en": "Observation", "ko": "관찰값"},
     "suggestion.acknowledge": {"en": "Acknowledge", "ko": "확인함"},
     "override.lower": {"en": "Clinical assessment: risk lower than shown", "ko": "임상 판단상 위험이 더 낮음"},
     "override.data": {"en": "Input data incomplete or wrong", "ko": "입력 자료가 불완전하거나 틀림"},
@@ -57,18 +66,53 @@ TEXT: dict[str, dict[str, str]] = {
     "override.irrelevant": {"en": "Not relevant for this patient", "ko": "이 환자에게 해당 없음"},
     "note.prefetch_null": {"en": "The EHR reported no {what}.", "ko": "EHR에 {what} 자료가 없습니다."},
     "note.fetched": {"en": "{what} fetched from the EHR's FHIR server (not prefetched).",
-                     "ko": "{what}: 사전 전달(prefetch) 없이 EHR FHIR 서버에서 조회함."},
+                     "ko": "{what}: 사전 전달 없이 EHR의 FHIR 서버에서 조회함."},
     "note.prefetch_error": {"en": "The EHR could not prefetch {what} ({error}); fetched it from its FHIR server.",
                             "ko": "EHR이 {what}을(를) 사전 전달하지 못해({error}) FHIR 서버에서 조회함."},
 }
 
 # Reason.text() wording (fhir_ai.models.explain) and the aggregate words of feature labels
-# (fhir_ai.mapping.loader.AGGREGATE_WORDS), for Korean cards built from a stored rationale.
+# (fhir_ai.mapping.loader.AGGREGATE_WORDS), for Korean cards built from a stored rationale; then the NEWS2
+# parameter names of a partial score's "missing:" list (fhir_ai.assessment.NEWS2_PARAMETERS_TEXT).
 _KO_PHRASES = [("raised the risk", "위험을 높임"), ("lowered the risk", "위험을 낮춤"),
                ("not measured", "측정 안 됨"), ("(latest)", "(최근값)"), ("(first)", "(첫 값)"),
                ("(lowest)", "(최저)"), ("(highest)", "(최고)"), ("(mean)", "(평균)"), ("(median)", "(중앙값)"),
                ("(variability)", "(변동성)"), ("(number of measurements)", "(측정 횟수)"), ("(total)", "(합계)"),
-               ("(trend per hour)", "(시간당 추세)"), ("(change)", "(변화)"), ("(any)", "(여부)")]
+               ("(trend per hour)", "(시간당 추세)"), ("(change)", "(변화)"), ("(any)", "(여부)"),
+               ("respiration rate", "호흡수"), ("SpO2", "산소포화도"), ("air or oxygen", "산소 투여 여부"),
+               ("systolic blood pressure", "수축기 혈압"), ("pulse", "맥박"), ("consciousness", "의식 수준"),
+               ("temperature", "체온")]
+
+# The sentences fhir_ai itself writes in English into stored notes, rationales and OperationOutcome issues
+# (fhir_ai.assessment, models.scoring.insufficient_reason, features.extract.Dropped and its reasons,
+# pipeline warnings), as they reach a card. Text quoted from elsewhere (an upstream server's error) stays.
+_KO_SENTENCES = [(re.compile(pattern), korean) for pattern, korean in [
+    (r"Found (\d+) of the core inputs \((.*?)\) in the time window; at least (\d+) are needed\.",
+     r"시간 범위 안에서 핵심 입력값(\2) 중 \1개 확인됨; 최소 \3개가 필요함."),
+    (r"not assessed, insufficient data\.", "평가하지 못함, 자료 부족."),
+    (r"insufficient data\.", "자료 부족."),
+    (r"(\d+) value\(s\) not used \(see RiskAssessment\.note\)", r"값 \1개를 사용하지 않음 (저장된 평가의 참고 사항 참조)"),
+    (r"^Values not used: ", "사용하지 않은 값: "),
+    (r" \(and (\d+) more\)", r" (외 \1건)"),
+    (r": unreadable effective time", ": 측정 시각을 읽을 수 없음"),
+    (r": no effective time", ": 측정 시각 없음"),
+    (r": unit (.*?) cannot be converted to (.*?)(?=; |\.$|$)", r": 단위 \1을(를) \2(으)로 변환할 수 없음"),
+    (r": unit cannot be converted", ": 단위를 변환할 수 없음"),
+    (r": coded value not in the mapping's values", ": 매핑에 없는 코드값"),
+    (r": implausible value (\S+)( [^(;]*[^ (;])? ?\(plausible ([^)]*)\)", r": 비정상 범위의 값 \1\2 (허용 범위 \3)"),
+    (r": implausible value", ": 비정상 범위의 값"),
+    (r"Nurse assigned KTAS (\w+); probability that the right level is more urgent: ([\d.]+)",
+     r"간호사 분류 KTAS \1; 실제 단계가 더 긴급할 확률 \2"),
+    (r"Nurse assigned KTAS (\w+); probability that the right level is less urgent: ([\d.]+)",
+     r"간호사 분류 KTAS \1; 실제 단계가 덜 긴급할 확률 \2"),
+    (r" \(at or above ([\d.]+): please re-check this patient\)", r" (기준 \1 이상: 환자를 다시 평가하십시오)"),
+    (r"^write-back skipped: the configured source is a read-only folder$",
+     "병원 서버에 기록하지 않음: 설정된 자료 출처가 읽기 전용 폴더임"),
+    (r"^write-back of (\S+) to the hospital server failed \((.*)\); it is stored here and queued for retry$",
+     r"\1을(를) 병원 서버에 기록하지 못함 (\2); 이 서버에 저장되었고 재시도 대기 중"),
+    (r"^write-back of (\S+) failed: (.*)$", r"\1을(를) 병원 서버에 기록하지 못함: \2"),
+]]
+_INPUT_NAME = re.compile(r"\(([a-z][a-z0-9_]*)\): ")   # Dropped.as_text(): "Observation/x (heart_rate): why"
 
 
 def t(key: str, language: str, **values: object) -> str:
@@ -76,15 +120,45 @@ def t(key: str, language: str, **values: object) -> str:
     return entry.get(language, entry["en"]).format(**values)
 
 
-def translate_labels(text: str, language: str, labels: dict[str, str]) -> str:
-    """English input labels (mapping ``label`` → ``label_ko``) and fixed phrases into Korean."""
-    if language != "ko":
+class Translator:
+    """Text fhir_ai stored in English (a mapping's labels and input names, its own fixed sentences and
+    phrases) into a card's language; English text is returned as it is."""
+
+    def __init__(self, language: str, mapping: Mapping) -> None:
+        self.language = language
+        self.labels: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+        for spec in mapping.inputs.values():
+            if spec.label_ko:
+                self.labels[spec.label] = spec.label_ko
+            self.names[spec.name] = spec.label_ko or spec.label
+            for category in spec.categories.values():
+                if category.get("label") and category.get("label_ko"):
+                    self.labels[category["label"]] = category["label_ko"]
+
+    def __call__(self, text: str) -> str:
+        if self.language != "ko":
+            return text
+        for pattern, korean in _KO_SENTENCES:
+            text = pattern.sub(korean, text)
+        text = _INPUT_NAME.sub(lambda m: f"({self.names.get(m.group(1), m.group(1))}): ", text)
+        for english in sorted(self.labels, key=len, reverse=True):
+            text = text.replace(english, self.labels[english])
+        for english, korean in _KO_PHRASES:
+            text = text.replace(english, korean)
         return text
-    for english in sorted(labels, key=len, reverse=True):
-        text = text.replace(english, labels[english])
-    for english, korean in _KO_PHRASES:
-        text = text.replace(english, korean)
-    return text
+
+
+def what(name: str, language: str) -> str:
+    """A prefetch note's subject (cds.prefetch._what: Patient, Encounter, 'Observations (key)')."""
+    if language != "ko":
+        return name
+    if f"what.{name}" in TEXT:
+        return t(f"what.{name}", language)
+    chunk = re.fullmatch(r"Observations \(observations(?:-(\d+))?\)", name)
+    if chunk:
+        return t("what.Observation", language) + (f" ({chunk.group(1)}번째 묶음)" if chunk.group(1) else "")
+    return name
 
 
 _RANGE = re.compile(r"^\s*([A-Za-z]{1,8})(?:-[A-Za-z0-9]{1,8})*\s*(?:;\s*q\s*=\s*([0-9.]+))?\s*$")
