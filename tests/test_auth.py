@@ -35,6 +35,7 @@ MATRIX = [
     ("GET", "/RiskAssessment/m1", None, {"ehr", "auditor", "admin"}),
     ("GET", "/RiskAssessment?patient=p1", None, {"ehr", "auditor", "admin"}),
     ("GET", "/RiskAssessment/m1/_history", None, {"ehr", "auditor", "admin"}),
+    ("GET", "/RiskAssessment/_history", None, {"ehr", "auditor", "admin"}),
     ("GET", "/RiskAssessment/m1/_history/1", None, {"ehr", "auditor", "admin"}),
     ("POST", "/RiskAssessment/m1/$withdraw", WITHDRAW, {"ehr", "admin"}),
     ("GET", "/Provenance?target=RiskAssessment/m1", None, {"auditor", "admin"}),

@@ -1,10 +1,20 @@
-"""Assessments are never changed in place: versions, vread, history, withdrawal as entered-in-error, Provenance."""
+"""Assessments are never changed in place: versions, vread, history (instance and type), withdrawal as
+entered-in-error, Provenance."""
 from __future__ import annotations
 
+import base64
+from datetime import datetime, timedelta, timezone
+
+import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.provenance import Provenance
 
 from fhir_ai import codes
+
+try:
+    from .stored import risk_assessment, save
+except ImportError:
+    from stored import risk_assessment, save  # type: ignore[no-redef]
 
 AS_OF = "2026-11-20T08:00:00Z"
 FHIR = "application/fhir+json"
@@ -100,3 +110,140 @@ def test_vread_and_history_of_unknown_versions(client):
     assert client.get("/RiskAssessment/nope/_history").status_code == 404
     assert client.put(f"/RiskAssessment/{ra['id']}", json=ra).status_code == 405
     assert client.delete(f"/RiskAssessment/{ra['id']}").status_code == 405
+
+
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)
+
+
+def stamp(minutes: float) -> str:
+    return (T0 + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def timeline(app):
+    """h1, h2, h3 stored a minute apart from T0, h2 withdrawn at +3 min, h4 stored at +4 min; the store's
+    clock is ``set_clock(minutes)``."""
+    store = app.extensions["fhir_ai"].store
+
+    def set_clock(minutes: float) -> None:
+        store._now = lambda: T0 + timedelta(minutes=minutes)
+
+    for minute, rid in enumerate(["h1", "h2", "h3"]):
+        set_clock(minute)
+        save(app, risk_assessment(rid))
+    set_clock(3)
+    store.withdraw_assessment("h2", reason="wrong patient")
+    set_clock(4)
+    save(app, risk_assessment("h4"))
+    return set_clock
+
+
+def versions(bundle):
+    return [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in bundle.get("entry", [])]
+
+
+def link(bundle, relation):
+    return next((x["url"] for x in bundle.get("link", []) if x["relation"] == relation), None)
+
+
+def test_type_history_lists_every_version_newest_first(client, timeline):
+    response = client.get("/RiskAssessment/_history")
+    assert response.status_code == 200, response.json
+    body = response.json
+    Bundle.model_validate(body)
+    assert body["type"] == "history" and body["total"] == 5
+    assert versions(body) == [("h4", "1"), ("h2", "2"), ("h3", "1"), ("h2", "1"), ("h1", "1")]
+    assert [e["request"] for e in body["entry"]] == [
+        {"method": "POST", "url": "RiskAssessment/h4"}, {"method": "PUT", "url": "RiskAssessment/h2"},
+        {"method": "POST", "url": "RiskAssessment/h3"}, {"method": "POST", "url": "RiskAssessment/h2"},
+        {"method": "POST", "url": "RiskAssessment/h1"}]
+    withdrawn = body["entry"][1]
+    assert withdrawn["resource"]["status"] == "entered-in-error"
+    assert withdrawn["response"] == {"status": "200 OK", "etag": 'W/"2"',
+                                     "lastModified": withdrawn["resource"]["meta"]["lastUpdated"]}
+    assert withdrawn["fullUrl"] == "http://localhost/RiskAssessment/h2"
+    assert body["entry"][3]["resource"]["status"] == "final"
+    assert link(body, "self") == "http://localhost/RiskAssessment/_history" and link(body, "next") is None
+
+
+@pytest.mark.parametrize("query, expected", [
+    (f"_since={stamp(2)}", [("h4", "1"), ("h2", "2"), ("h3", "1")]),          # at or after: inclusive
+    (f"_since={stamp(2.5)}", [("h4", "1"), ("h2", "2")]),
+    ("_since=2026-11-20T17:03:00%2B09:00", [("h4", "1"), ("h2", "2")]),        # 08:03Z
+    (f"_since={stamp(10)}", []),
+    (f"_at={stamp(2.5)}", [("h3", "1"), ("h2", "1"), ("h1", "1")]),             # h2 not yet withdrawn
+    (f"_at={stamp(3.5)}", [("h2", "2"), ("h3", "1"), ("h1", "1")]),
+    (f"_at={stamp(3)}", [("h2", "2"), ("h3", "1"), ("h1", "1")]),               # withdrawn that second
+    ("_at=2026-11-20T08:02", [("h3", "1"), ("h2", "1"), ("h1", "1")]),         # that minute
+    ("_at=2026-11-20", [("h4", "1"), ("h2", "2"), ("h3", "1"), ("h2", "1"), ("h1", "1")]),
+    ("_at=2026-11-19", []),
+    (f"_since={stamp(1)}&_at={stamp(2.5)}", [("h3", "1"), ("h2", "1")]),
+])
+def test_type_history_since_and_at(client, timeline, query, expected):
+    body = client.get(f"/RiskAssessment/_history?{query}").json
+    assert versions(body) == expected
+    assert body["total"] == len(expected)
+
+
+def test_type_history_pages_by_next_links_while_new_versions_arrive(client, timeline):
+    first = client.get(f"/RiskAssessment/_history?_count=2&_since={stamp(0)}").json
+    assert versions(first) == [("h4", "1"), ("h2", "2")] and first["total"] == 5
+    assert link(first, "self") == f"http://localhost/RiskAssessment/_history?_count=2&_since={stamp(0).replace(':', '%3A')}"
+    # A new assessment and a withdrawal arrive between pages: the pages already begun do not show them.
+    timeline(5)
+    client.post("/RiskAssessment/h1/$withdraw", content_type=FHIR,
+                json={"resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "test"}]})
+    timeline(6)
+    client.application.extensions["fhir_ai"].store.save_assessment(
+        risk_assessment("h5"), model_id="deterioration", model_version="1.0")
+    pages, url = [first], link(first, "next")
+    while url:
+        assert "_count=2" in url and "_since=" in url and "_cursor=" in url
+        page = client.get(url.replace("http://localhost", "")).json
+        assert page["total"] == 5 and link(page, "self") == url
+        pages.append(page)
+        url = link(page, "next")
+    assert [versions(p) for p in pages] == [[("h4", "1"), ("h2", "2")], [("h3", "1"), ("h2", "1")], [("h1", "1")]]
+    again = client.get("/RiskAssessment/_history?_count=2").json
+    assert versions(again) == [("h5", "1"), ("h1", "2")] and again["total"] == 7
+    counted = client.get("/RiskAssessment/_history?_count=0").json
+    assert counted["total"] == 7 and "entry" not in counted and link(counted, "next") is None
+
+
+@pytest.mark.parametrize("query, expression", [
+    ("_since=2026-11-20", "_since"),                      # a date, not an instant
+    ("_since=2026-11-20T08:00:00", "_since"),             # no zone
+    ("_since=2026-11-20T08:00Z", "_since"),               # no seconds
+    ("_since=2026-13-20T08:00:00Z", "_since"),
+    ("_since=yesterday", "_since"),
+    ("_at=2026-13-01", "_at"),
+    ("_at=ge2026-11-20", "_at"),
+    ("_count=abc", "_count"),
+    ("_count=-1", "_count"),
+    ("_count=201", "_count"),
+    ("_cursor=forged", "_cursor"),
+    ("_cursor=eyJoIjoxfQ", "_cursor"),                     # {"h":1}: not a history cursor
+    ("patient=p1", "patient"),
+])
+def test_type_history_bad_parameters_are_400(client, query, expression):
+    response = client.get(f"/RiskAssessment/_history?{query}")
+    assert response.status_code == 400, response.json
+    assert response.json["resourceType"] == "OperationOutcome"
+    assert response.json["issue"][0]["expression"] == [expression]
+
+
+def test_type_history_lenient_ignores_unknown_parameters_and_is_audited_and_declared(client, timeline):
+    lenient = client.get("/RiskAssessment/_history?patient=p1&_count=1", headers={"Prefer": "handling=lenient"})
+    assert lenient.status_code == 200 and versions(lenient.json) == [("h4", "1")]
+    assert "patient" not in link(lenient.json, "next")
+    client.get(f"/RiskAssessment/_history?_since={stamp(3)}")
+    audited = [e["resource"] for e in client.get("/AuditEvent?subtype=history-type").json["entry"]]
+    assert len(audited) == 2 and {e["action"] for e in audited} == {"R"} and {e["outcome"] for e in audited} == {"0"}
+    event = audited[0]                                                  # newest first
+    query = next(e["query"] for e in event["entity"] if "query" in e)
+    assert base64.b64decode(query).decode() == f"_since={stamp(3)}"
+    what = {e["what"]["reference"] for e in event["entity"] if "what" in e}
+    assert what == {"RiskAssessment/h4/_history/1", "RiskAssessment/h2/_history/2", "Patient/p1"}
+    statement = client.get("/metadata").json
+    resource = next(r for r in statement["rest"][0]["resource"] if r["type"] == "RiskAssessment")
+    assert {"history-instance", "history-type"} <= {i["code"] for i in resource["interaction"]}

@@ -1,4 +1,4 @@
-"""RiskAssessment read, vread, history, search, and withdrawal (entered-in-error) from the local store."""
+"""RiskAssessment read, vread, history (instance and type), search, withdrawal (entered-in-error)."""
 from __future__ import annotations
 
 import re
@@ -11,8 +11,9 @@ from ..auth import guard
 from ..auth.policy import requires
 from ..errors import BadRequest, NotFound
 from ..pipeline import Pipeline
-from .fhir_io import check_accept, check_id, fhir_response, read_body
-from .search import history_bundle, search_response
+from ..search.params import parse_history
+from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
+from .search import history_bundle, page_links, search_response
 
 bp = Blueprint("risk_assessments", __name__)
 
@@ -81,6 +82,18 @@ def history(resource_id: str):  # type: ignore[no-untyped-def]
         raise NotFound(f"RiskAssessment/{resource_id} is not known here")
     guard.note_entities(guard.entities_of(versions))
     return fhir_response(history_bundle(versions, "RiskAssessment"))
+
+
+@bp.get("/RiskAssessment/_history")
+@requires("RiskAssessment", "r", audit="history-type")
+def history_type():  # type: ignore[no-untyped-def]
+    """Every version of every assessment, newest first: ``_since``, ``_at``, ``_count``, paged by ``next``."""
+    check_accept(request)
+    query = parse_history(request.args.items(multi=True), lenient=lenient())
+    page = _pipeline().store.history(query)
+    guard.note_entities(guard.entities_of(page.resources))
+    links = page_links(f"{base_url()}/RiskAssessment/_history", query.echo, query.cursor, page.next_cursor)
+    return fhir_response(history_bundle(page.resources, "RiskAssessment", total=page.total, links=links))
 
 
 @bp.get("/RiskAssessment")

@@ -1,4 +1,4 @@
-"""Run a FHIR search over the store and answer with a searchset Bundle (keyset-paged next links)."""
+"""Answer FHIR searches and histories over the store with Bundles (keyset-paged next links)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,7 +10,7 @@ from .. import codes
 from ..auth import guard
 from ..pipeline import Pipeline
 from ..search import PARAMETERS, parse_query
-from ..search.params import MAX_COUNT, SORT_PARAMETER
+from ..search.params import MAX_COUNT, SORT_PARAMETER, Cursor, HistoryCursor
 from .fhir_io import base_url, check_accept, fhir_response, lenient
 
 
@@ -21,13 +21,8 @@ def search_response(resource_type: str,
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
     page = pipeline.store.search(query)
     guard.note_entities(guard.entities_of(page.resources))
-    base = base_url()
-    path = f"{base}/{resource_type}"
-    echo = list(query.echo)
-    self_params = echo + ([("_cursor", query.cursor.encode())] if query.cursor else [])
-    links = [{"relation": "self", "url": f"{path}?{urlencode(self_params)}" if self_params else path}]
-    if page.next_cursor is not None:
-        links.append({"relation": "next", "url": f"{path}?{urlencode(echo + [('_cursor', page.next_cursor.encode())])}"})
+    path = f"{base_url()}/{resource_type}"
+    links = page_links(path, query.echo, query.cursor, page.next_cursor)
     entries: list[dict[str, Any]] = []
     for resource in page.resources:
         shown = transform(resource) if transform else resource
@@ -43,8 +38,19 @@ def search_response(resource_type: str,
     return fhir_response(body)
 
 
-def history_bundle(resources: list[dict[str, Any]], resource_type: str) -> dict[str, Any]:
-    """A history Bundle, newest version first."""
+def page_links(path: str, echo: list[tuple[str, str]], cursor: Cursor | HistoryCursor | None,
+               next_cursor: Cursor | HistoryCursor | None) -> list[dict[str, str]]:
+    """``self`` (the accepted parameters and this page's cursor) and, when there is one, ``next``."""
+    self_params = list(echo) + ([("_cursor", cursor.encode())] if cursor else [])
+    links = [{"relation": "self", "url": f"{path}?{urlencode(self_params)}" if self_params else path}]
+    if next_cursor is not None:
+        links.append({"relation": "next", "url": f"{path}?{urlencode([*echo, ('_cursor', next_cursor.encode())])}"})
+    return links
+
+
+def history_bundle(resources: list[dict[str, Any]], resource_type: str, *, total: int | None = None,
+                   links: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A history Bundle, newest version first (``total``: of all pages; default: these versions)."""
     base = base_url()
     entries = []
     for resource in resources:
@@ -54,11 +60,17 @@ def history_bundle(resources: list[dict[str, Any]], resource_type: str) -> dict[
             "request": {"method": "POST" if version == "1" else "PUT", "url": f"{resource_type}/{resource['id']}"},
             "response": {"status": "201 Created" if version == "1" else "200 OK",
                          "etag": f'W/"{version}"', "lastModified": resource["meta"]["lastUpdated"]}})
-    return {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
+    body: dict[str, Any] = {"resourceType": "Bundle", "type": "history",
+                            "total": len(entries) if total is None else total}
+    if links:
+        body["link"] = links
+    if entries:
+        body["entry"] = entries
+    return body
 
 
 _SEARCH_TYPES = {"id": "token"}
-_INTERACTIONS = {"RiskAssessment": ["read", "vread", "history-instance", "search-type"],
+_INTERACTIONS = {"RiskAssessment": ["read", "vread", "history-instance", "history-type", "search-type"],
                  "Provenance": ["read", "search-type"], "AuditEvent": ["read", "search-type"]}
 WITHDRAW_DEFINITION = f"{codes.BASE}/OperationDefinition/withdraw"
 

@@ -17,8 +17,8 @@ from .tokens import Principal, TokenVerifier
 
 log = logging.getLogger(__name__)
 
-_ACTIONS = {"read": "R", "vread": "R", "history-instance": "R", "search-type": "E", "create": "C",
-            "update": "U", "delete": "D", "operation": "E"}
+_ACTIONS = {"read": "R", "vread": "R", "history-instance": "R", "history-type": "R", "search-type": "E",
+            "create": "C", "update": "U", "delete": "D", "operation": "E"}
 _BY_LETTER = {"r": "read", "s": "search-type", "c": "create", "u": "update", "d": "delete"}
 
 
@@ -114,7 +114,8 @@ def _audit(response: Response) -> Response:
         access = Access(_ACTIONS.get(interaction, "E"), interaction, outcome_for_status(status),
                         description=None if status < 400 else f"{status} {request.method} {request.path}",
                         entities=g.get("fhir_ai_entities") or _path_entities(),
-                        query=request.query_string.decode("utf-8", "replace") if interaction == "search-type" else None,
+                        query=(request.query_string.decode("utf-8", "replace")
+                               if interaction in ("search-type", "history-type") else None),
                         operation=_operation(), actor=g.get("fhir_ai_actor"))
     else:
         return response

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from datetime import datetime
+from typing import Any, Callable, Iterable, TypeVar
 
 import orjson
 
@@ -12,6 +14,7 @@ from ..errors import BadRequest, NotSupported
 from . import values
 from .values import Reference
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Param:
@@ -93,6 +96,20 @@ class Filter:
     values: list[Any]                     # DateValue | NumberValue | Token | Reference | str | bool
 
 
+def _pack(data: dict[str, Any]) -> str:
+    """A ``_cursor`` value: the JSON of ``data``, base64url without padding."""
+    return base64.urlsafe_b64encode(orjson.dumps(data)).decode().rstrip("=")
+
+
+def _unpack(text: str, make: Callable[[dict[str, Any]], T]) -> T:
+    """``make`` applied to what ``_pack`` packed; anything else is a 400 naming ``_cursor``."""
+    try:
+        return make(orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
+    except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+        raise BadRequest("_cursor is not one this server issued; start the search again",
+                         expression="_cursor") from exc
+
+
 @dataclass
 class Cursor:
     """Where the previous page ended: (sort key, seq) of its last row, and the high-water seq."""
@@ -101,17 +118,33 @@ class Cursor:
     seq: int
 
     def encode(self) -> str:
-        raw = orjson.dumps({"h": self.high, "k": self.key, "s": self.seq})
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return _pack({"h": self.high, "k": self.key, "s": self.seq})
 
     @classmethod
     def decode(cls, text: str) -> "Cursor":
-        try:
-            data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            return cls(int(data["h"]), data["k"], int(data["s"]))
-        except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
-            raise BadRequest("_cursor is not one this server issued; start the search again",
-                             expression="_cursor") from exc
+        return _unpack(text, lambda data: cls(int(data["h"]), data["k"], int(data["s"])))
+
+
+@dataclass
+class HistoryCursor:
+    """Where the previous history page ended: (lastUpdated, id, version) of its last version, and the
+    high-water lastUpdated of the first page (versions stored later are not in the pages that follow)."""
+    high: datetime
+    key: datetime
+    id: str
+    version: int
+
+    def encode(self) -> str:
+        return _pack({"h": self.high.isoformat(), "k": self.key.isoformat(), "i": self.id, "v": self.version})
+
+    @classmethod
+    def decode(cls, text: str) -> "HistoryCursor":
+        def make(data: dict[str, Any]) -> HistoryCursor:
+            high, key = datetime.fromisoformat(data["h"]), datetime.fromisoformat(data["k"])
+            if high.tzinfo is None or key.tzinfo is None or not isinstance(data["i"], str):
+                raise ValueError("not a cursor")
+            return cls(high, key, data["i"], int(data["v"]))
+        return _unpack(text, make)
 
 
 @dataclass
@@ -218,3 +251,51 @@ def _control(query: SearchQuery, name: str, raw: str) -> None:
     elif name == "_cursor":
         query.cursor = Cursor.decode(raw)
     # _format is checked by the API layer (JSON only).
+
+
+# FHIR instant (https://hl7.org/fhir/R4/datatypes.html#instant): to the second at least, with a zone.
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})")
+
+
+@dataclass
+class HistoryQuery:
+    """A type-level history (https://hl7.org/fhir/R4/http.html#history), newest version first."""
+    since: datetime | None = None                        # versions stored at or after this instant
+    at: tuple[datetime, datetime] | None = None          # versions current at some time in [low, high)
+    count: int = DEFAULT_COUNT
+    cursor: HistoryCursor | None = None
+    echo: list[tuple[str, str]] = field(default_factory=list)   # the accepted parameters, for links
+
+
+def parse_history(args: Iterable[tuple[str, str]], *, lenient: bool = False) -> HistoryQuery:
+    """``_since`` (instant), ``_at`` (date or dateTime, its precision is the period), ``_count``, ``_cursor``;
+    a malformed one → BadRequest naming it; an unknown one too, unless lenient (then it is ignored)."""
+    query = HistoryQuery()
+    for name, raw in args:
+        if name == "_cursor":
+            query.cursor = HistoryCursor.decode(raw)
+        elif name in ("_since", "_at", "_count"):
+            _history_control(query, name, raw)
+            query.echo.append((name, raw))
+        elif name != "_format" and not lenient:       # _format: checked by the API layer (JSON only)
+            raise BadRequest(f"unknown history parameter {name!r}; history supports _since, _at and _count",
+                             expression=name)
+    return query
+
+
+def _history_control(query: HistoryQuery, name: str, raw: str) -> None:
+    if name == "_since":
+        if not _INSTANT.fullmatch(raw):
+            raise BadRequest("_since must be a FHIR instant, e.g. 2026-11-20T08:00:00Z", expression="_since")
+        query.since = _date_range("_since", raw)[0]
+    elif name == "_at":
+        query.at = _date_range("_at", raw)
+    else:
+        query.count = _int("_count", raw, 0, MAX_COUNT)
+
+
+def _date_range(name: str, raw: str) -> tuple[datetime, datetime]:
+    try:
+        return values.date_range(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: {exc}", expression=name) from exc

@@ -7,12 +7,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from ..search.params import Cursor, Filter, SearchQuery
+from ..search.params import Cursor, Filter, HistoryCursor, HistoryQuery, SearchQuery
 from ..search.values import DateValue, NumberValue, Reference, Token
 from .tables import AssessmentRow
-from .trail_tables import AuditEventRow, ProvenanceRow, SearchIndexRow, probes_by_seq
+from .trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow, SearchIndexRow, probes_by_seq
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ SPECS = {
 class Page:
     total: int
     resources: list[dict[str, Any]]
-    next_cursor: Cursor | None
+    next_cursor: Cursor | HistoryCursor | None
 
 
 def utc(value: datetime) -> datetime:
@@ -44,14 +44,17 @@ def utc(value: datetime) -> datetime:
 
 
 def date_clause(start: Any, end: Any | None, value: DateValue) -> ColumnElement[bool]:
-    """https://hl7.org/fhir/R4/search.html#prefix: the target range [start, end) against the value's range."""
+    """https://hl7.org/fhir/R4/search.html#prefix: the target range [start, end) against the value's range
+    (for ap the widened range of values.parse_date, which the target only needs to overlap)."""
     low, high = value.low, value.high
     ends_within = end <= high if end is not None else start < high
     reaches_above = end > high if end is not None else start >= high
     contained = and_(start >= low, ends_within)
     clauses = {"eq": contained, "ne": not_(contained), "gt": reaches_above, "lt": start < low,
                "ge": or_(reaches_above, contained), "le": or_(start < low, contained),
-               "sa": start >= high, "eb": end <= low if end is not None else start < low}
+               "sa": start >= high, "eb": end <= low if end is not None else start < low,
+               # ap: overlap; a Period without an end runs on (https://hl7.org/fhir/R4/datatypes.html#Period)
+               "ap": and_(start < high, or_(end.is_(None), end > low) if end is not None else start >= low)}
     return and_(start.is_not(None), clauses[value.prefix])
 
 
@@ -150,3 +153,39 @@ def _after(cursor: Cursor, sort_column: Any | None, seq: Any, ascending: bool) -
     if ascending:
         return or_(sort_column > key, and_(sort_column == key, seq > cursor.seq))
     return or_(sort_column < key, and_(sort_column == key, seq < cursor.seq))
+
+
+def history(session: Session, query: HistoryQuery) -> Page:
+    """Every RiskAssessment version the query selects, newest first (lastUpdated, then id and version),
+    keyset-paged below the first page's high-water lastUpdated."""
+    row = AssessmentVersionRow
+    high = query.cursor.high if query.cursor else session.scalar(select(func.max(row.last_updated)))
+    if high is None:
+        return Page(0, [], None)
+    where: list[ColumnElement[bool]] = [row.last_updated <= high]
+    if query.since is not None:
+        where.append(row.last_updated >= query.since)
+    if query.at is not None:
+        # Current from its lastUpdated until the next version's: that span must meet [low, high).
+        low, up = query.at
+        newer = aliased(AssessmentVersionRow)
+        where += [row.last_updated < up,
+                  not_(exists().where(newer.id == row.id, newer.version_id == row.version_id + 1,
+                                      newer.last_updated <= low))]
+    total = session.scalar(select(func.count()).select_from(row).where(*where)) or 0
+    if query.count == 0:
+        return Page(total, [], None)
+    if query.cursor is not None:
+        c = query.cursor
+        where.append(or_(row.last_updated < c.key,
+                         and_(row.last_updated == c.key,
+                              or_(row.id < c.id, and_(row.id == c.id, row.version_id < c.version)))))
+    rows = list(session.execute(select(row.last_updated, row.id, row.version_id, row.resource).where(*where)
+                                .order_by(row.last_updated.desc(), row.id.desc(), row.version_id.desc())
+                                .limit(query.count + 1)))
+    next_cursor = None
+    if len(rows) > query.count:
+        rows = rows[:query.count]
+        last = rows[-1]
+        next_cursor = HistoryCursor(utc(high), utc(last.last_updated), last.id, last.version_id)
+    return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)

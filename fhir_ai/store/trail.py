@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import FhirAiError, NotFound, Unprocessable
 from ..fhir import times
-from ..search.params import SearchQuery
+from ..search.params import HistoryQuery, SearchQuery
 from ..search.values import date_range
 from . import actors, indexing, provenance, rawsql, searching
 from .actors import Actor
@@ -270,6 +270,11 @@ class TrailMixin:
             rows = session.scalars(select(AssessmentVersionRow.resource).where(AssessmentVersionRow.id == resource_id)
                                    .order_by(AssessmentVersionRow.version_id.desc()))
             return [orjson.loads(text) for text in rows]
+
+    def history(self, query: HistoryQuery) -> searching.Page:
+        """A page of every assessment's versions (type-level history), newest first."""
+        with self.session() as session:
+            return searching.history(session, query)
 
     def get_provenance(self, resource_id: str) -> dict[str, Any] | None:
         with self.session() as session:
