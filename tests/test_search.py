@@ -2,12 +2,14 @@
 _summary=count, and keyset paging that stays correct while new assessments arrive."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from fhir_ai import codes
+from fhir_ai.search import values
 
 try:
     from .stored import ids, module_app, risk_assessment, save
@@ -120,6 +122,43 @@ def test_search_parameters(client, query, expected):
     assert response.json["total"] == len(expected)
 
 
+NOW = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("query, expected", [
+    # ± 10% of the time from the value to NOW (2026-11-30T08:00Z), around the value's own range
+    ("date=ap2026-11-19T08:00:00Z", {"a1"}),              # 11 days: ± 26.4 h reaches 11-20T10:24, not 15:30
+    ("date=ap2026-11-21T12:00:00Z", {"a2", "a3"}),        # 8 d 20 h: ± 21.2 h reaches back to 11-20T14:48
+    ("date=ap2026-11-22T00:00:00Z", set()),               # 8 d 8 h: ± 20 h, from 11-21T04:00
+    ("date=ap2026-12-01T09:00:00Z", {"a4"}),              # 1 d 1 h ahead: ± 2.5 h
+    ("date=ap2026-12-01T06:00:00Z", set()),               # 22 h ahead: ± 2.2 h ends at 08:12, before 10:00
+    ("date=ap2025", {"a5"}),                              # a whole year, widened by about 70 days
+    ("date=ap2026-11-20,ap2026-12-01T10:00:00Z", {"a1", "a2", "a3", "a4"}),
+])
+def test_date_ap_is_approximately_relative_to_now(client, monkeypatch, query, expected):
+    monkeypatch.setattr(values, "clock", lambda: NOW)
+    response = client.get(f"/RiskAssessment?{query}")
+    assert response.status_code == 200, response.json
+    assert ids(response.json) == expected
+
+
+@pytest.mark.parametrize("path, param", [("Provenance", "recorded"), ("AuditEvent", "date")])
+def test_date_ap_on_provenance_and_audit_events(client, monkeypatch, path, param):
+    """Their dates are when this server stored: NOW is put 10 days after one of them."""
+    first = client.get(f"/{path}?_count=1").json["entry"][0]["resource"]
+    recorded = datetime.fromisoformat(first["recorded"].replace("Z", "+00:00"))
+    monkeypatch.setattr(values, "clock", lambda: recorded + timedelta(days=10))
+
+    def found(when: datetime) -> set[str]:
+        value = quote(f"ap{when.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+        response = client.get(f"/{path}?{param}={value}&_count=200")
+        assert response.status_code == 200, response.json
+        return ids(response.json)
+
+    assert first["id"] in found(recorded - timedelta(days=1))        # 11 days from now: ± 26.4 h
+    assert first["id"] not in found(recorded - timedelta(days=2))    # 12 days: ± 28.8 h ends 19.2 h before
+
+
 def test_bundle_is_a_valid_searchset(client):
     body = client.get("/RiskAssessment?patient=p1").json
     Bundle.model_validate(body)
@@ -130,7 +169,7 @@ def test_bundle_is_a_valid_searchset(client):
 @pytest.mark.parametrize("query, expression", [
     ("date=2026-13-01", "date"),
     ("date=xx2026", "date"),
-    ("date=ap2026", "date"),
+    ("date=ap2026-13", "date"),
     ("probability=abc", "probability"),
     ("risk:above=high", "risk:above"),
     ("patient=Observation/1", "patient"),

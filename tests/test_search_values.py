@@ -7,6 +7,7 @@ import pytest
 
 from fhir_ai.errors import BadRequest, NotSupported
 from fhir_ai.search import parse_query
+from fhir_ai.search import values
 from fhir_ai.search.params import Cursor
 from fhir_ai.search.values import (Reference, Token, date_range, parse_date, parse_number, parse_reference,
                                    parse_token, split_values)
@@ -42,16 +43,45 @@ def test_malformed_dates_are_refused(text):
 
 @pytest.mark.parametrize("text, prefix", [("2026", "eq"), ("eq2026", "eq"), ("ne2026", "ne"), ("lt2026", "lt"),
                                           ("gt2026", "gt"), ("le2026", "le"), ("ge2026", "ge"), ("sa2026", "sa"),
-                                          ("eb2026", "eb")])
+                                          ("eb2026", "eb"), ("ap2026", "ap")])
 def test_date_prefixes(text, prefix):
     assert parse_date(text).prefix == prefix
 
 
-def test_unknown_and_unsupported_date_prefixes():
+def test_unknown_date_prefixes():
     with pytest.raises(ValueError, match="unknown prefix"):
         parse_date("xx2026")
-    with pytest.raises(ValueError, match="ap"):
-        parse_date("ap2026")
+    with pytest.raises(ValueError, match="not a FHIR date"):
+        parse_date("ap")
+
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text, low, high", [
+    # 10 days before now: ± 1 day around the value's own day
+    ("ap2026-11-16", datetime(2026, 11, 15, tzinfo=UTC), datetime(2026, 11, 18, tzinfo=UTC)),
+    # 5 days ahead (09:00 in Seoul is 00:00Z): ± 12 h around the second
+    ("ap2026-12-01T09:00:00+09:00", datetime(2026, 11, 30, 12, tzinfo=UTC),
+     datetime(2026, 12, 1, 12, 0, 1, tzinfo=UTC)),
+    # at now: the value's own precision range, nothing more
+    ("ap2026-11-26", datetime(2026, 11, 26, tzinfo=UTC), datetime(2026, 11, 27, tzinfo=UTC)),
+    # a month that began 25 days ago: ± 2.5 days
+    ("ap2026-11", datetime(2026, 10, 29, 12, tzinfo=UTC), datetime(2026, 12, 3, 12, tzinfo=UTC)),
+    # far from now the range is held within what a datetime can hold
+    ("ap0001", datetime.min.replace(tzinfo=UTC),
+     datetime(2, 1, 1, tzinfo=UTC) + (NOW - datetime(1, 1, 1, tzinfo=UTC)) / 10),
+])
+def test_ap_date_widens_by_a_tenth_of_the_distance_to_now(text, low, high):
+    value = parse_date(text, now=NOW)
+    assert value.prefix == "ap"
+    assert (value.low, value.high) == (low, high)
+
+
+def test_ap_date_reads_now_from_the_clock(monkeypatch):
+    monkeypatch.setattr(values, "clock", lambda: NOW)
+    assert parse_date("ap2026-11-16") == parse_date("ap2026-11-16", now=NOW)
+    assert parse_date("eq2026-11-16", now=NOW) == parse_date("eq2026-11-16")   # only ap depends on now
 
 
 @pytest.mark.parametrize("text, prefix, value, low, high", [

@@ -2,6 +2,7 @@
 
 https://hl7.org/fhir/R4/search.html#prefix — a date or number given with some precision means the
 whole range of values that round to it (``2026-11`` is all of November, ``0.25`` is [0.245, 0.255)).
+``ap`` ("approximately") leaves the range to the server: see ``parse_date`` and ``parse_number``.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from typing import Callable
 
 UTC = timezone.utc
-DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 NUMBER_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
@@ -19,6 +21,9 @@ _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})
 _NUMBER = re.compile(r"[+-]?(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+AP_FRACTION = 0.1       # ap on a date: ± this fraction of the time between the value and now
+# What "now" is for ap on dates; looked up at each parse, so that tests can fix it.
+clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -106,15 +111,33 @@ def date_range(text: str, default_zone: timezone = UTC) -> tuple[datetime, datet
     return low.astimezone(UTC), high.astimezone(UTC)
 
 
-def parse_date(text: str) -> DateValue:
-    prefix, rest = split_prefix(text, DATE_PREFIXES + ("ap",))
-    if prefix == "ap":
-        raise ValueError("the ap prefix is not supported for dates")
+def parse_date(text: str, now: datetime | None = None) -> DateValue:
+    """A date search value: its prefix and the [low, high) range it stands for.
+
+    ``ap`` (approximately): the value's own range widened on both sides by 10% of the time between the
+    value (the start of its range) and now, as HAPI FHIR does; a resource matches when its date range
+    overlaps that. So ``ap2026-11-16`` asked on 2026-11-26T00:00Z is 2026-11-15T00:00Z to
+    2026-11-18T00:00Z (10 days ago: ± 1 day), and a value at now is just its own precision range.
+    ``now`` defaults to ``clock()``.
+    """
+    prefix, rest = split_prefix(text, DATE_PREFIXES)
     low, high = date_range(rest)
+    if prefix == "ap":
+        slack = abs((now or clock()) - low) * AP_FRACTION
+        low, high = _shift(low, -slack), _shift(high, slack)
     return DateValue(prefix, low, high)
 
 
+def _shift(moment: datetime, by: timedelta) -> datetime:
+    """``moment + by``, held within the years datetime can hold (ap on year 0001 or 9999)."""
+    try:
+        return moment + by
+    except OverflowError:
+        return (datetime.min if by < timedelta(0) else datetime.max).replace(tzinfo=UTC)
+
+
 def parse_number(text: str) -> NumberValue:
+    """A number search value with the range of its precision; ``ap`` matches within 10% of the value."""
     prefix, rest = split_prefix(text, NUMBER_PREFIXES)
     match = _NUMBER.fullmatch(rest)
     if not match:
