@@ -115,8 +115,8 @@ def parse_date(text: str, now: datetime | None = None) -> DateValue:
     """A date search value: its prefix and the [low, high) range it stands for.
 
     ``ap`` (approximately): the value's own range widened on both sides by 10% of the time between the
-    value (the start of its range) and now, as HAPI FHIR does; a resource matches when its date range
-    overlaps that. So ``ap2026-11-16`` asked on 2026-11-26T00:00Z is 2026-11-15T00:00Z to
+    value (the start of its range) and now, the specification's recommendation ("for a date, 10% of the
+    gap between now and the date"); a resource matches when its date range overlaps that. So ``ap2026-11-16`` asked on 2026-11-26T00:00Z is 2026-11-15T00:00Z to
     2026-11-18T00:00Z (10 days ago: ± 1 day), and a value at now is just its own precision range.
     ``now`` defaults to ``clock()``.
     """
