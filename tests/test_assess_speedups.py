@@ -3,20 +3,31 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 
 import jwt
 import numpy as np
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fhir_ai.auth import scopes
 from fhir_ai.auth.tokens import TokenVerifier
-from fhir_ai.config import Settings
+from fhir_ai.config import DEMO_HOSPITAL, Settings
 from fhir_ai.errors import Unauthorized
 from fhir_ai.features import FeatureSet
+from fhir_ai.jobs import JobStore, runtime
+from fhir_ai.jobs.celery_app import app as celery
 from fhir_ai.mapping import load_directory
 from fhir_ai.models.metrics import apply_calibration
 from fhir_ai.models.registry import ModelRegistry
+
+try:
+    from .credentials import ROLE_TOKENS, bearer
+    from .stored import risk_assessment, save
+except ImportError:
+    from credentials import ROLE_TOKENS, bearer  # type: ignore[no-redef]
+    from stored import risk_assessment, save  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +71,137 @@ def test_calibrated_probability_is_the_cards_calibration_bit_for_bit(registry):
     assert model.probability(X).tobytes() == expected.tobytes()
 
 
-def test_role_scopes_are_the_parsed_roles():
-    for role, text in scopes.ROLES.items():
-        assert scopes.role_scopes(role) == scopes.Scopes.parse(text)
-    with pytest.raises(KeyError):
-        scopes.role_scopes("superuser")
+# -- the parsed-once role scopes, through the API ---------------------------------------------------------
+# Every request of a static token reads its role's scopes parsed once (scopes.role_scopes). Comparing that
+# copy with a fresh parse only finds drift between the two; here each configured role's token is sent to
+# every route and must get exactly what its scopes grant, and a 403 OperationOutcome naming the missing
+# scope (with nothing done) for the rest.
+
+# The roles as scopes.ROLES defines them (least privilege; its comments say what each role is for).
+GRANTS = {
+    "ehr": {"RiskAssessment": "cruds"},          # assess (c), read and search (r s), withdraw (u)
+    "integrator": {"Mapping": "rsu", "WriteBack": "rs"},    # check (r) and reload (u) mappings, watch the outbox
+    "auditor": {"RiskAssessment": "rs", "Provenance": "rs", "AuditEvent": "rs"},  # reads only
+    "admin": {"*": "cruds"},                     # operators: everything
+}
+PUBLIC_ROUTES = {("GET", "/metadata"), ("GET", "/health"), ("GET", "/OperationDefinition/assess"),
+                 ("GET", "/OperationDefinition/assess-bundle"), ("GET", "/cds-services")}
+FLASK_STATIC = ("GET", "/static/<path:filename>")     # Flask's own; fhir_ai has no static folder
+OWN_AUTH_ROUTES = {("POST", "/cds-services/<service_id>"), ("POST", "/cds-services/<service_id>/feedback"),
+                   ("POST", "/subscriptions/notify")}      # CDS Hooks JWTs, subscription notification tokens
+ASSESS_AT = {"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": "2026-11-20T08:00:00Z"}]}
+# (method, route, path, body, the scope it needs, the status when allowed). {role} is the caller's role;
+# {audit} an AuditEvent id. A body "push" is the demo patient's record as a Bundle.
+ROUTES = [
+    ("POST", "/Patient/<patient_id>/$assess", "/Patient/demo-005/$assess", ASSESS_AT, "RiskAssessment.c", 200),
+    ("POST", "/$assess", "/$assess", "push", "RiskAssessment.c", 200),
+    ("POST", "/Group/<group_id>/$assess", "/Group/ward/$assess", ASSESS_AT, "RiskAssessment.c", 202),
+    ("POST", "/$assess-all", "/$assess-all", ASSESS_AT, "RiskAssessment.c", 202),
+    ("GET", "/jobs/<job_id>", "/jobs/job-{role}", None, "RiskAssessment.r", 202),
+    ("DELETE", "/jobs/<job_id>", "/jobs/job-{role}", None, "RiskAssessment.c", 202),
+    ("GET", "/RiskAssessment", "/RiskAssessment?patient=p1", None, "RiskAssessment.s", 200),
+    ("GET", "/RiskAssessment/<resource_id>", "/RiskAssessment/m1", None, "RiskAssessment.r", 200),
+    ("GET", "/RiskAssessment/<resource_id>/_history", "/RiskAssessment/m1/_history", None, "RiskAssessment.r", 200),
+    ("GET", "/RiskAssessment/_history", "/RiskAssessment/_history", None, "RiskAssessment.r", 200),
+    ("GET", "/RiskAssessment/<resource_id>/_history/<version>", "/RiskAssessment/m1/_history/1", None,
+     "RiskAssessment.r", 200),
+    ("POST", "/RiskAssessment/<resource_id>/$withdraw", "/RiskAssessment/m1/$withdraw",
+     {"resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "test"}]}, "RiskAssessment.u", 200),
+    ("GET", "/Provenance", "/Provenance?target=RiskAssessment/m1", None, "Provenance.s", 200),
+    ("GET", "/Provenance/<resource_id>", "/Provenance/prov-m1-1", None, "Provenance.r", 200),
+    ("GET", "/AuditEvent", "/AuditEvent?action=C", None, "AuditEvent.s", 200),
+    ("GET", "/AuditEvent/<resource_id>", "/AuditEvent/{audit}", None, "AuditEvent.r", 200),
+    ("GET", "/audit/cds-cards", "/audit/cds-cards", None, "AuditEvent.s", 200),
+    ("GET", "/mappings", "/mappings", None, "Mapping.r", 200),
+    ("POST", "/mappings/$check", "/mappings/$check", None, "Mapping.r", 200),
+    ("POST", "/mappings/$reload", "/mappings/$reload", None, "Mapping.u", 200),
+    ("GET", "/write-back", "/write-back", None, "WriteBack.s", 200),
+]
+
+
+def _granted(role: str, needed: str) -> bool:
+    resource, letter = needed.split(".")
+    return any(letter in GRANTS[role].get(key, "") for key in (resource, "*"))
+
+
+@pytest.fixture
+def one_patient_hospital(tmp_path, settings_overrides):
+    """The demo hospital cut down to demo-005 (in a Group 'ward'), so the batch kick-offs stay small.
+
+    It changes settings_overrides: a test asks for it before ``app``."""
+    folder = tmp_path / "hospital"
+    folder.mkdir()
+    for kind in ("Patient", "Encounter", "Observation"):
+        lines = [line for line in (DEMO_HOSPITAL / f"{kind}.ndjson").read_bytes().splitlines()
+                 if b'"demo-005"' in line or b'"Patient/demo-005"' in line]
+        (folder / f"{kind}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "Group.ndjson").write_text(json.dumps({
+        "resourceType": "Group", "id": "ward", "type": "person", "actual": True,
+        "member": [{"entity": {"reference": "Patient/demo-005"}}]}) + "\n")
+    settings_overrides["source_url"] = str(folder)
+    return folder
+
+
+@pytest.fixture
+def eager_jobs():
+    """Batch tasks run inside the request (no broker), as in test_jobs."""
+    saved = celery.conf.task_always_eager, celery.conf.task_eager_propagates
+    celery.conf.task_always_eager = celery.conf.task_eager_propagates = True
+    yield
+    celery.conf.task_always_eager, celery.conf.task_eager_propagates = saved
+    runtime.close()
+
+
+def _routed(app) -> set[tuple[str, str]]:
+    return {(method, rule.rule) for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+
+
+def test_every_route_is_in_the_role_table(app):
+    assert _routed(app) == {(method, rule) for method, rule, *_ in ROUTES} | PUBLIC_ROUTES | OWN_AUTH_ROUTES | {
+        FLASK_STATIC}
+    assert set(GRANTS) == set(scopes.ROLES) == set(ROLE_TOKENS)      # a new role needs a row here and a token
+
+
+@pytest.mark.parametrize("role", sorted(scopes.ROLES))
+def test_each_role_can_do_what_its_scopes_grant_and_nothing_else(one_patient_hospital, eager_jobs, app, client, role):
+    parsed = scopes.role_scopes(role)          # what every request with this role's static token is given
+    assert {k: set(v) for k, v in parsed.grants.items()} == {k: set(v) for k, v in GRANTS[role].items()}
+    runtime.configure(app.config["FHIR_AI"], app.extensions["fhir_ai"])
+    save(app, risk_assessment("m1"))
+    JobStore(app.extensions["fhir_ai"].store).create(
+        f"job-{role}", kind="group", scope="ward", as_of=datetime(2026, 11, 20, tzinfo=timezone.utc),
+        request={"request": "test"}, requested_by=f"{role}-client", requested_role=role)
+    audit_id = client.get("/AuditEvent?_count=1").json["entry"][0]["resource"]["id"]      # (the admin token)
+    push = {"resourceType": "Parameters", "parameter": [
+        {"name": "bundle", "resource": {"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": orjson.loads(line)} for kind in ("Patient", "Encounter", "Observation")
+            for line in (one_patient_hospital / f"{kind}.ndjson").read_bytes().splitlines()]}},
+        {"name": "asOf", "valueDateTime": "2026-11-20T08:00:00Z"}]}
+    allowed, refused = [], []
+    for method, rule, path, body, needed, ok in ROUTES:
+        headers = bearer(ROLE_TOKENS[role])
+        path = path.format(role=role, audit=audit_id)
+        if body is None:
+            response = client.open(path, method=method, headers=headers)
+        else:
+            response = client.open(path, method=method, json=push if body == "push" else body,
+                                   content_type="application/fhir+json", headers=headers)
+        if _granted(role, needed):
+            assert response.status_code == ok, (role, method, path, response.get_json())
+            allowed.append(rule)
+        else:
+            assert response.status_code == 403, (role, method, path, response.get_json())
+            assert response.json["resourceType"] == "OperationOutcome"
+            assert response.json["issue"][0]["code"] == "forbidden"
+            assert f'scope="system/{needed}"' in response.headers["WWW-Authenticate"]
+            refused.append(rule)
+    assert allowed and (refused or role == "admin")
+    # What was refused left no trace: no assessment made, m1 not withdrawn, the role's job still there.
+    assert (client.get("/RiskAssessment?patient=Patient/demo-005").json["total"] > 0) == _granted(
+        role, "RiskAssessment.c")
+    assert client.get("/RiskAssessment/m1").json["status"] == (
+        "entered-in-error" if _granted(role, "RiskAssessment.u") else "final")
+    assert (client.get(f"/jobs/job-{role}").status_code == 404) == _granted(role, "RiskAssessment.c")
 
 
 ISSUER, AUDIENCE = "https://idp.hospital.test", "https://fhir-ai.hospital.test"
