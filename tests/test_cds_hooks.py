@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm
 
 from fhir_ai.app import create_app
+from fhir_ai.cds import prefetch as cds_prefetch
 from fhir_ai.cds.services import observation_chunks
 
 import factories as f
@@ -261,14 +262,17 @@ def test_operation_outcome_without_fhir_server_is_412(client: FlaskClient, recor
     assert call(client, hook_request(record, prefetch=prefetch, server=False)).status_code == 412
 
 
-@pytest.mark.parametrize("status", [401, 500, 503])
-def test_ehr_server_failing_is_412(client: FlaskClient, record: dict[str, Any], status: int) -> None:
+@pytest.mark.parametrize("status, attempts", [(401, 1), (500, 3), (503, 3)])
+def test_ehr_server_failing_is_412(client: FlaskClient, record: dict[str, Any], status: int, attempts: int,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cds_prefetch, "sleep", lambda seconds: None)    # 500 and 503 are retried: no real wait
     prefetch = full_prefetch(record)
     del prefetch["observations"]
     with responses.RequestsMock() as rsps:
         rsps.post(f"{FHIR}/Observation/_search", status=status, json={"resourceType": "OperationOutcome", "issue": [
             {"severity": "error", "code": "security", "diagnostics": "token rejected"}]})
         response = call(client, hook_request(record, prefetch=prefetch))
+        assert len(rsps.calls) == attempts
     assert response.status_code == 412
     assert "cannot obtain Observations" in response.json["issue"][0]["diagnostics"]
 

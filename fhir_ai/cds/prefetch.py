@@ -6,9 +6,13 @@ OperationOutcome means the EHR failed (fetch it ourselves, or 412 when we cannot
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from ..errors import (BadRequest, ConfigurationError, FhirAiError, UpstreamError, UpstreamNotFound)
 from ..fhir.client import FhirClient, outcome_text
@@ -21,6 +25,15 @@ log = logging.getLogger(__name__)
 
 _MISSING = object()
 WHAT = {PATIENT_KEY: "Patient", ENCOUNTER_KEY: "Encounter"}
+
+# The clinician waits for the hook's answer: temporary failures (connection reset, timeout, 408, 429,
+# 5xx) are retried a little, quickly, and every attempt and wait fits in the hook's time budget
+# (cds_fetch_timeout for all fetches of one call); see FhirClient's deadline.
+RETRIES = 2
+BACKOFF = 0.25          # s: 0.25, then 0.5, unless the server's Retry-After asks for longer
+# Looked up when each client is made, so that tests can patch out the waiting and the clock.
+sleep: Callable[[float], None] = time.sleep
+clock: Callable[[], float] = time.monotonic
 
 
 class PreconditionFailed(FhirAiError):
@@ -58,7 +71,9 @@ class Gatherer:
         self.encounter_id: str | None = context.get("encounterId")
         self.checker = RecordChecker(self.patient_id)
         self.out = Gathered(encounter_id=self.encounter_id)
+        self.deadline = clock() + timeout       # for every fetch of this call together
         self._source: ServerSource | None = None
+        self._get_only_known = False
 
     def gather(self) -> Gathered:
         prefetch = self.request.get("prefetch")
@@ -73,6 +88,8 @@ class Gatherer:
                 self._observations(key, codes, prefetch.get(key, _MISSING))
         finally:
             if self._source is not None:
+                if not self._source.search_by_post and not self._get_only_known:
+                    GET_ONLY.add(self._source.client.base_url)     # learnt in this call
                 self._source.close()
         self.out.resources = self.checker.data.resources
         return self.out
@@ -195,15 +212,65 @@ class Gatherer:
         auth = self.request.get("fhirAuthorization") or {}
         try:
             client = self.client_factory(server, auth.get("access_token"))
-        except ConfigurationError as exc:
+        except (ConfigurationError, ValueError) as exc:     # ValueError: e.g. a port that is not a number
             raise BadRequest(f"fhirServer is not an http(s) FHIR base URL: {server!r}",
                              expression="fhirServer") from exc
         self._source = ServerSource(client)
+        if GET_ONLY.has(client.base_url):
+            self._source.search_by_post = False
+            self._get_only_known = True
         return self._source
 
     def _client(self, server: str, token: str | None) -> FhirClient:
-        # No retries: a hook answer should come within about 500 ms; a failed fetch is a 412.
-        return FhirClient(server, token=token, timeout=self.timeout, retries=0)
+        # A Retry-After longer than the time left fails the fetch at once (412): the clinician is waiting.
+        return FhirClient(server, token=token, timeout=self.timeout, retries=RETRIES, backoff=BACKOFF,
+                          retry_after_cap=self.timeout, deadline=self.deadline, sleep=sleep, clock=clock)
+
+
+class ServerMemory:
+    """fhirServer base URLs that refused a search by POST _search, kept across hook calls.
+
+    Each call has its own ServerSource, whose memory of the refusal would die with it: without this, such a
+    server would cost one refused POST per call. Bounded (least recently added dropped first) and
+    forgotten after ``ttl`` seconds, so that a server that has learnt POST _search is asked again.
+    Holds base URLs without user info, query or fragment: no token, no patient data.
+    """
+
+    def __init__(self, size: int = 256, ttl: float = 3600.0) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._added: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, base_url: str) -> None:
+        key = _server_key(base_url)
+        with self._lock:
+            self._added.pop(key, None)
+            self._added[key] = clock()
+            while len(self._added) > self.size:
+                self._added.popitem(last=False)
+
+    def has(self, base_url: str) -> bool:
+        key = _server_key(base_url)
+        with self._lock:
+            added = self._added.get(key)
+            if added is not None and clock() - added >= self.ttl:
+                del self._added[key]
+                added = None
+        return added is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._added.clear()
+
+
+GET_ONLY = ServerMemory()      # servers to search by GET (the per-process memory of POST refusals)
+
+
+def _server_key(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme.lower()}://{host}{parts.path.rstrip('/')}"
 
 
 def _what(key: str) -> str:

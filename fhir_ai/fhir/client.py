@@ -173,9 +173,14 @@ class FhirClient:
     """Talks FHIR R4 JSON to one server; retries only temporary failures; never leaks the token."""
 
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0,
-                 retries: int = 3, retry_after_cap: float = 30.0,
-                 session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep, auth: Auth | None = None) -> None:
+                 retries: int = 3, retry_after_cap: float = 30.0, backoff: float = 1.0,
+                 deadline: float | None = None, session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 auth: Auth | None = None) -> None:
+        """``backoff``: the first wait between attempts (doubled each time) when the server names none.
+        ``deadline``: a ``clock()`` time that no attempt or wait may pass, for a caller who is waiting (a
+        CDS hook): each attempt's timeout is cut to what is left, and a retry whose wait (backoff or
+        Retry-After) would reach it is not made - the call fails at once instead."""
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         if self._origin[0] not in _DEFAULT_PORTS or not self._origin[1]:
@@ -184,7 +189,10 @@ class FhirClient:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.retry_after_cap = retry_after_cap
+        self.backoff = backoff
+        self.deadline = deadline
         self._sleep = sleep
+        self._clock = clock
         self._own_session = session is None
         self.session = session or requests.Session()
         if self._own_session:
@@ -348,8 +356,13 @@ class FhirClient:
                 return self._attempt(method, url, where, params, data, attempt_headers, search_post)
             except _Temporary as failure:
                 if attempt >= retries:
-                    raise self._exhausted(method, where, failure, retries) from None
+                    raise self._exhausted(method, where, failure, attempt + 1) from None
                 delay = self._delay(attempt, failure.response)
+                left = self._time_left()
+                if left is not None and delay >= left:
+                    failure.reason += (f"; not retried: the wait of {delay:.1f} s would pass the deadline "
+                                       f"({max(left, 0.0):.1f} s left)")
+                    raise self._exhausted(method, where, failure, attempt + 1) from None
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", method, where, failure.reason,
                             attempt + 1, retries, delay)
                 self._sleep(delay)
@@ -357,20 +370,30 @@ class FhirClient:
 
     def _delay(self, attempt: int, response: requests.Response | None) -> float:
         asked = _retry_after(response)
-        delay = asked if asked is not None else float(2 ** attempt)  # 1, 2, 4, 8 ... s
+        delay = asked if asked is not None else self.backoff * 2 ** attempt  # 1, 2, 4 ... x backoff
         return min(delay, self.retry_after_cap)
+
+    def _time_left(self) -> float | None:
+        """Seconds until the deadline (negative once passed); None without one."""
+        return None if self.deadline is None else self.deadline - self._clock()
 
     def _attempt(self, method: str, url: str, where: str, params: Params, data: bytes | None,
                  headers: dict[str, str], search_post: bool = False) -> dict[str, Any]:
+        timeout = self.timeout
+        left = self._time_left()
+        if left is not None:
+            if left <= 0:
+                raise _Temporary("no time left before the deadline to ask", timeout=True)
+            timeout = min(timeout, left)
         try:
             prepared = self._prepare(method, url, params, data, headers)
             # Our own session has trust_env off and the environment's settings already merged (see
             # __init__): Session.send's defaults are those settings. A caller's session may trust it.
             settings = {} if self._own_session else self.session.merge_environment_settings(
                 prepared.url, {}, None, None, None)
-            response = self.session.send(prepared, timeout=self.timeout, allow_redirects=True, **settings)
+            response = self.session.send(prepared, timeout=timeout, allow_redirects=True, **settings)
         except requests.Timeout as exc:
-            raise _Temporary(f"no answer within {self.timeout} s ({type(exc).__name__})",
+            raise _Temporary(f"no answer within {timeout:.3g} s ({type(exc).__name__})",
                              timeout=True) from exc
         except requests.ConnectionError as exc:
             raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
@@ -445,14 +468,14 @@ class FhirClient:
                              f"{status}{suffix}", temporary=False, upstream_status=status,
                              details=text or None)
 
-    def _exhausted(self, method: str, where: str, failure: _Temporary, retries: int) -> Exception:
+    def _exhausted(self, method: str, where: str, failure: _Temporary, attempts: int) -> Exception:
         response = failure.response
         status = response.status_code if response is not None else None
         text = _response_outcome(response) if response is not None else ""
         suffix = f": {text}" if text else ""
         message = (f"{method} {where}: the hospital FHIR server failed after "
-                   f"{retries + 1} attempt(s) ({failure.reason}){suffix}")
-        log.error("%s %s: giving up after %d attempt(s) (%s)", method, where, retries + 1,
+                   f"{attempts} attempt(s) ({failure.reason}){suffix}")
+        log.error("%s %s: giving up after %d attempt(s) (%s)", method, where, attempts,
                   failure.reason)
         cls = UpstreamTimeout if failure.timeout else UpstreamError
         return cls(message, temporary=True, upstream_status=status, details=text or None,
