@@ -237,10 +237,10 @@ def test_replayed_jti_is_refused() -> None:
     refused(v, bearer, "already used")
 
 
-def test_replay_is_refused_by_the_store_across_verifiers(tmp_path: Any) -> None:
+def test_replay_is_refused_by_the_store_across_verifiers(database_url: str) -> None:
     """Two workers (two verifiers) share the store: a token used at one is refused at the other."""
     from fhir_ai.store import Store
-    store = Store(f"sqlite:///{tmp_path / 'jti.sqlite3'}")
+    store = Store(database_url)
     try:
         config = parse_issuers({ISS: {"jwks": JWKS}})
         first, second = JwtVerifier(config, store.use_jti), JwtVerifier(config, store.use_jti)

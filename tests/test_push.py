@@ -15,6 +15,11 @@ from flask.testing import FlaskClient
 from fhir_ai.app import create_app
 from fhir_ai.config import DEMO_HOSPITAL
 
+try:
+    from . import databases
+except ImportError:
+    import databases  # type: ignore[no-redef]
+
 AS_OF = "2026-11-20T08:00:00Z"
 PATIENT = "demo-005"
 HOSPITAL = "https://hospital.invalid/fhir"
@@ -54,11 +59,11 @@ def hospital_down() -> Iterator[responses.RequestsMock]:
 
 @pytest.fixture
 def push_app(settings_overrides: dict[str, Any], tmp_path: Path) -> Iterator[Flask]:
-    """The same service configured against a hospital server that is never called."""
-    app = create_app({**settings_overrides, "source_url": HOSPITAL,
-                      "database_url": f"sqlite:///{tmp_path / 'push.sqlite3'}"})
-    yield app
-    app.extensions["fhir_ai"].close()
+    """The same service configured against a hospital server that is never called (its own database)."""
+    with databases.fresh_database(tmp_path / "push") as database_url:
+        app = create_app({**settings_overrides, "source_url": HOSPITAL, "database_url": database_url})
+        yield app
+        app.extensions["fhir_ai"].close()
 
 
 def resources_of(bundle: dict[str, Any], kind: str = "RiskAssessment") -> list[dict[str, Any]]:

@@ -63,7 +63,7 @@ def test_holdout_set_is_refused():
     assert not Path("/tmp/never/model.txt").exists()
 
 
-def test_training_bulk_and_single_patient_paths_give_the_same_features(tiny_model, tmp_path):
+def test_training_bulk_and_single_patient_paths_give_the_same_features(tiny_model, tmp_path, database_url):
     """Raw records → FHIR → (training extractor | bulk NDJSON | folder source + $assess path)."""
     mapping = load_mapping(REPO / "mappings" / "deterioration.yaml")
     stays = list(physionet2012.iter_stays(DATA, sets=("a",), limit=6, unit_variant="alt"))
@@ -81,6 +81,7 @@ def test_training_bulk_and_single_patient_paths_give_the_same_features(tiny_mode
     bulk = {r["subject"]["reference"]: r for r in map(orjson.loads, out.read_bytes().splitlines())}
 
     settings = load_settings({"source_url": str(folder), "instance_path": str(tmp_path / "i"),
+                              "database_url": database_url,
                               "mappings_dir": str(REPO / "mappings"), "models_dir": str(tiny_model.parent),
                               "write_back": False})
     pipeline = Pipeline.from_settings(settings)

@@ -19,6 +19,11 @@ from fhir_ai.datasets import ktas
 from fhir_ai.features import Extractor
 from fhir_ai.mapping import load_mapping
 
+try:
+    from . import databases
+except ImportError:
+    import databases  # type: ignore[no-redef]
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "ktas"
 FHIR = "application/fhir+json"
@@ -135,10 +140,12 @@ def triage_api(tmp_path_factory, visits):
     tmp = tmp_path_factory.mktemp("triage")
     folder = tmp / "ed"
     ktas.write_ndjson((r for v in visits for r in v.resources), folder)
-    app = create_app({"instance_path": str(tmp), "database_url": f"sqlite:///{tmp / 't.sqlite3'}",
-                      "source_url": str(folder), "write_back": False})
-    app.testing = True
-    return app.test_client()
+    with databases.fresh_database(tmp) as database_url:
+        app = create_app({"instance_path": str(tmp), "database_url": database_url,
+                          "source_url": str(folder), "write_back": False})
+        app.testing = True
+        yield app.test_client()
+        app.extensions["fhir_ai"].close()
 
 
 def assess(client, patient, **extra):
@@ -172,11 +179,15 @@ def test_triage_risk_assessment_with_second_reader(triage_api, visits):
     assert "Observation/ktas-1-ktas-rn" in basis
 
 
-def test_without_a_nurse_level_there_is_no_mistriage_prediction(visits, tmp_path):
+def test_without_a_nurse_level_there_is_no_mistriage_prediction(visits, tmp_path, database_url):
     resources = [r for r in visits[2].resources if not r.get("id", "").endswith("-ktas-rn")]
     ktas.write_ndjson(resources, tmp_path / "ed")
-    app = create_app({"instance_path": str(tmp_path), "write_back": False, "source_url": str(tmp_path / "ed")})
-    ra = assess(app.test_client(), visits[2].resources[0]["id"]).json["entry"][0]["resource"]
+    app = create_app({"instance_path": str(tmp_path), "database_url": database_url, "write_back": False,
+                      "source_url": str(tmp_path / "ed")})
+    try:
+        ra = assess(app.test_client(), visits[2].resources[0]["id"]).json["entry"][0]["resource"]
+    finally:
+        app.extensions["fhir_ai"].close()
     assert len(ra["prediction"]) == 5
     assert any("No nurse KTAS level" in n["text"] for n in ra["note"])
 

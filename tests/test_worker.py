@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,8 +51,8 @@ class Clocks:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    store = Store(f"sqlite:///{tmp_path / 'wb.sqlite3'}")
+def store(database_url: str):
+    store = Store(database_url)
     yield store
     store.close()
 

@@ -47,10 +47,10 @@ def load_patients(server: SekmetServer, count: int) -> list[str]:
     return ids
 
 
-def overrides(tmp_path: Path, server: SekmetServer, **extra: Any) -> dict[str, Any]:
+def overrides(database_url: str, server: SekmetServer, **extra: Any) -> dict[str, Any]:
     # source_retries=0: a refused connection fails at once instead of sleeping 1+2+4 s per resource;
     # tiny backoff and cooldown so the test need not wait for production-sized delays.
-    return {"database_url": f"sqlite:///{tmp_path / 'fhir_ai.sqlite3'}", "source_url": server.base_url,
+    return {"database_url": database_url, "source_url": server.base_url,
             "write_back": True, "source_retries": 0, "source_timeout": 5.0, "write_back_backoff": 0.05,
             "write_back_backoff_cap": 0.2, "circuit_failures": 3, "circuit_cooldown": 0.3, **extra}
 
@@ -60,9 +60,9 @@ def on_sekmet_by_identifier(server: SekmetServer, resource: dict[str, Any]) -> l
     return server.search("RiskAssessment", {"identifier": f"{ident['system']}|{ident['value']}"})
 
 
-def test_smart_less_pull_and_write_back(sekmet: SekmetServer, tmp_path: Path) -> None:
+def test_smart_less_pull_and_write_back(sekmet: SekmetServer, database_url: str) -> None:
     (pid,) = load_patients(sekmet, 1)
-    app = create_app(overrides(tmp_path, sekmet))
+    app = create_app(overrides(database_url, sekmet))
     try:
         body = json.dumps({"resourceType": "Parameters",
                            "parameter": [{"name": "asOf", "valueDateTime": fhir_time(AS_OF)}]})
@@ -83,8 +83,8 @@ def test_smart_less_pull_and_write_back(sekmet: SekmetServer, tmp_path: Path) ->
 
 
 def test_outage_queues_then_the_worker_delivers_each_assessment_exactly_once(
-        sekmet: SekmetServer, tmp_path: Path, record_property) -> None:
-    settings = load_settings(overrides(tmp_path, sekmet))
+        sekmet: SekmetServer, database_url: str, record_property) -> None:
+    settings = load_settings(overrides(database_url, sekmet))
     pipeline = Pipeline.from_settings(settings)
     app = create_app(settings=settings, pipeline=pipeline)
     api = app.test_client()
