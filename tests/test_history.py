@@ -154,9 +154,9 @@ def test_type_history_lists_every_version_newest_first(client, timeline):
     assert body["type"] == "history" and body["total"] == 5
     assert versions(body) == [("h4", "1"), ("h2", "2"), ("h3", "1"), ("h2", "1"), ("h1", "1")]
     assert [e["request"] for e in body["entry"]] == [
-        {"method": "POST", "url": "RiskAssessment/h4"}, {"method": "PUT", "url": "RiskAssessment/h2"},
-        {"method": "POST", "url": "RiskAssessment/h3"}, {"method": "POST", "url": "RiskAssessment/h2"},
-        {"method": "POST", "url": "RiskAssessment/h1"}]
+        {"method": "POST", "url": "RiskAssessment"}, {"method": "PUT", "url": "RiskAssessment/h2"},
+        {"method": "POST", "url": "RiskAssessment"}, {"method": "POST", "url": "RiskAssessment"},
+        {"method": "POST", "url": "RiskAssessment"}]
     withdrawn = body["entry"][1]
     assert withdrawn["resource"]["status"] == "entered-in-error"
     assert withdrawn["response"] == {"status": "200 OK", "etag": 'W/"2"',

@@ -57,7 +57,9 @@ def history_bundle(resources: list[dict[str, Any]], resource_type: str, *, total
         version = resource["meta"]["versionId"]
         entries.append({
             "fullUrl": f"{base}/{resource_type}/{resource['id']}", "resource": resource,
-            "request": {"method": "POST" if version == "1" else "PUT", "url": f"{resource_type}/{resource['id']}"},
+            # A create was a POST to the type (the server assigned the id), a new version a PUT to the instance.
+            "request": {"method": "POST", "url": resource_type} if version == "1"
+            else {"method": "PUT", "url": f"{resource_type}/{resource['id']}"},
             "response": {"status": "201 Created" if version == "1" else "200 OK",
                          "etag": f'W/"{version}"', "lastModified": resource["meta"]["lastUpdated"]}})
     body: dict[str, Any] = {"resourceType": "Bundle", "type": "history",
