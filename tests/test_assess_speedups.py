@@ -79,8 +79,8 @@ def test_calibrated_probability_is_the_cards_calibration_bit_for_bit(registry):
 
 # The roles as scopes.ROLES defines them (least privilege; its comments say what each role is for).
 GRANTS = {
-    "ehr": {"RiskAssessment": "cruds"},          # assess (c), read and search (r s), withdraw (u)
-    "integrator": {"Mapping": "rsu", "WriteBack": "rs"},    # check (r) and reload (u) mappings, watch the outbox
+    "ehr": {"RiskAssessment": "crus"},           # assess (c), read and search (r s), withdraw (u)
+    "integrator": {"Mapping": "ru", "WriteBack": "rs"},    # check (r) and reload (u) mappings, watch the outbox
     "auditor": {"RiskAssessment": "rs", "Provenance": "rs", "AuditEvent": "rs"},  # reads only
     "admin": {"*": "cruds"},                     # operators: everything
 }

@@ -15,10 +15,11 @@ _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 INTERACTIONS = "cruds"        # create read update delete search
 
 ROLES: dict[str, str] = {
-    # EHR systems assess (create) and read assessments; they may also withdraw one (update).
-    "ehr": "system/RiskAssessment.cruds",
+    # EHR systems assess (create), read and search assessments; they may also withdraw one (update).
+    # Least privilege: no letter a route does not need (nothing is ever deleted, mappings are listed by read).
+    "ehr": "system/RiskAssessment.crus",
     # Integrators check and reload mappings and watch the write-back outbox.
-    "integrator": "system/Mapping.rus system/WriteBack.rs",
+    "integrator": "system/Mapping.ru system/WriteBack.rs",
     # Auditors read; they cannot assess or write anything.
     "auditor": "system/RiskAssessment.rs system/Provenance.rs system/AuditEvent.rs",
     # Operators (and the test suite): everything.
