@@ -1,5 +1,5 @@
 """The store's indexes on the run's backend (SQLite, or PostgreSQL with --database=postgresql): migrations
-0004 and 0005 on a fresh database and on one with data in it (down to 0003 and up again), and searches that
+0004, 0005 and 0006 on a fresh database and on one with data in it (down to 0003 and up again), and searches that
 give the same answers before and after."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from alembic import command
 from sqlalchemy import inspect, text
 
 from fhir_ai.search import parse_query
+from fhir_ai.search.params import parse_history
 from fhir_ai.store import Store
 from fhir_ai.store.engine import alembic_config, migrate
 
@@ -15,6 +16,7 @@ try:
 except ImportError:
     from stored import risk_assessment  # type: ignore[no-redef]
 
+HISTORY = {"ix_risk_assessment_version_history": ["last_updated", "id", "version_id"]}
 SQLITE = {"ix_search_index_lookup": ["resource_type", "resource_seq", "param", "code"]}
 ELSEWHERE = {"ix_search_index_value": ["resource_type", "param", "code"],
              "ix_search_index_resource": ["resource_type", "resource_id"]}
@@ -59,6 +61,44 @@ def test_a_fresh_database_has_the_indexes_of_its_backend(database_url):
         assert search_index == (SQLITE if sqlite else ELSEWHERE)
         assert "ix_risk_assessment_patient_id" not in _indexes(store, "risk_assessment")
         assert _indexes(store, "risk_assessment")["ix_risk_assessment_patient_created"] == ["patient_id", "created_at"]
+        assert _indexes(store, "risk_assessment_version") == HISTORY
+    finally:
+        store.close()
+
+
+def _history(store: Store, *params: tuple[str, str]) -> list[tuple[str, str]]:
+    """Every page of a type-level history: (id, versionId) in the order served."""
+    out, cursor = [], None
+    while True:
+        query = parse_history([*params, ("_count", "2"), *((("_cursor", cursor),) if cursor else ())])
+        page = store.history(query)
+        out += [(r["id"], r["meta"]["versionId"]) for r in page.resources]
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor.encode()
+
+
+def test_type_level_history_reads_its_index_in_order(database_url):
+    """0006: GET /RiskAssessment/_history reads ix_risk_assessment_version_history in its own order (SQLite:
+    no sort step); down to 0005 and up again it answers the same, pages included."""
+    store = Store(database_url)
+    try:
+        _fill(store)
+        served = _history(store)
+        assert served == [("a3", "2"), ("a3", "1"), ("a2", "1"), ("a1", "1")]      # newest first; a1 repeat is no version
+        with store.engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0005_search_index_seq")
+        assert _indexes(store, "risk_assessment_version") == {}
+        assert _history(store) == served
+        migrate(store.engine)
+        assert _indexes(store, "risk_assessment_version") == HISTORY
+        assert _history(store) == served
+        if store.engine.dialect.name == "sqlite":
+            with store.engine.connect() as connection:
+                plan = " ".join(str(row[-1]) for row in connection.execute(text(
+                    "EXPLAIN QUERY PLAN SELECT last_updated, id, version_id, resource FROM risk_assessment_version "
+                    "WHERE last_updated <= '9999' ORDER BY last_updated DESC, id DESC, version_id DESC LIMIT 3")))
+            assert "ix_risk_assessment_version_history" in plan and "TEMP B-TREE" not in plan, plan
     finally:
         store.close()
 

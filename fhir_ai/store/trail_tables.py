@@ -32,6 +32,9 @@ class AssessmentVersionRow(Base):
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resource: Mapped[str] = mapped_column(Text)
 
+    # Type-level history and the export's _since: newest first, keyset pages (store.searching.history).
+    __table_args__ = (Index("ix_risk_assessment_version_history", "last_updated", "id", "version_id"),)
+
 
 class ProvenanceRow(Base):
     """The Provenance of one assessment version: model (Device), inputs and model card, who asked."""
