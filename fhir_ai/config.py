@@ -103,8 +103,9 @@ class Settings:
     # CDS Hooks (fhir_ai/cds): trusted EHRs as JSON text or a path to a JSON file,
     # {iss: {"jwks": {...} | "jwks_url": URL, "jku": [URLs allowed in the JWT header]}};
     # the public base URL the EHR calls (JWT aud, card links; default: the request's own);
-    # card language when the request names none (en | ko); fhirServer fetch timeout; allowed
-    # fhirServer URL prefixes (comma-separated; empty: any).
+    # card language when the request names none (en | ko); the time budget, in seconds, for all the
+    # fhirServer fetches of one hook call together, retries and waits included (also the timeout for
+    # fetching an issuer's JWKS); allowed fhirServer URL prefixes (comma-separated; empty: any).
     cds_issuers: str = ""
     cds_require_jwt: bool = True
     cds_jwt_leeway: float = 30.0
