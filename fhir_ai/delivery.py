@@ -140,6 +140,15 @@ class Worker:
                                             min_age=FRESH_GRACE, now=self._now())
         report.claimed = len(rows)
         for row in rows:
+            # Checked before the circuit: a half-open circuit's one trial must go to a request
+            # whose answer reports back (success/failure), or it stays "under way" for good.
+            resource = self.store.get_assessment(row.resource_id)
+            if resource is None or row.resource_type != "RiskAssessment":
+                self.store.record_delivery(row.id, ok=False, permanent=True,
+                                           error="the stored resource to write back is missing")
+                report.failed += 1
+                continue
+            body = outbound(resource)
             circuit = self.circuit(row.target)
             if not circuit.allow():
                 # open: until its trial; half-open with the trial under way: shortly after
@@ -147,13 +156,7 @@ class Worker:
                 self.store.defer_write_back(row.id, self._now() + timedelta(seconds=wait))
                 report.deferred += 1
                 continue
-            resource = self.store.get_assessment(row.resource_id)
-            if resource is None or row.resource_type != "RiskAssessment":
-                self.store.record_delivery(row.id, ok=False, permanent=True,
-                                           error="the stored resource to write back is missing")
-                report.failed += 1
-                continue
-            self._deliver(row, outbound(resource), circuit, report)
+            self._deliver(row, body, circuit, report)
         if rows:
             log.info("write-back pass: %s", report)
         return report

@@ -73,6 +73,18 @@ def make_worker(store: Store, clocks: Clocks, rand: float = 0.5, **overrides: An
                   rand=lambda: rand)
 
 
+def refuse(ids: list[str]) -> None:
+    """The server is down for these rows: every PUT's connection is refused."""
+    for rid in ids:
+        responses.put(f"{BASE}/RiskAssessment/{rid}", body=requests.ConnectionError("refused"))
+
+
+def delete_stored(store: Store, resource_id: str) -> None:
+    from fhir_ai.store.tables import AssessmentRow
+    with store.session() as session, session.begin():
+        session.delete(session.get(AssessmentRow, resource_id))
+
+
 def row_of(store: Store, resource_id: str):
     return store.outbox(resource_id=resource_id)[0]
 
@@ -205,8 +217,7 @@ def test_429_retry_after_is_honoured_for_the_row_and_the_server(store, clocks) -
 @responses.activate
 def test_circuit_opens_after_repeated_failures_and_recovers_through_half_open(store, clocks) -> None:
     ids = queue(store, 6)
-    for rid in ids:
-        responses.put(f"{BASE}/RiskAssessment/{rid}", body=requests.ConnectionError("refused"))
+    refuse(ids)
     worker = make_worker(store, clocks)           # threshold 3, cooldown 60
     report = worker.run_once()
     assert (report.retry_later, report.deferred) == (3, 3)
@@ -225,6 +236,26 @@ def test_circuit_opens_after_repeated_failures_and_recovers_through_half_open(st
     assert report.delivered == 6 and worker.circuits() == {BASE: "closed"}
     assert Counter(c.request.url for c in responses.calls
                    if getattr(c.response, "status_code", None) == 200) == {f"{BASE}/RiskAssessment/{r}": 1 for r in ids}
+
+
+@responses.activate
+def test_a_row_without_its_stored_resource_does_not_use_up_the_half_open_trial(store, clocks) -> None:
+    ids = queue(store, 4)
+    refuse(ids)
+    worker = make_worker(store, clocks)           # threshold 3, cooldown 60
+    assert worker.run_once().deferred == 1 and worker.circuits() == {BASE: "open"}
+    delete_stored(store, ids[0])                  # the first row the trial would take
+
+    clocks.advance(61)                            # half-open, and the server is back
+    for rid in ids[1:]:
+        responses.replace(responses.PUT, f"{BASE}/RiskAssessment/{rid}", json={})
+    report = worker.run_once()
+    # The missing resource is failed without a request; the trial goes to a real delivery, which
+    # closes the circuit (it used to stay half-open with its trial "under way" for good, deferring
+    # every later row of this server at every pass).
+    assert (report.failed, report.delivered, report.deferred) == (1, 3, 0), str(report)
+    assert worker.circuits() == {BASE: "closed"}
+    assert {row_of(store, rid).status for rid in ids[1:]} == {"delivered"}
 
 
 @responses.activate
@@ -305,9 +336,7 @@ def test_two_workers_racing_never_send_a_row_twice(store, clocks) -> None:
 @responses.activate
 def test_missing_stored_resource_is_failed_not_looped(store, clocks) -> None:
     (rid,) = queue(store, 1)
-    from fhir_ai.store.tables import AssessmentRow
-    with store.session() as session, session.begin():
-        session.delete(session.get(AssessmentRow, rid))
+    delete_stored(store, rid)
     assert make_worker(store, clocks).run_once().failed == 1
     assert row_of(store, rid).status == "failed"
 
