@@ -95,11 +95,13 @@ class PassReport:
     retry_later: int = 0
     failed: int = 0
     deferred: int = 0            # not tried: the server's circuit was open
+    lost: int = 0                # not tried: the claim ran out and another worker took the row
     errors: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"claimed {self.claimed}, delivered {self.delivered}, retry later "
-                f"{self.retry_later}, failed {self.failed}, deferred (circuit open) {self.deferred}")
+                f"{self.retry_later}, failed {self.failed}, deferred (circuit open) {self.deferred}"
+                + (f", left to another worker {self.lost}" if self.lost else ""))
 
 
 class Worker:
@@ -149,6 +151,11 @@ class Worker:
                 report.failed += 1
                 continue
             body = outbound(resource)
+            # The lease began when the whole batch was claimed, and the rows before this one may have
+            # taken long (a slow server): renew it now, or leave the row if another worker took it since.
+            if not self.store.renew_claim(row.id, self.id, lease=self.lease, now=self._now()):
+                report.lost += 1
+                continue
             circuit = self.circuit(row.target)
             if not circuit.allow():
                 # open: until its trial; half-open with the trial under way: shortly after
@@ -175,7 +182,7 @@ class Worker:
             if exc.retry_after is not None:  # the server said when: never earlier than that
                 delay = max(delay, exc.retry_after)
             retry_at = self._now() + timedelta(seconds=delay)
-            self.store.record_delivery(row.id, ok=False, error=exc.message, retry_at=retry_at)
+            self.store.record_delivery(row.id, ok=False, error=exc.message, retry_at=retry_at, worker=self.id)
             log.warning("write-back of %s/%s: %s; next try in %.0f s (circuit %s)",
                         row.resource_type, row.resource_id, exc.upstream_status or "no answer",
                         delay, circuit.state)
@@ -186,11 +193,11 @@ class Worker:
             self._fail(row, exc.message, report)
         else:
             circuit.success()
-            self.store.record_delivery(row.id, ok=True)
+            self.store.record_delivery(row.id, ok=True, worker=self.id)
             report.delivered += 1
 
     def _fail(self, row: Any, message: str, report: PassReport) -> None:
-        self.store.record_delivery(row.id, ok=False, error=message, permanent=True)
+        self.store.record_delivery(row.id, ok=False, error=message, permanent=True, worker=self.id)
         log.error("write-back of %s/%s refused; marked failed (needs attention)",
                   row.resource_type, row.resource_id)
         report.failed += 1

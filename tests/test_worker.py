@@ -334,6 +334,46 @@ def test_two_workers_racing_never_send_a_row_twice(store, clocks) -> None:
 
 
 @responses.activate
+def test_a_slow_server_does_not_let_a_second_worker_send_a_row_again(store, clocks) -> None:
+    """A batch is claimed at once but sent row by row: each row's claim is renewed just before its PUT,
+    so while a slow server holds worker a, worker b takes only the rows whose claim really ran out, and
+    a then leaves those to b. Every row goes out once; no late result undoes another's."""
+    ids = queue(store, 3)
+    a, b = make_worker(store, clocks), make_worker(store, clocks)
+    sent: list[str] = []
+    b_reports = []
+
+    def put(request):  # type: ignore[no-untyped-def]
+        rid = request.url.rsplit("/", 1)[1]
+        sent.append(rid)
+        if len(sent) <= 2:                        # a's first two PUTs take 40 s each (lease: 60 s)
+            clocks.advance(40)
+        if len(sent) == 2:                        # 80 s after a's claim: b's pass runs meanwhile
+            b_reports.append(b.run_once())
+        return 200, {}, "{}"
+
+    for rid in ids:
+        responses.add_callback(responses.PUT, f"{BASE}/RiskAssessment/{rid}", callback=put)
+    report = a.run_once()
+    assert (report.claimed, report.delivered, report.lost) == (3, 2, 1), str(report)
+    # b found only the third row free (the second's claim was renewed at 40 s) and sent it.
+    assert [(r.claimed, r.delivered) for r in b_reports] == [(1, 1)]
+    assert sent == [ids[0], ids[1], ids[2]]       # each row exactly once
+    assert {r.status for r in store.outbox()} == {"delivered"}
+
+
+def test_a_result_from_a_worker_without_the_claim_changes_nothing(store, clocks) -> None:
+    (rid,) = queue(store, 1)
+    (row,) = store.claim_write_backs("worker-a", lease=60, now=clocks.wall)
+    (taken,) = store.claim_write_backs("worker-b", lease=60, now=clocks.wall + timedelta(seconds=61))
+    assert not store.renew_claim(row.id, "worker-a", lease=60, now=clocks.wall + timedelta(seconds=61))
+    store.record_delivery(taken.id, ok=True, worker="worker-b")
+    store.record_delivery(row.id, ok=False, error="late timeout", worker="worker-a")   # a's late answer
+    after = row_of(store, rid)
+    assert (after.status, after.attempts, after.last_error) == ("delivered", 1, None)
+
+
+@responses.activate
 def test_missing_stored_resource_is_failed_not_looped(store, clocks) -> None:
     (rid,) = queue(store, 1)
     delete_stored(store, rid)

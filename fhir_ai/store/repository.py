@@ -81,13 +81,31 @@ class Store(TrailMixin):
                 queued += len(fresh)
         return queued
 
+    def renew_claim(self, outbox_id: int, worker: str, *, lease: float, now: datetime | None = None) -> bool:
+        """Extend ``worker``'s claim on a pending row to ``lease`` seconds from now, just before it sends
+        the row; False if the claim is no longer its own (it ran out and another worker took the row,
+        or the row was settled meanwhile): then it must not send."""
+        now = now or _utcnow()
+        with self.session() as session, session.begin():
+            result = session.execute(update(OutboxRow).where(
+                OutboxRow.id == outbox_id, OutboxRow.claimed_by == worker, OutboxRow.status == "pending")
+                .values(claimed_until=now + timedelta(seconds=lease)))
+            return result.rowcount == 1
+
     def record_delivery(self, outbox_id: int, *, ok: bool, error: str | None = None,
-                        permanent: bool = False, retry_at: datetime | None = None) -> None:
-        """One delivery attempt's result; releases the worker's claim. ``retry_at``: not before."""
+                        permanent: bool = False, retry_at: datetime | None = None,
+                        worker: str | None = None) -> None:
+        """One delivery attempt's result; releases the worker's claim. ``retry_at``: not before.
+        With ``worker``, only while that worker holds the claim: a late result from a worker whose
+        claim ran out (the row went to another) changes nothing, so it cannot undo a delivery."""
         now = _utcnow()
         with self.session() as session, session.begin():
             row = session.get(OutboxRow, outbox_id)
             if row is None:
+                return
+            if worker is not None and row.claimed_by != worker:
+                log.warning("write-back row %s: result of %s dropped, its claim had passed to %s",
+                            outbox_id, worker, row.claimed_by or "nobody")
                 return
             row.attempts += 1
             row.updated_at = now
