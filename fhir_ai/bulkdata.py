@@ -176,23 +176,31 @@ class BulkDataClient:
         return paths
 
     def write_bundles(self, resources: Iterable[dict[str, Any]], size: int) -> WriteBackCounts:
-        """PUT every resource (deterministic ids: a repeat is a no-op) in transaction Bundles of ``size``."""
+        """PUT every resource (deterministic ids: a repeat is a no-op) in transaction Bundles of ``size``.
+        A chunk the server did not take - refused, an entry not 2xx, no answer after the retries, an
+        answer that is not a transaction-response for every entry - is counted failed with its ids."""
         counts = WriteBackCounts()
         for chunk in _chunks(resources, max(1, size)):
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
                 {"fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}", "resource": r,
                  "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in chunk]}
             counts.bundles += 1
-            response = self._request("POST", self.base_url, data=orjson.dumps(bundle), headers={
-                "Accept": "application/fhir+json", "Content-Type": "application/fhir+json"})
-            if response.status_code >= 300:
-                error = self._error("write-back transaction", response)
+            try:
+                response = self._request("POST", self.base_url, data=orjson.dumps(bundle), headers={
+                    "Accept": "application/fhir+json", "Content-Type": "application/fhir+json"})
+                if response.status_code >= 300:
+                    raise self._error("write-back transaction", response)
+                entries = _json(response).get("entry") or []
+                if len(entries) != len(chunk):
+                    raise UpstreamError(f"write-back transaction: the response has {len(entries)} entries for "
+                                        f"{len(chunk)} requests", temporary=True)
+            except FhirAiError as exc:
                 counts.failed += len(chunk)
                 counts.failed_ids += [r["id"] for r in chunk]
-                counts.errors.append(error.message)
+                counts.errors.append(exc.message)
                 continue
             # The response's entries answer the request's, in the same order (FHIR R4 http.html#transaction).
-            bad = [(r, e) for r, e in zip(chunk, _json(response).get("entry") or [])
+            bad = [(r, e) for r, e in zip(chunk, entries)
                    if not str((e.get("response") or {}).get("status", "")).startswith("2")]
             counts.failed += len(bad)
             counts.failed_ids += [r["id"] for r, _ in bad]

@@ -146,7 +146,7 @@ class Worker:
             # whose answer reports back (success/failure), or it stays "under way" for good.
             resource = self.store.get_assessment(row.resource_id)
             if resource is None or row.resource_type != "RiskAssessment":
-                self.store.record_delivery(row.id, ok=False, permanent=True,
+                self.store.record_delivery(row.id, ok=False, permanent=True, worker=self.id,
                                            error="the stored resource to write back is missing")
                 report.failed += 1
                 continue

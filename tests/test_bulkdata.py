@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
+import requests
 import responses
 from sqlalchemy import func, select
 from click.testing import CliRunner
@@ -303,8 +304,8 @@ def test_a_refused_write_back_keeps_since_where_it_was(registry: ModelRegistry, 
     # A second run over the same export stores nothing twice and queues nothing twice.
     again = export_and_assess(settings, registry, jobs, client, workdir=tmp_path / "again",
                               output=tmp_path / "ra2.ndjson")
-    assert again.stored == 0 and again.queued == 0 and again.written.failed == 12
-    assert len(jobs.store.outbox()) == 12
+    assert again.stored == 0 and again.queued == 12 and again.written.failed == 12
+    assert len(jobs.store.outbox()) == 12                                      # the same rows, due again
     with jobs.store.session() as session:
         assert session.scalar(select(func.count()).select_from(ProvenanceRow)) == 12
 
@@ -323,3 +324,38 @@ def test_the_cli_runs_an_export(settings_overrides: dict[str, Any], tmp_path: Pa
     result = CliRunner(env=env).invoke(main, ["bulk-export-assess", "--output", str(tmp_path / "o.ndjson")])
     assert result.exit_code == 0, result.output
     assert "12 patients" in result.output and "written back 12 in 1 bundle(s)" in result.output
+
+
+@responses.activate
+def test_entries_the_server_refused_and_bundles_that_got_no_answer_are_queued(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path) -> None:
+    """Bundles of 5: the first answers 200 with one entry refused, the second gets no answer (connection
+    reset, after the retries), the third answers with too few entries. Nothing is counted written that
+    was not; everything not written is queued for the worker."""
+    add_export(manifest(), polls=0)
+    add_files()
+    bundles: list[list[str]] = []
+
+    def answer(request: Any):  # type: ignore[no-untyped-def]
+        ids = [e["resource"]["id"] for e in json.loads(request.body)["entry"]]
+        bundles.append(ids)
+        if len(bundles) == 1:
+            entries = [{"response": {"status": "422" if i == 2 else "200 OK"}} for i in range(len(ids))]
+        elif len(bundles) == 2:
+            raise requests.ConnectionError("reset")
+        else:
+            entries = [{"response": {"status": "200 OK"}}]
+        return 200, {}, json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
+
+    responses.add_callback(responses.POST, BASE, callback=answer, content_type="application/fhir+json")
+    settings = load_settings({"source_url": BASE, "bulk_bundle_size": 5})
+    run = export_and_assess(settings, registry, jobs, client, workdir=tmp_path, output=tmp_path / "ra.ndjson")
+    sent = [rid for ids in bundles for rid in ids]
+    first, third = bundles[0], bundles[-1]
+    second = sorted(set(sent) - set(first) - set(third))
+    not_written = sorted([first[2], *second, *third])
+    assert len(set(sent)) == 12 and len(third) == 2
+    assert run.written.written == 4 and run.written.failed == 8
+    assert sorted(run.written.failed_ids) == not_written and run.queued == 8
+    assert sorted(row.resource_id for row in jobs.store.outbox(status="pending")) == not_written
+    assert jobs.last("bulk-export", f"{BASE}/Patient/$export", status="failed").error_status == 502

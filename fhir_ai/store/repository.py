@@ -64,22 +64,22 @@ class Store(TrailMixin):
 
     def queue_write_backs(self, resource_ids: list[str], target: str, error: str) -> int:
         """Queue stored RiskAssessments whose delivery already failed once elsewhere (a Bulk Data run's
-        transaction Bundle) for the write-back worker; a row already queued for that target is kept.
-        Returns how many were queued now."""
+        transaction Bundle) for the write-back worker. A row already there for that target is made due
+        again (pending, whatever it was: the server has just refused this very resource). Returns how
+        many rows are pending for them now."""
         now = _utcnow()
-        queued = 0
         with self.session() as session, session.begin():
             for start in range(0, len(resource_ids), 500):
-                chunk = resource_ids[start:start + 500]
-                known = set(session.scalars(select(OutboxRow.resource_id).where(
-                    OutboxRow.resource_type == "RiskAssessment", OutboxRow.target == target,
-                    OutboxRow.resource_id.in_(chunk))))
-                fresh = [rid for rid in dict.fromkeys(chunk) if rid not in known]
+                chunk = list(dict.fromkeys(resource_ids[start:start + 500]))
+                mine = and_(OutboxRow.resource_type == "RiskAssessment", OutboxRow.target == target,
+                            OutboxRow.resource_id.in_(chunk))
+                known = set(session.scalars(select(OutboxRow.resource_id).where(mine)))
+                session.execute(update(OutboxRow).where(mine).values(
+                    status="pending", last_error=error[:2000], next_attempt_at=None, updated_at=now))
                 session.add_all(OutboxRow(resource_type="RiskAssessment", resource_id=rid, target=target,
                                           status="pending", attempts=1, last_error=error[:2000],
-                                          created_at=now, updated_at=now) for rid in fresh)
-                queued += len(fresh)
-        return queued
+                                          created_at=now, updated_at=now) for rid in chunk if rid not in known)
+        return len(set(resource_ids))
 
     def renew_claim(self, outbox_id: int, worker: str, *, lease: float, now: datetime | None = None) -> bool:
         """Extend ``worker``'s claim on a pending row to ``lease`` seconds from now, just before it sends
