@@ -247,3 +247,25 @@ def test_type_history_lenient_ignores_unknown_parameters_and_is_audited_and_decl
     statement = client.get("/metadata").json
     resource = next(r for r in statement["rest"][0]["resource"] if r["type"] == "RiskAssessment")
     assert {"history-instance", "history-type"} <= {i["code"] for i in resource["interaction"]}
+
+
+def test_versions_are_stamped_while_the_audit_chain_is_held(app, monkeypatch):
+    """lastUpdated is taken under the chain's lock (which serialises every writer), so it follows commit
+    order: a version stamped before another can never commit after it and slip behind a history page's
+    high-water mark or a client's _since."""
+    import fhir_ai.store.trail as trail
+    store = app.extensions["fhir_ai"].store
+    held: list[bool] = []
+    real_init = trail.Chain.__init__
+
+    def init(self, connection):  # type: ignore[no-untyped-def]
+        real_init(self, connection)
+        held.append(True)
+
+    stamped: list[bool] = []
+    real_now = store._now
+    monkeypatch.setattr(trail.Chain, "__init__", init)
+    monkeypatch.setattr(store, "_now", lambda: (stamped.append(len(held) > len(stamped)), real_now())[1])
+    save(app, risk_assessment("lock-1"))
+    store.withdraw_assessment("lock-1", reason="wrong patient")
+    assert stamped == [True, True]

@@ -132,12 +132,14 @@ class TrailMixin:
         if not items:
             return []
         actor = actor or actors.current()
-        now = self._now()
-        stamp = times.format_datetime(now)
         identifiers = [item.resource["identifier"][0]["value"] for item in items]
         out: list[Saved] = []
         with self.transaction() as connection:
             chain = Chain(connection)
+            # Stamped once the chain's lock is held, so lastUpdated follows commit order: a history or
+            # _since reader never finds a version with an older lastUpdated appear after a newer one.
+            now = self._now()
+            stamp = times.format_datetime(now)
             by_identifier: dict[str, str] = {}      # identifier -> stored JSON text
             taken: set[str] = set()                 # ids stored (or being stored)
             seqs = [0, 0]
@@ -204,9 +206,9 @@ class TrailMixin:
                             expected_version: int | None = None) -> Saved:
         """Mark an assessment entered-in-error as a new version (never in place); queue its write-back."""
         actor = actor or actors.current()
-        now = self._now()
         with self.session() as session, session.begin():
             chain = Chain(session.connection())
+            now = self._now()               # under the chain's lock, as in save_assessments
             row = session.get(AssessmentRow, resource_id)
             if row is None:
                 raise NotFound(f"RiskAssessment/{resource_id} is not known here")
