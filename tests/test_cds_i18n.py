@@ -147,3 +147,11 @@ def test_stored_sentences_in_korean(app: Flask) -> None:
     assert what("Observations (observations-2)", "ko") == "관찰값 (2번째 묶음)"
     assert what("Observations (observations-2)", "en") == "Observations (observations-2)"
     assert Translator("en", mapping)("Values not used: x") == "Values not used: x"
+    # Quoted upstream text keeps its own words, even those that are our phrases or labels ...
+    quoted = "write-back of RiskAssessment/fai-1 to the hospital server failed (HTTP 500: pulse temperature " \
+             "SpO2 rejected); it is stored here and queued for retry"
+    assert tr(quoted) == "RiskAssessment/fai-1을(를) 병원 서버에 기록하지 못함 (HTTP 500: pulse temperature SpO2 " \
+                         "rejected); 이 서버에 저장되었고 재시도 대기 중"
+    # ... and a phrase is replaced only as a whole word.
+    assert tr("missing: pulse, temperature") == "missing: 맥박, 체온"
+    assert tr("impulse; temperatures") == "impulse; temperatures"

@@ -1,6 +1,7 @@
 """Card text in English and Korean, and which of the two a hook request asks for."""
 from __future__ import annotations
 
+import functools
 import re
 
 from ..mapping import Mapping
@@ -108,6 +109,10 @@ _KO_SENTENCES = [(re.compile(pattern), korean) for pattern, korean in [
     (r" \(at or above ([\d.]+): please re-check this patient\)", r" (기준 \1 이상: 환자를 다시 평가하십시오)"),
     (r"^write-back skipped: the configured source is a read-only folder$",
      "병원 서버에 기록하지 않음: 설정된 자료 출처가 읽기 전용 폴더임"),
+]]
+# Sentences that quote another server's own error text: translated as a whole and nothing else, so that
+# no label or phrase replacement touches the quoted part.
+_KO_QUOTING = [(re.compile(pattern), korean) for pattern, korean in [
     (r"^write-back of (\S+) to the hospital server failed \((.*)\); it is stored here and queued for retry$",
      r"\1을(를) 병원 서버에 기록하지 못함 (\2); 이 서버에 저장되었고 재시도 대기 중"),
     (r"^write-back of (\S+) failed: (.*)$", r"\1을(를) 병원 서버에 기록하지 못함: \2"),
@@ -139,14 +144,23 @@ class Translator:
     def __call__(self, text: str) -> str:
         if self.language != "ko":
             return text
+        for pattern, korean in _KO_QUOTING:
+            if pattern.match(text):
+                return pattern.sub(korean, text)
         for pattern, korean in _KO_SENTENCES:
             text = pattern.sub(korean, text)
         text = _INPUT_NAME.sub(lambda m: f"({self.names.get(m.group(1), m.group(1))}): ", text)
-        for english in sorted(self.labels, key=len, reverse=True):
-            text = text.replace(english, self.labels[english])
-        for english, korean in _KO_PHRASES:
-            text = text.replace(english, korean)
-        return text
+        return self._words.sub(lambda m: self._korean[m.group(0)], text) if self._korean else text
+
+    @functools.cached_property
+    def _korean(self) -> dict[str, str]:
+        return {**self.labels, **dict(_KO_PHRASES)}
+
+    @functools.cached_property
+    def _words(self) -> re.Pattern[str]:
+        """Every label and phrase as a whole word (not inside another: 'pulse' in 'impulse'), longest first."""
+        alternatives = "|".join(re.escape(english) for english in sorted(self._korean, key=len, reverse=True))
+        return re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
 
 
 def what(name: str, language: str) -> str:
