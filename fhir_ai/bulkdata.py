@@ -70,6 +70,7 @@ class WriteBackCounts:
     written: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    written_ids: list[str] = field(default_factory=list)    # RiskAssessment ids written
     failed_ids: list[str] = field(default_factory=list)     # RiskAssessment ids not written
 
 
@@ -204,6 +205,8 @@ class BulkDataClient:
                    if not str((e.get("response") or {}).get("status", "")).startswith("2")]
             counts.failed += len(bad)
             counts.failed_ids += [r["id"] for r, _ in bad]
+            refused = {r["id"] for r, _ in bad}
+            counts.written_ids += [r["id"] for r in chunk if r["id"] not in refused]
             counts.written += len(chunk) - len(bad)
             counts.errors += [str((e.get("response") or {}).get("status")) for _, e in bad]
         return counts
@@ -371,12 +374,16 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             stats = bulk_assess(folder, output, registry, models=models or ["deterioration"], explain=explain,
                                 progress=False)
             run.patients, run.assessed = stats.patients, stats.assessed
-            run.stored = store_results(jobs.store, output)
+            run.stored, superseded = store_results(jobs.store, output)
             if settings.write_back if write_back is None else write_back:
-                run.written = client.write_bundles(read_ndjson(output), settings.bulk_bundle_size)
+                # An assessment stored before and changed since (withdrawn) is not sent again as it was:
+                # its newer version goes through the outbox.
+                run.written = client.write_bundles((r for r in read_ndjson(output) if r["id"] not in superseded),
+                                                   settings.bulk_bundle_size)
+                jobs.store.record_write_backs(run.written.written_ids, client.base_url)
         if run.written.failed:
-            run.queued = jobs.store.queue_write_backs(run.written.failed_ids, client.base_url,
-                                                      "; ".join(run.written.errors[:3]))
+            run.queued = jobs.store.record_write_backs(run.written.failed_ids, client.base_url,
+                                                       error="; ".join(run.written.errors[:3]))
             jobs.fail(job_id, f"{run.written.failed} RiskAssessment(s) not written back (stored here, "
                       f"queued for the write-back worker): " + "; ".join(run.written.errors[:3]), 502)
         else:
@@ -390,20 +397,23 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         raise
 
 
-def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> int:
+def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tuple[int, set[str]]:
     """Keep every RiskAssessment of a scored export in the local store, as ``$assess`` keeps its own:
     versioned, with Provenance (model, version, inputs), an AuditEvent each and search entries, so
     auditors find them and no assessment exists only at the hospital. ``batch`` assessments per
     transaction; a re-run's repeats (same identifier) are audited as repeats, not stored twice.
-    Returns how many were new."""
-    created = 0
+    Returns how many were new, and the ids of repeats whose stored copy has changed since (withdrawn)."""
+    created, superseded = 0, set()
     for chunk in _chunks(read_ndjson(path), batch):
         items = []
         for resource in chunk:
             method = resource["method"]["coding"][0]
             items.append(NewAssessment(resource, method["code"], method["version"]))
-        created += sum(saved.created for saved in store.save_assessments(items))
-    return created
+        for saved in store.save_assessments(items):
+            created += saved.created
+            if not saved.created and saved.resource.get("meta", {}).get("versionId") != "1":
+                superseded.add(saved.resource["id"])
+    return created, superseded
 
 
 def _export(client: BulkDataClient, *, group: str | None, since: str | None = None,

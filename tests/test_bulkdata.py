@@ -244,7 +244,23 @@ def test_a_run_scores_everyone_and_writes_back_in_bounded_transactions(
         f"deterioration|{some['method']['coding'][0]['version']}"]           # the model card
     created = [a for a in audits if a["action"] == "C"]
     assert len(created) == 12
-    assert not store.outbox()
+    # Each delivery is on record (target, delivered), so a later withdrawal is written back there too.
+    assert sorted((row.resource_id, row.target, row.status) for row in store.outbox()) == sorted(
+        (line["id"], BASE, "delivered") for line in lines)
+    withdrawn = lines[0]["id"]
+    store.withdraw_assessment(withdrawn, reason="wrong patient")
+    assert [row.resource_id for row in store.outbox(status="pending")] == [withdrawn]
+    # A re-run over the same export sends everything again except the withdrawn one, whose newer
+    # version goes through the outbox: the hospital's copy is not put back to 'final'.
+    received.clear()
+    add_export(manifest(), kick_off=f"{BASE}/Group/ward-3/$export")
+    add_files()
+    again = export_and_assess(settings, registry, jobs, client, workdir=tmp_path / "w2",
+                              output=tmp_path / "ra2.ndjson", group="ward-3", full=True)
+    resent = [e["resource"]["id"] for b in received for e in b["entry"]]
+    assert again.stored == 0 and len(resent) == 11 and withdrawn not in resent
+    assert store.get_assessment(withdrawn)["status"] == "entered-in-error"
+    assert [row.resource_id for row in store.outbox(status="pending")] == [withdrawn]
     with store.session() as session:
         assert verify(session).ok                       # the audit chain and the stored copies agree
 

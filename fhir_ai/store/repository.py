@@ -62,24 +62,28 @@ class Store(TrailMixin):
         with self.session() as session:
             return list(session.scalars(query))
 
-    def queue_write_backs(self, resource_ids: list[str], target: str, error: str) -> int:
-        """Queue stored RiskAssessments whose delivery already failed once elsewhere (a Bulk Data run's
-        transaction Bundle) for the write-back worker. A row already there for that target is made due
-        again (pending, whatever it was: the server has just refused this very resource). Returns how
-        many rows are pending for them now."""
+    def record_write_backs(self, resource_ids: list[str], target: str, *, error: str | None = None) -> int:
+        """The outcome of RiskAssessments sent to ``target`` outside the worker (a Bulk Data run's
+        transaction Bundles): delivered (``error`` None), or refused/unanswered, then pending for the
+        write-back worker. Each gets its outbox row (made or updated), so a later withdrawal is written
+        back there too and auditors see the delivery. Returns how many rows were recorded."""
         now = _utcnow()
+        values: dict[str, Any] = (
+            {"status": "delivered", "delivered_at": now, "last_error": None, "next_attempt_at": None}
+            if error is None else {"status": "pending", "last_error": error[:2000], "next_attempt_at": None})
+        unique = list(dict.fromkeys(resource_ids))
         with self.session() as session, session.begin():
-            for start in range(0, len(resource_ids), 500):
-                chunk = list(dict.fromkeys(resource_ids[start:start + 500]))
+            for start in range(0, len(unique), 500):
+                chunk = unique[start:start + 500]
                 mine = and_(OutboxRow.resource_type == "RiskAssessment", OutboxRow.target == target,
                             OutboxRow.resource_id.in_(chunk))
                 known = set(session.scalars(select(OutboxRow.resource_id).where(mine)))
                 session.execute(update(OutboxRow).where(mine).values(
-                    status="pending", last_error=error[:2000], next_attempt_at=None, updated_at=now))
+                    attempts=OutboxRow.attempts + 1, updated_at=now, **values))
                 session.add_all(OutboxRow(resource_type="RiskAssessment", resource_id=rid, target=target,
-                                          status="pending", attempts=1, last_error=error[:2000],
-                                          created_at=now, updated_at=now) for rid in chunk if rid not in known)
-        return len(set(resource_ids))
+                                          attempts=1, created_at=now, updated_at=now, **values)
+                                for rid in chunk if rid not in known)
+        return len(unique)
 
     def renew_claim(self, outbox_id: int, worker: str, *, lease: float, now: datetime | None = None) -> bool:
         """Extend ``worker``'s claim on a pending row to ``lease`` seconds from now, just before it sends
