@@ -53,6 +53,13 @@ def status(kind: str, events: list[tuple[int, str]] = (), subscription: str = "s
     return {"resourceType": "Parameters", "parameter": params}
 
 
+
+def events_since_start(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The status parameter 'events-since-subscription-start' of a notification Bundle (found by name)."""
+    (parameter,) = [p for p in bundle["entry"][0]["resource"]["parameter"]
+                    if p["name"] == "events-since-subscription-start"]
+    return parameter
+
 def notification(kind: str, resources: list[dict[str, Any]] = (), *, id_only: bool = False, start: int = 1,
                  subscription: str = "sub-1") -> dict[str, Any]:
     events = [(start + i, f"{BASE}/Observation/{r['id']}") for i, r in enumerate(resources)]
@@ -231,7 +238,7 @@ def test_a_heartbeat_reveals_missed_events_and_a_failed_catch_up_is_tried_again(
     broken = responses.get(f"{BASE}/Observation", status=500, json={"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "exception"}]})
     beat = notification("heartbeat")
-    beat["entry"][0]["resource"]["parameter"][4]["valueString"] = "3"       # 3 events so far; we saw 1
+    events_since_start(beat)["valueString"] = "3"                          # 3 events so far; we saw 1
     text = diagnostics(post(sc, beat))
     assert "2 event(s) missed" in text and "catch-up search failed" in text
     assert broken.call_count >= 1
@@ -281,7 +288,7 @@ def test_only_a_new_event_number_or_a_heartbeat_moves_when_the_subscription_was_
         gap = events.check(eight)
         assert gap is not None and gap.missed == 2 and gap.since == NOW - EventLog.MARGIN
         beat = notification("heartbeat")
-        beat["entry"][0]["resource"]["parameter"][4]["valueString"] = "5"
+        events_since_start(beat)["valueString"] = "5"
         events.advance(parse_notification(beat), NOW + timedelta(hours=2))
         gap = events.check(eight)
         assert gap is not None and gap.missed == 2 and gap.since == NOW + timedelta(hours=2) - EventLog.MARGIN
