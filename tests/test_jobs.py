@@ -4,6 +4,7 @@ tests/integration/test_concurrency.py runs them on real Celery workers with Redi
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -337,6 +338,36 @@ def test_write_back_delivery_runs_as_a_task(settings_overrides: dict[str, Any], 
     finally:
         store.close()
         runtime.close()
+
+
+def test_overlapping_write_back_ticks_in_one_process_do_not_share_the_circuits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --pool=threads two ticks can overlap in one process; the second is skipped, not run beside
+    the first on the same (unlocked) circuit state, and the next tick runs again."""
+    import threading
+
+    from fhir_ai.delivery import PassReport
+    inside, release, calls = threading.Event(), threading.Event(), []
+
+    class SlowWorker:
+        def run_once(self) -> PassReport:
+            calls.append(threading.get_ident())
+            inside.set()
+            assert release.wait(10)
+            return PassReport(claimed=1, delivered=1)
+
+    monkeypatch.setitem(tasks._delivery, os.getpid(), SlowWorker())
+    first: list[dict[str, int]] = []
+    runner = threading.Thread(target=lambda: first.append(tasks.deliver_write_backs()))
+    runner.start()
+    assert inside.wait(10)
+    second = tasks.deliver_write_backs()               # while the first pass is still delivering
+    release.set()
+    runner.join(10)
+    assert second["skipped"] == 1 and second["delivered"] == 0
+    assert first == [{"claimed": 1, "delivered": 1, "retryLater": 0, "failed": 0, "deferred": 0, "skipped": 0}]
+    assert len(calls) == 1
+    assert tasks.deliver_write_backs()["skipped"] == 0  # the lock is released: the next tick runs
+    assert len(calls) == 2
 
 
 def test_the_capability_statement_lists_the_batch_operations(jc: FlaskClient) -> None:

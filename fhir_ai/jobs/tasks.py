@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,19 +145,31 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
 
 
 _delivery: dict[int, Any] = {}
+_delivery_lock = threading.Lock()
 
 
 @app.task(name="fhir_ai.deliver_write_backs", ignore_result=True)
 def deliver_write_backs() -> dict[str, int]:
-    """One pass of the write-back worker (fhir_ai.delivery); its circuits live in this process."""
+    """One pass of the write-back worker (fhir_ai.delivery); its circuits live in this process.
+
+    One pass at a time per process: under ``--pool=threads`` a tick that arrives while the last one is
+    still delivering is skipped (``skipped``: 1) rather than run beside it on the same circuits, which
+    are not locked; the running pass delivers what the skipped one would have.
+    """
     from ..delivery import Worker
-    pid = os.getpid()
-    if pid not in _delivery:
-        _delivery.clear()
-        _delivery[pid] = Worker(runtime.settings(), runtime.pipeline().store)
-    report = _delivery[pid].run_once()
+    if not _delivery_lock.acquire(blocking=False):
+        log.info("write-back delivery: the previous pass in this process is still running; tick skipped")
+        return {"claimed": 0, "delivered": 0, "retryLater": 0, "failed": 0, "deferred": 0, "skipped": 1}
+    try:
+        pid = os.getpid()
+        if pid not in _delivery:
+            _delivery.clear()
+            _delivery[pid] = Worker(runtime.settings(), runtime.pipeline().store)
+        report = _delivery[pid].run_once()
+    finally:
+        _delivery_lock.release()
     return {"claimed": report.claimed, "delivered": report.delivered, "retryLater": report.retry_later,
-            "failed": report.failed, "deferred": report.deferred}
+            "failed": report.failed, "deferred": report.deferred, "skipped": 0}
 
 
 def ward_job_id(ward: str, slot: int) -> str:
