@@ -142,6 +142,19 @@ def test_date_ap_is_approximately_relative_to_now(client, monkeypatch, query, ex
     assert ids(response.json) == expected
 
 
+def test_date_ap_pages_keep_the_first_pages_now(client, monkeypatch):
+    """Every page of one ap search measures from the first page's now (the cursor carries it): a clock
+    that moves on between pages must not widen the range and let a1 in on a later page."""
+    monkeypatch.setattr(values, "clock", lambda: NOW)
+    first = client.get("/RiskAssessment?date=ap2026-11-21T12:00:00Z&_count=1").json
+    assert first["total"] == 2
+    monkeypatch.setattr(values, "clock", lambda: NOW + timedelta(days=100))   # ± about 10 weeks now
+    assert ids(client.get("/RiskAssessment?date=ap2026-11-21T12:00:00Z").json) >= {"a1", "a2", "a3", "a4"}
+    later = _follow(client, next(link["url"] for link in first["link"] if link["relation"] == "next"))
+    assert [ids(page) for page in [first, *later]] == [{"a3"}, {"a2"}]
+    assert all(page["total"] == 2 for page in later)
+
+
 @pytest.mark.parametrize("path, param", [("Provenance", "recorded"), ("AuditEvent", "date")])
 def test_date_ap_on_provenance_and_audit_events(client, monkeypatch, path, param):
     """Their dates are when this server stored: NOW is put 10 days after one of them."""

@@ -112,17 +112,28 @@ def _unpack(text: str, make: Callable[[dict[str, Any]], T]) -> T:
 
 @dataclass
 class Cursor:
-    """Where the previous page ended: (sort key, seq) of its last row, and the high-water seq."""
+    """Where the previous page ended: (sort key, seq) of its last row, and the high-water seq; ``now``:
+    the instant the first page took as "now" (``ap`` dates are measured from it on every page, so the
+    pages of one search all ask the same question)."""
     high: int
     key: str | None
     seq: int
+    now: datetime | None = None
 
     def encode(self) -> str:
-        return _pack({"h": self.high, "k": self.key, "s": self.seq})
+        data: dict[str, Any] = {"h": self.high, "k": self.key, "s": self.seq}
+        if self.now is not None:
+            data["n"] = self.now.isoformat()
+        return _pack(data)
 
     @classmethod
     def decode(cls, text: str) -> "Cursor":
-        return _unpack(text, lambda data: cls(int(data["h"]), data["k"], int(data["s"])))
+        def make(data: dict[str, Any]) -> Cursor:
+            now = datetime.fromisoformat(data["n"]) if data.get("n") is not None else None
+            if now is not None and now.tzinfo is None:
+                raise ValueError("not a cursor")
+            return cls(int(data["h"]), data["k"], int(data["s"]), now)
+        return _unpack(text, make)
 
 
 @dataclass
@@ -157,15 +168,16 @@ class SearchQuery:
     cursor: Cursor | None = None
     ignored: list[str] = field(default_factory=list)
     echo: list[tuple[str, str]] = field(default_factory=list)   # the accepted parameters, for links
+    now: datetime | None = None          # "now" for ap dates: the first page's, carried by the cursor
 
 
-def _value(param: Param, modifier: str | None, raw: str) -> Any:
+def _value(param: Param, modifier: str | None, raw: str, now: datetime | None = None) -> Any:
     if modifier == "missing":
         if raw not in ("true", "false"):
             raise ValueError(":missing takes true or false")
         return raw == "true"
     if param.kind == "date":
-        return values.parse_date(raw)
+        return values.parse_date(raw, now)
     if param.kind == "number":
         return values.parse_number(raw)
     if param.kind == "token" or modifier == "identifier":
@@ -199,6 +211,12 @@ def parse_query(resource_type: str, args: Iterable[tuple[str, str]], *, lenient:
     (then they are ignored and listed in ``ignored``)."""
     supported = PARAMETERS[resource_type]
     query = SearchQuery(resource_type)
+    args = list(args)
+    # The cursor first, wherever it stands: a later page measures ap dates from the first page's now.
+    for name, raw in args:
+        if name == "_cursor":
+            query.cursor = Cursor.decode(raw)
+    query.now = (query.cursor.now if query.cursor else None) or values.clock()
     for name, raw in args:
         base, _, modifier = name.partition(":")
         try:
@@ -218,7 +236,7 @@ def parse_query(resource_type: str, args: Iterable[tuple[str, str]], *, lenient:
                 raise BadRequest(f"modifier :{mod} is not supported on {base}", expression=name)
             alternatives = [raw] if mod == "missing" else values.split_values(raw)
             try:
-                parsed = [_value(param, mod, alt) for alt in alternatives]
+                parsed = [_value(param, mod, alt, query.now) for alt in alternatives]
             except ValueError as exc:
                 raise BadRequest(f"{name}: {exc}", expression=name) from exc
             query.filters.append(Filter(param, mod, parsed))
@@ -249,7 +267,7 @@ def _control(query: SearchQuery, name: str, raw: str) -> None:
         if raw not in ("none", "estimate", "accurate"):
             raise BadRequest("_total must be none, estimate or accurate", expression="_total")
     elif name == "_cursor":
-        query.cursor = Cursor.decode(raw)
+        pass                     # decoded before the other parameters (parse_query)
     # _format is checked by the API layer (JSON only).
 
 

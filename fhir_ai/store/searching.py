@@ -142,7 +142,8 @@ def run(session: Session, query: SearchQuery) -> Page:
     if len(rows) > query.count:
         rows = rows[:query.count]
         last = rows[-1]
-        next_cursor = Cursor(high, utc(getattr(last, spec.sort)).isoformat() if query.sort else None, last.seq)
+        next_cursor = Cursor(high, utc(getattr(last, spec.sort)).isoformat() if query.sort else None, last.seq,
+                             query.now)
     return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)
 
 
