@@ -184,7 +184,7 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
         import pstats
         profiler.disable()
         print(f"profile of {requests_n} requests (cProfile inflates small calls; compare, don't add up):")
-        pstats.Stats(profiler).sort_stats(profile).print_stats(40)
+        pstats.Stats(profiler).sort_stats(profile).print_stats(os.environ.get("BENCH_PROFILE_FILTER", ""), 40)
     print(f"latency, {requests_n} requests in-process (explanations on, stored, no write-back):")
     for label, values in (("own overhead", own), ("upstream (local, from memory)", upstream_s), ("total", total)):
         print(f"  {label:<32} p50 {percentile(values, 50):6.2f} ms   p99 {percentile(values, 99):6.2f} ms   "
