@@ -34,6 +34,7 @@ def run_gunicorn(app: Flask, *, host: str, port: int, workers: int = 2, threads:
                "preload_app": True, "post_fork": _post_fork, "accesslog": "-",
                # Access log without the query string: search parameters can carry patient ids.
                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'}
+    app.extensions["fhir_ai"].registry.warm()      # TreeSHAP tables: built once, shared by the workers
     # Collect once and freeze before forking: the loaded models stay shared copy-on-write pages
     # instead of being touched (and copied) by each worker's first collection.
     gc.collect()

@@ -51,6 +51,31 @@ def test_missing_inputs_are_the_feature_inputs_without_a_value(registry, model_i
     assert fs.missing_inputs(1) == [] and len(fs.missing_inputs(0)) == len({f.input for f in mapping.features})
 
 
+@pytest.mark.parametrize("model_id", ["deterioration", "triage"])
+def test_explanations_of_a_few_rows_come_from_the_tables_and_equal_pred_contrib(registry, model_id, monkeypatch):
+    """One patient's explanation is the tabulated TreeSHAP (LightGBM is not asked), with LightGBM's values;
+    a batch goes to LightGBM; a registry of the same files shares one set of tables."""
+    from fhir_ai.models import registry as registry_module
+    model = registry.get(model_id)[0]
+    X = np.random.default_rng(5).normal(size=(40, len(model.feature_names))) * 20 + 50
+    X[::3, ::4] = np.nan
+    expected = np.asarray(model.booster.predict(X, pred_contrib=True)).reshape(
+        model.contributions(X).shape)                                      # 40 rows: LightGBM itself
+    registry.warm()
+    asked = []
+    original = model.booster.predict
+    monkeypatch.setattr(model.booster, "predict", lambda *a, **k: asked.append(k) or original(*a, **k))
+    for i in range(len(X)):
+        got = model.contributions(X[i:i + 1])
+        assert np.allclose(got, expected[i:i + 1], rtol=0, atol=1e-9)
+    assert asked == []
+    model.contributions(X)
+    assert asked and asked[0].get("pred_contrib") is True
+    again = ModelRegistry.load(Settings().models_dir, load_directory(Settings().mappings_dir)).get(model_id)[0]
+    assert again.explainer() is model.explainer() is not None
+    assert registry_module.TABLE_ROWS < len(X)
+
+
 def test_calibrated_probability_is_the_cards_calibration_bit_for_bit(registry):
     model = registry.get("deterioration")[0]
     assert model.card["calibration"]["kind"] == "isotonic"

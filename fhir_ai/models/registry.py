@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,16 @@ import numpy as np
 from ..errors import ModelError, NotSupported
 from ..mapping import Mapping
 from .metrics import apply_calibration
+from .treeshap import TreeExplainer
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.txt"
 CARD_FILE = "card.json"
+# Up to this many rows are explained by the tabulated TreeSHAP (≈0.3 ms a row, one thread); more go to
+# LightGBM's pred_contrib (≈1.1 ms a row, but on every core and without a Python loop): batches.
+TABLE_ROWS = 4
+_EXPLAINER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -30,6 +36,10 @@ class LoadedModel:
     path: Path
     _calibration_arrays: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, init=False, repr=False,
                                                                              compare=False)
+    # The model file's (path, mtime, size) when it was loaded: the key of its TreeSHAP tables.
+    file_key: tuple[str, int, int] | None = field(default=None, repr=False, compare=False)
+    _explainer: TreeExplainer | None = field(default=None, init=False, repr=False, compare=False)
+    _explainer_failed: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def feature_names(self) -> list[str]:
@@ -66,9 +76,28 @@ class LoadedModel:
             made = self._calibration_arrays = (calibration, prepared)
         return made[1]
 
+    def explainer(self) -> TreeExplainer | None:
+        """The tabulated TreeSHAP of this model (treeshap.py; the same values as pred_contrib), built on
+        first use or by ``ModelRegistry.warm`` at start-up; None for a structure it does not cover."""
+        if self._explainer is None and not self._explainer_failed:
+            with _EXPLAINER_LOCK:
+                if self._explainer is None and not self._explainer_failed:
+                    try:
+                        self._explainer = (_shared_explainer(self.file_key, self.booster) if self.file_key
+                                           else TreeExplainer.from_booster(self.booster))
+                    except NotImplementedError as exc:
+                        log.info("model %s: explanations by LightGBM's pred_contrib (%s)", self.model_id, exc)
+                        self._explainer_failed = True
+        return self._explainer
+
     def contributions(self, X: np.ndarray) -> np.ndarray:
-        """SHAP-style contributions (log-odds space); (n, features + 1) or (n, classes, features + 1)."""
-        contrib = self.booster.predict(X, pred_contrib=True, num_threads=1)
+        """SHAP contributions (log-odds space; path-dependent TreeSHAP, as LightGBM's pred_contrib):
+        (n, features + 1) or (n, classes, features + 1)."""
+        explainer = self.explainer() if X.shape[0] <= TABLE_ROWS else None
+        if explainer is not None:
+            contrib = explainer.contributions(X)
+        else:
+            contrib = self.booster.predict(X, pred_contrib=True, num_threads=1)
         if self.kind == "multiclass":
             k = len(self.classes)
             return np.asarray(contrib).reshape(X.shape[0], k, X.shape[1] + 1)
@@ -91,6 +120,8 @@ def load_model(directory: Path | str, mapping: Mapping | None = None) -> LoadedM
     except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
         raise ModelError(f"cannot load model from {directory}: {exc}", expression=str(directory)) from exc
     model = LoadedModel(card["model"], card["version"], booster, card, directory)
+    stat = (directory / MODEL_FILE).stat()
+    model.file_key = (str((directory / MODEL_FILE).resolve()), stat.st_mtime_ns, stat.st_size)
     if booster.feature_name() != model.feature_names:
         raise ModelError(f"{directory}: the model file's features differ from its card")
     if mapping is not None:
@@ -133,6 +164,19 @@ def check_mappings(mappings_dir: Path | str, models_dir: Path | str) -> tuple[di
     return found, problems
 
 
+_EXPLAINERS: dict[tuple[str, int, int], TreeExplainer] = {}
+
+
+def _shared_explainer(file_key: tuple[str, int, int], booster: lgb.Booster) -> TreeExplainer:
+    """One set of tables per model file (a reload or another app in the same process reuses them);
+    the few most recent files are kept. Called under _EXPLAINER_LOCK."""
+    explainer = _EXPLAINERS.pop(file_key, None) or TreeExplainer.from_booster(booster)
+    _EXPLAINERS[file_key] = explainer             # most recent last
+    while len(_EXPLAINERS) > 8:
+        del _EXPLAINERS[next(iter(_EXPLAINERS))]
+    return explainer
+
+
 class ModelRegistry:
     """Every model fhir_ai serves, loaded at start-up."""
 
@@ -152,6 +196,12 @@ class ModelRegistry:
             models[model_id] = load_model(directory, mapping)
             log.info("loaded model %s version %s", model_id, models[model_id].version)
         return cls(models, mappings)
+
+    def warm(self) -> None:
+        """Build what each model builds on first use (its TreeSHAP tables) now: before gunicorn forks
+        its workers, so they share the tables and no request pays for them."""
+        for model in self.models.values():
+            model.explainer()
 
     def get(self, model_id: str) -> tuple[LoadedModel, Mapping]:
         if model_id not in self.models:
