@@ -374,6 +374,18 @@ def test_a_cookie_the_server_sets_is_sent_back(client, mocked):
     assert mocked.calls[1].request.headers["Cookie"] == "AWSALB=sticky"
 
 
+def test_a_redirect_is_followed_with_the_cookie_set_on_the_way(client, mocked):
+    """Our session sends by its adapter: a redirect is still followed (by the session), and a cookie the
+    redirecting answer sets goes with the request it points to."""
+    mocked.get(f"{BASE}/Patient/old", status=301, headers={"Location": f"{BASE}/Patient/example",
+                                                           "Set-Cookie": "AWSALB=sticky; Path=/"})
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/old")["id"] == "example"
+    assert [c.request.url for c in mocked.calls] == [f"{BASE}/Patient/old", f"{BASE}/Patient/example"]
+    assert mocked.calls[1].request.headers["Cookie"] == "AWSALB=sticky"
+    assert mocked.calls[1].request.headers["Accept"] == "application/fhir+json"
+
+
 # -- search by POST [type]/_search ------------------------------------------------------------
 
 def searchset(*ids: str, next_url: str | None = None) -> dict:

@@ -11,7 +11,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import orjson
 import requests
-from requests.cookies import RequestsCookieJar, merge_cookies
+from requests.cookies import RequestsCookieJar, extract_cookies_to_jar, merge_cookies
 from requests.structures import CaseInsensitiveDict
 
 from ..errors import (BadRequest, ConfigurationError, UpstreamError, UpstreamNotFound,
@@ -389,9 +389,11 @@ class FhirClient:
             prepared = self._prepare(method, url, params, data, headers)
             # Our own session has trust_env off and the environment's settings already merged (see
             # __init__): Session.send's defaults are those settings. A caller's session may trust it.
-            settings = {} if self._own_session else self.session.merge_environment_settings(
-                prepared.url, {}, None, None, None)
-            response = self.session.send(prepared, timeout=timeout, allow_redirects=True, **settings)
+            if self._own_session:
+                response = self._send(prepared, timeout)
+            else:
+                settings = self.session.merge_environment_settings(prepared.url, {}, None, None, None)
+                response = self.session.send(prepared, timeout=timeout, allow_redirects=True, **settings)
         except requests.Timeout as exc:
             raise _Temporary(f"no answer within {timeout:.3g} s ({type(exc).__name__})",
                              timeout=True) from exc
@@ -421,6 +423,22 @@ class FhirClient:
                                 "that is not a resource", temporary=False, upstream_status=status)
         return parsed
 
+    def _send(self, prepared: requests.PreparedRequest, timeout: float) -> requests.Response:
+        """``Session.send`` for our own session, by its adapter: the same request, proxies and TLS
+        settings, cookies the server sets kept, redirects followed by the session; without the
+        per-call merging, hook dispatch and cookie parsing of answers that set none."""
+        session = self.session
+        options: dict[str, Any] = {"timeout": timeout, "verify": session.verify, "cert": session.cert,
+                                   "proxies": session.proxies, "stream": False}
+        response = session.get_adapter(prepared.url).send(prepared, **options)
+        if "set-cookie" in response.headers:
+            extract_cookies_to_jar(session.cookies, prepared, response.raw)
+        if response.is_redirect:
+            history = [response, *session.resolve_redirects(response, prepared, **options)]
+            response = history.pop()
+            response.history = history
+        return response
+
     def _prepare(self, method: str, url: str, params: Params, data: bytes | None,
                  headers: dict[str, str]) -> requests.PreparedRequest:
         """What ``session.request`` would send, with the query string appended by us.
@@ -439,11 +457,21 @@ class FhirClient:
             session = self.session
             merged = CaseInsensitiveDict(session.headers)
             merged.update(headers)
+            # PreparedRequest.prepare, step by step, leaving out what cannot apply to our session:
+            # no Cookie header work while the jar is empty, no auth work without auth or userinfo.
             prepared = requests.PreparedRequest()
-            prepared.prepare(method=method, url=url, data=data, params=session.params or None,
-                             headers={k: v for k, v in merged.items() if v is not None},
-                             cookies=merge_cookies(RequestsCookieJar(), session.cookies),
-                             auth=session.auth, hooks=session.hooks)
+            prepared.prepare_method(method)
+            prepared.prepare_url(url, session.params or None)
+            prepared.prepare_headers({k: v for k, v in merged.items() if v is not None})
+            jar = merge_cookies(RequestsCookieJar(), session.cookies)
+            if len(jar):
+                prepared.prepare_cookies(jar)
+            else:
+                prepared._cookies = jar
+            prepared.prepare_body(data, None, None)
+            if session.auth is not None or "@" in url:
+                prepared.prepare_auth(session.auth, url)
+            prepared.prepare_hooks(session.hooks)
         else:
             prepared = self.session.prepare_request(requests.Request(method, url, data=data, headers=headers))
         query = encode_params(params)
