@@ -1,6 +1,7 @@
 """Tabulated TreeSHAP gives LightGBM's own pred_contrib, for the trained models and small made-up ones."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
+from fhir_ai.models import treeshap
 from fhir_ai.models.treeshap import K_ZERO_THRESHOLD, TreeExplainer
 
 TRAINED = Path(__file__).resolve().parents[1] / "fhir_ai" / "models" / "trained"
@@ -141,3 +143,44 @@ def test_rows_must_have_the_models_width() -> None:
     explainer = TreeExplainer.from_booster(_train(X, y))
     with pytest.raises(ValueError, match="4 features"):
         explainer.contributions(X[:3, :3])
+
+
+def _group_kinds(booster: lgb.Booster) -> dict[str, int]:
+    """How treeshap groups the model's leaves: groups of nodes, single leaves, and single leaves with a
+    feature whose nodes lie in two chunks of 8 (they need a bit per feature and chunk)."""
+    kinds = {"nodes": 0, "leaf": 0, "leaf across chunks": 0}
+    for tree in booster.dump_model()["tree_info"]:
+        for nodes, leaves in treeshap._groups(tree["tree_structure"]):
+            kinds["nodes" if nodes else "leaf"] += 1
+            chunks: dict[int, set[int]] = {}
+            for node, feature, _, _ in leaves[0][3]:
+                chunks.setdefault(feature, set()).add(node // 8)
+            kinds["leaf across chunks"] += not nodes and any(len(c) > 1 for c in chunks.values())
+    return kinds
+
+
+@pytest.mark.parametrize("memory_weight", [0.0, treeshap.MEMORY_WEIGHT, 1e9])
+def test_any_grouping_of_leaves_gives_lightgbms_values(memory_weight: float, monkeypatch) -> None:
+    """Deep trees on few features: large groups of nodes (weight 0), the default mix, and mostly single
+    leaves (weight 1e9), whose repeated features span chunks, all equal pred_contrib."""
+    X, y = _made_up_data(seed=11)
+    booster = _train(X, y, num_leaves=40, min_data_in_leaf=5)
+    monkeypatch.setattr(treeshap, "MEMORY_WEIGHT", memory_weight)
+    kinds = _group_kinds(booster)
+    assert kinds["nodes"] > 0 and kinds["leaf across chunks"] > 0
+    if memory_weight == 0.0:
+        assert kinds["nodes"] > kinds["leaf"]
+    if memory_weight == 1e9:
+        assert kinds["leaf"] > 5 * kinds["nodes"]
+    _check(booster, _rows(booster, 200, seed=12))
+
+
+def test_rows_explained_from_several_threads_at_once() -> None:
+    X, y = _made_up_data(seed=13)
+    booster = _train(X, y)
+    explainer = TreeExplainer.from_booster(booster)
+    rows = _rows(booster, 200, seed=14)
+    expected = explainer.contributions(rows)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda i: explainer.row(rows[i % len(rows)]), range(8 * len(rows))))
+    assert all(np.array_equal(g, expected[i % len(rows)]) for i, g in enumerate(got))

@@ -1,4 +1,4 @@
-"""Exact path-dependent TreeSHAP for LightGBM models: LightGBM's pred_contrib for one row in ~0.1 ms.
+"""Exact path-dependent TreeSHAP for LightGBM models: LightGBM's pred_contrib for one row in ~0.05 ms.
 
 LightGBM's ``predict(pred_contrib=True)`` runs Lundberg's recursive TreeSHAP (src/io/tree.cpp ``TreeSHAP``)
 for every tree, every time. The result is a sum over leaves (the GPUTreeShap decomposition): merge a
@@ -6,8 +6,9 @@ leaf's root-to-leaf path by feature; feature i gets a zero fraction z_i (the pro
 node count over its nodes) and a one fraction o_i, 1 iff the row follows the path at every node of
 feature i. The leaf adds leaf_value * (o_i - z_i) * (unwound path weight of i) to feature i. Only the
 o's depend on the row and they are bits, so each leaf's contributions are a function of a d-bit
-pattern: we tabulate them for all 2^d patterns at load, and serving a row is node decisions, one
-bit pattern per leaf, one gather and one bincount.
+pattern, tabulated for all 2^d patterns at load. Leaves are then gathered into groups (a subtree's
+leaves, or one leaf) whose summed contributions are tabulated per pattern of the group's bits, so
+serving a row is node decisions, one table row per group, one gather and one sum per feature.
 """
 from __future__ import annotations
 
@@ -23,16 +24,25 @@ log = logging.getLogger(__name__)
 # LightGBM's kZeroThreshold is the float literal 1e-35f held in a double (include/LightGBM/meta.h).
 K_ZERO_THRESHOLD = float(np.float32(1e-35))
 MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
+# What each of _values' five copies of x holds where the row is missing (a column per copy).
+MISSING_READ = np.array([[-np.inf], [np.nan], [0.0], [-np.inf], [np.nan]])
+MISSING_READ.flags.writeable = False
 # (leaf, pattern) rows per block of the table computation; bounds the temporaries to a few MB.
 BLOCK_ROWS = 1 << 15
+# A group's table is indexed by at most this many bits (2^bits rows).
+GROUP_BITS = 16
+# Grouping minimises elements served + GROUP_COST per group + MEMORY_WEIGHT per table entry: 1e-3 gives
+# the deterioration model ~24 MB and ~7,700 elements a row (1e-4: ~75 MB and ~6,400, barely faster).
+GROUP_COST = 1.0
+MEMORY_WEIGHT = 1e-3
 
 
 class TreeExplainer:
     """Tabulated TreeSHAP for one Booster; ``contributions`` equals ``predict(X, pred_contrib=True)``.
 
     Serving one row: every node's decision at once (nodes laid out 8 * chunks per tree), packed to
-    bytes; each leaf's mismatch pattern from one look-up per byte of its tree; each (leaf, feature)
-    element's table value; one bincount into (class, feature).
+    bytes; each group's table row from one look-up per byte of its tree (added up); each (group,
+    feature) element's table value; elements sorted by (class, feature), so one reduceat sums them.
     """
 
     def __init__(self, num_features: int, num_class: int, arrays: dict[str, np.ndarray]) -> None:
@@ -65,13 +75,14 @@ class TreeExplainer:
         left = values.take(self._node_source) <= self._node_threshold
         # a tree's node slots are whole bytes, so packing the flat array gives each tree its bytes
         lookup = self._lut.take(self._lut_base + np.packbits(left, bitorder="little").take(self._lut_byte))
-        leaves = self._leaf_depth.size
-        pattern = lookup[:leaves]
+        groups = self._lut_base.size // self._chunk_count.size
+        row = lookup[:groups]                   # each group's row offset in its table: a sum over chunks
         for chunk in range(1, self._chunk_count.size):
-            pattern = pattern | lookup[chunk * leaves:(chunk + 1) * leaves]
-        row_start = self._leaf_offset + self._leaf_depth * pattern
-        index = row_start.take(self._elem_leaf) + self._elem_slot
-        out = self._bias + np.bincount(self._elem_key, weights=self._table.take(index), minlength=self._width)
+            row = row + lookup[chunk * groups:(chunk + 1) * groups]
+        out = self._bias.copy()
+        if self._key_start.size:                # elements are sorted by key: a sum per run of one key
+            weights = self._table.take(row.take(self._elem_group) + self._elem_offset)
+            out[self._key] += np.add.reduceat(weights, self._key_start)
         return out if self.num_class == 1 else out.reshape(self.num_class, self.num_features + 1)
 
     def _values(self, x: np.ndarray) -> np.ndarray:
@@ -81,19 +92,16 @@ class TreeExplainer:
         sends NaN and |x| <= kZeroThreshold left (-inf) or right (NaN)."""
         f = self.num_features
         out = np.empty(5 * f + 1)
+        kinds = 5 if self._has_zero else 3     # without Zero nodes the last two copies are never read
+        view = out[:kinds * f].reshape(kinds, f)
+        view[...] = x
         # LightGBM's C API reads a dense row as sparse pairs, keeping only |x| > kZeroThreshold or NaN
         # (c_api.cpp RowFunctionFromDenseMatric): 1e-36 is predicted as 0.0
-        x = np.where(np.abs(x) <= K_ZERO_THRESHOLD, 0.0, x)
+        np.copyto(view, 0.0, where=np.abs(x) <= K_ZERO_THRESHOLD)
         missing = np.isnan(x)
-        out[:f] = x
-        out[:f][missing] = -np.inf
-        out[f:2 * f] = x
-        out[2 * f:3 * f] = x
-        out[2 * f:3 * f][missing] = 0.0
         if self._has_zero:
-            missing |= x == 0.0
-            out[3 * f:4 * f] = np.where(missing, -np.inf, x)
-            out[4 * f:5 * f] = np.where(missing, np.nan, x)
+            np.copyto(view[3:], MISSING_READ[3:], where=missing | (view[1] == 0.0))
+        np.copyto(view[:3], MISSING_READ[:3], where=missing)
         out[5 * f] = np.nan
         return out
 
@@ -122,12 +130,14 @@ def _build(model: dict[str, Any]) -> TreeExplainer:
             continue
         nodes: list[dict[str, Any]] = []
         tree_leaves = _walk(root, nodes)
+        if max(len(path) for *_, path in tree_leaves) > 8 * GROUP_BITS:      # spares _groups' recursion
+            raise NotImplementedError(f"a leaf with more than {GROUP_BITS} (feature, chunk) pairs on its path")
         total = root["internal_count"]
         bias[klass * width + num_features] += sum(
             count / total * value for _, value, count, _ in sorted(tree_leaves, key=lambda leaf: leaf[0]))
-        trees.append((klass, nodes, tree_leaves))
+        trees.append((klass, nodes, _groups(root)))
     arrays = _node_arrays(trees, num_features)
-    arrays.update(_leaf_arrays(trees, width, arrays["chunk_count"]))
+    arrays.update(_group_arrays(trees, width, arrays["chunk_count"]))
     arrays["bias"] = bias
     return TreeExplainer(num_features, num_class, arrays)
 
@@ -152,6 +162,37 @@ def _walk(root: dict[str, Any], nodes: list[dict[str, Any]]) -> list[tuple[int, 
     return found
 
 
+def _groups(root: dict[str, Any]) -> list[tuple[list[int], list]]:
+    """A tree's leaves split into groups, each (nodes, leaves): a subtree's leaves with the subtree's
+    and its ancestors' nodes, indexed by their decisions (_node_group), or one leaf with no nodes,
+    indexed by mismatch bits per feature and chunk (_leaf_group); at most GROUP_BITS bits either way.
+    Chosen to minimise elements served + GROUP_COST per group + MEMORY_WEIGHT per table entry."""
+    def best(node: dict[str, Any], path: list) -> tuple[float, list]:
+        if "leaf_value" in node:
+            leaf = (node["leaf_index"], node["leaf_value"], node["leaf_count"], path)
+            d = len({feature for _, feature, _, _ in path})
+            bits = len({(feature, n // 8) for n, feature, _, _ in path})
+            if bits > GROUP_BITS:             # then its path is also too long for a group of nodes
+                raise NotImplementedError(f"a leaf with more than {GROUP_BITS} (feature, chunk) pairs on its path")
+            return d + GROUP_COST + MEMORY_WEIGHT * (d << bits), [([], [leaf])]
+        count = node["internal_count"]
+        split = []
+        for child, left in ((node["left_child"], True), (node["right_child"], False)):
+            child_count = child["leaf_count"] if "leaf_value" in child else child["internal_count"]
+            split.append(best(child, path + [(node["split_index"], node["split_feature"], left,
+                                               child_count / count)]))
+        cost, groups = split[0][0] + split[1][0], split[0][1] + split[1][1]
+        leaves = [leaf for _, members in groups for leaf in members]
+        nodes = sorted({n for *_, leaf_path in leaves for n, _, _, _ in leaf_path})
+        if len(nodes) <= GROUP_BITS:
+            w = len({f for *_, leaf_path in leaves for _, f, _, _ in leaf_path})
+            whole = w + GROUP_COST + MEMORY_WEIGHT * (w << len(nodes))
+            if whole <= cost:
+                return whole, [(nodes, leaves)]
+        return cost, groups
+    return best(root, [])[1]
+
+
 def _node_arrays(trees: list, num_features: int) -> dict[str, np.ndarray]:
     """Per node slot (8 * chunks per tree, by split_index): where in _values it reads, its threshold."""
     chunks = max(1, (max(len(nodes) for _, nodes, _ in trees) + 7) // 8) if trees else 1
@@ -172,58 +213,104 @@ def _node_arrays(trees: list, num_features: int) -> dict[str, np.ndarray]:
     return {"node_source": source, "node_threshold": threshold, "chunk_count": chunk_count}
 
 
-def _leaf_arrays(trees: list, width: int, chunk_count: np.ndarray) -> dict[str, np.ndarray]:
-    """Tables, look-ups from a tree's decision bytes to each leaf's mismatch pattern, and elements."""
-    leaves = []      # (value, class, tree, entries [(node, left, slot)], features, zero fractions)
-    for t, (klass, _, tree_leaves) in enumerate(trees):
-        for _, value, _, path in tree_leaves:
-            leaves.append((value, klass, t, *_merge(path)))
-    depth = np.array([len(leaf[4]) for leaf in leaves], dtype=np.intp)
-    if depth.max(initial=0) > 16:
-        raise NotImplementedError("a leaf with more than 16 features on its path (table too large)")
-
-    offset = np.zeros(len(leaves), dtype=np.intp)
-    parts, cursor = [], 0
-    for d in np.unique(depth):
-        members = np.flatnonzero(depth == d)
-        zero = np.array([leaves[i][5] for i in members], dtype=np.float64).reshape(len(members), d)
-        value = np.array([leaves[i][0] for i in members], dtype=np.float64)
-        parts.append(_leaf_tables(zero, value).reshape(-1))
-        offset[members] = cursor + np.arange(len(members)) * (d << d)
-        cursor += len(members) * (d << d)
-
-    # look-ups: row 0 (256 zeros) for a leaf with no node in a chunk, else one row per (leaf, chunk)
+def _group_arrays(trees: list, width: int, chunk_count: np.ndarray) -> dict[str, np.ndarray]:
+    """Each group's table (a row of its features' summed contributions per index), look-ups from a
+    tree's decision bytes to the group's row offset in its table (summed over the tree's chunks: the
+    index bits of different chunks are distinct), and the (group, feature) elements sorted by key."""
+    tables = _leaf_tables_by_id([leaf for _, _, groups in trees for _, leaves in groups for leaf in leaves])
     chunks = chunk_count.size
-    lut_parts = [np.zeros(256, dtype=np.uint16)]
-    lut_base = np.zeros((chunks, len(leaves)), dtype=np.intp)
-    lut_cursor = 256
-    entries = np.array([(i, node, left, slot) for i, leaf in enumerate(leaves) for node, left, slot in leaf[3]],
-                       dtype=np.intp).reshape(-1, 4)
-    for b in range(chunks):
-        chunk = entries[(entries[:, 1] >= 8 * b) & (entries[:, 1] < 8 * b + 8)]
-        byte = np.arange(1 << chunk_count[b])
-        mismatch = ((byte[None, :] >> (chunk[:, 1, None] - 8 * b)) & 1) != chunk[:, 2, None]
-        bits = (mismatch.astype(np.uint16) << chunk[:, 3, None].astype(np.uint16))
-        touched, starts = np.unique(chunk[:, 0], return_index=True)
-        lut_parts.append(np.bitwise_or.reduceat(bits, starts, axis=0).reshape(-1))
-        lut_base[b, touched] = lut_cursor + np.arange(touched.size) * byte.size
-        lut_cursor += touched.size * byte.size
-    tree_of = np.array([leaf[2] for leaf in leaves], dtype=np.intp)
-
-    elem_leaf = np.repeat(np.arange(len(leaves), dtype=np.intp), depth)
-    elem_feature = np.array([f for leaf in leaves for f in leaf[4]], dtype=np.intp)
-    elem_class = np.array([leaf[1] for leaf in leaves], dtype=np.intp)[elem_leaf]
+    count = sum(len(groups) for _, _, groups in trees)
+    parts, lut_parts = [], [np.zeros(256, dtype=np.intp)]          # look-up row 0: no bits in a chunk
+    lut_base = np.zeros((chunks, count), dtype=np.intp)
+    lut_byte = np.zeros((chunks, count), dtype=np.intp)
+    elem_group, elem_offset, elem_key = [], [], []
+    cursor, lut_cursor, g = 0, 256, 0
+    for t, (klass, _, groups) in enumerate(trees):
+        for nodes, leaves in groups:
+            table, features, bits = (_node_group(nodes, leaves, tables) if nodes
+                                     else _leaf_group(leaves[0], tables.pop(id(leaves[0]))))
+            parts.append(table.reshape(-1))
+            elem_group += [g] * len(features)
+            elem_offset += range(cursor, cursor + len(features))
+            elem_key += [klass * width + f for f in features]
+            cursor += table.size
+            for b in range(chunks):
+                lut_byte[b, g] = t * chunks + b
+                mine = [(node - 8 * b, left, shift) for node, left, shift in bits if 8 * b <= node < 8 * b + 8]
+                if not mine:
+                    continue
+                byte = np.arange(1 << chunk_count[b])
+                pattern = np.zeros(byte.size, dtype=np.intp)
+                for node, left, shift in mine:
+                    pattern |= (((byte >> node) & 1) != left).astype(np.intp) << shift
+                lut_parts.append(pattern * len(features))
+                lut_base[b, g] = lut_cursor
+                lut_cursor += byte.size
+            g += 1
+    order = np.argsort(np.array(elem_key, dtype=np.intp), kind="stable")
+    key = np.array(elem_key, dtype=np.intp)[order]
+    starts = np.flatnonzero(np.diff(key, prepend=-1))
     return {
         "table": np.concatenate(parts) if parts else np.zeros(0),
         "lut": np.concatenate(lut_parts),
         "lut_base": lut_base.reshape(-1),
-        "lut_byte": (tree_of[None, :] * chunks + np.arange(chunks)[:, None]).reshape(-1),
-        "leaf_offset": offset,
-        "leaf_depth": depth,
-        "elem_leaf": elem_leaf,
-        "elem_slot": np.arange(elem_leaf.size) - np.repeat(np.cumsum(depth) - depth, depth),
-        "elem_key": elem_class * width + elem_feature,
+        "lut_byte": lut_byte.reshape(-1),
+        "elem_group": np.array(elem_group, dtype=np.intp)[order],
+        "elem_offset": np.array(elem_offset, dtype=np.intp)[order],
+        "key": key[starts],
+        "key_start": starts,
     }
+
+
+def _leaf_group(leaf: tuple, table: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[int, bool, int]]]:
+    """One leaf's table re-indexed by a mismatch bit per (feature, chunk), its features and look-up
+    bits (node, left, bit): a feature whose nodes lie in two chunks gets two bits, so that the chunks'
+    look-ups add up instead of being OR-ed."""
+    entries, features, _ = _merge(leaf[3])
+    bit: dict[tuple[int, int], int] = {}
+    for node, _, slot in entries:
+        bit.setdefault((slot, node // 8), len(bit))
+    index = np.arange(1 << len(bit))
+    mismatch = np.zeros(index.size, dtype=np.intp)
+    for (slot, _), j in bit.items():
+        mismatch |= ((index >> j) & 1) << slot
+    return table[mismatch], features, [(node, left, bit[slot, node // 8]) for node, left, slot in entries]
+
+
+def _node_group(nodes: list[int], leaves: list, tables: dict[int, np.ndarray]
+                ) -> tuple[np.ndarray, list[int], list[tuple[int, bool, int]]]:
+    """The summed table of ``leaves`` indexed by the decisions of ``nodes`` (bit j set = node j goes
+    left), its features and its look-up bits (node, left=False, j), so bit j is set when node j goes left."""
+    position = {node: j for j, node in enumerate(nodes)}
+    decision = (np.arange(1 << len(nodes))[:, None] >> np.arange(len(nodes))) & 1 == 1
+    features: dict[int, int] = {}
+    for *_, path in leaves:
+        for _, feature, _, _ in path:
+            features.setdefault(feature, len(features))
+    table = np.zeros((decision.shape[0], len(features)))
+    for leaf in leaves:
+        entries, leaf_features, _ = _merge(leaf[3])
+        mismatch = np.zeros(decision.shape[0], dtype=np.intp)
+        for node, left, slot in entries:
+            mismatch |= (decision[:, position[node]] != left).astype(np.intp) << slot
+        table[:, [features[f] for f in leaf_features]] += tables.pop(id(leaf))[mismatch]
+    return table, list(features), [(node, False, j) for j, node in enumerate(nodes)]
+
+
+def _leaf_tables_by_id(leaves: list) -> dict[int, np.ndarray]:
+    """Every leaf's (2^d, d) table (see _leaf_tables), keyed by id() of its leaf tuple."""
+    merged = [_merge(path) for *_, path in leaves]
+    depth = np.array([len(features) for _, features, _ in merged], dtype=np.intp)
+    if depth.max(initial=0) > 16:
+        raise NotImplementedError("a leaf with more than 16 features on its path (table too large)")
+    tables = {}
+    for d in np.unique(depth):
+        members = np.flatnonzero(depth == d)
+        zero = np.array([merged[i][2] for i in members], dtype=np.float64).reshape(len(members), d)
+        value = np.array([leaves[i][1] for i in members], dtype=np.float64)
+        for i, table in zip(members, _leaf_tables(zero, value)):
+            tables[id(leaves[i])] = table
+    return tables
 
 
 def _merge(path: list[tuple[int, int, bool, float]]) -> tuple[list[tuple[int, bool, int]], list[int], list[float]]:
