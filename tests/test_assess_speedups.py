@@ -52,28 +52,35 @@ def test_missing_inputs_are_the_feature_inputs_without_a_value(registry, model_i
 
 
 @pytest.mark.parametrize("model_id", ["deterioration", "triage"])
-def test_explanations_of_a_few_rows_come_from_the_tables_and_equal_pred_contrib(registry, model_id, monkeypatch):
-    """One patient's explanation is the tabulated TreeSHAP (LightGBM is not asked), with LightGBM's values;
-    a batch goes to LightGBM; a registry of the same files shares one set of tables."""
-    from fhir_ai.models import registry as registry_module
+def test_explanations_come_from_the_tables_and_equal_pred_contrib(registry, model_id, monkeypatch):
+    """One patient's explanation and a batch's come from the tabulated TreeSHAP (LightGBM is not asked),
+    with LightGBM's values; a model the tables cannot take is explained by LightGBM; a registry of the
+    same files shares one set of tables."""
     model = registry.get(model_id)[0]
     X = np.random.default_rng(5).normal(size=(40, len(model.feature_names))) * 20 + 50
     X[::3, ::4] = np.nan
-    expected = np.asarray(model.booster.predict(X, pred_contrib=True)).reshape(
-        model.contributions(X).shape)                                      # 40 rows: LightGBM itself
+    shape = (len(X), -1) if model.kind == "binary" else (len(X), len(model.classes), -1)
+    expected = np.asarray(model.booster.predict(X, pred_contrib=True)).reshape(shape)
     registry.warm()
     asked = []
     original = model.booster.predict
     monkeypatch.setattr(model.booster, "predict", lambda *a, **k: asked.append(k) or original(*a, **k))
     for i in range(len(X)):
-        got = model.contributions(X[i:i + 1])
-        assert np.allclose(got, expected[i:i + 1], rtol=0, atol=1e-9)
+        assert np.allclose(model.contributions(X[i:i + 1]), expected[i:i + 1], rtol=0, atol=1e-9)
+    assert np.allclose(model.contributions(X), expected, rtol=0, atol=1e-9)
     assert asked == []
-    model.contributions(X)
-    assert asked and asked[0].get("pred_contrib") is True
     again = ModelRegistry.load(Settings().models_dir, load_directory(Settings().mappings_dir)).get(model_id)[0]
     assert again.explainer() is model.explainer() is not None
-    assert registry_module.TABLE_ROWS < len(X)
+    # A structure the tables refuse (here: any, by a builder that refuses) falls back to pred_contrib.
+    from fhir_ai.models import registry as registry_module
+    monkeypatch.setattr(registry_module, "_EXPLAINERS", {})
+    monkeypatch.setattr(registry_module.TreeExplainer, "from_booster",
+                        classmethod(lambda cls, booster: (_ for _ in ()).throw(NotImplementedError("refused"))))
+    refused = ModelRegistry.load(Settings().models_dir, load_directory(Settings().mappings_dir)).get(model_id)[0]
+    monkeypatch.setattr(refused.booster, "predict", lambda *a, **k: asked.append(k) or original(*a, **k))
+    assert refused.explainer() is None
+    assert np.allclose(refused.contributions(X[:2]), expected[:2], rtol=0, atol=1e-9)
+    assert asked and asked[0].get("pred_contrib") is True
 
 
 def test_calibrated_probability_is_the_cards_calibration_bit_for_bit(registry):
