@@ -11,6 +11,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import orjson
 import requests
+from requests.hooks import dispatch_hook
 from requests.cookies import RequestsCookieJar, extract_cookies_to_jar, merge_cookies
 from requests.structures import CaseInsensitiveDict
 
@@ -425,12 +426,14 @@ class FhirClient:
 
     def _send(self, prepared: requests.PreparedRequest, timeout: float) -> requests.Response:
         """``Session.send`` for our own session, by its adapter: the same request, proxies and TLS
-        settings, cookies the server sets kept, redirects followed by the session; without the
-        per-call merging, hook dispatch and cookie parsing of answers that set none."""
+        settings, response hooks run, cookies the server sets kept, redirects followed by the session;
+        without the per-call merging, and no cookie parsing of answers that set none."""
         session = self.session
         options: dict[str, Any] = {"timeout": timeout, "verify": session.verify, "cert": session.cert,
                                    "proxies": session.proxies, "stream": False}
         response = session.get_adapter(prepared.url).send(prepared, **options)
+        if prepared.hooks.get("response"):           # the session's response hooks, as Session.send runs them
+            response = dispatch_hook("response", prepared.hooks, response, **options)
         if "set-cookie" in response.headers:
             extract_cookies_to_jar(session.cookies, prepared, response.raw)
         if response.is_redirect:
