@@ -386,6 +386,51 @@ def test_a_redirect_is_followed_with_the_cookie_set_on_the_way(client, mocked):
     assert mocked.calls[1].request.headers["Accept"] == "application/fhir+json"
 
 
+def test_a_redirect_to_another_host_is_not_followed(client, mocked):
+    """A 307/308 would re-send our PUT or search form to whatever host it names: refused, nothing sent there."""
+    mocked.put(f"{BASE}/RiskAssessment/ra-1", status=307,
+               headers={"Location": "https://elsewhere.example/r4/RiskAssessment/ra-1"})
+    with pytest.raises(UpstreamError, match="redirected to another host") as caught:
+        client.put({"resourceType": "RiskAssessment", "id": "ra-1", "status": "final"})
+    assert not caught.value.temporary
+    assert [c.request.url for c in mocked.calls] == [f"{BASE}/RiskAssessment/ra-1"]
+
+
+def test_a_body_that_stalls_after_the_headers_is_a_timeout_and_retried() -> None:
+    """Our session reads the body inside the retry handling: a server that sends its headers and then
+    stops is retried and reported as a timeout, never a raw requests error."""
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        while len(accepted) < 2:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{\"resourceType\": \"Bun")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with FhirClient(f"http://127.0.0.1:{port}/fhir", timeout=0.3, retries=1, backoff=0.0,
+                        sleep=lambda s: None) as stalled:
+            with pytest.raises(UpstreamError) as caught:
+                stalled.get("Patient/example")
+        assert caught.value.temporary
+        assert "2 attempt" in caught.value.message
+        assert len(accepted) == 2
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+
+
 # -- search by POST [type]/_search ------------------------------------------------------------
 
 def searchset(*ids: str, next_url: str | None = None) -> dict:

@@ -184,3 +184,42 @@ def test_rows_explained_from_several_threads_at_once() -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda i: explainer.row(rows[i % len(rows)]), range(8 * len(rows))))
     assert all(np.array_equal(g, expected[i % len(rows)]) for i, g in enumerate(got))
+
+
+def test_linear_trees_and_oversized_tables_are_refused(monkeypatch) -> None:
+    """Linear trees' leaves are not constants (the tables would ignore their coefficients); a model whose
+    tables would pass the build budget is refused before anything big is allocated."""
+    X, y = _made_up_data(11)
+    X = np.nan_to_num(X)                                     # linear trees take no missing values
+    with pytest.raises(NotImplementedError, match="linear"):
+        TreeExplainer.from_booster(_train(X, y, linear_tree=True))
+    booster = _train(X, y)
+    monkeypatch.setattr(treeshap, "BUILD_BUDGET_BYTES", 1024)
+    with pytest.raises(NotImplementedError, match="MB"):
+        TreeExplainer.from_booster(booster)
+
+
+def test_the_registry_keys_tables_by_the_model_files_content(tmp_path: Path) -> None:
+    """A model file replaced in place (same path) gets its own tables, and a copy of a file elsewhere shares
+    its tables: the key is the content, not the path or its timestamps."""
+    import json
+    import os
+
+    from fhir_ai.models.registry import load_model
+    X, y = _made_up_data(12)
+    first, second = _train(X, y, seed=1), _train(X, y, seed=2, learning_rate=0.3)
+    card = {"model": "made-up", "version": "1", "features": first.feature_name(), "kind": "binary"}
+
+    def place(folder: Path, booster: lgb.Booster) -> Path:
+        folder.mkdir(exist_ok=True)
+        (folder / "model.txt").write_text(booster.model_to_string())
+        (folder / "card.json").write_text(json.dumps(card))
+        os.utime(folder / "model.txt", ns=(10**18, 10**18))     # the same timestamps every time
+        return folder
+
+    a = load_model(place(tmp_path / "a", first))
+    replaced = load_model(place(tmp_path / "a", second))
+    copied = load_model(place(tmp_path / "b", first))
+    assert a.explainer() is copied.explainer() is not replaced.explainer()
+    for model, booster in ((a, first), (replaced, second)):
+        assert np.allclose(model.contributions(X[:50]), booster.predict(X[:50], pred_contrib=True), rtol=0, atol=1e-9)

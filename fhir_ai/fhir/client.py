@@ -400,6 +400,11 @@ class FhirClient:
                              timeout=True) from exc
         except requests.ConnectionError as exc:
             raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+            raise _Temporary(f"the answer broke off or could not be decoded ({type(exc).__name__})") from exc
+        except requests.TooManyRedirects as exc:
+            raise UpstreamError(f"{method} {where}: the hospital FHIR server redirects without end ({exc})",
+                                temporary=False) from None
         status = response.status_code
         if status == 401 and self.auth is not None:
             raise _Unauthorized(response)
@@ -426,21 +431,37 @@ class FhirClient:
 
     def _send(self, prepared: requests.PreparedRequest, timeout: float) -> requests.Response:
         """``Session.send`` for our own session, by its adapter: the same request, proxies and TLS
-        settings, response hooks run, cookies the server sets kept, redirects followed by the session;
-        without the per-call merging, and no cookie parsing of answers that set none."""
+        settings, response hooks run, cookies the server sets kept, the body read (inside the caller's
+        error handling, as Session.send reads it); without the per-call merging, and no cookie parsing
+        of answers that set none. Redirects are followed as the session follows them, but only on our
+        origin (as ``_url`` keeps links there): a 307/308 would re-send a PUT or a search form elsewhere."""
         session = self.session
         options: dict[str, Any] = {"timeout": timeout, "verify": session.verify, "cert": session.cert,
                                    "proxies": session.proxies, "stream": False}
-        response = session.get_adapter(prepared.url).send(prepared, **options)
-        if prepared.hooks.get("response"):           # the session's response hooks, as Session.send runs them
-            response = dispatch_hook("response", prepared.hooks, response, **options)
-        if "set-cookie" in response.headers:
-            extract_cookies_to_jar(session.cookies, prepared, response.raw)
-        if response.is_redirect:
-            history = [response, *session.resolve_redirects(response, prepared, **options)]
-            response = history.pop()
-            response.history = history
-        return response
+        history: list[requests.Response] = []
+        while True:
+            response = session.get_adapter(prepared.url).send(prepared, **options)
+            if prepared.hooks.get("response"):       # the session's response hooks, as Session.send runs them
+                response = dispatch_hook("response", prepared.hooks, response, **options)
+            if "set-cookie" in response.headers:
+                extract_cookies_to_jar(session.cookies, prepared, response.raw)
+            if not response.is_redirect:
+                response.content                     # read now: a reset or timeout mid-body is retried
+                response.history = history
+                return response
+            if len(history) >= session.max_redirects:
+                raise requests.TooManyRedirects(f"more than {session.max_redirects} redirects", response=response)
+            # The session builds the next request (method, body, headers, cookies, auth stripped on
+            # another host) and reads and closes this answer; we send it once it stays on our origin.
+            following = next(session.resolve_redirects(response, prepared, yield_requests=True, **options))
+            if _origin(following.url) != self._origin:
+                scheme, host, port = _origin(following.url)
+                log.warning("refusing a redirect to %s://%s:%s outside %s", scheme, host, port, self.base_url)
+                raise UpstreamError("the hospital FHIR server redirected to another host "
+                                    f"({scheme}://{host}:{port}); not following it with our request",
+                                    temporary=False, upstream_status=response.status_code)
+            history.append(response)
+            prepared = following
 
     def _prepare(self, method: str, url: str, params: Params, data: bytes | None,
                  headers: dict[str, str]) -> requests.PreparedRequest:

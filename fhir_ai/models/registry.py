@@ -1,6 +1,7 @@
 """Load each model once (LightGBM text file + model card) and check it against its mapping."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -33,8 +34,8 @@ class LoadedModel:
     path: Path
     _calibration_arrays: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, init=False, repr=False,
                                                                              compare=False)
-    # The model file's (path, mtime, size) when it was loaded: the key of its TreeSHAP tables.
-    file_key: tuple[str, int, int] | None = field(default=None, repr=False, compare=False)
+    # SHA-256 of the model file's bytes the booster was made from: the key of its TreeSHAP tables.
+    file_key: str | None = field(default=None, repr=False, compare=False)
     _explainer: TreeExplainer | None = field(default=None, init=False, repr=False, compare=False)
     _explainer_failed: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -85,6 +86,10 @@ class LoadedModel:
                     except NotImplementedError as exc:
                         log.info("model %s: explanations by LightGBM's pred_contrib (%s)", self.model_id, exc)
                         self._explainer_failed = True
+                    except Exception:   # a bug or no memory: never stop serving, explain the slow way
+                        log.exception("model %s: the TreeSHAP tables could not be built; explanations by "
+                                      "LightGBM's pred_contrib", self.model_id)
+                        self._explainer_failed = True
         return self._explainer
 
     def contributions(self, X: np.ndarray) -> np.ndarray:
@@ -115,12 +120,12 @@ def load_model(directory: Path | str, mapping: Mapping | None = None) -> LoadedM
     directory = Path(directory)
     try:
         card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
-        booster = lgb.Booster(model_file=str(directory / MODEL_FILE))
+        text = (directory / MODEL_FILE).read_bytes()         # read once: the booster and its key agree
+        booster = lgb.Booster(model_str=text.decode("utf-8"))
     except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
         raise ModelError(f"cannot load model from {directory}: {exc}", expression=str(directory)) from exc
     model = LoadedModel(card["model"], card["version"], booster, card, directory)
-    stat = (directory / MODEL_FILE).stat()
-    model.file_key = (str((directory / MODEL_FILE).resolve()), stat.st_mtime_ns, stat.st_size)
+    model.file_key = hashlib.sha256(text).hexdigest()
     if booster.feature_name() != model.feature_names:
         raise ModelError(f"{directory}: the model file's features differ from its card")
     if mapping is not None:
@@ -163,10 +168,10 @@ def check_mappings(mappings_dir: Path | str, models_dir: Path | str) -> tuple[di
     return found, problems
 
 
-_EXPLAINERS: dict[tuple[str, int, int], TreeExplainer] = {}
+_EXPLAINERS: dict[str, TreeExplainer] = {}
 
 
-def _shared_explainer(file_key: tuple[str, int, int], booster: lgb.Booster) -> TreeExplainer:
+def _shared_explainer(file_key: str, booster: lgb.Booster) -> TreeExplainer:
     """One set of tables per model file (a reload or another app in the same process reuses them);
     the few most recent files are kept. Called under _EXPLAINER_LOCK."""
     explainer = _EXPLAINERS.pop(file_key, None) or TreeExplainer.from_booster(booster)

@@ -27,6 +27,9 @@ MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
 # What each of _values' five copies of x holds where the row is missing (a column per copy).
 MISSING_READ = np.array([[-np.inf], [np.nan], [0.0], [-np.inf], [np.nan]])
 MISSING_READ.flags.writeable = False
+# The most the per-leaf tables (sum of 2^d * d float64 over leaves) may take while they are built; a
+# bigger model is explained by LightGBM's pred_contrib instead (refused before anything is allocated).
+BUILD_BUDGET_BYTES = 256 * 2**20
 # (leaf, pattern) rows per block of the table computation; bounds the temporaries to a few MB.
 BLOCK_ROWS = 1 << 15
 # A group's table is indexed by at most this many bits (2^bits rows).
@@ -60,6 +63,8 @@ class TreeExplainer:
         model = booster.dump_model()
         if model.get("average_output"):
             raise NotImplementedError("random-forest models (average_output) are not supported")
+        if any(tree.get("is_linear") or _has_linear_leaves(tree["tree_structure"]) for tree in model["tree_info"]):
+            raise NotImplementedError("linear trees (leaf coefficients) are not supported")
         explainer = _build(model)
         log.info("TreeSHAP table for %d trees: %.1f MB in %.2f s", len(model["tree_info"]),
                  explainer.nbytes / 1e6, time.perf_counter() - started)
@@ -297,12 +302,26 @@ def _node_group(nodes: list[int], leaves: list, tables: dict[int, np.ndarray]
     return table, list(features), [(node, False, j) for j, node in enumerate(nodes)]
 
 
+def _has_linear_leaves(node: dict[str, Any]) -> bool:
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if "leaf_coeff" in node or "leaf_const" in node:
+            return True
+        stack.extend(node[child] for child in ("left_child", "right_child") if child in node)
+    return False
+
+
 def _leaf_tables_by_id(leaves: list) -> dict[int, np.ndarray]:
     """Every leaf's (2^d, d) table (see _leaf_tables), keyed by id() of its leaf tuple."""
     merged = [_merge(path) for *_, path in leaves]
     depth = np.array([len(features) for _, features, _ in merged], dtype=np.intp)
     if depth.max(initial=0) > 16:
         raise NotImplementedError("a leaf with more than 16 features on its path (table too large)")
+    needed = int((np.left_shift(1, depth) * depth).sum()) * 8
+    if needed > BUILD_BUDGET_BYTES:
+        raise NotImplementedError(f"the leaf tables would take {needed / 2**20:.0f} MB "
+                                  f"(more than {BUILD_BUDGET_BYTES / 2**20:.0f} MB)")
     tables = {}
     for d in np.unique(depth):
         members = np.flatnonzero(depth == d)
