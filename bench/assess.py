@@ -157,7 +157,8 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
     stages = stage_timers()
     client = app.test_client()
     gc.collect()
-    gc.freeze()                      # what the gunicorn workers do after the fork
+    from fhir_ai.server import prepare_worker_gc
+    prepare_worker_gc()              # what the gunicorn workers do after the fork
     ids = list(patients)
     total, upstream_s, own = [], [], []
     profiler = None

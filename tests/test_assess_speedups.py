@@ -293,3 +293,14 @@ def test_a_configured_set_without_a_usable_key_stops_start_up_with_a_clear_error
     from fhir_ai.errors import ConfigurationError
     with pytest.raises(ConfigurationError, match="auth_jwks|JWKS"):
         _load_jwks(json.dumps({"keys": [{"kty": "RSA", "kid": "bad"}]}))
+
+
+def test_a_forked_worker_freezes_what_was_loaded_and_collects_less_often() -> None:
+    """gunicorn's post_fork hook, run in a fresh interpreter (it changes the collector of its process)."""
+    import subprocess
+    import sys
+    script = ("import gc; from fhir_ai import server; before = gc.get_freeze_count(); server._post_fork(None, None); "
+              "print(gc.get_threshold() == server.GC_THRESHOLDS, gc.get_threshold()[0] > 700, "
+              "gc.get_freeze_count() > before)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["True", "True", "True"]

@@ -99,7 +99,7 @@ def format_datetime(dt: datetime) -> str:
     if dt.tzinfo is None:
         raise ValueError("refusing to format a naive datetime: its time zone is unknown")
     dt = dt.astimezone(UTC)
-    text = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    text = dt.replace(tzinfo=None, microsecond=0).isoformat()   # 'YYYY-MM-DDTHH:MM:SS' (years zero-padded)
     if dt.microsecond:
         text += f".{dt.microsecond:06d}".rstrip("0")
     return text + "Z"
