@@ -304,3 +304,22 @@ def test_a_forked_worker_freezes_what_was_loaded_and_collects_less_often() -> No
               "gc.get_freeze_count() > before)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_a_prefork_worker_builds_the_tables_before_its_pool_forks(monkeypatch) -> None:
+    """fhir-ai worker (prefork) builds each model's TreeSHAP tables in the parent: the pool processes'
+    registries find them in the per-process cache instead of building their own."""
+    import hashlib
+    from pathlib import Path
+
+    from fhir_ai.jobs import worker
+    from fhir_ai.models import registry as registry_module
+    monkeypatch.setattr(registry_module, "_EXPLAINERS", {})
+    settings = Settings()
+    worker._build_tables(settings)
+    keys = {hashlib.sha256((Path(settings.models_dir) / m / "model.txt").read_bytes()).hexdigest()
+            for m in ("deterioration", "triage")}
+    assert keys <= set(registry_module._EXPLAINERS)
+    child = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
+    assert child.get("deterioration")[0].explainer() is registry_module._EXPLAINERS[
+        child.get("deterioration")[0].file_key]
