@@ -119,11 +119,14 @@ class Cursor:
     key: str | None
     seq: int
     now: datetime | None = None
+    total: int | None = None             # the first page's total: the set is fixed by ``high``
 
     def encode(self) -> str:
         data: dict[str, Any] = {"h": self.high, "k": self.key, "s": self.seq}
         if self.now is not None:
             data["n"] = self.now.isoformat()
+        if self.total is not None:
+            data["t"] = self.total
         return _pack(data)
 
     @classmethod
@@ -132,8 +135,17 @@ class Cursor:
             now = datetime.fromisoformat(data["n"]) if data.get("n") is not None else None
             if now is not None and now.tzinfo is None:
                 raise ValueError("not a cursor")
-            return cls(int(data["h"]), data["k"], int(data["s"]), now)
+            return cls(int(data["h"]), data["k"], int(data["s"]), now, _total(data))
         return _unpack(text, make)
+
+
+def _total(data: dict[str, Any]) -> int | None:
+    total = data.get("t")
+    if total is None:
+        return None
+    if type(total) is not int or total < 0:
+        raise ValueError("not a cursor")
+    return total
 
 
 @dataclass
@@ -144,9 +156,14 @@ class HistoryCursor:
     key: datetime
     id: str
     version: int
+    total: int | None = None             # the first page's total: the set is fixed by ``high``
 
     def encode(self) -> str:
-        return _pack({"h": self.high.isoformat(), "k": self.key.isoformat(), "i": self.id, "v": self.version})
+        data: dict[str, Any] = {"h": self.high.isoformat(), "k": self.key.isoformat(), "i": self.id,
+                                "v": self.version}
+        if self.total is not None:
+            data["t"] = self.total
+        return _pack(data)
 
     @classmethod
     def decode(cls, text: str) -> "HistoryCursor":
@@ -154,7 +171,7 @@ class HistoryCursor:
             high, key = datetime.fromisoformat(data["h"]), datetime.fromisoformat(data["k"])
             if high.tzinfo is None or key.tzinfo is None or not isinstance(data["i"], str):
                 raise ValueError("not a cursor")
-            return cls(high, key, data["i"], int(data["v"]))
+            return cls(high, key, data["i"], int(data["v"]), _total(data))
         return _unpack(text, make)
 
 

@@ -124,7 +124,9 @@ def run(session: Session, query: SearchQuery) -> Page:
     # the pages that follow (nothing skipped, nothing shown twice) and `total` stays the same.
     high = query.cursor.high if query.cursor else (session.scalar(select(func.max(seq))) or 0)
     where.append(seq <= high)
-    total = session.scalar(select(func.count()).select_from(row).where(*where)) or 0
+    # Later pages: the first page's total (the high-water mark fixed the set), not a count over again.
+    total = (query.cursor.total if query.cursor is not None and query.cursor.total is not None
+             else session.scalar(select(func.count()).select_from(row).where(*where)) or 0)
     if query.summary_count or query.count == 0:
         return Page(total, [], None)
     sort_column = getattr(row, spec.sort)
@@ -143,7 +145,7 @@ def run(session: Session, query: SearchQuery) -> Page:
         rows = rows[:query.count]
         last = rows[-1]
         next_cursor = Cursor(high, utc(getattr(last, spec.sort)).isoformat() if query.sort else None, last.seq,
-                             query.now)
+                             query.now, total)
     return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)
 
 
@@ -173,7 +175,8 @@ def history(session: Session, query: HistoryQuery) -> Page:
         where += [row.last_updated < up,
                   not_(exists().where(newer.id == row.id, newer.version_id == row.version_id + 1,
                                       newer.last_updated <= low))]
-    total = session.scalar(select(func.count()).select_from(row).where(*where)) or 0
+    total = (query.cursor.total if query.cursor is not None and query.cursor.total is not None
+             else session.scalar(select(func.count()).select_from(row).where(*where)) or 0)
     if query.count == 0:
         return Page(total, [], None)
     if query.cursor is not None:
@@ -188,5 +191,5 @@ def history(session: Session, query: HistoryQuery) -> Page:
     if len(rows) > query.count:
         rows = rows[:query.count]
         last = rows[-1]
-        next_cursor = HistoryCursor(utc(high), utc(last.last_updated), last.id, last.version_id)
+        next_cursor = HistoryCursor(utc(high), utc(last.last_updated), last.id, last.version_id, total)
     return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)
