@@ -306,20 +306,31 @@ def test_a_forked_worker_freezes_what_was_loaded_and_collects_less_often() -> No
     assert out.stdout.split() == ["True", "True", "True"]
 
 
-def test_a_prefork_worker_builds_the_tables_before_its_pool_forks(monkeypatch) -> None:
-    """fhir-ai worker (prefork) builds each model's TreeSHAP tables in the parent: the pool processes'
-    registries find them in the per-process cache instead of building their own."""
-    import hashlib
-    from pathlib import Path
 
-    from fhir_ai.jobs import worker
-    from fhir_ai.models import registry as registry_module
-    monkeypatch.setattr(registry_module, "_EXPLAINERS", {})
-    settings = Settings()
-    worker._build_tables(settings)
-    keys = {hashlib.sha256((Path(settings.models_dir) / m / "model.txt").read_bytes()).hexdigest()
-            for m in ("deterioration", "triage")}
-    assert keys <= set(registry_module._EXPLAINERS)
-    child = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
-    assert child.get("deterioration")[0].explainer() is registry_module._EXPLAINERS[
-        child.get("deterioration")[0].file_key]
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_worker_forked_after_the_models_were_loaded_can_load_them_again(warm: bool) -> None:
+    """gunicorn loads the models (and builds the explanation tables) in its master, then forks; a mapping
+    $reload makes a worker load the models again. With GNU OpenMP's thread pool started in the master,
+    that second load hung for ever in the worker; it must finish (in a fresh interpreter: it forks)."""
+    import subprocess
+    import sys
+    script = f"""
+import os, signal
+from fhir_ai.config import Settings
+from fhir_ai.mapping import load_directory
+from fhir_ai.models.registry import ModelRegistry
+settings = Settings()
+registry = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
+if {warm}:
+    registry.warm()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)                      # a hang ends the child with SIGALRM
+    again = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
+    again.get("deterioration")[0].booster.predict(__import__("numpy").zeros((64, 149)))   # several threads
+    os._exit(0)
+print(os.waitpid(pid, 0)[1])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0"]

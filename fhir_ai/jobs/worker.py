@@ -16,17 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def _load(**_: Any) -> None:
-    # Load mappings and models when a pool process starts, not on its first task; the TreeSHAP tables
-    # were built before the fork (run_worker), so the pool processes share them.
+    # Load mappings and models when a pool process starts, not on its first task, and build the models'
+    # TreeSHAP tables (≈0.6 s) then too. Not in the parent before the pool forks: loading LightGBM models
+    # there left the forked pool processes hanging on their first task (seen in the concurrency test).
     runtime.pipeline().registry.warm()
-
-
-def _build_tables(settings: Settings) -> None:
-    """The models' TreeSHAP tables, built once in the parent (a per-process cache keyed by model file):
-    every pool process forked afterwards finds them there instead of building its own (≈0.6 s, ≈24 MB)."""
-    from ..mapping import load_directory
-    from ..models.registry import ModelRegistry
-    ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir)).warm()
 
 
 def _close(**_: Any) -> None:
@@ -38,8 +31,6 @@ def run_worker(settings: Settings, *, beat: bool = True, concurrency: int | None
     """Run until SIGTERM (warm shutdown: running tasks finish; unfinished ones go back to the queue)."""
     runtime.configure(settings)
     app = configure(settings)
-    if pool == "prefork":
-        _build_tables(settings)
     worker_process_init.connect(_load, weak=False)
     worker_process_shutdown.connect(_close, weak=False)
     argv = ["worker", f"--loglevel={loglevel}", f"--queues={settings.job_queue}", f"--pool={pool}",

@@ -1,10 +1,13 @@
 """Load each model once (LightGBM text file + model card) and check it against its mapping."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.txt"
 CARD_FILE = "card.json"
 _EXPLAINER_LOCK = threading.Lock()
+_ONE_THREAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -81,8 +85,11 @@ class LoadedModel:
             with _EXPLAINER_LOCK:
                 if self._explainer is None and not self._explainer_failed:
                     try:
-                        self._explainer = (_shared_explainer(self.file_key, self.booster) if self.file_key
-                                           else TreeExplainer.from_booster(self.booster))
+                        if self.file_key:
+                            self._explainer = _shared_explainer(self.file_key, self.booster)
+                        else:
+                            with lightgbm_on_one_thread():
+                                self._explainer = TreeExplainer.from_booster(self.booster)
                     except NotImplementedError as exc:
                         log.info("model %s: explanations by LightGBM's pred_contrib (%s)", self.model_id, exc)
                         self._explainer_failed = True
@@ -116,12 +123,33 @@ class LoadedModel:
         return out
 
 
+@contextmanager
+def lightgbm_on_one_thread() -> Iterator[None]:
+    """LightGBM's OpenMP work (parsing a model, dumping it) on the calling thread only, for the duration.
+
+    gunicorn loads the models in its master and then forks the workers. Once a process has run an
+    OpenMP region on several threads, GNU libgomp's thread pool does not survive a fork: a forked
+    worker's next multi-threaded region (loading models again for a mapping ``$reload``) hangs for
+    ever. Loading and dumping on one thread never starts the pool, so the workers can still use
+    several threads later. Loading a model takes a few milliseconds more.
+    """
+    with _ONE_THREAD_LOCK:        # the setting is process-wide: two loads at once restore it in turn
+        found = ctypes.c_int(0)
+        lgb.basic._safe_call(lgb.basic._LIB.LGBM_GetMaxThreads(ctypes.byref(found)))
+        lgb.basic._safe_call(lgb.basic._LIB.LGBM_SetMaxThreads(ctypes.c_int(1)))
+        try:
+            yield
+        finally:
+            lgb.basic._safe_call(lgb.basic._LIB.LGBM_SetMaxThreads(ctypes.c_int(found.value)))
+
+
 def load_model(directory: Path | str, mapping: Mapping | None = None) -> LoadedModel:
     directory = Path(directory)
     try:
         card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
         text = (directory / MODEL_FILE).read_bytes()         # read once: the booster and its key agree
-        booster = lgb.Booster(model_str=text.decode("utf-8"))
+        with lightgbm_on_one_thread():
+            booster = lgb.Booster(model_str=text.decode("utf-8"))
     except (OSError, ValueError, lgb.basic.LightGBMError) as exc:
         raise ModelError(f"cannot load model from {directory}: {exc}", expression=str(directory)) from exc
     model = LoadedModel(card["model"], card["version"], booster, card, directory)
@@ -174,7 +202,10 @@ _EXPLAINERS: dict[str, TreeExplainer] = {}
 def _shared_explainer(file_key: str, booster: lgb.Booster) -> TreeExplainer:
     """One set of tables per model file (a reload or another app in the same process reuses them);
     the few most recent files are kept. Called under _EXPLAINER_LOCK."""
-    explainer = _EXPLAINERS.pop(file_key, None) or TreeExplainer.from_booster(booster)
+    explainer = _EXPLAINERS.pop(file_key, None)
+    if explainer is None:
+        with lightgbm_on_one_thread():                # dump_model: see lightgbm_on_one_thread
+            explainer = TreeExplainer.from_booster(booster)
     _EXPLAINERS[file_key] = explainer             # most recent last
     while len(_EXPLAINERS) > 8:
         del _EXPLAINERS[next(iter(_EXPLAINERS))]
