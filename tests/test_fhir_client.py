@@ -431,6 +431,44 @@ def test_a_body_that_stalls_after_the_headers_is_a_timeout_and_retried() -> None
             connection.close()
 
 
+def test_an_answer_trickling_past_the_deadline_is_cut_off_at_the_deadline() -> None:
+    """Each socket read is bounded by the timeout, not the whole answer: a server sending a byte every
+    50 ms never trips a 0.3 s read timeout. A caller with a deadline (a CDS hook) is answered at the
+    deadline, not when the trickle ends (5 s)."""
+    import socket
+    import threading
+    import time as clock
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            body = b'{"resourceType": "Patient", "id": "example", "x": "' + b"a" * 60 + b'"}'
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+                               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            for byte in body:
+                if stop.wait(0.05):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+    threading.Thread(target=serve, daemon=True).start()
+    started = clock.monotonic()
+    try:
+        with FhirClient(f"http://127.0.0.1:{port}/fhir", timeout=0.3, retries=2, backoff=0.0,
+                        deadline=started + 0.6, sleep=lambda s: None) as waiting:
+            with pytest.raises(UpstreamTimeout):
+                waiting.get("Patient/example")
+        assert clock.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        listener.close()
+
+
 # -- search by POST [type]/_search ------------------------------------------------------------
 
 def searchset(*ids: str, next_url: str | None = None) -> dict:

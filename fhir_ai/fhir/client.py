@@ -11,6 +11,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import orjson
 import requests
+import urllib3
 from requests.hooks import dispatch_hook
 from requests.cookies import RequestsCookieJar, extract_cookies_to_jar, merge_cookies
 from requests.structures import CaseInsensitiveDict
@@ -168,6 +169,9 @@ def encode_params(params: Params) -> str:
             values = [values]
         pairs.extend((key, value) for value in values if value is not None)
     return urlencode(pairs, safe=QUERY_SAFE)
+
+
+BODY_CHUNK = 64 * 1024      # bytes read between two deadline checks (_read_body)
 
 
 class FhirClient:
@@ -446,7 +450,7 @@ class FhirClient:
             if "set-cookie" in response.headers:
                 extract_cookies_to_jar(session.cookies, prepared, response.raw)
             if not response.is_redirect:
-                response.content                     # read now: a reset or timeout mid-body is retried
+                self._read_body(response)            # now: a reset or timeout mid-body is retried
                 response.history = history
                 return response
             if len(history) >= session.max_redirects:
@@ -462,6 +466,35 @@ class FhirClient:
                                     temporary=False, upstream_status=response.status_code)
             history.append(response)
             prepared = following
+
+    def _read_body(self, response: requests.Response) -> None:
+        """Read the whole body. With a deadline, as it arrives (urllib3's read1: what one socket read
+        brings), checking the deadline after each piece: the timeout bounds each socket read only, so
+        a server trickling its answer would otherwise hold a caller who is waiting (a CDS hook) long
+        past the deadline (now: at most one read timeout past it). urllib3's errors become the
+        requests errors Response.content raises."""
+        if self.deadline is None:
+            response.content
+            return
+        chunks = []
+        try:
+            while chunk := response.raw.read1(BODY_CHUNK, decode_content=True):
+                chunks.append(chunk)
+                if self._time_left() <= 0:   # type: ignore[operator]  # not None with a deadline
+                    # An answer that is complete now is taken (the next read is the end: b""); one
+                    # that is still arriving is not waited for.
+                    if response.raw.read1(BODY_CHUNK, decode_content=True):
+                        response.close()
+                        raise requests.Timeout("the answer had not arrived in full by the deadline")
+                    break
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except urllib3.exceptions.DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError) as exc:
+            raise requests.ConnectionError(exc) from exc
+        response._content = b"".join(chunks)    # what Response.content keeps (the stream is consumed)
+        response._content_consumed = True
 
     def _prepare(self, method: str, url: str, params: Params, data: bytes | None,
                  headers: dict[str, str]) -> requests.PreparedRequest:
