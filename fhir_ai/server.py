@@ -23,9 +23,10 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 
 # A request allocates ~100,000 objects (the hospital's Bundles as dicts, the features, the resources it
-# builds): with the default first-generation threshold (700) that is ~140 collections per request. A
-# larger one collects ~5 times a request; the garbage is the same, it is collected a little later.
-GC_THRESHOLDS = (20_000, 50, 100)
+# builds): with the default first-generation threshold (700) that is ~140 collections per request and
+# a full collection about every request. 20,000 collects the first generation ~5 times a request and
+# the rest in the default proportions (a full collection every ~20 requests); the garbage is the same.
+GC_THRESHOLDS = (20_000, 10, 10)
 
 
 def prepare_worker_gc() -> None:

@@ -469,6 +469,34 @@ def test_an_answer_trickling_past_the_deadline_is_cut_off_at_the_deadline() -> N
         listener.close()
 
 
+def test_an_answer_that_has_arrived_by_the_deadline_is_taken_however_long() -> None:
+    """Past the deadline, what has already arrived is still read: a 300 kB answer sent at once is taken
+    even when the deadline passes after its first piece (the clock jumps there and stays)."""
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    big = {"resourceType": "Patient", "id": "example", "text": {"status": "generated", "div": "x" * 300_000}}
+    body = json.dumps(big).encode()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+                               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            connection.recv(1)
+    threading.Thread(target=serve, daemon=True).start()
+    readings = iter([0.0, 0.0])
+    clock = lambda: next(readings, 10.01)     # noqa: E731  # the deadline (10.0) passes after the first piece
+    try:
+        with FhirClient(f"http://127.0.0.1:{port}/fhir", timeout=5, retries=0, deadline=10.0,
+                        clock=clock, sleep=lambda s: None) as waiting:
+            assert waiting.get("Patient/example") == big
+    finally:
+        listener.close()
+
+
 # -- search by POST [type]/_search ------------------------------------------------------------
 
 def searchset(*ids: str, next_url: str | None = None) -> dict:

@@ -213,6 +213,10 @@ def test_type_history_pages_by_next_links_while_new_versions_arrive(client, time
         event.remove(engine, "before_cursor_execute", record)
     # The later pages carry the first page's total in their cursor: the range is not counted again.
     assert statements and not any("count(" in s for s in statements if "risk_assessment_version" in s)
+    # ... for the query it was counted for only: the same cursor on other parameters is counted anew.
+    cursor = link(first, "next").split("_cursor=")[1]
+    other = client.get(f"/RiskAssessment/_history?_count=2&_since={stamp(3)}&_cursor={cursor}").json
+    assert other["total"] == 2          # h2's withdrawal (+3 min) and h4 (+4 min), not the first query's 5
     assert [versions(p) for p in pages] == [[("h4", "1"), ("h2", "2")], [("h3", "1"), ("h2", "1")], [("h1", "1")]]
     again = client.get("/RiskAssessment/_history?_count=2").json
     assert versions(again) == [("h5", "1"), ("h1", "2")] and again["total"] == 7

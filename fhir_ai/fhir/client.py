@@ -172,6 +172,7 @@ def encode_params(params: Params) -> str:
 
 
 BODY_CHUNK = 64 * 1024      # bytes read between two deadline checks (_read_body)
+LATE_GRACE = 0.05           # seconds past the deadline to finish reading what has already arrived
 
 
 class FhirClient:
@@ -400,8 +401,8 @@ class FhirClient:
                 settings = self.session.merge_environment_settings(prepared.url, {}, None, None, None)
                 response = self.session.send(prepared, timeout=timeout, allow_redirects=True, **settings)
         except requests.Timeout as exc:
-            raise _Temporary(f"no answer within {timeout:.3g} s ({type(exc).__name__})",
-                             timeout=True) from exc
+            why = str(exc) if "deadline" in str(exc) else type(exc).__name__
+            raise _Temporary(f"no answer within {timeout:.3g} s ({why})", timeout=True) from exc
         except requests.ConnectionError as exc:
             raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
@@ -469,29 +470,40 @@ class FhirClient:
 
     def _read_body(self, response: requests.Response) -> None:
         """Read the whole body. With a deadline, as it arrives (urllib3's read1: what one socket read
-        brings), checking the deadline after each piece: the timeout bounds each socket read only, so
-        a server trickling its answer would otherwise hold a caller who is waiting (a CDS hook) long
-        past the deadline (now: at most one read timeout past it). urllib3's errors become the
-        requests errors Response.content raises."""
+        brings), checking the deadline between pieces: the timeout bounds each socket read only, so a
+        server trickling its answer would otherwise hold a caller who is waiting (a CDS hook) long past
+        the deadline. Past the deadline, what has already arrived is still read (each socket read then
+        waits at most LATE_GRACE, for LATE_GRACE in all): an answer that is complete is taken, one
+        still arriving is not waited for. urllib3's errors become requests errors."""
         if self.deadline is None:
             response.content
             return
+        raw = response.raw
         chunks = []
+        late = False
         try:
-            while chunk := response.raw.read1(BODY_CHUNK, decode_content=True):
+            while chunk := raw.read1(BODY_CHUNK, decode_content=True):
                 chunks.append(chunk)
-                if self._time_left() <= 0:   # type: ignore[operator]  # not None with a deadline
-                    # An answer that is complete now is taken (the next read is the end: b""); one
-                    # that is still arriving is not waited for.
-                    if response.raw.read1(BODY_CHUNK, decode_content=True):
+                left = self._time_left()
+                if left is not None and left <= 0:
+                    if left < -LATE_GRACE:
                         response.close()
                         raise requests.Timeout("the answer had not arrived in full by the deadline")
-                    break
+                    if not late:
+                        late = True
+                        sock = getattr(getattr(raw, "connection", None), "sock", None)
+                        if sock is not None:
+                            sock.settimeout(LATE_GRACE)
         except urllib3.exceptions.ReadTimeoutError as exc:
+            if late:
+                response.close()
+                raise requests.Timeout("the answer had not arrived in full by the deadline") from exc
             raise requests.ReadTimeout(exc) from exc
         except urllib3.exceptions.DecodeError as exc:
             raise requests.exceptions.ContentDecodingError(exc) from exc
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.SSLError) as exc:
+        except urllib3.exceptions.ProtocolError as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        except urllib3.exceptions.SSLError as exc:
             raise requests.ConnectionError(exc) from exc
         response._content = b"".join(chunks)    # what Response.content keeps (the stream is consumed)
         response._content_consumed = True

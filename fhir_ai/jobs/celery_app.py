@@ -77,6 +77,10 @@ def configure(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A pool process loads the models and builds their explanation tables (≈2 s of CPU) before it
+        # reports up; Celery kills one that has not reported within 4 s by default, which several
+        # starting at once on a busy host can miss, and would then start and kill it again.
+        worker_proc_alive_timeout=60.0,
         worker_hijack_root_logger=False,
         timezone="UTC", enable_utc=True,
         beat_scheduler="celery.beat:Scheduler",  # in memory: no schedule file to share or clean up

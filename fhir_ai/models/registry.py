@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.txt"
 CARD_FILE = "card.json"
 _EXPLAINER_LOCK = threading.Lock()
-_ONE_THREAD_LOCK = threading.Lock()
+_ONE_THREAD_LOCK = threading.RLock()
 
 
 @dataclass

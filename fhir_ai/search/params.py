@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,13 +121,14 @@ class Cursor:
     seq: int
     now: datetime | None = None
     total: int | None = None             # the first page's total: the set is fixed by ``high``
+    query: str | None = None             # echo_digest of the search the total was counted for
 
     def encode(self) -> str:
         data: dict[str, Any] = {"h": self.high, "k": self.key, "s": self.seq}
         if self.now is not None:
             data["n"] = self.now.isoformat()
         if self.total is not None:
-            data["t"] = self.total
+            data["t"], data["q"] = self.total, self.query
         return _pack(data)
 
     @classmethod
@@ -135,17 +137,30 @@ class Cursor:
             now = datetime.fromisoformat(data["n"]) if data.get("n") is not None else None
             if now is not None and now.tzinfo is None:
                 raise ValueError("not a cursor")
-            return cls(int(data["h"]), data["k"], int(data["s"]), now, _total(data))
+            return cls(int(data["h"]), data["k"], int(data["s"]), now, *_total(data))
         return _unpack(text, make)
 
 
-def _total(data: dict[str, Any]) -> int | None:
-    total = data.get("t")
+def _total(data: dict[str, Any]) -> tuple[int | None, str | None]:
+    total, query = data.get("t"), data.get("q")
     if total is None:
-        return None
-    if type(total) is not int or total < 0:
+        return None, None
+    if type(total) is not int or total < 0 or not isinstance(query, str):
         raise ValueError("not a cursor")
-    return total
+    return total, query
+
+
+def echo_digest(echo: list[tuple[str, str]]) -> str:
+    """A short digest of a search's accepted parameters: a cursor's total is used only for the search
+    it was counted for (a cursor pasted onto other parameters is counted again)."""
+    return hashlib.sha256(orjson.dumps(echo)).hexdigest()[:24]
+
+
+def carried_total(cursor: "Cursor | HistoryCursor | None", echo: list[tuple[str, str]]) -> int | None:
+    """The first page's total from the cursor, when it was counted for these parameters."""
+    if cursor is None or cursor.total is None or cursor.query != echo_digest(echo):
+        return None
+    return cursor.total
 
 
 @dataclass
@@ -157,12 +172,13 @@ class HistoryCursor:
     id: str
     version: int
     total: int | None = None             # the first page's total: the set is fixed by ``high``
+    query: str | None = None             # echo_digest of the history query the total was counted for
 
     def encode(self) -> str:
         data: dict[str, Any] = {"h": self.high.isoformat(), "k": self.key.isoformat(), "i": self.id,
                                 "v": self.version}
         if self.total is not None:
-            data["t"] = self.total
+            data["t"], data["q"] = self.total, self.query
         return _pack(data)
 
     @classmethod
@@ -171,7 +187,7 @@ class HistoryCursor:
             high, key = datetime.fromisoformat(data["h"]), datetime.fromisoformat(data["k"])
             if high.tzinfo is None or key.tzinfo is None or not isinstance(data["i"], str):
                 raise ValueError("not a cursor")
-            return cls(high, key, data["i"], int(data["v"]), _total(data))
+            return cls(high, key, data["i"], int(data["v"]), *_total(data))
         return _unpack(text, make)
 
 

@@ -9,7 +9,8 @@ import orjson
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from ..search.params import Cursor, Filter, HistoryCursor, HistoryQuery, SearchQuery
+from ..search.params import (Cursor, Filter, HistoryCursor, HistoryQuery, SearchQuery, carried_total,
+                             echo_digest)
 from ..search.values import DateValue, NumberValue, Reference, Token
 from .tables import AssessmentRow
 from .trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow, SearchIndexRow, probes_by_seq
@@ -125,8 +126,11 @@ def run(session: Session, query: SearchQuery) -> Page:
     high = query.cursor.high if query.cursor else (session.scalar(select(func.max(seq))) or 0)
     where.append(seq <= high)
     # Later pages: the first page's total (the high-water mark fixed the set), not a count over again.
-    total = (query.cursor.total if query.cursor is not None and query.cursor.total is not None
-             else session.scalar(select(func.count()).select_from(row).where(*where)) or 0)
+    # (A withdrawal rewrites a row's lastUpdated in place, so a _lastUpdated search can gain or lose a
+    # row between pages; the total stays the one the first page reported.)
+    total = carried_total(query.cursor, query.echo)
+    if total is None:
+        total = session.scalar(select(func.count()).select_from(row).where(*where)) or 0
     if query.summary_count or query.count == 0:
         return Page(total, [], None)
     sort_column = getattr(row, spec.sort)
@@ -145,7 +149,7 @@ def run(session: Session, query: SearchQuery) -> Page:
         rows = rows[:query.count]
         last = rows[-1]
         next_cursor = Cursor(high, utc(getattr(last, spec.sort)).isoformat() if query.sort else None, last.seq,
-                             query.now, total)
+                             query.now, total, echo_digest(query.echo))
     return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)
 
 
@@ -175,8 +179,9 @@ def history(session: Session, query: HistoryQuery) -> Page:
         where += [row.last_updated < up,
                   not_(exists().where(newer.id == row.id, newer.version_id == row.version_id + 1,
                                       newer.last_updated <= low))]
-    total = (query.cursor.total if query.cursor is not None and query.cursor.total is not None
-             else session.scalar(select(func.count()).select_from(row).where(*where)) or 0)
+    total = carried_total(query.cursor, query.echo)
+    if total is None:
+        total = session.scalar(select(func.count()).select_from(row).where(*where)) or 0
     if query.count == 0:
         return Page(total, [], None)
     if query.cursor is not None:
@@ -191,5 +196,6 @@ def history(session: Session, query: HistoryQuery) -> Page:
     if len(rows) > query.count:
         rows = rows[:query.count]
         last = rows[-1]
-        next_cursor = HistoryCursor(utc(high), utc(last.last_updated), last.id, last.version_id, total)
+        next_cursor = HistoryCursor(utc(high), utc(last.last_updated), last.id, last.version_id, total,
+                                    echo_digest(query.echo))
     return Page(total, [orjson.loads(r.resource) for r in rows], next_cursor)
