@@ -334,3 +334,21 @@ print(os.waitpid(pid, 0)[1])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0"]
+
+
+def test_a_prefork_worker_builds_the_tables_before_its_pool_forks(monkeypatch) -> None:
+    """fhir-ai worker (prefork) builds each model's TreeSHAP tables in the parent: pool processes forked
+    afterwards find them in the per-process cache instead of building their own."""
+    import hashlib
+    from pathlib import Path
+
+    from fhir_ai.jobs import worker
+    from fhir_ai.models import registry as registry_module
+    monkeypatch.setattr(registry_module, "_EXPLAINERS", {})
+    settings = Settings()
+    worker._build_tables(settings)
+    keys = {hashlib.sha256((Path(settings.models_dir) / m / "model.txt").read_bytes()).hexdigest()
+            for m in ("deterioration", "triage")}
+    assert keys <= set(registry_module._EXPLAINERS)
+    child = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir)).get("deterioration")[0]
+    assert child.explainer() is registry_module._EXPLAINERS[child.file_key]
