@@ -131,6 +131,13 @@ class _Unauthorized(Exception):
         self.response = response
 
 
+class _LateAnswer(requests.Timeout):
+    """The deadline passed while the answer was still arriving (FhirClient._read_body)."""
+
+    def __init__(self) -> None:
+        super().__init__("the answer had not arrived in full by the deadline")
+
+
 class _Temporary(Exception):
     """One failed attempt worth retrying (internal to the retry loop)."""
 
@@ -311,15 +318,20 @@ class FhirClient:
         """An absolute URL on our server; refuses any other origin so the token stays home."""
         if "://" not in path_or_url:
             return f"{self.base_url}/{path_or_url.lstrip('/')}"
-        if _origin(path_or_url) != self._origin:
-            # Log only the origin: the rest of a foreign URL may carry search values.
-            scheme, host, port = _origin(path_or_url)
-            log.warning("refusing a link to %s://%s:%s outside %s", scheme, host, port,
-                        self.base_url)
-            raise UpstreamError("the hospital FHIR server sent a link to another host "
-                                f"({scheme}://{host}:{port}); refusing to send our credentials "
-                                "there", temporary=False)
+        self._check_origin(path_or_url, "sent a link", "refusing to send our credentials there")
         return path_or_url
+
+    def _check_origin(self, url: str, what: str, consequence: str, status: int | None = None) -> None:
+        """UpstreamError unless ``url`` is on our server's origin (links and redirects stay home);
+        ``what`` the server did ("sent a link", "redirected")."""
+        if _origin(url) != self._origin:
+            # Log only the origin: the rest of a foreign URL may carry search values.
+            scheme, host, port = _origin(url)
+            log.warning("the server %s to %s://%s:%s outside %s: refused", what, scheme, host, port,
+                        self.base_url)
+            raise UpstreamError(f"the hospital FHIR server {what} to another host "
+                                f"({scheme}://{host}:{port}); {consequence}", temporary=False,
+                                upstream_status=status)
 
     def _call(self, method: str, path_or_url: str, *, params: Params = None,
               body: dict[str, Any] | None = None, form: str | None = None,
@@ -401,7 +413,7 @@ class FhirClient:
                 settings = self.session.merge_environment_settings(prepared.url, {}, None, None, None)
                 response = self.session.send(prepared, timeout=timeout, allow_redirects=True, **settings)
         except requests.Timeout as exc:
-            why = str(exc) if "deadline" in str(exc) else type(exc).__name__
+            why = str(exc) if isinstance(exc, _LateAnswer) else type(exc).__name__
             raise _Temporary(f"no answer within {timeout:.3g} s ({why})", timeout=True) from exc
         except requests.ConnectionError as exc:
             raise _Temporary(f"connection failed ({type(exc).__name__})") from exc
@@ -459,12 +471,8 @@ class FhirClient:
             # The session builds the next request (method, body, headers, cookies, auth stripped on
             # another host) and reads and closes this answer; we send it once it stays on our origin.
             following = next(session.resolve_redirects(response, prepared, yield_requests=True, **options))
-            if _origin(following.url) != self._origin:
-                scheme, host, port = _origin(following.url)
-                log.warning("refusing a redirect to %s://%s:%s outside %s", scheme, host, port, self.base_url)
-                raise UpstreamError("the hospital FHIR server redirected to another host "
-                                    f"({scheme}://{host}:{port}); not following it with our request",
-                                    temporary=False, upstream_status=response.status_code)
+            self._check_origin(following.url, "redirected", "not following it with our request",
+                               response.status_code)
             history.append(response)
             prepared = following
 
@@ -484,11 +492,11 @@ class FhirClient:
         try:
             while chunk := raw.read1(BODY_CHUNK, decode_content=True):
                 chunks.append(chunk)
-                left = self._time_left()
-                if left is not None and left <= 0:
+                left = self.deadline - self._clock()
+                if left <= 0:
                     if left < -LATE_GRACE:
                         response.close()
-                        raise requests.Timeout("the answer had not arrived in full by the deadline")
+                        raise _LateAnswer()
                     if not late:
                         late = True
                         sock = getattr(getattr(raw, "connection", None), "sock", None)
@@ -497,7 +505,7 @@ class FhirClient:
         except urllib3.exceptions.ReadTimeoutError as exc:
             if late:
                 response.close()
-                raise requests.Timeout("the answer had not arrived in full by the deadline") from exc
+                raise _LateAnswer() from exc
             raise requests.ReadTimeout(exc) from exc
         except urllib3.exceptions.DecodeError as exc:
             raise requests.exceptions.ContentDecodingError(exc) from exc

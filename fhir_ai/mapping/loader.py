@@ -5,6 +5,7 @@ import hashlib
 import logging
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,6 @@ class Mapping:
     second_reader: dict[str, Any] | None = None
     description: str = ""
     code_index: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    # query_codes() and longest_lookback(), worked out once (a mapping does not change once loaded;
-    # a reload makes a new Mapping): every single-patient request asks for both.
-    _query_codes: tuple[tuple[str, str], ...] | None = field(default=None, init=False, repr=False, compare=False)
-    _lookback: tuple[float | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def feature_names(self) -> list[str]:
@@ -112,22 +109,25 @@ class Mapping:
     def input_list(self) -> list[Input]:
         return sorted(self.inputs.values(), key=lambda i: i.index)
 
+    # query_codes() and longest_lookback() are worked out once per Mapping (it does not change once
+    # loaded; a reload makes a new one): every single-patient request asks for both.
     def query_codes(self) -> list[tuple[str, str]]:
         """Every Observation code worth asking the hospital for (including panels)."""
-        if self._query_codes is None:
-            seen: dict[tuple[str, str], None] = {}
-            for spec in self.input_list:
-                for code in (*spec.codes, *spec.panel_codes):
-                    seen[code] = None
-            self._query_codes = tuple(seen)
         return list(self._query_codes)
+
+    @cached_property
+    def _query_codes(self) -> tuple[tuple[str, str], ...]:
+        seen: dict[tuple[str, str], None] = {}
+        for spec in self.input_list:
+            for code in (*spec.codes, *spec.panel_codes):
+                seen[code] = None
+        return tuple(seen)
 
     def longest_lookback(self) -> float | None:
         """Seconds before as-of that any feature reads, None if some feature is unbounded."""
-        if self._lookback is None:
-            self._lookback = (self._longest_lookback(),)
-        return self._lookback[0]
+        return self._longest_lookback
 
+    @cached_property
     def _longest_lookback(self) -> float | None:
         spans = []
         for f in self.features:

@@ -85,11 +85,7 @@ class LoadedModel:
             with _EXPLAINER_LOCK:
                 if self._explainer is None and not self._explainer_failed:
                     try:
-                        if self.file_key:
-                            self._explainer = _shared_explainer(self.file_key, self.booster)
-                        else:
-                            with lightgbm_on_one_thread():
-                                self._explainer = TreeExplainer.from_booster(self.booster)
+                        self._explainer = _shared_explainer(self.file_key, self.booster)
                     except NotImplementedError as exc:
                         log.info("model %s: explanations by LightGBM's pred_contrib (%s)", self.model_id, exc)
                         self._explainer_failed = True
@@ -199,13 +195,16 @@ def check_mappings(mappings_dir: Path | str, models_dir: Path | str) -> tuple[di
 _EXPLAINERS: dict[str, TreeExplainer] = {}
 
 
-def _shared_explainer(file_key: str, booster: lgb.Booster) -> TreeExplainer:
+def _shared_explainer(file_key: str | None, booster: lgb.Booster) -> TreeExplainer:
     """One set of tables per model file (a reload or another app in the same process reuses them);
-    the few most recent files are kept. Called under _EXPLAINER_LOCK."""
-    explainer = _EXPLAINERS.pop(file_key, None)
+    the few most recent files are kept; a booster not loaded from a file (no key) gets its own.
+    Called under _EXPLAINER_LOCK."""
+    explainer = _EXPLAINERS.pop(file_key, None) if file_key else None
     if explainer is None:
         with lightgbm_on_one_thread():                # dump_model: see lightgbm_on_one_thread
             explainer = TreeExplainer.from_booster(booster)
+    if not file_key:
+        return explainer
     _EXPLAINERS[file_key] = explainer             # most recent last
     while len(_EXPLAINERS) > 8:
         del _EXPLAINERS[next(iter(_EXPLAINERS))]

@@ -299,9 +299,8 @@ def _control(query: SearchQuery, name: str, raw: str) -> None:
     elif name == "_total":
         if raw not in ("none", "estimate", "accurate"):
             raise BadRequest("_total must be none, estimate or accurate", expression="_total")
-    elif name == "_cursor":
-        pass                     # decoded before the other parameters (parse_query)
-    # _format is checked by the API layer (JSON only).
+    # _cursor is decoded before the other parameters (parse_query); _format is checked by the API
+    # layer (JSON only).
 
 
 # FHIR instant (https://hl7.org/fhir/R4/datatypes.html#instant): to the second at least, with a zone.
