@@ -67,11 +67,17 @@ class Manifest:
 @dataclass
 class WriteBackCounts:
     bundles: int = 0
-    written: int = 0
-    failed: int = 0
     errors: list[str] = field(default_factory=list)
     written_ids: list[str] = field(default_factory=list)    # RiskAssessment ids written
     failed_ids: list[str] = field(default_factory=list)     # RiskAssessment ids not written
+
+    @property
+    def written(self) -> int:
+        return len(self.written_ids)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
 
 
 class BulkDataClient:
@@ -192,23 +198,23 @@ class BulkDataClient:
                 if response.status_code >= 300:
                     raise self._error("write-back transaction", response)
                 entries = _json(response).get("entry") or []
-                if len(entries) != len(chunk):
-                    raise UpstreamError(f"write-back transaction: the response has {len(entries)} entries for "
-                                        f"{len(chunk)} requests", temporary=True)
+                if (not isinstance(entries, list) or len(entries) != len(chunk)
+                        or not all(isinstance(e, dict) for e in entries)):
+                    raise UpstreamError(f"write-back transaction: the response does not answer the "
+                                        f"{len(chunk)} requests entry by entry", temporary=True)
             except FhirAiError as exc:
-                counts.failed += len(chunk)
                 counts.failed_ids += [r["id"] for r in chunk]
                 counts.errors.append(exc.message)
                 continue
             # The response's entries answer the request's, in the same order (FHIR R4 http.html#transaction).
-            bad = [(r, e) for r, e in zip(chunk, entries)
-                   if not str((e.get("response") or {}).get("status", "")).startswith("2")]
-            counts.failed += len(bad)
-            counts.failed_ids += [r["id"] for r, _ in bad]
-            refused = {r["id"] for r, _ in bad}
-            counts.written_ids += [r["id"] for r in chunk if r["id"] not in refused]
-            counts.written += len(chunk) - len(bad)
-            counts.errors += [str((e.get("response") or {}).get("status")) for _, e in bad]
+            for r, e in zip(chunk, entries):
+                answer = e.get("response")
+                status = answer.get("status") if isinstance(answer, dict) else None
+                if str(status or "").startswith("2"):
+                    counts.written_ids.append(r["id"])
+                else:
+                    counts.failed_ids.append(r["id"])
+                    counts.errors.append(str(status))
         return counts
 
     # -- plumbing -------------------------------------------------------------------------------

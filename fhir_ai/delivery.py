@@ -142,6 +142,12 @@ class Worker:
                                             min_age=FRESH_GRACE, now=self._now())
         report.claimed = len(rows)
         for row in rows:
+            circuit = self.circuit(row.target)
+            if circuit.seconds_until_trial() > 0:
+                # open and its trial not due (allow() would refuse and change nothing): deferred
+                # without reading the resource or renewing the claim, during an outage every pass.
+                self._defer(row, circuit.seconds_until_trial(), report)
+                continue
             # Checked before the circuit: a half-open circuit's one trial must go to a request
             # whose answer reports back (success/failure), or it stays "under way" for good.
             resource = self.store.get_assessment(row.resource_id)
@@ -156,17 +162,18 @@ class Worker:
             if not self.store.renew_claim(row.id, self.id, lease=self.lease, now=self._now()):
                 report.lost += 1
                 continue
-            circuit = self.circuit(row.target)
             if not circuit.allow():
                 # open: until its trial; half-open with the trial under way: shortly after
-                wait = circuit.seconds_until_trial() or min(1.0, circuit.cooldown)
-                self.store.defer_write_back(row.id, self._now() + timedelta(seconds=wait))
-                report.deferred += 1
+                self._defer(row, circuit.seconds_until_trial() or min(1.0, circuit.cooldown), report)
                 continue
             self._deliver(row, body, circuit, report)
         if rows:
             log.info("write-back pass: %s", report)
         return report
+
+    def _defer(self, row: Any, wait: float, report: PassReport) -> None:
+        self.store.defer_write_back(row.id, self._now() + timedelta(seconds=wait), worker=self.id)
+        report.deferred += 1
 
     def _deliver(self, row: Any, resource: dict[str, Any], circuit: Circuit,
                  report: PassReport) -> None:

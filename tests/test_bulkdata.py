@@ -375,3 +375,21 @@ def test_entries_the_server_refused_and_bundles_that_got_no_answer_are_queued(
     assert sorted(run.written.failed_ids) == not_written and run.queued == 8
     assert sorted(row.resource_id for row in jobs.store.outbox(status="pending")) == not_written
     assert jobs.last("bulk-export", f"{BASE}/Patient/$export", status="failed").error_status == 502
+
+
+@responses.activate
+@pytest.mark.parametrize("answer", [
+    {"resourceType": "Bundle", "type": "transaction-response", "entry": {"response": {"status": "200"}}},
+    {"resourceType": "Bundle", "type": "transaction-response", "entry": ["200 OK", "200 OK"]},
+    {"resourceType": "Bundle", "type": "transaction-response",
+     "entry": [{"response": "200 OK"}, {"response": {"status": "201 Created"}}]},
+])
+def test_a_malformed_transaction_response_counts_as_not_written(client: BulkDataClient, answer: dict) -> None:
+    """An answer that does not answer the Bundle entry by entry (entry not a list, entries not objects,
+    a response that is not an object) is counted as not written, never taken as written or a crash."""
+    responses.post(BASE, json=answer)
+    sent = [{"resourceType": "RiskAssessment", "id": f"ra-{i}", "status": "final"} for i in range(2)]
+    counts = client.write_bundles(sent, size=10)
+    assert counts.bundles == 1 and counts.written + counts.failed == 2
+    assert "ra-0" in counts.failed_ids and counts.failed >= 1
+    assert set(counts.written_ids) <= {"ra-1"}

@@ -193,6 +193,22 @@ def test_temporary_failure_backs_off_then_delivers(store, clocks) -> None:
 
 
 @responses.activate
+def test_rows_for_an_open_circuit_are_deferred_without_reading_them(store, clocks, monkeypatch) -> None:
+    """During an outage every pass claims the due rows; while the circuit is open and its trial not due,
+    each is put back at once: no stored resource read, no claim renewed (only the deferral's UPDATE)."""
+    ids = queue(store, 3)
+    responses.put(f"{BASE}/RiskAssessment/{ids[0]}", status=429, headers={"Retry-After": "120"})
+    worker = make_worker(store, clocks)
+    reads: list[str] = []
+    original = store.get_assessment
+    monkeypatch.setattr(store, "get_assessment", lambda rid: reads.append(rid) or original(rid))
+    report = worker.run_once()
+    assert (report.retry_later, report.deferred) == (1, 2)
+    assert reads == [ids[0]]                      # the one that was tried; the other two were not read
+    assert all(row_of(store, rid).claimed_by is None for rid in ids[1:])
+
+
+@responses.activate
 def test_429_retry_after_is_honoured_for_the_row_and_the_server(store, clocks) -> None:
     ids = queue(store, 3)
     responses.put(f"{BASE}/RiskAssessment/{ids[0]}", status=429, headers={"Retry-After": "120"})

@@ -145,12 +145,13 @@ class Translator:
         if self.language != "ko":
             return text
         for pattern, korean in _KO_QUOTING:
-            if pattern.match(text):
-                return pattern.sub(korean, text)
+            quoting = pattern.match(text)
+            if quoting:
+                return quoting.expand(korean)
         for pattern, korean in _KO_SENTENCES:
             text = pattern.sub(korean, text)
         text = _INPUT_NAME.sub(lambda m: f"({self.names.get(m.group(1), m.group(1))}): ", text)
-        return self._words.sub(lambda m: self._korean[m.group(0)], text) if self._korean else text
+        return self._words.sub(lambda m: self._korean[m.group(0)], text)
 
     @functools.cached_property
     def _korean(self) -> dict[str, str]:

@@ -212,7 +212,7 @@ class Gatherer:
         auth = self.request.get("fhirAuthorization") or {}
         try:
             client = self.client_factory(server, auth.get("access_token"))
-        except (ConfigurationError, ValueError) as exc:     # ValueError: e.g. a port that is not a number
+        except ConfigurationError as exc:
             raise BadRequest(f"fhirServer is not an http(s) FHIR base URL: {server!r}",
                              expression="fhirServer") from exc
         self._source = ServerSource(client)

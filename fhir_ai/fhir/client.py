@@ -195,7 +195,11 @@ class FhirClient:
         CDS hook): each attempt's timeout is cut to what is left, and a retry whose wait (backoff or
         Retry-After) would reach it is not made - the call fails at once instead."""
         self.base_url = base_url.rstrip("/")
-        self._origin = _origin(self.base_url)
+        try:
+            self._origin = _origin(self.base_url)
+        except ValueError as exc:           # e.g. a port that is not a number, an unclosed [IPv6
+            raise ConfigurationError(f"not an http(s) FHIR base URL: {base_url!r}",
+                                     expression="source_url") from exc
         if self._origin[0] not in _DEFAULT_PORTS or not self._origin[1]:
             raise ConfigurationError(f"not an http(s) FHIR base URL: {base_url!r}",
                                      expression="source_url")

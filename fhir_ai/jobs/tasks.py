@@ -156,10 +156,10 @@ def deliver_write_backs() -> dict[str, int]:
     still delivering is skipped (``skipped``: 1) rather than run beside it on the same circuits, which
     are not locked; the running pass delivers what the skipped one would have.
     """
-    from ..delivery import Worker
+    from ..delivery import PassReport, Worker
     if not _delivery_lock.acquire(blocking=False):
         log.info("write-back delivery: the previous pass in this process is still running; tick skipped")
-        return {"claimed": 0, "delivered": 0, "retryLater": 0, "failed": 0, "deferred": 0, "skipped": 1}
+        return _pass_summary(PassReport(), skipped=1)
     try:
         pid = os.getpid()
         if pid not in _delivery:
@@ -168,8 +168,12 @@ def deliver_write_backs() -> dict[str, int]:
         report = _delivery[pid].run_once()
     finally:
         _delivery_lock.release()
+    return _pass_summary(report)
+
+
+def _pass_summary(report: Any, skipped: int = 0) -> dict[str, int]:
     return {"claimed": report.claimed, "delivered": report.delivered, "retryLater": report.retry_later,
-            "failed": report.failed, "deferred": report.deferred, "skipped": 0}
+            "failed": report.failed, "deferred": report.deferred, "skipped": skipped}
 
 
 def ward_job_id(ward: str, slot: int) -> str:

@@ -71,6 +71,7 @@ class Store(TrailMixin):
         values: dict[str, Any] = (
             {"status": "delivered", "delivered_at": now, "last_error": None, "next_attempt_at": None}
             if error is None else {"status": "pending", "last_error": error[:2000], "next_attempt_at": None})
+        values.update(claimed_by=None, claimed_until=None)   # a worker still holding a row no longer owns it
         unique = list(dict.fromkeys(resource_ids))
         with self.session() as session, session.begin():
             for start in range(0, len(unique), 500):
@@ -147,13 +148,15 @@ class Store(TrailMixin):
                     claimed.append(session.get(OutboxRow, outbox_id))
         return claimed
 
-    def defer_write_back(self, outbox_id: int, until: datetime) -> None:
-        """Release a claim without an attempt (e.g. the server's circuit is open)."""
+    def defer_write_back(self, outbox_id: int, until: datetime, *, worker: str | None = None) -> None:
+        """Release a claim without an attempt (e.g. the server's circuit is open); with ``worker``, only
+        while that worker holds it (a claim that ran out and went to another worker is left alone)."""
+        mine = [OutboxRow.id == outbox_id]
+        if worker is not None:
+            mine.append(OutboxRow.claimed_by == worker)
         with self.session() as session, session.begin():
-            row = session.get(OutboxRow, outbox_id)
-            if row is not None:
-                row.claimed_by = row.claimed_until = None
-                row.next_attempt_at = until
+            session.execute(update(OutboxRow).where(*mine)
+                            .values(claimed_by=None, claimed_until=None, next_attempt_at=until))
 
     def write_back_state(self, resource_id: str) -> dict[str, Any] | None:
         rows = self.outbox(resource_id=resource_id)
