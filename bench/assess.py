@@ -221,7 +221,7 @@ def stage_timers() -> dict[str, float]:
     wrap(pipeline.Pipeline, "fetch", "fetch")
     wrap(extract.Extractor, "add_all", "features: reading the resources (add_all)")
     wrap(extract.Extractor, "finish", "features: windows and aggregates (finish)")
-    wrap(pipeline, "build_assessments", "scoring, explanation (pred_contrib), NEWS2, building")
+    wrap(pipeline, "build_assessments", "scoring, explanation (TreeSHAP), NEWS2, building")
     wrap(assessment, "validate", "fhir.resources validation of the RiskAssessments")
     wrap(trail.TrailMixin, "save_assessments", "storing: assessments, Provenance, audit chain")
     return spent
