@@ -47,7 +47,7 @@ class Outcome:
     queued: list[str] = field(default_factory=list)       # patients whose rescoring was queued
     debounced: list[str] = field(default_factory=list)    # patients already waiting for one
     ignored: int = 0                                      # not a vital sign, no patient, cannot fetch
-    missed: int = 0                                       # events the hospital's server numbered but never sent us
+    missed: int = 0                                       # events numbered but never sent us, or sent empty
     recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
@@ -139,6 +139,15 @@ def secrets(settings: Settings) -> dict[str, str]:
     return out
 
 
+def screen(settings: Settings, presented: str | None) -> None:
+    """Before the body is read: the secret presented must be one of those configured (for some subscription)."""
+    given = (presented or "").encode()
+    matches = [hmac.compare_digest(secret.encode(), given) for secret in secrets(settings).values()]   # all of them
+    if not presented or not any(matches):
+        log.warning("subscription notification refused before reading it: no secret, or not one configured")
+        raise Unauthorized("unknown subscription or wrong secret")
+
+
 def authenticate(settings: Settings, subscription: str, presented: str | None) -> None:
     """The secret configured for this subscription must be presented; nothing configured → refused."""
     expected = secrets(settings).get(subscription)
@@ -180,78 +189,136 @@ def debouncer(settings: Settings) -> Debouncer:
 
 @dataclass
 class Gap:
-    missed: int                    # how many events were numbered but never arrived
+    missed: int                    # events numbered but never sent, or sent without saying what changed
     since: datetime                # catch up on Observations changed from here on
+
+
+# One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
+# KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
+# 1 if an event carries neither a number nor a focus, then pairs: an event number, 1 if its focus came.
+# The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed) and gap_claim
+# (until when one notification is running it).
+_RECORD = """
+local key, now = KEYS[1], tonumber(ARGV[1])
+local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
+local highest, numbered, focused = count, {}, {}
+local numbers, arrived = 0, 0
+for i = 5, #ARGV, 2 do
+  local n = tonumber(ARGV[i])
+  if highest == nil or n > highest then highest = n end
+  if last == nil or n > last then
+    if not numbered[n] then numbered[n] = true; numbers = numbers + 1 end
+    if ARGV[i + 1] == '1' and not focused[n] then focused[n] = true; arrived = arrived + 1 end
+  end
+end
+local missed = 0
+if last == nil then
+  missed = numbers - arrived                 -- first notification seen: only its empty events
+elseif highest ~= nil and highest > last then
+  missed = highest - last - arrived          -- every number above the last one that did not come
+end
+if ARGV[4] == '1' and missed == 0 then missed = 1 end
+if missed > 0 then
+  local at = redis.call('HGET', key, 'at') or ARGV[1]   -- the window opens when the log last moved
+  local since = tonumber(redis.call('HGET', key, 'gap_since'))
+  if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
+  redis.call('HINCRBY', key, 'gap_missed', missed)
+end
+if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
+  redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
+end
+local since = redis.call('HGET', key, 'gap_since')
+local claim = tonumber(redis.call('HGET', key, 'gap_claim'))
+if not since or (claim ~= nil and claim > now) then return false end
+redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])))
+return {redis.call('HGET', key, 'gap_missed'), since}
+"""
+
+# KEYS[1]: the subscription's hash. ARGV: the gap's count, 1 if its catch-up is done (0: try again).
+_SETTLE = """
+if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
+  redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
+end
+redis.call('HDEL', KEYS[1], 'gap_claim')
+"""
 
 
 class EventLog:
     """Per subscription, the highest event number seen and when (Redis): finds missed notifications.
 
-    The backport numbers every event of a subscription (``events-since-subscription-start``, each
-    event's ``event-number``). A notification that starts beyond the next number, or a heartbeat whose
-    count is beyond what we have seen, means events were lost (a notification the hospital's server gave
-    up on, an outage here). Out-of-order or repeated deliveries are not gaps.
+    The backport numbers every event of a subscription (each event's ``event-number``; older servers
+    send only ``events-since-subscription-start``, which counts this notification's events too). The
+    numbers above the highest one seen that a notification does not carry (up to its highest, or up
+    to a heartbeat's count) were lost: a notification the hospital's server gave up on, an outage
+    here. An event sent without its focus (an ``empty`` payload) says something changed without
+    saying what: it counts as missed too. Either starts a catch-up search.
+
+    What the rule guarantees: recording is one Lua script, so notifications at the same time are
+    taken one after the other; the highest number never moves back, so each number is counted
+    missing at most once, and never once it has arrived. A number arriving after a higher one (7
+    before 6) was missing when 7 came: that one catch-up runs (a search; the debounce keeps it from
+    rescoring anyone twice), and 6 is then an old number, no gap. A late or repeated delivery moves
+    nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
+    The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
+
+    A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
+    that runs it claims it for ``LEASE`` (others go on without it), then settles it; if the search
+    failed or that process died, the next notification runs it.
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
+    LEASE = timedelta(minutes=5)     # longer than a catch-up search (20 pages, one retry)
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client, self.prefix = client, prefix
+        self._record = client.register_script(_RECORD)
+        self._settle = client.register_script(_SETTLE)
 
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
 
-    def check(self, notification: Notification) -> Gap | None:
-        """The gap this notification reveals (None: none, or the first notification we ever saw)."""
-        seen = self.client.hgetall(self._key(notification.subscription))
-        if not seen:
+    def record(self, notification: Notification, now: datetime) -> Gap | None:
+        """Advance the log past this notification; the catch-up it is to run (None: none owed, or
+        another notification is running it). ``settle`` it afterwards."""
+        numbers, count, unknown = _accounting(notification)
+        args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
+                           "" if count is None else count, int(unknown)]
+        for number, focused in numbers:
+            args += [number, int(focused)]
+        found = self._record(keys=[self._key(notification.subscription)], args=args)
+        if not found:
             return None
-        last = int(seen[b"number"])
-        numbers = _event_numbers(notification)
-        if numbers:
-            missed = min(numbers) - last - 1
-        else:
-            since_start = _number(notification.events_since_start)
-            missed = since_start - last if since_start is not None else 0
-        if missed <= 0:
-            return None
-        return Gap(missed, datetime.fromtimestamp(float(seen[b"at"]), timezone.utc) - self.MARGIN)
+        return Gap(int(found[0]), datetime.fromtimestamp(float(found[1]), timezone.utc) - self.MARGIN)
 
-    def advance(self, notification: Notification, now: datetime) -> None:
-        """Record the highest number this notification carries and when (neither moves back).
+    def settle(self, subscription: str, gap: Gap, done: bool) -> None:
+        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it."""
+        self._settle(keys=[self._key(subscription)], args=[gap.missed, int(done)])
 
-        The time moves only with the number, or with a heartbeat: a heartbeat's count is the server's
-        count at that moment, so one that matches ours says no event came since. A repeated
-        notification is an old delivery and says nothing about now (refreshing the time would move
-        the next catch-up window past events lost meanwhile).
-        """
-        numbers = _event_numbers(notification)
-        since_start = _number(notification.events_since_start)
-        highest = max(numbers + ([since_start] if since_start is not None else []), default=None)
-        if highest is None:
-            return
-        heartbeat = notification.type == "heartbeat" and not notification.events   # as the backport sends it
-        key = self._key(notification.subscription)
-        with self.client.pipeline() as pipe:      # optimistic: two notifications at once never lower it
-            while True:
-                try:
-                    pipe.watch(key)
-                    current = pipe.hget(key, "number")
-                    if current is not None and (int(current) > highest or
-                                                (int(current) == highest and not heartbeat)):
-                        # A late or repeated delivery of events already seen: it says nothing about
-                        # what happened since, so the catch-up window keeps starting there.
-                        return
-                    pipe.multi()
-                    pipe.hset(key, mapping={"number": highest, "at": now.timestamp()})
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
+    def restart(self, notification: Notification, now: datetime) -> None:
+        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed."""
+        count = _number(notification.events_since_start)
+        with self.client.pipeline() as pipe:
+            pipe.hdel(self._key(notification.subscription), "number", "at")
+            if count is not None:
+                pipe.hset(self._key(notification.subscription),
+                          mapping={"number": count, "at": repr(now.timestamp())})
+            pipe.execute()
 
 
-def _event_numbers(notification: Notification) -> list[int]:
-    return [n for n in (_number(e.number) for e in notification.events) if n is not None]
+def _accounting(notification: Notification) -> tuple[list[tuple[int, bool]], int | None, bool]:
+    """(event number, focus sent) for each event; a heartbeat's count; True if an event has neither."""
+    count = _number(notification.events_since_start)
+    if notification.type != "event-notification":
+        return [], count, False
+    events = notification.events or [Event(None, None, None)]    # an event-notification has one at least
+    numbers = [_number(e.number) for e in events]
+    if None in numbers:
+        if count is None:
+            return [], None, any(e.focus is None for e in events)
+        # No event-number (older servers): the count includes this notification's events, which are
+        # therefore the last len(events) numbers up to it.
+        numbers = list(range(count - len(events) + 1, count + 1))
+    return [(n, e.focus is not None) for n, e in zip(numbers, events)], None, False
 
 
 def _number(value: str | None) -> int | None:
@@ -311,20 +378,22 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
            now: datetime | None = None) -> Outcome:
     """Queue one rescoring per patient with a new or changed vital sign (unless one is already waiting).
 
-    With an ``events`` log, a gap in the subscription's event numbers starts a catch-up: a search for
-    Observations changed since the last notification we saw, and a rescoring for each patient with a
-    vital sign among them. If that search fails, the log is not advanced, so the next notification
-    tries again; a source that cannot be searched at all (NotSupported) is said once, not retried.
+    With an ``events`` log, a gap in the subscription's event numbers, or an event sent without its
+    focus (an ``empty`` payload), starts a catch-up: a search for Observations changed since the last
+    notification we saw, and a rescoring for each patient with a vital sign among them. If that search
+    fails, the catch-up stays owed and the next notification tries again; a source that cannot be
+    searched at all (NotSupported) is said once, not retried.
     """
     now = now or datetime.now(timezone.utc)
     outcome = Outcome(events=len(notification.events))
     codes = list(codes)
     patients: dict[str, None] = {}
-    gap = events.check(notification) if events is not None else None
-    if gap is not None:
+    gap = events.record(notification, now) if events is not None else None
+    if events is not None and gap is not None:
         outcome.missed = gap.missed
-        log.warning("Subscription/%s: %d event(s) missed; catching up on Observations changed since %s",
-                    notification.subscription, gap.missed, format_datetime(gap.since))
+        log.warning("Subscription/%s: %d event(s) missed or sent without their focus; catching up on "
+                    "Observations changed since %s", notification.subscription, gap.missed,
+                    format_datetime(gap.since))
         try:
             outcome.recovered = catch_up(source, gap.since, codes)
             patients.update(dict.fromkeys(outcome.recovered))
@@ -336,6 +405,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             outcome.recovery_failed, outcome.recovery_retried = exc.message, True
             log.error("Subscription/%s: catch-up after missed events failed (%s); tried again with the next "
                       "notification", notification.subscription, type(exc).__name__)
+        # Not reached if something unexpected broke the search: its claim lapses and a later notification runs it.
+        events.settle(notification.subscription, gap, done=not outcome.recovery_retried)
     for event in notification.events:
         resource = event.resource
         if resource is None and event.focus and event.focus.startswith("Observation/"):
@@ -351,8 +422,6 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             outcome.queued.append(patient)
         else:
             outcome.debounced.append(patient)
-    if events is not None and not outcome.recovery_retried:
-        events.advance(notification, now)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored",
              notification.subscription, outcome.events, len(outcome.queued), len(outcome.debounced),
              outcome.ignored)

@@ -263,11 +263,12 @@ def test_a_late_delivery_of_older_events_does_not_move_the_catch_up_window() -> 
     client = redis_or_skip()
     events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
     try:
-        events.advance(parse_notification(notification("event-notification", [heart_rate("p1")], start=5)), NOW)
+        assert events.record(parse_notification(notification("event-notification", [heart_rate("p1")], start=5)),
+                             NOW) is None
         late = parse_notification(notification("event-notification", [heart_rate("p2")], start=3))
-        assert events.check(late) is None
-        events.advance(late, NOW + timedelta(hours=1))
-        gap = events.check(parse_notification(notification("event-notification", [heart_rate("p3")], start=8)))
+        assert events.record(late, NOW + timedelta(hours=1)) is None
+        gap = events.record(parse_notification(notification("event-notification", [heart_rate("p3")], start=8)),
+                            NOW + timedelta(hours=2))
         assert gap is not None and gap.missed == 2 and gap.since == NOW - EventLog.MARGIN
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
@@ -278,20 +279,53 @@ def test_only_a_new_event_number_or_a_heartbeat_moves_when_the_subscription_was_
     when event 5 was first seen. A heartbeat counting 5 says nothing came since: the window moves to it."""
     client = redis_or_skip()
     events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
-    five = notification("event-notification", [heart_rate("p1")], start=5)
-    eight = parse_notification(notification("event-notification", [heart_rate("p3")], start=8))
     try:
-        events.advance(parse_notification(five), NOW)
-        repeat = parse_notification(five)
-        assert events.check(repeat) is None
-        events.advance(repeat, NOW + timedelta(hours=1))
-        gap = events.check(eight)
-        assert gap is not None and gap.missed == 2 and gap.since == NOW - EventLog.MARGIN
-        beat = notification("heartbeat")
-        events_since_start(beat)["valueString"] = "5"
-        events.advance(parse_notification(beat), NOW + timedelta(hours=2))
-        gap = events.check(eight)
-        assert gap is not None and gap.missed == 2 and gap.since == NOW + timedelta(hours=2) - EventLog.MARGIN
+        for subscription, heartbeat in (("sub-1", False), ("sub-2", True)):
+            five = notification("event-notification", [heart_rate("p1")], start=5, subscription=subscription)
+            events.record(parse_notification(five), NOW)
+            assert events.record(parse_notification(five), NOW + timedelta(hours=1)) is None
+            if heartbeat:
+                beat = notification("heartbeat", subscription=subscription)
+                events_since_start(beat)["valueString"] = "5"
+                assert events.record(parse_notification(beat), NOW + timedelta(hours=2)) is None
+            eight = notification("event-notification", [heart_rate("p3")], start=8, subscription=subscription)
+            gap = events.record(parse_notification(eight), NOW + timedelta(hours=3))
+            assert gap is not None and gap.missed == 2
+            assert gap.since == (NOW + timedelta(hours=2) if heartbeat else NOW) - EventLog.MARGIN
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_catch_up_is_owed_until_it_ran_and_run_by_one_notification_at_a_time() -> None:
+    """Gap found: the notification that runs the catch-up claims it; if the search fails the next
+    notification gets it (with any newer gap added); once one ran, it is settled."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+
+    def at(number: int, minute: int) -> Any:         # event `number` arrives at NOW + `minute` minutes
+        n = parse_notification(notification("event-notification", [heart_rate("p1")], start=number))
+        return events.record(n, NOW + timedelta(minutes=minute))
+    try:
+        at(1, 0)
+        gap = at(3, 1)                                  # 2 lost
+        assert gap is not None and gap.missed == 1
+        assert at(4, 2) is None                         # claimed: the first one is running it
+        events.settle("sub-1", gap, done=False)         # its search failed
+        again = at(6, 3)                                # 5 lost as well: one catch-up from when 1 was seen
+        assert again is not None and again.missed == 2 and again.since == NOW - EventLog.MARGIN
+        events.settle("sub-1", again, done=True)
+        assert at(7, 4) is None
+        later = at(9, 5)                                # 8 lost: the window starts when 7 was seen
+        assert later is not None and later.missed == 1
+        assert later.since == NOW + timedelta(minutes=4) - EventLog.MARGIN
+        assert at(11, 6) is None                        # 10 lost while that catch-up runs: owed
+        events.settle("sub-1", later, done=True)
+        rest = at(12, 7)
+        assert rest is not None and rest.missed == 1    # still from 7's time: a wider window, never a narrower one
+        assert rest.since == NOW + timedelta(minutes=4) - EventLog.MARGIN
+        assert at(14, 8) is None                        # 13 lost; `rest` never settles (its process died) ...
+        lapsed = at(15, 7 + int(EventLog.LEASE.total_seconds() // 60) + 1)
+        assert lapsed is not None and lapsed.missed == 2    # ... so once its claim lapses, the next one runs it
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
 

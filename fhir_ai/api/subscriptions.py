@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, current_app, request
@@ -33,10 +34,17 @@ def _presented() -> str | None:
 @bp.post("/subscriptions/notify")
 def notify():  # type: ignore[no-untyped-def]
     settings = current_app.config["FHIR_AI"]
+    presented = _presented()
+    subscriptions.screen(settings, presented)         # a stranger's body is never read
     notification = subscriptions.parse_notification(read_body("Bundle"))
-    subscriptions.authenticate(settings, notification.subscription, _presented())
+    subscriptions.authenticate(settings, notification.subscription, presented)
     from ..auth.guard import set_actor   # not at import time: fhir_ai.auth imports the api package
     set_actor(f"subscription/{notification.subscription}", "system")
+    if notification.type == "handshake":                # a new (or re-created) subscription: numbering restarts
+        try:
+            subscriptions.event_log(settings).restart(notification, datetime.now(timezone.utc))
+        except RedisError as exc:
+            raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
     if notification.type not in ("event-notification", "heartbeat"):
         log.info("Subscription/%s: %s", notification.subscription, notification.type)
         return _answer(f"{notification.type} received")
@@ -64,7 +72,7 @@ def notify():  # type: ignore[no-untyped-def]
     text = (f"{notification.type}: {outcome.events} event(s): rescoring queued for {len(outcome.queued)} "
             f"patient(s), {len(outcome.debounced)} already queued, {outcome.ignored} ignored")
     if outcome.missed:
-        text += (f"; {outcome.missed} event(s) missed: " + (
+        text += (f"; {outcome.missed} event(s) missed or sent without their focus: " + (
             f"catch-up search failed ({outcome.recovery_failed})"
             + (", tried again with the next notification" if outcome.recovery_retried else "")
             if outcome.recovery_failed else

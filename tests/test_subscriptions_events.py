@@ -1,0 +1,147 @@
+"""Subscriptions: event numbering (older servers without event numbers, a re-created subscription,
+numbers missing inside one notification, notifications at the same time), empty payloads, and the
+secret checked before the body is read (real Redis)."""
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from fhir_ai.subscriptions import Debouncer, EventLog, handle, parse_notification
+from test_subscriptions import (BASE, SECRET, diagnostics, events_since_start, heart_rate, notification, post,
+                                queued, redis_or_skip, sc, searchset, server_app, sub_app)  # noqa: F401
+
+
+def older(count: int, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """A notification as older servers send it: the focus resources as entries, no notification-event
+    parameters, only `events-since-subscription-start` (which counts this notification's events too)."""
+    bundle = notification("event-notification", resources)
+    status = bundle["entry"][0]["resource"]
+    status["parameter"] = [p for p in status["parameter"] if p["name"] != "notification-event"]
+    events_since_start(bundle)["valueString"] = str(count)
+    return bundle
+
+
+def renumber(bundle: dict[str, Any], numbers: list[int]) -> dict[str, Any]:
+    events = [p for p in bundle["entry"][0]["resource"]["parameter"] if p["name"] == "notification-event"]
+    for event, number in zip(events, numbers, strict=True):
+        event["part"][0]["valueString"] = str(number)
+    events_since_start(bundle)["valueString"] = str(max(numbers))
+    return bundle
+
+
+def empty(number: int) -> dict[str, Any]:
+    """An `empty` payload: the event is numbered, but neither its focus nor a resource is sent."""
+    bundle = notification("event-notification", [heart_rate("p0")], start=number, id_only=True)
+    for p in bundle["entry"][0]["resource"]["parameter"]:
+        if p["name"] == "notification-event":
+            p["part"] = [q for q in p["part"] if q["name"] != "focus"]
+    bundle["entry"] = bundle["entry"][:1]
+    return bundle
+
+
+def test_notifications_without_event_numbers_are_counted_from_events_since_start(sc: FlaskClient,
+                                                                                 queued: list) -> None:
+    assert "missed" not in diagnostics(post(sc, older(1, [heart_rate("p1")])))
+    assert "missed" not in diagnostics(post(sc, older(2, [heart_rate("p2")])))           # event 2
+    assert "missed" not in diagnostics(post(sc, older(4, [heart_rate("p3"), heart_rate("p4")])))   # 3 and 4
+    beat = notification("heartbeat")
+    events_since_start(beat)["valueString"] = "4"                                         # nothing since
+    assert "missed" not in diagnostics(post(sc, beat))
+    assert "2 event(s) missed" in diagnostics(post(sc, older(7, [heart_rate("p5")])))     # 5 and 6 lost
+    events_since_start(beat)["valueString"] = "9"                                         # 8 and 9 lost
+    assert "2 event(s) missed" in diagnostics(post(sc, beat))
+
+
+def test_a_handshake_restarts_the_numbering(sc: FlaskClient, queued: list) -> None:
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=50)))
+    diagnostics(post(sc, notification("handshake")))          # the subscription was created again: 0 events
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    assert "1 event(s) missed" in diagnostics(post(sc, notification("event-notification", [heart_rate("p2")],
+                                                                     start=3)))
+
+
+def test_a_number_missing_inside_one_notification_is_a_gap(sc: FlaskClient, queued: list) -> None:
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=5)))
+    text = diagnostics(post(sc, renumber(notification("event-notification", [heart_rate("p2"), heart_rate("p3")]),
+                                         [6, 8])))
+    assert "1 event(s) missed" in text
+
+
+def test_out_of_order_numbers_are_missing_once_and_never_after_they_arrived(sc: FlaskClient, queued: list) -> None:
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=5)))
+    assert "1 event(s) missed" in diagnostics(post(sc, notification("event-notification", [heart_rate("p2")],
+                                                                     start=7)))
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p3")], start=6)))
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p4")], start=8)))
+    assert [p for p, _ in queued] == ["p1", "p2", "p3", "p4"]
+
+
+@responses.activate
+def test_an_empty_payload_starts_the_catch_up_search(server_app: Flask, queued: list) -> None:
+    sc = server_app.test_client()
+    diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    search = responses.get(f"{BASE}/Observation", json=searchset(heart_rate("p1"), heart_rate("p7")))
+    text = diagnostics(post(sc, empty(2)))
+    assert "1 event(s) missed or sent without" in text and "found 2 patient(s)" in text
+    assert search.call_count == 1 and responses.calls[-1].request.params["_lastUpdated"].startswith("ge")
+    assert [p for p, _ in queued] == ["p1", "p7"]              # p1 is already waiting: debounced
+    assert "missed" not in diagnostics(post(sc, empty(2)))     # a repeated delivery is old news
+    assert search.call_count == 1
+
+
+class NoSearch:
+    """A source that cannot be searched: a gap is reported and not retried."""
+
+
+def test_notifications_at_the_same_time_report_a_gap_once_and_lose_no_advance() -> None:
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    gate = Debouncer(client, 0, "unused:")
+    five = parse_notification(notification("event-notification", [heart_rate("p1")], start=5))
+    eight = parse_notification(notification("event-notification", [heart_rate("p2")], start=8))
+    outcomes: list[Any] = []
+    start = threading.Barrier(8)
+
+    def deliver(n: Any) -> None:
+        start.wait()
+        outcomes.append(handle(n, source=NoSearch(), codes=[], debounce=gate, enqueue=lambda _: None,
+                               events=events))
+    try:
+        handle(five, source=NoSearch(), codes=[], debounce=gate, enqueue=lambda _: None, events=events)
+        threads = [threading.Thread(target=deliver, args=(eight,)) for _ in range(8)]   # the same delivery 8 times
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(o.missed for o in outcomes) == [0] * 7 + [2]
+        later = [parse_notification(notification("event-notification", [heart_rate("p3")], start=n))
+                 for n in range(9, 17)]
+        start = threading.Barrier(8)
+        threads = [threading.Thread(target=deliver, args=(n,)) for n in later]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert int(client.hget(events._key("sub-1"), "number")) == 16
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_caller_without_the_secret_is_refused_before_its_body_is_read(sc: FlaskClient, queued: list) -> None:
+    response = sc.post("/subscriptions/notify", data=b'{"resourceType": "Bundle", "type": "hist',
+                       content_type="application/fhir+json")
+    assert response.status_code == 401
+    response = sc.post("/subscriptions/notify", data=b"not json", content_type="application/fhir+json",
+                       headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401
+    # a secret that is configured, but for another subscription than the body names
+    response = post(sc, notification("heartbeat", subscription="sub-1"), secret="other-secret")
+    assert response.status_code == 401
+    response = sc.post("/subscriptions/notify", data=b"not json", content_type="application/fhir+json",
+                       headers={"Authorization": f"Bearer {SECRET}"})
+    assert response.status_code == 400
