@@ -20,6 +20,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, *, settings: Settin
     app = Flask(__name__, instance_path=None)
     settings = settings or load_settings(test_config)
     app.config["FHIR_AI"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes   # 413 (an OperationOutcome), not read
     app.json.sort_keys = False
     app.extensions["fhir_ai"] = pipeline or Pipeline.from_settings(settings)
     for blueprint in blueprints():

@@ -99,6 +99,9 @@ class Settings:
     write_back: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    # The largest request body accepted (bytes; larger ones get 413 before they are read): room for
+    # an $assess Parameters or Bundle and a CDS Hooks call with its prefetch.
+    max_request_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
     # CDS Hooks (fhir_ai/cds): trusted EHRs as JSON text or a path to a JSON file,
     # {iss: {"jwks": {...} | "jwks_url": URL, "jku": [URLs allowed in the JWT header]}};
