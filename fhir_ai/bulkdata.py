@@ -2,14 +2,17 @@
 
 https://hl7.org/fhir/uv/bulkdata/export.html — kick-off with ``Prefer: respond-async`` answers 202 and a
 status URL; polling answers 202 (``X-Progress``, ``Retry-After``; 429 when polled too fast) until a 200
-manifest (``transactionTime``, ``output[]``, ``error[]``); DELETE cancels. The next run asks ``_since`` the
-last manifest's ``transactionTime``.
+manifest (``transactionTime``, ``output[]``, ``error[]``, ``deleted[]``) or a 4xx/5xx OperationOutcome (the
+export failed, unless an issue is ``transient``); DELETE cancels. The next run asks ``_since`` the last
+manifest's ``transactionTime``, once a run has been complete.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,10 @@ from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
 from .fhir.client import Auth, _origin, _retry_after, outcome_text
 from .jobs.state import JobStore
+from .search import parse_query
+from .search.params import MAX_COUNT
 from .store import Store
+from .store.indexing import split_reference
 from .store.trail import NewAssessment
 
 log = logging.getLogger(__name__)
@@ -34,8 +40,11 @@ TYPES = ("Patient", "Encounter", "Observation")
 NDJSON = "application/fhir+ndjson"
 STORE_BATCH = 500         # assessments per local store transaction
 DEFAULT_POLL = 5.0        # seconds between polls when the server does not say
-MAX_POLL = 300.0          # never wait longer than this between polls, whatever Retry-After says
+MAX_POLL = 300.0          # our own back-off never grows past this (a Retry-After is honoured as it is)
+FAILING_FOR = 1800.0      # give up polling when the status URL has failed (no answer, 408, 5xx) this long
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+_ISSUE_CODE = re.compile(r"[a-z-]{1,40}")             # http://hl7.org/fhir/issue-type: logged, nothing else
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Manifest:
     output: list[OutputFile]
     error: list[OutputFile]
     request: str | None = None
+    deleted: list[OutputFile] = field(default_factory=list)   # v2: Bundles of DELETE entries
 
     @classmethod
     def parse(cls, body: Any) -> "Manifest":
@@ -59,9 +69,43 @@ class Manifest:
             raise UpstreamError("the export manifest has no transactionTime", temporary=False)
         files = {name: [OutputFile(str(o.get("type")), str(o.get("url")), o.get("count"))
                         for o in body.get(name) or [] if isinstance(o, dict) and o.get("url")]
-                 for name in ("output", "error")}
+                 for name in ("output", "error", "deleted")}
         return cls(body["transactionTime"], body.get("requiresAccessToken"), files["output"], files["error"],
-                   body.get("request"))
+                   body.get("request"), files["deleted"])
+
+
+@dataclass
+class Downloaded:
+    """One manifest's files in a folder, and what its error files said (counts and issue codes only:
+    the diagnostics may name patients)."""
+    files: dict[str, list[Path]] = field(default_factory=dict)     # output files by resource type
+    deleted: list[Path] = field(default_factory=list)
+    errors: int = 0                 # issues of severity error or fatal, and lines that are no OperationOutcome
+    warnings: int = 0               # issues of severity warning or information: they do not block
+    error_codes: Counter[str] = field(default_factory=Counter)
+
+    def read_error_file(self, path: Path) -> None:
+        with open(path, "rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    outcome = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    outcome = None
+                issues = outcome.get("issue") if isinstance(outcome, dict) else None
+                if not isinstance(issues, list) or not issues:
+                    self.errors += 1
+                    self.error_codes["unreadable"] += 1
+                    continue
+                for issue in issues:
+                    issue = issue if isinstance(issue, dict) else {}
+                    if issue.get("severity") in ("information", "warning"):
+                        self.warnings += 1
+                        continue
+                    code = str(issue.get("code"))
+                    self.errors += 1
+                    self.error_codes[code if _ISSUE_CODE.fullmatch(code) else "other"] += 1
 
 
 @dataclass
@@ -129,33 +173,48 @@ class BulkDataClient:
         return status_url
 
     def poll(self, status_url: str) -> Manifest:
-        """Wait for the export: honours Retry-After (202 and 429), retries temporary errors, gives up
-        after ``max_wait`` seconds (UpstreamTimeout; the caller cancels)."""
+        """Wait for the export, ``max_wait`` seconds at most (then UpstreamTimeout; the caller cancels).
+        Retry-After is honoured up to what is left of that; 429 (polled too fast) is polled again, and
+        so are no answer and 408/5xx until they have lasted ``FAILING_FOR`` seconds in a row; a 4xx/5xx
+        OperationOutcome without a ``transient`` issue means the export failed, and so does any other
+        4xx: not polled again."""
         started = self._clock()
+        failing_since: float | None = None
         failures = 0
         while True:
-            response = self._request("GET", status_url, headers={"Accept": "application/json"}, retry=False)
-            status = response.status_code
-            if status == 200:
+            try:
+                response: requests.Response | None = self._request(
+                    "GET", status_url, headers={"Accept": "application/json"}, retry=False)
+            except UpstreamError as exc:        # no answer: refused, reset, timed out
+                response, problem = None, exc
+            if response is not None and response.status_code == 200:
                 return Manifest.parse(_json(response))
-            if status == 202:
-                failures = 0
+            if response is not None and response.status_code == 202:
+                failing_since, failures = None, 0
                 progress = response.headers.get("X-Progress")
                 if progress:
                     log.info("export in progress: %s", progress[:100])
                 wait = _retry_after(response) or DEFAULT_POLL
-            elif status in TRANSIENT:
-                failures += 1
-                if failures > self.retries:
-                    raise self._error("export status", response)
-                wait = _retry_after(response) or min(MAX_POLL, DEFAULT_POLL * 2 ** (failures - 1))
-                log.warning("export status: HTTP %d; polling again in %.0f s", status, wait)
             else:
-                raise self._error("export", response)   # the export itself failed (4xx/5xx + OperationOutcome)
-            wait = min(MAX_POLL, wait)
-            if self._clock() - started + wait > self.max_wait:
+                if response is not None:
+                    codes = _failed_export(response)
+                    if codes is not None or response.status_code not in TRANSIENT:
+                        raise self._error("export", response, codes=codes)
+                    problem = self._error("export status", response)
+                now = self._clock()
+                if response is not None and response.status_code == 429:
+                    failing_since = None        # polled too fast: the server is there
+                elif failing_since is None:
+                    failing_since = now
+                elif now - failing_since >= FAILING_FOR:
+                    raise problem
+                failures += 1
+                wait = _retry_after(response) or min(MAX_POLL, DEFAULT_POLL * 2 ** (failures - 1))
+                log.warning("%s; polling again in %.0f s", problem.message, wait)
+            remaining = self.max_wait - (self._clock() - started)
+            if remaining <= 0:
                 raise UpstreamTimeout(f"the export did not finish within {self.max_wait:.0f} s")
-            self._sleep(wait)
+            self._sleep(min(wait, remaining))
 
     def cancel(self, status_url: str) -> None:
         """DELETE the export (202 expected; 404 means it is already gone)."""
@@ -164,23 +223,32 @@ class BulkDataClient:
             raise self._error("export cancel", response)
         log.info("export cancelled")
 
-    def download(self, manifest: Manifest, folder: Path, types: Iterable[str] = TYPES) -> dict[str, list[Path]]:
-        """Stream each wanted output file to ``folder`` as '<Type>.<n>.ndjson'; error files are logged."""
+    def download(self, manifest: Manifest, folder: Path, types: Iterable[str] = TYPES) -> Downloaded:
+        """Stream each wanted output file to ``folder`` as '<Type>.<n>.ndjson', the deleted and error
+        files as 'deleted.<n>.ndjson' and 'errors.<n>.ndjson'; the error files' issues are counted."""
         folder.mkdir(parents=True, exist_ok=True)
         wanted = set(types)
-        paths: dict[str, list[Path]] = {}
+        got = Downloaded()
         for n, item in enumerate(manifest.output):
             if item.type not in wanted:
                 continue
             path = folder / f"{item.type}.{n:03d}.ndjson"
             self._fetch_file(item.url, path, manifest.requires_access_token)
-            paths.setdefault(item.type, []).append(path)
+            got.files.setdefault(item.type, []).append(path)
+        for n, item in enumerate(manifest.deleted):
+            path = folder / f"deleted.{n:03d}.ndjson"
+            self._fetch_file(item.url, path, manifest.requires_access_token)
+            got.deleted.append(path)
         for n, item in enumerate(manifest.error):
             path = folder / f"errors.{n:03d}.ndjson"
             self._fetch_file(item.url, path, manifest.requires_access_token)
-            issues = [outcome_text(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
-            log.warning("export reported %d error(s), e.g. %s", len(issues), (issues or [""])[0][:200])
-        return paths
+            got.read_error_file(path)
+        if got.errors:
+            log.warning("export reported %d error(s) (issue codes: %s) and %d warning(s); the run will not "
+                        "count as complete", got.errors, _codes(got.error_codes), got.warnings)
+        elif got.warnings:
+            log.info("export reported %d warning(s)", got.warnings)
+        return got
 
     def write_bundles(self, resources: Iterable[dict[str, Any]], size: int) -> WriteBackCounts:
         """PUT every resource (deterministic ids: a repeat is a no-op) in transaction Bundles of ``size``.
@@ -229,18 +297,42 @@ class BulkDataClient:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def _fetch_file(self, url: str, path: Path, requires_token: bool | None) -> None:
-        """The token goes with a file only when the manifest says files need it; to our own server also
-        when the manifest does not say (files behind the same OAuth); never otherwise."""
-        ours = _origin(url) == self._origin
+        """Only files on our server's origin, or https ones elsewhere. The token goes with a file only
+        when the manifest says files need it; to our own server also when the manifest does not say
+        (files behind the same OAuth); never otherwise. A download cut off is fetched again (within
+        ``retries``); the file appears under its name only when complete."""
+        origin = _origin(url)
+        scheme, host, _ = origin
+        ours = origin == self._origin
+        if not ours and scheme != "https":
+            raise UpstreamError(f"the export manifest lists a file on {host or 'no host'} over "
+                                f"{scheme or 'no scheme'}; only https files (or ones on the FHIR server's own "
+                                "origin) are fetched", temporary=False)
         send_token = requires_token is True or (requires_token is None and ours)
         if send_token and not ours:
             log.warning("export file on another host; sending the token because requiresAccessToken is true")
-        response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True, credentials=send_token)
-        if response.status_code != 200:
-            raise self._error("export file download", response)
-        with open(path, "wb") as out:
-            for block in response.iter_content(1 << 20):
-                out.write(block)
+        partial = path.with_name(path.name + ".part")
+        attempt = 0
+        while True:
+            response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True, credentials=send_token)
+            if response.status_code != 200:
+                raise self._error("export file download", response)
+            try:
+                with open(partial, "wb") as out:
+                    for block in response.iter_content(1 << 20):
+                        out.write(block)
+            except requests.RequestException as exc:
+                if attempt >= self.retries:
+                    raise UpstreamError(f"export file download from {host}: cut off ({type(exc).__name__})") from exc
+            else:
+                partial.replace(path)
+                return
+            finally:
+                response.close()
+                partial.unlink(missing_ok=True)      # gone already when complete
+            attempt += 1
+            log.warning("export file download from %s cut off; fetching it again", host)
+            self._sleep(DEFAULT_POLL * 2 ** (attempt - 1))
 
     def _request(self, method: str, url: str, *, headers: dict[str, str], params: Any = None,
                  data: bytes | None = None, stream: bool = False, retry: bool = True,
@@ -275,15 +367,33 @@ class BulkDataClient:
             attempt += 1
             self._sleep(min(MAX_POLL, wait))
 
-    def _error(self, what: str, response: requests.Response) -> UpstreamError:
+    def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
+        """``codes``: the issue codes of an export that failed (not worth trying again)."""
         try:
             text = outcome_text(orjson.loads(response.content))
         except orjson.JSONDecodeError:
             text = ""
         status = response.status_code
-        return UpstreamError(f"{what}: HTTP {status}" + (f" ({text})" if text else ""),
-                             temporary=status in TRANSIENT, upstream_status=status,
+        return UpstreamError(f"{what}: HTTP {status}" + (f" ({text})" if text else "")
+                             + (f" [issue codes: {', '.join(codes)}]" if codes else ""),
+                             temporary=status in TRANSIENT and codes is None, upstream_status=status,
                              retry_after=_retry_after(response))
+
+
+def _failed_export(response: requests.Response) -> list[str] | None:
+    """The issue codes of a status answer saying that the export failed: a 4xx/5xx OperationOutcome
+    without a ``transient`` issue (a 429 only says we polled too fast); None for anything else."""
+    if response.status_code < 400 or response.status_code == 429:
+        return None
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None          # e.g. a proxy's error page: the export may well go on
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return None
+    codes = [str(i.get("code")) for i in body.get("issue") or [] if isinstance(i, dict)]
+    codes = [c if _ISSUE_CODE.fullmatch(c) else "other" for c in codes]
+    return None if "transient" in codes else codes
 
 
 def _json(response: requests.Response) -> dict[str, Any]:
@@ -292,6 +402,10 @@ def _json(response: requests.Response) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise UpstreamError("the server's answer is not JSON", temporary=False) from exc
     return body if isinstance(body, dict) else {}
+
+
+def _codes(counts: Counter[str]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in counts.most_common(5))
 
 
 def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -307,20 +421,83 @@ def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 def read_ndjson(path: Path) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as handle:
-        for line in handle:
+        for n, line in enumerate(handle, 1):
             if line.strip():
-                yield orjson.loads(line)
+                try:
+                    item = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    item = None
+                if not isinstance(item, dict):
+                    raise UpstreamError(f"{path.name} line {n} is not a JSON object", temporary=False)
+                yield item
 
 
-def changed_patients(paths: dict[str, list[Path]]) -> list[str]:
-    """Patients with any changed resource in an incremental (``_since``) export."""
+def _local_reference(reference: Any, base_url: str) -> tuple[str | None, str] | None:
+    """(type, id) of a reference to a resource on our FHIR server: relative, or absolute on its base."""
+    if not isinstance(reference, str):
+        return None
+    if "://" in reference:
+        if not reference.startswith(base_url.rstrip("/") + "/"):
+            return None
+        reference = reference[len(base_url.rstrip("/")) + 1:]
+    return split_reference(reference)
+
+
+def changed_patients(paths: dict[str, list[Path]], base_url: str = "") -> list[str]:
+    """Patients with any changed resource in an incremental (``_since``) export: the Patients, and the
+    ``Patient/<id>`` subjects of the rest (a Group, Device or Location subject is no patient of ours)."""
     found: set[str] = set()
     for kind, files in paths.items():
         for path in files:
             for resource in read_ndjson(path):
-                reference = resource.get("id") if kind == "Patient" else (resource.get("subject") or {}).get("reference")
-                if reference:
-                    found.add(reference.rsplit("/", 1)[-1])
+                if kind == "Patient":
+                    if isinstance(resource.get("id"), str):
+                        found.add(resource["id"])
+                    continue
+                subject = resource.get("subject")
+                parsed = _local_reference(subject.get("reference"), base_url) if isinstance(subject, dict) else None
+                if parsed and parsed[0] == "Patient":
+                    found.add(parsed[1])
+    return sorted(found)
+
+
+def deleted_patients(store: Store, paths: list[Path], base_url: str, *, batch: int = 20) -> list[str]:
+    """Patients with a stored assessment that used a resource the export lists as deleted (Bundles of
+    DELETE entries, Bulk Data v2 ``deleted``). The deleted entry names only the resource, so the
+    patient comes from our own trail: an assessment's Provenance lists its inputs (Provenance?entity=)."""
+    gone: list[str] = []
+    for path in paths:
+        for bundle in read_ndjson(path):
+            for entry in bundle.get("entry") or []:
+                request = entry.get("request") if isinstance(entry, dict) else None
+                if not isinstance(request, dict) or request.get("method") != "DELETE":
+                    continue
+                parsed = _local_reference(request.get("url"), base_url)
+                if parsed and parsed[0] and parsed[0].isalpha() and _FHIR_ID.fullmatch(parsed[1]):
+                    gone.append(f"{parsed[0]}/{parsed[1]}")
+    found: set[str] = set()
+    seen: set[str] = set()
+    for start in range(0, len(gone), batch):
+        query = parse_query("Provenance", [("entity", ",".join(gone[start:start + batch])),
+                                           ("_count", str(MAX_COUNT))])
+        while True:
+            page = store.search(query)
+            for provenance in page.resources:
+                for target in provenance.get("target") or []:
+                    parsed = split_reference(target.get("reference") or "")
+                    if not parsed or parsed[0] != "RiskAssessment" or parsed[1] in seen:
+                        continue
+                    seen.add(parsed[1])
+                    subject = (store.get_assessment(parsed[1]) or {}).get("subject") or {}
+                    patient = split_reference(subject.get("reference") or "")
+                    if patient and patient[0] == "Patient":
+                        found.add(patient[1])
+            if page.next_cursor is None:
+                break
+            query.cursor = page.next_cursor
+    if gone:
+        log.info("export lists %d deleted resource(s); %d patient(s) had assessments using them",
+                 len(gone), len(found))
     return sorted(found)
 
 
@@ -336,6 +513,12 @@ class ExportRun:
     queued: int = 0           # not written back: left to the write-back worker (fhir-ai worker)
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
+    export_errors: int = 0    # issues of severity error/fatal in the manifests' error files
+
+    @property
+    def complete(self) -> bool:
+        """Everything exported and written back: this run's transactionTime is the next ``_since``."""
+        return not self.written.failed and not self.export_errors
 
 
 def client_from_settings(settings: Settings, **kwargs: Any) -> BulkDataClient:
@@ -351,8 +534,11 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     """One run: export (incremental from the last run unless ``full``), score, write back, remember.
 
     An incremental export holds only what changed, not the history a model reads, so the patients it
-    names are exported again in full (POST kick-off with ``patient``) before scoring. The run's
-    ``transactionTime`` becomes the next ``_since`` only when everything was written back.
+    names - and those whose assessments used a resource it lists as deleted - are exported again in
+    full (POST kick-off with ``patient``) before scoring. Downloads go to ``workdir``/export and
+    ``workdir``/changed, emptied first: a run scores only its own files. The run's ``transactionTime``
+    becomes the next ``_since`` only when the run is complete (no export errors, all written back);
+    otherwise, and on any failure, the job is left failed.
     """
     from .bulk import bulk_assess
     scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
@@ -364,16 +550,22 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     jobs.start(job_id)
     try:
         manifest = _export(client, group=group, since=since)
-        paths = client.download(manifest, workdir / "export")
-        run = ExportRun(job_id, manifest.transaction_time, since, output=output)
-        folder = workdir / "export"
+        folder: Path | None = _emptied(workdir / "export")
+        got = client.download(manifest, folder)
+        run = ExportRun(job_id, manifest.transaction_time, since, output=output, export_errors=got.errors)
+        codes = got.error_codes
         if since:
-            patients = changed_patients(paths)
-            log.info("incremental export: %d patient(s) changed since %s", len(patients), since)
+            patients = changed_patients(got.files, client.base_url)
+            gone = deleted_patients(jobs.store, got.deleted, client.base_url)
+            patients = sorted(set(patients) | set(gone))
+            log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources)",
+                     len(patients), since, len(gone))
             if patients:
                 full_manifest = _export(client, group=group, patients=patients)
-                folder = workdir / "changed"
-                client.download(full_manifest, folder)
+                folder = _emptied(workdir / "changed")
+                again = client.download(full_manifest, folder)
+                run.export_errors += again.errors
+                codes = codes + again.error_codes
             else:
                 folder = None
         if folder is not None and any(folder.glob("*.ndjson")):
@@ -387,11 +579,17 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                 run.written = client.write_bundles((r for r in read_ndjson(output) if r["id"] not in superseded),
                                                    settings.bulk_bundle_size)
                 jobs.store.record_write_backs(run.written.written_ids, client.base_url)
+        problems = []
         if run.written.failed:
             run.queued = jobs.store.record_write_backs(run.written.failed_ids, client.base_url,
                                                        error="; ".join(run.written.errors[:3]))
-            jobs.fail(job_id, f"{run.written.failed} RiskAssessment(s) not written back (stored here, "
-                      f"queued for the write-back worker): " + "; ".join(run.written.errors[:3]), 502)
+            problems.append(f"{run.written.failed} RiskAssessment(s) not written back (stored here, queued for "
+                            f"the write-back worker): " + "; ".join(run.written.errors[:3]))
+        if run.export_errors:
+            problems.append(f"the export reported {run.export_errors} error(s) (issue codes: {_codes(codes)}); "
+                            "what was exported was scored, the next run asks since the last complete one")
+        if problems:
+            jobs.fail(job_id, "; ".join(problems), 502)
         else:
             jobs.set_result(job_id, {"transactionTime": run.transaction_time, "patients": run.patients,
                                      "assessed": run.assessed, "stored": run.stored,
@@ -401,6 +599,18 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     except FhirAiError as exc:
         jobs.fail(job_id, exc.message, exc.status)
         raise
+    except BaseException as exc:
+        # Only the kind: the text of an unexpected error may quote the data.
+        jobs.fail(job_id, f"the run stopped: {type(exc).__name__}", 500)
+        raise
+
+
+def _emptied(folder: Path) -> Path:
+    """``folder`` without the NDJSON an earlier run left there (a reused --workdir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.ndjson*"):
+        stale.unlink()
+    return folder
 
 
 def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tuple[int, set[str]]:
@@ -427,6 +637,10 @@ def _export(client: BulkDataClient, *, group: str | None, since: str | None = No
     status_url = client.kick_off(group=group, since=since, patients=patients)
     try:
         return client.poll(status_url)
-    except (UpstreamTimeout, KeyboardInterrupt):
-        client.cancel(status_url)          # do not leave the server working for nobody
+    except BaseException:
+        try:
+            client.cancel(status_url)      # do not leave the server working for nobody
+        except Exception as exc:           # noqa: BLE001 - the error that stopped the export matters more
+            log.warning("could not cancel the export: %s",
+                        exc.message if isinstance(exc, FhirAiError) else type(exc).__name__)
         raise

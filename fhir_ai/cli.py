@@ -161,8 +161,10 @@ def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output
         store.close()
     click.echo(f"export {run.transaction_time} (since {run.since or 'the beginning'}): {run.patients} patients, "
                f"{run.assessed} assessed, {run.stored} new in the store; written back {run.written.written} in "
-               f"{run.written.bundles} bundle(s), failed {run.written.failed} (queued {run.queued}) -> {output}")
-    sys.exit(1 if run.written.failed else 0)
+               f"{run.written.bundles} bundle(s), failed {run.written.failed} (queued {run.queued}) -> {output}"
+               + (f"; the export reported {run.export_errors} error(s): not complete, the next run asks since "
+                  f"{run.since or 'the beginning'} again" if run.export_errors else ""))
+    sys.exit(0 if run.complete else 1)
 
 
 @main.group()

@@ -85,6 +85,12 @@ def transaction_sink(received: list[dict[str, Any]], fail_entry: str | None = No
     responses.add_callback(responses.POST, BASE, callback=answer, content_type="application/fhir+json")
 
 
+def cli_env(settings_overrides: dict[str, Any], *, write_back: bool) -> dict[str, str]:
+    env = {f"FHIR_AI_{k.upper()}": str(v) for k, v in settings_overrides.items()}
+    env.update(FHIR_AI_SOURCE_URL=BASE, FHIR_AI_WRITE_BACK=str(write_back).lower(), FHIR_AI_SOURCE_TOKEN=TOKEN)
+    return env
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -126,7 +132,7 @@ def test_kick_off_poll_and_download_honour_the_protocol(client: BulkDataClient, 
     result = client.poll(status_url)
     assert clock.sleeps == [7.0, 7.0, 11.0]          # Retry-After of each 202, then of the 429
     assert result.transaction_time == "2026-11-20T08:00:00Z" and len(result.output) == 3
-    paths = client.download(result, tmp_path)
+    paths = client.download(result, tmp_path).files
     assert sorted(paths) == ["Encounter", "Observation", "Patient"]
     assert paths["Patient"][0].read_bytes() == (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
     downloads = [c.request for c in responses.calls if c.request.url.startswith(FILES)]
@@ -164,12 +170,15 @@ def test_kick_off_refusal_and_failed_export_carry_the_servers_message(client: Bu
         client.kick_off(group="ward-9")
     assert refused.value.temporary is False and refused.value.upstream_status == 400
     responses.get(STATUS, status=202, headers={"Retry-After": "1"})
-    responses.get(STATUS, status=500, json=OUTCOME)
-    responses.get(STATUS, status=500, json=OUTCOME)
-    responses.get(STATUS, status=404, json=OUTCOME)        # the export itself is gone: not retried
-    with pytest.raises(UpstreamError, match="disk full") as failed:
+    responses.get(STATUS, status=500, json=OUTCOME)        # the export failed: not polled again
+    with pytest.raises(UpstreamError, match=r"disk full.*issue codes: processing") as failed:
         client.poll(STATUS)
-    assert failed.value.upstream_status == 404
+    assert failed.value.upstream_status == 500 and failed.value.temporary is False
+    assert len(responses.calls) == 3
+    responses.get(STATUS, status=404)                      # the export itself is gone: not retried
+    with pytest.raises(UpstreamError, match="HTTP 404"):
+        client.poll(STATUS)
+    assert len(responses.calls) == 4
 
 
 @responses.activate
@@ -197,11 +206,12 @@ def test_an_export_that_never_ends_is_cancelled(registry: ModelRegistry, jobs: J
 
 
 @responses.activate
-def test_error_files_are_downloaded_and_do_not_stop_the_run(client: BulkDataClient, tmp_path: Path) -> None:
+def test_error_files_are_downloaded_and_counted(client: BulkDataClient, tmp_path: Path) -> None:
     add_files()
     responses.get(f"{FILES}/errors.ndjson", body=json.dumps(OUTCOME) + "\n")
-    paths = client.download(Manifest.parse(manifest(errors=True)), tmp_path)
-    assert len(paths) == 3 and (tmp_path / "errors.000.ndjson").exists()
+    got = client.download(Manifest.parse(manifest(errors=True)), tmp_path)
+    assert len(got.files) == 3 and (tmp_path / "errors.000.ndjson").exists()
+    assert got.errors == 1 and got.error_codes == {"processing": 1}
 
 
 # -- whole runs: score, write back, remember -------------------------------------------------------------
@@ -335,9 +345,7 @@ def test_the_cli_runs_an_export(settings_overrides: dict[str, Any], tmp_path: Pa
     add_files()
     received: list[dict[str, Any]] = []
     transaction_sink(received)
-    env = {f"FHIR_AI_{k.upper()}": str(v) for k, v in settings_overrides.items()}
-    env.update(FHIR_AI_SOURCE_URL=BASE, FHIR_AI_WRITE_BACK="true", FHIR_AI_SOURCE_TOKEN=TOKEN)
-    result = CliRunner(env=env).invoke(main, ["bulk-export-assess", "--output", str(tmp_path / "o.ndjson")])
+    result = CliRunner(env=cli_env(settings_overrides, write_back=True)).invoke(main, ["bulk-export-assess", "--output", str(tmp_path / "o.ndjson")])
     assert result.exit_code == 0, result.output
     assert "12 patients" in result.output and "written back 12 in 1 bundle(s)" in result.output
 

@@ -1,0 +1,333 @@
+"""Bulk Data runs when things go wrong: error files (partial success), a reused work folder, a status URL
+that fails for a while or says the export failed, downloads cut off, the manifest's deleted resources,
+file URLs where the token must not go, and subjects that are not patients."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+import responses
+from click.testing import CliRunner
+
+from fhir_ai.bulkdata import FAILING_FOR, MAX_POLL, BulkDataClient, Manifest, changed_patients, export_and_assess
+from fhir_ai.cli import main
+from fhir_ai.config import DEMO_HOSPITAL, load_settings
+from fhir_ai.errors import UpstreamError
+from fhir_ai.jobs import JobStore
+from fhir_ai.models.registry import ModelRegistry
+from test_bulkdata import (BASE, FILES, OUTCOME, STATUS, TOKEN, Clock, add_export, add_files,  # noqa: F401
+                           cli_env, client, clock, jobs, manifest, registry)
+
+SCOPE = f"{BASE}/Patient/$export"
+PHI = "Jane Roe, MRN 4711"               # what a diagnostics text may hold: never logged, never stored
+
+
+def no_write_back() -> Any:
+    return load_settings({"source_url": BASE, "write_back": False})
+
+
+def first_run(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path) -> list[dict[str, Any]]:
+    """A complete run at 08:00 (the next one asks _since then); its RiskAssessments."""
+    add_export(manifest("2026-11-20T08:00:00Z"), polls=0)
+    add_files()
+    export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "1", output=tmp_path / "1.ndjson")
+    responses.reset()
+    return [orjson.loads(line) for line in (tmp_path / "1.ndjson").read_bytes().splitlines()]
+
+
+def outcome(*issues: tuple[str, str]) -> bytes:
+    return orjson.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": severity, "code": code, "diagnostics": f"Observation of {PHI} not exported"}
+        for severity, code in issues]})
+
+
+# -- H1: error files make a partial success -----------------------------------------------------------
+
+@responses.activate
+def test_an_export_with_errors_is_scored_but_does_not_move_since(registry: ModelRegistry, jobs: JobStore,
+                                                                 client: BulkDataClient, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    add_export(manifest("2026-11-20T08:00:00Z", errors=True), polls=0)
+    add_files()
+    responses.get(f"{FILES}/errors.ndjson", body=b"\n".join([
+        outcome(("error", "exception"), ("warning", "informational")),
+        b"<html>proxy error</html>",                       # not an OperationOutcome: counted, no crash
+        outcome(("information", "informational")), b""]))
+    caplog.set_level(logging.INFO, logger="fhir_ai")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert run.patients == 12 and run.stored == 12                 # what was exported is scored and kept
+    assert run.export_errors == 2 and not run.complete
+    assert jobs.last("bulk-export", SCOPE) is None                 # not completed: the next run starts over
+    failed = jobs.last("bulk-export", SCOPE, status="failed")
+    assert failed is not None and "2 error(s) (issue codes: exception 1, unreadable 1)" in failed.error
+    assert "export reported 2 error(s)" in caplog.text
+    assert "Jane" not in caplog.text and "Jane" not in failed.error
+
+
+@responses.activate
+def test_warnings_in_the_error_files_do_not_block(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient,
+                                                  tmp_path: Path) -> None:
+    add_export(manifest("2026-11-20T08:00:00Z", errors=True), polls=0)
+    add_files()
+    responses.get(f"{FILES}/errors.ndjson", body=outcome(("warning", "informational"),
+                                                         ("information", "informational")) + b"\n")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert run.complete and run.export_errors == 0
+    assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T08:00:00Z"
+
+
+@responses.activate
+def test_the_cli_exits_1_when_the_export_reported_errors(settings_overrides: dict[str, Any], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import fhir_ai.bulkdata as bulkdata
+    monkeypatch.setattr(bulkdata, "DEFAULT_POLL", 0.0)
+    add_export(manifest(errors=True), polls=0)
+    responses.replace(responses.GET, STATUS, json=manifest(errors=True))
+    add_files()
+    responses.get(f"{FILES}/errors.ndjson", body=outcome(("fatal", "too-costly")) + b"\n")
+    result = CliRunner(env=cli_env(settings_overrides, write_back=False)).invoke(main, ["bulk-export-assess", "--output", str(tmp_path / "o.ndjson")])
+    assert result.exit_code == 1, result.output
+    assert "12 patients" in result.output and "the export reported 1 error(s)" in result.output
+
+
+# -- H2: a reused work folder --------------------------------------------------------------------------
+
+@responses.activate
+def test_a_reused_workdir_never_scores_an_earlier_runs_files(registry: ModelRegistry, jobs: JobStore,
+                                                            client: BulkDataClient, tmp_path: Path) -> None:
+    add_export(manifest("2026-11-20T08:00:00Z"), polls=0)
+    add_files()
+    first = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "w",
+                              output=tmp_path / "1.ndjson")
+    assert first.patients == 12
+    responses.reset()
+    empty = {**manifest("2026-11-20T09:00:00Z"), "output": []}
+    add_export(empty, polls=0)
+    again = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "w",
+                              output=tmp_path / "2.ndjson", full=True)
+    assert again.patients == 0 and not list((tmp_path / "w" / "export").glob("*.ndjson"))
+
+
+# -- M1 / L1: polling ---------------------------------------------------------------------------------
+
+@responses.activate
+def test_no_answer_while_polling_is_polled_again(client: BulkDataClient, clock: Clock) -> None:
+    responses.get(STATUS, status=202, headers={"Retry-After": "7"})
+    responses.get(STATUS, body=requests.ConnectionError("reset by peer"))
+    responses.get(STATUS, body=requests.ReadTimeout("no answer"))
+    responses.get(STATUS, json=manifest())
+    assert client.poll(STATUS).transaction_time == "2026-11-20T08:00:00Z"
+    assert clock.sleeps == [7.0, 5.0, 10.0]
+
+
+@responses.activate
+def test_a_long_export_outlasts_a_run_of_failures_and_long_retry_afters(clock: Clock) -> None:
+    patient = BulkDataClient(BASE, token=TOKEN, sleep=clock.sleep, clock=lambda: clock.now, max_wait=21600)
+    responses.get(STATUS, status=202, headers={"Retry-After": "3600"})
+    for _ in range(8):
+        responses.get(STATUS, status=503, body="<html>proxy</html>")      # no OperationOutcome: retried
+    responses.get(STATUS, status=503, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "transient", "diagnostics": "node restarting"}]})
+    for _ in range(3):
+        responses.get(STATUS, status=429, headers={"Retry-After": "3000"})
+    responses.get(STATUS, json=manifest())
+    assert patient.poll(STATUS).transaction_time == "2026-11-20T08:00:00Z"
+    assert clock.sleeps == [3600.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0, 300.0, 3000.0, 3000.0, 3000.0]
+
+
+@responses.activate
+def test_retry_after_is_honoured_up_to_the_budget(client: BulkDataClient, clock: Clock) -> None:
+    responses.get(STATUS, status=202, headers={"Retry-After": "3600"})      # the client's budget is 600 s
+    with pytest.raises(UpstreamError, match="did not finish within 600 s"):
+        client.poll(STATUS)
+    assert clock.sleeps == [600.0] and len(responses.calls) == 2            # one last look at the end
+
+
+@responses.activate
+def test_a_status_url_failing_for_long_is_given_up(clock: Clock) -> None:
+    patient = BulkDataClient(BASE, token=TOKEN, sleep=clock.sleep, clock=lambda: clock.now, max_wait=21600)
+    responses.get(STATUS, status=503)
+    with pytest.raises(UpstreamError, match="HTTP 503"):
+        patient.poll(STATUS)
+    assert FAILING_FOR <= sum(clock.sleeps) < FAILING_FOR + MAX_POLL
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [400, 500, 503])
+def test_an_export_the_server_says_failed_is_not_polled_again(client: BulkDataClient, status: int) -> None:
+    responses.get(STATUS, status=status, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "too-costly"}, {"severity": "error", "code": "processing"}]})
+    with pytest.raises(UpstreamError, match="issue codes: too-costly, processing") as failed:
+        client.poll(STATUS)
+    assert failed.value.temporary is False and len(responses.calls) == 1
+
+
+@responses.activate
+@pytest.mark.parametrize("delete_status", [202, 500])
+def test_an_export_given_up_for_any_error_is_cancelled(registry: ModelRegistry, jobs: JobStore,
+                                                       client: BulkDataClient, tmp_path: Path,
+                                                       delete_status: int) -> None:
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=500, json=OUTCOME)
+    responses.delete(STATUS, status=delete_status)
+    with pytest.raises(UpstreamError, match="disk full"):     # a failed DELETE does not hide why
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert any(c.request.method == "DELETE" for c in responses.calls)
+    assert "disk full" in jobs.last("bulk-export", SCOPE, status="failed").error
+
+
+# -- M2: every failure leaves the job failed; downloads cut off ---------------------------------------
+
+@responses.activate
+def test_an_unexpected_error_leaves_the_job_failed(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fhir_ai.bulk
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError(f"odd value for {PHI}")
+    monkeypatch.setattr(fhir_ai.bulk, "bulk_assess", broken)
+    add_export(manifest(), polls=0)
+    add_files()
+    with pytest.raises(ValueError):
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert jobs.last("bulk-export", SCOPE, status="running") is None
+    failed = jobs.last("bulk-export", SCOPE, status="failed")
+    assert failed.error == "the run stopped: ValueError" and failed.error_status == 500
+
+
+@responses.activate
+def test_a_malformed_changed_file_fails_the_run_clearly(registry: ModelRegistry, jobs: JobStore,
+                                                        client: BulkDataClient, tmp_path: Path) -> None:
+    first_run(registry, jobs, client, tmp_path)
+    add_export(manifest("2026-11-20T09:00:00Z"), polls=0)
+    responses.get(f"{FILES}/Patient.ndjson", body=b"")
+    responses.get(f"{FILES}/Encounter.ndjson", body=b"[1, 2]\n")
+    responses.get(f"{FILES}/Observation.ndjson", body=b'{"resourceType": "Obs\n')
+    with pytest.raises(UpstreamError, match=r"Encounter.001.ndjson line 1 is not a JSON object"):
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2", output=tmp_path / "2.ndjson")
+    assert jobs.last("bulk-export", SCOPE, status="running") is None
+    assert jobs.last("bulk-export", SCOPE, status="failed").error_status == 502
+
+
+class CutOff(io.BufferedReader):
+    """A body whose connection breaks after the first bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))      # type: ignore[arg-type]
+        self.sent = False
+
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        if self.sent:
+            raise http.client.IncompleteRead(b"")
+        self.sent = True
+        return super().read(20)
+
+
+@responses.activate
+def test_a_download_cut_off_is_fetched_again_and_never_left_half(client: BulkDataClient, clock: Clock,
+                                                                 tmp_path: Path) -> None:
+    whole = (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
+    responses.get(f"{FILES}/Patient.ndjson", body=CutOff(whole))
+    responses.get(f"{FILES}/Patient.ndjson", body=whole)
+    body = manifest()
+    body["output"] = body["output"][:1]
+    got = client.download(Manifest.parse(body), tmp_path)
+    assert got.files["Patient"][0].read_bytes() == whole and len(responses.calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Patient.000.ndjson"]
+    responses.reset()
+    for _ in range(client.retries + 1):
+        responses.get(f"{FILES}/Patient.ndjson", body=CutOff(whole))          # cut off every time
+    with pytest.raises(UpstreamError, match="cut off"):
+        client.download(Manifest.parse(body), tmp_path / "again")
+    assert len(responses.calls) == client.retries + 1 and not list((tmp_path / "again").iterdir())
+
+
+# -- M3: deleted resources -----------------------------------------------------------------------------
+
+def add_deletions(*references: str) -> str:
+    """An incremental export at 09:00 with nothing changed and these resources deleted (one Bundle)."""
+    url = f"{FILES}/deleted.ndjson"
+    add_export({**manifest("2026-11-20T09:00:00Z"), "output": [], "deleted": [{"type": "Bundle", "url": url}]},
+               polls=0)
+    responses.get(url, body=orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": reference}} for reference in references]}) + b"\n")
+    return url
+
+
+@responses.activate
+def test_a_deleted_observation_has_its_patient_rescored(registry: ModelRegistry, jobs: JobStore,
+                                                        client: BulkDataClient, tmp_path: Path) -> None:
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    assert used.startswith("Observation/")
+    # Second run: nothing changed but two deletions, one an input of demo-002's assessment, so
+    # demo-002's whole record is exported again (POST kick-off) and scored.
+    deletions = add_deletions("Observation/never-used", f"{BASE}/{used}")
+    full = f"{FILES}/full"
+    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
+    add_files(full, only=("demo-002",))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    post = next(c.request for c in responses.calls if c.request.method == "POST")
+    assert [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"]
+            if p["name"] == "patient"] == ["Patient/demo-002"]
+    assert run.patients == 1 and run.complete
+    assert any(c.request.url == deletions and c.request.headers["Authorization"] == f"Bearer {TOKEN}"
+               for c in responses.calls)
+
+
+@responses.activate
+def test_a_deleted_resource_no_assessment_used_changes_nothing(registry: ModelRegistry, jobs: JobStore,
+                                                               client: BulkDataClient, tmp_path: Path) -> None:
+    first_run(registry, jobs, client, tmp_path)
+    deletions = add_deletions("Observation/never-used", "Patient/demo-002")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    assert run.patients == 0 and not any(c.request.method == "POST" for c in responses.calls)
+    assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T09:00:00Z"
+
+
+# -- M4: where files may come from ---------------------------------------------------------------------
+
+@responses.activate
+@pytest.mark.parametrize("url, host", [
+    ("http://ehr.example.org/files/Patient.ndjson?sig=s3cr3t", "ehr.example.org"),   # our host, but not https
+    ("http://169.254.169.254/latest/meta-data/x.ndjson?sig=s3cr3t", "169.254.169.254"),
+    ("file:///etc/passwd", "no host"),
+    ("ftp://files.example.net/Patient.ndjson", "files.example.net"),
+])
+def test_file_urls_off_our_origin_must_be_https(client: BulkDataClient, tmp_path: Path, url: str, host: str) -> None:
+    body = {**manifest(requires_token=True), "output": [{"type": "Patient", "url": url}]}
+    with pytest.raises(UpstreamError, match=f"on {host} ") as refused:
+        client.download(Manifest.parse(body), tmp_path)
+    assert "s3cr3t" not in refused.value.message and len(responses.calls) == 0
+
+
+@responses.activate
+def test_files_on_our_own_plain_http_server_are_fetched(clock: Clock, tmp_path: Path) -> None:
+    local = BulkDataClient("http://fhir.internal:8080/fhir", token=TOKEN, sleep=clock.sleep)
+    responses.get("http://fhir.internal:8080/files/Patient.ndjson", body=b"{}\n")
+    body = {**manifest(requires_token=None), "output": [{"type": "Patient",
+                                                         "url": "http://fhir.internal:8080/files/Patient.ndjson"}]}
+    local.download(Manifest.parse(body), tmp_path)
+    assert responses.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+# -- M5: which subjects are patients -------------------------------------------------------------------
+
+def test_only_patient_subjects_count_as_changed_patients(tmp_path: Path) -> None:
+    path = tmp_path / "Observation.000.ndjson"
+    path.write_bytes(b"\n".join(orjson.dumps({"resourceType": "Observation", "id": str(n), "subject": {"reference": r}})
+                                for n, r in enumerate([
+                                    "Group/ward-7", "Device/monitor-9", "Location/bed-3",
+                                    "Patient/p1/_history/3", f"{BASE}/Patient/p2", "https://other.example/fhir/Patient/p3",
+                                    "#contained", "Patient/p4"])) + b"\n")
+    assert changed_patients({"Observation": [path]}, BASE) == ["p1", "p2", "p4"]
