@@ -267,7 +267,9 @@ class EventLog:
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
-    LEASE = timedelta(minutes=5)     # longer than a catch-up search (20 pages, one retry)
+    # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
+    # lapses anyway, a second search runs: a duplicate, not a loss.
+    LEASE = timedelta(minutes=10)
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client, self.prefix = client, prefix
