@@ -80,7 +80,7 @@ class Downloaded:
     the diagnostics may name patients)."""
     files: dict[str, list[Path]] = field(default_factory=dict)     # output files by resource type
     deleted: list[Path] = field(default_factory=list)
-    errors: int = 0                 # issues of severity error or fatal, and lines that are no OperationOutcome
+    errors: int = 0                 # issues of severity error or fatal (or none), lines that are no OperationOutcome
     warnings: int = 0               # issues of severity warning or information: they do not block
     error_codes: Counter[str] = field(default_factory=Counter)
 

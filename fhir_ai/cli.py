@@ -131,7 +131,8 @@ def bulk_assess(ctx: click.Context, input_dir: Path, output: Path, models: tuple
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to keep the RiskAssessment NDJSON.")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the downloaded NDJSON (default: a temporary folder, removed afterwards).")
+              help="Folder for the downloaded NDJSON, kept in export/ and changed/ below it; each run empties "
+                   "those first (default: a temporary folder, removed afterwards).")
 @click.option("--model", "models", multiple=True, help="Model id (repeatable; default deterioration).")
 @click.option("--explain", type=click.Choice(["elevated", "all", "none"]), default="elevated", show_default=True)
 @click.option("--write-back/--no-write-back", default=None, help="Override FHIR_AI_WRITE_BACK.")
