@@ -4,6 +4,7 @@ secret checked before the body is read (real Redis)."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -109,7 +110,8 @@ def test_notifications_at_the_same_time_report_a_gap_once_and_lose_no_advance() 
 
     def deliver(n: Any) -> None:
         start.wait()
-        outcomes.append(handle(n, source=NoSearch(), codes=[], debounce=gate, enqueue=lambda _: None,
+        # queuing takes a while: a log checked before it and advanced after would be read by all eight
+        outcomes.append(handle(n, source=NoSearch(), codes=[], debounce=gate, enqueue=lambda _: time.sleep(0.05),
                                events=events))
     try:
         handle(five, source=NoSearch(), codes=[], debounce=gate, enqueue=lambda _: None, events=events)
