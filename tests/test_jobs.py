@@ -237,6 +237,47 @@ def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_
     assert len(assessment_rows(job_app)) == 8
 
 
+def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: Flask,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    jobs = JobStore(store_of(job_app))
+    as_of = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)
+    jobs.create("job-5", kind="group", scope="ward-a", as_of=as_of, request={"request": "x", "models": []})
+    jobs.start("job-5")
+    jobs.expand("job-5", WARD)
+    pipeline = job_app.extensions["fhir_ai"]
+    assess = pipeline.assess
+
+    def fragile(patient_id: str, **kwargs: Any) -> Any:
+        if patient_id == WARD[1]:
+            raise ValueError("could not convert string to float: 'Kim Minji'")   # text that must not spread
+        return assess(patient_id, **kwargs)
+    monkeypatch.setattr(pipeline, "assess", fragile)
+    assert tasks.assess_chunk("job-5", WARD) == 3
+    assert jobs.status("job-5") == "completed"                 # not left running for ever
+    items = {item.patient_id: item for item in jobs.items("job-5")}
+    assert items[WARD[1]].status == "failed" and items[WARD[1]].error == "internal error (ValueError)"
+    assert {items[p].status for p in WARD if p != WARD[1]} == {"assessed"}
+    assert "Kim Minji" not in (items[WARD[1]].error or "")
+
+
+def test_the_store_being_away_retries_the_whole_chunk(job_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-6", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []})
+    jobs.start("job-6")
+    jobs.expand("job-6", WARD[:1])
+    pipeline = job_app.extensions["fhir_ai"]
+
+    def away(patient_id: str, **kwargs: Any) -> Any:
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+    monkeypatch.setattr(pipeline, "assess", away)
+    with pytest.raises(OperationalError):
+        tasks.assess_chunk("job-6", WARD[:1])
+    assert jobs.item_status("job-6", WARD[0]) == "pending"      # not failed: tried again with the chunk
+
+
 def test_finished_jobs_expire_after_the_retention_but_the_last_export_and_all_assessments_stay(
         job_app: Flask, jc: FlaskClient) -> None:
     jobs = JobStore(store_of(job_app))
@@ -276,6 +317,23 @@ def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
         assert schedule(load_settings({"wards": "", "job_retention": 0})).keys() == {"deliver-write-backs"}
     finally:
         configure(load_settings())
+
+
+def test_ward_ticks_fall_on_the_slot_boundaries_whenever_beat_started() -> None:
+    from fhir_ai.jobs.celery_app import on_slots
+    clock = [datetime(2026, 11, 20, 8, 7, 30, tzinfo=timezone.utc)]
+    every = on_slots(timedelta(minutes=15), nowfun=lambda: clock[0])
+    started = clock[0]                                    # beat (re)started mid-slot
+    due, wait = every.is_due(started)
+    assert not due and wait == 450.0                      # the next boundary, 08:15, not 08:22:30
+    clock[0] = datetime(2026, 11, 20, 8, 15, 0, 500000, tzinfo=timezone.utc)
+    due, wait = every.is_due(started)
+    assert due and 899 < wait < 900
+    assert every.is_due(clock[0]) == (False, pytest.approx(899.5))   # ran: not again in the same slot
+    clock[0] = datetime(2026, 11, 20, 8, 29, 59, tzinfo=timezone.utc)
+    assert not every.is_due(datetime(2026, 11, 20, 8, 15, 0, 500000, tzinfo=timezone.utc))[0]
+    clock[0] = datetime(2026, 11, 20, 9, 1, tzinfo=timezone.utc)     # beat was down for two slots: one tick
+    assert every.is_due(datetime(2026, 11, 20, 8, 15, 0, 500000, tzinfo=timezone.utc))[0]
 
 
 def test_a_dead_workers_task_is_swept_back_within_the_visibility_timeout() -> None:

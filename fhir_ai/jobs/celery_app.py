@@ -1,10 +1,11 @@
 """The Celery app: Redis broker, late acknowledgement, one queue, and the beat schedule."""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
+from celery.schedules import schedule as every, schedstate
 
 from ..config import Settings
 
@@ -14,6 +15,30 @@ _configured: dict[str, Any] = {}
 
 def wards(settings: Settings) -> list[str]:
     return [w.strip() for w in settings.wards.split(",") if w.strip()]
+
+
+class on_slots(every):  # noqa: N801 - named like Celery's own schedules
+    """Every ``run_every``, at the start of each wall-clock slot (epoch seconds // interval), not at
+    an offset from when beat started: a ward job's asOf is its slot's start (the data up to the tick,
+    not up to an interval before it), and a beat restarted within a slot still fires at the next
+    boundary instead of a whole interval after the restart."""
+
+    def _slot(self, moment: datetime) -> int:
+        return int(moment.timestamp() // self.run_every.total_seconds())
+
+    def remaining_estimate(self, last_run_at: datetime) -> timedelta:
+        interval = self.run_every.total_seconds()
+        now = self.now()
+        return timedelta(seconds=(self._slot(now) + 1) * interval - now.timestamp())
+
+    def is_due(self, last_run_at: datetime) -> schedstate:
+        now = self.now()
+        due = self._slot(now) > self._slot(self.maybe_make_aware(last_run_at))
+        # Beat checks again at the next boundary (it caps its own sleep at beat_max_loop_interval).
+        return schedstate(due, max(0.05, self.remaining_estimate(last_run_at).total_seconds()))
+
+    def __reduce__(self) -> Any:
+        return self.__class__, (self.run_every, self.relative, self.nowfun)
 
 
 def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -31,7 +56,7 @@ def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
                                   "options": {"expires": 60.0}}
     if wards(settings):
         entries["rescore-wards"] = {"task": "fhir_ai.rescore_wards",
-                                    "schedule": timedelta(seconds=settings.ward_interval),
+                                    "schedule": on_slots(timedelta(seconds=max(1.0, settings.ward_interval))),
                                     "options": {"expires": max(1.0, settings.ward_interval)}}
     return entries
 

@@ -136,6 +136,15 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
                 jobs.record(job_id, patient_id, "failed", error=exc.message)
                 log.warning("job %s: patient %s not assessed (%s)", job_id, patient_id, type(exc).__name__)
                 continue
+            except DatabaseUnavailable:
+                raise           # the whole chunk is tried again (RETRY): the store is away, not the patient
+            except Exception as exc:   # noqa: BLE001 - one patient must not leave the job running forever
+                # A bug or data nobody foresaw: the patient fails, the others go on. Only the kind of
+                # error is kept (its text may quote patient data); the log has the trace.
+                jobs.record(job_id, patient_id, "failed", error=f"internal error ({type(exc).__name__})")
+                log.exception("job %s: patient %s not assessed: unexpected %s", job_id, patient_id,
+                              type(exc).__name__)
+                continue
             cancelled = any(r.get("status") == "cancelled" for r in result.resources[:1])
             jobs.record(job_id, patient_id, "insufficient" if cancelled else "assessed",
                         [f"RiskAssessment/{r['id']}" for r in result.resources])
@@ -208,14 +217,34 @@ def expire_jobs() -> int:
     return runtime.jobs().expire(datetime.now(timezone.utc) - timedelta(seconds=retention))
 
 
-@app.task(name="fhir_ai.rescore_patient", **RETRY)
-def rescore_patient(patient_id: str) -> list[str]:
-    """Event-driven rescoring (Subscriptions): one patient, as of now, after the debounce window."""
+# The hospital's server briefly away (restart, overload): a rescoring waits for it, about 20 minutes in
+# all. A wait stays under half the visibility timeout: a task waiting longer would be handed to a second
+# worker meanwhile.
+RESCORE_RETRIES = 8
+RESCORE_BACKOFF_MAX = 300.0
+
+
+@app.task(name="fhir_ai.rescore_patient", bind=True, **RETRY)
+def rescore_patient(self: Any, patient_id: str, requested_by: str = "subscription") -> list[str]:
+    """Event-driven rescoring (Subscriptions): one patient, as of now, after the debounce window.
+
+    A temporary fault of the hospital's server (the client's own retries spent) is tried again later,
+    with growing waits (Retry-After when the server gave one), never dropped while it may still pass."""
     from ..subscriptions import debouncer
     settings = runtime.settings()
     # Release first: an observation arriving while we assess deserves an assessment of its own.
     debouncer(settings).release(patient_id)
-    with _acting_for("subscription", "system"):
-        result = runtime.pipeline().assess(patient_id)
+    try:
+        with _acting_for(requested_by, "system"):
+            result = runtime.pipeline().assess(patient_id)
+    except UpstreamError as exc:
+        if not exc.temporary or self.request.retries >= RESCORE_RETRIES:
+            log.error("rescoring of patient %s given up: %s", patient_id, type(exc).__name__)
+            raise
+        longest = min(RESCORE_BACKOFF_MAX, max(1.0, settings.job_visibility_timeout / 2))
+        wait = min(longest, exc.retry_after or 10.0 * 2 ** self.request.retries)
+        log.warning("rescoring of patient %s: the hospital's server failed (%s); again in %.0f s",
+                    patient_id, type(exc).__name__, wait)
+        raise self.retry(exc=exc, countdown=wait, max_retries=RESCORE_RETRIES)
     log.info("rescored patient %s after new observations", patient_id)
     return [r["id"] for r in result.resources]
