@@ -150,6 +150,8 @@ def jwt_app(settings_overrides):
     (lambda: token(scope="system/*.read"), 200),
     (lambda: token(scope="system/Provenance.rs"), 403),
     (lambda: token(scope="patient/RiskAssessment.rs"), 403),                      # no patient context here
+    (lambda: token(scope="user/RiskAssessment.rs"), 403),                         # no user permissions here
+    (lambda: token(scope="user/*.cruds"), 403),                                   # ... so not the whole hospital
     (lambda: token(scope=None), 403),
     (lambda: token(exp=int(time.time()) - 3600), 401),
     (lambda: token(aud="https://elsewhere.test"), 401),

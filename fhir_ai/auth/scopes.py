@@ -1,7 +1,10 @@
 """SMART-style scopes (v1 ``system/X.read`` and v2 ``system/X.rs``) and the roles built from them.
 
-https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html — fhir_ai reads ``system/`` and
-``user/`` scopes (it has no patient-level launch context, so ``patient/`` scopes grant nothing).
+https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html — fhir_ai reads ``system/`` scopes
+only. ``user/`` scopes mean "what this user may see", and ``patient/`` scopes "this patient's data";
+fhir_ai knows neither a user's permissions nor a launch context, so read as ``system/`` they would hand
+a clinician's app the whole hospital (every patient's assessments, batch jobs, the audit trail). They
+grant nothing here.
 Besides FHIR resource types, two service areas have scopes of their own: ``Mapping`` (check with
 ``r``, reload with ``u``) and ``WriteBack`` (the outbox, ``r``).
 """
@@ -37,8 +40,8 @@ class Scopes:
         grants: dict[str, str] = {}
         for item in text.split():
             match = _SCOPE.fullmatch(item)
-            if not match or match.group(1) == "patient":
-                continue          # openid, launch, patient/... grant nothing here
+            if not match or match.group(1) != "system":
+                continue          # openid, launch, user/..., patient/... grant nothing here
             letters = _V1.get(match.group(3), match.group(3))
             resource = match.group(2)
             grants[resource] = "".join(sorted(set(grants.get(resource, "")) | set(letters)))
