@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from .config import Settings
-from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized
+from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamNotFound
 from .fhir.sources import ServerSource, Source
 from .fhir.times import format_datetime
 
@@ -46,8 +46,11 @@ class Outcome:
     events: int = 0
     queued: list[str] = field(default_factory=list)       # patients whose rescoring was queued
     debounced: list[str] = field(default_factory=list)    # patients already waiting for one
-    ignored: int = 0                                      # not a vital sign, no patient, cannot fetch
-    missed: int = 0                                       # events numbered but never sent us, or sent empty
+    ignored: int = 0                                      # not a vital sign, no patient, focus gone
+    gone: int = 0                                         # of those: focus not found at the hospital's server
+    unread: int = 0                                       # focus not read for now: left to the catch-up
+    unread_reason: str | None = None                      # why (the first of them)
+    missed: int = 0                                       # events numbered but never sent us, sent empty, unread
     recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
@@ -195,7 +198,8 @@ class Gap:
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
 # KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
-# 1 if an event carries neither a number nor a focus, then pairs: an event number, 1 if its focus came.
+# 1 if an event carries neither a number nor a focus (or it could not be read), then pairs: an event
+# number, 1 if its focus came (an id-only focus: and could be read).
 # The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed) and gap_claim
 # (until when one notification is running it).
 _RECORD = """
@@ -251,7 +255,8 @@ class EventLog:
     numbers above the highest one seen that a notification does not carry (up to its highest, or up
     to a heartbeat's count) were lost: a notification the hospital's server gave up on, an outage
     here. An event sent without its focus (an ``empty`` payload) says something changed without
-    saying what: it counts as missed too. Either starts a catch-up search.
+    saying what: it counts as missed too, and so does an id-only event whose focus could not be read
+    from the hospital's server for now (``unread``). Any of them starts a catch-up search.
 
     What the rule guarantees: recording is one Lua script, so notifications at the same time are
     taken one after the other; the highest number never moves back, so each number is counted
@@ -279,10 +284,11 @@ class EventLog:
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
 
-    def record(self, notification: Notification, now: datetime) -> Gap | None:
+    def record(self, notification: Notification, now: datetime, unread: Iterable[int] = ()) -> Gap | None:
         """Advance the log past this notification; the catch-up it is to run (None: none owed, or
-        another notification is running it). ``settle`` it afterwards."""
-        numbers, count, unknown = _accounting(notification)
+        another notification is running it). ``settle`` it afterwards. ``unread``: the positions of
+        its events whose focus could not be read (counted as missed)."""
+        numbers, count, unknown = _accounting(notification, set(unread))
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown)]
         for number, focused in numbers:
@@ -307,20 +313,22 @@ class EventLog:
             pipe.execute()
 
 
-def _accounting(notification: Notification) -> tuple[list[tuple[int, bool]], int | None, bool]:
-    """(event number, focus sent) for each event; a heartbeat's count; True if an event has neither."""
+def _accounting(notification: Notification, unread: set[int]) -> tuple[list[tuple[int, bool]], int | None, bool]:
+    """(event number, focus sent and read) for each event; a heartbeat's count; True if an event has
+    neither a number nor a focus read."""
     count = _number(notification.events_since_start)
     if notification.type != "event-notification":
         return [], count, False
     events = notification.events or [Event(None, None, None)]    # an event-notification has one at least
+    came = [e.focus is not None and i not in unread for i, e in enumerate(events)]
     numbers = [_number(e.number) for e in events]
     if None in numbers:
         if count is None:
-            return [], None, any(e.focus is None for e in events)
+            return [], None, not all(came)
         # No event-number (older servers): the count includes this notification's events, which are
         # therefore the last len(events) numbers up to it.
         numbers = list(range(count - len(events) + 1, count + 1))
-    return [(n, e.focus is not None) for n, e in zip(numbers, events)], None, False
+    return list(zip(numbers, came)), None, False
 
 
 def _number(value: str | None) -> int | None:
@@ -380,17 +388,35 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
            now: datetime | None = None) -> Outcome:
     """Queue one rescoring per patient with a new or changed vital sign (unless one is already waiting).
 
-    With an ``events`` log, a gap in the subscription's event numbers, or an event sent without its
-    focus (an ``empty`` payload), starts a catch-up: a search for Observations changed since the last
-    notification we saw, and a rescoring for each patient with a vital sign among them. If that search
-    fails, the catch-up stays owed and the next notification tries again; a source that cannot be
-    searched at all (NotSupported) is said once, not retried.
+    With an ``events`` log, a gap in the subscription's event numbers, an event sent without its focus
+    (an ``empty`` payload), or an id-only event whose focus could not be read for now (the hospital's
+    server failed, even after the client's retries: anything but not found), starts a catch-up: a
+    search for Observations changed since the last notification we saw, and a rescoring for each
+    patient with a vital sign among them. If that search fails, the catch-up stays owed and the next
+    notification tries again; a source that cannot be searched at all (NotSupported) is said once, not
+    retried. An id-only focus not found (404, 410: deleted) is ignored. The focuses are read before
+    the notification is recorded, so that the log counts the unread ones as missed.
     """
     now = now or datetime.now(timezone.utc)
     outcome = Outcome(events=len(notification.events))
     codes = list(codes)
     patients: dict[str, None] = {}
-    gap = events.record(notification, now) if events is not None else None
+    resources: list[dict[str, Any] | None] = []
+    unread: list[int] = []
+    for position, event in enumerate(notification.events):
+        resource = event.resource
+        if resource is None and event.focus and event.focus.startswith("Observation/"):
+            try:
+                resource = _fetch(source, event.focus)    # id-only payload: read it from the source
+            except UpstreamNotFound:
+                outcome.gone += 1
+            except FhirAiError as exc:
+                if events is not None:                    # without a log nothing catches it up: ignored
+                    unread.append(position)
+                    outcome.unread_reason = outcome.unread_reason or exc.message
+        resources.append(resource)
+    outcome.unread = len(unread)
+    gap = events.record(notification, now, unread) if events is not None else None
     if events is not None and gap is not None:
         outcome.missed = gap.missed
         log.warning("Subscription/%s: %d event(s) missed or sent without their focus; catching up on "
@@ -409,10 +435,9 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                       "notification", notification.subscription, type(exc).__name__)
         # Not reached if something unexpected broke the search: its claim lapses and a later notification runs it.
         events.settle(notification.subscription, gap, done=not outcome.recovery_retried)
-    for event in notification.events:
-        resource = event.resource
-        if resource is None and event.focus and event.focus.startswith("Observation/"):
-            resource = _fetch(source, event.focus)        # id-only payload: read it from the source
+    for position, resource in enumerate(resources):
+        if position in unread:                            # counted as missed: the catch-up finds it
+            continue
         patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
         if resource is None or not patient or not is_vital_sign(resource, codes):
             outcome.ignored += 1
@@ -424,13 +449,15 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             outcome.queued.append(patient)
         else:
             outcome.debounced.append(patient)
-    log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored",
-             notification.subscription, outcome.events, len(outcome.queued), len(outcome.debounced),
-             outcome.ignored)
+    log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored, %d focus(es) "
+             "left to the catch-up", notification.subscription, outcome.events, len(outcome.queued),
+             len(outcome.debounced), outcome.ignored, outcome.unread)
     return outcome
 
 
 def _fetch(source: Source, reference: str) -> dict[str, Any] | None:
+    """An id-only event's focus; None if the source cannot read single resources (a folder). Raises
+    the client's error if it could not be read (UpstreamNotFound: it is gone)."""
     if not isinstance(source, ServerSource):
         log.warning("id-only notification for %s, but the source cannot read single resources", reference)
         return None
@@ -438,4 +465,4 @@ def _fetch(source: Source, reference: str) -> dict[str, Any] | None:
         return source.client.get(reference)
     except FhirAiError as exc:
         log.warning("id-only notification: %s could not be read (%s)", reference, type(exc).__name__)
-        return None
+        raise

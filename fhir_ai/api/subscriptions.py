@@ -71,6 +71,11 @@ def notify():  # type: ignore[no-untyped-def]
         raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
     text = (f"{notification.type}: {outcome.events} event(s): rescoring queued for {len(outcome.queued)} "
             f"patient(s), {len(outcome.debounced)} already queued, {outcome.ignored} ignored")
+    if outcome.gone:
+        text += f" ({outcome.gone} whose focus was not found at the hospital's server, 404/410)"
+    if outcome.unread:    # the event log counted them as missed: a catch-up search is owed until one succeeds
+        text += (f"; {outcome.unread} event(s) whose focus could not be read ({outcome.unread_reason}): "
+                 "left to the catch-up search for missed events, owed until one succeeds")
     if outcome.missed:
         text += (f"; {outcome.missed} event(s) missed or sent without their focus: " + (
             f"catch-up search failed ({outcome.recovery_failed})"
