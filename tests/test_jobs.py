@@ -25,6 +25,7 @@ from fhir_ai.jobs import tasks
 from fhir_ai.jobs.celery_app import app as celery, configure, schedule
 from fhir_ai.jobs.tables import JobItemRow
 from fhir_ai.store.tables import AssessmentRow, OutboxRow
+from fhir_ai.store.trail_tables import AuditEventRow
 
 AS_OF = "2026-11-20T08:00:00Z"
 WARD = ["demo-001", "demo-002", "demo-003", "demo-004"]
@@ -167,6 +168,42 @@ def test_delete_cancels_a_job_and_its_remaining_patients(jc: FlaskClient, job_ap
     assert tasks.assess_chunk(  "job-2", WARD) == 0
     assert assessment_rows(job_app) == []
     assert jc.get("/jobs/no-such-job").status_code == 404
+
+
+def test_kick_off_manifest_read_and_cancel_are_audited_but_progress_polls_are_not(jc: FlaskClient,
+                                                                                  job_app: Flask) -> None:
+    def events() -> list[tuple[str, str, set[str]]]:
+        with store_of(job_app).session() as session:
+            rows = session.execute(select(AuditEventRow.action, AuditEventRow.resource)
+                                   .where(AuditEventRow.role != "system").order_by(AuditEventRow.seq))
+            out = []
+            for action, text in rows:
+                resource = json.loads(text)
+                out.append((action, resource["subtype"][0]["code"] if resource.get("subtype") else "",
+                            {e["what"]["reference"] for e in resource.get("entity", [])}))
+            return out
+
+    before = len(events())
+    status_url = kick_off(jc, "/Group/ward-a/$assess")
+    kicked = events()[before:]
+    # The kick-off itself (who asked for which ward), and one create per stored assessment (here, with
+    # tasks run eagerly, before the kick-off's own event, which is written as its answer goes out).
+    operations = [entities for action, _, entities in kicked if action == "E"]
+    assert operations == [{"Group/ward-a"}]
+    assert [a for a, _, _ in kicked].count("C") == 8
+    before = len(events())
+    assert jc.get(status_url).status_code == 200
+    read = events()[before:]
+    assert len(read) == 1 and read[0][0] == "R"
+    assert {f"Patient/{p}" for p in WARD} <= read[0][2]           # whose results were seen
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-7", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []}, requested_by="test-suite", requested_role="admin")
+    before = len(events())
+    assert jc.get("/jobs/job-7").status_code == 202                # progress: not audited
+    assert events()[before:] == []
+    assert jc.delete("/jobs/job-7").status_code == 202
+    assert [a for a, _, _ in events()[before:]] == ["D"]
 
 
 def test_an_unknown_group_fails_the_job_with_404(jc: FlaskClient) -> None:

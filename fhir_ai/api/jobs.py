@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from .. import codes
+from ..auth.guard import not_audited, note_entities
 from ..auth.policy import requires
 from ..errors import BadRequest, FhirAiError, NotFound
 from ..fhir import times
@@ -16,6 +17,7 @@ from ..jobs.state import JobStore, JobView
 from ..jobs.tasks import submit
 from ..pipeline import Pipeline
 from ..store import actors
+from ..store.audit import Entity
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
 from .operations import parse_parameters
 
@@ -69,13 +71,17 @@ def times_now() -> Any:
     return now()
 
 
+# Every kick-off, manifest read and cancel is audited (who asked which ward, who saw its results);
+# the assessments a job stores are audited one by one under the same caller's name.
 @bp.post("/Group/<group_id>/$assess")
+@requires("RiskAssessment", "c", audit="operation")
 def group_assess(group_id: str):  # type: ignore[no-untyped-def]
     check_id(group_id, "Group.id")
     return _kick_off("group", group_id, f"POST {base_url()}/Group/{group_id}/$assess")
 
 
 @bp.post("/$assess-all")
+@requires("RiskAssessment", "c", audit="operation")
 def assess_all():  # type: ignore[no-untyped-def]
     return _kick_off("all", "all", f"POST {base_url()}/$assess-all")
 
@@ -91,23 +97,26 @@ def _visible(job: JobView | None) -> JobView:
 
 
 @bp.get("/jobs/<job_id>")
-@requires("RiskAssessment", "r")
+@requires("RiskAssessment", "r", audit="read")
 def job_status(job_id: str):  # type: ignore[no-untyped-def]
     check_id(job_id, "job id")
     jobs = _jobs()
     job = _visible(jobs.get(job_id))
     if job.status in ("queued", "running"):
+        not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
         return fhir_response({"resourceType": "OperationOutcome", "issue": [{
             "severity": "information", "code": "informational", "diagnostics": f"{job.status}: {progress}"}]},
             202, {"X-Progress": progress, "Retry-After": str(POLL_SECONDS)})
     if job.status == "failed":
         raise JobFailed(job.error or "the job failed", job.error_status or 500)
-    return fhir_response(manifest(job, jobs))
+    body = manifest(job, jobs)
+    note_entities([Entity(p) for p in dict.fromkeys(item["patient"] for item in body["output"] + body["error"])])
+    return fhir_response(body)
 
 
 @bp.delete("/jobs/<job_id>")
-@requires("RiskAssessment", "c")
+@requires("RiskAssessment", "c", audit="delete")
 def job_cancel(job_id: str):  # type: ignore[no-untyped-def]
     check_id(job_id, "job id")
     jobs = _jobs()

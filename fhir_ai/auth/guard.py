@@ -41,6 +41,11 @@ def note_entities(entities: list[Entity]) -> None:
     g.setdefault("fhir_ai_entities", []).extend(entities)
 
 
+def not_audited() -> None:
+    """This successful answer says nothing worth an AuditEvent (a job's progress while it runs)."""
+    g.fhir_ai_unaudited = True
+
+
 def entities_of(resources: list[dict[str, Any]]) -> list[Entity]:
     """Each resource (versioned) and each patient it is about."""
     out: list[Entity] = []
@@ -108,7 +113,7 @@ def _audit(response: Response) -> Response:
                         description=f"{status} {request.method} {request.path}: {reason}", actor=actor,
                         entities=_path_entities())
     elif isinstance(requirement, Requirement) and requirement.audit:
-        if requirement.audit_failures_only and status < 400:
+        if (requirement.audit_failures_only or g.get("fhir_ai_unaudited")) and status < 400:
             return response
         interaction = requirement.audit
         access = Access(_ACTIONS.get(interaction, "E"), interaction, outcome_for_status(status),
