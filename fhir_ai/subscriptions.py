@@ -14,7 +14,7 @@ import redis
 from .config import Settings
 from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamNotFound
 from .fhir.sources import ServerSource, Source
-from .fhir.times import format_datetime
+from .fhir.times import format_datetime, parse_datetime
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class Event:
     number: str | None
     focus: str | None                      # 'Observation/123'
     resource: dict[str, Any] | None        # full-resource payloads carry it
+    timestamp: datetime | None = None      # when it happened (the hospital's clock), if said
 
 
 @dataclass
@@ -113,7 +114,7 @@ def parse_notification(bundle: Any) -> Notification:
             focus_ref = _short(focus.get("reference") if isinstance(focus, dict) else None)
             entry = by_ref.get(focus_ref or "") or by_url.get(focus_ref or "")
             out.events.append(Event(None if values.get("event-number") is None else str(values["event-number"]),
-                                    focus_ref, (entry or {}).get("resource")))
+                                    focus_ref, (entry or {}).get("resource"), _instant(values.get("timestamp"))))
     else:
         # Older servers list the focus resources as entries without notification-event parameters.
         for entry in entries[1:]:
@@ -122,6 +123,13 @@ def parse_notification(bundle: Any) -> Notification:
                    else _short(entry.get("fullUrl") or (entry.get("request") or {}).get("url")))
             out.events.append(Event(None, ref, resource))
     return out
+
+
+def _instant(value: Any) -> datetime | None:
+    try:
+        return parse_datetime(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _short(url: str | None) -> str | None:
@@ -198,8 +206,9 @@ class Gap:
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
 # KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
-# 1 if an event carries neither a number nor a focus (or it could not be read), then pairs: an event
-# number, 1 if its focus came (an id-only focus: and could be read).
+# 1 if an event carries neither a number nor a focus (or it could not be read), the earliest time an
+# event without its focus happened ('' if none said), then pairs: an event number, 1 if its focus came
+# (an id-only focus: and could be read).
 # The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed) and gap_claim
 # (until when one notification is running it).
 _RECORD = """
@@ -207,7 +216,7 @@ local key, now = KEYS[1], tonumber(ARGV[1])
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   if highest == nil or n > highest then highest = n end
   if last == nil or n > last then
@@ -223,7 +232,8 @@ elseif highest ~= nil and highest > last then
 end
 if ARGV[4] == '1' and missed == 0 then missed = 1 end
 if missed > 0 then
-  local at = redis.call('HGET', key, 'at') or ARGV[1]   -- the window opens when the log last moved
+  local at = redis.call('HGET', key, 'at') or ARGV[1]   -- the window opens when the log last moved,
+  if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(at) then at = ARGV[5] end   -- or when the event happened
   local since = tonumber(redis.call('HGET', key, 'gap_since'))
   if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
   redis.call('HINCRBY', key, 'gap_missed', missed)
@@ -256,7 +266,9 @@ class EventLog:
     to a heartbeat's count) were lost: a notification the hospital's server gave up on, an outage
     here. An event sent without its focus (an ``empty`` payload) says something changed without
     saying what: it counts as missed too, and so does an id-only event whose focus could not be read
-    from the hospital's server for now (``unread``). Any of them starts a catch-up search.
+    from the hospital's server for now (``unread``). Any of them starts a catch-up search, for
+    Observations changed since the log last moved (less ``MARGIN``), or since such an event happened
+    if it says so and that is earlier (``OPENING``).
 
     What the rule guarantees: recording is one Lua script, so notifications at the same time are
     taken one after the other; the highest number never moves back, so each number is counted
@@ -272,6 +284,10 @@ class EventLog:
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
+    # An event without its focus (empty, or unread) that says when it happened opens the window then,
+    # if that is earlier (a delivery that came late), but never more than this before it came: a clock
+    # far off must not make the catch-up a search longer than its pages allow (it would fail each time).
+    OPENING = timedelta(hours=1)
     # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
     # lapses anyway, a second search runs: a duplicate, not a loss.
     LEASE = timedelta(minutes=10)
@@ -288,9 +304,14 @@ class EventLog:
         """Advance the log past this notification; the catch-up it is to run (None: none owed, or
         another notification is running it). ``settle`` it afterwards. ``unread``: the positions of
         its events whose focus could not be read (counted as missed)."""
-        numbers, count, unknown = _accounting(notification, set(unread))
+        skipped = set(unread)
+        numbers, count, unknown = _accounting(notification, skipped)
+        happened = [e.timestamp for i, e in enumerate(notification.events)
+                    if e.timestamp is not None and (e.focus is None or i in skipped)]
+        opened = max(min(happened), now - self.OPENING) if happened else None
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
-                           "" if count is None else count, int(unknown)]
+                           "" if count is None else count, int(unknown),
+                           "" if opened is None else repr(opened.timestamp())]
         for number, focused in numbers:
             args += [number, int(focused)]
         found = self._record(keys=[self._key(notification.subscription)], args=args)

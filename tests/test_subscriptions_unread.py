@@ -21,7 +21,16 @@ FAILURES = {
     "503": {"status": 503, "json": {"resourceType": "OperationOutcome",
                                     "issue": [{"severity": "error", "code": "transient"}]}},
     "no connection": {"body": requests.ConnectionError("refused")},
+    "no answer in time": {"body": requests.ReadTimeout("slow")},
 }
+
+
+def happened(bundle: dict[str, Any], when: datetime) -> dict[str, Any]:
+    """The notification's events happened at ``when`` (their `timestamp`)."""
+    for p in bundle["entry"][0]["resource"]["parameter"]:
+        if p["name"] == "notification-event":
+            p["part"][1]["valueInstant"] = when.isoformat()
+    return bundle
 
 
 def no_waiting(app: Flask) -> None:
@@ -40,7 +49,8 @@ def test_a_focus_that_cannot_be_read_for_now_is_caught_up_later(server_app: Flas
     vital = heart_rate("p5")
     read = responses.get(f"{BASE}/Observation/{vital['id']}", **FAILURES[failure])
     search = responses.get(f"{BASE}/Observation", **FAILURES[failure])      # the server is down for searches too
-    text = diagnostics(post(sc, notification("event-notification", [vital], id_only=True, start=2)))
+    text = diagnostics(post(sc, happened(notification("event-notification", [vital], id_only=True, start=2),
+                                         datetime.now(timezone.utc))))
     assert read.call_count == 1 + server_app.config["FHIR_AI"].source_retries      # the client's retries
     assert "1 event(s) whose focus could not be read" in text and "catch-up" in text
     assert "catch-up search failed" in text and "tried again" in text
@@ -97,5 +107,27 @@ def test_the_event_log_counts_an_unread_focus_as_missed() -> None:
         assert events.record(parse_notification(bare), NOW) is None
         gap = events.record(parse_notification(bare), NOW, unread=[0])
         assert gap is not None and gap.missed == 1
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_the_catch_up_window_opens_by_the_unread_events_time_when_it_came_late() -> None:
+    """The hospital's server delivered event 1 ten minutes late (a backlog), then event 2, whose focus
+    could not be read: its Observation changed when the event happened (its `timestamp`), before the
+    time event 1 was seen less the margin. The window opens by that time (never more than OPENING back)."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+
+    def at(number: int, when: datetime) -> Any:
+        return parse_notification(happened(notification("event-notification", [heart_rate("p1")], id_only=True,
+                                                        start=number), when))
+    try:
+        late = NOW + timedelta(minutes=10)
+        assert events.record(at(1, NOW), late) is None
+        gap = events.record(at(2, NOW + timedelta(seconds=1)), late + timedelta(seconds=1), unread=[0])
+        assert gap is not None and gap.since == NOW + timedelta(seconds=1) - EventLog.MARGIN
+        events.settle("sub-1", gap, done=True)
+        gap = events.record(at(3, NOW - timedelta(days=30)), late + timedelta(seconds=2), unread=[0])
+        assert gap is not None and gap.since == late + timedelta(seconds=2) - EventLog.OPENING - EventLog.MARGIN
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
