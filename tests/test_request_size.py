@@ -1,6 +1,7 @@
 """A request body over FHIR_AI_MAX_REQUEST_BYTES gets 413 as an OperationOutcome, before it is parsed."""
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from flask.testing import FlaskClient
@@ -40,5 +41,24 @@ def test_the_limit_is_configurable(settings_overrides: dict[str, Any]) -> None:
                                headers={"Authorization": "Bearer s3cret"}))
         assert client.post("/subscriptions/notify", data=body, content_type=FHIR,
                            headers={"Authorization": ""}).status_code == 401
+    finally:
+        app.extensions["fhir_ai"].close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_not_cut_off(settings_overrides: dict[str, Any]) -> None:
+    # gunicorn hands a chunked body (no Content-Length) over as a terminated stream; Werkzeug then
+    # stops reading at the limit instead of refusing, and what it read would be parsed as the body.
+    settings_overrides.update(max_request_bytes=2048)
+    app = create_app(settings_overrides)
+    try:
+        client = app.test_client()
+        body = b'{"resourceType": "Parameters", "parameter": []}' + b" " * 3000   # valid JSON when cut off
+        environ = {"wsgi.input_terminated": True}
+        chunked = {"Transfer-Encoding": "chunked"}
+        too_costly(client.post("/Patient/demo-001/$assess", input_stream=io.BytesIO(body), content_type=FHIR,
+                               headers=chunked, environ_overrides=environ))
+        small = b'{"resourceType": "Parameters", "parameter": []}'
+        assert client.post("/Patient/demo-001/$assess", input_stream=io.BytesIO(small), content_type=FHIR,
+                           headers=chunked, environ_overrides=environ).status_code == 200
     finally:
         app.extensions["fhir_ai"].close()

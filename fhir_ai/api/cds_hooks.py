@@ -24,7 +24,7 @@ from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..pipeline import Pipeline
-from .fhir_io import fhir_response
+from .fhir_io import fhir_response, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _json_body() -> dict[str, Any]:
     if request.mimetype and request.mimetype not in ("application/json", "application/fhir+json"):
         raise BadRequest(f"Content-Type {request.mimetype!r}: send application/json")
     try:
-        body = orjson.loads(request.get_data(cache=True) or b"null")
+        body = orjson.loads(request_bytes() or b"null")
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):

@@ -5,7 +5,8 @@ import re
 from typing import Any
 
 import orjson
-from flask import Request, Response, request
+from flask import Request, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..codes import FHIR_JSON
 from ..errors import BadRequest, NotAcceptable, UnsupportedMediaType
@@ -33,8 +34,19 @@ def check_accept(req: Request) -> None:
         raise NotAcceptable(f"cannot answer in {accept!r}; use application/fhir+json")
 
 
-def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] | None:
+def request_bytes() -> bytes:
+    """The request body; over MAX_CONTENT_LENGTH → 413. Werkzeug refuses a long body that says its
+    length before reading it, but a chunked one (no Content-Length; gunicorn marks it terminated) it
+    only stops reading at the limit: such a body that reaches the limit was cut off, not complete."""
     raw = request.get_data(cache=True)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
+def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] | None:
+    raw = request_bytes()
     if not raw.strip():
         if optional:
             return None
