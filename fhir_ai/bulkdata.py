@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import urlsplit
 from collections import Counter
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Iterator
@@ -209,8 +210,10 @@ class BulkDataClient:
                 elif now - failing_since >= FAILING_FOR:
                     raise problem
                 failures += 1
-                wait = _retry_after(response) or min(MAX_POLL, DEFAULT_POLL * 2 ** (failures - 1))
-                log.warning("%s; polling again in %.0f s", problem.message, wait)
+                wait = _retry_after(response) or min(MAX_POLL, DEFAULT_POLL * 2 ** min(failures - 1, 16))
+                # The status only: an OperationOutcome's text may name patients.
+                log.warning("export status: %s; polling again in %.0f s",
+                            f"HTTP {response.status_code}" if response is not None else "no answer", wait)
             remaining = self.max_wait - (self._clock() - started)
             if remaining <= 0:
                 raise UpstreamTimeout(f"the export did not finish within {self.max_wait:.0f} s")
@@ -432,14 +435,29 @@ def read_ndjson(path: Path) -> Iterator[dict[str, Any]]:
                 yield item
 
 
+def _host_and_path(url: str) -> tuple[str, str]:
+    """Host (lower case, default port dropped) and path of an absolute URL; the scheme is left out: a
+    server behind a TLS proxy often writes http:// references to itself."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.port and parts.port not in (80, 443):
+        host += f":{parts.port}"
+    return host, parts.path.rstrip("/")
+
+
 def _local_reference(reference: Any, base_url: str) -> tuple[str | None, str] | None:
     """(type, id) of a reference to a resource on our FHIR server: relative, or absolute on its base."""
     if not isinstance(reference, str):
         return None
     if "://" in reference:
-        if not reference.startswith(base_url.rstrip("/") + "/"):
+        try:
+            host, path = _host_and_path(reference)
+            base_host, base_path = _host_and_path(base_url)
+        except ValueError:           # a port that is not a number, an unclosed [
             return None
-        reference = reference[len(base_url.rstrip("/")) + 1:]
+        if host != base_host or not path.startswith(base_path + "/"):
+            return None
+        reference = path[len(base_path) + 1:]
     return split_reference(reference)
 
 
@@ -568,7 +586,7 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                 codes = codes + again.error_codes
             else:
                 folder = None
-        if folder is not None and any(folder.glob("*.ndjson")):
+        if folder is not None and any(path for kind in TYPES for path in folder.glob(f"{kind}.*.ndjson")):
             stats = bulk_assess(folder, output, registry, models=models or ["deterioration"], explain=explain,
                                 progress=False)
             run.patients, run.assessed = stats.patients, stats.assessed

@@ -329,5 +329,36 @@ def test_only_patient_subjects_count_as_changed_patients(tmp_path: Path) -> None
                                 for n, r in enumerate([
                                     "Group/ward-7", "Device/monitor-9", "Location/bed-3",
                                     "Patient/p1/_history/3", f"{BASE}/Patient/p2", "https://other.example/fhir/Patient/p3",
-                                    "#contained", "Patient/p4"])) + b"\n")
-    assert changed_patients({"Observation": [path]}, BASE) == ["p1", "p2", "p4"]
+                                    "#contained", "Patient/p4",
+                                    # our server written other ways: host case, default port, behind a TLS proxy
+                                    "https://EHR.example.org/fhir/Patient/p5", "https://ehr.example.org:443/fhir/Patient/p6",
+                                    "http://ehr.example.org/fhir/Patient/p7", "https://ehr.example.org:8443/fhir/Patient/p8",
+                                    "https://ehr.example.org/other/Patient/p9", "https://ehr.example.org:x/fhir/Patient/p10",
+                                    ])) + b"\n")
+    assert changed_patients({"Observation": [path]}, BASE) == ["p1", "p2", "p4", "p5", "p6", "p7"]
+
+
+@responses.activate
+def test_an_export_of_nothing_but_errors_is_a_partial_success(registry: ModelRegistry, jobs: JobStore,
+                                                              client: BulkDataClient, tmp_path: Path) -> None:
+    add_export({**manifest("2026-11-20T08:00:00Z", errors=True), "output": []}, polls=0)
+    responses.get(f"{FILES}/errors.ndjson", body=outcome(("error", "exception")))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert run.patients == 0 and run.export_errors == 1 and not run.complete
+    failed = jobs.last("bulk-export", SCOPE, status="failed")
+    assert failed is not None and "1 error(s)" in failed.error           # not "holds no NDJSON files"
+
+
+@responses.activate
+def test_a_long_run_of_429s_then_failures_never_overflows_the_back_off(clock: Clock,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    slow = BulkDataClient(BASE, token=TOKEN, sleep=clock.sleep, clock=lambda: clock.now, max_wait=10 ** 7)
+    for _ in range(1100):
+        responses.get(STATUS, status=429, headers={"Retry-After": "1"})
+    responses.get(STATUS, status=503, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "transient", "diagnostics": "Kim Minji's export is queued"}]})
+    responses.get(STATUS, json=manifest())
+    caplog.set_level(logging.WARNING, logger="fhir_ai")
+    assert slow.poll(STATUS).transaction_time == "2026-11-20T08:00:00Z"
+    assert clock.sleeps[-1] == 300.0                                      # the back-off's cap
+    assert "Kim Minji" not in caplog.text                                 # the status is logged, not the text
