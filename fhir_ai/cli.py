@@ -61,8 +61,9 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to bind (default FHIR_AI_HOST or 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default FHIR_AI_PORT or 8080).")
-@click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads per worker.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="gunicorn worker processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads per worker.")
 @click.option("--dev", is_flag=True, help="Flask's development server (never for production traffic).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, threads: int, dev: bool) -> None:

@@ -117,7 +117,9 @@ GRANTS = {
     "admin": {"*": "cruds"},                     # operators: everything
 }
 PUBLIC_ROUTES = {("GET", "/metadata"), ("GET", "/health"), ("GET", "/OperationDefinition/assess"),
-                 ("GET", "/OperationDefinition/assess-bundle"), ("GET", "/cds-services")}
+                 ("GET", "/OperationDefinition/assess-bundle"), ("GET", "/OperationDefinition/group-assess"),
+                 ("GET", "/OperationDefinition/assess-all"), ("GET", "/OperationDefinition/withdraw"),
+                 ("GET", "/cds-services")}
 FLASK_STATIC = ("GET", "/static/<path:filename>")     # Flask's own; fhir_ai has no static folder
 OWN_AUTH_ROUTES = {("POST", "/cds-services/<service_id>"), ("POST", "/cds-services/<service_id>/feedback"),
                    ("POST", "/subscriptions/notify")}      # CDS Hooks JWTs, subscription notification tokens

@@ -471,3 +471,17 @@ def test_the_capability_statement_lists_the_batch_operations(jc: FlaskClient) ->
     assert group["operation"][0]["name"] == "assess"
     assert "assess-all" in [o["name"] for o in rest["operation"]]
     assert any(e["valueUrl"].endswith("/subscriptions/notify") for e in rest["extension"])
+
+
+def test_every_operation_definition_the_capability_statement_names_is_served(jc: FlaskClient) -> None:
+    from fhir.resources.R4B.operationdefinition import OperationDefinition
+    rest = jc.get("/metadata").get_json()["rest"][0]
+    named = [o["definition"] for o in rest.get("operation", [])]
+    named += [o["definition"] for r in rest["resource"] for o in r.get("operation", [])]
+    assert len(named) >= 5
+    for url in named:
+        path = url.replace("https://fhir-ai.invalid", "")
+        response = jc.get(path, headers={"Authorization": ""})            # public, like /metadata
+        assert response.status_code == 200, url
+        definition = OperationDefinition.model_validate(response.get_json())
+        assert definition.url == url

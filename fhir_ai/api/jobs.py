@@ -153,6 +153,44 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
     }
 
 
+def batch_definition(kind: str) -> dict[str, Any]:
+    """The OperationDefinition of Group/[id]/$assess (``group``) or $assess-all (``all``)."""
+    group = kind == "group"
+    return {
+        "resourceType": "OperationDefinition", "id": "group-assess" if group else "assess-all",
+        "url": GROUP_DEFINITION if group else ALL_DEFINITION,
+        "name": "GroupAssess" if group else "AssessAll", "status": "active", "kind": "operation",
+        "code": "assess" if group else "assess-all",
+        "description": (("Assess every active Patient member of the Group" if group else
+                         "Assess everyone with an in-progress inpatient or emergency Encounter at the source")
+                        + ", asynchronously (Prefer: respond-async): 202 with Content-Location of a status URL "
+                          "that answers 202 with X-Progress while the job runs and 200 with a manifest of the "
+                          "RiskAssessments made (and of the patients that could not be assessed) when it is "
+                          "done; DELETE on it cancels. Each patient is assessed as by Patient/[id]/$assess."),
+        "resource": ["Group"] if group else [], "system": not group, "type": False, "instance": group,
+        "affectsState": True,
+        "parameter": [
+            {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
+             "documentation": "Model id; default deterioration."},
+            {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean",
+             "documentation": "Write the assessments to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
+            {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime",
+             "documentation": "Assess as of this time (default: the moment of the request), the same for the "
+                              "whole job."},
+        ],
+    }
+
+
+@bp.get("/OperationDefinition/group-assess")
+def group_assess_definition():  # type: ignore[no-untyped-def]
+    return fhir_response(batch_definition("group"))
+
+
+@bp.get("/OperationDefinition/assess-all")
+def assess_all_definition():  # type: ignore[no-untyped-def]
+    return fhir_response(batch_definition("all"))
+
+
 def capability_additions(statement: dict[str, Any]) -> None:
     """Group/$assess, $assess-all (async) and the subscription notification endpoint."""
     rest = statement["rest"][0]

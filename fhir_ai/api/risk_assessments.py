@@ -13,7 +13,7 @@ from ..errors import BadRequest, NotFound
 from ..pipeline import Pipeline
 from ..search.params import parse_history
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
-from .search import history_bundle, page_links, search_response
+from .search import WITHDRAW_DEFINITION, history_bundle, page_links, search_response
 
 bp = Blueprint("risk_assessments", __name__)
 
@@ -100,6 +100,24 @@ def history_type():  # type: ignore[no-untyped-def]
 @requires("RiskAssessment", "s", audit="search-type")
 def search():  # type: ignore[no-untyped-def]
     return search_response("RiskAssessment")
+
+
+@bp.get("/OperationDefinition/withdraw")
+def withdraw_definition():  # type: ignore[no-untyped-def]
+    return fhir_response({
+        "resourceType": "OperationDefinition", "id": "withdraw", "url": WITHDRAW_DEFINITION,
+        "name": "Withdraw", "status": "active", "kind": "operation", "code": "withdraw",
+        "description": ("Mark a stored RiskAssessment entered-in-error as a new version (the old one stays "
+                        "readable), audited, and queue its write-back. If-Match: W/\"n\" guards against "
+                        "withdrawing a newer version."),
+        "resource": ["RiskAssessment"], "system": False, "type": False, "instance": True, "affectsState": True,
+        "parameter": [
+            {"name": "reason", "use": "in", "min": 1, "max": "1", "type": "string",
+             "documentation": "Why it is withdrawn (kept in a note and in the Provenance)."},
+            {"name": "return", "use": "out", "min": 1, "max": "1", "type": "RiskAssessment",
+             "documentation": "The new version."},
+        ],
+    })
 
 
 @bp.post("/RiskAssessment/<resource_id>/$withdraw")
