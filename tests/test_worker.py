@@ -11,6 +11,7 @@ import pytest
 import requests
 import responses
 
+from fhir_ai.app import create_app
 from fhir_ai.cli import main
 from fhir_ai.config import load_settings
 from fhir_ai.delivery import Circuit, Worker, backoff_delay, summary
@@ -427,6 +428,23 @@ def test_health_and_write_back_endpoint_show_the_outbox(app, client) -> None:
     assert entries["RiskAssessment/ra-000"]["status"] == "failed"
     assert entries["RiskAssessment/ra-000"]["lastError"] == "HTTP 400: bad"
     assert entries["RiskAssessment/ra-001"]["status"] == "pending"
+
+
+def test_health_says_when_the_job_queue_cannot_be_reached(settings_overrides) -> None:
+    import socket
+    with socket.socket() as probe:                    # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings_overrides["broker_url"] = f"redis://127.0.0.1:{port}/0"
+    app = create_app(settings_overrides)
+    try:
+        health = app.test_client().get("/health")
+        assert health.status_code == 200                       # $assess still works: no reason to take it out
+        assert health.json["status"] == "degraded"
+        assert health.json["queue"]["status"] == "unreachable"
+        assert health.json["writeBack"]["status"] == "ok"
+    finally:
+        app.extensions["fhir_ai"].close()
 
 
 @responses.activate

@@ -1,20 +1,43 @@
 """Health checks for load balancers and operators (no patient data)."""
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import redis
 from flask import Blueprint, current_app, jsonify
 
+from ..config import Settings
 from ..delivery import summary
 from ..pipeline import Pipeline
 
 bp = Blueprint("health", __name__)
 
+_queues: dict[tuple[int, str], redis.Redis] = {}
+
+
+def queue_status(settings: Settings) -> dict[str, Any]:
+    """Whether the job queue (Redis) answers: batch jobs, Subscriptions and scheduled rescoring need it;
+    a single $assess does not. A short timeout: a load balancer is waiting."""
+    key = (os.getpid(), settings.broker_url)
+    if key not in _queues:
+        _queues[key] = redis.Redis.from_url(settings.broker_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        _queues[key].ping()
+    except (redis.RedisError, OSError) as exc:
+        return {"status": "unreachable", "reason": type(exc).__name__}
+    return {"status": "ok"}
+
 
 @bp.get("/health")
 def health():  # type: ignore[no-untyped-def]
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
-    # degraded when write-backs failed for good or have waited longer than write_back_stale_after
+    # degraded when write-backs failed for good or have waited longer than write_back_stale_after,
+    # or when the job queue cannot be reached (batch jobs and Subscriptions answer 503 meanwhile)
     write_back = summary(pipeline.store, pipeline.settings)
-    body = {"status": write_back["status"],
+    queue = queue_status(pipeline.settings)
+    status = write_back["status"] if queue["status"] == "ok" else "degraded"
+    body = {"status": status,
             "models": {m.model_id: m.version for m in pipeline.registry.models.values()},
-            "writeBack": write_back}
+            "writeBack": write_back, "queue": queue}
     return jsonify(body), 200
