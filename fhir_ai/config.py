@@ -102,6 +102,9 @@ class Settings:
     # The largest request body accepted (bytes; larger ones get 413 before they are read): room for
     # an $assess Parameters or Bundle and a CDS Hooks call with its prefetch.
     max_request_bytes: int = 16 * 1024 * 1024
+    # The base URL clients reach this server at (behind a proxy or load balancer): status URLs
+    # (Content-Location), manifest and paging links. Empty: taken from each request's Host header.
+    public_url: str = ""
     log_level: str = "INFO"
     # CDS Hooks (fhir_ai/cds): trusted EHRs as JSON text or a path to a JSON file,
     # {iss: {"jwks": {...} | "jwks_url": URL, "jku": [URLs allowed in the JWT header]}};

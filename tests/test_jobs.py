@@ -206,6 +206,25 @@ def test_kick_off_manifest_read_and_cancel_are_audited_but_progress_polls_are_no
     assert [a for a, _, _ in events()[before:]] == ["D"]
 
 
+def test_status_urls_use_the_public_url_not_the_callers_host_header(settings_overrides: dict[str, Any],
+                                                                     hospital: Path, eager: None) -> None:
+    settings_overrides.update(source_url=str(hospital), public_url="https://fhir-ai.hospital.example/api/")
+    app = create_app(settings_overrides)
+    runtime.configure(app.config["FHIR_AI"], app.extensions["fhir_ai"])
+    try:
+        client = app.test_client()
+        response = client.post("/Group/ward-b/$assess", json=parameters(asOf=AS_OF),
+                               headers={"Prefer": "respond-async", "Host": "evil.example:9999"})
+        location = response.headers["Content-Location"]
+        assert location.startswith("https://fhir-ai.hospital.example/api/jobs/")
+        manifest = client.get(location.removeprefix("https://fhir-ai.hospital.example/api")).get_json()
+        assert manifest["request"] == "POST https://fhir-ai.hospital.example/api/Group/ward-b/$assess"
+        assert all(o["url"].startswith("https://fhir-ai.hospital.example/api/RiskAssessment/")
+                   for o in manifest["output"])
+    finally:
+        app.extensions["fhir_ai"].close()
+
+
 def test_an_unknown_group_fails_the_job_with_404(jc: FlaskClient) -> None:
     response = jc.get(kick_off(jc, "/Group/no-such-ward/$assess"))
     assert response.status_code == 404

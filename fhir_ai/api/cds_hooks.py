@@ -24,7 +24,7 @@ from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..pipeline import Pipeline
-from .fhir_io import fhir_response, request_bytes
+from .fhir_io import base_url, fhir_response, request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _verifier() -> JwtVerifier:
 
 
 def _public_base() -> str:
-    return _settings().cds_public_url.rstrip("/") or request.url_root.rstrip("/")
+    return _settings().cds_public_url.rstrip("/") or base_url()
 
 
 def _authenticate() -> Verified | None:
@@ -65,7 +65,7 @@ def _authenticate() -> Verified | None:
     """
     if not _settings().cds_require_jwt:
         return None
-    public = _settings().cds_public_url.rstrip("/")
+    public = _settings().cds_public_url.rstrip("/") or _settings().public_url.rstrip("/")
     audience = f"{public}{request.path}" if public else request.base_url
     caller = _verifier().verify(request.headers.get("Authorization"), audience)
     set_actor(caller.issuer, "ehr")

@@ -102,4 +102,5 @@ def bundle(kind: str, resources: list[dict[str, Any]], base: str, *, total: int 
 
 
 def base_url() -> str:
-    return request.url_root.rstrip("/")
+    """Our base URL for links we hand out: FHIR_AI_PUBLIC_URL, else this request's own (Host header)."""
+    return current_app.config["FHIR_AI"].public_url.rstrip("/") or request.url_root.rstrip("/")
