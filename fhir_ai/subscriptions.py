@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -100,8 +101,8 @@ def parse_notification(bundle: Any) -> Notification:
         raise BadRequest(f"unknown notification type {kind!r}",
                          expression="Bundle.entry[0].resource.parameter.where(name='type')")
     out = Notification(subscription, kind, params.get("topic"),
-                       None if params.get("events-since-subscription-start") is None
-                       else str(params["events-since-subscription-start"]))
+                       _counter(params.get("events-since-subscription-start"),
+                                "Bundle.entry[0].resource.parameter.where(name='events-since-subscription-start')"))
     if kind != "event-notification":
         return out
     by_url = {_short(e.get("fullUrl")): e for e in entries[1:] if e.get("fullUrl")}
@@ -113,8 +114,9 @@ def parse_notification(bundle: Any) -> Notification:
             focus = values.get("focus")
             focus_ref = _short(focus.get("reference") if isinstance(focus, dict) else None)
             entry = by_ref.get(focus_ref or "") or by_url.get(focus_ref or "")
-            out.events.append(Event(None if values.get("event-number") is None else str(values["event-number"]),
-                                    focus_ref, (entry or {}).get("resource"), _instant(values.get("timestamp"))))
+            number = _counter(values.get("event-number"), "Bundle.entry[0].resource.parameter.where("
+                              "name='notification-event').part.where(name='event-number')")
+            out.events.append(Event(number, focus_ref, (entry or {}).get("resource"), _instant(values.get("timestamp"))))
     else:
         # Older servers list the focus resources as entries without notification-event parameters.
         for entry in entries[1:]:
@@ -123,6 +125,22 @@ def parse_notification(bundle: Any) -> Notification:
                    else _short(entry.get("fullUrl") or (entry.get("request") or {}).get("url")))
             out.events.append(Event(None, ref, resource))
     return out
+
+
+# Event numbers and counts beyond this are refused: Redis' Lua keeps numbers as doubles (exact up to
+# 2**53) and writes 1e17 as '1e+17', which HINCRBY refuses.
+LARGEST_NUMBER = 2 ** 53
+
+
+def _counter(value: Any, expression: str) -> str | None:
+    """An event number or count as sent (None if absent); one out of range makes the notification invalid.
+    Anything that is not a whole number stays as it is (read as no number)."""
+    if value is None:
+        return None
+    number = _number(str(value))
+    if number is not None and not 0 <= number <= LARGEST_NUMBER:
+        raise BadRequest(f"an event number or count must be between 0 and {LARGEST_NUMBER}", expression=expression)
+    return str(value)
 
 
 def _instant(value: Any) -> datetime | None:
@@ -202,21 +220,26 @@ def debouncer(settings: Settings) -> Debouncer:
 class Gap:
     missed: int                    # events numbered but never sent, or sent without saying what changed
     since: datetime                # catch up on Observations changed from here on
+    claim: str = ""                # the token of this notification's claim on it (``settle`` checks it)
 
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
 # KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
 # 1 if an event carries neither a number nor a focus (or it could not be read), the earliest time an
-# event without its focus happened ('' if none said), then pairs: an event number, 1 if its focus came
-# (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed) and gap_claim
-# (until when one notification is running it).
+# event without its focus happened ('' if none said), a token for a claim, then pairs: an event number,
+# 1 if its focus came (an id-only focus: and could be read).
+# The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed), gap_claim
+# (until when one notification is running it) and gap_holder (its token).
+# Returns {at before this notification ('' if none)}, plus {gap_missed, gap_since} if this one is to
+# run the catch-up. Nothing is written before the last command that can fail (HINCRBY): a script is
+# not rolled back.
 _RECORD = """
 local key, now = KEYS[1], tonumber(ARGV[1])
+local previous = redis.call('HGET', key, 'at') or ''
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   if highest == nil or n > highest then highest = n end
   if last == nil or n > last then
@@ -232,28 +255,39 @@ elseif highest ~= nil and highest > last then
 end
 if ARGV[4] == '1' and missed == 0 then missed = 1 end
 if missed > 0 then
-  local at = redis.call('HGET', key, 'at') or ARGV[1]   -- the window opens when the log last moved,
+  local at = previous ~= '' and previous or ARGV[1]   -- the window opens when the log last moved,
   if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(at) then at = ARGV[5] end   -- or when the event happened
   local since = tonumber(redis.call('HGET', key, 'gap_since'))
-  if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
   redis.call('HINCRBY', key, 'gap_missed', missed)
+  if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
 end
 if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
   redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
 end
 local since = redis.call('HGET', key, 'gap_since')
 local claim = tonumber(redis.call('HGET', key, 'gap_claim'))
-if not since or (claim ~= nil and claim > now) then return false end
-redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])))
-return {redis.call('HGET', key, 'gap_missed'), since}
+if not since or (claim ~= nil and claim > now) then return {previous} end
+redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])), 'gap_holder', ARGV[6])
+return {previous, redis.call('HGET', key, 'gap_missed'), since}
 """
 
-# KEYS[1]: the subscription's hash. ARGV: the gap's count, 1 if its catch-up is done (0: try again).
+# KEYS[1]: the subscription's hash. ARGV: the gap's count, 1 if its catch-up is done (0: try again), the
+# claim's token. Only the claim's holder settles: one whose lease lapsed (another runs the catch-up
+# now) changes nothing. Returns 1 if settled.
 _SETTLE = """
+if redis.call('HGET', KEYS[1], 'gap_holder') ~= ARGV[3] then return 0 end
 if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
   redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
 end
-redis.call('HDEL', KEYS[1], 'gap_claim')
+redis.call('HDEL', KEYS[1], 'gap_claim', 'gap_holder')
+return 1
+"""
+
+# KEYS[1]: the subscription's hash. ARGV: a count of events, since when (a timestamp): a catch-up owed.
+_OWE = """
+local since = tonumber(redis.call('HGET', KEYS[1], 'gap_since'))
+redis.call('HINCRBY', KEYS[1], 'gap_missed', ARGV[1])
+if since == nil or tonumber(ARGV[2]) < since then redis.call('HSET', KEYS[1], 'gap_since', ARGV[2]) end
 """
 
 
@@ -277,10 +311,18 @@ class EventLog:
     rescoring anyone twice), and 6 is then an old number, no gap. A late or repeated delivery moves
     nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
     The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
+    The scripts write nothing before their last command that can fail, so a failure leaves no half.
 
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
     that runs it claims it for ``LEASE`` (others go on without it), then settles it; if the search
-    failed or that process died, the next notification runs it.
+    failed or that process died, the next notification runs it. A claim carries a token: once its
+    lease lapsed and another notification took it over, the first one's settle changes nothing.
+
+    Recording comes before queuing (so that two notifications never both see a gap), so a
+    notification is counted as received even if its patients then could not be queued: ``handle``
+    then settles its catch-up as not done and ``owe``s its events (a catch-up from when the log
+    last moved before it), so that nothing is lost whether the hospital's server sends it again or
+    gives up on it. ``gap_missed`` is then a count for the logs, not an exact one.
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
@@ -296,6 +338,7 @@ class EventLog:
         self.client, self.prefix = client, prefix
         self._record = client.register_script(_RECORD)
         self._settle = client.register_script(_SETTLE)
+        self._owe = client.register_script(_OWE)
 
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
@@ -304,24 +347,40 @@ class EventLog:
         """Advance the log past this notification; the catch-up it is to run (None: none owed, or
         another notification is running it). ``settle`` it afterwards. ``unread``: the positions of
         its events whose focus could not be read (counted as missed)."""
+        return self.enter(notification, now, unread)[0]
+
+    def enter(self, notification: Notification, now: datetime,
+              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None]:
+        """``record``, and when the log last moved before this notification (None: never), from
+        where to ``owe`` its events if they cannot be queued."""
         skipped = set(unread)
         numbers, count, unknown = _accounting(notification, skipped)
         happened = [e.timestamp for i, e in enumerate(notification.events)
                     if e.timestamp is not None and (e.focus is None or i in skipped)]
         opened = max(min(happened), now - self.OPENING) if happened else None
+        token = uuid.uuid4().hex
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown),
-                           "" if opened is None else repr(opened.timestamp())]
+                           "" if opened is None else repr(opened.timestamp()), token]
         for number, focused in numbers:
             args += [number, int(focused)]
         found = self._record(keys=[self._key(notification.subscription)], args=args)
-        if not found:
-            return None
-        return Gap(int(found[0]), datetime.fromtimestamp(float(found[1]), timezone.utc) - self.MARGIN)
+        previous = datetime.fromtimestamp(float(found[0]), timezone.utc) if found[0] else None
+        if len(found) < 3:
+            return None, previous
+        return Gap(int(found[1]), datetime.fromtimestamp(float(found[2]), timezone.utc) - self.MARGIN,
+                   token), previous
 
     def settle(self, subscription: str, gap: Gap, done: bool) -> None:
-        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it."""
-        self._settle(keys=[self._key(subscription)], args=[gap.missed, int(done)])
+        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it.
+        Nothing happens if this claim lapsed and another notification holds it now."""
+        if not self._settle(keys=[self._key(subscription)], args=[gap.missed, int(done), gap.claim]):
+            log.warning("Subscription/%s: a catch-up claim lapsed before it was settled (another notification "
+                        "runs it)", subscription)
+
+    def owe(self, subscription: str, missed: int, since: datetime) -> None:
+        """A catch-up of ``missed`` events is owed, for Observations changed from ``since`` (less ``MARGIN``)."""
+        self._owe(keys=[self._key(subscription)], args=[missed, repr(since.timestamp())])
 
     def restart(self, notification: Notification, now: datetime) -> None:
         """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed."""
@@ -417,6 +476,10 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     notification tries again; a source that cannot be searched at all (NotSupported) is said once, not
     retried. An id-only focus not found (404, 410: deleted) is ignored. The focuses are read before
     the notification is recorded, so that the log counts the unread ones as missed.
+
+    If a patient cannot be queued (``enqueue`` raises: the broker is down), its debounce key is
+    released, the catch-up (if this one ran it) stays owed and this notification's events are owed
+    too, and the error is raised: see ``EventLog``.
     """
     now = now or datetime.now(timezone.utc)
     outcome = Outcome(events=len(notification.events))
@@ -437,43 +500,71 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                     outcome.unread_reason = outcome.unread_reason or exc.message
         resources.append(resource)
     outcome.unread = len(unread)
-    gap = events.record(notification, now, unread) if events is not None else None
-    if events is not None and gap is not None:
-        outcome.missed = gap.missed
-        log.warning("Subscription/%s: %d event(s) missed or sent without their focus; catching up on "
-                    "Observations changed since %s", notification.subscription, gap.missed,
-                    format_datetime(gap.since))
-        try:
-            outcome.recovered = catch_up(source, gap.since, codes)
-            patients.update(dict.fromkeys(outcome.recovered))
-        except NotSupported as exc:    # never possible with this source: retrying would report the gap forever
-            outcome.recovery_failed = exc.message
-            log.error("Subscription/%s: %d missed event(s) cannot be caught up: %s", notification.subscription,
-                      gap.missed, exc.message)
-        except FhirAiError as exc:
-            outcome.recovery_failed, outcome.recovery_retried = exc.message, True
-            log.error("Subscription/%s: catch-up after missed events failed (%s); tried again with the next "
-                      "notification", notification.subscription, type(exc).__name__)
-        # Not reached if something unexpected broke the search: its claim lapses and a later notification runs it.
+    gap, previous = events.enter(notification, now, unread) if events is not None else (None, None)
+    try:
+        if events is not None and gap is not None:
+            outcome.missed = gap.missed
+            log.warning("Subscription/%s: %d event(s) missed or sent without their focus; catching up on "
+                        "Observations changed since %s", notification.subscription, gap.missed,
+                        format_datetime(gap.since))
+            try:
+                outcome.recovered = catch_up(source, gap.since, codes)
+                patients.update(dict.fromkeys(outcome.recovered))
+            except NotSupported as exc:    # never possible with this source: retrying would report the gap forever
+                outcome.recovery_failed = exc.message
+                log.error("Subscription/%s: %d missed event(s) cannot be caught up: %s", notification.subscription,
+                          gap.missed, exc.message)
+            except FhirAiError as exc:
+                outcome.recovery_failed, outcome.recovery_retried = exc.message, True
+                log.error("Subscription/%s: catch-up after missed events failed (%s); tried again with the next "
+                          "notification", notification.subscription, type(exc).__name__)
+        for position, resource in enumerate(resources):
+            if position in unread:                            # counted as missed: the catch-up finds it
+                continue
+            patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
+            if resource is None or not patient or not is_vital_sign(resource, codes):
+                outcome.ignored += 1
+                continue
+            patients[patient] = None
+        for patient in patients:
+            if debounce.claim(patient):
+                try:
+                    enqueue(patient)
+                except Exception:
+                    _quietly(debounce.release, patient)     # not queued: the next try must not find it waiting
+                    raise
+                outcome.queued.append(patient)
+            else:
+                outcome.debounced.append(patient)
+    except Exception:
+        # Recorded as received but not (all) queued: whether the hospital's server sends it again or
+        # gives up on it, a later notification's catch-up finds its patients (and those of this catch-up).
+        if events is not None:
+            if gap is not None:
+                _quietly(events.settle, notification.subscription, gap, False)
+            since = previous or now                   # when the log last moved before this notification,
+            happened = [e.timestamp for e in notification.events if e.timestamp is not None]
+            if happened:                              # or when its events happened, if earlier (a backlog)
+                since = min(since, max(min(happened), now - EventLog.OPENING))
+            if notification.events:
+                _quietly(events.owe, notification.subscription, len(notification.events), since)
+            log.error("Subscription/%s: the notification's patients could not all be queued; a catch-up of its "
+                      "%d event(s) is owed", notification.subscription, len(notification.events))
+        raise
+    if events is not None and gap is not None:    # only once queued: a failure above leaves it owed
         events.settle(notification.subscription, gap, done=not outcome.recovery_retried)
-    for position, resource in enumerate(resources):
-        if position in unread:                            # counted as missed: the catch-up finds it
-            continue
-        patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
-        if resource is None or not patient or not is_vital_sign(resource, codes):
-            outcome.ignored += 1
-            continue
-        patients[patient] = None
-    for patient in patients:
-        if debounce.claim(patient):
-            enqueue(patient)
-            outcome.queued.append(patient)
-        else:
-            outcome.debounced.append(patient)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored, %d focus(es) "
              "left to the catch-up", notification.subscription, outcome.events, len(outcome.queued),
              len(outcome.debounced), outcome.ignored, outcome.unread)
     return outcome
+
+
+def _quietly(call: Callable[..., Any], *args: Any) -> None:
+    """Clean-up after a failure: one that fails as well is logged, and the first failure is raised."""
+    try:
+        call(*args)
+    except Exception as exc:
+        log.error("clean-up after a failed notification failed too (%s)", type(exc).__name__)
 
 
 def _fetch(source: Source, reference: str) -> dict[str, Any] | None:
