@@ -1,6 +1,6 @@
 """Subscriptions when something fails: the broker refuses a rescoring after the notification was
-recorded, an event number too large for the event log, and a catch-up claim whose lease lapsed
-(real Redis)."""
+recorded, an event number too large for the event log, a catch-up claim whose lease lapsed, and a
+refused notification's audit trail (real Redis)."""
 from __future__ import annotations
 
 import uuid
@@ -113,9 +113,11 @@ def test_a_queuing_failure_halfway_releases_only_the_patients_not_queued(log_and
 
 def test_the_endpoint_answers_503_and_the_retry_queues_the_patient(sc: FlaskClient, queued: list,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rescoring is asked for by the subscription (the assessment's AuditEvent names it)."""
     asked: list[tuple[Any, ...]] = []
     monkeypatch.setattr(tasks.rescore_patient, "apply_async", lambda args, **_: asked.append(args))
     diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], start=1)))
+    assert asked == [("p1", "subscription/sub-1")]
 
     def refused(args: Any, **_: Any) -> None:
         raise OperationalError("connection refused")
@@ -124,7 +126,7 @@ def test_the_endpoint_answers_503_and_the_retry_queues_the_patient(sc: FlaskClie
     assert response.status_code == 503
     monkeypatch.setattr(tasks.rescore_patient, "apply_async", lambda args, **_: asked.append(args))
     text = diagnostics(post(sc, notification("event-notification", [heart_rate("p2")], start=2)))   # the retry
-    assert asked[-1][0] == "p2" and "0 already queued" in text
+    assert asked[-1] == ("p2", "subscription/sub-1") and "0 already queued" in text
 
 
 @pytest.mark.parametrize("where, value", [("event-number", str(10 ** 17)), ("event-number", "-1"),
@@ -176,3 +178,17 @@ def test_a_settle_after_the_claim_lapsed_changes_nothing(log_and_gate: Any) -> N
     events.settle("sub-1", c, done=False)                          # C's search failed: still owed
     d = events.record(event(27, "p1"), NOW + lease + timedelta(minutes=5))
     assert d is not None and d.missed == 3
+
+
+def test_a_refused_notification_is_audited_without_its_secret(sub_app: Flask, sc: FlaskClient, queued: list) -> None:
+    wrong = "wrong-" + SECRET
+    assert post(sc, notification("heartbeat"), secret=wrong).status_code == 401          # screened out
+    assert post(sc, notification("heartbeat", subscription="sub-1"), secret="other-secret").status_code == 401
+    assert sc.post("/subscriptions/notify", json=notification("heartbeat")).status_code == 401    # the API token: no secret
+    denials = [e["resource"] for e in sc.get("/AuditEvent?outcome=4").get_json().get("entry", [])]
+    refused = [e for e in denials if "/subscriptions/notify" in e.get("outcomeDesc", "")]
+    assert len(refused) == 3, denials
+    for audit in refused:
+        assert audit["outcome"] == "4" and audit["action"] == "C" and "401" in audit["outcomeDesc"]
+        assert audit["agent"][0]["who"]["identifier"]["value"] == "anonymous"
+        assert wrong not in str(audit) and "other-secret" not in str(audit) and SECRET not in str(audit)

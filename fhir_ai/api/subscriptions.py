@@ -5,16 +5,18 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from .. import subscriptions
-from ..auth.policy import authenticates_itself
+from ..auth.policy import Requirement, authenticates_itself
+from ..errors import Unauthorized
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.tasks import QueueUnavailable, rescore_patient
 from ..pipeline import Pipeline
+from ..store.actors import ANONYMOUS, Actor
 from .fhir_io import fhir_response, read_body
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,13 @@ def _presented() -> str | None:
 def notify():  # type: ignore[no-untyped-def]
     settings = current_app.config["FHIR_AI"]
     presented = _presented()
-    subscriptions.screen(settings, presented)         # a stranger's body is never read
-    notification = subscriptions.parse_notification(read_body("Bundle"))
-    subscriptions.authenticate(settings, notification.subscription, presented)
+    try:
+        subscriptions.screen(settings, presented)         # a stranger's body is never read
+        notification = subscriptions.parse_notification(read_body("Bundle"))
+        subscriptions.authenticate(settings, notification.subscription, presented)
+    except Unauthorized as exc:
+        _denied(exc)
+        raise
     from ..auth.guard import set_actor   # not at import time: fhir_ai.auth imports the api package
     set_actor(f"subscription/{notification.subscription}", "system")
     if notification.type == "handshake":                # a new (or re-created) subscription: numbering restarts
@@ -52,12 +58,13 @@ def notify():  # type: ignore[no-untyped-def]
     configure_celery(settings)
     runtime.configure(settings, pipeline)
     window = settings.rescore_debounce
+    requested_by = f"subscription/{notification.subscription}"     # the assessment's AuditEvent names it
 
     def enqueue(patient_id: str) -> None:
         # The countdown lets the rest of a burst arrive first; the debounce key stops repeats meanwhile.
         try:
-            rescore_patient.apply_async((patient_id,), countdown=window,
-                                        retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+            rescore_patient.apply_async((patient_id, requested_by), countdown=window, retry=True,
+                                        retry_policy={"max_retries": 2, "interval_start": 0.2})
         except (KombuError, RedisError, OSError) as exc:  # the hospital's server will send it again
             raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
 
@@ -83,6 +90,13 @@ def notify():  # type: ignore[no-untyped-def]
             if outcome.recovery_failed else
             f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"))
     return _answer(text)
+
+
+def _denied(exc: Unauthorized) -> None:
+    """Audited like the API's other 401s (fhir_ai.auth.guard's after-request hook): an anonymous
+    caller's refused ``create``, with the reason (never the secret presented)."""
+    g.fhir_ai_requirement = Requirement(None, "c")
+    g.fhir_ai_denied = (Actor(ANONYMOUS.client_id, ANONYMOUS.role, request.remote_addr, "anonymous"), exc.message)
 
 
 def _answer(text: str) -> Any:
