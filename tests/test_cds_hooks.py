@@ -486,6 +486,11 @@ def test_service_call_needs_a_valid_jwt(secured: FlaskClient, record: dict[str, 
     assert other_service.status_code == 401 and "aud must be exactly" in other_service.json["issue"][0]["diagnostics"]
     events = secured.get("/audit/cds-cards").json["events"]
     assert [e["client"] for e in events] == [EHR]
+    # Each refusal is an AuditEvent, like the API's own 401s (the token itself is never in it).
+    refusals = [e["resource"] for e in secured.get("/AuditEvent?outcome=4&_count=50").json.get("entry", [])]
+    said = [r.get("outcomeDesc", "") for r in refusals]
+    assert len([d for d in said if d.startswith("401 POST /cds-services/deterioration")]) == 3, said
+    assert not any(token in d for d in said)
 
 
 def test_feedback_needs_a_jwt_for_the_feedback_url(secured: FlaskClient) -> None:

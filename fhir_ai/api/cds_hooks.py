@@ -19,7 +19,7 @@ from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
-from ..auth.guard import set_actor
+from ..auth.guard import refused, set_actor
 from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
@@ -131,6 +131,7 @@ def _is_ed(gathered: Gathered) -> bool:
 @bp.errorhandler(Unauthorized)
 def _unauthorized(exc: Unauthorized):  # type: ignore[no-untyped-def]
     log.warning("CDS Hooks call refused: %s", exc.message)
+    refused(exc, "operation")         # audited like the API's other 401s
     message = exc.message.replace('"', "'")
     return fhir_response(exc.to_operation_outcome(), 401,
                          headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{message}"'})

@@ -5,18 +5,17 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, request
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from .. import subscriptions
-from ..auth.policy import Requirement, authenticates_itself
+from ..auth.policy import authenticates_itself
 from ..errors import Unauthorized
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.tasks import QueueUnavailable, rescore_patient
 from ..pipeline import Pipeline
-from ..store.actors import ANONYMOUS, Actor
 from .fhir_io import fhir_response, read_body
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,10 @@ def notify():  # type: ignore[no-untyped-def]
 
 
 def _denied(exc: Unauthorized) -> None:
-    """Audited like the API's other 401s (fhir_ai.auth.guard's after-request hook): an anonymous
-    caller's refused ``create``, with the reason (never the secret presented)."""
-    g.fhir_ai_requirement = Requirement(None, "c")
-    g.fhir_ai_denied = (Actor(ANONYMOUS.client_id, ANONYMOUS.role, request.remote_addr, "anonymous"), exc.message)
+    """Audited like the API's other 401s: an anonymous caller's refused ``create``, with the reason
+    (never the secret presented)."""
+    from ..auth.guard import refused     # not at import time: fhir_ai.auth imports the api package
+    refused(exc, "create")
 
 
 def _answer(text: str) -> Any:

@@ -41,6 +41,14 @@ def note_entities(entities: list[Entity]) -> None:
     g.setdefault("fhir_ai_entities", []).extend(entities)
 
 
+def refused(exc: FhirAiError, interaction: str = "create") -> None:
+    """For blueprints that authenticate their callers themselves: audit this refusal (401) like the
+    API's own denials, as an anonymous caller's refused ``interaction``, with the reason."""
+    letter = {"read": "r", "search-type": "s", "create": "c", "update": "u", "delete": "d"}.get(interaction, "c")
+    g.fhir_ai_requirement = Requirement(None, letter, interaction)
+    g.fhir_ai_denied = (Actor(ANONYMOUS.client_id, ANONYMOUS.role, request.remote_addr, "anonymous"), exc.message)
+
+
 def not_audited() -> None:
     """This successful answer says nothing worth an AuditEvent (a job's progress while it runs)."""
     g.fhir_ai_unaudited = True
