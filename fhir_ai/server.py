@@ -17,6 +17,11 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        # gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR or
+        # ~/.gunicorn/gunicorn.ctl) for every instance: a second fhir-ai serve on the host takes it over
+        # and removes it when it stops. fhir_ai does not use it (gunicornc); none is opened.
+        if "control_socket_disable" in self.cfg.settings:
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Flask:
         return self.application
