@@ -22,17 +22,33 @@ import orjson
 from ..fhir import times
 from ..mapping import Input, Mapping
 from .aggregate import segment_starts, segment_values
-from .columns import ColumnBuilder, ObservationColumns, patient_id
+from .columns import (BOOLEAN_INVALID, CONCEPT_INVALID, INTEGER_INVALID, QUANTITY_INVALID, QUANTITY_NOT_NUMBER,
+                      ColumnBuilder, ObservationColumns, patient_id)
 from .plan import BOOLEAN, CODING, INTEGER, QUANTITY, plan_for
 
 _FLUSH_ROWS = 200_000
 # Why a matched value was not used (0 = used); unit, coded-value and plausibility reasons carry detail.
+# Upstream data that is JSON but not valid FHIR is never used and never raises: an Observation part whose
+# value[x] or time cannot be read is reported here (6-10: see features.columns); a Patient or Encounter element
+# that cannot be read counts as that input missing and is reported as ``Unreadable`` (same note, "Values not
+# used"). The texts name the element, never the value (it may be PHI).
 _REASONS = {1: "no effective time", 2: "unreadable effective time", 3: "unit cannot be converted",
-            4: "coded value not in the mapping's values", 5: "implausible value"}
+            4: "coded value not in the mapping's values", 5: "implausible value",
+            QUANTITY_INVALID: "valueQuantity is not a valid Quantity",
+            QUANTITY_NOT_NUMBER: "valueQuantity.value is not a number",
+            INTEGER_INVALID: "valueInteger is not an integer", BOOLEAN_INVALID: "valueBoolean is not true or false",
+            CONCEPT_INVALID: "valueCodeableConcept is not a valid CodeableConcept"}
 
 log = logging.getLogger(__name__)
 
 _ENDED_ENCOUNTER = {"cancelled", "entered-in-error"}
+
+
+class Unreadable(ValueError):
+    """A Patient or Encounter element that is there but is not valid FHIR (the text names it, not its value)."""
+
+    def __init__(self, element: str, expected: str) -> None:
+        super().__init__(f"{element} is not {expected}")
 
 
 @dataclass
@@ -127,11 +143,22 @@ class Extractor:
                 self.add(resource)
 
     def add_patient(self, patient: dict) -> None:
-        self._patient_resources[self.patient_row(patient["id"])] = patient
+        pid = patient.get("id")
+        if pid.__class__ is str:       # a Patient without a string id is no one's we can tell: not used
+            self._patient_resources[self.patient_row(pid)] = patient
 
     def add_encounter(self, encounter: dict) -> None:
         patient_id = _patient_id(encounter)
-        if patient_id is not None and encounter.get("status") not in _ENDED_ENCOUNTER:
+        if patient_id is None:
+            return
+        status = encounter.get("status")
+        if status is not None and status.__class__ is not str:
+            # An encounter whose status cannot be read may be cancelled or entered in error: not used, said so.
+            self._dropped.append((self.patient_row(patient_id), np.nan,
+                                  Dropped(_reference(encounter), "encounter", "status is not a code; "
+                                          "the encounter is not used")))
+            return
+        if status not in _ENDED_ENCOUNTER:
             self._encounters.setdefault(self.patient_row(patient_id), []).append(encounter)
 
     def add_observation(self, obs: dict) -> None:
@@ -183,6 +210,11 @@ class Extractor:
             counted = plan.allowed[inputs, pick(cols.status)]      # status -1 reads the last (False) column
         text: dict[int, str] = {}
         V = self._values(cols, pick, inputs, counted, problem, text)
+        invalid = pick(cols.invalid)
+        if invalid.any():
+            # A value[x] that cannot be read (features.columns): its value is NaN, so nothing above used it.
+            unread = np.flatnonzero(counted & (invalid > 0))
+            problem[unread] = invalid[unread]
         kept = np.flatnonzero(counted & (problem == 0) & ~np.isnan(V))
         self._keep(cols, kept if rows is None else rows[kept], P[kept], inputs[kept], T[kept], V[kept])
         for j in np.flatnonzero(problem).tolist():
@@ -239,7 +271,7 @@ class Extractor:
             if text not in parsed:
                 try:
                     parsed[text] = times.to_epoch(text)
-                except ValueError:
+                except ValueError:                 # (times raises only ValueError for what it cannot read)
                     parsed[text] = np.nan
             T[j] = parsed[text]
         return T
@@ -289,12 +321,15 @@ class Extractor:
         """(value, problem) of a valueCodeableConcept: the first coding the input maps."""
         if concept is None:
             return np.nan, 0
-        if isinstance(concept, (str, bytes)):
-            concept = orjson.loads(concept)
-        for coding in concept.get("coding") or ():
-            mapped = spec.coded_value(coding.get("system"), coding.get("code"))
-            if mapped is not None:
-                return mapped, 0
+        try:
+            if isinstance(concept, (str, bytes)):
+                concept = orjson.loads(concept)
+            for coding in concept.get("coding") or ():
+                mapped = spec.coded_value(coding.get("system"), coding.get("code"))
+                if mapped is not None:
+                    return mapped, 0
+        except (AttributeError, TypeError, ValueError):     # codings that are no objects, codes that are lists
+            return np.nan, CONCEPT_INVALID
         return np.nan, 4
 
     def _keep(self, cols: ObservationColumns, rows: np.ndarray, P: np.ndarray, I: np.ndarray, T: np.ndarray,
@@ -338,8 +373,8 @@ class Extractor:
             P, I, T, V, O = (np.concatenate(parts) if self._chunks else np.empty(0, dtype)
                              for parts, dtype in zip(zip(*self._chunks) if self._chunks else [()] * 5,
                                                      (np.int64, np.int64, np.float64, np.float64, np.int64)))
-        periods = {row: [(_period_start(enc), enc) for enc in encounters_]
-                   for row, encounters_ in self._encounters.items()}
+        unreadable: list[tuple[int, float, Dropped]] = []
+        periods = self._periods(unreadable)
         anchor = self._as_of(ids, as_of, P, T, periods)
         encounter_ids, enc_start, current = self._current_encounters(n, anchor, encounters or {}, periods)
         # Rows sorted by input, patient and time: each (window, input) group's rows of each patient
@@ -350,7 +385,7 @@ class Extractor:
         X = np.full((n, len(self.mapping.features)), np.nan)
         X[:, plan.zero_columns] = 0.0
         present = np.zeros((n, len(self._inputs)), dtype=bool)
-        self._static_columns(X, present, anchor, enc_start, current)
+        self._static_columns(X, present, anchor, enc_start, current, unreadable)
 
         # Every group's rows at once: each window's rows (in order) of the inputs some group reads in it.
         a = anchor[P]
@@ -392,11 +427,31 @@ class Extractor:
         basis = self._basis(n, keys[used], len(self._refs))
         news2_basis = self._basis(n, keys[news2_used], len(self._refs))
         dropped: list[list[Dropped]] = [[] for _ in range(n)]
-        for row, t, item in self._dropped:
+        for row, t, item in [*self._dropped, *unreadable]:
             if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
                 dropped[row].append(item)
         return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis,
                           reference)
+
+    def _periods(self, unreadable: list[tuple[int, float, Dropped]]) -> dict[int, list[tuple[float | None, dict]]]:
+        """Each patient's encounters with their start times (None: no start; such an encounter is never current).
+
+        An encounter whose period cannot be read cannot be placed in time: it is not used (it could otherwise
+        be taken for the current one), and the note says so.
+        """
+        periods: dict[int, list[tuple[float | None, dict]]] = {}
+        for row, encounters in self._encounters.items():
+            items = periods[row] = []
+            for enc in encounters:
+                try:
+                    start = _period_start(enc)
+                    _period_end(enc)
+                except Unreadable as exc:
+                    unreadable.append((row, np.nan, Dropped(_reference(enc), "encounter",
+                                                            f"{exc}; the encounter is not used")))
+                    start = None
+                items.append((start, enc))
+        return periods
 
     def _as_of(self, ids: list[str], as_of: Any, P: np.ndarray, T: np.ndarray,
                periods: dict[int, list[tuple[float | None, dict]]]) -> np.ndarray:
@@ -459,8 +514,9 @@ class Extractor:
         return ids, starts, current
 
     def _static_columns(self, X: np.ndarray, present: np.ndarray, anchor: np.ndarray, enc_start: np.ndarray,
-                        current: dict[int, dict]) -> None:
-        """Patient and Encounter inputs into their X columns (and ``present``)."""
+                        current: dict[int, dict], unreadable: list[tuple[int, float, Dropped]]) -> None:
+        """Patient and Encounter inputs into their X columns (and ``present``); unreadable ones are missing
+        and reported (``unreadable``)."""
         plan = self._plan
         if not plan.static_columns:
             return
@@ -469,7 +525,12 @@ class Extractor:
             sources = self._patient_resources if spec.resource == "Patient" else current
             for row, source in sources.items():
                 reference = enc_start[row] if not np.isnan(enc_start[row]) else anchor[row]
-                for key, value in static_value(spec, source, reference).items():
+                try:
+                    values = static_value(spec, source, reference)
+                except Unreadable as exc:
+                    unreadable.append((row, np.nan, Dropped(_reference(source), spec.name, str(exc))))
+                    continue
+                for key, value in values.items():
                     found.setdefault((spec.name, key), []).append((row, value))
         rows: list[int] = []
         columns: list[int] = []
@@ -503,21 +564,43 @@ class Extractor:
         return basis
 
 
+# Where each Patient/Encounter input is read, and what it must be, for the note when it cannot be read.
+_ELEMENTS = {"age": ("birthDate", "a FHIR date"), "gender": ("gender", "a code"),
+             "reasonText": ("reasonCode", "a list of CodeableConcepts"), "class": ("class", "a Coding"),
+             "serviceType": ("serviceType", "a CodeableConcept"), "type": ("type", "a list of CodeableConcepts"),
+             "modeOfArrival": ("extension", "a list of Extensions"), "serviceProvider": ("serviceProvider", "a Reference")}
+
+
 def static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[str | None, float]:
-    """The value(s) of a Patient or Encounter input; {} when absent."""
+    """The value(s) of a Patient or Encounter input; {} when absent.
+
+    Raises ``Unreadable`` (naming the element, not the value) when the element is there but is not valid
+    FHIR: the caller counts the input missing and says so in the assessment's note.
+    """
+    try:
+        return _static_value(spec, resource, reference_epoch)
+    except (AttributeError, TypeError, ValueError, OverflowError, KeyError) as exc:
+        element, expected = _ELEMENTS.get(spec.element or "", (spec.element or "element", "valid FHIR"))
+        raise Unreadable(element, expected) from exc
+
+
+def _static_value(spec: Input, resource: dict, reference_epoch: float) -> dict[str | None, float]:
     element = spec.element
     if element == "age":
         birth = resource.get("birthDate")
         if not birth or np.isnan(reference_epoch):
             return {}
-        born = _parse_datetime(birth)
+        born = _parse_datetime(birth) if birth.__class__ is str else times.parse_datetime(birth)
         ref = datetime.fromtimestamp(reference_epoch, tz=born.tzinfo)
         years = ref.year - born.year - ((ref.month, ref.day) < (born.month, born.day))
         if spec.plausible and not (spec.plausible[0] <= years <= spec.plausible[1]):
             return {}
         return {None: float(years)}
     if element == "gender":
-        value = spec.values.get(resource.get("gender") or "")
+        gender = resource.get("gender") or ""
+        if gender.__class__ is not str:
+            raise TypeError("gender")
+        value = spec.values.get(gender)
         return {} if value is None else {None: value}
     if element == "reasonText":
         texts = [c.get("text") or "" for c in resource.get("reasonCode") or ()]
@@ -580,7 +663,12 @@ def _element_codings(resource: dict, element: str | None) -> list[dict]:
 
 
 def _patient_id(resource: dict) -> str | None:
-    return patient_id((resource.get("subject") or resource.get("patient") or {}).get("reference"))
+    subject = resource.get("subject") or resource.get("patient")
+    return patient_id(subject.get("reference") if isinstance(subject, dict) else None)
+
+
+def _reference(resource: dict) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
 
 
 def _is_none(values: np.ndarray) -> np.ndarray:
@@ -592,11 +680,25 @@ _parse_datetime = lru_cache(maxsize=4096)(times.parse_datetime)
 _to_epoch = lru_cache(maxsize=4096)(times.to_epoch)
 
 
+def _period_time(enc: dict, end: str) -> float | None:
+    """period.start or period.end in epoch seconds, None if absent; Unreadable if there but not valid."""
+    period = enc.get("period")
+    if not period:
+        return None
+    if not isinstance(period, dict):
+        raise Unreadable("period", "a Period")
+    when = period.get(end)
+    if not when:
+        return None
+    try:
+        return _to_epoch(when) if when.__class__ is str else times.to_epoch(when)
+    except ValueError:
+        raise Unreadable(f"period.{end}", "a FHIR dateTime") from None
+
+
 def _period_start(enc: dict) -> float | None:
-    start = (enc.get("period") or {}).get("start")
-    return _to_epoch(start) if start else None
+    return _period_time(enc, "start")
 
 
 def _period_end(enc: dict) -> float | None:
-    end = (enc.get("period") or {}).get("end")
-    return _to_epoch(end) if end else None
+    return _period_time(enc, "end")

@@ -9,10 +9,19 @@ in file order) are selected, flattened and fetched when the chunk is due — in 
 while the caller scores the chunk before it. Full dateTimes with an offset are parsed by DuckDB;
 everything else (dates, odd forms) is left to ``Extractor.add_columns``, the same core every other
 path uses.
+
+Exports can hold JSON that is not valid FHIR. Value leaves (valueQuantity.value, valueInteger, valueBoolean,
+valueCodeableConcept) and subject.reference are read as JSON and checked in SQL exactly as
+``columns.ColumnBuilder`` checks them (a string, true or NaN is no number: ``invalid``), so one bad reading
+is reported in its patient's assessment instead of failing the export, and both paths agree. Elements whose
+very shape is wrong (a valueQuantity or component that is no object/list) make DuckDB's typed reader fail;
+only then are the Observation files rewritten once, in Python, into the shape ColumnBuilder reads them as
+(``_normalized``), and staged from that copy: the fast path is untouched.
 """
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,23 +34,28 @@ import numpy as np
 import orjson
 
 from ..errors import BadRequest
-from .columns import STATUSES, ObservationColumns, UnitKey, patient_id, unit_key
+from .columns import (BOOLEAN_INVALID, CONCEPT_INVALID, INTEGER_INVALID, QUANTITY_INVALID, QUANTITY_NOT_NUMBER,
+                      STATUSES, ObservationColumns, UnitKey, patient_id, unit_key)
 
 log = logging.getLogger(__name__)
 
-_QUANTITY = "STRUCT(value DOUBLE, unit VARCHAR, system VARCHAR, code VARCHAR)"
+# Values as JSON: DuckDB would cast "72" or true to 72.0 / 1.0 and fail the whole read on "high"; the checks
+# below decide instead. _INVALID marks a part _normalized found unreadable (only in a rewritten copy).
+_INVALID = "fhirAiInvalid"
+_QUANTITY = "STRUCT(value JSON, unit VARCHAR, system VARCHAR, code VARCHAR)"
 _CODING = "STRUCT(coding STRUCT(system VARCHAR, code VARCHAR)[])"
-_VALUES = (f"valueQuantity {_QUANTITY}, valueInteger BIGINT, valueBoolean BOOLEAN, "
-           "valueCodeableConcept JSON")
+_VALUES = (f"valueQuantity {_QUANTITY}, valueInteger JSON, valueBoolean JSON, "
+           f"valueCodeableConcept JSON, {_INVALID} INTEGER")
 _OBSERVATION = {
     "resourceType": "VARCHAR", "id": "VARCHAR", "status": "VARCHAR",
-    "subject": "STRUCT(reference VARCHAR)", "code": _CODING,
+    "subject": "STRUCT(reference JSON)", "code": _CODING,
     "effectiveDateTime": "VARCHAR", "effectiveInstant": "VARCHAR",
     "effectivePeriod": 'STRUCT("start" VARCHAR, "end" VARCHAR)', "issued": "VARCHAR",
-    "valueQuantity": _QUANTITY, "valueInteger": "BIGINT", "valueBoolean": "BOOLEAN",
-    "valueCodeableConcept": "JSON",
+    "valueQuantity": _QUANTITY, "valueInteger": "JSON", "valueBoolean": "JSON",
+    "valueCodeableConcept": "JSON", _INVALID: "INTEGER",
     "component": f"STRUCT(code {_CODING}, {_VALUES})[]",
 }
+_NUMBER = "('BIGINT', 'UBIGINT', 'DOUBLE')"
 # Staged in memory up to this much Observation NDJSON: the table takes about 245 bytes per Observation
 # (0.47 of its NDJSON), about 120 MB here. Beyond it on disk, compressed (about 25 bytes per Observation):
 # ≈ 1 CPU second more per 10,000 patients, but the peak stays where the largest in-memory export puts
@@ -79,33 +93,47 @@ def _files(paths: list[Path]) -> str:
 # the chunk's Observations for all three would cost ~100 MB per chunk). Every chunk scans the whole
 # table: about 0.1 s per million Observations, in the background.
 _HEAD = "obs, id, status, pkey, t"
-_CHUNK_OBS = ("SELECT o.rowid AS obs, o.id, o.status, m.pkey, o.t, o.codings, o.q, o.vi, o.vb, o.vc, o.component "
+_CHUNK_OBS = ("SELECT o.rowid AS obs, o.id, o.status, m.pkey, o.t, o.codings, o.q, o.vi, o.vb, o.vc, o.bad, "
+              "o.component "
               "FROM obs o JOIN refmap m ON m.ref = o.ref WHERE m.chunk = $chunk")
 _CHUNK_ROWS = f"""
     WITH flat AS (
-        SELECT 0 AS part, 0 AS k, codings[1] AS cd, {_HEAD}, q, vi, vb, vc FROM ({_CHUNK_OBS})
+        SELECT 0 AS part, 0 AS k, codings[1] AS cd, {_HEAD}, q, vi, vb, vc, bad FROM ({_CHUNK_OBS})
         UNION ALL
-        SELECT 0, k, codings[k + 1], {_HEAD}, q, vi, vb, vc FROM (
-            SELECT unnest(range(1, len(codings))) AS k, codings, {_HEAD}, q, vi, vb, vc
+        SELECT 0, k, codings[k + 1], {_HEAD}, q, vi, vb, vc, bad FROM (
+            SELECT unnest(range(1, len(codings))) AS k, codings, {_HEAD}, q, vi, vb, vc, bad
             FROM ({_CHUNK_OBS} AND len(o.codings) > 1))
         UNION ALL
         SELECT part, k, h.code.coding[k + 1], {_HEAD},
-               h.valueQuantity, h.valueInteger, h.valueBoolean, h.valueCodeableConcept FROM (
+               h.valueQuantity, h.valueInteger, h.valueBoolean, h.valueCodeableConcept, h.{_INVALID} FROM (
             SELECT part, h, unnest(range(len(h.code.coding))) AS k, {_HEAD} FROM (
                 SELECT unnest(range(1, len(component) + 1)) AS part, unnest(component) AS h, {_HEAD}
                 FROM ({_CHUNK_OBS} AND o.component IS NOT NULL)))),
     r AS (
-        SELECT f.obs, f.part, f.k, f.id, f.pkey, f.status, c.no AS code, f.q, f.vi, f.vb, f.vc, f.t,
+        SELECT f.obs, f.part, f.k, f.id, f.pkey, f.status, c.no AS code, f.q, f.vi, f.vb, f.vc, f.t, f.bad,
+               json_type(f.q.value) AS tq, json_type(f.vi) AS tvi, json_type(f.vb) AS tvb, json_type(f.vc) AS tvc,
                CASE WHEN regexp_full_match(f.t, {_sql_text(_FULL_DATETIME)})
                     THEN epoch_us(TRY_CAST(f.t AS TIMESTAMPTZ)) END AS us
-        FROM flat f JOIN codes c ON f.cd.system = c.system AND f.cd.code = c.code)
+        FROM flat f JOIN codes c ON f.cd.system = c.system AND f.cd.code = c.code),
+    v AS (
+        SELECT *, CASE WHEN tq IN {_NUMBER} THEN q.value::DOUBLE END AS qd FROM r)
     SELECT r.obs, r.part, r.k, r.id, r.pkey, r.code,
            CASE r.status {" ".join(f"WHEN {_sql_text(s)} THEN {i}" for i, s in enumerate(STATUSES))}
                 ELSE -1 END AS status,
            coalesce(r.us::DOUBLE, 'NaN'::DOUBLE) AS us, CASE WHEN r.us IS NULL THEN r.t END AS t,
-           r.q IS NOT NULL AS has_q, coalesce(r.q.value, 'NaN'::DOUBLE) AS qv, coalesce(u.no, -1) AS unit,
-           coalesce(r.vi::DOUBLE, 'NaN'::DOUBLE) AS vi, coalesce(r.vb::BIGINT, -1) AS vb, r.vc
-    FROM r LEFT JOIN units u ON r.q IS NOT NULL AND u.system IS NOT DISTINCT FROM r.q.system
+           r.q IS NOT NULL AS has_q,
+           CASE WHEN isfinite(r.qd) THEN r.qd ELSE 'NaN'::DOUBLE END AS qv, coalesce(u.no, -1) AS unit,
+           CASE WHEN r.tvi IN ('BIGINT', 'UBIGINT') THEN r.vi::DOUBLE ELSE 'NaN'::DOUBLE END AS vi,
+           CASE WHEN r.tvb = 'BOOLEAN' THEN r.vb::BOOLEAN::BIGINT ELSE -1 END AS vb,
+           CASE WHEN r.tvc = 'OBJECT' THEN r.vc END AS vc,
+           -- the codes and order of ColumnBuilder._values (features.columns)
+           CASE WHEN r.bad IS NOT NULL THEN r.bad
+                WHEN r.tq NOT IN {_NUMBER} AND r.tq <> 'NULL' OR NOT isfinite(r.qd) THEN {QUANTITY_NOT_NUMBER}
+                WHEN r.tvi NOT IN ('BIGINT', 'UBIGINT', 'NULL') THEN {INTEGER_INVALID}
+                WHEN r.tvb NOT IN ('BOOLEAN', 'NULL') THEN {BOOLEAN_INVALID}
+                WHEN r.tvc NOT IN ('OBJECT', 'NULL') THEN {CONCEPT_INVALID}
+                ELSE 0 END AS invalid
+    FROM v r LEFT JOIN units u ON r.q IS NOT NULL AND u.system IS NOT DISTINCT FROM r.q.system
          AND u.usent IS NOT DISTINCT FROM r.q.code AND u.utext IS NOT DISTINCT FROM r.q.unit"""
 
 
@@ -171,23 +199,18 @@ class NdjsonExport:
                     [len(self.codes), [s for s, _ in self.codes], [c for _, c in self.codes]])
         observations = self._of("Observation")
         if observations:
-            # The one pass over the Observations. Insertion order is file order, so rowid numbers the
-            # Observations as they were read.
-            con.execute(f"""
-                CREATE TABLE obs AS
-                SELECT id, status, subject.reference AS ref,
-                       coalesce(nullif(effectiveDateTime, ''), nullif(effectiveInstant, ''),
-                                nullif(effectivePeriod."end", ''), nullif(effectivePeriod."start", ''),
-                                nullif(issued, '')) AS t,
-                       code.coding AS codings, valueQuantity AS q, valueInteger AS vi, valueBoolean AS vb,
-                       valueCodeableConcept AS vc, component
-                FROM read_ndjson({_files(observations)}, columns = {_columns(_OBSERVATION)})
-                WHERE resourceType = 'Observation'""")
+            try:
+                self._stage_observations(observations)
+            except duckdb.InvalidInputException:
+                # An element whose shape is not FHIR's (a valueQuantity that is a string, a component that is
+                # no list): rewrite the files once as ColumnBuilder reads them, and stage that copy.
+                log.warning("bulk export: some Observations are not valid FHIR; reading them the slow way")
+                self._stage_observations(self._normalized_copy(observations))
         else:
             con.execute(f"CREATE TABLE obs AS SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS status, "
                         f"NULL::VARCHAR AS ref, NULL::VARCHAR AS t, NULL::{_CODING}.coding AS codings, "
-                        f"NULL::{_QUANTITY} AS q, NULL::BIGINT AS vi, NULL::BOOLEAN AS vb, NULL::JSON AS vc, "
-                        f"NULL::{_OBSERVATION['component']} AS component WHERE false")
+                        f"NULL::{_QUANTITY} AS q, NULL::JSON AS vi, NULL::JSON AS vb, NULL::JSON AS vc, "
+                        f"NULL::INTEGER AS bad, NULL::{_OBSERVATION['component']} AS component WHERE false")
         self.resources_read += con.execute("SELECT count(*) FROM obs").fetchone()[0]  # type: ignore[index]
         statics = self._of("Patient") + self._of("Encounter")
         if statics:
@@ -230,6 +253,44 @@ class NdjsonExport:
                        FROM statics s JOIN refmap m USING (ref) ORDER BY chunk, seq""")
         log.info("bulk export staged: %d patients in %d chunk(s)", self.patients, self.chunks)
 
+    def _stage_observations(self, observations: list[Path]) -> None:
+        # The one pass over the Observations. Insertion order is file order, so rowid numbers the
+        # Observations as they were read. A reference that is not a JSON string names no patient (as in
+        # ColumnBuilder), rather than the text of whatever it is.
+        self.con.execute("DROP TABLE IF EXISTS obs")
+        self.con.execute(f"""
+            CREATE TABLE obs AS
+            SELECT id, status,
+                   CASE WHEN json_type(subject.reference) = 'VARCHAR' THEN subject.reference->>'$' END AS ref,
+                   coalesce(nullif(effectiveDateTime, ''), nullif(effectiveInstant, ''),
+                            nullif(effectivePeriod."end", ''), nullif(effectivePeriod."start", ''),
+                            nullif(issued, '')) AS t,
+                   code.coding AS codings, valueQuantity AS q, valueInteger AS vi, valueBoolean AS vb,
+                   valueCodeableConcept AS vc, {_INVALID} AS bad, component
+            FROM read_ndjson({_files(observations)}, columns = {_columns(_OBSERVATION)})
+            WHERE resourceType = 'Observation'""")
+
+    def _normalized_copy(self, observations: list[Path]) -> list[Path]:
+        """The Observation files rewritten by ``_normalized`` (same order), in the export's temp folder."""
+        copy = Path(self._tmp.name) / "Observation.normalized.ndjson"
+        with open(copy, "wb") as out:
+            for path in observations:
+                opener = gzip.open if path.suffix == ".gz" else open
+                with opener(path, "rb") as handle:
+                    for number, line in enumerate(handle, start=1):
+                        if not line.strip():
+                            continue
+                        try:
+                            resource = orjson.loads(line)
+                        except orjson.JSONDecodeError as exc:
+                            raise BadRequest(f"cannot read the export: {path.name}, line {number}: not valid JSON",
+                                             expression="--input") from exc
+                        if not isinstance(resource, dict):
+                            raise BadRequest(f"cannot read the export: {path.name}, line {number}: not a FHIR "
+                                             "resource", expression="--input")
+                        out.write(orjson.dumps(_normalized(resource)) + b"\n")
+        return [copy]
+
     def __iter__(self) -> Iterator[Chunk]:
         """Chunks in order; the next one is prepared in a background thread while the caller scores this one.
 
@@ -270,8 +331,59 @@ class NdjsonExport:
             quantity=_plain(data["qv"], np.float64), unit=_plain(data["unit"], np.int64),
             integer=_plain(data["vi"], np.float64), boolean=_plain(data["vb"], np.int64),
             concept=_objects(data["vc"]) if n else np.empty(0, dtype=object),
+            invalid=_plain(data["invalid"], np.int8),
             patient_ids=self.patient_ids, codes=self.codes, units=self.units)
         return Chunk(resources, columns, min(self.chunk_patients, self.patients - chunk * self.chunk_patients))
+
+
+def _normalized(obs: dict[str, Any]) -> dict[str, Any]:
+    """An Observation in the shape DuckDB's typed reader accepts, read as ``ColumnBuilder`` reads it.
+
+    Codes, codings, subjects and components that are not FHIR's shape name nothing (removed, or an empty
+    component that keeps the others' numbers); an effectivePeriod that is no object is an unreadable time;
+    a valueQuantity that is no object, or whose unit/system/code are not strings, is marked invalid
+    (QUANTITY_INVALID, as ColumnBuilder flags it).
+    """
+    _normalize_code(obs)
+    if not isinstance(obs.get("subject"), dict):
+        obs.pop("subject", None)
+    period = obs.get("effectivePeriod")
+    if period and not isinstance(period, dict):
+        obs["effectivePeriod"] = {"end": "unreadable"}
+    elif isinstance(period, dict):
+        obs["effectivePeriod"] = {k: v if v is None or isinstance(v, str) else "unreadable"
+                                  for k, v in period.items() if k in ("start", "end")}
+    _normalize_values(obs)
+    components = obs.get("component")
+    if components is not None:
+        if not isinstance(components, list):
+            obs.pop("component")
+        else:
+            obs["component"] = [_normalize_values(_normalize_code(c)) if isinstance(c, dict) else {}
+                                for c in components]
+    return obs
+
+
+def _normalize_code(holder: dict[str, Any]) -> dict[str, Any]:
+    code = holder.get("code")
+    codings = code.get("coding") if isinstance(code, dict) else None
+    if not isinstance(codings, list):
+        holder.pop("code", None)
+    else:
+        holder["code"] = {"coding": [
+            {k: v for k, v in c.items() if k in ("system", "code") and isinstance(v, str)}
+            if isinstance(c, dict) and all(isinstance(c.get(k), (str, type(None))) for k in ("system", "code"))
+            else {} for c in codings]}
+    return holder
+
+
+def _normalize_values(holder: dict[str, Any]) -> dict[str, Any]:
+    q = holder.get("valueQuantity")
+    if q is not None and not (isinstance(q, dict) and all(
+            isinstance(q.get(k), (str, type(None))) for k in ("unit", "system", "code"))):
+        holder.pop("valueQuantity")
+        holder[_INVALID] = QUANTITY_INVALID
+    return holder
 
 
 def _ndjson_bytes(paths: list[Path]) -> int:

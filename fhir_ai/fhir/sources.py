@@ -203,8 +203,8 @@ _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^
 _NAMED_TYPE = re.compile(r"([A-Z][A-Za-z]+)(?=[._\-]|$)")
 
 
-def _patient_key(reference: str | None, urns: dict[str, str]) -> str | None:
-    if not reference:
+def _patient_key(reference: Any, urns: dict[str, str]) -> str | None:
+    if not reference or not isinstance(reference, str):     # invalid FHIR names no patient: skipped
         return None
     if reference in urns:
         return urns[reference]
@@ -241,7 +241,8 @@ class _Index:
             else:
                 self.patients[rid] = raw
             return
-        key = _patient_key((resource.get("subject") or {}).get("reference"), urns)
+        subject = resource.get("subject")
+        key = _patient_key(subject.get("reference") if isinstance(subject, dict) else None, urns)
         if key is None:
             self.skipped += 1
         elif rid in self._seen[rtype]:
@@ -391,9 +392,16 @@ def _parse(data: bytes, file: Path, line: int | None) -> dict[str, Any]:
 
 def _has_code(observation: dict[str, Any], exact: set[tuple[str, str]],
               any_system: set[str]) -> bool:
-    for coding in (observation.get("code") or {}).get("coding") or []:
-        code = coding.get("code")
-        if code in any_system or (coding.get("system"), code) in exact:
+    code = observation.get("code")
+    codings = code.get("coding") if isinstance(code, dict) else None
+    # A code that is not valid FHIR matches no code search (as a server's index would not hold it).
+    for coding in codings if isinstance(codings, list) else ():
+        if not isinstance(coding, dict):
+            continue
+        value, system = coding.get("code"), coding.get("system")
+        if not isinstance(value, str) or not isinstance(system, (str, type(None))):
+            continue
+        if value in any_system or (system, value) in exact:
             return True
     return False
 
@@ -404,6 +412,8 @@ def _effective_range(observation: dict[str, Any]) -> tuple[datetime, datetime] |
     if value:
         return datetime_range(value)
     period = observation.get("effectivePeriod")
+    if period and not isinstance(period, dict):
+        raise ValueError("effectivePeriod is not a Period")
     if period and (period.get("start") or period.get("end")):
         start = datetime_range(period["start"])[0] if period.get("start") else MIN_TIME
         end = datetime_range(period["end"])[1] if period.get("end") else MAX_TIME
@@ -416,7 +426,7 @@ def _in_dates(observation: dict[str, Any], since: datetime | None,
     """ge/le match when the ranges overlap (https://hl7.org/fhir/R4/search.html#prefix)."""
     try:
         covered = _effective_range(observation)
-    except ValueError:
+    except ValueError:      # (times raises ValueError for anything it cannot read, non-strings included)
         log.warning("Observation/%s: unreadable effective time; left out of a date search",
                     observation.get("id"))
         return False

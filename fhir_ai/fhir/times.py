@@ -53,8 +53,12 @@ def parse_datetime(s: str) -> datetime:
 
     Partial dates ('2024', '2024-05', '2024-05-06') mean the start of that period, in UTC.
     A time without an offset is meaningless in FHIR (the spec requires one) and raises
-    ValueError rather than guessing the server's zone.
+    ValueError rather than guessing the server's zone. Anything unreadable raises ValueError, whatever it
+    is (a number, a list, '0001-01-01T00:00:00+01:00' before the first representable instant), so that
+    callers reading upstream data need to catch only that.
     """
+    if not isinstance(s, str):
+        raise ValueError(f"not a FHIR date: a {type(s).__name__}, not a string")
     if len(s) <= 7:
         bounds = _partial(s)
         if bounds is None:
@@ -68,7 +72,10 @@ def parse_datetime(s: str) -> datetime:
         if len(s) == 10:  # date only
             return dt.replace(tzinfo=UTC)
         raise ValueError(f"FHIR dateTime with a time must carry a time zone: {s!r}")
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"not a representable FHIR dateTime: {s!r}") from exc
 
 
 def datetime_range(s: str) -> tuple[datetime, datetime]:
@@ -78,6 +85,8 @@ def datetime_range(s: str) -> tuple[datetime, datetime]:
     prefixes (ge, le) against this range (https://hl7.org/fhir/R4/search.html#prefix).
     """
     tick = timedelta(microseconds=1)
+    if not isinstance(s, str):
+        raise ValueError(f"not a FHIR date: a {type(s).__name__}, not a string")
     if len(s) <= 7:
         bounds = _partial(s)
         if bounds is None:
@@ -106,9 +115,16 @@ def format_datetime(dt: datetime) -> str:
 
 
 def effective_time(observation: dict[str, Any]) -> str | None:
-    """When an Observation happened: effective[x] (Period end, else start), else issued."""
+    """When an Observation happened: effective[x] (Period end, else start), else issued.
+
+    As sent: from a server that sends invalid FHIR this may be something other than a string (an
+    effectivePeriod that is not an object comes back whole); callers treat that as unreadable.
+    """
     value = observation.get("effectiveDateTime") or observation.get("effectiveInstant")
     if value:
         return value
-    period = observation.get("effectivePeriod") or {}
+    period = observation.get("effectivePeriod")
+    if period and not isinstance(period, dict):
+        return period
+    period = period or {}
     return period.get("end") or period.get("start") or observation.get("issued")
