@@ -122,7 +122,7 @@ def binary_assessment(scored: Scored, outcome: Outcome = DETERIORATION) -> dict[
     if not scored.sufficient:
         # Never a number from nothing, and never a silent "no risk": say that it was not assessed.
         resource["status"] = "cancelled"
-        resource["note"] = _notes(scored, [f"Not assessed: insufficient data. {scored.insufficient_reason}"])
+        resource["note"] = _notes(scored, [f"Not assessed: {scored.insufficient_reason}"])
         return resource
     assert scored.probability is not None and scored.risk is not None
     prediction: dict[str, Any] = {
@@ -370,7 +370,7 @@ def triage_assessment(scored: Any) -> dict[str, Any]:
                   if scored.nurse_level else "No nurse KTAS level was recorded; nothing was compared.")
     if not scored.sufficient:
         resource["status"] = "cancelled"
-        resource["note"] = _notes(scored, [f"Not assessed: insufficient data. {scored.insufficient_reason}",
+        resource["note"] = _notes(scored, [f"Not assessed: {scored.insufficient_reason}",
                                            nurse_note])
         return resource
     reasons = "; ".join(r.text() for r in scored.reasons)

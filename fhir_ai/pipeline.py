@@ -114,8 +114,7 @@ class Pipeline:
             scored, resources_out = build_assessments(model, fs)
             issues = []
             if not scored[0].sufficient:
-                issues.append(warning("incomplete", f"{model_id}: not assessed, insufficient data. "
-                                      + scored[0].insufficient_reason))
+                issues.append(warning("incomplete", f"{model_id}: not assessed, " + scored[0].insufficient_reason))
             if scored[0].dropped:
                 issues.append(warning("value", f"{model_id}: {len(scored[0].dropped)} value(s) not used "
                                       "(see RiskAssessment.note)"))

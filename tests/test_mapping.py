@@ -101,6 +101,17 @@ def test_every_problem_is_reported_with_file_and_field(tmp_path):
     assert "unknown unit" in " ".join(problems[f"{path}: inputs.heart_rate.value.unit"])
 
 
+def test_encounter_classes_are_checked(tmp_path):
+    doc = _document()
+    doc["scoring"]["encounter_classes"] = ["EMER", "in patient"]
+    path = _write(tmp_path, doc)
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    assert f"{path}: scoring.encounter_classes.1" in info.value.problems, info.value.problems
+    doc["scoring"]["encounter_classes"] = ["EMER", "IMP"]
+    assert load_mapping(_write(tmp_path, doc)).encounter_classes == ("EMER", "IMP")
+
+
 def test_cross_references_are_checked(tmp_path):
     doc = _document()
     doc["features"][5]["input"] = "heartrate"

@@ -192,6 +192,30 @@ def test_without_a_nurse_level_there_is_no_mistriage_prediction(visits, tmp_path
     assert any("No nurse KTAS level" in n["text"] for n in ra["note"])
 
 
+def test_triage_is_not_applied_outside_the_emergency_department(visits, tmp_path, database_url):
+    resources = copy.deepcopy(visits[0].resources)
+    encounter = next(r for r in resources if r["resourceType"] == "Encounter")
+    encounter["class"] = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}
+    ktas.write_ndjson(resources, tmp_path / "ward")
+    app = create_app({"instance_path": str(tmp_path), "database_url": database_url, "write_back": False,
+                      "source_url": str(tmp_path / "ward")})
+    try:
+        answer = assess(app.test_client(), resources[0]["id"])
+    finally:
+        app.extensions["fhir_ai"].close()
+    assert answer.status_code == 200
+    ra = answer.json["entry"][0]["resource"]
+    assert ra["status"] == "cancelled" and "prediction" not in ra        # no KTAS level for a ward patient
+    assert (f"Not assessed: not applicable. The triage model is for encounters of class EMER; the current "
+            f"encounter (Encounter/{encounter['id']}) is of class IMP.") in [n["text"] for n in ra["note"]]
+    warnings = answer.json["entry"][-1]["resource"]["issue"]
+    assert any(w["diagnostics"].startswith("triage: not assessed, not applicable.") for w in warnings)
+    # The same visit in the emergency department is assessed.
+    encounter["class"]["code"] = "EMER"
+    fs = features_of(load_mapping(REPO / "mappings" / "triage.yaml"), resources)
+    assert fs.applicable().tolist() == [True] and fs.encounter_classes == ["EMER"]
+
+
 def test_bad_triage_requests_are_operation_outcomes(triage_api):
     bad = assess(triage_api, "ktas-1", encounter={"valueReference": {"reference": "Observation/x"}})
     assert bad.status_code == 400

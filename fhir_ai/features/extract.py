@@ -76,6 +76,7 @@ class FeatureSet:
     news2_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     news2_basis: list[list[str]] = field(default_factory=list)   # Observations behind the NEWS2 values
     reference: np.ndarray | None = None    # the clinician's own rating (second-reader input), NaN if absent
+    encounter_classes: list[str | None] = field(default_factory=list)   # the current encounter's class code
 
     @property
     def feature_names(self) -> list[str]:
@@ -88,8 +89,16 @@ class FeatureSet:
         columns = [self.mapping.inputs[name].index for name in self.mapping.core_inputs]
         return self.present[:, columns].sum(axis=1)
 
+    def applicable(self) -> np.ndarray:
+        """True where the current encounter is of a class the model is for (every row if it names none)."""
+        wanted = self.mapping.encounter_classes
+        if not wanted:
+            return np.ones(len(self.patient_ids), dtype=bool)
+        return np.array([c in wanted for c in self.encounter_classes], dtype=bool)
+
     def sufficient(self) -> np.ndarray:
-        return self.core_count() >= self.mapping.min_core_inputs
+        """Enough core inputs, on a visit the model is for."""
+        return (self.core_count() >= self.mapping.min_core_inputs) & self.applicable()
 
     def missing_inputs(self, row: int) -> list[str]:
         """Inputs some model feature reads that had no value for this patient."""
@@ -430,8 +439,9 @@ class Extractor:
         for row, t, item in [*self._dropped, *unreadable]:
             if not (t > anchor[row]):     # keep NaN times; hide what lies after the as-of time
                 dropped[row].append(item)
+        classes = [_class_code(current.get(row)) for row in range(n)] if self.mapping.encounter_classes else []
         return FeatureSet(self.mapping, ids, X, anchor, encounter_ids, basis, dropped, present, news2, news2_basis,
-                          reference)
+                          reference, classes)
 
     def _periods(self, unreadable: list[tuple[int, float, Dropped]]) -> dict[int, list[tuple[float | None, dict]]]:
         """Each patient's encounters with their start times (None: no start; such an encounter is never current).
@@ -694,6 +704,13 @@ def _period_time(enc: dict, end: str) -> float | None:
         return _to_epoch(when) if when.__class__ is str else times.to_epoch(when)
     except ValueError:
         raise Unreadable(f"period.{end}", "a FHIR dateTime") from None
+
+
+def _class_code(encounter: dict | None) -> str | None:
+    """Encounter.class (a Coding in R4) as its code; None when there is no encounter or no readable class."""
+    coding = (encounter or {}).get("class")
+    code = coding.get("code") if isinstance(coding, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _period_start(enc: dict) -> float | None:

@@ -100,6 +100,7 @@ class Mapping:
     second_reader: dict[str, Any] | None = None
     description: str = ""
     code_index: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    encounter_classes: tuple[str, ...] = ()     # the visits the model is for (Encounter.class); () = any
 
     @property
     def feature_names(self) -> list[str]:
@@ -226,7 +227,8 @@ def compile_mapping(data: dict, path: Path, digest: str) -> Mapping:
     mapping = Mapping(model=data["model"], version=data["version"], path=path, digest=digest,
                       inputs=inputs, features=features, core_inputs=list(data["scoring"]["core_inputs"]),
                       min_core_inputs=data["scoring"]["min_core_inputs"], news2=news2,
-                      second_reader=second_reader, description=data.get("description", ""))
+                      second_reader=second_reader, description=data.get("description", ""),
+                      encounter_classes=tuple(data["scoring"].get("encounter_classes") or ()))
     for spec in mapping.input_list:
         # Panel codes are only asked for; values are matched on the codes of the panel's components.
         for code in spec.codes:

@@ -150,6 +150,10 @@ class FeatureSchema(_Strict):
 class ScoringSchema(_Strict):
     core_inputs = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
     min_core_inputs = fields.Integer(required=True, validate=validate.Range(min=1))
+    # Encounter.class codes (v3 ActCode, e.g. EMER) of the visits the model is for; absent: any visit.
+    # A patient whose current encounter is of another class (or has none) is not assessed, and told why.
+    encounter_classes = fields.List(fields.String(validate=validate.Regexp(r"^[A-Za-z0-9_.-]{1,32}$")),
+                                    validate=validate.Length(min=1))
 
 
 class News2Schema(_Strict):

@@ -17,10 +17,18 @@ EXPLAIN_MODES = ("all", "elevated", "none")
 
 
 def insufficient_reason(fs: FeatureSet, row: int) -> str:
+    """Why a row is not assessed, starting with what kind of reason it is (the notes say 'Not assessed: …')."""
     mapping = fs.mapping
+    if not fs.applicable()[row]:
+        encounter = fs.encounter_ids[row]
+        found = fs.encounter_classes[row]
+        return (f"not applicable. The {mapping.model} model is for encounters of class "
+                f"{', '.join(mapping.encounter_classes)}; "
+                + (f"the current encounter (Encounter/{encounter}) is of class {found or 'none given'}."
+                   if encounter else "the patient has no current encounter."))
     have = [name for name in mapping.core_inputs if fs.present[row, mapping.inputs[name].index]]
     labels = [mapping.inputs[name].label for name in mapping.core_inputs]
-    return (f"Found {len(have)} of the core inputs ({', '.join(labels)}) in the time window; "
+    return (f"insufficient data. Found {len(have)} of the core inputs ({', '.join(labels)}) in the time window; "
             f"at least {mapping.min_core_inputs} are needed.")
 
 
