@@ -65,9 +65,9 @@ def _value(param: dict[str, Any]) -> Any:
     return None
 
 
-def _tail(reference: str | None, kind: str) -> str | None:
-    """'Subscription/abc', '.../Subscription/abc/_history/2' → 'abc' (None if another type)."""
-    if not reference:
+def _tail(reference: Any, kind: str) -> str | None:
+    """'Subscription/abc', '.../Subscription/abc/_history/2' → 'abc' (None if another type, or no string)."""
+    if not reference or not isinstance(reference, str):
         return None
     parts = reference.split("/_history/")[0].rstrip("/").split("/")
     return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
@@ -439,26 +439,39 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
     patients: dict[str, None] = {}
     # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
     for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
-        patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
+        patient = subject_patient(resource)
         if patient and is_vital_sign(resource, codes):
             patients[patient] = None
     return list(patients)
+
+
+def subject_patient(resource: Any) -> str | None:
+    """The Patient id an Observation is about; None when its subject is not a readable Patient reference
+    (the hospital's server may send JSON that is not valid FHIR: it must not break a notification)."""
+    subject = resource.get("subject") if isinstance(resource, dict) else None
+    return _tail(subject.get("reference"), "Patient") if isinstance(subject, dict) else None
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The objects of a FHIR list element; whatever else the server sent there is skipped."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]]) -> bool:
     """A vital sign by category, or any code the deterioration mapping reads (components included)."""
     if observation.get("resourceType") != "Observation" or observation.get("status") in IGNORED_STATUSES:
         return False
-    for category in observation.get("category") or []:
-        for coding in (category or {}).get("coding") or []:
+    for category in _objects(observation.get("category")):
+        for coding in _objects(category.get("coding")):
             if (coding.get("system"), coding.get("code")) == VITAL_SIGNS:
                 return True
     wanted = set(codes)
     any_system = {c for s, c in wanted if not s}
-    concepts = [observation.get("code") or {}] + [(c or {}).get("code") or {} for c in observation.get("component") or []]
+    concepts = [observation.get("code")] + [c.get("code") for c in _objects(observation.get("component"))]
     for concept in concepts:
-        for coding in concept.get("coding") or []:
-            if (coding.get("system"), coding.get("code")) in wanted or coding.get("code") in any_system:
+        for coding in _objects(concept.get("coding") if isinstance(concept, dict) else None):
+            code = coding.get("code")
+            if isinstance(code, str) and ((coding.get("system"), code) in wanted or code in any_system):
                 return True
     return False
 
@@ -501,6 +514,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
         resources.append(resource)
     outcome.unread = len(unread)
     gap, previous = events.enter(notification, now, unread) if events is not None else (None, None)
+    queuing = False
     try:
         if events is not None and gap is not None:
             outcome.missed = gap.missed
@@ -521,11 +535,12 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
         for position, resource in enumerate(resources):
             if position in unread:                            # counted as missed: the catch-up finds it
                 continue
-            patient = _tail(((resource or {}).get("subject") or {}).get("reference"), "Patient")
+            patient = subject_patient(resource)
             if resource is None or not patient or not is_vital_sign(resource, codes):
                 outcome.ignored += 1
                 continue
             patients[patient] = None
+        queuing = True
         for patient in patients:
             if debounce.claim(patient):
                 try:
@@ -540,7 +555,10 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
         # Recorded as received but not (all) queued: whether the hospital's server sends it again or
         # gives up on it, a later notification's catch-up finds its patients (and those of this catch-up).
         if events is not None:
-            if gap is not None:
+            if gap is not None and queuing:
+                # The queue failed: the next notification may run the catch-up at once. Anything else
+                # (a bug, data nobody foresaw) keeps the claim until its lease runs out, so a catch-up
+                # that fails every time costs one failure per lease, not every notification.
                 _quietly(events.settle, notification.subscription, gap, False)
             since = previous or now                   # when the log last moved before this notification,
             happened = [e.timestamp for e in notification.events if e.timestamp is not None]

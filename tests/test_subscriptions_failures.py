@@ -192,3 +192,41 @@ def test_a_refused_notification_is_audited_without_its_secret(sub_app: Flask, sc
         assert audit["outcome"] == "4" and audit["action"] == "C" and "401" in audit["outcomeDesc"]
         assert audit["agent"][0]["who"]["identifier"]["value"] == "anonymous"
         assert wrong not in str(audit) and "other-secret" not in str(audit) and SECRET not in str(audit)
+
+
+def test_observations_that_are_not_valid_fhir_are_ignored_not_a_failure(log_and_gate: Any) -> None:
+    """A subject that is a string, a category that is a string, a coding list that is an object: the
+    hospital's server sent JSON that is not FHIR. Each is ignored; the notification still counts."""
+    _, events, gate = log_and_gate
+    good = heart_rate("p2")
+    odd = [{**heart_rate("p1"), "subject": "Patient/p1"},
+           {**heart_rate("p3"), "category": "vital-signs", "code": {"coding": {"code": "8867-4"}}},
+           {**heart_rate("p4"), "component": ["x"], "category": ["vital-signs"], "code": "8867-4"}]
+    done: list[str] = []
+    bundle = parse_notification(notification("event-notification", [*odd, good], start=1))
+    out = handle(bundle, source=NoSearch(), codes=[("http://loinc.org", "8867-4")], debounce=gate,
+                 enqueue=done.append, events=events, now=NOW)
+    assert done == ["p2"] and out.ignored == 3
+
+
+def test_a_catch_up_that_breaks_keeps_its_claim_instead_of_failing_every_notification(
+        log_and_gate: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something nobody foresaw breaks the catch-up search (not the queue): that notification fails,
+    but the catch-up stays claimed until its lease runs out, so the notifications after it go through
+    instead of each running the same broken search again."""
+    _, events, gate = log_and_gate
+    runs: list[datetime] = []
+
+    def broken(_source: Any, since: datetime, _codes: Any) -> list[str]:
+        runs.append(since)
+        raise AttributeError("'str' object has no attribute 'get'")
+    monkeypatch.setattr(subscriptions, "catch_up", broken)
+    done: list[str] = []
+    handle(event(5, "p5"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events, now=NOW)
+    with pytest.raises(AttributeError):
+        handle(event(7, "p7"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events,
+               now=NOW + timedelta(minutes=1))
+    for n in (8, 9):
+        handle(event(n, f"p{n}"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events,
+               now=NOW + timedelta(minutes=n))
+    assert len(runs) == 1 and done == ["p5", "p8", "p9"]
