@@ -195,7 +195,7 @@ def test_kick_off_manifest_read_and_cancel_are_audited_but_progress_polls_are_no
     assert jc.get(status_url).status_code == 200
     read = events()[before:]
     assert len(read) == 1 and read[0][0] == "R"
-    assert {f"Patient/{p}" for p in WARD} <= read[0][2]           # whose results were seen
+    assert {f"Patient/{p}" for p in WARD} | {"Group/ward-a"} == read[0][2]   # whose results were seen
     jobs = JobStore(store_of(job_app))
     jobs.create("job-7", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
                 request={"request": "x", "models": []}, requested_by="test-suite", requested_role="admin")
@@ -306,7 +306,8 @@ def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: 
 
     def fragile(patient_id: str, **kwargs: Any) -> Any:
         if patient_id == WARD[1]:
-            raise ValueError("could not convert string to float: 'Kim Minji'")   # text that must not spread
+            name = "Kim " + "Minji"            # patient data in the error's text, which must not spread
+            raise ValueError(f"could not convert string to float: {name!r}")
         return assess(patient_id, **kwargs)
     monkeypatch.setattr(pipeline, "assess", fragile)
     assert tasks.assess_chunk("job-5", WARD) == 3
@@ -314,7 +315,8 @@ def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: 
     items = {item.patient_id: item for item in jobs.items("job-5")}
     assert items[WARD[1]].status == "failed" and items[WARD[1]].error == "internal error (ValueError)"
     assert {items[p].status for p in WARD if p != WARD[1]} == {"assessed"}
-    assert "Kim Minji" not in (items[WARD[1]].error or "")
+    assert "Kim Minji" not in (items[WARD[1]].error or "") and "Kim Minji" not in caplog.text
+    assert "ValueError" in caplog.text and "fragile" in caplog.text          # the kind, and where
 
 
 def test_the_store_being_away_retries_the_whole_chunk(job_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,6 +392,11 @@ def test_ward_ticks_fall_on_the_slot_boundaries_whenever_beat_started() -> None:
     assert not every.is_due(datetime(2026, 11, 20, 8, 15, 0, 500000, tzinfo=timezone.utc))[0]
     clock[0] = datetime(2026, 11, 20, 9, 1, tzinfo=timezone.utc)     # beat was down for two slots: one tick
     assert every.is_due(datetime(2026, 11, 20, 8, 15, 0, 500000, tzinfo=timezone.utc))[0]
+    # The clock is read once: a boundary passing between two readings must not push the tick a slot on.
+    boundary = datetime(2026, 11, 20, 9, 15, tzinfo=timezone.utc)
+    readings = iter([boundary - timedelta(microseconds=1), boundary + timedelta(microseconds=1)])
+    racing = on_slots(timedelta(minutes=15), nowfun=lambda: next(readings))
+    assert racing.is_due(datetime(2026, 11, 20, 9, 1, tzinfo=timezone.utc)) == (False, 0.05)
 
 
 def test_a_dead_workers_task_is_swept_back_within_the_visibility_timeout() -> None:

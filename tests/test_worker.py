@@ -445,6 +445,13 @@ def test_health_says_when_the_job_queue_cannot_be_reached(settings_overrides) ->
         assert health.json["writeBack"]["status"] == "ok"
     finally:
         app.extensions["fhir_ai"].close()
+    settings_overrides["broker_url"] = "sentinel://127.0.0.1:26379/0"     # not something /health can ping
+    app = create_app(settings_overrides)
+    try:
+        health = app.test_client().get("/health")
+        assert health.status_code == 200 and health.json["queue"] == {"status": "unreachable", "reason": "ValueError"}
+    finally:
+        app.extensions["fhir_ai"].close()
 
 
 @responses.activate

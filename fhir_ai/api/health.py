@@ -20,11 +20,12 @@ def queue_status(settings: Settings) -> dict[str, Any]:
     """Whether the job queue (Redis) answers: batch jobs, Subscriptions and scheduled rescoring need it;
     a single $assess does not. A short timeout: a load balancer is waiting."""
     key = (os.getpid(), settings.broker_url)
-    if key not in _queues:
-        _queues[key] = redis.Redis.from_url(settings.broker_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
+        if key not in _queues:
+            _queues[key] = redis.Redis.from_url(settings.broker_url, socket_timeout=0.5,
+                                                socket_connect_timeout=0.5)
         _queues[key].ping()
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, OSError, ValueError) as exc:     # ValueError: not a redis:// URL
         return {"status": "unreachable", "reason": type(exc).__name__}
     return {"status": "ok"}
 

@@ -28,6 +28,7 @@ bp = Blueprint("jobs", __name__)
 GROUP_DEFINITION = f"{codes.BASE}/OperationDefinition/group-assess"
 ALL_DEFINITION = f"{codes.BASE}/OperationDefinition/assess-all"
 POLL_SECONDS = 3
+MAX_AUDITED_PATIENTS = 200     # a manifest read names its patients in the AuditEvent up to this many
 
 
 class JobFailed(FhirAiError):
@@ -111,7 +112,11 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     if job.status == "failed":
         raise JobFailed(job.error or "the job failed", job.error_status or 500)
     body = manifest(job, jobs)
-    note_entities([Entity(p) for p in dict.fromkeys(item["patient"] for item in body["output"] + body["error"])])
+    patients = list(dict.fromkeys(item["patient"] for item in body["output"] + body["error"]))
+    # A ward's patients by name; a hospital-wide job's by its Group (every assessment read through
+    # the manifest's links is audited on its own): one event naming 10,000 patients is 2 MB.
+    named = patients if len(patients) <= MAX_AUDITED_PATIENTS else []
+    note_entities(([Entity(f"Group/{job.scope}")] if job.kind == "group" else []) + [Entity(p) for p in named])
     return fhir_response(body)
 
 

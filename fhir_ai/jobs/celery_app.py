@@ -26,16 +26,17 @@ class on_slots(every):  # noqa: N801 - named like Celery's own schedules
     def _slot(self, moment: datetime) -> int:
         return int(moment.timestamp() // self.run_every.total_seconds())
 
+    def _until_next(self, now: datetime) -> float:
+        return (self._slot(now) + 1) * self.run_every.total_seconds() - now.timestamp()
+
     def remaining_estimate(self, last_run_at: datetime) -> timedelta:
-        interval = self.run_every.total_seconds()
-        now = self.now()
-        return timedelta(seconds=(self._slot(now) + 1) * interval - now.timestamp())
+        return timedelta(seconds=self._until_next(self.now()))
 
     def is_due(self, last_run_at: datetime) -> schedstate:
-        now = self.now()
+        now = self.now()          # read once: a boundary between two readings would skip a slot
         due = self._slot(now) > self._slot(self.maybe_make_aware(last_run_at))
         # Beat checks again at the next boundary (it caps its own sleep at beat_max_loop_interval).
-        return schedstate(due, max(0.05, self.remaining_estimate(last_run_at).total_seconds()))
+        return schedstate(due, max(0.05, self._until_next(now)))
 
     def __reduce__(self) -> Any:
         return self.__class__, (self.run_every, self.relative, self.nowfun)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import threading
+import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any
 
 from kombu.exceptions import KombuError, OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
-from sqlalchemy.exc import OperationalError as DatabaseUnavailable
+from sqlalchemy.exc import DBAPIError, OperationalError as DatabaseUnavailable
 
 from ..errors import FhirAiError, UpstreamError
 from ..store import actors
@@ -139,11 +140,13 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
             except DatabaseUnavailable:
                 raise           # the whole chunk is tried again (RETRY): the store is away, not the patient
             except Exception as exc:   # noqa: BLE001 - one patient must not leave the job running forever
+                if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    raise       # a lost database connection, however it surfaced: the chunk is tried again
                 # A bug or data nobody foresaw: the patient fails, the others go on. Only the kind of
-                # error is kept (its text may quote patient data); the log has the trace.
+                # error is kept, and logged with where it happened, never its text (it may quote patient data).
                 jobs.record(job_id, patient_id, "failed", error=f"internal error ({type(exc).__name__})")
-                log.exception("job %s: patient %s not assessed: unexpected %s", job_id, patient_id,
-                              type(exc).__name__)
+                log.error("job %s: patient %s not assessed: unexpected %s at\n%s", job_id, patient_id,
+                          type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
                 continue
             cancelled = any(r.get("status") == "cancelled" for r in result.resources[:1])
             jobs.record(job_id, patient_id, "insufficient" if cancelled else "assessed",
