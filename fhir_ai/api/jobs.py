@@ -172,8 +172,8 @@ def batch_definition(kind: str) -> dict[str, Any]:
                           "that answers 202 with X-Progress while the job runs and 200 with a manifest of the "
                           "RiskAssessments made (and of the patients that could not be assessed) when it is "
                           "done; DELETE on it cancels. Each patient is assessed as by Patient/[id]/$assess."),
-        "resource": ["Group"] if group else [], "system": not group, "type": False, "instance": group,
-        "affectsState": True,
+        **({"resource": ["Group"]} if group else {}),          # FHIR JSON has no empty arrays
+        "system": not group, "type": False, "instance": group, "affectsState": True,
         "parameter": [
             {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
              "documentation": "Model id; default deterioration."},
