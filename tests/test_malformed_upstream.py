@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 
 from fhir_ai.bulk import bulk_assess
 from fhir_ai.features import Extractor
+from fhir_ai.fhir.sources import _unique
 from fhir_ai.models.registry import ModelRegistry
 from fhir_ai.pipeline import build_assessments
 
@@ -122,6 +123,14 @@ QUANTITY = {"unit": "/min", "system": UCUM, "code": "/min"}
     ({"effectiveDateTime": {"start": "2026-11-20"}}, "unreadable effective time"),
     ({"effectiveDateTime": None, "effectivePeriod": "yesterday"}, "unreadable effective time"),
     ({"effectiveDateTime": "2026-13-01T00:00:00Z"}, "unreadable effective time"),
+    # unit, system or code that are not strings (the bulk path once read them as the text '5', 'true')
+    ({"valueQuantity": {**QUANTITY, "value": 131, "unit": 5}}, "valueQuantity is not a valid Quantity"),
+    ({"valueQuantity": {**QUANTITY, "value": 131, "system": True}}, "valueQuantity is not a valid Quantity"),
+    # an effective[x] that is there but unreadable does not fall back on issued (another time)
+    ({"effectiveDateTime": False, "issued": fhir_time(AS_OF - timedelta(minutes=10))}, "unreadable effective time"),
+    ({"effectiveDateTime": 0, "issued": fhir_time(AS_OF - timedelta(minutes=10))}, "unreadable effective time"),
+    ({"effectiveDateTime": None, "effectivePeriod": {"end": False, "start": fhir_time(AS_OF - timedelta(hours=1))},
+      "issued": fhir_time(AS_OF - timedelta(minutes=10))}, "unreadable effective time"),
 ])
 def test_unreadable_observation_is_named_in_the_note(client: FlaskClient, hospital: FakeHospital,
                                                      changes: dict[str, Any], reason: str) -> None:
@@ -148,6 +157,31 @@ def test_observation_that_names_no_patient_or_code_is_left_out(client: FlaskClie
     serve_observations(hospital, heart_rate("obs-odd", **changes))
     model, _, _ = assessed(client)
     assert "Observation/obs-odd" not in {b["reference"] for b in model["basis"]}
+
+
+@pytest.mark.parametrize("rid", [{"x": 1}, ["obs-odd"], 123, True])
+def test_observation_whose_id_is_no_string_is_left_out(client: FlaskClient, hospital: FakeHospital, rid: Any) -> None:
+    """An id that is an object or list once made $assess answer 500 (unhashable in the source's de-duplication);
+    a number was used and printed. Such an Observation cannot be named: it is left out, never printed."""
+    serve_observations(hospital, heart_rate("obs-odd", id=rid),            # would be used
+                       heart_rate("obs-odd", id=rid, valueQuantity={**QUANTITY, "value": "high"}))  # would be named
+    model, _, _ = assessed(client)
+    text = notes(model) + json.dumps(model["basis"])
+    for piece in ("obs-odd", "'x'", '{"x"', "Observation/123", "Observation/True", "Observation/[", "Observation/{"):
+        assert piece not in text, piece
+
+
+@pytest.mark.parametrize("rid", [["enc-odd"], {"id": "enc-odd"}, 5])
+def test_encounter_whose_id_is_no_string_is_left_out(client: FlaskClient, hospital: FakeHospital, rid: Any) -> None:
+    """An Encounter with such an id (the current one, were it used): 200, not used, its id never printed."""
+    good = list(hospital.resources["Encounter"].values())
+    odd = encounter(PATIENT, id="placeholder", period={"start": fhir_time(AS_OF - timedelta(hours=2))})
+    odd["id"] = rid
+    hospital.fail("Encounter", (200, {"Content-Type": FHIR_JSON},
+                                json.dumps(searchset([*good, odd], BASE, total=len(good) + 1))))
+    model, _, _ = assessed(client)
+    assert model["encounter"] == {"reference": "Encounter/enc-1"}
+    assert "enc-odd" not in json.dumps(model)
 
 
 @pytest.mark.parametrize("component", [{"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}}, ["8480-6"]])
@@ -213,6 +247,28 @@ def bad_export(folder: Path, shapes: bool) -> list[dict[str, Any]]:
         observation("p-bad", "85354-9", 0, "mm[Hg]", WHEN, id="bp", valueQuantity=None, component=[
             {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
              "valueQuantity": {"value": "low", "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}}]),
+        # leaves DuckDB's typed reader once read as text ('5', 'true', '40617009'): no exception, used
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id="unit-number",
+                    valueQuantity={"value": 131, "unit": 5, "system": UCUM, "code": "/min"}),
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id="system-true",
+                    valueQuantity={"value": 131, "unit": "/min", "system": True, "code": "/min"}),
+        observation("p-bad", "9279-1", 20, "/min", WHEN, id="code-object",
+                    valueQuantity={"value": 20, "unit": "/min", "system": UCUM, "code": {"c": "/min"}}),
+        {**observation("p-bad", "40617009", 0, "", WHEN, id="vent-number-code", valueQuantity=None,
+                       valueBoolean=True),
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": 40617009}]}},
+        # an effective[x] that is there but unreadable: not the issued time instead
+        observation("p-bad", "9279-1", 20, "/min", WHEN, id="rr-false-time", effectiveDateTime=False,
+                    issued=fhir_time(WHEN)),
+        observation("p-bad", "9279-1", 20, "/min", WHEN, id="rr-zero-end", effectiveDateTime=None,
+                    effectivePeriod={"start": fhir_time(WHEN), "end": 0}, issued=fhir_time(WHEN)),
+        # ids that are no strings: left out (never printed, never a 500)
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id={"x": "obj-id"}),
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id=["list-id"],
+                    valueQuantity={"value": "high", "unit": "/min", "system": UCUM, "code": "/min"}),
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id=4711),
+        encounter("p-bad", id=["enc-list-id"], period={"start": fhir_time(AS_OF - timedelta(hours=3))}),
+        patient(id={"x": "patient-object-id"}, birthDate="1950-01-01"),
     ]
     if shapes:
         odd += [
@@ -252,7 +308,9 @@ def test_bulk_path_gives_the_same_treatment(tmp_path: Path, registry: ModelRegis
             for r in map(orjson.loads, out.read_bytes().splitlines())}
     model, mapping = registry.get("deterioration")
     extractor = Extractor(mapping)
-    extractor.add_all(copy.deepcopy(resources))
+    # As a source hands them over: fhir.sources leaves out Observations and Encounters whose id is no string.
+    extractor.add_all([r for r in copy.deepcopy(resources) if r["resourceType"] == "Patient"]
+                      + _unique(r for r in copy.deepcopy(resources) if r["resourceType"] != "Patient"))
     _, built = build_assessments(model, extractor.finish(), explain="all", news2=True)
     expected = {r["subject"]["reference"] + "|" + r["method"]["coding"][0]["code"]: r for rs in built for r in rs}
     assert ours.keys() == expected.keys()
@@ -267,6 +325,11 @@ def test_bulk_path_gives_the_same_treatment(tmp_path: Path, registry: ModelRegis
                   "Observation/rr-soon (resp_rate): unreadable effective time",
                   "Observation/rr-number-time (resp_rate): unreadable effective time",
                   "Observation/bp (systolic_bp): valueQuantity.value is not a number",
+                  "Observation/unit-number (heart_rate): valueQuantity is not a valid Quantity",
+                  "Observation/system-true (heart_rate): valueQuantity is not a valid Quantity",
+                  "Observation/code-object (resp_rate): valueQuantity is not a valid Quantity",
+                  "Observation/rr-false-time (resp_rate): unreadable effective time",
+                  "Observation/rr-zero-end (resp_rate): unreadable effective time",
                   "Patient/p-bad (age): birthDate is not a FHIR date",
                   "Encounter/p-bad-enc (encounter): period.start is not a FHIR dateTime; the encounter is not used"):
         assert piece in text, piece
@@ -280,6 +343,9 @@ def test_bulk_path_gives_the_same_treatment(tmp_path: Path, registry: ModelRegis
         assert "Observation/component-object" in basis       # its own code and value are fine
         assert not {"Observation/code-text", "Observation/subject-text"} & basis
     assert "Values not used" not in notes(ours["Patient/p-ok|deterioration"])
+    everything = out.read_text()
+    for piece in ("vent-number-code", "obj-id", "list-id", "4711", "enc-list-id", "patient-object-id"):
+        assert piece not in everything, piece
 
 
 # -- the folder source -----------------------------------------------------------------------------

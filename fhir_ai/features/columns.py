@@ -8,9 +8,11 @@ features.
 
 Resources from a hospital server can be JSON without being valid FHIR. What cannot be read never raises
 here: an Observation without a readable code or subject says neither what was measured nor of whom, so it is
-left out like one of a code no model reads; a part whose value[x] or effective time cannot be read gets a row
-that says why (``invalid``, ``time_text``), so that ``Extractor.add_columns`` reports it in the assessment's
-note ("Values not used") and never uses it. ``features.ndjson`` makes the same decisions in SQL.
+left out like one of a code no model reads (so is one whose id is not a string: it cannot be named); a part
+whose value[x] or effective time cannot be read (an effective[x] that is there but unreadable included: it
+does not fall back on ``issued``) gets a row that says why (``invalid``, ``time_text``), so that
+``Extractor.add_columns`` reports it in the assessment's note ("Values not used") and never uses it.
+``features.ndjson`` makes the same decisions in SQL.
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ class ColumnBuilder:
             except (AttributeError, TypeError, KeyError):
                 return None     # codings that are no list of objects, a code that is a list: nothing we know
             pid = self._patient_id(obs)
-            if pid is None:
+            if pid is None or not _usable_id(obs):
                 return None
             head = self._head(obs, pid)
             values = self._values(obs)
@@ -147,7 +149,7 @@ class ColumnBuilder:
                 rows.append((*head, 0, code_no, *values))
             return pid
         pid = self._patient_id(obs)
-        if pid is None:
+        if pid is None or not _usable_id(obs):
             return None
         parts = [(codings, obs)]
         for component in components:
@@ -186,8 +188,8 @@ class ColumnBuilder:
     def _head(self, obs: dict, pid: str) -> tuple:
         """What every row of the Observation shares: ordinal, id, patient, status, time."""
         when = times.effective_time(obs)
-        if when and when.__class__ is not str:
-            when = ""        # an effective time that is not a string: unreadable (reported, never used)
+        if when.__class__ is not str and when is not None:
+            when = ""        # an effective time that is not a string (false, 0, a list): unreadable, reported
         if when:
             t = self._epochs.get(when)
             if t is None:
@@ -293,6 +295,14 @@ def epoch(text: str) -> float:
         return times.to_epoch(text)
     except (ValueError, OverflowError):       # OverflowError: year 1 with a positive offset, say
         return np.nan
+
+
+def _usable_id(resource: dict) -> bool:
+    """False for an id that is there but no string (a number, object or list): such a resource cannot be
+    named in a basis or note, nor told apart from another; it is left out (``fhir.sources`` and
+    ``features.ndjson`` leave it out too). A resource without an id is kept, as before."""
+    rid = resource.get("id")
+    return rid.__class__ is str or rid is None
 
 
 def _coding_key(coding: Any) -> tuple[Any, Any] | None:

@@ -10,10 +10,12 @@ while the caller scores the chunk before it. Full dateTimes with an offset are p
 everything else (dates, odd forms) is left to ``Extractor.add_columns``, the same core every other
 path uses.
 
-Exports can hold JSON that is not valid FHIR. Value leaves (valueQuantity.value, valueInteger, valueBoolean,
-valueCodeableConcept) and subject.reference are read as JSON and checked in SQL exactly as
-``columns.ColumnBuilder`` checks them (a string, true or NaN is no number: ``invalid``), so one bad reading
-is reported in its patient's assessment instead of failing the export, and both paths agree. Elements whose
+Exports can hold JSON that is not valid FHIR. Value leaves (valueQuantity.value/unit/system/code, valueInteger,
+valueBoolean, valueCodeableConcept), coding system/code, subject.reference and the id are read as JSON and
+checked in SQL exactly as ``columns.ColumnBuilder`` checks them (a string, true or NaN is no number; a unit 5
+or a code 40617009 is no string: ``invalid``, or no match), so one bad reading is reported in its patient's
+assessment instead of failing the export or being used, and both paths agree. (A VARCHAR column would read
+5, true or {"a": 1} as the text '5', 'true', '{"a":1}' without a word.) Elements whose
 very shape is wrong (a valueQuantity or component that is no object/list) make DuckDB's typed reader fail;
 only then are the Observation files rewritten once, in Python, into the shape ColumnBuilder reads them as
 (``_normalized``), and staged from that copy: the fast path is untouched.
@@ -42,12 +44,15 @@ log = logging.getLogger(__name__)
 # Values as JSON: DuckDB would cast "72" or true to 72.0 / 1.0 and fail the whole read on "high"; the checks
 # below decide instead. _INVALID marks a part _normalized found unreadable (only in a rewritten copy).
 _INVALID = "fhirAiInvalid"
-_QUANTITY = "STRUCT(value JSON, unit VARCHAR, system VARCHAR, code VARCHAR)"
-_CODING = "STRUCT(coding STRUCT(system VARCHAR, code VARCHAR)[])"
+# So are the coding and unit leaves and the id: a VARCHAR column would read 8867, true or {"a": 1} as the text
+# '8867', 'true', '{"a":1}' and match or use what ColumnBuilder refuses. Codings are matched on their JSON text
+# ('"8867-4"', never 8867), units are checked once per distinct unit (table units, column bad).
+_QUANTITY = "STRUCT(value JSON, unit JSON, system JSON, code JSON)"
+_CODING = "STRUCT(coding STRUCT(system JSON, code JSON)[])"
 _VALUES = (f"valueQuantity {_QUANTITY}, valueInteger JSON, valueBoolean JSON, "
            f"valueCodeableConcept JSON, {_INVALID} INTEGER")
 _OBSERVATION = {
-    "resourceType": "VARCHAR", "id": "VARCHAR", "status": "VARCHAR",
+    "resourceType": "VARCHAR", "id": "JSON", "status": "VARCHAR",
     "subject": "STRUCT(reference JSON)", "code": _CODING,
     "effectiveDateTime": "VARCHAR", "effectiveInstant": "VARCHAR",
     "effectivePeriod": 'STRUCT("start" VARCHAR, "end" VARCHAR)', "issued": "VARCHAR",
@@ -114,7 +119,7 @@ _CHUNK_ROWS = f"""
                json_type(f.q.value) AS tq, json_type(f.vi) AS tvi, json_type(f.vb) AS tvb, json_type(f.vc) AS tvc,
                CASE WHEN regexp_full_match(f.t, {_sql_text(_FULL_DATETIME)})
                     THEN epoch_us(TRY_CAST(f.t AS TIMESTAMPTZ)) END AS us
-        FROM flat f JOIN codes c ON f.cd.system = c.system AND f.cd.code = c.code),
+        FROM flat f JOIN codes c ON f.cd.system = c.jsystem AND f.cd.code = c.jcode),
     v AS (
         SELECT *, CASE WHEN tq IN {_NUMBER} THEN q.value::DOUBLE END AS qd FROM r)
     SELECT r.obs, r.part, r.k, r.id, r.pkey, r.code,
@@ -122,12 +127,14 @@ _CHUNK_ROWS = f"""
                 ELSE -1 END AS status,
            coalesce(r.us::DOUBLE, 'NaN'::DOUBLE) AS us, CASE WHEN r.us IS NULL THEN r.t END AS t,
            r.q IS NOT NULL AS has_q,
-           CASE WHEN isfinite(r.qd) THEN r.qd ELSE 'NaN'::DOUBLE END AS qv, coalesce(u.no, -1) AS unit,
+           CASE WHEN isfinite(r.qd) AND NOT coalesce(u.bad, false) THEN r.qd ELSE 'NaN'::DOUBLE END AS qv,
+           CASE WHEN u.bad THEN -1 ELSE coalesce(u.no, -1) END AS unit,
            CASE WHEN r.tvi IN ('BIGINT', 'UBIGINT') THEN r.vi::DOUBLE ELSE 'NaN'::DOUBLE END AS vi,
            CASE WHEN r.tvb = 'BOOLEAN' THEN r.vb::BOOLEAN::BIGINT ELSE -1 END AS vb,
            CASE WHEN r.tvc = 'OBJECT' THEN r.vc END AS vc,
            -- the codes and order of ColumnBuilder._values (features.columns)
            CASE WHEN r.bad IS NOT NULL THEN r.bad
+                WHEN u.bad THEN {QUANTITY_INVALID}
                 WHEN r.tq NOT IN {_NUMBER} AND r.tq <> 'NULL' OR NOT isfinite(r.qd) THEN {QUANTITY_NOT_NUMBER}
                 WHEN r.tvi NOT IN ('BIGINT', 'UBIGINT', 'NULL') THEN {INTEGER_INVALID}
                 WHEN r.tvb NOT IN ('BOOLEAN', 'NULL') THEN {BOOLEAN_INVALID}
@@ -194,8 +201,8 @@ class NdjsonExport:
 
     def _stage(self) -> None:
         con = self.con
-        con.execute("CREATE TABLE codes AS SELECT unnest(range(?)) AS no, unnest(?::VARCHAR[]) AS system, "
-                    "unnest(?::VARCHAR[]) AS code",
+        con.execute("CREATE TABLE codes AS SELECT no, to_json(system) AS jsystem, to_json(code) AS jcode FROM ("
+                    "SELECT unnest(range(?)) AS no, unnest(?::VARCHAR[]) AS system, unnest(?::VARCHAR[]) AS code)",
                     [len(self.codes), [s for s, _ in self.codes], [c for _, c in self.codes]])
         observations = self._of("Observation")
         if observations:
@@ -216,10 +223,16 @@ class NdjsonExport:
         if statics:
             con.execute(f"""
                 CREATE TABLE statics AS
-                SELECT json AS resource,
-                       CASE WHEN json->>'resourceType' = 'Patient' THEN 'Patient/' || (json->>'id')
-                            ELSE coalesce(json->'subject'->>'reference', json->'patient'->>'reference') END AS ref
-                FROM read_ndjson_objects({_files(statics)}, format = 'newline_delimited')""")
+                SELECT resource,
+                       CASE WHEN kind = 'Patient'
+                            THEN CASE WHEN tid = 'VARCHAR' THEN 'Patient/' || (resource->>'id') END
+                            -- an Encounter whose id or reference is no string is left out (as by fhir.sources
+                            -- and Extractor): it cannot be named, nor told whose it is
+                            WHEN tid = 'VARCHAR' OR tid IS NULL OR tid = 'NULL'
+                            THEN CASE WHEN json_type(ref) = 'VARCHAR' THEN ref->>'$' END END AS ref
+                FROM (SELECT json AS resource, json->>'resourceType' AS kind, json_type(json->'id') AS tid,
+                             coalesce(json->'subject'->'reference', json->'patient'->'reference') AS ref
+                      FROM read_ndjson_objects({_files(statics)}, format = 'newline_delimited'))""")
         else:
             con.execute("CREATE TABLE statics AS SELECT NULL::JSON AS resource, NULL::VARCHAR AS ref WHERE false")
         self.resources_read += con.execute("SELECT count(*) FROM statics").fetchone()[0]  # type: ignore[index]
@@ -238,16 +251,23 @@ class NdjsonExport:
                         FROM (SELECT unnest(?::VARCHAR[]) AS ref, unnest(?::BIGINT[]) AS pkey)""",
                     [[r for r, _ in mapped], [k for _, k in mapped]])
         # Every unit a value was sent with (a few dozen), numbered once for all chunks.
+        # (As JSON text; bad: a unit, system or code that is not a string, QUANTITY_INVALID as in ColumnBuilder.
+        # Checked here once per distinct unit, not per row. The good ones are numbered first.)
         con.execute("""
             CREATE TABLE units AS
-            SELECT row_number() OVER (ORDER BY system, usent, utext) - 1 AS no, system, usent, utext FROM (
-                SELECT DISTINCT q.system AS system, q.code AS usent, q.unit AS utext FROM (
-                    SELECT q FROM obs WHERE q IS NOT NULL
-                    UNION ALL
-                    SELECT h.valueQuantity FROM (SELECT unnest(component) AS h FROM obs WHERE component IS NOT NULL)
-                    WHERE h.valueQuantity IS NOT NULL))""")
+            SELECT row_number() OVER (ORDER BY bad, system, usent, utext) - 1 AS no, system, usent, utext, bad FROM (
+                SELECT *, coalesce(json_type(system) NOT IN ('VARCHAR', 'NULL'), false)
+                          OR coalesce(json_type(usent) NOT IN ('VARCHAR', 'NULL'), false)
+                          OR coalesce(json_type(utext) NOT IN ('VARCHAR', 'NULL'), false) AS bad FROM (
+                    SELECT DISTINCT q.system AS system, q.code AS usent, q.unit AS utext FROM (
+                        SELECT q FROM obs WHERE q IS NOT NULL
+                        UNION ALL
+                        SELECT h.valueQuantity FROM (SELECT unnest(component) AS h FROM obs
+                                                     WHERE component IS NOT NULL)
+                        WHERE h.valueQuantity IS NOT NULL)))""")
         self.units = [unit_key({"system": system, "code": usent, "unit": utext})     # as ColumnBuilder keys them
-                      for system, usent, utext in con.execute("SELECT system, usent, utext FROM units ORDER BY no")
+                      for system, usent, utext in con.execute(
+                          "SELECT system->>'$', usent->>'$', utext->>'$' FROM units WHERE NOT bad ORDER BY no")
                       .fetchall()]
         con.execute("""CREATE TABLE static_rows AS SELECT m.chunk, s.rowid AS seq, s.resource
                        FROM statics s JOIN refmap m USING (ref) ORDER BY chunk, seq""")
@@ -256,19 +276,19 @@ class NdjsonExport:
     def _stage_observations(self, observations: list[Path]) -> None:
         # The one pass over the Observations. Insertion order is file order, so rowid numbers the
         # Observations as they were read. A reference that is not a JSON string names no patient (as in
-        # ColumnBuilder), rather than the text of whatever it is.
+        # ColumnBuilder), rather than the text of whatever it is; an Observation whose id is there but is no
+        # string cannot be named and is left out (as by ColumnBuilder and fhir.sources).
         self.con.execute("DROP TABLE IF EXISTS obs")
         self.con.execute(f"""
             CREATE TABLE obs AS
-            SELECT id, status,
+            SELECT id->>'$' AS id, status,
                    CASE WHEN json_type(subject.reference) = 'VARCHAR' THEN subject.reference->>'$' END AS ref,
-                   coalesce(nullif(effectiveDateTime, ''), nullif(effectiveInstant, ''),
-                            nullif(effectivePeriod."end", ''), nullif(effectivePeriod."start", ''),
-                            nullif(issued, '')) AS t,
+                   coalesce(effectiveDateTime, effectiveInstant, effectivePeriod."end", effectivePeriod."start",
+                            issued) AS t,
                    code.coding AS codings, valueQuantity AS q, valueInteger AS vi, valueBoolean AS vb,
                    valueCodeableConcept AS vc, {_INVALID} AS bad, component
             FROM read_ndjson({_files(observations)}, columns = {_columns(_OBSERVATION)})
-            WHERE resourceType = 'Observation'""")
+            WHERE resourceType = 'Observation' AND (id IS NULL OR json_type(id) = 'VARCHAR')""")
 
     def _normalized_copy(self, observations: list[Path]) -> list[Path]:
         """The Observation files rewritten by ``_normalized`` (same order), in the export's temp folder."""
@@ -348,7 +368,7 @@ def _normalized(obs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(obs.get("subject"), dict):
         obs.pop("subject", None)
     period = obs.get("effectivePeriod")
-    if period and not isinstance(period, dict):
+    if period is not None and not isinstance(period, dict):
         obs["effectivePeriod"] = {"end": "unreadable"}
     elif isinstance(period, dict):
         obs["effectivePeriod"] = {k: v if v is None or isinstance(v, str) else "unreadable"

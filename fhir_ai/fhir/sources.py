@@ -182,16 +182,27 @@ def _code_chunks(codes: tuple[tuple[str, str], ...], room: int) -> tuple[str, ..
 
 
 def _unique(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop repeats by id (split searches overlap; live paging can repeat an entry)."""
+    """Drop repeats by id (split searches overlap; live paging can repeat an entry).
+
+    A resource whose id is there but is not a string (a number, an object, a list: invalid FHIR) cannot be
+    told apart from another or named in a note: it is left out, as the folder source and the bulk path leave
+    it out, and counted in a warning (never with its content).
+    """
     seen: set[str] = set()
     out = []
+    invalid = 0
     for resource in resources:
         rid = resource.get("id")
         if rid is not None:
+            if rid.__class__ is not str:
+                invalid += 1
+                continue
             if rid in seen:
                 continue
             seen.add(rid)
         out.append(resource)
+    if invalid:
+        log.warning("FHIR server sent %d resource(s) whose id is not a string (invalid FHIR); not used", invalid)
     return out
 
 
@@ -408,15 +419,18 @@ def _has_code(observation: dict[str, Any], exact: set[tuple[str, str]],
 
 def _effective_range(observation: dict[str, Any]) -> tuple[datetime, datetime] | None:
     """The instants effective[x] covers; what the 'date' search parameter is compared with."""
-    value = observation.get("effectiveDateTime") or observation.get("effectiveInstant")
-    if value:
+    # As times.effective_time: an element that is there (not null) counts, readable or not (false, 0 raise).
+    value = observation.get("effectiveDateTime")
+    if value is None:
+        value = observation.get("effectiveInstant")
+    if value is not None:
         return datetime_range(value)
     period = observation.get("effectivePeriod")
-    if period and not isinstance(period, dict):
+    if period is not None and not isinstance(period, dict):
         raise ValueError("effectivePeriod is not a Period")
-    if period and (period.get("start") or period.get("end")):
-        start = datetime_range(period["start"])[0] if period.get("start") else MIN_TIME
-        end = datetime_range(period["end"])[1] if period.get("end") else MAX_TIME
+    if period and (period.get("start") is not None or period.get("end") is not None):
+        start = datetime_range(period["start"])[0] if period.get("start") is not None else MIN_TIME
+        end = datetime_range(period["end"])[1] if period.get("end") is not None else MAX_TIME
         return start, end
     return None
 

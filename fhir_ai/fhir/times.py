@@ -114,17 +114,26 @@ def format_datetime(dt: datetime) -> str:
     return text + "Z"
 
 
-def effective_time(observation: dict[str, Any]) -> str | None:
+def effective_time(observation: dict[str, Any]) -> Any:
     """When an Observation happened: effective[x] (Period end, else start), else issued.
 
-    As sent: from a server that sends invalid FHIR this may be something other than a string (an
-    effectivePeriod that is not an object comes back whole); callers treat that as unreadable.
+    The first of these that is there (not absent or null) decides, as sent: from a server that sends invalid
+    FHIR this may be something other than a string (false, 0, an object; an effectivePeriod that is not an
+    object comes back whole), which callers treat as unreadable. An effective[x] that is there but cannot be
+    read makes the Observation's time unreadable: it never falls through to ``issued`` (a different time).
     """
-    value = observation.get("effectiveDateTime") or observation.get("effectiveInstant")
-    if value:
+    value = observation.get("effectiveDateTime")
+    if value is None:
+        value = observation.get("effectiveInstant")
+    if value is not None:
         return value
     period = observation.get("effectivePeriod")
-    if period and not isinstance(period, dict):
-        return period
-    period = period or {}
-    return period.get("end") or period.get("start") or observation.get("issued")
+    if period is not None:
+        if period.__class__ is not dict:
+            return period
+        value = period.get("end")
+        if value is None:
+            value = period.get("start")
+        if value is not None:
+            return value
+    return observation.get("issued")
