@@ -100,11 +100,13 @@ def kick_off(jc: FlaskClient, url: str, body: dict[str, Any] | None = None) -> s
 
 def test_group_assess_answers_202_then_a_manifest_of_every_active_member(jc: FlaskClient, job_app: Flask) -> None:
     status_url = kick_off(jc, "/Group/ward-a/$assess")
+    assert jc.get(status_url, headers={"Accept": "application/fhir+xml"}).status_code == 406
     response = jc.get(status_url)
     assert response.status_code == 200
+    assert response.mimetype == "application/json"          # a manifest, as in Bulk Data: no FHIR resource
     manifest = response.get_json()
     assert manifest["transactionTime"] == AS_OF
-    assert manifest["request"] == "POST http://localhost/Group/ward-a/$assess"
+    assert manifest["request"] == "http://localhost/Group/ward-a/$assess"   # the kick-off URL, as in Bulk Data
     assert manifest["patients"] == 4 and manifest["assessed"] + manifest["insufficientData"] == 4
     assert manifest["failed"] == 0 and manifest["error"] == []
     # the inactive member (demo-005) and the Device member are left out
@@ -218,7 +220,7 @@ def test_status_urls_use_the_public_url_not_the_callers_host_header(settings_ove
         location = response.headers["Content-Location"]
         assert location.startswith("https://fhir-ai.hospital.example/api/jobs/")
         manifest = client.get(location.removeprefix("https://fhir-ai.hospital.example/api")).get_json()
-        assert manifest["request"] == "POST https://fhir-ai.hospital.example/api/Group/ward-b/$assess"
+        assert manifest["request"] == "https://fhir-ai.hospital.example/api/Group/ward-b/$assess"
         assert all(o["url"].startswith("https://fhir-ai.hospital.example/api/RiskAssessment/")
                    for o in manifest["output"])
     finally:
@@ -429,6 +431,7 @@ def test_scheduled_rescoring_starts_one_job_per_ward_per_slot(job_app: Flask) ->
     job = jobs.get(started[0])
     assert job is not None and job.status == "completed" and job.kind == "ward"
     assert job.as_of == datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc)   # the slot's start
+    assert job.request["request"] in ("/Group/ward-a/$assess", "/Group/ward-b/$assess") and job.request["scheduled"]
     assert len(tasks.rescore_wards(now=slot_time + 900)) == 2                  # the next slot
     assert {p for p, _ in assessment_rows(job_app)} == set(WARD) | {"demo-006"}
 

@@ -78,13 +78,13 @@ def times_now() -> Any:
 @requires("RiskAssessment", "c", audit="operation")
 def group_assess(group_id: str):  # type: ignore[no-untyped-def]
     check_id(group_id, "Group.id")
-    return _kick_off("group", group_id, f"POST {base_url()}/Group/{group_id}/$assess")
+    return _kick_off("group", group_id, f"{base_url()}/Group/{group_id}/$assess")
 
 
 @bp.post("/$assess-all")
 @requires("RiskAssessment", "c", audit="operation")
 def assess_all():  # type: ignore[no-untyped-def]
-    return _kick_off("all", "all", f"POST {base_url()}/$assess-all")
+    return _kick_off("all", "all", f"{base_url()}/$assess-all")
 
 
 def _visible(job: JobView | None) -> JobView:
@@ -100,6 +100,7 @@ def _visible(job: JobView | None) -> JobView:
 @bp.get("/jobs/<job_id>")
 @requires("RiskAssessment", "r", audit="read")
 def job_status(job_id: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
     check_id(job_id, "job id")
     jobs = _jobs()
     job = _visible(jobs.get(job_id))
@@ -117,12 +118,15 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     # the manifest's links is audited on its own): one event naming 10,000 patients is 2 MB.
     named = patients if len(patients) <= MAX_AUDITED_PATIENTS else []
     note_entities(([Entity(f"Group/{job.scope}")] if job.kind == "group" else []) + [Entity(p) for p in named])
-    return fhir_response(body)
+    answer = fhir_response(body)
+    answer.headers["Content-Type"] = "application/json; charset=utf-8"   # a manifest is no FHIR resource
+    return answer
 
 
 @bp.delete("/jobs/<job_id>")
 @requires("RiskAssessment", "c", audit="delete")
 def job_cancel(job_id: str):  # type: ignore[no-untyped-def]
+    check_accept(request)
     check_id(job_id, "job id")
     jobs = _jobs()
     _visible(jobs.get(job_id))

@@ -204,7 +204,9 @@ def rescore_wards(now: float | None = None) -> list[str]:
     started = []
     for ward in wards(settings):
         job_id, created = submit(runtime.jobs(), kind="ward", scope=ward, as_of=as_of,
-                                 request={"request": f"scheduled rescoring of Group/{ward}", "models": []},
+                                 # the URL a client would have asked (a scheduled job has no request of its own)
+                                 request={"request": f"{settings.public_url.rstrip('/')}/Group/{ward}/$assess",
+                                          "scheduled": True, "models": []},
                                  actor=actors.LOCAL, job_id=ward_job_id(ward, slot))
         if created:
             started.append(job_id)
