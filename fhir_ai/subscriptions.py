@@ -459,7 +459,9 @@ def _objects(value: Any) -> list[dict[str, Any]]:
 
 def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]]) -> bool:
     """A vital sign by category, or any code the deterioration mapping reads (components included)."""
-    if observation.get("resourceType") != "Observation" or observation.get("status") in IGNORED_STATUSES:
+    status = observation.get("status")
+    if observation.get("resourceType") != "Observation" or not isinstance(status, (str, type(None))) \
+            or status in IGNORED_STATUSES:
         return False
     for category in _objects(observation.get("category")):
         for coding in _objects(category.get("coding")):
@@ -470,8 +472,9 @@ def is_vital_sign(observation: dict[str, Any], codes: Iterable[tuple[str, str]])
     concepts = [observation.get("code")] + [c.get("code") for c in _objects(observation.get("component"))]
     for concept in concepts:
         for coding in _objects(concept.get("coding") if isinstance(concept, dict) else None):
-            code = coding.get("code")
-            if isinstance(code, str) and ((coding.get("system"), code) in wanted or code in any_system):
+            code, system = coding.get("code"), coding.get("system")
+            if isinstance(code, str) and isinstance(system, (str, type(None))) \
+                    and ((system, code) in wanted or code in any_system):
                 return True
     return False
 

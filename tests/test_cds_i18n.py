@@ -126,6 +126,21 @@ def test_triage_cards_are_all_korean(app: Flask, client: FlaskClient) -> None:
     check_korean(app, card, "triage")
 
 
+def test_a_triage_that_does_not_apply_says_so_in_korean(app: Flask, client: FlaskClient) -> None:
+    if "triage" not in app.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record()
+    del record["encounter"]["period"]        # an ED visit that cannot be placed in time: no current encounter
+    body = hook_request(record, prefetch=full_prefetch(record), server=False, hook="encounter-start")
+    card = the_card(call(client, korean(body), "triage"))
+    assert "이 내원에는 해당 없음" in card["summary"] and "자료 부족" not in card["summary"]
+    assert "시작 시각이 있는 현재 내원이 없음" in card["detail"]
+    check_korean(app, card, "triage")
+    english = the_card(call(client, hook_request(record, prefetch=full_prefetch(record), server=False,
+                                                 hook="encounter-start"), "triage"))
+    assert "not applicable to this encounter" in english["summary"]
+
+
 def test_the_checker_finds_english(app: Flask) -> None:
     model, mapping = app.extensions["fhir_ai"].registry.get("deterioration")
     assert english_words(f"심박수 (최근값): 128 /min — raised the risk (deterioration {model.version})",
@@ -154,4 +169,11 @@ def test_stored_sentences_in_korean(app: Flask) -> None:
                          "rejected); 이 서버에 저장되었고 재시도 대기 중"
     # ... and a phrase is replaced only as a whole word.
     assert tr("missing: pulse, temperature") == "missing: 맥박, 체온"
+    # A model that is not for this visit (mapping scoring.encounter_classes): the note and the warning.
+    assert tr("not applicable. The triage model is for encounters of class EMER; the current encounter "
+              "(Encounter/e1) is of class IMP.") == \
+        "해당 없음. 이 모델은 응급실 내원에만 적용됨; 현재 내원(Encounter/e1)은 입원 내원임."
+    assert tr("triage: not assessed, not applicable. The triage model is for encounters of class EMER; the "
+              "patient has no current encounter with a start time.") == \
+        "triage: 평가하지 못함, 해당 없음. 이 모델은 응급실 내원에만 적용됨; 시작 시각이 있는 현재 내원이 없음."
     assert tr("impulse; temperatures") == "impulse; temperatures"

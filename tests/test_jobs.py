@@ -101,6 +101,7 @@ def kick_off(jc: FlaskClient, url: str, body: dict[str, Any] | None = None) -> s
 def test_group_assess_answers_202_then_a_manifest_of_every_active_member(jc: FlaskClient, job_app: Flask) -> None:
     status_url = kick_off(jc, "/Group/ward-a/$assess")
     assert jc.get(status_url, headers={"Accept": "application/fhir+xml"}).status_code == 406
+    assert jc.get(status_url, headers={"Accept": "application/*"}).status_code == 200
     response = jc.get(status_url)
     assert response.status_code == 200
     assert response.mimetype == "application/json"          # a manifest, as in Bulk Data: no FHIR resource
@@ -321,7 +322,9 @@ def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: 
     assert "ValueError" in caplog.text and "fragile" in caplog.text          # the kind, and where
 
 
-def test_the_store_being_away_retries_the_whole_chunk(job_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["OperationalError", "InterfaceError"])
+def test_the_store_being_away_retries_the_whole_chunk(job_app: Flask, monkeypatch: pytest.MonkeyPatch,
+                                                      kind: str) -> None:
     from sqlalchemy.exc import OperationalError
     jobs = JobStore(store_of(job_app))
     jobs.create("job-6", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
@@ -331,9 +334,11 @@ def test_the_store_being_away_retries_the_whole_chunk(job_app: Flask, monkeypatc
     pipeline = job_app.extensions["fhir_ai"]
 
     def away(patient_id: str, **kwargs: Any) -> Any:
-        raise OperationalError("INSERT", {}, Exception("database is locked"))
+        # A lost connection may surface as another DBAPIError (psycopg: "connection already closed").
+        import sqlalchemy.exc
+        raise getattr(sqlalchemy.exc, kind)("INSERT", {}, Exception("connection lost"), connection_invalidated=True)
     monkeypatch.setattr(pipeline, "assess", away)
-    with pytest.raises(OperationalError):
+    with pytest.raises(OperationalError):            # what the task retries (RETRY's autoretry_for)
         tasks.assess_chunk("job-6", WARD[:1])
     assert jobs.item_status("job-6", WARD[0]) == "pending"      # not failed: tried again with the chunk
 

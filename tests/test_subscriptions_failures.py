@@ -200,13 +200,15 @@ def test_observations_that_are_not_valid_fhir_are_ignored_not_a_failure(log_and_
     _, events, gate = log_and_gate
     good = heart_rate("p2")
     odd = [{**heart_rate("p1"), "subject": "Patient/p1"},
+           {**heart_rate("p5"), "status": ["final"]},
+           {**heart_rate("p6"), "category": [], "code": {"coding": [{"system": ["http://loinc.org"], "code": "8867-4"}]}},
            {**heart_rate("p3"), "category": "vital-signs", "code": {"coding": {"code": "8867-4"}}},
            {**heart_rate("p4"), "component": ["x"], "category": ["vital-signs"], "code": "8867-4"}]
     done: list[str] = []
     bundle = parse_notification(notification("event-notification", [*odd, good], start=1))
     out = handle(bundle, source=NoSearch(), codes=[("http://loinc.org", "8867-4")], debounce=gate,
                  enqueue=done.append, events=events, now=NOW)
-    assert done == ["p2"] and out.ignored == 3
+    assert done == ["p2"] and out.ignored == 5
 
 
 def test_a_catch_up_that_breaks_keeps_its_claim_instead_of_failing_every_notification(

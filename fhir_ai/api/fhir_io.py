@@ -30,7 +30,7 @@ def check_accept(req: Request) -> None:
         raise NotAcceptable(f"_format {fmt!r} is not supported; this server speaks FHIR JSON",
                             expression="_format")
     accept = req.headers.get("Accept", "")
-    if accept and not any(t in accept for t in ("json", "*/*")):
+    if accept and not any(t in accept for t in ("json", "*/*", "application/*")):
         raise NotAcceptable(f"cannot answer in {accept!r}; use application/fhir+json")
 
 

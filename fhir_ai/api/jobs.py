@@ -117,7 +117,8 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     # A ward's patients by name; a hospital-wide job's by its Group (every assessment read through
     # the manifest's links is audited on its own): one event naming 10,000 patients is 2 MB.
     named = patients if len(patients) <= MAX_AUDITED_PATIENTS else []
-    note_entities(([Entity(f"Group/{job.scope}")] if job.kind == "group" else []) + [Entity(p) for p in named])
+    note_entities(([Entity(f"Group/{job.scope}")] if job.kind in ("group", "ward") else [])
+                  + [Entity(p) for p in named])
     answer = fhir_response(body)
     answer.headers["Content-Type"] = "application/json; charset=utf-8"   # a manifest is no FHIR resource
     return answer

@@ -77,11 +77,12 @@ class CardBuilder:
         lines: list[str] = []
         predictions = resource.get("prediction") or []
         if resource.get("status") == "cancelled" or not predictions:
-            reason = self.t("reason.insufficient")
+            said = _note(resource, "Not assessed:")
+            reason = self.t("reason.not_applicable" if (said or "").startswith("not applicable")
+                            else "reason.insufficient")
             summary = self.t("summary.not_assessed", title=self.title, reason=reason)
             indicator = "warning"   # not "info": an unassessed patient must not look like a low-risk one
-            lines.append(self.t("detail.not_assessed", reason=self.tr(_note(resource, "Not assessed:")
-                                                                      or reason)))
+            lines.append(self.t("detail.not_assessed", reason=self.tr(said or reason)))
         elif _level_predictions(predictions):
             levels_found = _level_predictions(predictions)
             best = next((pr for pr in levels_found if _risk_code(pr) == "high"),

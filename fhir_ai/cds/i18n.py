@@ -24,6 +24,7 @@ TEXT: dict[str, dict[str, str]] = {
                        "ko": "{title}: 예측 KTAS {level}단계({name}), 확률 {probability}{companion}"},
     "summary.not_assessed": {"en": "{title}: not assessed ({reason})", "ko": "{title}: 평가하지 못함 ({reason})"},
     "reason.insufficient": {"en": "insufficient data", "ko": "자료 부족"},
+    "reason.not_applicable": {"en": "not applicable to this encounter", "ko": "이 내원에는 해당 없음"},
     "reason.not_ed": {"en": "not an emergency department encounter", "ko": "응급실 내원이 아님"},
     "outcome.419099009": {"en": "in-hospital death", "ko": "원내 사망"},
     "ktas.1": {"en": "Resuscitation", "ko": "소생"},
@@ -87,10 +88,26 @@ _KO_PHRASES = [("raised the risk", "위험을 높임"), ("lowered the risk", "�
 # The sentences fhir_ai itself writes in English into stored notes, rationales and OperationOutcome issues
 # (fhir_ai.assessment, models.scoring.insufficient_reason, features.extract.Dropped and its reasons,
 # pipeline warnings), as they reach a card. Text quoted from elsewhere (an upstream server's error) stays.
+# Encounter.class codes (v3 ActCode) as a Korean reader knows them; another code is shown as it is.
+_KO_CLASSES = {"EMER": "응급실", "IMP": "입원", "ACUTE": "급성기 입원", "NONAC": "비급성기 입원", "AMB": "외래",
+               "OBSENC": "관찰", "PRENC": "사전 입원", "SS": "단기 입원", "HH": "가정 방문", "VR": "원격",
+               "FLD": "현장", "none given": "유형 없음"}
+
+
+def _classes(codes: str) -> str:
+    return ", ".join(_KO_CLASSES.get(code.strip(), code.strip()) for code in codes.split(","))
+
+
 _KO_SENTENCES = [(re.compile(pattern), korean) for pattern, korean in [
     (r"Found (\d+) of the core inputs \((.*?)\) in the time window; at least (\d+) are needed\.",
      r"시간 범위 안에서 핵심 입력값(\2) 중 \1개 확인됨; 최소 \3개가 필요함."),
     (r"not assessed, insufficient data\.", "평가하지 못함, 자료 부족."),
+    (r"not applicable\. The (\w+) model is for encounters of class ([^;]+); ",
+     lambda m: f"해당 없음. 이 모델은 {_classes(m.group(2))} 내원에만 적용됨; "),
+    (r"not assessed, 해당 없음\.", "평가하지 못함, 해당 없음."),
+    (r"the current encounter \((Encounter/[^)]+)\) is of class ([^.]+)\.",
+     lambda m: f"현재 내원({m.group(1)})은 {_classes(m.group(2))} 내원임."),
+    (r"the patient has no current encounter with a start time\.", "시작 시각이 있는 현재 내원이 없음."),
     (r"insufficient data\.", "자료 부족."),
     (r"(\d+) value\(s\) not used \(see RiskAssessment\.note\)", r"값 \1개를 사용하지 않음 (저장된 평가의 참고 사항 참조)"),
     (r"^Values not used: ", "사용하지 않은 값: "),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -91,6 +91,10 @@ class FeatureSet:
 
     def applicable(self) -> np.ndarray:
         """True where the current encounter is of a class the model is for (every row if it names none)."""
+        return self._applicable
+
+    @cached_property
+    def _applicable(self) -> np.ndarray:     # once: reasons are asked row by row
         wanted = self.mapping.encounter_classes
         if not wanted:
             return np.ones(len(self.patient_ids), dtype=bool)

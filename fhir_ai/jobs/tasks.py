@@ -141,7 +141,9 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
                 raise           # the whole chunk is tried again (RETRY): the store is away, not the patient
             except Exception as exc:   # noqa: BLE001 - one patient must not leave the job running forever
                 if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                    raise       # a lost database connection, however it surfaced: the chunk is tried again
+                    # A lost database connection, however it surfaced: the chunk is tried again (RETRY).
+                    raise DatabaseUnavailable(exc.statement, exc.params, exc.orig,
+                                              connection_invalidated=True) from exc
                 # A bug or data nobody foresaw: the patient fails, the others go on. Only the kind of
                 # error is kept, and logged with where it happened, never its text (it may quote patient data).
                 jobs.record(job_id, patient_id, "failed", error=f"internal error ({type(exc).__name__})")

@@ -25,7 +25,7 @@ def insufficient_reason(fs: FeatureSet, row: int) -> str:
         return (f"not applicable. The {mapping.model} model is for encounters of class "
                 f"{', '.join(mapping.encounter_classes)}; "
                 + (f"the current encounter (Encounter/{encounter}) is of class {found or 'none given'}."
-                   if encounter else "the patient has no current encounter."))
+                   if encounter else "the patient has no current encounter with a start time."))
     have = [name for name in mapping.core_inputs if fs.present[row, mapping.inputs[name].index]]
     labels = [mapping.inputs[name].label for name in mapping.core_inputs]
     return (f"insufficient data. Found {len(have)} of the core inputs ({', '.join(labels)}) in the time window; "
