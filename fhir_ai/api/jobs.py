@@ -19,6 +19,7 @@ from ..pipeline import Pipeline
 from ..store import actors
 from ..store.audit import Entity
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
+from .metadata import assess_parameters
 from .operations import parse_parameters
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class JobFailed(FhirAiError):
         super().__init__(message)
         self.status = status
         self.code = "not-found" if status == 404 else "transient" if status in (502, 503, 504) else "exception"
+
+
+def _pipeline() -> Pipeline:
+    return current_app.extensions["fhir_ai"]
 
 
 def _jobs() -> JobStore:
@@ -163,7 +168,7 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
     }
 
 
-def batch_definition(kind: str) -> dict[str, Any]:
+def batch_definition(kind: str, models: list[str]) -> dict[str, Any]:
     """The OperationDefinition of Group/[id]/$assess (``group``) or $assess-all (``all``)."""
     group = kind == "group"
     return {
@@ -179,26 +184,19 @@ def batch_definition(kind: str) -> dict[str, Any]:
                           "done; DELETE on it cancels. Each patient is assessed as by Patient/[id]/$assess."),
         **({"resource": ["Group"]} if group else {}),          # FHIR JSON has no empty arrays
         "system": not group, "type": False, "instance": group, "affectsState": True,
-        "parameter": [
-            {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
-             "documentation": "Model id; default deterioration."},
-            {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean",
-             "documentation": "Write the assessments to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
-            {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime",
-             "documentation": "Assess as of this time (default: the moment of the request), the same for the "
-                              "whole job."},
-        ],
+        "parameter": assess_parameters(models, "Assess as of this time (default: the moment of the request), "
+                                               "the same for the whole job."),
     }
 
 
 @bp.get("/OperationDefinition/group-assess")
 def group_assess_definition():  # type: ignore[no-untyped-def]
-    return fhir_response(batch_definition("group"))
+    return fhir_response(batch_definition("group", sorted(_pipeline().registry.models)))
 
 
 @bp.get("/OperationDefinition/assess-all")
 def assess_all_definition():  # type: ignore[no-untyped-def]
-    return fhir_response(batch_definition("all"))
+    return fhir_response(batch_definition("all", sorted(_pipeline().registry.models)))
 
 
 def capability_additions(statement: dict[str, Any]) -> None:

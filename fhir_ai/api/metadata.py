@@ -15,6 +15,18 @@ bp = Blueprint("metadata", __name__)
 ASSESS_DEFINITION = f"{codes.BASE}/OperationDefinition/assess"
 
 
+def assess_parameters(models: list[str], as_of: str = "Assess as of this time (default: now); later data is "
+                                                      "ignored.") -> list[dict[str, Any]]:
+    """The in-parameters every $assess variant shares: model, writeBack, asOf."""
+    return [
+        {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
+         "documentation": f"Model id; default deterioration. Available: {', '.join(models)}"},
+        {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean",
+         "documentation": "Write the assessment to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
+        {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime", "documentation": as_of},
+    ]
+
+
 def operation_definition(models: list[str]) -> dict[str, Any]:
     return {
         "resourceType": "OperationDefinition", "id": "assess", "url": ASSESS_DEFINITION,
@@ -24,12 +36,7 @@ def operation_definition(models: list[str]) -> dict[str, Any]:
                         "the same inputs returns the stored assessment instead of a duplicate."),
         "resource": ["Patient"], "system": False, "type": False, "instance": True, "affectsState": True,
         "parameter": [
-            {"name": "model", "use": "in", "min": 0, "max": "*", "type": "code",
-             "documentation": f"Model id; default deterioration. Available: {', '.join(models)}"},
-            {"name": "writeBack", "use": "in", "min": 0, "max": "1", "type": "boolean",
-             "documentation": "Write the assessment to the hospital's server (default: FHIR_AI_WRITE_BACK)."},
-            {"name": "asOf", "use": "in", "min": 0, "max": "1", "type": "dateTime",
-             "documentation": "Assess as of this time (default: now); later data is ignored."},
+            *assess_parameters(models),
             {"name": "encounter", "use": "in", "min": 0, "max": "1", "type": "Reference",
              "documentation": "The visit to assess (e.g. the ED encounter being triaged); default: the "
                               "patient's current encounter."},
