@@ -355,9 +355,8 @@ class EventLog:
         where to ``owe`` its events if they cannot be queued."""
         skipped = set(unread)
         numbers, count, unknown = _accounting(notification, skipped)
-        happened = [e.timestamp for i, e in enumerate(notification.events)
-                    if e.timestamp is not None and (e.focus is None or i in skipped)]
-        opened = max(min(happened), now - self.OPENING) if happened else None
+        opened = self.opening([e for i, e in enumerate(notification.events) if e.focus is None or i in skipped],
+                              now)
         token = uuid.uuid4().hex
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown),
@@ -370,6 +369,13 @@ class EventLog:
             return None, previous
         return Gap(int(found[1]), datetime.fromtimestamp(float(found[2]), timezone.utc) - self.MARGIN,
                    token), previous
+
+    @classmethod
+    def opening(cls, events: Iterable[Event], now: datetime) -> datetime | None:
+        """When the earliest of ``events`` happened (its ``timestamp``), at most ``OPENING`` before ``now``;
+        None if none says."""
+        happened = [e.timestamp for e in events if e.timestamp is not None]
+        return max(min(happened), now - cls.OPENING) if happened else None
 
     def settle(self, subscription: str, gap: Gap, done: bool) -> None:
         """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it.
@@ -564,9 +570,9 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                 # that fails every time costs one failure per lease, not every notification.
                 _quietly(events.settle, notification.subscription, gap, False)
             since = previous or now                   # when the log last moved before this notification,
-            happened = [e.timestamp for e in notification.events if e.timestamp is not None]
-            if happened:                              # or when its events happened, if earlier (a backlog)
-                since = min(since, max(min(happened), now - EventLog.OPENING))
+            opened = EventLog.opening(notification.events, now)
+            if opened is not None:                    # or when its events happened, if earlier (a backlog)
+                since = min(since, opened)
             if notification.events:
                 _quietly(events.owe, notification.subscription, len(notification.events), since)
             log.error("Subscription/%s: the notification's patients could not all be queued; a catch-up of its "
