@@ -198,7 +198,8 @@ def test_references_split_into_type_and_id(reference, parsed):
 
 
 def test_provenance_entities_of_every_shape_are_indexed_as_references():
-    """Basis references (the common 'Type/id' alone) and every other shape of entity.what."""
+    """Basis references (the common 'Type/id' alone) and every other shape of entity.what: references become
+    provenance_entity keys (id, type; each once), identifiers search index rows."""
     prov = {"entity": [{"what": {"reference": "Observation/o1"}},
                        {"what": {"reference": "https://h.test/fhir/Observation/o2"}},
                        {"what": {"reference": "Observation/o3/_history/4"}},
@@ -208,12 +209,14 @@ def test_provenance_entities_of_every_shape_are_indexed_as_references():
                        {"what": {"reference": ""}},
                        {"what": {"reference": "Observation/o6", "display": "SpO2"}},
                        {"what": {"identifier": {"system": "s", "value": "card"}, "display": "model card"}},
+                       {"what": {"reference": "Observation/o1"}, "role": "quotation"},
+                       {"what": {"reference": "Device/o1", "identifier": {"value": "d1"}}},
                        {"what": None}, {}]}
-    assert indexing.provenance(prov, "p1") == [
-        ("entity", "Observation", "o1", None), ("entity", "Observation", "o2", None),
-        ("entity", "Observation", "o3", None), ("entity", "Observation", "o4", None), ("entity", None, "o5", None),
-        ("entity", "Observation", "o6", None), ("entity:identifier", "s", "card", None),
-        ("patient", "Patient", "p1", None)]
+    assert indexing.provenance(prov, "p1") == (
+        [("entity:identifier", "s", "card", None), ("entity:identifier", None, "d1", None),
+         ("patient", "Patient", "p1", None)],
+        [("o1", "Observation"), ("o2", "Observation"), ("o3", "Observation"), ("o4", "Observation"), ("o5", ""),
+         ("o6", "Observation"), ("o1", "Device")])
 
 
 def _search(store: Store, resource_type: str, query: str) -> list[str]:

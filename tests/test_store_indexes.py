@@ -1,5 +1,5 @@
 """The store's indexes on the run's backend (SQLite, or PostgreSQL with --database=postgresql): migrations
-0004, 0005 and 0006 on a fresh database and on one with data in it (down to 0003 and up again), and searches that
+0004, 0005, 0006 and 0007 on a fresh database and on one with data in it (down to 0003 and up again), and searches that
 give the same answers before and after."""
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ HISTORY = {"ix_risk_assessment_version_history": ["last_updated", "id", "version
 SQLITE = {"ix_search_index_lookup": ["resource_type", "resource_seq", "param", "code"]}
 ELSEWHERE = {"ix_search_index_value": ["resource_type", "param", "code"],
              "ix_search_index_resource": ["resource_type", "resource_id"]}
+ENTITY_VALUE = {"ix_provenance_entity_value": ["reference_id", "reference_type"]}
 SEARCHES = [("Provenance", "entity=Observation/a1-obs-1"), ("Provenance", "entity=Observation/nothing"),
+            ("Provenance", "entity=a2-obs-1"), ("Provenance", "entity:missing=false"),
             ("Provenance", "target=RiskAssessment/a2"), ("Provenance", "patient=Patient/p2"),
             ("RiskAssessment", "subject=Patient/p1"), ("RiskAssessment", "risk=high"),
             ("RiskAssessment", "probability=gt0.3"), ("RiskAssessment", "probability:missing=true"),
@@ -62,8 +64,15 @@ def test_a_fresh_database_has_the_indexes_of_its_backend(database_url):
         assert "ix_risk_assessment_patient_id" not in _indexes(store, "risk_assessment")
         assert _indexes(store, "risk_assessment")["ix_risk_assessment_patient_created"] == ["patient_id", "created_at"]
         assert _indexes(store, "risk_assessment_version") == HISTORY
+        assert _indexes(store, "provenance_entity") == ({} if sqlite else ENTITY_VALUE)
     finally:
         store.close()
+
+
+def _plan(store: Store, sql: str) -> str:
+    """SQLite's EXPLAIN QUERY PLAN of ``sql``, its lines joined."""
+    with store.engine.connect() as connection:
+        return " ".join(str(row[-1]) for row in connection.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
 
 
 def _history(store: Store, *params: tuple[str, str]) -> list[tuple[str, str]]:
@@ -94,10 +103,8 @@ def test_type_level_history_reads_its_index_in_order(database_url):
         assert _indexes(store, "risk_assessment_version") == HISTORY
         assert _history(store) == served
         if store.engine.dialect.name == "sqlite":
-            with store.engine.connect() as connection:
-                plan = " ".join(str(row[-1]) for row in connection.execute(text(
-                    "EXPLAIN QUERY PLAN SELECT last_updated, id, version_id, resource FROM risk_assessment_version "
-                    "WHERE last_updated <= '9999' ORDER BY last_updated DESC, id DESC, version_id DESC LIMIT 3")))
+            plan = _plan(store, "SELECT last_updated, id, version_id, resource FROM risk_assessment_version "
+                                "WHERE last_updated <= '9999' ORDER BY last_updated DESC, id DESC, version_id DESC LIMIT 3")
             assert "ix_risk_assessment_version_history" in plan and "TEMP B-TREE" not in plan, plan
     finally:
         store.close()
@@ -158,5 +165,49 @@ def test_an_existing_database_is_upgraded_and_searches_answer_the_same(database_
         migrate(store.engine)
         assert _answers(store) == after
         assert {(t, rid, seq) for _, t, rid, seq, *_ in _index_rows(store)} == _resource_seqs(store)
+    finally:
+        store.close()
+
+
+def _entity_keys(store: Store) -> set[tuple]:
+    with store.engine.connect() as connection:
+        return {tuple(r) for r in connection.execute(text(
+            "SELECT provenance_seq, reference_id, reference_type FROM provenance_entity"))}
+
+
+def _entity_index_rows(store: Store) -> set[tuple]:
+    with store.engine.connect() as connection:
+        return {tuple(r) for r in connection.execute(text(
+            "SELECT s.resource_seq, s.code, s.system, s.resource_id, p.id FROM search_index s "
+            "LEFT JOIN provenance p ON p.seq = s.resource_seq "
+            "WHERE s.resource_type = 'Provenance' AND s.param = 'entity'"))}
+
+
+def test_provenance_entities_have_their_own_table_and_migrate_both_ways(database_url):
+    """0007: Provenance entity references are provenance_entity keys, not search index rows; down to 0006 they
+    are index rows of their Provenance again (as 0006 wrote them), up again keys, and searches answer the same.
+    On SQLite an entity search probes the table's own key (a WITHOUT ROWID table, no other index)."""
+    store = Store(database_url)
+    try:
+        _fill(store)
+        before = _answers(store)
+        assert before["Provenance?entity=Observation/a1-obs-1"][0] == 1
+        assert before["Provenance?entity=a2-obs-1"][0] == 1
+        keys = _entity_keys(store)
+        assert len(keys) >= 3 and _entity_index_rows(store) == set()
+        with store.engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0006_version_history_index")
+        with store.engine.connect() as connection:
+            assert "provenance_entity" not in inspect(connection).get_table_names()
+        rows = _entity_index_rows(store)
+        assert {(seq, code, system or "") for seq, code, system, _, _ in rows} == keys
+        assert all(rid == owner and rid is not None for *_, rid, owner in rows)
+        migrate(store.engine)
+        assert _entity_keys(store) == keys and _entity_index_rows(store) == set()
+        assert _answers(store) == before
+        if store.engine.dialect.name == "sqlite":
+            plan = _plan(store, "SELECT id FROM provenance p WHERE EXISTS (SELECT 1 FROM provenance_entity e "
+                                "WHERE e.provenance_seq = p.seq AND e.reference_id = 'x' AND e.reference_type = 'Observation')")
+            assert "USING PRIMARY KEY (provenance_seq=? AND reference_id=? AND reference_type=?)" in plan, plan
     finally:
         store.close()

@@ -21,7 +21,7 @@ from ..fhir import times
 from . import indexing, rawsql
 from .actors import Actor
 from .provenance import CLIENT_SYSTEM, ROLE_SYSTEM
-from .trail_tables import AuditEventRow, ChainHeadRow, SearchIndexRow
+from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
 
 GENESIS = "0" * 64
 CHAIN_EXTENSION = f"{codes.BASE}/StructureDefinition/audit-chain"
@@ -133,6 +133,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
 _INDEX_INSERT = rawsql.Insert(SearchIndexRow.__table__,
                               ("resource_type", "resource_id", "resource_seq", "param", "system", "code",
                                "number"))
+_ENTITY_INSERT = rawsql.Insert(ProvenanceEntityRow.__table__, ("provenance_seq", "reference_id", "reference_type"))
 _EVENT_INSERT = rawsql.Insert(AuditEventRow.__table__, ("seq", "id", "recorded", "action", "outcome", "agent",
                                                        "role", "prev_hash", "hash", "resource"))
 _LOCK_HEAD = f"UPDATE {ChainHeadRow.__tablename__} SET seq = seq WHERE id = 1 RETURNING seq, hash"
@@ -144,7 +145,8 @@ class Chain:
 
     ``connection`` is the transaction's Connection (``session.connection()`` in an ORM session).
     Events and search index rows (``index``: also those of the other resources the transaction
-    writes) are buffered and inserted by ``close()``, one INSERT per table (``rawsql.Insert``).
+    writes, and ``entities``: a Provenance's entity keys) are buffered and inserted by ``close()``, one
+    INSERT per table (``rawsql.Insert``).
     """
 
     def __init__(self, connection: Connection) -> None:
@@ -155,10 +157,15 @@ class Chain:
         self.seq, self.hash = int(row[0]), str(row[1])
         self._events: list[tuple[Any, ...]] = []
         self._index: list[tuple[Any, ...]] = []
+        self._entities: list[tuple[Any, ...]] = []
 
     def index(self, resource_type: str, resource_id: str, seq: int, entries: list[indexing.Entry]) -> None:
         """Buffer the search index rows of a resource this transaction writes (``seq``: its row's)."""
         self._index += [(resource_type, resource_id, seq, *entry) for entry in entries]
+
+    def entities(self, seq: int, keys: list[indexing.EntityKey]) -> None:
+        """Buffer the entity keys of a Provenance this transaction writes (``seq``: its row's)."""
+        self._entities += [(seq, *key) for key in keys]
 
     def append(self, access: Access, actor: Actor, recorded: datetime) -> dict[str, Any]:
         event = build_event(access, actor, recorded)
@@ -179,6 +186,6 @@ class Chain:
         move = None
         if self._events:
             move = (rawsql.statement(self.connection, _MOVE_HEAD, 1, 1), (self.seq, self.hash))
-        rawsql.insert_all(self.connection, [*rows, (_EVENT_INSERT, self._events), (_INDEX_INSERT, self._index)],
-                          then=move)
-        self._events, self._index = [], []
+        rawsql.insert_all(self.connection, [*rows, (_EVENT_INSERT, self._events), (_INDEX_INSERT, self._index),
+                                            (_ENTITY_INSERT, self._entities)], then=move)
+        self._events, self._index, self._entities = [], [], []

@@ -1,13 +1,15 @@
 """What each stored resource contributes to the search index: (param, system, code, number) rows.
 
 Every $assess indexes two Provenance with one entity per basis reference (~50 each), so the rows are
-built in one pass with plain appends (no generators, one string split per reference).
+built in one pass with plain appends (no generators, one string split per reference); those entity
+references are keys of their own table (trail_tables.ProvenanceEntityRow), not search index rows.
 """
 from __future__ import annotations
 
 from typing import Any
 
 Entry = tuple[str, str | None, str | None, float | None]
+EntityKey = tuple[str, str]          # a Provenance entity reference: (id, type or '')
 
 _ACTION = "http://hl7.org/fhir/audit-event-action"
 _OUTCOME = "http://hl7.org/fhir/audit-event-outcome"
@@ -63,24 +65,35 @@ def risk_assessment(resource: dict[str, Any]) -> list[Entry]:
     return out
 
 
-def provenance(resource: dict[str, Any], patient_id: str | None) -> list[Entry]:
+def provenance(resource: dict[str, Any], patient_id: str | None) -> tuple[list[Entry], list[EntityKey]]:
+    """(search index rows, entity keys): ``entity`` references go to provenance_entity as (id, type) keys,
+    distinct, type '' where the reference names none; everything else (``entity:identifier`` too) is rows."""
     out: list[Entry] = []
+    keys: dict[EntityKey, None] = {}
     for target in resource.get("target") or ():
         _reference(out, "target", target)
     for agent in resource.get("agent") or ():
         _reference(out, "agent", agent.get("who"))
     for entity in resource.get("entity") or ():
         what = entity.get("what")
-        reference = what.get("reference") if what.__class__ is dict and len(what) == 1 else None
-        # the common case, a basis reference 'Type/id' alone: split inline (as split_reference would)
-        if reference and reference[0] != "#" and reference[-1] != "/" and "/_history/" not in reference:
-            head, slash, last = reference.rpartition("/")
-            out.append(("entity", head.rpartition("/")[2] if slash else None, last, None))
-        else:
-            _reference(out, "entity", what)
+        if what.__class__ is not dict:
+            continue
+        reference = what.get("reference")
+        if reference:
+            # the common case, a basis reference 'Type/id' alone: split inline (as split_reference would)
+            if reference[0] != "#" and reference[-1] != "/" and "/_history/" not in reference:
+                head, slash, last = reference.rpartition("/")
+                keys[(last, head.rpartition("/")[2] if slash else "")] = None
+            else:
+                parsed = split_reference(reference)
+                if parsed:
+                    keys[(parsed[1], parsed[0] or "")] = None
+        identifier = what.get("identifier")
+        if isinstance(identifier, dict) and identifier.get("value"):
+            out.append(("entity:identifier", identifier.get("system"), identifier["value"], None))
     if patient_id:
         out.append(("patient", "Patient", patient_id, None))
-    return out
+    return out, list(keys)
 
 
 def audit_event(resource: dict[str, Any]) -> list[Entry]:

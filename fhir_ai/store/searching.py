@@ -13,7 +13,8 @@ from ..search.params import (Cursor, Filter, HistoryCursor, HistoryQuery, Search
                              echo_digest)
 from ..search.values import DateValue, NumberValue, Reference, Token
 from .tables import AssessmentRow
-from .trail_tables import AssessmentVersionRow, AuditEventRow, ProvenanceRow, SearchIndexRow, probes_by_seq
+from .trail_tables import (AssessmentVersionRow, AuditEventRow, ProvenanceEntityRow, ProvenanceRow, SearchIndexRow,
+                           probes_by_seq)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ def reference_clause(value: Reference) -> ColumnElement[bool]:
     return and_(SearchIndexRow.system == value.type, SearchIndexRow.code == value.id)
 
 
+def entity_clause(value: Reference) -> ColumnElement[bool]:
+    """``reference_clause`` on provenance_entity (Provenance?entity=: its own table, trail_tables)."""
+    if value.type is None:
+        return ProvenanceEntityRow.reference_id == value.id
+    return and_(ProvenanceEntityRow.reference_id == value.id, ProvenanceEntityRow.reference_type == value.type)
+
+
 def filter_clause(resource_type: str, key: Any, item: Filter, *, by_seq: bool = False) -> ColumnElement[bool]:
     """``key``: the searched table's id; its index rows are found by the row's ``seq`` (``by_seq``) or id."""
     param, spec = item.param, SPECS[resource_type]
@@ -98,11 +106,18 @@ def filter_clause(resource_type: str, key: Any, item: Filter, *, by_seq: bool = 
             return start.is_(None) if item.values[0] else start.is_not(None)
         return or_(false(), *[date_clause(start, end, v) for v in item.values])
     name = param.key + (":identifier" if item.modifier == "identifier" else "")
-    probe = SearchIndexRow.resource_seq == spec.row.seq if by_seq else SearchIndexRow.resource_id == key
+    references = reference_clause
+    if resource_type == "Provenance" and name == "entity":          # its own table, probed by seq everywhere
+        references = entity_clause
 
-    def indexed(condition: ColumnElement[bool]) -> ColumnElement[bool]:
-        return exists().where(SearchIndexRow.resource_type == resource_type, probe, SearchIndexRow.param == name,
-                              condition)
+        def indexed(condition: ColumnElement[bool]) -> ColumnElement[bool]:
+            return exists().where(ProvenanceEntityRow.provenance_seq == spec.row.seq, condition)
+    else:
+        probe = SearchIndexRow.resource_seq == spec.row.seq if by_seq else SearchIndexRow.resource_id == key
+
+        def indexed(condition: ColumnElement[bool]) -> ColumnElement[bool]:
+            return exists().where(SearchIndexRow.resource_type == resource_type, probe,
+                                  SearchIndexRow.param == name, condition)
 
     if item.modifier == "missing":
         return not_(indexed(true())) if item.values[0] else indexed(true())
@@ -111,7 +126,7 @@ def filter_clause(resource_type: str, key: Any, item: Filter, *, by_seq: bool = 
     if param.kind == "token" or item.modifier == "identifier":
         matched = or_(false(), *[indexed(token_clause(v)) for v in item.values])
         return not_(matched) if item.modifier == "not" else matched
-    return or_(false(), *[indexed(reference_clause(v)) for v in item.values])
+    return or_(false(), *[indexed(references(v)) for v in item.values])
 
 
 def run(session: Session, query: SearchQuery) -> Page:

@@ -100,8 +100,10 @@ def patient_of(resource: dict[str, Any]) -> str | None:
 
 def _provenance_row(chain: Chain, prov: dict[str, Any], target_id: str, version: int, patient: str | None,
                     seq: int, now: datetime) -> tuple[Any, ...]:
-    """The provenance row (``_PROVENANCE_INSERT``); its search index goes into the chain's buffer."""
-    chain.index("Provenance", prov["id"], seq, indexing.provenance(prov, patient))
+    """The provenance row (``_PROVENANCE_INSERT``); its search index and entity keys go into the chain's buffers."""
+    entries, entities = indexing.provenance(prov, patient)
+    chain.index("Provenance", prov["id"], seq, entries)
+    chain.entities(seq, entities)
     return prov["id"], seq, target_id, version, now, now, orjson.dumps(prov).decode()
 
 

@@ -99,11 +99,29 @@ class SearchIndexRow(Base):
     # resource_seq, param, code) answers every probe with one seek, a resource's rows side by side. Keyed
     # on the storage order (ever growing), a transaction's new entries go to the right edge of each
     # type's part of the index: ~6 pages a $assess, where resource ids (random) took ~25 scattered ones
-    # (measured); a value index would take ~50, one per Provenance entity.
+    # (measured); a value index would take ~50, one per Provenance entity (those are in provenance_entity).
     __table_args__ = (only_on_sqlite(Index("ix_search_index_lookup", "resource_type", "resource_seq", "param",
                                            "code"), True),
                       only_on_sqlite(Index("ix_search_index_value", "resource_type", "param", "code"), False),
                       only_on_sqlite(Index("ix_search_index_resource", "resource_type", "resource_id"), False))
+
+
+class ProvenanceEntityRow(Base):
+    """The resources each stored Provenance names as its entities (``Provenance?entity=``): one row per
+    distinct (provenance, type, id). Every $assess stores two Provenance with ~50 inputs each, so these
+    rows are most of a write: kept out of search_index, one narrow key and nothing else. On SQLite the
+    table is its primary key (WITHOUT ROWID: each row stored once, a transaction's rows appended at the
+    key's right edge); searches probe it by the Provenance's seq as they probe search_index. PostgreSQL
+    adds the value index (id, type → seq) its semi-joins start from. ``reference_type`` is '' for a
+    reference that names no type ('o5': found by ``entity=o5`` only)."""
+    __tablename__ = "provenance_entity"
+
+    provenance_seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    reference_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    reference_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (only_on_sqlite(Index("ix_provenance_entity_value", "reference_id", "reference_type"), False),
+                      {"sqlite_with_rowid": False})
 
 
 def probes_by_seq(dialect: str) -> bool:
