@@ -12,7 +12,6 @@ import logging
 import re
 import time
 import uuid
-from urllib.parse import urlsplit
 from collections import Counter
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +43,8 @@ DEFAULT_POLL = 5.0        # seconds between polls when the server does not say
 MAX_POLL = 300.0          # our own back-off never grows past this (a Retry-After is honoured as it is)
 FAILING_FOR = 1800.0      # give up polling when the status URL has failed (no answer, 408, 5xx) this long
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5         # hops followed for one file download
 _ISSUE_CODE = re.compile(r"[a-z-]{1,40}")             # http://hl7.org/fhir/issue-type: logged, nothing else
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -303,23 +304,22 @@ class BulkDataClient:
         """Only files on our server's origin, or https ones elsewhere. The token goes with a file only
         when the manifest says files need it; to our own server also when the manifest does not say
         (files behind the same OAuth); never otherwise. A download cut off is fetched again (within
-        ``retries``); the file appears under its name only when complete."""
-        origin = _origin(url)
-        scheme, host, _ = origin
+        ``retries``, from the manifest's URL: a redirect's pre-signed URL may have expired by then);
+        the file appears under its name only when complete."""
+        origin = self._file_origin(url, "the export manifest lists a file on")
+        host = origin[1]
         ours = origin == self._origin
-        if not ours and scheme != "https":
-            raise UpstreamError(f"the export manifest lists a file on {host or 'no host'} over "
-                                f"{scheme or 'no scheme'}; only https files (or ones on the FHIR server's own "
-                                "origin) are fetched", temporary=False)
         send_token = requires_token is True or (requires_token is None and ours)
         if send_token and not ours:
             log.warning("export file on another host; sending the token because requiresAccessToken is true")
         partial = path.with_name(path.name + ".part")
         attempt = 0
         while True:
-            response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True, credentials=send_token)
+            response = self._open_file(url, send_token)
             if response.status_code != 200:
-                raise self._error("export file download", response)
+                problem = self._error("export file download", response)
+                response.close()
+                raise problem
             try:
                 with open(partial, "wb") as out:
                     for block in response.iter_content(1 << 20):
@@ -336,6 +336,39 @@ class BulkDataClient:
             attempt += 1
             log.warning("export file download from %s cut off; fetching it again", host)
             self._sleep(DEFAULT_POLL * 2 ** (attempt - 1))
+
+    def _open_file(self, url: str, send_token: bool) -> requests.Response:
+        """GET a file, following at most ``MAX_REDIRECTS`` redirects: an output file server may hand the
+        download on, e.g. to object storage with a pre-signed URL. Each target must pass the rule the
+        manifest's URL passed (our origin, or https), checked before it is asked. The token goes only to
+        the origin the manifest named, never to one a redirect names: a pre-signed URL must not get it
+        (object storage refuses a second authorization), and a redirect must not carry it off. The hops
+        are followed here, not by requests, so that each target is checked before anything is sent to it."""
+        first = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True,
+                                     credentials=send_token and _origin(url) == first)
+            if response.status_code not in REDIRECTS:
+                return response
+            location = response.headers.get("Location")
+            response.close()
+            if not location:
+                raise UpstreamError(f"export file download: HTTP {response.status_code} without Location",
+                                    temporary=False, upstream_status=response.status_code)
+            url = urljoin(url, location)
+            self._file_origin(url, "a redirect of an export file leads to")
+            log.debug("export file redirected (HTTP %d) to %s", response.status_code, _origin(url)[1])
+        raise UpstreamError(f"export file download: more than {MAX_REDIRECTS} redirects", temporary=False)
+
+    def _file_origin(self, url: str, what: str) -> tuple[str, str, int | None]:
+        """The origin of a file URL we may fetch: the FHIR server's own, or any over https (the URL
+        itself stays out of the message: a pre-signed one carries its signature)."""
+        origin = _origin(url)
+        scheme, host, _ = origin
+        if origin != self._origin and scheme != "https":
+            raise UpstreamError(f"{what} {host or 'no host'} over {scheme or 'no scheme'}; only https files "
+                                "(or ones on the FHIR server's own origin) are fetched", temporary=False)
+        return origin
 
     def _request(self, method: str, url: str, *, headers: dict[str, str], params: Any = None,
                  data: bytes | None = None, stream: bool = False, retry: bool = True,

@@ -321,6 +321,96 @@ def test_files_on_our_own_plain_http_server_are_fetched(clock: Clock, tmp_path: 
     assert responses.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
 
 
+# -- redirected file requests --------------------------------------------------------------------------
+
+BUCKET = "https://bucket.example.net/exports"
+SIGNED = "X-Amz-Signature=s3cr3t"
+
+
+def one_file(url: str, requires_token: bool | None = True) -> Manifest:
+    return Manifest.parse({**manifest(requires_token=requires_token), "output": [{"type": "Patient", "url": url}]})
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [302, 303, 307])
+def test_a_file_redirected_to_object_storage_is_fetched_without_our_token(client: BulkDataClient, tmp_path: Path,
+                                                                          status: int) -> None:
+    whole = (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
+    responses.get(f"{FILES}/Patient.ndjson", status=status, headers={"Location": f"{BUCKET}/p.ndjson?{SIGNED}"})
+    responses.get(f"{BUCKET}/p.ndjson?{SIGNED}", body=whole)
+    got = client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert got.files["Patient"][0].read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Patient.000.ndjson"]     # no .part left
+    # What went on the wire: the token to the FHIR server's origin the manifest named, not to the bucket.
+    sent = [(c.request.url.split("?")[0], c.request.headers.get("Authorization")) for c in responses.calls]
+    assert sent == [(f"{FILES}/Patient.ndjson", f"Bearer {TOKEN}"), (f"{BUCKET}/p.ndjson", None)]
+
+
+@responses.activate
+def test_a_redirect_keeps_the_token_on_the_origin_the_manifest_named_only(client: BulkDataClient,
+                                                                          tmp_path: Path) -> None:
+    """A relative Location on our server keeps the token; a hop from a foreign file server the manifest
+    said needs the token (requiresAccessToken) to yet another host does not carry it there."""
+    responses.get(f"{FILES}/Patient.ndjson", status=307, headers={"Location": "/files/v2/Patient.ndjson"})
+    responses.get(f"{FILES}/v2/Patient.ndjson", body=b"{}\n")
+    client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path / "ours")
+    assert [c.request.headers.get("Authorization") for c in responses.calls] == [f"Bearer {TOKEN}"] * 2
+    responses.reset()
+    responses.get("https://files.example.com/Patient.ndjson", status=302,
+                  headers={"Location": f"{BUCKET}/p.ndjson?{SIGNED}"})
+    responses.get(f"{BUCKET}/p.ndjson?{SIGNED}", status=302,
+                  headers={"Location": "https://files.example.com/again.ndjson"})
+    responses.get("https://files.example.com/again.ndjson", body=b"{}\n")
+    client.download(one_file("https://files.example.com/Patient.ndjson"), tmp_path / "theirs")
+    assert [c.request.headers.get("Authorization") for c in responses.calls] == [f"Bearer {TOKEN}", None,
+                                                                                f"Bearer {TOKEN}"]
+
+
+@responses.activate
+@pytest.mark.parametrize("target, host", [
+    (f"http://bucket.example.net/p.ndjson?{SIGNED}", "bucket.example.net"),       # not https
+    ("http://ehr.example.org/files/p.ndjson", "ehr.example.org"),                 # our host, downgraded
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+    ("file:///etc/passwd", "no host"),
+])
+def test_a_redirect_off_our_origin_must_be_https_too(client: BulkDataClient, tmp_path: Path, target: str,
+                                                     host: str) -> None:
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": target})
+    with pytest.raises(UpstreamError, match=f"redirect of an export file leads to {host} ") as refused:
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert "s3cr3t" not in refused.value.message and refused.value.temporary is False
+    assert len(responses.calls) == 1 and not list(tmp_path.iterdir())          # the target never asked
+
+
+@responses.activate
+def test_redirects_are_followed_within_a_bound(client: BulkDataClient, tmp_path: Path) -> None:
+    from fhir_ai.bulkdata import MAX_REDIRECTS
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{FILES}/Patient.ndjson"})
+    with pytest.raises(UpstreamError, match=f"more than {MAX_REDIRECTS} redirects"):
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert len(responses.calls) == MAX_REDIRECTS + 1 and not list(tmp_path.iterdir())
+    responses.reset()
+    responses.get(f"{FILES}/Patient.ndjson", status=302)                       # no Location
+    with pytest.raises(UpstreamError, match="HTTP 302 without Location"):
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+
+
+@responses.activate
+def test_a_redirected_download_cut_off_starts_again_at_the_manifests_url(client: BulkDataClient, clock: Clock,
+                                                                         tmp_path: Path) -> None:
+    """The second attempt asks the manifest's URL again (a pre-signed URL may have expired meanwhile)."""
+    whole = (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{BUCKET}/1?{SIGNED}"})
+    responses.get(f"{BUCKET}/1?{SIGNED}", body=CutOff(whole))
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{BUCKET}/2?{SIGNED}"})
+    responses.get(f"{BUCKET}/2?{SIGNED}", body=whole)
+    got = client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert got.files["Patient"][0].read_bytes() == whole
+    assert [c.request.url.split("?")[0] for c in responses.calls] == [
+        f"{FILES}/Patient.ndjson", f"{BUCKET}/1", f"{FILES}/Patient.ndjson", f"{BUCKET}/2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Patient.000.ndjson"]
+
+
 # -- M5: which subjects are patients -------------------------------------------------------------------
 
 def test_only_patient_subjects_count_as_changed_patients(tmp_path: Path) -> None:
