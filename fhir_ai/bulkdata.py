@@ -3,8 +3,9 @@
 https://hl7.org/fhir/uv/bulkdata/export.html — kick-off with ``Prefer: respond-async`` answers 202 and a
 status URL; polling answers 202 (``X-Progress``, ``Retry-After``; 429 when polled too fast) until a 200
 manifest (``transactionTime``, ``output[]``, ``error[]``, ``deleted[]``) or a 4xx/5xx OperationOutcome (the
-export failed, unless an issue is ``transient``); DELETE cancels. The next run asks ``_since`` the last
-manifest's ``transactionTime``, once a run has been complete.
+export failed, unless an issue is ``transient``); DELETE cancels. The files may be redirected (e.g. to
+object storage). The next run asks ``_since`` the last manifest's ``transactionTime``, once a run has been
+complete (error files: see PER_RESOURCE).
 """
 from __future__ import annotations
 
@@ -76,15 +77,38 @@ class Manifest:
                    body.get("request"), files["deleted"])
 
 
+# What an error-severity issue in an export's error files does to the next run's ``_since``, by its code
+# (http://hl7.org/fhir/R4/codesystem-issue-type.html). These say the server could not export a resource
+# for a reason that lies with that resource - it is invalid, refers to what is not there, breaks a rule
+# (processing and its children) - or with what we may see (forbidden, suppressed). Asking again will not
+# mend them, and a resource that is mended gets a new lastUpdated, so a later ``_since`` export brings it
+# anyway. They are counted and reported (codes only) but let ``_since`` advance: one bad resource must not
+# pin the hospital's incremental exports to one point until someone runs --full. (Access granted later
+# does not change a resource: after widening our access, run --full.)
+# Every other error keeps ``_since`` where it was, so that the next run asks for the same again: the
+# transient family (transient, exception, timeout, throttled, lock-error, no-store, incomplete), our
+# credentials (security, login, unknown, expired), too-costly (the server's load, not the resource),
+# conflict (a resource changing while exported), codes we do not know, lines that are no OperationOutcome,
+# and any ``fatal`` issue (an export of something failed outright, not one resource).
+PER_RESOURCE = frozenset({
+    "invalid", "structure", "required", "value", "invariant",
+    "processing", "not-supported", "duplicate", "multiple-matches", "not-found", "deleted", "too-long",
+    "code-invalid", "extension", "business-rule",
+    "forbidden", "suppressed",
+})
+
+
 @dataclass
 class Downloaded:
     """One manifest's files in a folder, and what its error files said (counts and issue codes only:
     the diagnostics may name patients)."""
     files: dict[str, list[Path]] = field(default_factory=dict)     # output files by resource type
     deleted: list[Path] = field(default_factory=list)
-    errors: int = 0                 # issues of severity error or fatal (or none), lines that are no OperationOutcome
+    errors: int = 0                 # issues that keep _since: fatal, no severity, error not per resource, unreadable lines
     warnings: int = 0               # issues of severity warning or information: they do not block
     error_codes: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0                # error issues PER_RESOURCE: reported, but _since advances
+    skipped_codes: Counter[str] = field(default_factory=Counter)
 
     def read_error_file(self, path: Path) -> None:
         with open(path, "rb") as handle:
@@ -102,12 +126,25 @@ class Downloaded:
                     continue
                 for issue in issues:
                     issue = issue if isinstance(issue, dict) else {}
-                    if issue.get("severity") in ("information", "warning"):
+                    severity = issue.get("severity")
+                    if severity in ("information", "warning"):
                         self.warnings += 1
                         continue
                     code = str(issue.get("code"))
-                    self.errors += 1
-                    self.error_codes[code if _ISSUE_CODE.fullmatch(code) else "other"] += 1
+                    code = code if _ISSUE_CODE.fullmatch(code) else "other"
+                    if severity == "error" and code in PER_RESOURCE:
+                        self.skipped += 1
+                        self.skipped_codes[code] += 1
+                    else:
+                        self.errors += 1
+                        self.error_codes[code] += 1
+
+    def add(self, other: "Downloaded") -> None:
+        """Count another manifest's error files with these."""
+        self.errors, self.warnings, self.skipped = (self.errors + other.errors, self.warnings + other.warnings,
+                                                    self.skipped + other.skipped)
+        self.error_codes.update(other.error_codes)
+        self.skipped_codes.update(other.skipped_codes)
 
 
 @dataclass
@@ -249,8 +286,11 @@ class BulkDataClient:
             got.read_error_file(path)
         if got.errors:
             log.warning("export reported %d error(s) (issue codes: %s) and %d warning(s); the run will not "
-                        "count as complete", got.errors, _codes(got.error_codes), got.warnings)
-        elif got.warnings:
+                        "count as complete", got.errors, issue_codes(got.error_codes), got.warnings)
+        if got.skipped:
+            log.warning("export could not export %d resource(s) (issue codes: %s); reported, but not asked "
+                        "for again", got.skipped, issue_codes(got.skipped_codes))
+        if got.warnings and not got.errors:
             log.info("export reported %d warning(s)", got.warnings)
         return got
 
@@ -440,7 +480,8 @@ def _json(response: requests.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _codes(counts: Counter[str]) -> str:
+def issue_codes(counts: Counter[str]) -> str:
+    """The five commonest issue codes with their counts, e.g. 'not-found 3, invalid 1'."""
     return ", ".join(f"{code} {n}" for code, n in counts.most_common(5))
 
 
@@ -564,12 +605,28 @@ class ExportRun:
     queued: int = 0           # not written back: left to the write-back worker (fhir-ai worker)
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
-    export_errors: int = 0    # issues of severity error/fatal in the manifests' error files
+    issues: Downloaded = field(default_factory=Downloaded)   # what the manifests' error files said
+
+    @property
+    def export_errors(self) -> int:
+        """Issues in the error files that keep ``_since`` (see PER_RESOURCE)."""
+        return self.issues.errors
+
+    @property
+    def export_skipped(self) -> int:
+        """Resources the server could not export for good (PER_RESOURCE): reported, not asked again."""
+        return self.issues.skipped
 
     @property
     def complete(self) -> bool:
-        """Everything exported and written back: this run's transactionTime is the next ``_since``."""
+        """Everything exported that a later export could bring, and all written back: this run's
+        transactionTime is the next ``_since``."""
         return not self.written.failed and not self.export_errors
+
+    @property
+    def partial(self) -> bool:
+        """Complete, but the server reported resources it could not export (PER_RESOURCE)."""
+        return self.complete and self.export_skipped > 0
 
 
 def client_from_settings(settings: Settings, **kwargs: Any) -> BulkDataClient:
@@ -588,8 +645,10 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     names - and those whose assessments used a resource it lists as deleted - are exported again in
     full (POST kick-off with ``patient``) before scoring. Downloads go to ``workdir``/export and
     ``workdir``/changed, emptied first: a run scores only its own files. The run's ``transactionTime``
-    becomes the next ``_since`` only when the run is complete (no export errors, all written back);
-    otherwise, and on any failure, the job is left failed.
+    becomes the next ``_since`` only when the run is complete (no export error a later export could
+    mend, all written back); otherwise, and on any failure, the job is left failed. Resources the server
+    could not export for good (PER_RESOURCE) make a complete run ``partial``: counted by issue code in
+    the job's result (``notExported``), not asked for again.
     """
     from .bulk import bulk_assess
     scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
@@ -603,8 +662,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         manifest = _export(client, group=group, since=since)
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
-        run = ExportRun(job_id, manifest.transaction_time, since, output=output, export_errors=got.errors)
-        codes = got.error_codes
+        run = ExportRun(job_id, manifest.transaction_time, since, output=output)
+        run.issues.add(got)
         if since:
             patients = changed_patients(got.files, client.base_url)
             gone = deleted_patients(jobs.store, got.deleted, client.base_url)
@@ -614,9 +673,7 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             if patients:
                 full_manifest = _export(client, group=group, patients=patients)
                 folder = _emptied(workdir / "changed")
-                again = client.download(full_manifest, folder)
-                run.export_errors += again.errors
-                codes = codes + again.error_codes
+                run.issues.add(client.download(full_manifest, folder))
             else:
                 folder = None
         if folder is not None and any(path for kind in TYPES for path in folder.glob(f"{kind}.*.ndjson")):
@@ -637,15 +694,22 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             problems.append(f"{run.written.failed} RiskAssessment(s) not written back (stored here, queued for "
                             f"the write-back worker): " + "; ".join(run.written.errors[:3]))
         if run.export_errors:
-            problems.append(f"the export reported {run.export_errors} error(s) (issue codes: {_codes(codes)}); "
-                            "what was exported was scored, the next run asks since the last complete one")
-        if problems:
-            jobs.fail(job_id, "; ".join(problems), 502)
+            problems.append(f"the export reported {run.export_errors} error(s) (issue codes: "
+                            f"{issue_codes(run.issues.error_codes)}); what was exported was scored, the next run "
+                            "asks since the last complete one")
+        if run.export_skipped:
+            problems.append(f"the server could not export {run.export_skipped} resource(s) (issue codes: "
+                            f"{issue_codes(run.issues.skipped_codes)})")
+        if run.complete:
+            result = {"transactionTime": run.transaction_time, "patients": run.patients, "assessed": run.assessed,
+                      "stored": run.stored, "written": run.written.written, "bundles": run.written.bundles}
+            if run.partial:      # complete as far as _since goes; what the server could not export, by code
+                result["notExported"] = dict(run.issues.skipped_codes)
+            jobs.set_result(job_id, result, status="completed")
+            if run.partial:
+                log.warning("export %s: partial: %s", job_id, "; ".join(problems))
         else:
-            jobs.set_result(job_id, {"transactionTime": run.transaction_time, "patients": run.patients,
-                                     "assessed": run.assessed, "stored": run.stored,
-                                     "written": run.written.written, "bundles": run.written.bundles},
-                            status="completed")
+            jobs.fail(job_id, "; ".join(problems), 502)
         return run
     except FhirAiError as exc:
         jobs.fail(job_id, exc.message, exc.status)
