@@ -9,6 +9,7 @@ complete (error files: see PER_RESOURCE).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -104,7 +105,7 @@ class Downloaded:
     the diagnostics may name patients)."""
     files: dict[str, list[Path]] = field(default_factory=dict)     # output files by resource type
     deleted: list[Path] = field(default_factory=list)
-    errors: int = 0                 # issues that keep _since: fatal, no severity, error not per resource, unreadable lines
+    errors: int = 0                 # issues that keep _since: all but warnings and PER_RESOURCE errors
     warnings: int = 0               # issues of severity warning or information: they do not block
     error_codes: Counter[str] = field(default_factory=Counter)
     skipped: int = 0                # error issues PER_RESOURCE: reported, but _since advances
@@ -606,6 +607,7 @@ class ExportRun:
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
     issues: Downloaded = field(default_factory=Downloaded)   # what the manifests' error files said
+    resumed: str | None = None    # the job whose export this run took over (it had stopped while that ran)
 
     @property
     def export_errors(self) -> int:
@@ -654,15 +656,21 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
     last = None if full else jobs.last("bulk-export", scope)
     since = last.result.get("transactionTime") if last else None
+    interrupted, recorded = _interrupted(jobs, client, scope, since)
     job_id = f"bulk-{uuid.uuid4().hex}"
     jobs.create(job_id, kind="bulk-export", scope=scope, as_of=datetime.now(timezone.utc),
-                request={"request": f"GET {scope}", "since": since})
+                request={"request": f"GET {scope}", "since": since,
+                         **({"resumes": interrupted} if interrupted else {})})
     jobs.start(job_id)
+    exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
+    if interrupted:      # its exports are on this job's record now: should this run stop too, the next resumes them
+        jobs.fail(interrupted, f"the run stopped while its export was under way; job {job_id} resumed it", 500)
+        log.info("resuming the export of job %s (the run stopped while it was under way)", interrupted)
     try:
-        manifest = _export(client, group=group, since=since)
+        manifest = exports.wait("export")
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
-        run = ExportRun(job_id, manifest.transaction_time, since, output=output)
+        run = ExportRun(job_id, manifest.transaction_time, since, output=output, resumed=interrupted)
         run.issues.add(got)
         if since:
             patients = changed_patients(got.files, client.base_url)
@@ -671,7 +679,7 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources)",
                      len(patients), since, len(gone))
             if patients:
-                full_manifest = _export(client, group=group, patients=patients)
+                full_manifest = exports.wait("changed", patients=patients)
                 folder = _emptied(workdir / "changed")
                 run.issues.add(client.download(full_manifest, folder))
             else:
@@ -718,6 +726,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         # Only the kind: the text of an unexpected error may quote the data.
         jobs.fail(job_id, f"the run stopped: {type(exc).__name__}", 500)
         raise
+    finally:
+        exports.drop_unused()
 
 
 def _emptied(folder: Path) -> Path:
@@ -747,15 +757,89 @@ def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tupl
     return created, superseded
 
 
-def _export(client: BulkDataClient, *, group: str | None, since: str | None = None,
-            patients: list[str] | None = None) -> Manifest:
-    status_url = client.kick_off(group=group, since=since, patients=patients)
+GONE = frozenset({404, 410})    # a status URL answering these has no export behind it any more
+
+
+def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str,
+                 since: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The newest job of this export still marked running, and the exports it recorded, when this run
+    can take them over: a run that stopped while its export was under way (killed, host restarted; a
+    run that fails or is interrupted at the keyboard cancels its export and leaves its job failed).
+    Only an export that asked the same (``since``) is resumed; another is left alone - it may belong
+    to a run that is still going - and this run kicks off its own."""
+    old = jobs.last("bulk-export", scope, status="running")
+    if old is None:
+        return None, {}
+    exports = old.result.get("exports")
+    usable = {step: item for step, item in (exports.items() if isinstance(exports, dict) else [])
+              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str)
+              and _origin(item["statusUrl"]) == client._origin}
+    if not usable or old.request.get("since") != since:
+        log.info("job %s of this export is still marked running with no export this run can resume; "
+                 "starting another", old.id)
+        return None, {}
+    return old.id, usable
+
+
+class _Exports:
+    """A run's exports ('export', then 'changed' for the changed patients' full records). Each status URL
+    is kept in the job's result as soon as the kick-off answers, so that a run that stops while the server
+    prepares the files is resumed by the next one instead of asking the server for the same export twice;
+    the result is replaced when the job ends. A recorded export is polled again rather than kicked off
+    anew (a 404 or 410 there: it is gone, kick off); the changed patients' one only if it asked for the
+    same patients (compared by a hash: no patient ids in the job's result)."""
+
+    def __init__(self, client: BulkDataClient, jobs: JobStore, job_id: str, *, group: str | None,
+                 since: str | None, recorded: dict[str, Any]) -> None:
+        self.client, self.jobs, self.job_id, self.group, self.since = client, jobs, job_id, group, since
+        self.recorded = dict(recorded)         # taken over from an interrupted run, not used yet
+        self.kept: dict[str, Any] = {}
+        if recorded:
+            self._keep(dict(recorded))
+
+    def wait(self, step: str, *, patients: list[str] | None = None) -> Manifest:
+        key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:32] if patients else None
+        old = self.recorded.pop(step, None)
+        if old is not None and old.get("for") == key:
+            try:
+                return _wait(self.client, old["statusUrl"])
+            except UpstreamError as exc:
+                if exc.upstream_status not in GONE:
+                    raise
+                log.warning("the %s being resumed is gone (HTTP %d); starting a new one", step, exc.upstream_status)
+        elif old is not None:
+            _cancel(self.client, old["statusUrl"])        # ours, for other patients: not wanted now
+        status_url = self.client.kick_off(group=self.group, since=None if patients else self.since,
+                                          patients=patients)
+        self._keep({**self.kept, step: {"statusUrl": status_url, "for": key}})
+        return _wait(self.client, status_url)
+
+    def drop_unused(self) -> None:
+        """Cancel what the interrupted run had started and this one did not need (the job has ended:
+        its result is not touched)."""
+        for item in self.recorded.values():
+            _cancel(self.client, item["statusUrl"])
+        self.recorded.clear()
+
+    def _keep(self, kept: dict[str, Any]) -> None:
+        self.kept = kept
+        self.jobs.set_result(self.job_id, {"since": self.since, "exports": kept})
+
+
+def _wait(client: BulkDataClient, status_url: str) -> Manifest:
+    """Poll; an export given up for any reason is cancelled (unless the server says it is gone)."""
     try:
         return client.poll(status_url)
-    except BaseException:
-        try:
-            client.cancel(status_url)      # do not leave the server working for nobody
-        except Exception as exc:           # noqa: BLE001 - the error that stopped the export matters more
-            log.warning("could not cancel the export: %s",
-                        exc.message if isinstance(exc, FhirAiError) else type(exc).__name__)
+    except BaseException as exc:
+        if not (isinstance(exc, UpstreamError) and exc.upstream_status in GONE):
+            _cancel(client, status_url)     # do not leave the server working for nobody
         raise
+
+
+def _cancel(client: BulkDataClient, status_url: str) -> None:
+    """DELETE an export, best effort: a cancel that fails is logged, never raised."""
+    try:
+        client.cancel(status_url)
+    except Exception as exc:           # noqa: BLE001 - the error that stopped the export matters more
+        log.warning("could not cancel the export: %s",
+                    exc.message if isinstance(exc, FhirAiError) else type(exc).__name__)
