@@ -3,16 +3,17 @@
 https://hl7.org/fhir/uv/bulkdata/export.html — kick-off with ``Prefer: respond-async`` answers 202 and a
 status URL; polling answers 202 (``X-Progress``, ``Retry-After``; 429 when polled too fast) until a 200
 manifest (``transactionTime``, ``output[]``, ``error[]``, ``deleted[]``) or a 4xx/5xx OperationOutcome (the
-export failed, unless an issue is ``transient``); DELETE cancels. The next run asks ``_since`` the last
-manifest's ``transactionTime``, once a run has been complete.
+export failed, unless an issue is ``transient``); DELETE cancels. The files may be redirected (e.g. to
+object storage). The next run asks ``_since`` the last manifest's ``transactionTime``, once a run has been
+complete (error files: see PER_RESOURCE).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
 import uuid
-from urllib.parse import urlsplit
 from collections import Counter
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ DEFAULT_POLL = 5.0        # seconds between polls when the server does not say
 MAX_POLL = 300.0          # our own back-off never grows past this (a Retry-After is honoured as it is)
 FAILING_FOR = 1800.0      # give up polling when the status URL has failed (no answer, 408, 5xx) this long
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5         # hops followed for one file download
 _ISSUE_CODE = re.compile(r"[a-z-]{1,40}")             # http://hl7.org/fhir/issue-type: logged, nothing else
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -75,15 +78,38 @@ class Manifest:
                    body.get("request"), files["deleted"])
 
 
+# What an error-severity issue in an export's error files does to the next run's ``_since``, by its code
+# (http://hl7.org/fhir/R4/codesystem-issue-type.html). These say the server could not export a resource
+# for a reason that lies with that resource - it is invalid, refers to what is not there, breaks a rule
+# (processing and its children) - or with what we may see (forbidden, suppressed). Asking again will not
+# mend them, and a resource that is mended gets a new lastUpdated, so a later ``_since`` export brings it
+# anyway. They are counted and reported (codes only) but let ``_since`` advance: one bad resource must not
+# pin the hospital's incremental exports to one point until someone runs --full. (Access granted later
+# does not change a resource: after widening our access, run --full.)
+# Every other error keeps ``_since`` where it was, so that the next run asks for the same again: the
+# transient family (transient, exception, timeout, throttled, lock-error, no-store, incomplete), our
+# credentials (security, login, unknown, expired), too-costly (the server's load, not the resource),
+# conflict (a resource changing while exported), codes we do not know, lines that are no OperationOutcome,
+# and any ``fatal`` issue (an export of something failed outright, not one resource).
+PER_RESOURCE = frozenset({
+    "invalid", "structure", "required", "value", "invariant",
+    "processing", "not-supported", "duplicate", "multiple-matches", "not-found", "deleted", "too-long",
+    "code-invalid", "extension", "business-rule",
+    "forbidden", "suppressed",
+})
+
+
 @dataclass
 class Downloaded:
     """One manifest's files in a folder, and what its error files said (counts and issue codes only:
     the diagnostics may name patients)."""
     files: dict[str, list[Path]] = field(default_factory=dict)     # output files by resource type
     deleted: list[Path] = field(default_factory=list)
-    errors: int = 0                 # issues of severity error or fatal (or none), lines that are no OperationOutcome
+    errors: int = 0                 # issues that keep _since: all but warnings and PER_RESOURCE errors
     warnings: int = 0               # issues of severity warning or information: they do not block
     error_codes: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0                # error issues PER_RESOURCE: reported, but _since advances
+    skipped_codes: Counter[str] = field(default_factory=Counter)
 
     def read_error_file(self, path: Path) -> None:
         with open(path, "rb") as handle:
@@ -101,12 +127,25 @@ class Downloaded:
                     continue
                 for issue in issues:
                     issue = issue if isinstance(issue, dict) else {}
-                    if issue.get("severity") in ("information", "warning"):
+                    severity = issue.get("severity")
+                    if severity in ("information", "warning"):
                         self.warnings += 1
                         continue
                     code = str(issue.get("code"))
-                    self.errors += 1
-                    self.error_codes[code if _ISSUE_CODE.fullmatch(code) else "other"] += 1
+                    code = code if _ISSUE_CODE.fullmatch(code) else "other"
+                    if severity == "error" and code in PER_RESOURCE:
+                        self.skipped += 1
+                        self.skipped_codes[code] += 1
+                    else:
+                        self.errors += 1
+                        self.error_codes[code] += 1
+
+    def add(self, other: "Downloaded") -> None:
+        """Count another manifest's error files with these."""
+        self.errors, self.warnings, self.skipped = (self.errors + other.errors, self.warnings + other.warnings,
+                                                    self.skipped + other.skipped)
+        self.error_codes.update(other.error_codes)
+        self.skipped_codes.update(other.skipped_codes)
 
 
 @dataclass
@@ -248,8 +287,11 @@ class BulkDataClient:
             got.read_error_file(path)
         if got.errors:
             log.warning("export reported %d error(s) (issue codes: %s) and %d warning(s); the run will not "
-                        "count as complete", got.errors, _codes(got.error_codes), got.warnings)
-        elif got.warnings:
+                        "count as complete", got.errors, issue_codes(got.error_codes), got.warnings)
+        if got.skipped:
+            log.warning("export could not export %d resource(s) (issue codes: %s); reported, but not asked "
+                        "for again", got.skipped, issue_codes(got.skipped_codes))
+        if got.warnings and not got.errors:
             log.info("export reported %d warning(s)", got.warnings)
         return got
 
@@ -303,23 +345,22 @@ class BulkDataClient:
         """Only files on our server's origin, or https ones elsewhere. The token goes with a file only
         when the manifest says files need it; to our own server also when the manifest does not say
         (files behind the same OAuth); never otherwise. A download cut off is fetched again (within
-        ``retries``); the file appears under its name only when complete."""
-        origin = _origin(url)
-        scheme, host, _ = origin
+        ``retries``, from the manifest's URL: a redirect's pre-signed URL may have expired by then);
+        the file appears under its name only when complete."""
+        origin = self._file_origin(url, "the export manifest lists a file on")
+        host = origin[1]
         ours = origin == self._origin
-        if not ours and scheme != "https":
-            raise UpstreamError(f"the export manifest lists a file on {host or 'no host'} over "
-                                f"{scheme or 'no scheme'}; only https files (or ones on the FHIR server's own "
-                                "origin) are fetched", temporary=False)
         send_token = requires_token is True or (requires_token is None and ours)
         if send_token and not ours:
             log.warning("export file on another host; sending the token because requiresAccessToken is true")
         partial = path.with_name(path.name + ".part")
         attempt = 0
         while True:
-            response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True, credentials=send_token)
+            response = self._open_file(url, send_token)
             if response.status_code != 200:
-                raise self._error("export file download", response)
+                problem = self._error("export file download", response)
+                response.close()
+                raise problem
             try:
                 with open(partial, "wb") as out:
                     for block in response.iter_content(1 << 20):
@@ -336,6 +377,39 @@ class BulkDataClient:
             attempt += 1
             log.warning("export file download from %s cut off; fetching it again", host)
             self._sleep(DEFAULT_POLL * 2 ** (attempt - 1))
+
+    def _open_file(self, url: str, send_token: bool) -> requests.Response:
+        """GET a file, following at most ``MAX_REDIRECTS`` redirects: an output file server may hand the
+        download on, e.g. to object storage with a pre-signed URL. Each target must pass the rule the
+        manifest's URL passed (our origin, or https), checked before it is asked. The token goes only to
+        the origin the manifest named, never to one a redirect names: a pre-signed URL must not get it
+        (object storage refuses a second authorization), and a redirect must not carry it off. The hops
+        are followed here, not by requests, so that each target is checked before anything is sent to it."""
+        first = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True,
+                                     credentials=send_token and _origin(url) == first)
+            if response.status_code not in REDIRECTS:
+                return response
+            location = response.headers.get("Location")
+            response.close()
+            if not location:
+                raise UpstreamError(f"export file download: HTTP {response.status_code} without Location",
+                                    temporary=False, upstream_status=response.status_code)
+            url = urljoin(url, location)
+            self._file_origin(url, "a redirect of an export file leads to")
+            log.debug("export file redirected (HTTP %d) to %s", response.status_code, _origin(url)[1])
+        raise UpstreamError(f"export file download: more than {MAX_REDIRECTS} redirects", temporary=False)
+
+    def _file_origin(self, url: str, what: str) -> tuple[str, str, int | None]:
+        """The origin of a file URL we may fetch: the FHIR server's own, or any over https (the URL
+        itself stays out of the message: a pre-signed one carries its signature)."""
+        origin = _origin(url)
+        scheme, host, _ = origin
+        if origin != self._origin and scheme != "https":
+            raise UpstreamError(f"{what} {host or 'no host'} over {scheme or 'no scheme'}; only https files "
+                                "(or ones on the FHIR server's own origin) are fetched", temporary=False)
+        return origin
 
     def _request(self, method: str, url: str, *, headers: dict[str, str], params: Any = None,
                  data: bytes | None = None, stream: bool = False, retry: bool = True,
@@ -407,7 +481,8 @@ def _json(response: requests.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _codes(counts: Counter[str]) -> str:
+def issue_codes(counts: Counter[str]) -> str:
+    """The five commonest issue codes with their counts, e.g. 'not-found 3, invalid 1'."""
     return ", ".join(f"{code} {n}" for code, n in counts.most_common(5))
 
 
@@ -531,12 +606,29 @@ class ExportRun:
     queued: int = 0           # not written back: left to the write-back worker (fhir-ai worker)
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
-    export_errors: int = 0    # issues of severity error/fatal in the manifests' error files
+    issues: Downloaded = field(default_factory=Downloaded)   # what the manifests' error files said
+    resumed: str | None = None    # the job whose export this run took over (it had stopped while that ran)
+
+    @property
+    def export_errors(self) -> int:
+        """Issues in the error files that keep ``_since`` (see PER_RESOURCE)."""
+        return self.issues.errors
+
+    @property
+    def export_skipped(self) -> int:
+        """Resources the server could not export for good (PER_RESOURCE): reported, not asked again."""
+        return self.issues.skipped
 
     @property
     def complete(self) -> bool:
-        """Everything exported and written back: this run's transactionTime is the next ``_since``."""
+        """Everything exported that a later export could bring, and all written back: this run's
+        transactionTime is the next ``_since``."""
         return not self.written.failed and not self.export_errors
+
+    @property
+    def partial(self) -> bool:
+        """Complete, but the server reported resources it could not export (PER_RESOURCE)."""
+        return self.complete and self.export_skipped > 0
 
 
 def client_from_settings(settings: Settings, **kwargs: Any) -> BulkDataClient:
@@ -555,23 +647,31 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     names - and those whose assessments used a resource it lists as deleted - are exported again in
     full (POST kick-off with ``patient``) before scoring. Downloads go to ``workdir``/export and
     ``workdir``/changed, emptied first: a run scores only its own files. The run's ``transactionTime``
-    becomes the next ``_since`` only when the run is complete (no export errors, all written back);
-    otherwise, and on any failure, the job is left failed.
+    becomes the next ``_since`` only when the run is complete (no export error a later export could
+    mend, all written back); otherwise, and on any failure, the job is left failed. Resources the server
+    could not export for good (PER_RESOURCE) make a complete run ``partial``: counted by issue code in
+    the job's result (``notExported``), not asked for again.
     """
     from .bulk import bulk_assess
     scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
     last = None if full else jobs.last("bulk-export", scope)
     since = last.result.get("transactionTime") if last else None
+    interrupted, recorded = _interrupted(jobs, client, scope, since)
     job_id = f"bulk-{uuid.uuid4().hex}"
     jobs.create(job_id, kind="bulk-export", scope=scope, as_of=datetime.now(timezone.utc),
-                request={"request": f"GET {scope}", "since": since})
+                request={"request": f"GET {scope}", "since": since,
+                         **({"resumes": interrupted} if interrupted else {})})
     jobs.start(job_id)
+    exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
+    if interrupted:      # its exports are on this job's record now: should this run stop too, the next resumes them
+        jobs.fail(interrupted, f"the run stopped while its export was under way; job {job_id} resumed it", 500)
+        log.info("resuming the export of job %s (the run stopped while it was under way)", interrupted)
     try:
-        manifest = _export(client, group=group, since=since)
+        manifest = exports.wait("export")
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
-        run = ExportRun(job_id, manifest.transaction_time, since, output=output, export_errors=got.errors)
-        codes = got.error_codes
+        run = ExportRun(job_id, manifest.transaction_time, since, output=output, resumed=interrupted)
+        run.issues.add(got)
         if since:
             patients = changed_patients(got.files, client.base_url)
             gone = deleted_patients(jobs.store, got.deleted, client.base_url)
@@ -579,11 +679,9 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources)",
                      len(patients), since, len(gone))
             if patients:
-                full_manifest = _export(client, group=group, patients=patients)
+                full_manifest = exports.wait("changed", patients=patients)
                 folder = _emptied(workdir / "changed")
-                again = client.download(full_manifest, folder)
-                run.export_errors += again.errors
-                codes = codes + again.error_codes
+                run.issues.add(client.download(full_manifest, folder))
             else:
                 folder = None
         if folder is not None and any(path for kind in TYPES for path in folder.glob(f"{kind}.*.ndjson")):
@@ -604,15 +702,22 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             problems.append(f"{run.written.failed} RiskAssessment(s) not written back (stored here, queued for "
                             f"the write-back worker): " + "; ".join(run.written.errors[:3]))
         if run.export_errors:
-            problems.append(f"the export reported {run.export_errors} error(s) (issue codes: {_codes(codes)}); "
-                            "what was exported was scored, the next run asks since the last complete one")
-        if problems:
-            jobs.fail(job_id, "; ".join(problems), 502)
+            problems.append(f"the export reported {run.export_errors} error(s) (issue codes: "
+                            f"{issue_codes(run.issues.error_codes)}); what was exported was scored, the next run "
+                            "asks since the last complete one")
+        if run.export_skipped:
+            problems.append(f"the server could not export {run.export_skipped} resource(s) (issue codes: "
+                            f"{issue_codes(run.issues.skipped_codes)})")
+        if run.complete:
+            result = {"transactionTime": run.transaction_time, "patients": run.patients, "assessed": run.assessed,
+                      "stored": run.stored, "written": run.written.written, "bundles": run.written.bundles}
+            if run.partial:      # complete as far as _since goes; what the server could not export, by code
+                result["notExported"] = dict(run.issues.skipped_codes)
+            jobs.set_result(job_id, result, status="completed")
+            if run.partial:
+                log.warning("export %s: partial: %s", job_id, "; ".join(problems))
         else:
-            jobs.set_result(job_id, {"transactionTime": run.transaction_time, "patients": run.patients,
-                                     "assessed": run.assessed, "stored": run.stored,
-                                     "written": run.written.written, "bundles": run.written.bundles},
-                            status="completed")
+            jobs.fail(job_id, "; ".join(problems), 502)
         return run
     except FhirAiError as exc:
         jobs.fail(job_id, exc.message, exc.status)
@@ -621,6 +726,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         # Only the kind: the text of an unexpected error may quote the data.
         jobs.fail(job_id, f"the run stopped: {type(exc).__name__}", 500)
         raise
+    finally:
+        exports.drop_unused()
 
 
 def _emptied(folder: Path) -> Path:
@@ -650,15 +757,89 @@ def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tupl
     return created, superseded
 
 
-def _export(client: BulkDataClient, *, group: str | None, since: str | None = None,
-            patients: list[str] | None = None) -> Manifest:
-    status_url = client.kick_off(group=group, since=since, patients=patients)
+GONE = frozenset({404, 410})    # a status URL answering these has no export behind it any more
+
+
+def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str,
+                 since: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The newest job of this export still marked running, and the exports it recorded, when this run
+    can take them over: a run that stopped while its export was under way (killed, host restarted; a
+    run that fails or is interrupted at the keyboard cancels its export and leaves its job failed).
+    Only an export that asked the same (``since``) is resumed; another is left alone - it may belong
+    to a run that is still going - and this run kicks off its own."""
+    old = jobs.last("bulk-export", scope, status="running")
+    if old is None:
+        return None, {}
+    exports = old.result.get("exports")
+    usable = {step: item for step, item in (exports.items() if isinstance(exports, dict) else [])
+              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str)
+              and _origin(item["statusUrl"]) == client._origin}
+    if not usable or old.request.get("since") != since:
+        log.info("job %s of this export is still marked running with no export this run can resume; "
+                 "starting another", old.id)
+        return None, {}
+    return old.id, usable
+
+
+class _Exports:
+    """A run's exports ('export', then 'changed' for the changed patients' full records). Each status URL
+    is kept in the job's result as soon as the kick-off answers, so that a run that stops while the server
+    prepares the files is resumed by the next one instead of asking the server for the same export twice;
+    the result is replaced when the job ends. A recorded export is polled again rather than kicked off
+    anew (a 404 or 410 there: it is gone, kick off); the changed patients' one only if it asked for the
+    same patients (compared by a hash: no patient ids in the job's result)."""
+
+    def __init__(self, client: BulkDataClient, jobs: JobStore, job_id: str, *, group: str | None,
+                 since: str | None, recorded: dict[str, Any]) -> None:
+        self.client, self.jobs, self.job_id, self.group, self.since = client, jobs, job_id, group, since
+        self.recorded = dict(recorded)         # taken over from an interrupted run, not used yet
+        self.kept: dict[str, Any] = {}
+        if recorded:
+            self._keep(dict(recorded))
+
+    def wait(self, step: str, *, patients: list[str] | None = None) -> Manifest:
+        key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:32] if patients else None
+        old = self.recorded.pop(step, None)
+        if old is not None and old.get("for") == key:
+            try:
+                return _wait(self.client, old["statusUrl"])
+            except UpstreamError as exc:
+                if exc.upstream_status not in GONE:
+                    raise
+                log.warning("the %s being resumed is gone (HTTP %d); starting a new one", step, exc.upstream_status)
+        elif old is not None:
+            _cancel(self.client, old["statusUrl"])        # ours, for other patients: not wanted now
+        status_url = self.client.kick_off(group=self.group, since=None if patients else self.since,
+                                          patients=patients)
+        self._keep({**self.kept, step: {"statusUrl": status_url, "for": key}})
+        return _wait(self.client, status_url)
+
+    def drop_unused(self) -> None:
+        """Cancel what the interrupted run had started and this one did not need (the job has ended:
+        its result is not touched)."""
+        for item in self.recorded.values():
+            _cancel(self.client, item["statusUrl"])
+        self.recorded.clear()
+
+    def _keep(self, kept: dict[str, Any]) -> None:
+        self.kept = kept
+        self.jobs.set_result(self.job_id, {"since": self.since, "exports": kept})
+
+
+def _wait(client: BulkDataClient, status_url: str) -> Manifest:
+    """Poll; an export given up for any reason is cancelled (unless the server says it is gone)."""
     try:
         return client.poll(status_url)
-    except BaseException:
-        try:
-            client.cancel(status_url)      # do not leave the server working for nobody
-        except Exception as exc:           # noqa: BLE001 - the error that stopped the export matters more
-            log.warning("could not cancel the export: %s",
-                        exc.message if isinstance(exc, FhirAiError) else type(exc).__name__)
+    except BaseException as exc:
+        if not (isinstance(exc, UpstreamError) and exc.upstream_status in GONE):
+            _cancel(client, status_url)     # do not leave the server working for nobody
         raise
+
+
+def _cancel(client: BulkDataClient, status_url: str) -> None:
+    """DELETE an export, best effort: a cancel that fails is logged, never raised."""
+    try:
+        client.cancel(status_url)
+    except Exception as exc:           # noqa: BLE001 - the error that stopped the export matters more
+        log.warning("could not cancel the export: %s",
+                    exc.message if isinstance(exc, FhirAiError) else type(exc).__name__)

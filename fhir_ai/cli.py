@@ -140,9 +140,13 @@ def bulk_assess(ctx: click.Context, input_dir: Path, output: Path, models: tuple
 @click.pass_context
 def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output: Path, workdir: Path | None,
                        models: tuple[str, ...], explain: str, write_back: bool | None) -> None:
-    """Bulk Data: $export at the hospital (since the last run), score everyone, write back in Bundles."""
+    """Bulk Data: $export at the hospital (since the last run), score everyone, write back in Bundles.
+
+    Exit status 0 when complete, 1 when not (the next run asks since the same point again), 3 when
+    complete but the server could not export some resources (reported, not asked for again).
+    """
     import tempfile
-    from .bulkdata import client_from_settings, export_and_assess
+    from .bulkdata import client_from_settings, export_and_assess, issue_codes
     from .jobs import JobStore
     from .mapping import load_directory
     from .models.registry import ModelRegistry
@@ -165,8 +169,10 @@ def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output
                f"{run.assessed} assessed, {run.stored} new in the store; written back {run.written.written} in "
                f"{run.written.bundles} bundle(s), failed {run.written.failed} (queued {run.queued}) -> {output}"
                + (f"; the export reported {run.export_errors} error(s): not complete, the next run asks since "
-                  f"{run.since or 'the beginning'} again" if run.export_errors else ""))
-    sys.exit(0 if run.complete else 1)
+                  f"{run.since or 'the beginning'} again" if run.export_errors else "")
+               + (f"; partial: the server could not export {run.export_skipped} resource(s) (issue codes: "
+                  f"{issue_codes(run.issues.skipped_codes)}), not asked for again" if run.partial else ""))
+    sys.exit(3 if run.partial else 0 if run.complete else 1)
 
 
 @main.group()

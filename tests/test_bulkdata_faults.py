@@ -84,17 +84,82 @@ def test_warnings_in_the_error_files_do_not_block(registry: ModelRegistry, jobs:
 
 
 @responses.activate
-def test_the_cli_exits_1_when_the_export_reported_errors(settings_overrides: dict[str, Any], tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("issue, status, says", [
+    (("fatal", "too-costly"), 1, "the export reported 1 error(s): not complete"),
+    (("error", "not-found"), 3, "partial: the server could not export 1 resource(s) (issue codes: not-found 1)"),
+])
+def test_the_cli_exit_status_says_whether_the_export_was_complete(settings_overrides: dict[str, Any], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   issue: tuple[str, str], status: int,
+                                                                   says: str) -> None:
+    """1: not complete, the next run asks since the same point; 3: complete, but the server could not
+    export some resources (reported by issue code, never by diagnostics)."""
     import fhir_ai.bulkdata as bulkdata
     monkeypatch.setattr(bulkdata, "DEFAULT_POLL", 0.0)
     add_export(manifest(errors=True), polls=0)
     responses.replace(responses.GET, STATUS, json=manifest(errors=True))
     add_files()
-    responses.get(f"{FILES}/errors.ndjson", body=outcome(("fatal", "too-costly")) + b"\n")
+    responses.get(f"{FILES}/errors.ndjson", body=outcome(issue) + b"\n")
     result = CliRunner(env=cli_env(settings_overrides, write_back=False)).invoke(main, ["bulk-export-assess", "--output", str(tmp_path / "o.ndjson")])
-    assert result.exit_code == 1, result.output
-    assert "12 patients" in result.output and "the export reported 1 error(s)" in result.output
+    assert result.exit_code == status, result.output
+    assert "12 patients" in result.output and says in result.output and "Jane" not in result.output
+
+
+@responses.activate
+@pytest.mark.parametrize("severity, code, keeps_since", [
+    ("error", "not-found", False), ("error", "invalid", False), ("error", "processing", False),
+    ("error", "business-rule", False), ("error", "forbidden", False), ("error", "code-invalid", False),
+    ("error", "exception", True), ("error", "transient", True), ("error", "timeout", True),
+    ("error", "throttled", True), ("error", "incomplete", True), ("error", "too-costly", True),
+    ("error", "expired", True), ("error", "conflict", True), ("error", "made-up-code", True),
+    ("fatal", "not-found", True), (None, "not-found", True),      # fatal, or no severity: never per resource
+])
+def test_which_error_file_issues_keep_since(client: BulkDataClient, tmp_path: Path, severity: str | None,
+                                            code: str, keeps_since: bool) -> None:
+    responses.get(f"{FILES}/errors.ndjson", body=outcome((severity, code)) + b"\n")   # type: ignore[arg-type]
+    got = client.download(Manifest.parse({**manifest(errors=True), "output": []}), tmp_path)
+    assert (got.errors, got.skipped) == ((1, 0) if keeps_since else (0, 1))
+    assert (got.error_codes if keeps_since else got.skipped_codes) == {code: 1}
+
+
+@responses.activate
+def test_resources_the_server_cannot_export_for_good_do_not_pin_since(registry: ModelRegistry, jobs: JobStore,
+                                                                       client: BulkDataClient, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Issues that lie with one resource (not-found, invalid, processing ...) are reported by code, but
+    the run is complete (partial): its transactionTime is the next _since, so one bad resource does not
+    hold every later incremental export at the same point."""
+    first_run(registry, jobs, client, tmp_path)
+    add_export({**manifest("2026-11-20T09:00:00Z", errors=True), "output": []}, polls=0)
+    responses.get(f"{FILES}/errors.ndjson", body=b"\n".join([
+        outcome(("error", "not-found")), outcome(("error", "invalid"), ("warning", "informational")),
+        outcome(("error", "not-found"))]))
+    caplog.set_level(logging.INFO, logger="fhir_ai")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    assert run.complete and run.partial and run.export_errors == 0 and run.export_skipped == 3
+    job = jobs.last("bulk-export", SCOPE)
+    assert job is not None and job.id == run.job_id
+    assert job.result["transactionTime"] == "2026-11-20T09:00:00Z"
+    assert job.result["notExported"] == {"not-found": 2, "invalid": 1}
+    assert "could not export 3 resource(s) (issue codes: not-found 2, invalid 1)" in caplog.text
+    assert "Jane" not in caplog.text and "Jane" not in json.dumps(job.result)
+    responses.reset()
+    add_export({**manifest("2026-11-20T10:00:00Z"), "output": []}, polls=0)
+    export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "3", output=tmp_path / "3.ndjson")
+    assert "_since=2026-11-20T09%3A00%3A00Z" in responses.calls[0].request.url
+
+
+@responses.activate
+def test_a_transient_issue_beside_per_resource_ones_keeps_since(registry: ModelRegistry, jobs: JobStore,
+                                                                client: BulkDataClient, tmp_path: Path) -> None:
+    add_export({**manifest("2026-11-20T08:00:00Z", errors=True), "output": []}, polls=0)
+    responses.get(f"{FILES}/errors.ndjson", body=outcome(("error", "not-found"), ("error", "timeout")))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert not run.complete and not run.partial and (run.export_errors, run.export_skipped) == (1, 1)
+    assert jobs.last("bulk-export", SCOPE) is None
+    failed = jobs.last("bulk-export", SCOPE, status="failed").error
+    assert "1 error(s) (issue codes: timeout 1)" in failed and "could not export 1 resource(s)" in failed
 
 
 # -- H2: a reused work folder --------------------------------------------------------------------------
@@ -319,6 +384,96 @@ def test_files_on_our_own_plain_http_server_are_fetched(clock: Clock, tmp_path: 
                                                          "url": "http://fhir.internal:8080/files/Patient.ndjson"}]}
     local.download(Manifest.parse(body), tmp_path)
     assert responses.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+# -- redirected file requests --------------------------------------------------------------------------
+
+BUCKET = "https://bucket.example.net/exports"
+SIGNED = "X-Amz-Signature=s3cr3t"
+
+
+def one_file(url: str, requires_token: bool | None = True) -> Manifest:
+    return Manifest.parse({**manifest(requires_token=requires_token), "output": [{"type": "Patient", "url": url}]})
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [302, 303, 307])
+def test_a_file_redirected_to_object_storage_is_fetched_without_our_token(client: BulkDataClient, tmp_path: Path,
+                                                                          status: int) -> None:
+    whole = (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
+    responses.get(f"{FILES}/Patient.ndjson", status=status, headers={"Location": f"{BUCKET}/p.ndjson?{SIGNED}"})
+    responses.get(f"{BUCKET}/p.ndjson?{SIGNED}", body=whole)
+    got = client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert got.files["Patient"][0].read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Patient.000.ndjson"]     # no .part left
+    # What went on the wire: the token to the FHIR server's origin the manifest named, not to the bucket.
+    sent = [(c.request.url.split("?")[0], c.request.headers.get("Authorization")) for c in responses.calls]
+    assert sent == [(f"{FILES}/Patient.ndjson", f"Bearer {TOKEN}"), (f"{BUCKET}/p.ndjson", None)]
+
+
+@responses.activate
+def test_a_redirect_keeps_the_token_on_the_origin_the_manifest_named_only(client: BulkDataClient,
+                                                                          tmp_path: Path) -> None:
+    """A relative Location on our server keeps the token; a hop from a foreign file server the manifest
+    said needs the token (requiresAccessToken) to yet another host does not carry it there."""
+    responses.get(f"{FILES}/Patient.ndjson", status=307, headers={"Location": "/files/v2/Patient.ndjson"})
+    responses.get(f"{FILES}/v2/Patient.ndjson", body=b"{}\n")
+    client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path / "ours")
+    assert [c.request.headers.get("Authorization") for c in responses.calls] == [f"Bearer {TOKEN}"] * 2
+    responses.reset()
+    responses.get("https://files.example.com/Patient.ndjson", status=302,
+                  headers={"Location": f"{BUCKET}/p.ndjson?{SIGNED}"})
+    responses.get(f"{BUCKET}/p.ndjson?{SIGNED}", status=302,
+                  headers={"Location": "https://files.example.com/again.ndjson"})
+    responses.get("https://files.example.com/again.ndjson", body=b"{}\n")
+    client.download(one_file("https://files.example.com/Patient.ndjson"), tmp_path / "theirs")
+    assert [c.request.headers.get("Authorization") for c in responses.calls] == [f"Bearer {TOKEN}", None,
+                                                                                f"Bearer {TOKEN}"]
+
+
+@responses.activate
+@pytest.mark.parametrize("target, host", [
+    (f"http://bucket.example.net/p.ndjson?{SIGNED}", "bucket.example.net"),       # not https
+    ("http://ehr.example.org/files/p.ndjson", "ehr.example.org"),                 # our host, downgraded
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+    ("file:///etc/passwd", "no host"),
+])
+def test_a_redirect_off_our_origin_must_be_https_too(client: BulkDataClient, tmp_path: Path, target: str,
+                                                     host: str) -> None:
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": target})
+    with pytest.raises(UpstreamError, match=f"redirect of an export file leads to {host} ") as refused:
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert "s3cr3t" not in refused.value.message and refused.value.temporary is False
+    assert len(responses.calls) == 1 and not list(tmp_path.iterdir())          # the target never asked
+
+
+@responses.activate
+def test_redirects_are_followed_within_a_bound(client: BulkDataClient, tmp_path: Path) -> None:
+    from fhir_ai.bulkdata import MAX_REDIRECTS
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{FILES}/Patient.ndjson"})
+    with pytest.raises(UpstreamError, match=f"more than {MAX_REDIRECTS} redirects"):
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert len(responses.calls) == MAX_REDIRECTS + 1 and not list(tmp_path.iterdir())
+    responses.reset()
+    responses.get(f"{FILES}/Patient.ndjson", status=302)                       # no Location
+    with pytest.raises(UpstreamError, match="HTTP 302 without Location"):
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+
+
+@responses.activate
+def test_a_redirected_download_cut_off_starts_again_at_the_manifests_url(client: BulkDataClient, clock: Clock,
+                                                                         tmp_path: Path) -> None:
+    """The second attempt asks the manifest's URL again (a pre-signed URL may have expired meanwhile)."""
+    whole = (DEMO_HOSPITAL / "Patient.ndjson").read_bytes()
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{BUCKET}/1?{SIGNED}"})
+    responses.get(f"{BUCKET}/1?{SIGNED}", body=CutOff(whole))
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{BUCKET}/2?{SIGNED}"})
+    responses.get(f"{BUCKET}/2?{SIGNED}", body=whole)
+    got = client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert got.files["Patient"][0].read_bytes() == whole
+    assert [c.request.url.split("?")[0] for c in responses.calls] == [
+        f"{FILES}/Patient.ndjson", f"{BUCKET}/1", f"{FILES}/Patient.ndjson", f"{BUCKET}/2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Patient.000.ndjson"]
 
 
 # -- M5: which subjects are patients -------------------------------------------------------------------
