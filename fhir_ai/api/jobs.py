@@ -102,6 +102,21 @@ def _visible(job: JobView | None) -> JobView:
     return job
 
 
+def counts(job: JobView) -> dict[str, int]:
+    """The job's patients by outcome, as the manifest names them. ``notApplicable``:
+    the model is not for the patient's current visit (mapping ``scoring.encounter_classes``, e.g. the
+    triage model for an inpatient); ``insufficientData``: too little data to assess."""
+    return {"assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
+            "notApplicable": job.counts.get("not-applicable", 0), "failed": job.counts.get("failed", 0)}
+
+
+def _tally(job: JobView) -> str:
+    """The counts in words, for a running job's progress answer."""
+    n = counts(job)
+    return (f"{n['assessed']} assessed, {n['insufficientData']} insufficient data, "
+            f"{n['notApplicable']} not applicable, {n['failed']} failed")
+
+
 @bp.get("/jobs/<job_id>")
 @requires("RiskAssessment", "r", audit="read")
 def job_status(job_id: str):  # type: ignore[no-untyped-def]
@@ -112,8 +127,9 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     if job.status in ("queued", "running"):
         not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
+        said = f"{job.status}: {progress}" + ("" if job.total is None else f" ({_tally(job)})")
         return fhir_response({"resourceType": "OperationOutcome", "issue": [{
-            "severity": "information", "code": "informational", "diagnostics": f"{job.status}: {progress}"}]},
+            "severity": "information", "code": "informational", "diagnostics": said}]},
             202, {"X-Progress": progress, "Retry-After": str(POLL_SECONDS)})
     if job.status == "failed":
         raise JobFailed(job.error or "the job failed", job.error_status or 500)
@@ -160,9 +176,7 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
         "request": job.request.get("request"),
         "requiresAccessToken": True,
         "job": job.id, "kind": job.kind, "scope": job.scope,
-        "patients": job.total or 0,
-        "assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
-        "failed": job.counts.get("failed", 0),
+        "patients": job.total or 0, **counts(job),
         "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
         "output": output, "error": errors,
     }
