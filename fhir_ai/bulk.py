@@ -21,15 +21,25 @@ log = logging.getLogger(__name__)
 TYPES = ("Patient", "Encounter", "Observation")
 CHUNK_PATIENTS = 2000     # patients scored at a time: bounds memory, large enough for vectorised work
 _LINE = orjson.OPT_APPEND_NEWLINE
+NOT_APPLICABLE = "not applicable"     # how a Scored's insufficient_reason begins when the model is not for the visit
 
 
 @dataclass
 class BulkStats:
+    """What a run scored; ``assessed``, ``insufficient`` and ``not_applicable`` count assessments (one per
+    patient per model): ``insufficient`` too little data, ``not_applicable`` a model that is not for the
+    patient's current visit (mapping ``scoring.encounter_classes``)."""
     patients: int
     assessed: int
     insufficient: int
     resources_read: int
     seconds: float
+    not_applicable: int = 0
+
+    def summary(self) -> str:
+        """'N patients (a assessed, i insufficient data, n not applicable)', for the log and the CLI."""
+        return (f"{self.patients} patients ({self.assessed} assessed, {self.insufficient} insufficient data, "
+                f"{self.not_applicable} not applicable)")
 
     @property
     def patients_per_second(self) -> float:
@@ -60,7 +70,7 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
     files = input_files(Path(input_dir))
     pairs = [registry.get(model_id) for model_id in models]
     codes = [code for _, mapping in pairs for code in mapping.code_index]
-    assessed = insufficient = 0
+    assessed = insufficient = not_applicable = 0
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with NdjsonExport(files, codes, chunk_patients=chunk_patients) as export, open(output, "wb") as out, \
@@ -77,12 +87,16 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
                 scored, built = build_assessments(model, fs, explain=explain, news2=news2)
                 out.write(b"".join([orjson.dumps(resource, option=_LINE) for rs in built for resource in rs]))
                 ok = sum(item.sufficient for item in scored)
+                # The reason starts with its kind (models.scoring.insufficient_reason).
+                unfit = sum(not item.sufficient and item.insufficient_reason.startswith(NOT_APPLICABLE)
+                            for item in scored)
                 assessed += ok
-                insufficient += len(scored) - ok
+                not_applicable += unfit
+                insufficient += len(scored) - ok - unfit
             patients += rows
             bar.update(chunk.patients)
         count = export.resources_read
-    stats = BulkStats(patients, assessed, insufficient, count, time.perf_counter() - started)
-    log.info("bulk-assess: %d patients (%d assessed, %d insufficient data) from %d resources in %.1f s",
-             stats.patients, assessed, insufficient, count, stats.seconds)
+    stats = BulkStats(patients, assessed, insufficient, count, time.perf_counter() - started,
+                      not_applicable=not_applicable)
+    log.info("bulk-assess: %s from %d resources in %.1f s", stats.summary(), count, stats.seconds)
     return stats

@@ -121,8 +121,7 @@ def bulk_assess(ctx: click.Context, input_dir: Path, output: Path, models: tuple
     registry = ModelRegistry.load(settings.models_dir, load_directory(settings.mappings_dir))
     stats = run(input_dir, output, registry, models=list(models) or ["deterioration"], as_of=_as_of(as_of),
                 explain=explain, news2=news2, progress=progress)
-    click.echo(f"{stats.patients} patients ({stats.assessed} assessed, {stats.insufficient} insufficient data), "
-               f"{stats.resources_read} resources read in {stats.seconds:.2f} s "
+    click.echo(f"{stats.summary()}, {stats.resources_read} resources read in {stats.seconds:.2f} s "
                f"= {stats.patients_per_second:.0f} patients/s -> {output}")
 
 

@@ -131,6 +131,7 @@ ROUTES = [
     ("POST", "/$assess", "/$assess", "push", "RiskAssessment.c", 200),
     ("POST", "/Group/<group_id>/$assess", "/Group/ward/$assess", ASSESS_AT, "RiskAssessment.c", 202),
     ("POST", "/$assess-all", "/$assess-all", ASSESS_AT, "RiskAssessment.c", 202),
+    ("GET", "/jobs", "/jobs", None, "RiskAssessment.r", 200),
     ("GET", "/jobs/<job_id>", "/jobs/job-{role}", None, "RiskAssessment.r", 202),
     ("DELETE", "/jobs/<job_id>", "/jobs/job-{role}", None, "RiskAssessment.c", 202),
     ("GET", "/RiskAssessment", "/RiskAssessment?patient=p1", None, "RiskAssessment.s", 200),
@@ -213,7 +214,7 @@ def test_each_role_can_do_what_its_scopes_grant_and_nothing_else(one_patient_hos
         {"name": "asOf", "valueDateTime": "2026-11-20T08:00:00Z"}]}
     allowed, refused = [], []
     for method, rule, path, body, needed, ok in ROUTES:
-        headers = bearer(ROLE_TOKENS[role])
+        headers = bearer(ROLE_TOKENS[role]) | ({"Prefer": "respond-async"} if ok == 202 and method == "POST" else {})
         path = path.format(role=role, audit=audit_id)
         if body is None:
             response = client.open(path, method=method, headers=headers)

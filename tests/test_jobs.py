@@ -237,12 +237,13 @@ def test_an_unknown_group_fails_the_job_with_404(jc: FlaskClient) -> None:
 @pytest.mark.parametrize("body, where", [
     (parameters(encounter="Encounter/e1"), "encounter"),
     (parameters(model="no-such-model"), "model"),
-    (parameters(asOf="yesterday"), "asOf"),
+    (parameters(asOf="yesterday"), "valueDateTime"),     # the asOf parameter's value
 ])
 def test_bad_kick_off_parameters_are_refused_before_a_job_exists(jc: FlaskClient, job_app: Flask,
                                                                   body: dict[str, Any], where: str) -> None:
-    response = jc.post("/Group/ward-a/$assess", json=body)
+    response = jc.post("/Group/ward-a/$assess", json=body, headers={"Prefer": "respond-async"})
     assert response.status_code == 400, where
+    assert where in response.get_json()["issue"][0]["expression"][0]
     with store_of(job_app).session() as session:
         from fhir_ai.jobs.tables import JobRow
         assert session.scalar(select(func.count()).select_from(JobRow)) == 0
@@ -264,7 +265,8 @@ def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_over
     settings_overrides.update(source_url=str(hospital), broker_url="redis://127.0.0.1:9/0")   # nothing listens
     app = create_app(settings_overrides)
     try:
-        response = app.test_client().post("/Group/ward-a/$assess", json=parameters(asOf=AS_OF))
+        response = app.test_client().post("/Group/ward-a/$assess", json=parameters(asOf=AS_OF),
+                                          headers={"Prefer": "respond-async"})
         assert response.status_code == 503
         assert "queue" in response.get_json()["issue"][0]["diagnostics"]
         with store_of(app).session() as session:

@@ -1,8 +1,11 @@
-"""Batch assessment in the FHIR asynchronous request pattern: kick-off 202, status URL, manifest, DELETE."""
+"""Batch assessment in the FHIR asynchronous request pattern: kick-off 202, status URL, manifest, DELETE,
+and the list of a caller's jobs."""
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, current_app, request
 
@@ -16,6 +19,7 @@ from ..jobs.celery_app import configure as configure_celery
 from ..jobs.state import JobStore, JobView
 from ..jobs.tasks import submit
 from ..pipeline import Pipeline
+from ..search.params import DEFAULT_COUNT, MAX_COUNT
 from ..store import actors
 from ..store.audit import Entity
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
@@ -30,6 +34,13 @@ GROUP_DEFINITION = f"{codes.BASE}/OperationDefinition/group-assess"
 ALL_DEFINITION = f"{codes.BASE}/OperationDefinition/assess-all"
 POLL_SECONDS = 3
 MAX_AUDITED_PATIENTS = 200     # a manifest read names its patients in the AuditEvent up to this many
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MICROSECOND = timedelta(microseconds=1)
+
+
+class AsyncRequired(BadRequest):
+    """A batch kick-off without ``Prefer: respond-async``: these operations have no synchronous answer."""
+    code = "required"
 
 
 class JobFailed(FhirAiError):
@@ -53,8 +64,22 @@ def _jobs() -> JobStore:
     return JobStore(pipeline.store)
 
 
+def _wants_async() -> bool:
+    """``Prefer: respond-async`` among the request's preferences (RFC 7240: any number of Prefer lines,
+    each a comma-separated list of ``name[=value][; parameters]``, names case-insensitive)."""
+    return any(preference.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async"
+               for line in request.headers.getlist("Prefer") for preference in line.split(","))
+
+
 def _kick_off(kind: str, scope: str, line: str) -> Any:
     check_accept(request)
+    if not _wants_async():
+        # FHIR asynchronous request pattern (R4 async.html, as Bulk Data's kick-off): the client asks
+        # for it with Prefer: respond-async. Without it a client expects a synchronous answer, which
+        # a ward or the whole hospital cannot have: say so instead of answering 202 it did not ask for.
+        raise AsyncRequired("this operation runs asynchronously only: send the header 'Prefer: respond-async' "
+                            "(the answer is 202 with Content-Location, the job's status URL)",
+                            expression="http.Prefer")
     params = parse_parameters(read_body("Parameters", optional=True), strict=not lenient())
     if params.encounter:
         raise BadRequest("encounter cannot be given for a batch of patients",
@@ -92,14 +117,33 @@ def assess_all():  # type: ignore[no-untyped-def]
     return _kick_off("all", "all", f"{base_url()}/$assess-all")
 
 
+def _owner() -> str | None:
+    """Whose jobs the caller sees: a client its own; an admin (or the server itself) everyone's (None)."""
+    actor = actors.current()
+    return actor.client_id if actor.kind == "client" and actor.role != "admin" else None
+
+
 def _visible(job: JobView | None) -> JobView:
     """Only the client that asked (or an admin) sees a job; a cancelled one is gone."""
-    actor = actors.current()
-    if job is None or job.status == "cancelled":
-        raise NotFound("no such job (unknown, or cancelled)")
-    if actor.kind == "client" and actor.role != "admin" and actor.client_id != job.requested_by:
+    owner = _owner()
+    if job is None or job.status == "cancelled" or owner not in (None, job.requested_by):
         raise NotFound("no such job (unknown, or cancelled)")
     return job
+
+
+def counts(job: JobView) -> dict[str, int]:
+    """The job's patients by outcome, as the manifest and the job list name them. ``notApplicable``:
+    the model is not for the patient's current visit (mapping ``scoring.encounter_classes``, e.g. the
+    triage model for an inpatient); ``insufficientData``: too little data to assess."""
+    return {"assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
+            "notApplicable": job.counts.get("not-applicable", 0), "failed": job.counts.get("failed", 0)}
+
+
+def _tally(job: JobView) -> str:
+    """The counts in words, for a running job's progress answer."""
+    n = counts(job)
+    return (f"{n['assessed']} assessed, {n['insufficientData']} insufficient data, "
+            f"{n['notApplicable']} not applicable, {n['failed']} failed")
 
 
 @bp.get("/jobs/<job_id>")
@@ -112,8 +156,9 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     if job.status in ("queued", "running"):
         not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
+        said = f"{job.status}: {progress}" + ("" if job.total is None else f" ({_tally(job)})")
         return fhir_response({"resourceType": "OperationOutcome", "issue": [{
-            "severity": "information", "code": "informational", "diagnostics": f"{job.status}: {progress}"}]},
+            "severity": "information", "code": "informational", "diagnostics": said}]},
             202, {"X-Progress": progress, "Retry-After": str(POLL_SECONDS)})
     if job.status == "failed":
         raise JobFailed(job.error or "the job failed", job.error_status or 500)
@@ -142,6 +187,66 @@ def job_cancel(job_id: str):  # type: ignore[no-untyped-def]
         "severity": "information", "code": "informational", "diagnostics": "job cancelled"}]}, 202)
 
 
+@bp.get("/jobs")
+@requires("RiskAssessment", "r", audit="read")
+def job_list():  # type: ignore[no-untyped-def]
+    """The caller's jobs (an admin's: everyone's), newest first, ``_count`` at a time, paged by
+    ``link[next]``; each with its status URL, state and counts. Not audited, like a progress poll: job
+    ids, scopes and counts, no patient's data (reading a manifest is audited)."""
+    check_accept(request)
+    not_audited()
+    count, cursor = _list_parameters()
+    jobs = _jobs().newest(requested_by=_owner(), limit=count + 1, after=_decode(cursor) if cursor else None)
+    base = base_url()
+    page = [("_count", str(count))]
+    body: dict[str, Any] = {"jobs": [_listed(job, base) for job in jobs[:count]], "link": [
+        {"relation": "self", "url": f"{base}/jobs?{urlencode(page + ([('_cursor', cursor)] if cursor else []))}"}]}
+    if len(jobs) > count:
+        last = jobs[count - 1]
+        after = f"{(last.created_at - EPOCH) // MICROSECOND}~{last.id}"      # exact: no float seconds
+        body["link"].append({"relation": "next", "url": f"{base}/jobs?{urlencode(page + [('_cursor', after)])}"})
+    answer = fhir_response(body)
+    answer.headers["Content-Type"] = "application/json; charset=utf-8"   # like a manifest: no FHIR resource
+    return answer
+
+
+def _list_parameters() -> tuple[int, str | None]:
+    """``_count`` (1 to MAX_COUNT) and ``_cursor`` (from a ``next`` link); others → 400 unless lenient."""
+    unknown = sorted(set(request.args) - {"_count", "_cursor", "_format"})
+    if unknown and not lenient():
+        raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; the job list takes _count and _cursor",
+                         expression=unknown)
+    raw = request.args.get("_count", str(DEFAULT_COUNT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
+        raise BadRequest(f"_count must be a whole number from 1 to {MAX_COUNT}", expression="_count")
+    return int(raw), request.args.get("_cursor")
+
+
+def _decode(cursor: str) -> tuple[datetime, str]:
+    """A ``next`` link's ``_cursor``: the created time (µs since the epoch) and id of the page's last job."""
+    micros, _, last_id = cursor.partition("~")
+    try:
+        if not micros.isdigit() or not last_id:
+            raise ValueError(cursor)
+        return EPOCH + int(micros) * MICROSECOND, last_id
+    except (ValueError, OverflowError) as exc:
+        raise BadRequest("_cursor is not one this server issued; start the list again",
+                         expression="_cursor") from exc
+
+
+def _listed(job: JobView, base: str) -> dict[str, Any]:
+    """One job in the list: what GET /jobs/{id} would say about it, without the manifest's output."""
+    entry: dict[str, Any] = {
+        "job": job.id, "url": f"{base}/jobs/{job.id}", "kind": job.kind, "scope": job.scope, "status": job.status,
+        "request": job.request.get("request"), "transactionTime": times.format_datetime(job.as_of),
+        "requested": times.format_datetime(job.created_at),
+        "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
+        "patients": job.total, "done": job.done, **counts(job)}
+    if job.status == "failed":
+        entry["error"] = job.error or "the job failed"
+    return entry
+
+
 def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
     """The completed job's result, shaped like a Bulk Data manifest: what was made, what failed."""
     base = base_url()
@@ -160,9 +265,7 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
         "request": job.request.get("request"),
         "requiresAccessToken": True,
         "job": job.id, "kind": job.kind, "scope": job.scope,
-        "patients": job.total or 0,
-        "assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
-        "failed": job.counts.get("failed", 0),
+        "patients": job.total or 0, **counts(job),
         "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
         "output": output, "error": errors,
     }
@@ -178,7 +281,8 @@ def batch_definition(kind: str, models: list[str]) -> dict[str, Any]:
         "code": "assess" if group else "assess-all",
         "description": (("Assess every active Patient member of the Group" if group else
                          "Assess everyone with an in-progress inpatient or emergency Encounter at the source")
-                        + ", asynchronously (Prefer: respond-async): 202 with Content-Location of a status URL "
+                        + ", asynchronously (the kick-off must send Prefer: respond-async; without it: 400): "
+                          "202 with Content-Location of a status URL "
                           "that answers 202 with X-Progress while the job runs and 200 with a manifest of the "
                           "RiskAssessments made (and of the patients that could not be assessed) when it is "
                           "done; DELETE on it cancels. Each patient is assessed as by Patient/[id]/$assess."),
@@ -203,11 +307,13 @@ def capability_additions(statement: dict[str, Any]) -> None:
     """Group/$assess, $assess-all (async) and the subscription notification endpoint."""
     rest = statement["rest"][0]
     resources = rest.setdefault("resource", [])
-    resources.append({"type": "Group", "operation": [{"name": "assess", "definition": GROUP_DEFINITION,
-                                                      "documentation": "asynchronous (202 + Content-Location)"}]})
-    rest.setdefault("operation", []).append({"name": "assess-all", "definition": ALL_DEFINITION,
-                                             "documentation": "asynchronous: everyone with an active "
-                                                              "inpatient or ED encounter"})
+    resources.append({"type": "Group", "operation": [{
+        "name": "assess", "definition": GROUP_DEFINITION,
+        "documentation": "asynchronous only (Prefer: respond-async; 202 + Content-Location)"}]})
+    rest.setdefault("operation", []).append({
+        "name": "assess-all", "definition": ALL_DEFINITION,
+        "documentation": "asynchronous only (Prefer: respond-async): everyone with an active inpatient or ED "
+                         "encounter"})
     rest.setdefault("extension", []).append({
         "url": f"{codes.BASE}/StructureDefinition/subscription-notification-endpoint",
         "valueUrl": f"{base_url()}/subscriptions/notify"})

@@ -194,6 +194,29 @@ class JobStore:
                                           .where(JobItemRow.job_id == job_id).group_by(JobItemRow.status)).all())
             return _view(row, {str(k): int(v) for k, v in counts.items()})
 
+    def newest(self, *, requested_by: str | None = None, limit: int = 100,
+               after: tuple[datetime, str] | None = None) -> list[JobView]:
+        """Jobs newest first, each with its patients counted by status; cancelled ones are gone (as at
+        their status URLs). Only ``requested_by``'s when given; ``after`` (created_at, id of the last
+        job of a page) continues where that page ended."""
+        query = select(JobRow).where(JobRow.status != "cancelled")
+        if requested_by is not None:
+            query = query.where(JobRow.requested_by == requested_by)
+        if after is not None:
+            created, last_id = after
+            query = query.where((JobRow.created_at < created)
+                                | ((JobRow.created_at == created) & (JobRow.id < last_id)))
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(max(1, limit))
+        with self.store.session() as session:
+            rows = list(session.scalars(query))
+            counts: dict[str, dict[str, int]] = {row.id: {} for row in rows}
+            if rows:
+                for job_id, status, n in session.execute(
+                        select(JobItemRow.job_id, JobItemRow.status, func.count())
+                        .where(JobItemRow.job_id.in_(list(counts))).group_by(JobItemRow.job_id, JobItemRow.status)):
+                    counts[str(job_id)][str(status)] = int(n)
+            return [_view(row, counts[row.id]) for row in rows]
+
     def status(self, job_id: str) -> str | None:
         with self.store.session() as session:
             return session.scalar(select(JobRow.status).where(JobRow.id == job_id))

@@ -38,7 +38,9 @@ class JobItemRow(Base):
 
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))             # pending | assessed | insufficient | failed
+    # pending | assessed | insufficient | not-applicable | failed (no CHECK constraint: a new value
+    # needs no migration, it must only fit the 16 characters)
+    status: Mapped[str] = mapped_column(String(16))
     assessments: Mapped[str | None] = mapped_column(Text, nullable=True)   # JSON list of RiskAssessment ids
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

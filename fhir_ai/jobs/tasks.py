@@ -30,6 +30,9 @@ from .state import FINAL, JobStore
 log = logging.getLogger(__name__)
 
 # A database that is briefly away (restart, failover) is worth waiting for; anything else is a bug.
+# How a cancelled RiskAssessment's note begins when its model is not for the patient's current visit.
+NOT_APPLICABLE_NOTE = "Not assessed: not applicable"
+
 RETRY = {"autoretry_for": (DatabaseUnavailable,), "retry_backoff": 2, "retry_backoff_max": 60,
          "max_retries": 8}
 
@@ -61,6 +64,18 @@ def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: d
         raise QueueUnavailable("the job queue (Redis) is unavailable; try again later") from exc
     log.info("job %s queued (%s)", job_id, kind)
     return job_id, True
+
+
+def item_status(resources: list[dict[str, Any]]) -> str:
+    """A patient's outcome in a job, by the first requested model's RiskAssessment: ``assessed``, or,
+    when it was cancelled, why: ``not-applicable`` (the model is not for this visit, mapping
+    ``scoring.encounter_classes``) or ``insufficient`` (too little data). The reason is the one the
+    assessment itself gives in its note ("Not assessed: not applicable. …", models.scoring)."""
+    first = resources[0] if resources else {}
+    if first.get("status") != "cancelled":
+        return "assessed"
+    notes = [note.get("text") or "" for note in first.get("note") or []]
+    return "not-applicable" if any(text.startswith(NOT_APPLICABLE_NOTE) for text in notes) else "insufficient"
 
 
 @contextmanager
@@ -150,8 +165,7 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
                 log.error("job %s: patient %s not assessed: unexpected %s at\n%s", job_id, patient_id,
                           type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
                 continue
-            cancelled = any(r.get("status") == "cancelled" for r in result.resources[:1])
-            jobs.record(job_id, patient_id, "insufficient" if cancelled else "assessed",
+            jobs.record(job_id, patient_id, item_status(result.resources),
                         [f"RiskAssessment/{r['id']}" for r in result.resources])
             assessed += 1
     jobs.finish_if_done(job_id)
