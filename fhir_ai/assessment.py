@@ -19,6 +19,25 @@ from .fhir import times
 from .models.explain import Reason
 
 
+NOT_ASSESSED = "Not assessed:"          # how the note of a cancelled assessment begins; the reason follows
+NOT_APPLICABLE = "not applicable"       # how a reason begins when the model is not for the visit (models.scoring)
+
+
+def not_assessed_reason(resource: dict[str, Any]) -> str | None:
+    """The reason a cancelled RiskAssessment gives in its note ('not applicable. …', 'insufficient data. …')."""
+    for note in resource.get("note") or []:
+        text = note.get("text") or ""
+        if text.startswith(NOT_ASSESSED):
+            return text[len(NOT_ASSESSED):].strip()
+    return None
+
+
+def is_not_applicable(reason: str | None) -> bool:
+    """True for a reason (``Scored.insufficient_reason``, ``not_assessed_reason``) saying the model does not
+    apply to the patient's visit (mapping ``scoring.encounter_classes``), not that data was too scarce."""
+    return (reason or "").startswith(NOT_APPLICABLE)
+
+
 @dataclass
 class Scored:
     """One patient's result for one model, before it becomes FHIR."""
@@ -122,7 +141,7 @@ def binary_assessment(scored: Scored, outcome: Outcome = DETERIORATION) -> dict[
     if not scored.sufficient:
         # Never a number from nothing, and never a silent "no risk": say that it was not assessed.
         resource["status"] = "cancelled"
-        resource["note"] = _notes(scored, [f"Not assessed: {scored.insufficient_reason}"])
+        resource["note"] = _notes(scored, [f"{NOT_ASSESSED} {scored.insufficient_reason}"])
         return resource
     assert scored.probability is not None and scored.risk is not None
     prediction: dict[str, Any] = {
@@ -370,7 +389,7 @@ def triage_assessment(scored: Any) -> dict[str, Any]:
                   if scored.nurse_level else "No nurse KTAS level was recorded; nothing was compared.")
     if not scored.sufficient:
         resource["status"] = "cancelled"
-        resource["note"] = _notes(scored, [f"Not assessed: {scored.insufficient_reason}",
+        resource["note"] = _notes(scored, [f"{NOT_ASSESSED} {scored.insufficient_reason}",
                                            nurse_note])
         return resource
     reasons = "; ".join(r.text() for r in scored.reasons)

@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
+from .assessment import is_not_applicable
 from .errors import BadRequest
 from .features import Extractor
 from .features.ndjson import NdjsonExport
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 TYPES = ("Patient", "Encounter", "Observation")
 CHUNK_PATIENTS = 2000     # patients scored at a time: bounds memory, large enough for vectorised work
 _LINE = orjson.OPT_APPEND_NEWLINE
-NOT_APPLICABLE = "not applicable"     # how a Scored's insufficient_reason begins when the model is not for the visit
 
 
 @dataclass
@@ -87,9 +87,7 @@ def bulk_assess(input_dir: Path | str, output: Path | str, registry: ModelRegist
                 scored, built = build_assessments(model, fs, explain=explain, news2=news2)
                 out.write(b"".join([orjson.dumps(resource, option=_LINE) for rs in built for resource in rs]))
                 ok = sum(item.sufficient for item in scored)
-                # The reason starts with its kind (models.scoring.insufficient_reason).
-                unfit = sum(not item.sufficient and item.insufficient_reason.startswith(NOT_APPLICABLE)
-                            for item in scored)
+                unfit = sum(not item.sufficient and is_not_applicable(item.insufficient_reason) for item in scored)
                 assessed += ok
                 not_applicable += unfit
                 insufficient += len(scored) - ok - unfit

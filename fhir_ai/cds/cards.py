@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codes
+from ..assessment import is_not_applicable, not_assessed_reason
 from ..mapping import Mapping
 from .i18n import TEXT, Translator, t, what
 
@@ -77,9 +78,8 @@ class CardBuilder:
         lines: list[str] = []
         predictions = resource.get("prediction") or []
         if resource.get("status") == "cancelled" or not predictions:
-            said = _note(resource, "Not assessed:")
-            reason = self.t("reason.not_applicable" if (said or "").startswith("not applicable")
-                            else "reason.insufficient")
+            said = not_assessed_reason(resource)
+            reason = self.t("reason.not_applicable" if is_not_applicable(said) else "reason.insufficient")
             summary = self.t("summary.not_assessed", title=self.title, reason=reason)
             indicator = "warning"   # not "info": an unassessed patient must not look like a low-risk one
             lines.append(self.t("detail.not_assessed", reason=self.tr(said or reason)))

@@ -20,6 +20,7 @@ from kombu.exceptions import KombuError, OperationalError as KombuOperationalErr
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError as DatabaseUnavailable
 
+from ..assessment import is_not_applicable, not_assessed_reason
 from ..errors import FhirAiError, UpstreamError
 from ..store import actors
 from ..store.actors import Actor
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 # A database that is briefly away (restart, failover) is worth waiting for; anything else is a bug.
 # How a cancelled RiskAssessment's note begins when its model is not for the patient's current visit.
-NOT_APPLICABLE_NOTE = "Not assessed: not applicable"
 
 RETRY = {"autoretry_for": (DatabaseUnavailable,), "retry_backoff": 2, "retry_backoff_max": 60,
          "max_retries": 8}
@@ -74,8 +74,7 @@ def item_status(resources: list[dict[str, Any]]) -> str:
     first = resources[0] if resources else {}
     if first.get("status") != "cancelled":
         return "assessed"
-    notes = [note.get("text") or "" for note in first.get("note") or []]
-    return "not-applicable" if any(text.startswith(NOT_APPLICABLE_NOTE) for text in notes) else "insufficient"
+    return "not-applicable" if is_not_applicable(not_assessed_reason(first)) else "insufficient"
 
 
 @contextmanager

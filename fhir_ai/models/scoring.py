@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from ..assessment import Scored, fingerprint_row
+from ..assessment import NOT_APPLICABLE, Scored, fingerprint_row
 from ..features import FeatureSet
 from ..mapping import Mapping
 from .explain import top_reasons
@@ -22,7 +22,7 @@ def insufficient_reason(fs: FeatureSet, row: int) -> str:
     if not fs.applicable()[row]:
         encounter = fs.encounter_ids[row]
         found = fs.encounter_classes[row]
-        return (f"not applicable. The {mapping.model} model is for encounters of class "
+        return (f"{NOT_APPLICABLE}. The {mapping.model} model is for encounters of class "
                 f"{', '.join(mapping.encounter_classes)}; "
                 + (f"the current encounter (Encounter/{encounter}) is of class {found or 'none given'}."
                    if encounter else "the patient has no current encounter with a start time."))
