@@ -271,22 +271,31 @@ redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])), 'gap_hol
 return {previous, redis.call('HGET', key, 'gap_missed'), since}
 """
 
-# KEYS[1]: the subscription's hash. ARGV: the gap's count, 1 if its catch-up is done (0: try again), the
-# claim's token. Only the claim's holder settles: one whose lease lapsed (another runs the catch-up
-# now) changes nothing. Returns 1 if settled.
+# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: the gap's count,
+# 1 if its catch-up is done (0: try again), the claim's token. Only the claim's holder settles: one
+# whose lease lapsed (another runs the catch-up now) changes nothing. Returns 1 if settled.
 _SETTLE = """
 if redis.call('HGET', KEYS[1], 'gap_holder') ~= ARGV[3] then return 0 end
 if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
   redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
+  redis.call('DEL', KEYS[2])
 end
 redis.call('HDEL', KEYS[1], 'gap_claim', 'gap_holder')
 return 1
 """
 
-# KEYS[1]: the subscription's hash. ARGV: a count of events, since when (a timestamp): a catch-up owed.
+# KEYS[1]: the subscription's hash, KEYS[2]: the event numbers owed while this catch-up is (a set: the
+# same notification failing again is not counted again). ARGV: a count of events without a number,
+# since when (a timestamp), then the event numbers: a catch-up owed.
 _OWE = """
 local since = tonumber(redis.call('HGET', KEYS[1], 'gap_since'))
-redis.call('HINCRBY', KEYS[1], 'gap_missed', ARGV[1])
+local count, counted = tonumber(ARGV[1]), {}
+for i = 3, #ARGV do
+  if not counted[ARGV[i]] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then count = count + 1 end
+  counted[ARGV[i]] = true
+end
+redis.call('HINCRBY', KEYS[1], 'gap_missed', count)
+for i = 3, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
 if since == nil or tonumber(ARGV[2]) < since then redis.call('HSET', KEYS[1], 'gap_since', ARGV[2]) end
 """
 
@@ -322,7 +331,9 @@ class EventLog:
     notification is counted as received even if its patients then could not be queued: ``handle``
     then settles its catch-up as not done and ``owe``s its events (a catch-up from when the log
     last moved before it), so that nothing is lost whether the hospital's server sends it again or
-    gives up on it. ``gap_missed`` is then a count for the logs, not an exact one.
+    gives up on it. An event number owed is owed once until the catch-up is settled (the same
+    notification failing twice is one event owed, not two). ``gap_missed`` is still a count for the
+    logs, not an exact one: a number counted missing and then delivered late and not queued counts twice.
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
@@ -342,6 +353,10 @@ class EventLog:
 
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
+
+    def _keys(self, subscription: str) -> list[str]:
+        """The subscription's hash, and the set of its event numbers owed (``owe``)."""
+        return [self._key(subscription), f"{self._key(subscription)}:owed"]
 
     def record(self, notification: Notification, now: datetime, unread: Iterable[int] = ()) -> Gap | None:
         """Advance the log past this notification; the catch-up it is to run (None: none owed, or
@@ -380,22 +395,29 @@ class EventLog:
     def settle(self, subscription: str, gap: Gap, done: bool) -> None:
         """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it.
         Nothing happens if this claim lapsed and another notification holds it now."""
-        if not self._settle(keys=[self._key(subscription)], args=[gap.missed, int(done), gap.claim]):
+        if not self._settle(keys=self._keys(subscription), args=[gap.missed, int(done), gap.claim]):
             log.warning("Subscription/%s: a catch-up claim lapsed before it was settled (another notification "
                         "runs it)", subscription)
 
-    def owe(self, subscription: str, missed: int, since: datetime) -> None:
-        """A catch-up of ``missed`` events is owed, for Observations changed from ``since`` (less ``MARGIN``)."""
-        self._owe(keys=[self._key(subscription)], args=[missed, repr(since.timestamp())])
+    def owe(self, notification: Notification, since: datetime) -> None:
+        """A catch-up of ``notification``'s events is owed, for Observations changed from ``since`` (less
+        ``MARGIN``). Its numbered events are counted once while the catch-up is owed: the hospital's
+        server sending it again, failing again, owes nothing more."""
+        numbers, _, _ = _accounting(notification, set())
+        unnumbered = len(notification.events) - len(numbers)
+        self._owe(keys=self._keys(notification.subscription),
+                  args=[unnumbered, repr(since.timestamp()), *(number for number, _ in numbers)])
 
     def restart(self, notification: Notification, now: datetime) -> None:
-        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed."""
+        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed
+        (its numbers, which the new numbering reuses for other events, no longer tell a repeat)."""
         count = _number(notification.events_since_start)
+        key, owed = self._keys(notification.subscription)
         with self.client.pipeline() as pipe:
-            pipe.hdel(self._key(notification.subscription), "number", "at")
+            pipe.hdel(key, "number", "at")
+            pipe.delete(owed)
             if count is not None:
-                pipe.hset(self._key(notification.subscription),
-                          mapping={"number": count, "at": repr(now.timestamp())})
+                pipe.hset(key, mapping={"number": count, "at": repr(now.timestamp())})
             pipe.execute()
 
 
@@ -574,7 +596,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             if opened is not None:                    # or when its events happened, if earlier (a backlog)
                 since = min(since, opened)
             if notification.events:
-                _quietly(events.owe, notification.subscription, len(notification.events), since)
+                _quietly(events.owe, notification, since)
             log.error("Subscription/%s: the notification's patients could not all be queued; a catch-up of its "
                       "%d event(s) is owed", notification.subscription, len(notification.events))
         raise
