@@ -13,7 +13,8 @@ from typing import Any
 import redis
 
 from .config import Settings
-from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamNotFound
+from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamError, UpstreamNotFound
+from .fhir.client import PagingLimit
 from .fhir.sources import ServerSource, Source
 from .fhir.times import format_datetime, parse_datetime
 
@@ -56,6 +57,7 @@ class Outcome:
     recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
+    recovery_resumes: datetime | None = None              # it read as many pages as it may: continued from here
 
 
 def _value(param: dict[str, Any]) -> Any:
@@ -221,6 +223,7 @@ class Gap:
     missed: int                    # events numbered but never sent, or sent without saying what changed
     since: datetime                # catch up on Observations changed from here on
     claim: str = ""                # the token of this notification's claim on it (``settle`` checks it)
+    mark: str = ""                 # gap_since as it was claimed (``settle`` moves it only if it still is)
 
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
@@ -272,13 +275,19 @@ return {previous, redis.call('HGET', key, 'gap_missed'), since}
 """
 
 # KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: the gap's count,
-# 1 if its catch-up is done (0: try again), the claim's token. Only the claim's holder settles: one
-# whose lease lapsed (another runs the catch-up now) changes nothing. Returns 1 if settled.
+# 1 if its catch-up is done (0: try again), the claim's token, where a catch-up that read part of its
+# window continues ('' if none), and gap_since as it was claimed: moved only if no notification opened
+# the window earlier meanwhile. Only the claim's holder settles: one whose lease lapsed (another runs
+# the catch-up now) changes nothing. Returns 1 if settled.
 _SETTLE = """
 if redis.call('HGET', KEYS[1], 'gap_holder') ~= ARGV[3] then return 0 end
-if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
-  redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
-  redis.call('DEL', KEYS[2])
+if ARGV[2] == '1' then
+  if redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
+    redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
+    redis.call('DEL', KEYS[2])
+  end
+elseif ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'gap_since') == ARGV[5] then
+  redis.call('HSET', KEYS[1], 'gap_since', ARGV[4])
 end
 redis.call('HDEL', KEYS[1], 'gap_claim', 'gap_holder')
 return 1
@@ -325,7 +334,10 @@ class EventLog:
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
     that runs it claims it for ``LEASE`` (others go on without it), then settles it; if the search
     failed or that process died, the next notification runs it. A claim carries a token: once its
-    lease lapsed and another notification took it over, the first one's settle changes nothing.
+    lease lapsed and another notification took it over, the first one's settle changes nothing. A
+    catch-up that read as many pages as it may (``catch_up``) moves the window's start to where it
+    stopped, once its patients are queued, unless a notification opened the window earlier meanwhile;
+    the next notification continues from there.
 
     Recording comes before queuing (so that two notifications never both see a gap), so a
     notification is counted as received even if its patients then could not be queued: ``handle``
@@ -339,7 +351,7 @@ class EventLog:
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
     # An event without its focus (empty, or unread) that says when it happened opens the window then,
     # if that is earlier (a delivery that came late), but never more than this before it came: a clock
-    # far off must not make the catch-up a search longer than its pages allow (it would fail each time).
+    # far off must not make the catch-up a search of days (continued CATCH_UP_PAGES pages at a time).
     OPENING = timedelta(hours=1)
     # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
     # lapses anyway, a second search runs: a duplicate, not a loss.
@@ -383,7 +395,7 @@ class EventLog:
         if len(found) < 3:
             return None, previous
         return Gap(int(found[1]), datetime.fromtimestamp(float(found[2]), timezone.utc) - self.MARGIN,
-                   token), previous
+                   token, found[2].decode() if isinstance(found[2], bytes) else str(found[2])), previous
 
     @classmethod
     def opening(cls, events: Iterable[Event], now: datetime) -> datetime | None:
@@ -392,10 +404,13 @@ class EventLog:
         happened = [e.timestamp for e in events if e.timestamp is not None]
         return max(min(happened), now - cls.OPENING) if happened else None
 
-    def settle(self, subscription: str, gap: Gap, done: bool) -> None:
-        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it.
-        Nothing happens if this claim lapsed and another notification holds it now."""
-        if not self._settle(keys=self._keys(subscription), args=[gap.missed, int(done), gap.claim]):
+    def settle(self, subscription: str, gap: Gap, done: bool, resume: datetime | None = None) -> None:
+        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it,
+        from ``resume`` if given (this one read every Observation changed before it: the hospital's
+        clock, so without ``MARGIN``). Nothing happens if this claim lapsed and another notification
+        holds it now."""
+        moved = "" if done or resume is None else repr((resume + self.MARGIN).timestamp())
+        if not self._settle(keys=self._keys(subscription), args=[gap.missed, int(done), gap.claim, moved, gap.mark]):
             log.warning("Subscription/%s: a catch-up claim lapsed before it was settled (another notification "
                         "runs it)", subscription)
 
@@ -457,20 +472,61 @@ def event_log(settings: Settings) -> EventLog:
     return _event_logs[key]
 
 
+@dataclass
+class CatchUp:
+    """What one catch-up search found."""
+    patients: list[str]
+    resume: datetime | None = None    # it stopped at its page limit: every change before this was read
+
+
+# Pages one catch-up search reads (200 Observations each); a longer window is continued with the next notification.
+CATCH_UP_PAGES = 20
+
+
 def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
-             max_pages: int = 20) -> list[str]:
-    """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap)."""
+             max_pages: int = CATCH_UP_PAGES) -> CatchUp:
+    """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap).
+
+    The search is sorted by _lastUpdated: one that has more than ``max_pages`` pages returns the
+    patients of the pages it read and where to continue (``resume``: the last change it read, searched
+    again with ``ge``, so that changes at that same instant are not skipped). That needs the order
+    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated), or whose pages all
+    changed at the instant the search started, cannot be continued: an UpstreamError, and the catch-up
+    stays owed."""
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
-    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_count", 200)]
+    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_sort", "_lastUpdated"), ("_count", 200)]
     patients: dict[str, None] = {}
-    # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
-    for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
-        patient = subject_patient(resource)
-        if patient and is_vital_sign(resource, codes):
-            patients[patient] = None
-    return list(patients)
+    last: datetime | None = None
+    ordered = True
+    try:
+        # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
+        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
+            changed = _last_updated(resource)
+            if changed is None or (last is not None and changed < last):
+                ordered = False
+            last = changed
+            patient = subject_patient(resource)
+            if patient and is_vital_sign(resource, codes):
+                patients[patient] = None
+    except PagingLimit as exc:
+        # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
+        # must not move it past a change at that instant.
+        resume = last - timedelta(milliseconds=1) if last is not None else None
+        if not ordered or resume is None or resume <= since:
+            why = ("not sorted by _lastUpdated (or without meta.lastUpdated)" if not ordered or last is None
+                   else f"all changed at {format_datetime(since)}")
+            raise UpstreamError(f"the catch-up search for Observations changed since {format_datetime(since)} "
+                                f"has more than {max_pages} pages, {why}: it cannot be continued from where "
+                                "it stopped", temporary=False) from exc
+        return CatchUp(list(patients), resume)
+    return CatchUp(list(patients))
+
+
+def _last_updated(resource: Any) -> datetime | None:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    return _instant(meta.get("lastUpdated")) if isinstance(meta, dict) else None
 
 
 def subject_patient(resource: Any) -> str | None:
@@ -517,7 +573,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     server failed, even after the client's retries: anything but not found), starts a catch-up: a
     search for Observations changed since the last notification we saw, and a rescoring for each
     patient with a vital sign among them. If that search fails, the catch-up stays owed and the next
-    notification tries again; a source that cannot be searched at all (NotSupported) is said once, not
+    notification tries again; one with more pages than it may read is continued from where it stopped
+    by the next notification; a source that cannot be searched at all (NotSupported) is said once, not
     retried. An id-only focus not found (404, 410: deleted) is ignored. The focuses are read before
     the notification is recorded, so that the log counts the unread ones as missed.
 
@@ -553,8 +610,13 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                         "Observations changed since %s", notification.subscription, gap.missed,
                         format_datetime(gap.since))
             try:
-                outcome.recovered = catch_up(source, gap.since, codes)
+                found = catch_up(source, gap.since, codes)
+                outcome.recovered, outcome.recovery_resumes = found.patients, found.resume
                 patients.update(dict.fromkeys(outcome.recovered))
+                if found.resume is not None:
+                    log.warning("Subscription/%s: the catch-up search read as many pages as it may; continued "
+                                "from %s with the next notification", notification.subscription,
+                                format_datetime(found.resume))
             except NotSupported as exc:    # never possible with this source: retrying would report the gap forever
                 outcome.recovery_failed = exc.message
                 log.error("Subscription/%s: %d missed event(s) cannot be caught up: %s", notification.subscription,
@@ -601,7 +663,9 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                       "%d event(s) is owed", notification.subscription, len(notification.events))
         raise
     if events is not None and gap is not None:    # only once queued: a failure above leaves it owed
-        events.settle(notification.subscription, gap, done=not outcome.recovery_retried)
+        events.settle(notification.subscription, gap,
+                      done=not outcome.recovery_retried and outcome.recovery_resumes is None,
+                      resume=outcome.recovery_resumes)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored, %d focus(es) "
              "left to the catch-up", notification.subscription, outcome.events, len(outcome.queued),
              len(outcome.debounced), outcome.ignored, outcome.unread)

@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError
 
 import fhir_ai.subscriptions as subscriptions
 from fhir_ai.jobs import tasks
-from fhir_ai.subscriptions import Debouncer, EventLog, Event, Notification, handle, parse_notification
+from fhir_ai.subscriptions import CatchUp, Debouncer, EventLog, Event, Notification, handle, parse_notification
 from test_subscriptions import (NOW, SECRET, diagnostics, events_since_start, heart_rate, notification,  # noqa: F401
                                 post, queued, redis_or_skip, sc, sub_app)
 
@@ -40,9 +40,9 @@ class Searches:
         self.since: list[datetime] = []
         self.found: list[str] = []
 
-    def __call__(self, _source: Any, since: datetime, _codes: Any) -> list[str]:
+    def __call__(self, _source: Any, since: datetime, _codes: Any) -> CatchUp:
         self.since.append(since)
-        return list(self.found)
+        return CatchUp(list(self.found))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from .. import subscriptions
 from ..auth.policy import authenticates_itself
 from ..errors import Unauthorized
+from ..fhir.times import format_datetime
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.tasks import QueueUnavailable, rescore_patient
@@ -87,7 +88,10 @@ def notify():  # type: ignore[no-untyped-def]
             f"catch-up search failed ({outcome.recovery_failed})"
             + (", tried again with the next notification" if outcome.recovery_retried else "")
             if outcome.recovery_failed else
-            f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"))
+            f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"
+            + (f" in as many pages as one search may read; the rest is owed, continued from "
+               f"{format_datetime(outcome.recovery_resumes)} with the next notification"
+               if outcome.recovery_resumes else "")))
     return _answer(text)
 
 

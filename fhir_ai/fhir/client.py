@@ -42,6 +42,11 @@ class SearchPostRefused(UpstreamError):
     """The server does not take a search by POST [type]/_search (see SEARCH_POST_REFUSED): search by GET."""
 
 
+class PagingLimit(UpstreamError):
+    """A search had more pages than its ``max_pages``: raised after every match of those pages was yielded,
+    so a caller that can continue from what it read (a search sorted by _lastUpdated) may."""
+
+
 # Search parameters, or a query string already encoded by encode_params (e.g. cached).
 Params = Mapping[str, Any] | list[tuple[str, Any]] | str | None
 
@@ -306,10 +311,12 @@ class FhirClient:
                 if entry.get("resource"):
                     yield entry["resource"]
             url, page_params = self._next_link(bundle), None
-            if url and (url in seen or pages >= max_pages):
+            if url and url in seen:
                 raise UpstreamError(f"search {resource_type}: paging stopped after {pages} pages "
-                                    "(the server repeats a next link or never ends)",
-                                    temporary=False)
+                                    "(the server repeats a next link)", temporary=False)
+            if url and pages >= max_pages:
+                raise PagingLimit(f"search {resource_type}: paging stopped after {pages} pages (more than "
+                                  "this search may read, or the server never ends)", temporary=False)
             if url:
                 seen.add(url)
 
