@@ -58,6 +58,7 @@ class Outcome:
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
     recovery_resumes: datetime | None = None              # it read as many pages as it may: continued from here
+    restarted: bool = False                               # the event numbers restarted without a handshake
 
 
 def _value(param: dict[str, Any]) -> Any:
@@ -227,22 +228,37 @@ class Gap:
 
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
-# KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
-# 1 if an event carries neither a number nor a focus (or it could not be read), the earliest time an
-# event without its focus happened ('' if none said), a token for a claim, then pairs: an event number,
-# 1 if its focus came (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed), gap_claim
-# (until when one notification is running it) and gap_holder (its token).
-# Returns {at before this notification ('' if none)}, plus {gap_missed, gap_since} if this one is to
-# run the catch-up. Nothing is written before the last command that can fail (HINCRBY): a script is
-# not rolled back.
+# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: now, lease
+# (seconds), a heartbeat's count ('' if none), 1 if an event carries neither a number nor a focus (or
+# it could not be read), the earliest time an event without its focus happened ('' if none said), a
+# token for a claim, when its latest event happened ('' if none said), the clocks' margin (seconds),
+# then pairs: an event number, 1 if its focus came (an id-only focus: and could be read).
+# The hash: number (highest seen) and at (when), stamp (the latest time an event said it happened),
+# gap_since/gap_missed (a catch-up owed), gap_claim (until when one notification is running it) and
+# gap_holder (its token).
+# Returns {at before this notification ('' if none), '1' if its numbers restarted ('' if not)}, plus
+# {gap_missed, gap_since} if this one is to run the catch-up. Nothing is written before the last
+# command that can fail (HINCRBY): a script is not rolled back.
 _RECORD = """
 local key, now = KEYS[1], tonumber(ARGV[1])
 local previous = redis.call('HGET', key, 'at') or ''
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
+local stamp, happened = tonumber(redis.call('HGET', key, 'stamp')), tonumber(ARGV[7])
+-- Numbers that restarted without a handshake: none above the last one seen, but an event that happened
+-- after every event seen (after the log last moved, beyond the clocks' margin, if no event said when).
+-- A repeat or late delivery cannot: its event happened before the last number seen was sent.
+local restarted = false
+if last ~= nil and happened ~= nil and #ARGV >= 9 then
+  local top, seen = nil, stamp
+  for i = 9, #ARGV, 2 do
+    if top == nil or tonumber(ARGV[i]) > top then top = tonumber(ARGV[i]) end
+  end
+  if seen == nil and previous ~= '' then seen = tonumber(previous) + tonumber(ARGV[8]) end
+  if seen ~= nil and top <= last and happened > seen then restarted, last = true, nil end
+end
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
-for i = 7, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   if highest == nil or n > highest then highest = n end
   if last == nil or n > last then
@@ -251,7 +267,9 @@ for i = 7, #ARGV, 2 do
   end
 end
 local missed = 0
-if last == nil then
+if restarted then
+  missed = math.max(highest - arrived, 1)    -- the new numbers before these, and whatever came in between
+elseif last == nil then
   missed = numbers - arrived                 -- first notification seen: only its empty events
 elseif highest ~= nil and highest > last then
   missed = highest - last - arrived          -- every number above the last one that did not come
@@ -264,14 +282,17 @@ if missed > 0 then
   redis.call('HINCRBY', key, 'gap_missed', missed)
   if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
 end
+if restarted then redis.call('DEL', KEYS[2]) end     -- the new numbering reuses the numbers owed
+if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
 if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
   redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
 end
+local flag = restarted and '1' or ''
 local since = redis.call('HGET', key, 'gap_since')
 local claim = tonumber(redis.call('HGET', key, 'gap_claim'))
-if not since or (claim ~= nil and claim > now) then return {previous} end
+if not since or (claim ~= nil and claim > now) then return {previous, flag} end
 redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])), 'gap_holder', ARGV[6])
-return {previous, redis.call('HGET', key, 'gap_missed'), since}
+return {previous, flag, redis.call('HGET', key, 'gap_missed'), since}
 """
 
 # KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: the gap's count,
@@ -329,6 +350,13 @@ class EventLog:
     rescoring anyone twice), and 6 is then an old number, no gap. A late or repeated delivery moves
     nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
     The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
+    One exception to "old numbers are old news": a notification whose numbers are none above the last
+    one seen but whose event happened after every event seen (its ``timestamp``, compared with the
+    latest one seen, both the hospital's clock; or, if none was said, with when the log last moved plus
+    ``MARGIN``) is no repeat - a repeat happened before the last number was sent - but numbering that
+    restarted without a handshake (the subscription re-created): the numbers start again from it, and a
+    catch-up is owed from when the log last moved. Without event times a restart is not seen until
+    its numbers pass the last one seen (then as a gap: caught up all the same).
     The scripts write nothing before their last command that can fail, so a failure leaves no half.
 
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
@@ -377,25 +405,36 @@ class EventLog:
         return self.enter(notification, now, unread)[0]
 
     def enter(self, notification: Notification, now: datetime,
-              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None]:
-        """``record``, and when the log last moved before this notification (None: never), from
-        where to ``owe`` its events if they cannot be queued."""
+              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None, bool]:
+        """``record``, when the log last moved before this notification (None: never), from where to
+        ``owe`` its events if they cannot be queued, and whether its numbers restarted without a
+        handshake (its numbers are none above the last one seen, but it happened later than any event
+        seen: the subscription was re-created; a catch-up from when the log last moved is owed)."""
         skipped = set(unread)
         numbers, count, unknown = _accounting(notification, skipped)
         opened = self.opening([e for i, e in enumerate(notification.events) if e.focus is None or i in skipped],
                               now)
+        happened = max((e.timestamp for e in notification.events if e.timestamp is not None), default=None)
         token = uuid.uuid4().hex
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown),
-                           "" if opened is None else repr(opened.timestamp()), token]
+                           "" if opened is None else repr(opened.timestamp()), token,
+                           "" if happened is None else repr(happened.timestamp()), self.MARGIN.total_seconds()]
         for number, focused in numbers:
             args += [number, int(focused)]
-        found = self._record(keys=[self._key(notification.subscription)], args=args)
+        found = self._record(keys=self._keys(notification.subscription), args=args)
         previous = datetime.fromtimestamp(float(found[0]), timezone.utc) if found[0] else None
-        if len(found) < 3:
-            return None, previous
-        return Gap(int(found[1]), datetime.fromtimestamp(float(found[2]), timezone.utc) - self.MARGIN,
-                   token, found[2].decode() if isinstance(found[2], bytes) else str(found[2])), previous
+        restarted = bool(found[1])
+        if restarted:
+            log.warning("Subscription/%s: event numbers restarted without a handshake (event %d is no higher than "
+                        "the last one seen, but happened later than any event seen): taken as the subscription "
+                        "re-created at the hospital's server; numbered from here, and a catch-up is owed from "
+                        "when the subscription was last seen", notification.subscription,
+                        max(n for n, _ in numbers))
+        if len(found) < 4:
+            return None, previous, restarted
+        return (Gap(int(found[2]), datetime.fromtimestamp(float(found[3]), timezone.utc) - self.MARGIN,
+                    token, _text(found[3])), previous, restarted)
 
     @classmethod
     def opening(cls, events: Iterable[Event], now: datetime) -> datetime | None:
@@ -434,6 +473,10 @@ class EventLog:
             if count is not None:
                 pipe.hset(key, mapping={"number": count, "at": repr(now.timestamp())})
             pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _accounting(notification: Notification, unread: set[int]) -> tuple[list[tuple[int, bool]], int | None, bool]:
@@ -601,7 +644,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                     outcome.unread_reason = outcome.unread_reason or exc.message
         resources.append(resource)
     outcome.unread = len(unread)
-    gap, previous = events.enter(notification, now, unread) if events is not None else (None, None)
+    gap, previous, outcome.restarted = (events.enter(notification, now, unread) if events is not None
+                                        else (None, None, False))
     queuing = False
     try:
         if events is not None and gap is not None:

@@ -83,6 +83,9 @@ def notify():  # type: ignore[no-untyped-def]
     if outcome.unread:    # the event log counted them as missed: a catch-up search is owed until one succeeds
         text += (f"; {outcome.unread} event(s) whose focus could not be read ({outcome.unread_reason}): "
                  "left to the catch-up search for missed events, owed until one succeeds")
+    if outcome.restarted:
+        text += ("; event numbers restarted without a handshake (the subscription re-created?): numbered from "
+                 "here on, and what changed since the last notification before it is caught up")
     if outcome.missed:
         text += (f"; {outcome.missed} event(s) missed or sent without their focus: " + (
             f"catch-up search failed ({outcome.recovery_failed})"
