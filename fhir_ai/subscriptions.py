@@ -233,7 +233,8 @@ class Gap:
 # it could not be read), the earliest time an event without its focus happened ('' if none said), a
 # token for a claim, when its latest event happened ('' if none said), the clocks' margin (seconds),
 # then pairs: an event number, 1 if its focus came (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), stamp (the latest time an event said it happened),
+# The hash: number (highest seen) and at (when), stamp (the latest time an event that moved the number
+# said it happened),
 # gap_since/gap_missed (a catch-up owed), gap_claim (until when one notification is running it) and
 # gap_holder (its token).
 # Returns {at before this notification ('' if none), '1' if its numbers restarted ('' if not)}, plus
@@ -245,16 +246,16 @@ local previous = redis.call('HGET', key, 'at') or ''
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
 local stamp, happened = tonumber(redis.call('HGET', key, 'stamp')), tonumber(ARGV[7])
 -- Numbers that restarted without a handshake: none above the last one seen, but an event that happened
--- after every event seen (after the log last moved, beyond the clocks' margin, if no event said when).
--- A repeat or late delivery cannot: its event happened before the last number seen was sent.
+-- more than the margin after the events seen (after the log last moved, if no event said when). A
+-- repeat or late delivery cannot: its event happened before the last number seen was sent (events
+-- numbered close together may say they happened in another order: hence the margin).
 local restarted = false
 if last ~= nil and happened ~= nil and #ARGV >= 9 then
-  local top, seen = nil, stamp
+  local top, seen = nil, stamp or tonumber(previous)
   for i = 9, #ARGV, 2 do
     if top == nil or tonumber(ARGV[i]) > top then top = tonumber(ARGV[i]) end
   end
-  if seen == nil and previous ~= '' then seen = tonumber(previous) + tonumber(ARGV[8]) end
-  if seen ~= nil and top <= last and happened > seen then restarted, last = true, nil end
+  if seen ~= nil and top <= last and happened > seen + tonumber(ARGV[8]) then restarted, last = true, nil end
 end
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
@@ -283,9 +284,11 @@ if missed > 0 then
   if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
 end
 if restarted then redis.call('DEL', KEYS[2]) end     -- the new numbering reuses the numbers owed
-if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
 if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
   redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
+  -- Only with the number: a restarted numbering's first events, under the last number, must not
+  -- creep it forward minute by minute, or the restart would never be told.
+  if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
 end
 local flag = restarted and '1' or ''
 local since = redis.call('HGET', key, 'gap_since')
@@ -351,12 +354,13 @@ class EventLog:
     nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
     The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
     One exception to "old numbers are old news": a notification whose numbers are none above the last
-    one seen but whose event happened after every event seen (its ``timestamp``, compared with the
-    latest one seen, both the hospital's clock; or, if none was said, with when the log last moved plus
-    ``MARGIN``) is no repeat - a repeat happened before the last number was sent - but numbering that
-    restarted without a handshake (the subscription re-created): the numbers start again from it, and a
-    catch-up is owed from when the log last moved. Without event times a restart is not seen until
-    its numbers pass the last one seen (then as a gap: caught up all the same).
+    one seen but whose event happened more than ``MARGIN`` after the events seen (its ``timestamp``,
+    compared with the latest one of an event that moved the number, both the hospital's clock; or, if
+    none was said, with when the log last moved) is no repeat - a repeat happened before the last
+    number was sent - but numbering that restarted without a handshake (the subscription re-created):
+    the numbers start again from it, and a catch-up is owed from when the log last moved. A restart is
+    therefore told at most ``MARGIN`` after it (its events in between are queued, as any are); without
+    event times, not until its numbers pass the last one seen (then as a gap: caught up all the same).
     The scripts write nothing before their last command that can fail, so a failure leaves no half.
 
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
@@ -408,7 +412,7 @@ class EventLog:
               unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None, bool]:
         """``record``, when the log last moved before this notification (None: never), from where to
         ``owe`` its events if they cannot be queued, and whether its numbers restarted without a
-        handshake (its numbers are none above the last one seen, but it happened later than any event
+        handshake (its numbers are none above the last one seen, but it happened well after the events
         seen: the subscription was re-created; a catch-up from when the log last moved is owed)."""
         skipped = set(unread)
         numbers, count, unknown = _accounting(notification, skipped)
@@ -427,7 +431,7 @@ class EventLog:
         restarted = bool(found[1])
         if restarted:
             log.warning("Subscription/%s: event numbers restarted without a handshake (event %d is no higher than "
-                        "the last one seen, but happened later than any event seen): taken as the subscription "
+                        "the last one seen, but happened well after the events seen): taken as the subscription "
                         "re-created at the hospital's server; numbered from here, and a catch-up is owed from "
                         "when the subscription was last seen", notification.subscription,
                         max(n for n, _ in numbers))

@@ -187,22 +187,23 @@ def test_numbers_that_restart_without_a_handshake_are_a_restart_not_old_news(ser
 
 def test_a_repeat_is_no_restart_whatever_the_clocks() -> None:
     """Event 5 says it happened an hour ahead of our clock (the hospital's clock is off): delivered
-    again later, and event 4 late, they are old news, not a restart. Event 1 happening after event 5
-    is one: owed from when event 5 was seen."""
+    again later, and event 4 late (even saying it happened a little after 5: events numbered close
+    together), they are old news, not a restart. Event 1 happening well after event 5 is one: owed
+    from when event 5 was seen."""
     client = redis_or_skip()
     events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
     ahead = NOW + timedelta(hours=1)
     try:
         assert events.enter(numbered(5, "p5", ahead), NOW) == (None, None, False)
         assert events.enter(numbered(5, "p5", ahead), NOW + timedelta(minutes=2))[1:] == (NOW, False)
-        assert events.enter(numbered(4, "p4", ahead - timedelta(minutes=1)), NOW + timedelta(minutes=3))[2] is False
-        gap, previous, restarted = events.enter(numbered(1, "p1", ahead + timedelta(seconds=1)),
+        assert events.enter(numbered(4, "p4", ahead + timedelta(seconds=2)), NOW + timedelta(minutes=3))[2] is False
+        gap, previous, restarted = events.enter(numbered(1, "p1", ahead + EventLog.MARGIN + timedelta(seconds=1)),
                                                 NOW + timedelta(minutes=4))
         assert restarted and previous == NOW and gap is not None and gap.since == NOW - EventLog.MARGIN
         assert gap.missed == 1
         events.settle("sub-1", gap, done=True)
-        assert events.enter(numbered(2, "p2", ahead + timedelta(seconds=2)), NOW + timedelta(minutes=5)) \
-            == (None, NOW + timedelta(minutes=4), False)
+        assert events.enter(numbered(2, "p2", ahead + EventLog.MARGIN + timedelta(seconds=2)),
+                            NOW + timedelta(minutes=5)) == (None, NOW + timedelta(minutes=4), False)
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
 
@@ -219,5 +220,20 @@ def test_without_an_event_time_seen_a_restart_is_told_by_our_clock_with_a_margin
         gap, _, restarted = events.enter(numbered(1, "p1", NOW + EventLog.MARGIN + timedelta(seconds=1)),
                                          NOW + timedelta(hours=1))
         assert restarted and gap is not None and gap.since == NOW - EventLog.MARGIN
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_restart_is_told_even_when_its_events_come_one_a_minute() -> None:
+    """After event 50, the new numbering's events come a minute apart: those under the margin are
+    taken as old, but do not move the time they are compared with, so the one past it is a restart."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(50, "p50", NOW), NOW)
+        minutes = range(1, int(EventLog.MARGIN.total_seconds() // 60) + 2)
+        told = [events.enter(numbered(n, f"p{n}", NOW + timedelta(minutes=n)), NOW + timedelta(minutes=n))[2]
+                for n in minutes]
+        assert told == [False] * (len(told) - 1) + [True]
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
