@@ -13,7 +13,8 @@ from typing import Any
 import redis
 
 from .config import Settings
-from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamNotFound
+from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, UpstreamError, UpstreamNotFound
+from .fhir.client import PagingLimit
 from .fhir.sources import ServerSource, Source
 from .fhir.times import format_datetime, parse_datetime
 
@@ -56,6 +57,8 @@ class Outcome:
     recovered: list[str] = field(default_factory=list)    # patients found by the catch-up search after a gap
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
+    recovery_resumes: datetime | None = None              # it read as many pages as it may: continued from here
+    restarted: bool = False                               # the event numbers restarted without a handshake
 
 
 def _value(param: dict[str, Any]) -> Any:
@@ -221,25 +224,42 @@ class Gap:
     missed: int                    # events numbered but never sent, or sent without saying what changed
     since: datetime                # catch up on Observations changed from here on
     claim: str = ""                # the token of this notification's claim on it (``settle`` checks it)
+    mark: str = ""                 # gap_since as it was claimed (``settle`` moves it only if it still is)
 
 
 # One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
-# KEYS[1]: the subscription's hash. ARGV: now, lease (seconds), a heartbeat's count ('' if none),
-# 1 if an event carries neither a number nor a focus (or it could not be read), the earliest time an
-# event without its focus happened ('' if none said), a token for a claim, then pairs: an event number,
-# 1 if its focus came (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), gap_since/gap_missed (a catch-up owed), gap_claim
-# (until when one notification is running it) and gap_holder (its token).
-# Returns {at before this notification ('' if none)}, plus {gap_missed, gap_since} if this one is to
-# run the catch-up. Nothing is written before the last command that can fail (HINCRBY): a script is
-# not rolled back.
+# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: now, lease
+# (seconds), a heartbeat's count ('' if none), 1 if an event carries neither a number nor a focus (or
+# it could not be read), the earliest time an event without its focus happened ('' if none said), a
+# token for a claim, when its latest event happened ('' if none said), the clocks' margin (seconds),
+# then pairs: an event number, 1 if its focus came (an id-only focus: and could be read).
+# The hash: number (highest seen) and at (when), stamp (the latest time an event that moved the number
+# said it happened),
+# gap_since/gap_missed (a catch-up owed), gap_claim (until when one notification is running it) and
+# gap_holder (its token).
+# Returns {at before this notification ('' if none), '1' if its numbers restarted ('' if not)}, plus
+# {gap_missed, gap_since} if this one is to run the catch-up. Nothing is written before the last
+# command that can fail (HINCRBY): a script is not rolled back.
 _RECORD = """
 local key, now = KEYS[1], tonumber(ARGV[1])
 local previous = redis.call('HGET', key, 'at') or ''
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
+local stamp, happened = tonumber(redis.call('HGET', key, 'stamp')), tonumber(ARGV[7])
+-- Numbers that restarted without a handshake: none above the last one seen, but an event that happened
+-- more than the margin after the events seen (after the log last moved, if no event said when). A
+-- repeat or late delivery cannot: its event happened before the last number seen was sent (events
+-- numbered close together may say they happened in another order: hence the margin).
+local restarted = false
+if last ~= nil and happened ~= nil and #ARGV >= 9 then
+  local top, seen = nil, stamp or tonumber(previous)
+  for i = 9, #ARGV, 2 do
+    if top == nil or tonumber(ARGV[i]) > top then top = tonumber(ARGV[i]) end
+  end
+  if seen ~= nil and top <= last and happened > seen + tonumber(ARGV[8]) then restarted, last = true, nil end
+end
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
-for i = 7, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   if highest == nil or n > highest then highest = n end
   if last == nil or n > last then
@@ -248,7 +268,9 @@ for i = 7, #ARGV, 2 do
   end
 end
 local missed = 0
-if last == nil then
+if restarted then
+  missed = math.max(highest - arrived, 1)    -- the new numbers before these, and whatever came in between
+elseif last == nil then
   missed = numbers - arrived                 -- first notification seen: only its empty events
 elseif highest ~= nil and highest > last then
   missed = highest - last - arrived          -- every number above the last one that did not come
@@ -261,32 +283,52 @@ if missed > 0 then
   redis.call('HINCRBY', key, 'gap_missed', missed)
   if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
 end
+if restarted then redis.call('DEL', KEYS[2]) end     -- the new numbering reuses the numbers owed
 if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
   redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
+  -- Only with the number: a restarted numbering's first events, under the last number, must not
+  -- creep it forward minute by minute, or the restart would never be told.
+  if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
 end
+local flag = restarted and '1' or ''
 local since = redis.call('HGET', key, 'gap_since')
 local claim = tonumber(redis.call('HGET', key, 'gap_claim'))
-if not since or (claim ~= nil and claim > now) then return {previous} end
+if not since or (claim ~= nil and claim > now) then return {previous, flag} end
 redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])), 'gap_holder', ARGV[6])
-return {previous, redis.call('HGET', key, 'gap_missed'), since}
+return {previous, flag, redis.call('HGET', key, 'gap_missed'), since}
 """
 
-# KEYS[1]: the subscription's hash. ARGV: the gap's count, 1 if its catch-up is done (0: try again), the
-# claim's token. Only the claim's holder settles: one whose lease lapsed (another runs the catch-up
-# now) changes nothing. Returns 1 if settled.
+# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: the gap's count,
+# 1 if its catch-up is done (0: try again), the claim's token, where a catch-up that read part of its
+# window continues ('' if none), and gap_since as it was claimed: moved only if no notification opened
+# the window earlier meanwhile. Only the claim's holder settles: one whose lease lapsed (another runs
+# the catch-up now) changes nothing. Returns 1 if settled.
 _SETTLE = """
 if redis.call('HGET', KEYS[1], 'gap_holder') ~= ARGV[3] then return 0 end
-if ARGV[2] == '1' and redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
-  redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
+if ARGV[2] == '1' then
+  if redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
+    redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
+    redis.call('DEL', KEYS[2])
+  end
+elseif ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'gap_since') == ARGV[5] then
+  redis.call('HSET', KEYS[1], 'gap_since', ARGV[4])
 end
 redis.call('HDEL', KEYS[1], 'gap_claim', 'gap_holder')
 return 1
 """
 
-# KEYS[1]: the subscription's hash. ARGV: a count of events, since when (a timestamp): a catch-up owed.
+# KEYS[1]: the subscription's hash, KEYS[2]: the event numbers owed while this catch-up is (a set: the
+# same notification failing again is not counted again). ARGV: a count of events without a number,
+# since when (a timestamp), then the event numbers: a catch-up owed.
 _OWE = """
 local since = tonumber(redis.call('HGET', KEYS[1], 'gap_since'))
-redis.call('HINCRBY', KEYS[1], 'gap_missed', ARGV[1])
+local count, counted = tonumber(ARGV[1]), {}
+for i = 3, #ARGV do
+  if not counted[ARGV[i]] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then count = count + 1 end
+  counted[ARGV[i]] = true
+end
+redis.call('HINCRBY', KEYS[1], 'gap_missed', count)
+for i = 3, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
 if since == nil or tonumber(ARGV[2]) < since then redis.call('HSET', KEYS[1], 'gap_since', ARGV[2]) end
 """
 
@@ -311,24 +353,37 @@ class EventLog:
     rescoring anyone twice), and 6 is then an old number, no gap. A late or repeated delivery moves
     nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
     The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
+    One exception to "old numbers are old news": a notification whose numbers are none above the last
+    one seen but whose event happened more than ``MARGIN`` after the events seen (its ``timestamp``,
+    compared with the latest one of an event that moved the number, both the hospital's clock; or, if
+    none was said, with when the log last moved) is no repeat - a repeat happened before the last
+    number was sent - but numbering that restarted without a handshake (the subscription re-created):
+    the numbers start again from it, and a catch-up is owed from when the log last moved. A restart is
+    therefore told at most ``MARGIN`` after it (its events in between are queued, as any are); without
+    event times, not until its numbers pass the last one seen (then as a gap: caught up all the same).
     The scripts write nothing before their last command that can fail, so a failure leaves no half.
 
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
     that runs it claims it for ``LEASE`` (others go on without it), then settles it; if the search
     failed or that process died, the next notification runs it. A claim carries a token: once its
-    lease lapsed and another notification took it over, the first one's settle changes nothing.
+    lease lapsed and another notification took it over, the first one's settle changes nothing. A
+    catch-up that read as many pages as it may (``catch_up``) moves the window's start to where it
+    stopped, once its patients are queued, unless a notification opened the window earlier meanwhile;
+    the next notification continues from there.
 
     Recording comes before queuing (so that two notifications never both see a gap), so a
     notification is counted as received even if its patients then could not be queued: ``handle``
     then settles its catch-up as not done and ``owe``s its events (a catch-up from when the log
     last moved before it), so that nothing is lost whether the hospital's server sends it again or
-    gives up on it. ``gap_missed`` is then a count for the logs, not an exact one.
+    gives up on it. An event number owed is owed once until the catch-up is settled (the same
+    notification failing twice is one event owed, not two). ``gap_missed`` is still a count for the
+    logs, not an exact one: a number counted missing and then delivered late and not queued counts twice.
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
     # An event without its focus (empty, or unread) that says when it happened opens the window then,
     # if that is earlier (a delivery that came late), but never more than this before it came: a clock
-    # far off must not make the catch-up a search longer than its pages allow (it would fail each time).
+    # far off must not make the catch-up a search of days (continued CATCH_UP_PAGES pages at a time).
     OPENING = timedelta(hours=1)
     # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
     # lapses anyway, a second search runs: a duplicate, not a loss.
@@ -343,6 +398,10 @@ class EventLog:
     def _key(self, subscription: str) -> str:
         return f"{self.prefix}{subscription}"
 
+    def _keys(self, subscription: str) -> list[str]:
+        """The subscription's hash, and the set of its event numbers owed (``owe``)."""
+        return [self._key(subscription), f"{self._key(subscription)}:owed"]
+
     def record(self, notification: Notification, now: datetime, unread: Iterable[int] = ()) -> Gap | None:
         """Advance the log past this notification; the catch-up it is to run (None: none owed, or
         another notification is running it). ``settle`` it afterwards. ``unread``: the positions of
@@ -350,25 +409,36 @@ class EventLog:
         return self.enter(notification, now, unread)[0]
 
     def enter(self, notification: Notification, now: datetime,
-              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None]:
-        """``record``, and when the log last moved before this notification (None: never), from
-        where to ``owe`` its events if they cannot be queued."""
+              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None, bool]:
+        """``record``, when the log last moved before this notification (None: never), from where to
+        ``owe`` its events if they cannot be queued, and whether its numbers restarted without a
+        handshake (its numbers are none above the last one seen, but it happened well after the events
+        seen: the subscription was re-created; a catch-up from when the log last moved is owed)."""
         skipped = set(unread)
         numbers, count, unknown = _accounting(notification, skipped)
         opened = self.opening([e for i, e in enumerate(notification.events) if e.focus is None or i in skipped],
                               now)
+        happened = max((e.timestamp for e in notification.events if e.timestamp is not None), default=None)
         token = uuid.uuid4().hex
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown),
-                           "" if opened is None else repr(opened.timestamp()), token]
+                           "" if opened is None else repr(opened.timestamp()), token,
+                           "" if happened is None else repr(happened.timestamp()), self.MARGIN.total_seconds()]
         for number, focused in numbers:
             args += [number, int(focused)]
-        found = self._record(keys=[self._key(notification.subscription)], args=args)
+        found = self._record(keys=self._keys(notification.subscription), args=args)
         previous = datetime.fromtimestamp(float(found[0]), timezone.utc) if found[0] else None
-        if len(found) < 3:
-            return None, previous
-        return Gap(int(found[1]), datetime.fromtimestamp(float(found[2]), timezone.utc) - self.MARGIN,
-                   token), previous
+        restarted = bool(found[1])
+        if restarted:
+            log.warning("Subscription/%s: event numbers restarted without a handshake (event %d is no higher than "
+                        "the last one seen, but happened well after the events seen): taken as the subscription "
+                        "re-created at the hospital's server; numbered from here, and a catch-up is owed from "
+                        "when the subscription was last seen", notification.subscription,
+                        max(n for n, _ in numbers))
+        if len(found) < 4:
+            return None, previous, restarted
+        return (Gap(int(found[2]), datetime.fromtimestamp(float(found[3]), timezone.utc) - self.MARGIN,
+                    token, _text(found[3])), previous, restarted)
 
     @classmethod
     def opening(cls, events: Iterable[Event], now: datetime) -> datetime | None:
@@ -377,26 +447,40 @@ class EventLog:
         happened = [e.timestamp for e in events if e.timestamp is not None]
         return max(min(happened), now - cls.OPENING) if happened else None
 
-    def settle(self, subscription: str, gap: Gap, done: bool) -> None:
-        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it.
-        Nothing happens if this claim lapsed and another notification holds it now."""
-        if not self._settle(keys=[self._key(subscription)], args=[gap.missed, int(done), gap.claim]):
+    def settle(self, subscription: str, gap: Gap, done: bool, resume: datetime | None = None) -> None:
+        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it,
+        from ``resume`` if given (this one read every Observation changed before it: the hospital's
+        clock, so without ``MARGIN``). Nothing happens if this claim lapsed and another notification
+        holds it now."""
+        moved = "" if done or resume is None else repr((resume + self.MARGIN).timestamp())
+        if not self._settle(keys=self._keys(subscription), args=[gap.missed, int(done), gap.claim, moved, gap.mark]):
             log.warning("Subscription/%s: a catch-up claim lapsed before it was settled (another notification "
                         "runs it)", subscription)
 
-    def owe(self, subscription: str, missed: int, since: datetime) -> None:
-        """A catch-up of ``missed`` events is owed, for Observations changed from ``since`` (less ``MARGIN``)."""
-        self._owe(keys=[self._key(subscription)], args=[missed, repr(since.timestamp())])
+    def owe(self, notification: Notification, since: datetime) -> None:
+        """A catch-up of ``notification``'s events is owed, for Observations changed from ``since`` (less
+        ``MARGIN``). Its numbered events are counted once while the catch-up is owed: the hospital's
+        server sending it again, failing again, owes nothing more."""
+        numbers, _, _ = _accounting(notification, set())
+        unnumbered = len(notification.events) - len(numbers)
+        self._owe(keys=self._keys(notification.subscription),
+                  args=[unnumbered, repr(since.timestamp()), *(number for number, _ in numbers)])
 
     def restart(self, notification: Notification, now: datetime) -> None:
-        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed."""
+        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed
+        (its numbers, which the new numbering reuses for other events, no longer tell a repeat)."""
         count = _number(notification.events_since_start)
+        key, owed = self._keys(notification.subscription)
         with self.client.pipeline() as pipe:
-            pipe.hdel(self._key(notification.subscription), "number", "at")
+            pipe.hdel(key, "number", "at")
+            pipe.delete(owed)
             if count is not None:
-                pipe.hset(self._key(notification.subscription),
-                          mapping={"number": count, "at": repr(now.timestamp())})
+                pipe.hset(key, mapping={"number": count, "at": repr(now.timestamp())})
             pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _accounting(notification: Notification, unread: set[int]) -> tuple[list[tuple[int, bool]], int | None, bool]:
@@ -435,20 +519,61 @@ def event_log(settings: Settings) -> EventLog:
     return _event_logs[key]
 
 
+@dataclass
+class CatchUp:
+    """What one catch-up search found."""
+    patients: list[str]
+    resume: datetime | None = None    # it stopped at its page limit: every change before this was read
+
+
+# Pages one catch-up search reads (200 Observations each); a longer window is continued with the next notification.
+CATCH_UP_PAGES = 20
+
+
 def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
-             max_pages: int = 20) -> list[str]:
-    """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap)."""
+             max_pages: int = CATCH_UP_PAGES) -> CatchUp:
+    """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap).
+
+    The search is sorted by _lastUpdated: one that has more than ``max_pages`` pages returns the
+    patients of the pages it read and where to continue (``resume``: the last change it read, searched
+    again with ``ge``, so that changes at that same instant are not skipped). That needs the order
+    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated), or whose pages all
+    changed at the instant the search started, cannot be continued: an UpstreamError, and the catch-up
+    stays owed."""
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
-    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_count", 200)]
+    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_sort", "_lastUpdated"), ("_count", 200)]
     patients: dict[str, None] = {}
-    # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
-    for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
-        patient = subject_patient(resource)
-        if patient and is_vital_sign(resource, codes):
-            patients[patient] = None
-    return list(patients)
+    last: datetime | None = None
+    ordered = True
+    try:
+        # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
+        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
+            changed = _last_updated(resource)
+            if changed is None or (last is not None and changed < last):
+                ordered = False
+            last = changed
+            patient = subject_patient(resource)
+            if patient and is_vital_sign(resource, codes):
+                patients[patient] = None
+    except PagingLimit as exc:
+        # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
+        # must not move it past a change at that instant.
+        resume = last - timedelta(milliseconds=1) if last is not None else None
+        if not ordered or resume is None or resume <= since:
+            why = ("not sorted by _lastUpdated (or without meta.lastUpdated)" if not ordered or last is None
+                   else f"all changed at {format_datetime(since)}")
+            raise UpstreamError(f"the catch-up search for Observations changed since {format_datetime(since)} "
+                                f"has more than {max_pages} pages, {why}: it cannot be continued from where "
+                                "it stopped", temporary=False) from exc
+        return CatchUp(list(patients), resume)
+    return CatchUp(list(patients))
+
+
+def _last_updated(resource: Any) -> datetime | None:
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    return _instant(meta.get("lastUpdated")) if isinstance(meta, dict) else None
 
 
 def subject_patient(resource: Any) -> str | None:
@@ -495,7 +620,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     server failed, even after the client's retries: anything but not found), starts a catch-up: a
     search for Observations changed since the last notification we saw, and a rescoring for each
     patient with a vital sign among them. If that search fails, the catch-up stays owed and the next
-    notification tries again; a source that cannot be searched at all (NotSupported) is said once, not
+    notification tries again; one with more pages than it may read is continued from where it stopped
+    by the next notification; a source that cannot be searched at all (NotSupported) is said once, not
     retried. An id-only focus not found (404, 410: deleted) is ignored. The focuses are read before
     the notification is recorded, so that the log counts the unread ones as missed.
 
@@ -522,7 +648,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                     outcome.unread_reason = outcome.unread_reason or exc.message
         resources.append(resource)
     outcome.unread = len(unread)
-    gap, previous = events.enter(notification, now, unread) if events is not None else (None, None)
+    gap, previous, outcome.restarted = (events.enter(notification, now, unread) if events is not None
+                                        else (None, None, False))
     queuing = False
     try:
         if events is not None and gap is not None:
@@ -531,8 +658,13 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                         "Observations changed since %s", notification.subscription, gap.missed,
                         format_datetime(gap.since))
             try:
-                outcome.recovered = catch_up(source, gap.since, codes)
+                found = catch_up(source, gap.since, codes)
+                outcome.recovered, outcome.recovery_resumes = found.patients, found.resume
                 patients.update(dict.fromkeys(outcome.recovered))
+                if found.resume is not None:
+                    log.warning("Subscription/%s: the catch-up search read as many pages as it may; continued "
+                                "from %s with the next notification", notification.subscription,
+                                format_datetime(found.resume))
             except NotSupported as exc:    # never possible with this source: retrying would report the gap forever
                 outcome.recovery_failed = exc.message
                 log.error("Subscription/%s: %d missed event(s) cannot be caught up: %s", notification.subscription,
@@ -574,12 +706,14 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             if opened is not None:                    # or when its events happened, if earlier (a backlog)
                 since = min(since, opened)
             if notification.events:
-                _quietly(events.owe, notification.subscription, len(notification.events), since)
+                _quietly(events.owe, notification, since)
             log.error("Subscription/%s: the notification's patients could not all be queued; a catch-up of its "
                       "%d event(s) is owed", notification.subscription, len(notification.events))
         raise
     if events is not None and gap is not None:    # only once queued: a failure above leaves it owed
-        events.settle(notification.subscription, gap, done=not outcome.recovery_retried)
+        events.settle(notification.subscription, gap,
+                      done=not outcome.recovery_retried and outcome.recovery_resumes is None,
+                      resume=outcome.recovery_resumes)
     log.info("Subscription/%s: %d event(s), %d rescoring(s) queued, %d debounced, %d ignored, %d focus(es) "
              "left to the catch-up", notification.subscription, outcome.events, len(outcome.queued),
              len(outcome.debounced), outcome.ignored, outcome.unread)

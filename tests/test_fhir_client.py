@@ -226,12 +226,89 @@ def test_malformed_json_is_retried_then_succeeds(client, mocked, sleeps):
     assert sleeps == [1.0]
 
 
-def test_malformed_json_every_time_is_an_upstream_error(client, mocked):
+def test_malformed_json_every_time_is_an_upstream_error_after_one_retry(client, mocked, sleeps):
+    """A complete answer that is not JSON, twice: the server's own fault, not retried as a 503 is (4 tries)."""
     mocked.get(f"{BASE}/Patient/example", body="<html>proxy error</html>", status=200)
     with pytest.raises(UpstreamError, match="not JSON") as err:
         client.get("Patient/example")
-    assert type(err.value) is UpstreamError and err.value.status == 502
-    assert len(mocked.calls) == 4
+    assert type(err.value) is UpstreamError and err.value.status == 502 and not err.value.temporary
+    assert len(mocked.calls) == 2 and sleeps == [1.0]
+
+
+@pytest.mark.parametrize("body", [
+    '{"resourceType": "Bundle", "type": "searchset", "total": NaN}',
+    '{"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {"resourceType": "Observation", '
+    '"valueQuantity": {"value": Infinity}}}]}',
+    '{"resourceType": "Bundle"} and more',
+])
+def test_a_complete_answer_that_is_not_json_is_tried_twice_then_502_naming_the_path_only(client, mocked, sleeps,
+                                                                                       body):
+    """NaN, Infinity (what a server serialising floats naively writes) or trailing text: valid JSON has
+    none of them, and the server writes them again on every try."""
+    mocked.get(f"{BASE}/Observation", body=body, status=200, content_type="application/fhir+json")
+    with pytest.raises(UpstreamError) as err:
+        client.get("Observation", {"patient": "p-secret-1", "code": "8867-4"})
+    assert err.value.status == 502 and not err.value.temporary and err.value.upstream_status == 200
+    assert "GET /r4/Observation: " in err.value.message and "not JSON" in err.value.message
+    assert "p-secret-1" not in err.value.message and "?" not in err.value.message
+    assert len(mocked.calls) == 2 and sleeps == [1.0]
+
+
+def test_a_complete_answer_that_is_not_json_once_is_retried_to_success(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", body='{"resourceType": "Patient", "id": NaN}', status=200)
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+    assert sleeps == [1.0]
+
+
+@pytest.mark.parametrize("body", [b'{"resourceType": "Patient", "id": "exa', b'{"resourceType": "Patient", "name": "\xc3',
+                                  b'{"resourceType": "Patient", "id": "example"  \n'])
+def test_an_answer_that_breaks_off_is_retried_as_a_temporary_fault(client, mocked, sleeps, body):
+    """Cut where the connection broke (no Content-Length framed it), even inside a character: tried 4 times."""
+    mocked.get(f"{BASE}/Patient/example", body=body, status=200)
+    with pytest.raises(UpstreamError, match="breaks off") as err:
+        client.get("Patient/example")
+    assert err.value.temporary and len(mocked.calls) == 4 and sleeps == [1.0, 2.0, 4.0]
+
+
+def test_over_a_real_connection_a_cut_answer_is_retried_and_a_complete_one_that_is_not_json_is_not_retried_twice():
+    """A real socket: an answer framed by the connection's close and cut, one whose Content-Length
+    promises more than comes (urllib3 refuses it), then a whole answer with NaN (twice): 4 connections,
+    the first two retried as temporary, the NaN once only."""
+    import socket
+    import threading
+    answers = [b"HTTP/1.0 200 OK\r\nContent-Type: application/fhir+json\r\n\r\n{\"resourceType\": \"Pat",
+               b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 1000\r\n"
+               b"Connection: close\r\n\r\n{\"resourceType\": \"Pat"]
+    nan = b'{"resourceType": "Patient", "id": "example", "weight": NaN}'
+    answers += [b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(nan), nan)] * 3
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served: list[int] = []
+
+    def serve() -> None:
+        for answer in answers:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+                served.append(len(served))
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    delays: list[float] = []
+    try:
+        with FhirClient(f"http://127.0.0.1:{port}/fhir", timeout=2, retries=5, backoff=0.0,
+                        sleep=delays.append) as server:
+            with pytest.raises(UpstreamError) as caught:
+                server.get("Patient/example")
+        assert not caught.value.temporary and "not JSON" in caught.value.message
+        assert "4 attempt" in caught.value.message and len(served) == 4 and len(delays) == 3
+    finally:
+        listener.close()
 
 
 def test_404_with_outcome_is_upstream_not_found(client, mocked, sleeps):

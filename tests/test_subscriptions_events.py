@@ -6,15 +6,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import responses
 from flask import Flask
 from flask.testing import FlaskClient
 
+from fhir_ai.fhir.times import format_datetime
 from fhir_ai.subscriptions import Debouncer, EventLog, handle, parse_notification
-from test_subscriptions import (BASE, SECRET, diagnostics, events_since_start, heart_rate, notification, post,
-                                queued, redis_or_skip, sc, searchset, server_app, sub_app)  # noqa: F401
+from test_subscriptions import (BASE, NOW, SECRET, diagnostics, events_since_start, heart_rate,  # noqa: F401
+                                notification, post, queued, redis_or_skip, sc, searchset, server_app, sub_app)
 
 
 def older(count: int, resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,3 +149,91 @@ def test_a_caller_without_the_secret_is_refused_before_its_body_is_read(sc: Flas
     response = sc.post("/subscriptions/notify", data=b"not json", content_type="application/fhir+json",
                        headers={"Authorization": f"Bearer {SECRET}"})
     assert response.status_code == 400
+
+
+def happened(bundle: dict[str, Any], instant: datetime | None) -> dict[str, Any]:
+    """Each event of the notification says it happened at ``instant`` (None: says nothing)."""
+    for p in bundle["entry"][0]["resource"]["parameter"]:
+        if p["name"] == "notification-event":
+            p["part"] = [q for q in p["part"] if q["name"] != "timestamp"]
+            if instant is not None:
+                p["part"].insert(1, {"name": "timestamp", "valueInstant": format_datetime(instant)})
+    return bundle
+
+
+def numbered(number: int, patient: str, instant: datetime | None) -> Any:
+    return parse_notification(happened(notification("event-notification", [heart_rate(patient)], start=number),
+                                       instant))
+
+
+@responses.activate
+def test_numbers_that_restart_without_a_handshake_are_a_restart_not_old_news(server_app: Flask,
+                                                                             queued: list) -> None:
+    """The hospital's server re-created the subscription without a handshake: after event 50, event 1
+    comes, and it happened after event 50. Before, it and the 49 numbers after it were taken as old
+    ones: no gap in them was ever seen, and what changed in between was never caught up."""
+    sc = server_app.test_client()
+    now = datetime.now(timezone.utc)
+    search = responses.get(f"{BASE}/Observation", json=searchset(heart_rate("p9")))
+    diagnostics(post(sc, happened(notification("event-notification", [heart_rate("p1")], start=50),
+                                  now - timedelta(minutes=30))))
+    text = diagnostics(post(sc, happened(notification("event-notification", [heart_rate("p2")], start=1), now)))
+    assert "restarted without a handshake" in text and "1 event(s) missed" in text and "found 1 patient(s)" in text
+    assert search.call_count == 1
+    text = diagnostics(post(sc, happened(notification("event-notification", [heart_rate("p3")], start=3), now)))
+    assert "1 event(s) missed" in text and "restarted" not in text        # 2 is lost: a gap in the new numbering
+    assert [p for p, _ in queued] == ["p1", "p9", "p2", "p3"]      # the catch-up's patients first
+
+
+def test_a_repeat_is_no_restart_whatever_the_clocks() -> None:
+    """Event 5 says it happened an hour ahead of our clock (the hospital's clock is off): delivered
+    again later, and event 4 late (even saying it happened a little after 5: events numbered close
+    together), they are old news, not a restart. Event 1 happening well after event 5 is one: owed
+    from when event 5 was seen."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    ahead = NOW + timedelta(hours=1)
+    try:
+        assert events.enter(numbered(5, "p5", ahead), NOW) == (None, None, False)
+        assert events.enter(numbered(5, "p5", ahead), NOW + timedelta(minutes=2))[1:] == (NOW, False)
+        assert events.enter(numbered(4, "p4", ahead + timedelta(seconds=2)), NOW + timedelta(minutes=3))[2] is False
+        gap, previous, restarted = events.enter(numbered(1, "p1", ahead + EventLog.MARGIN + timedelta(seconds=1)),
+                                                NOW + timedelta(minutes=4))
+        assert restarted and previous == NOW and gap is not None and gap.since == NOW - EventLog.MARGIN
+        assert gap.missed == 1
+        events.settle("sub-1", gap, done=True)
+        assert events.enter(numbered(2, "p2", ahead + EventLog.MARGIN + timedelta(seconds=2)),
+                            NOW + timedelta(minutes=5)) == (None, NOW + timedelta(minutes=4), False)
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_without_an_event_time_seen_a_restart_is_told_by_our_clock_with_a_margin() -> None:
+    """Event 5 said nothing of when it happened: event 1 is a restart only if it happened more than the
+    clocks' margin after event 5 was seen."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(5, "p5", None), NOW)
+        assert events.enter(numbered(1, "p1", None), NOW + timedelta(hours=1))[2] is False    # it says nothing
+        assert events.enter(numbered(1, "p1", NOW + EventLog.MARGIN), NOW + timedelta(hours=1))[2] is False
+        gap, _, restarted = events.enter(numbered(1, "p1", NOW + EventLog.MARGIN + timedelta(seconds=1)),
+                                         NOW + timedelta(hours=1))
+        assert restarted and gap is not None and gap.since == NOW - EventLog.MARGIN
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_restart_is_told_even_when_its_events_come_one_a_minute() -> None:
+    """After event 50, the new numbering's events come a minute apart: those under the margin are
+    taken as old, but do not move the time they are compared with, so the one past it is a restart."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(50, "p50", NOW), NOW)
+        minutes = range(1, int(EventLog.MARGIN.total_seconds() // 60) + 2)
+        told = [events.enter(numbered(n, f"p{n}", NOW + timedelta(minutes=n)), NOW + timedelta(minutes=n))[2]
+                for n in minutes]
+        assert told == [False] * (len(told) - 1) + [True]
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])

@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError
 
 import fhir_ai.subscriptions as subscriptions
 from fhir_ai.jobs import tasks
-from fhir_ai.subscriptions import Debouncer, EventLog, Event, Notification, handle, parse_notification
+from fhir_ai.subscriptions import CatchUp, Debouncer, EventLog, Event, Notification, handle, parse_notification
 from test_subscriptions import (NOW, SECRET, diagnostics, events_since_start, heart_rate, notification,  # noqa: F401
                                 post, queued, redis_or_skip, sc, sub_app)
 
@@ -40,9 +40,9 @@ class Searches:
         self.since: list[datetime] = []
         self.found: list[str] = []
 
-    def __call__(self, _source: Any, since: datetime, _codes: Any) -> list[str]:
+    def __call__(self, _source: Any, since: datetime, _codes: Any) -> CatchUp:
         self.since.append(since)
-        return list(self.found)
+        return CatchUp(list(self.found))
 
 
 @pytest.fixture
@@ -232,3 +232,42 @@ def test_a_catch_up_that_breaks_keeps_its_claim_instead_of_failing_every_notific
         handle(event(n, f"p{n}"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events,
                now=NOW + timedelta(minutes=n))
     assert len(runs) == 1 and done == ["p5", "p8", "p9"]
+
+
+def test_the_same_notification_failing_twice_is_owed_once(log_and_gate: Any, searches: Any) -> None:
+    """Event 6 cannot be queued, the hospital's server sends it again and it fails again: the catch-up
+    owes one event (it said 2: each failure owed it again)."""
+    _, events, gate = log_and_gate
+    done: list[str] = []
+    handle(event(5, "p5"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events, now=NOW)
+    for minute in (1, 2):
+        with pytest.raises(RuntimeError):
+            handle(event(6, "p6"), source=NoSearch(), codes=[], debounce=gate, enqueue=broker_down, events=events,
+                   now=NOW + timedelta(minutes=minute))
+    searches.found[:] = ["p6"]
+    out = handle(event(7, "p7"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events,
+                 now=NOW + timedelta(minutes=3))
+    assert out.missed == 1 and done == ["p5", "p6", "p7"]
+    assert handle(event(8, "p8"), source=NoSearch(), codes=[], debounce=gate, enqueue=done.append, events=events,
+                  now=NOW + timedelta(minutes=4)).missed == 0
+    assert len(searches.since) == 2 and searches.since[0] == NOW - EventLog.MARGIN
+
+
+def test_after_a_handshake_a_reused_event_number_that_fails_is_owed_again(log_and_gate: Any) -> None:
+    """Event 6 fails and is owed; event 7's catch-up claims it. The subscription is re-created
+    (handshake at 5) and the new event 6, another event, fails too: it is owed, so when 7's catch-up
+    (which may have searched before it happened) settles, a catch-up is still owed."""
+    _, events, _ = log_and_gate
+    events.record(event(5, "p5"), NOW)
+    events.record(event(6, "p6"), NOW + timedelta(minutes=1))
+    events.owe(event(6, "p6"), NOW)
+    claimed = events.record(event(7, "p7"), NOW + timedelta(minutes=2))
+    assert claimed is not None and claimed.missed == 1
+    handshake = parse_notification(notification("handshake"))
+    handshake.events_since_start = "5"
+    events.restart(handshake, NOW + timedelta(minutes=3))
+    assert events.record(event(6, "p8"), NOW + timedelta(minutes=4)) is None       # claimed: 7's runs it
+    events.owe(event(6, "p8"), NOW + timedelta(minutes=3))
+    events.settle("sub-1", claimed, done=True)
+    rest = events.record(event(7, "p9"), NOW + timedelta(minutes=5))
+    assert rest is not None and rest.missed == 1

@@ -255,11 +255,33 @@ def test_read_timeouts_are_504(client: FlaskClient, hospital: FakeHospital, atte
     assert len(hospital.calls("/Observation")) == attempts
 
 
-def test_malformed_json_is_retried_then_502(client: FlaskClient, hospital: FakeHospital, attempts: int) -> None:
+def test_malformed_json_is_retried_once_then_502(client: FlaskClient, hospital: FakeHospital, attempts: int) -> None:
+    """A whole answer that is not JSON (a proxy's error page) may pass: tried once more, not as a 503 is."""
     page = "<html><body>502 Bad Gateway</body></html>"
     hospital.fail("Encounter", *[(200, {"Content-Type": "text/html"}, page)] * attempts)
     issue = error(assess(client), 502)
-    assert "not JSON" in issue["diagnostics"]
+    assert "not JSON" in issue["diagnostics"] and "not retried further" in issue["diagnostics"]
+    assert len(hospital.calls("/Encounter")) == 2
+
+
+def test_nan_in_an_answer_is_502_naming_the_path_without_the_query(client: FlaskClient, hospital: FakeHospital,
+                                                                   attempts: int) -> None:
+    """NaN is no JSON: the server sends it again on every try. The OperationOutcome names the path
+    asked for, never the query (it holds the patient's id)."""
+    body = '{"resourceType": "Bundle", "type": "searchset", "total": NaN, "entry": []}'
+    hospital.fail("Encounter", *[(200, {"Content-Type": FHIR_JSON}, body)] * attempts)
+    issue = error(assess(client), 502)
+    assert issue["diagnostics"].startswith("GET /fhir/Encounter: ") and "not JSON" in issue["diagnostics"]
+    assert PATIENT not in issue["diagnostics"] and "?" not in issue["diagnostics"]
+    assert len(hospital.calls("/Encounter")) == 2
+
+
+def test_an_answer_that_breaks_off_every_time_is_retried_then_502(client: FlaskClient, hospital: FakeHospital,
+                                                                  attempts: int) -> None:
+    cut = '{"resourceType": "Bundle", "type": "searchset", "entr'
+    hospital.fail("Encounter", *[(200, {"Content-Type": FHIR_JSON}, cut)] * attempts)
+    issue = error(assess(client), 502)
+    assert issue["code"] == "transient" and "breaks off" in issue["diagnostics"]
     assert len(hospital.calls("/Encounter")) == attempts
 
 

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from .. import subscriptions
 from ..auth.policy import authenticates_itself
 from ..errors import Unauthorized
+from ..fhir.times import format_datetime
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.tasks import QueueUnavailable, rescore_patient
@@ -82,12 +83,18 @@ def notify():  # type: ignore[no-untyped-def]
     if outcome.unread:    # the event log counted them as missed: a catch-up search is owed until one succeeds
         text += (f"; {outcome.unread} event(s) whose focus could not be read ({outcome.unread_reason}): "
                  "left to the catch-up search for missed events, owed until one succeeds")
+    if outcome.restarted:
+        text += ("; event numbers restarted without a handshake (the subscription re-created?): numbered from "
+                 "here on, and what changed since the last notification before it is caught up")
     if outcome.missed:
         text += (f"; {outcome.missed} event(s) missed or sent without their focus: " + (
             f"catch-up search failed ({outcome.recovery_failed})"
             + (", tried again with the next notification" if outcome.recovery_retried else "")
             if outcome.recovery_failed else
-            f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"))
+            f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"
+            + (f" in as many pages as one search may read; the rest is owed, continued from "
+               f"{format_datetime(outcome.recovery_resumes)} with the next notification"
+               if outcome.recovery_resumes else "")))
     return _answer(text)
 
 

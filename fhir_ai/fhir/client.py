@@ -42,6 +42,11 @@ class SearchPostRefused(UpstreamError):
     """The server does not take a search by POST [type]/_search (see SEARCH_POST_REFUSED): search by GET."""
 
 
+class PagingLimit(UpstreamError):
+    """A search had more pages than its ``max_pages``: raised after every match of those pages was yielded,
+    so a caller that can continue from what it read (a search sorted by _lastUpdated) may."""
+
+
 # Search parameters, or a query string already encoded by encode_params (e.g. cached).
 Params = Mapping[str, Any] | list[tuple[str, Any]] | str | None
 
@@ -139,14 +144,28 @@ class _LateAnswer(requests.Timeout):
 
 
 class _Temporary(Exception):
-    """One failed attempt worth retrying (internal to the retry loop)."""
+    """One failed attempt worth retrying (internal to the retry loop). ``not_json``: a complete answer
+    that is not JSON, retried once only (see ``_with_retries``)."""
 
     def __init__(self, reason: str, *, response: requests.Response | None = None,
-                 timeout: bool = False) -> None:
+                 timeout: bool = False, not_json: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.response = response
         self.timeout = timeout
+        self.not_json = not_json
+
+
+def _breaks_off(content: bytes, error: orjson.JSONDecodeError) -> bool:
+    """Whether a body that does not parse stops short - the start of a JSON document, cut off where
+    the connection broke (an answer framed by Content-Length that breaks off is already refused by
+    urllib3: ChunkedEncodingError; one framed by the connection's close is not) - rather than holding
+    what JSON never has (NaN, Infinity, an HTML page, trailing text): that a second try rarely cures."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:    # cut inside a character: the bytes run out at the very end
+        return exc.end == len(content) and exc.reason == "unexpected end of data"
+    return error.pos >= len(text.rstrip())
 
 
 # Characters a query may hold as they are (RFC 3986 3.4: query = *( pchar / "/" / "?" ), and pchar
@@ -292,10 +311,12 @@ class FhirClient:
                 if entry.get("resource"):
                     yield entry["resource"]
             url, page_params = self._next_link(bundle), None
-            if url and (url in seen or pages >= max_pages):
+            if url and url in seen:
                 raise UpstreamError(f"search {resource_type}: paging stopped after {pages} pages "
-                                    "(the server repeats a next link or never ends)",
-                                    temporary=False)
+                                    "(the server repeats a next link)", temporary=False)
+            if url and pages >= max_pages:
+                raise PagingLimit(f"search {resource_type}: paging stopped after {pages} pages (more than "
+                                  "this search may read, or the server never ends)", temporary=False)
             if url:
                 seen.add(url)
 
@@ -370,6 +391,7 @@ class FhirClient:
                       data: bytes | None, headers: dict[str, str], retries: int | None = None,
                       search_post: bool = False) -> dict[str, Any]:
         retries = self.retries if retries is None else max(0, retries)
+        not_json = 0
         for attempt in range(retries + 1):
             try:
                 attempt_headers = headers
@@ -377,6 +399,9 @@ class FhirClient:
                     attempt_headers = {**headers, **self.auth.headers()}
                 return self._attempt(method, url, where, params, data, attempt_headers, search_post)
             except _Temporary as failure:
+                not_json += failure.not_json
+                if not_json >= 2:    # the same complete answer that is not JSON, twice: the server's own fault
+                    raise self._not_json(method, where, failure, attempt + 1) from None
                 if attempt >= retries:
                     raise self._exhausted(method, where, failure, attempt + 1) from None
                 delay = self._delay(attempt, failure.response)
@@ -441,10 +466,14 @@ class FhirClient:
             return {}
         try:
             parsed = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            # Seen behind broken proxies: a 200 with an HTML error page. Worth another try.
-            raise _Temporary(f"HTTP {status} with a body that is not JSON",
-                             response=response) from None
+        except orjson.JSONDecodeError as exc:
+            if _breaks_off(response.content, exc):
+                raise _Temporary(f"HTTP {status} with a body that is not JSON: it breaks off after "
+                                 f"{len(response.content)} bytes", response=response) from None
+            # Complete but not JSON: a server writing NaN or Infinity answers so every time; a broken
+            # proxy's HTML error page may pass. Tried once more (see _with_retries), not as often as a 503.
+            raise _Temporary(f"HTTP {status} with a body that is not JSON ({exc.msg} at character {exc.pos})",
+                             response=response, not_json=True) from None
         if not isinstance(parsed, dict):
             raise UpstreamError(f"{method} {where}: the hospital FHIR server answered with JSON "
                                 "that is not a resource", temporary=False, upstream_status=status)
@@ -576,6 +605,15 @@ class FhirClient:
         return UpstreamError(f"{method} {where}: the hospital FHIR server answered HTTP "
                              f"{status}{suffix}", temporary=False, upstream_status=status,
                              details=text or None)
+
+    def _not_json(self, method: str, where: str, failure: _Temporary, attempts: int) -> Exception:
+        """A complete answer that was not JSON, twice: not retried further (``where`` has no query)."""
+        status = failure.response.status_code if failure.response is not None else None
+        log.error("%s %s: giving up after %d attempt(s): %s, the second time", method, where, attempts,
+                  failure.reason)
+        return UpstreamError(f"{method} {where}: the hospital FHIR server answered {failure.reason}, the "
+                             f"second time (after {attempts} attempt(s)); not retried further", temporary=False,
+                             upstream_status=status)
 
     def _exhausted(self, method: str, where: str, failure: _Temporary, attempts: int) -> Exception:
         response = failure.response

@@ -1,0 +1,171 @@
+"""Subscriptions: a catch-up window longer than one search may read (more than CATCH_UP_PAGES pages)
+is continued from where it stopped with the next notifications, never lost (real Redis; the
+hospital's server mocked with responses, paging by offset)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pytest
+import responses
+from flask import Flask
+
+from fhir_ai.fhir.client import FhirClient
+from fhir_ai.fhir.sources import ServerSource
+from fhir_ai.fhir.times import format_datetime, parse_datetime
+from fhir_ai.subscriptions import CATCH_UP_PAGES, EventLog, handle, parse_notification
+from test_subscriptions import (BASE, NOW, diagnostics, heart_rate, notification, post, queued,  # noqa: F401
+                                server_app)
+from test_subscriptions_failures import broker_down, log_and_gate  # noqa: F401
+
+PAGE = 2     # Observations per page: the fake server's own page size (it ignores _count, as servers may)
+
+
+class Hospital:
+    """Observations changed one a minute from ``start`` on, one patient each; searched by
+    ``_lastUpdated=ge``, sorted by ``_lastUpdated`` unless ``sorts`` is off, paged by an offset."""
+
+    def __init__(self, count: int, sorts: bool = True, start: datetime = NOW - timedelta(hours=2)) -> None:
+        self.sorts = sorts
+        self.observations = []
+        for i in range(count):
+            obs = heart_rate(f"p{i:03d}")
+            obs["meta"] = {"lastUpdated": format_datetime(start + timedelta(minutes=i))}
+            self.observations.append(obs)
+        self.searched_from: list[str] = []
+        self.pages = 0
+
+    def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+        query = dict(parse_qsl(urlsplit(request.url).query))
+        offset = int(query.pop("_offset", 0))
+        if not offset:
+            self.searched_from.append(query["_lastUpdated"])
+        since = parse_datetime(query["_lastUpdated"][2:])
+        found = [o for o in self.observations if parse_datetime(o["meta"]["lastUpdated"]) >= since]
+        if self.sorts and query.get("_sort") == "_lastUpdated":
+            found.sort(key=lambda o: o["meta"]["lastUpdated"])
+        else:
+            found.sort(key=lambda o: o["id"][::-1])     # some order of its own
+        page = found[offset:offset + PAGE]
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
+                                  "entry": [{"resource": o, "search": {"mode": "match"}} for o in page]}
+        if offset + PAGE < len(found):
+            bundle["link"] = [{"relation": "next",
+                               "url": f"{BASE}/Observation?{urlencode({**query, '_offset': offset + PAGE})}"}]
+        self.pages += 1
+        return 200, {"Content-Type": "application/fhir+json"}, json.dumps(bundle)
+
+
+@pytest.fixture
+def source() -> Iterator[ServerSource]:
+    with FhirClient(BASE, retries=1, sleep=lambda _: None) as client:
+        yield ServerSource(client)
+
+
+def event(number: int, patient: str) -> Any:
+    return parse_notification(notification("event-notification", [heart_rate(patient)], start=number))
+
+
+def opened(hospital: Hospital, log_and_gate: Any, source: ServerSource) -> tuple[Callable[..., Any], list[str]]:
+    """The hospital's server answers the searches, and event 1 was seen three hours before NOW. Returns
+    how to deliver event ``number`` ``minute`` minutes after NOW, and the patients queued."""
+    _, events, gate = log_and_gate
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    queued: list[str] = []
+
+    def deliver(number: int, minute: int, enqueue: Callable[[str], None] | None = None) -> Any:
+        return handle(event(number, f"new{number}"), source=source, codes=[], debounce=gate,
+                      enqueue=enqueue or queued.append, events=events, now=NOW + timedelta(minutes=minute))
+    deliver(1, -180)
+    return deliver, queued
+
+
+@responses.activate
+def test_a_catch_up_longer_than_its_pages_continues_where_it_stopped_until_done(log_and_gate: Any,
+                                                                               source: ServerSource) -> None:
+    """Events 2-4 lost, 56 Observations changed since event 1 was seen: 28 pages. The first
+    catch-up reads 20 pages and queues their 40 patients; the next notification continues from the
+    last change read and queues the rest; then nothing is owed. Before, every catch-up failed at
+    page 20 and the window never cleared."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 16)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    first = deliver(5, 0)
+    assert first.missed == 3 and first.recovery_failed is None and hospital.pages == CATCH_UP_PAGES
+    assert len(first.recovered) == PAGE * CATCH_UP_PAGES
+    last_read = hospital.observations[PAGE * CATCH_UP_PAGES - 1]["meta"]["lastUpdated"]
+    assert first.recovery_resumes == parse_datetime(last_read) - timedelta(milliseconds=1)
+    second = deliver(6, 1)
+    assert second.missed == 3 and second.recovery_resumes is None and second.recovery_failed is None
+    assert hospital.searched_from[1] == "ge" + format_datetime(first.recovery_resumes)
+    assert second.debounced == [hospital.observations[PAGE * CATCH_UP_PAGES - 1]["subject"]["reference"][8:]]
+    third = deliver(7, 2)
+    assert third.missed == 0 and len(hospital.searched_from) == 2
+    assert sorted(p for p in queued if p.startswith("p")) == [f"p{i:03d}" for i in range(len(hospital.observations))]
+    assert hospital.searched_from[0][2:] < format_datetime(NOW - timedelta(hours=2))   # from event 1, less the margin
+
+
+@responses.activate
+def test_a_partial_catch_up_whose_patients_were_not_queued_is_not_moved_on(log_and_gate: Any,
+                                                                          source: ServerSource) -> None:
+    """The broker refuses the patients of the first 20 pages: the window stays where it was."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    with pytest.raises(RuntimeError):
+        deliver(5, 0, enqueue=broker_down)
+    again = deliver(6, 1)
+    assert hospital.searched_from[1] == hospital.searched_from[0]
+    assert again.recovery_resumes is not None and len(again.recovered) == PAGE * CATCH_UP_PAGES
+    deliver(7, 2)
+    assert len(set(hospital.searched_from)) == 2 and len(hospital.searched_from) == 3
+    assert sorted(p for p in queued if p.startswith("p")) == [f"p{i:03d}" for i in range(len(hospital.observations))]
+
+
+@responses.activate
+def test_a_catch_up_longer_than_its_pages_from_a_server_that_does_not_sort_stays_owed(log_and_gate: Any,
+                                                                                     source: ServerSource) -> None:
+    """Without the order, what was not read cannot be told from what was: said, and owed (the patients
+    read are queued all the same)."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    out = deliver(5, 0)
+    assert out.recovery_retried and out.recovery_resumes is None
+    assert "not sorted by _lastUpdated" in out.recovery_failed and "cannot be continued" in out.recovery_failed
+    again = deliver(6, 1)
+    assert again.recovery_retried and hospital.searched_from[1] == hospital.searched_from[0]
+
+
+def test_a_window_moved_on_is_not_moved_past_an_earlier_one_opened_meanwhile(log_and_gate: Any) -> None:
+    """While a partial catch-up runs, a notification owes events from earlier than its window: its
+    settle keeps the earlier start (the search it made did not cover it)."""
+    _, events, _ = log_and_gate
+    events.record(event(1, "p1"), NOW)
+    gap = events.record(event(5, "p5"), NOW + timedelta(minutes=10))
+    assert gap is not None and gap.since == NOW - EventLog.MARGIN
+    events.owe(event(6, "p6"), NOW - timedelta(hours=1))
+    events.settle("sub-1", gap, done=False, resume=NOW + timedelta(minutes=5))
+    again = events.record(event(7, "p7"), NOW + timedelta(minutes=20))
+    assert again is not None and again.since == NOW - timedelta(hours=1) - EventLog.MARGIN
+    events.settle("sub-1", again, done=False, resume=NOW + timedelta(minutes=5))
+    moved = events.record(event(8, "p8"), NOW + timedelta(minutes=21))
+    assert moved is not None and moved.since == NOW + timedelta(minutes=5)
+
+
+@responses.activate
+def test_the_hospital_is_told_the_catch_up_goes_on(server_app: Flask, queued: list) -> None:
+    sc = server_app.test_client()
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 2, start=datetime.now(timezone.utc) - timedelta(minutes=1))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    diagnostics(post(sc, notification("event-notification", [heart_rate("new1")], start=1)))
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("new5")], start=5)))
+    resumes = parse_datetime(hospital.observations[PAGE * CATCH_UP_PAGES - 1]["meta"]["lastUpdated"]) \
+        - timedelta(milliseconds=1)
+    assert (f"found {PAGE * CATCH_UP_PAGES} patient(s) with changed vital signs in as many pages as one search "
+            f"may read; the rest is owed, continued from {format_datetime(resumes)} with the next notification"
+            ) in text
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("new6")], start=6)))
+    assert "found 3 patient(s) with changed vital signs" in text and "continued" not in text   # from the last read
+    assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("new7")], start=7)))
+    assert len(queued) == PAGE * CATCH_UP_PAGES + 2 + 4
