@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigurationError
+from .checkpoint import BACKSTOP_PAGES, CHECKPOINTER
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,21 @@ def make_engine(url: str) -> Engine:
     # timeouts); an SQLite connection is a file handle that cannot die that way, so it skips it.
     engine = create_engine(url, future=True, pool_pre_ping=not sqlite)
     if sqlite:
+        database = engine.url.database
+        on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
+
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
             # WAL lets readers and a writer work at once; busy_timeout waits instead of failing.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            if on_disk:     # checkpoints by this process's checkpoint thread (checkpoint.py), not by commits
+                cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+                CHECKPOINTER.ensure_running()
             cursor.close()
+        if on_disk:
+            CHECKPOINTER.watch(engine, os.path.abspath(database))
     _ENGINES.add(engine)
     return engine
 
