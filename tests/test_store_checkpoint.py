@@ -65,7 +65,8 @@ def _child(url: str, path: str, out: "multiprocessing.Queue[int]") -> None:
 
 
 def test_a_forked_worker_checkpoints_in_its_own_thread(tmp_path):
-    """gunicorn and Celery fork after start-up: the parent's thread does not exist in the child."""
+    """gunicorn and Celery fork after start-up: the parent's thread does not exist in the child (and a lock
+    it held at the fork is not held in the child)."""
     path = tmp_path / "store.sqlite3"
     Store(f"sqlite:///{path}").close()
     gc.collect()
@@ -74,7 +75,8 @@ def test_a_forked_worker_checkpoints_in_its_own_thread(tmp_path):
     context = multiprocessing.get_context("fork")
     out = context.Queue()
     child = context.Process(target=_child, args=(f"sqlite:///{path}", str(path), out))
-    child.start()
+    with CHECKPOINTER._lock:                           # as if the parent's thread were in a round
+        child.start()
     child.join(30)
     assert out.get(timeout=5) == 2
 

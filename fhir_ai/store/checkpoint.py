@@ -33,7 +33,6 @@ class Checkpointer:
         self._seen: dict[str, tuple[float, int]] = {}   # database file → WAL (mtime, size) last checkpointed
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self.runs = 0                                # checkpoints run (tests, diagnostics)
 
     def watch(self, engine: Any, path: str) -> None:
@@ -53,14 +52,18 @@ class Checkpointer:
 
     def ensure_running(self) -> None:
         """Start the thread in this process if it is not running (a forked child starts its own)."""
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
-            if self._pid != os.getpid():                 # forked: the parent's thread is not ours
-                self._pid, self._thread = os.getpid(), None
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
                 self._thread.start()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has no thread of ours, and a lock the parent's thread held at the fork would stay
+        held: start afresh (the next connection starts the thread)."""
+        self._lock = threading.Lock()
+        self._thread = None
 
     def _run(self) -> None:
         while True:
@@ -95,3 +98,4 @@ class Checkpointer:
 
 
 CHECKPOINTER = Checkpointer()
+os.register_at_fork(after_in_child=CHECKPOINTER.after_fork_in_child)
