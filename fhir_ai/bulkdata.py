@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,12 @@ from urllib.parse import urljoin, urlsplit
 
 import orjson
 import requests
+from urllib3.util import parse_url
 
 from .config import Settings
 from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
-from .fhir.client import Auth, _origin, _retry_after, outcome_text
+from .fhir.client import _DEFAULT_PORTS, Auth, _retry_after, outcome_text
 from .jobs.state import JobStore
 from .search import parse_query
 from .search.params import MAX_COUNT
@@ -47,6 +49,8 @@ FAILING_FOR = 1800.0      # give up polling when the status URL has failed (no a
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5         # hops followed for one file download
+HEARTBEAT = 60.0          # seconds between a running export job's signs of life (its updated_at)
+STALE_AFTER = 900.0       # a running export job not heard from this long belongs to a run that stopped
 _ISSUE_CODE = re.compile(r"[a-z-]{1,40}")             # http://hl7.org/fhir/issue-type: logged, nothing else
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -80,22 +84,25 @@ class Manifest:
 
 # What an error-severity issue in an export's error files does to the next run's ``_since``, by its code
 # (http://hl7.org/fhir/R4/codesystem-issue-type.html). These say the server could not export a resource
-# for a reason that lies with that resource - it is invalid, refers to what is not there, breaks a rule
-# (processing and its children) - or with what we may see (forbidden, suppressed). Asking again will not
-# mend them, and a resource that is mended gets a new lastUpdated, so a later ``_since`` export brings it
-# anyway. They are counted and reported (codes only) but let ``_since`` advance: one bad resource must not
-# pin the hospital's incremental exports to one point until someone runs --full. (Access granted later
-# does not change a resource: after widening our access, run --full.)
-# Every other error keeps ``_since`` where it was, so that the next run asks for the same again: the
-# transient family (transient, exception, timeout, throttled, lock-error, no-store, incomplete), our
-# credentials (security, login, unknown, expired), too-costly (the server's load, not the resource),
-# conflict (a resource changing while exported), codes we do not know, lines that are no OperationOutcome,
-# and any ``fatal`` issue (an export of something failed outright, not one resource).
+# for a reason that lies with that resource: it is invalid (invalid and its children), or a child of
+# processing that names one resource's fault - it refers to what is not there (not-found, deleted), breaks
+# a rule (business-rule, code-invalid, duplicate ...). Asking again will not mend them, and a resource that
+# is mended gets a new lastUpdated, so a later ``_since`` export brings it anyway. They are counted and
+# reported (codes only) but let ``_since`` advance: one bad resource must not pin the hospital's
+# incremental exports to one point until someone runs --full.
+# Every other error keeps ``_since`` where it was, so that the next run asks for the same again: bare
+# processing (the Bulk Data IG's own example of a whole export failing is severity error, code
+# processing, "An internal timeout has occurred") and not-supported (a type or parameter the server will
+# not export: nothing of it came); forbidden and suppressed (a scope we lost looks just like this, and
+# access given back later does not change the resources it hid, so a later ``_since`` would never bring
+# them); the transient family (transient, exception, timeout, throttled, lock-error, no-store,
+# incomplete); our credentials (security, login, unknown, expired); too-costly (the server's load, not
+# the resource); conflict (a resource changing while exported); codes we do not know; lines that are no
+# OperationOutcome; and any ``fatal`` issue (an export of something failed outright, not one resource).
 PER_RESOURCE = frozenset({
     "invalid", "structure", "required", "value", "invariant",
-    "processing", "not-supported", "duplicate", "multiple-matches", "not-found", "deleted", "too-long",
-    "code-invalid", "extension", "business-rule",
-    "forbidden", "suppressed",
+    "duplicate", "multiple-matches", "not-found", "deleted", "too-long", "code-invalid", "extension",
+    "business-rule",
 })
 
 
@@ -173,7 +180,7 @@ class BulkDataClient:
                  session: requests.Session | None = None, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.base_url = base_url.rstrip("/")
-        self._origin = _origin(self.base_url)
+        self._origin = _wire_origin(self.base_url)
         self.token, self.auth = token, auth
         self.timeout, self.retries, self.max_wait = timeout, max(0, retries), max_wait
         self.session = session or requests.Session()
@@ -207,13 +214,14 @@ class BulkDataClient:
         location = response.headers.get("Content-Location")
         if not location:
             raise UpstreamError("export kick-off: 202 without Content-Location", temporary=False)
-        status_url = urljoin(self.base_url + "/", location)
+        status_url = _joined(self.base_url + "/", location, "export kick-off: the status URL")
         self._same_origin(status_url, "status URL")
         log.info("export started (%s%s)", path, f", since {since}" if since else "")
         return status_url
 
-    def poll(self, status_url: str) -> Manifest:
-        """Wait for the export, ``max_wait`` seconds at most (then UpstreamTimeout; the caller cancels).
+    def poll(self, status_url: str, *, waited: float = 0.0) -> Manifest:
+        """Wait for the export, ``max_wait`` seconds at most, less ``waited`` (how long earlier runs
+        waited for it already) (then UpstreamTimeout; the caller cancels).
         Retry-After is honoured up to what is left of that; 429 (polled too fast) is polled again, and
         so are no answer and 408/5xx until they have lasted ``FAILING_FOR`` seconds in a row; a 4xx/5xx
         OperationOutcome without a ``transient`` issue means the export failed, and so does any other
@@ -253,7 +261,7 @@ class BulkDataClient:
                 # The status only: an OperationOutcome's text may name patients.
                 log.warning("export status: %s; polling again in %.0f s",
                             f"HTTP {response.status_code}" if response is not None else "no answer", wait)
-            remaining = self.max_wait - (self._clock() - started)
+            remaining = self.max_wait - waited - (self._clock() - started)
             if remaining <= 0:
                 raise UpstreamTimeout(f"the export did not finish within {self.max_wait:.0f} s")
             self._sleep(min(wait, remaining))
@@ -331,8 +339,15 @@ class BulkDataClient:
         return counts
 
     # -- plumbing -------------------------------------------------------------------------------
+    def owns(self, url: str) -> bool:
+        """Whether ``url`` is a plain URL on the FHIR server's origin (as requests will connect)."""
+        try:
+            return _plain_origin(url, "") == self._origin
+        except UpstreamError:
+            return False
+
     def _same_origin(self, url: str, what: str) -> None:
-        if _origin(url) != self._origin:
+        if _plain_origin(url, f"the server's {what} is") != self._origin:
             raise UpstreamError(f"the server's {what} points to another host; refusing to send our credentials "
                                 "there", temporary=False)
 
@@ -381,14 +396,15 @@ class BulkDataClient:
     def _open_file(self, url: str, send_token: bool) -> requests.Response:
         """GET a file, following at most ``MAX_REDIRECTS`` redirects: an output file server may hand the
         download on, e.g. to object storage with a pre-signed URL. Each target must pass the rule the
-        manifest's URL passed (our origin, or https), checked before it is asked. The token goes only to
-        the origin the manifest named, never to one a redirect names: a pre-signed URL must not get it
-        (object storage refuses a second authorization), and a redirect must not carry it off. The hops
-        are followed here, not by requests, so that each target is checked before anything is sent to it."""
-        first = _origin(url)
+        manifest's URL passed (our origin, or https; no user information, no backslash), checked before
+        it is asked. The token goes only to the origin the manifest named, never to one a redirect
+        names: a pre-signed URL must not get it (object storage refuses a second authorization), and a
+        redirect must not carry it off. The hops are followed here, not by requests, so that each target
+        is checked before anything is sent to it; the origin compared is the one requests connects to."""
+        first = _wire_origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             response = self._request("GET", url, headers={"Accept": NDJSON}, stream=True,
-                                     credentials=send_token and _origin(url) == first)
+                                     token_for=first if send_token else None)
             if response.status_code not in REDIRECTS:
                 return response
             location = response.headers.get("Location")
@@ -396,15 +412,16 @@ class BulkDataClient:
             if not location:
                 raise UpstreamError(f"export file download: HTTP {response.status_code} without Location",
                                     temporary=False, upstream_status=response.status_code)
-            url = urljoin(url, location)
-            self._file_origin(url, "a redirect of an export file leads to")
-            log.debug("export file redirected (HTTP %d) to %s", response.status_code, _origin(url)[1])
+            url = _joined(url, location, "a redirect of an export file leads to")
+            origin = self._file_origin(url, "a redirect of an export file leads to")
+            log.debug("export file redirected (HTTP %d) to %s", response.status_code, origin[1])
         raise UpstreamError(f"export file download: more than {MAX_REDIRECTS} redirects", temporary=False)
 
     def _file_origin(self, url: str, what: str) -> tuple[str, str, int | None]:
         """The origin of a file URL we may fetch: the FHIR server's own, or any over https (the URL
-        itself stays out of the message: a pre-signed one carries its signature)."""
-        origin = _origin(url)
+        itself stays out of the message: a pre-signed one carries its signature). A URL with user
+        information or a backslash is refused: parsers disagree on its host."""
+        origin = _plain_origin(url, what)
         scheme, host, _ = origin
         if origin != self._origin and scheme != "https":
             raise UpstreamError(f"{what} {host or 'no host'} over {scheme or 'no scheme'}; only https files "
@@ -413,24 +430,46 @@ class BulkDataClient:
 
     def _request(self, method: str, url: str, *, headers: dict[str, str], params: Any = None,
                  data: bytes | None = None, stream: bool = False, retry: bool = True,
-                 credentials: bool = True) -> requests.Response:
+                 token_for: tuple[str, str, int | None] | None | bool = True) -> requests.Response:
         """One call; temporary failures retried (Retry-After honoured) unless ``retry`` is False; a 401
-        with an auth hook renews the token once."""
+        with an auth hook renews the token once. The request is prepared first and exactly that is sent:
+        the credentials go with it only when the origin it will connect to (its prepared URL as urllib3
+        reads it) is ``token_for``; True (the protocol's calls) means the FHIR server's origin, and a
+        call that would go elsewhere is refused."""
+        ours = token_for is True
+        try:
+            plain = _plain_origin(url, f"{method}:")
+            prepared = self.session.prepare_request(requests.Request(method, url, headers=headers, params=params,
+                                                                     data=data))
+            origin = _wire_origin(prepared.url or "")
+        except (requests.RequestException, ValueError) as exc:
+            raise UpstreamError(f"{method}: a URL that cannot be read ({type(exc).__name__})",
+                                temporary=False) from exc
+        if origin != plain or (ours and origin != self._origin):
+            raise UpstreamError(f"{method}: the URL leads to {origin[1] or 'no host'}, not where it seems or not "
+                                "the FHIR server; refused", temporary=False)
+        credentials = origin == (self._origin if ours else token_for)
+        send_settings = self.session.merge_environment_settings(prepared.url, {}, stream, None, None)
+        path = urlsplit(prepared.url or "").path
         renewed = False
         attempt = 0
         while True:
-            all_headers = {**(self._headers() if credentials else {}), **headers}
+            request = prepared.copy()
+            if credentials:
+                request.headers.update(self._headers())
             try:
-                response = self.session.request(method, url, headers=all_headers, params=params, data=data,
-                                                timeout=self.timeout, stream=stream, allow_redirects=False)
+                response = self.session.send(request, timeout=self.timeout, allow_redirects=False, **send_settings)
             except requests.Timeout as exc:
                 if not retry or attempt >= self.retries:
-                    raise UpstreamTimeout(f"{method} {urlsplit(url).path}: no answer in {self.timeout:.0f} s") from exc
+                    raise UpstreamTimeout(f"{method} {path}: no answer in {self.timeout:.0f} s") from exc
                 wait = DEFAULT_POLL
             except requests.RequestException as exc:
                 if not retry or attempt >= self.retries:
-                    raise UpstreamError(f"{method} {urlsplit(url).path}: {type(exc).__name__}") from exc
+                    raise UpstreamError(f"{method} {path}: {type(exc).__name__}") from exc
                 wait = DEFAULT_POLL
+            except ValueError as exc:      # requests reads a redirect's Location even when not following it
+                raise UpstreamError(f"{method} {path}: the answer names a URL that cannot be read",
+                                    temporary=False) from exc
             else:
                 if response.status_code == 401 and self.auth is not None and credentials and not renewed:
                     self.auth.on_unauthorized()
@@ -439,7 +478,7 @@ class BulkDataClient:
                 if not retry or response.status_code not in TRANSIENT or attempt >= self.retries:
                     return response
                 wait = _retry_after(response) or DEFAULT_POLL * 2 ** attempt
-                log.warning("%s %s: HTTP %d; retrying in %.0f s", method, urlsplit(url).path,
+                log.warning("%s %s: HTTP %d; retrying in %.0f s", method, path,
                             response.status_code, min(MAX_POLL, wait))
             attempt += 1
             self._sleep(min(MAX_POLL, wait))
@@ -455,6 +494,41 @@ class BulkDataClient:
                              + (f" [issue codes: {', '.join(codes)}]" if codes else ""),
                              temporary=status in TRANSIENT and codes is None, upstream_status=status,
                              retry_after=_retry_after(response))
+
+
+def _wire_origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host (lower case) and port of a URL as urllib3 - what requests connects with - reads it
+    (urlsplit may read another host: 'https://a.example\\@b.example/' is a.example to urllib3).
+    ValueError if it is no URL."""
+    parts = parse_url(url)
+    scheme = (parts.scheme or "").lower()
+    return scheme, (parts.host or "").strip("[]").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _plain_origin(url: str, what: str) -> tuple[str, str, int | None]:
+    """The origin of a URL the server handed us (a status URL, a file, a redirect), if it is a plain one:
+    readable, without user information or a backslash, and its host the same to urlsplit and to urllib3;
+    otherwise UpstreamError (not temporary; the URL stays out of the message)."""
+    try:
+        parts = urlsplit(url)
+        split = (parts.scheme.lower(), (parts.hostname or "").lower(),
+                 parts.port or _DEFAULT_PORTS.get(parts.scheme.lower()))
+        wire = _wire_origin(url)
+    except ValueError as exc:
+        raise UpstreamError(f"{what} a URL that cannot be read".strip(), temporary=False) from exc
+    if "\\" in url or "@" in parts.netloc or split != wire:
+        raise UpstreamError(f"{what} a URL with user information or a backslash; refused".strip(),
+                            temporary=False)
+    return wire
+
+
+def _joined(base: str, location: str, what: str) -> str:
+    """``location`` (a Content-Location, a redirect's Location) read against ``base``; UpstreamError
+    (not temporary) when it is no URL."""
+    try:
+        return urljoin(base, location)
+    except ValueError as exc:
+        raise UpstreamError(f"{what} a URL that cannot be read", temporary=False) from exc
 
 
 def _failed_export(response: requests.Response) -> list[str] | None:
@@ -656,16 +730,16 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     scope = f"{client.base_url}/{'Group/' + group if group else 'Patient'}/$export"
     last = None if full else jobs.last("bulk-export", scope)
     since = last.result.get("transactionTime") if last else None
-    interrupted, recorded = _interrupted(jobs, client, scope, since)
     job_id = f"bulk-{uuid.uuid4().hex}"
+    interrupted, recorded = _interrupted(jobs, client, scope, since, job_id)
     jobs.create(job_id, kind="bulk-export", scope=scope, as_of=datetime.now(timezone.utc),
                 request={"request": f"GET {scope}", "since": since,
                          **({"resumes": interrupted} if interrupted else {})})
     jobs.start(job_id)
+    heartbeat = _Heartbeat(jobs, job_id)
+    heartbeat.start()
+    # The exports taken over are on this job's record now: should this run stop too, the next resumes them.
     exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
-    if interrupted:      # its exports are on this job's record now: should this run stop too, the next resumes them
-        jobs.fail(interrupted, f"the run stopped while its export was under way; job {job_id} resumed it", 500)
-        log.info("resuming the export of job %s (the run stopped while it was under way)", interrupted)
     try:
         manifest = exports.wait("export")
         folder: Path | None = _emptied(workdir / "export")
@@ -713,21 +787,26 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                       "stored": run.stored, "written": run.written.written, "bundles": run.written.bundles}
             if run.partial:      # complete as far as _since goes; what the server could not export, by code
                 result["notExported"] = dict(run.issues.skipped_codes)
-            jobs.set_result(job_id, result, status="completed")
+            exports.drop_unused()
+            if not jobs.set_result(job_id, result, status="completed"):
+                log.warning("export job %s had been taken over by another run; its result is not kept", job_id)
             if run.partial:
                 log.warning("export %s: partial: %s", job_id, "; ".join(problems))
         else:
+            exports.drop_unused()
             jobs.fail(job_id, "; ".join(problems), 502)
         return run
     except FhirAiError as exc:
+        exports.drop_unused()
         jobs.fail(job_id, exc.message, exc.status)
         raise
     except BaseException as exc:
+        exports.drop_unused()
         # Only the kind: the text of an unexpected error may quote the data.
         jobs.fail(job_id, f"the run stopped: {type(exc).__name__}", 500)
         raise
     finally:
-        exports.drop_unused()
+        heartbeat.stop()
 
 
 def _emptied(folder: Path) -> Path:
@@ -760,34 +839,72 @@ def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tupl
 GONE = frozenset({404, 410})    # a status URL answering these has no export behind it any more
 
 
-def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str,
-                 since: str | None) -> tuple[str | None, dict[str, Any]]:
+def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str, since: str | None,
+                 job_id: str) -> tuple[str | None, dict[str, Any]]:
     """The newest job of this export still marked running, and the exports it recorded, when this run
-    can take them over: a run that stopped while its export was under way (killed, host restarted; a
-    run that fails or is interrupted at the keyboard cancels its export and leaves its job failed).
-    Only an export that asked the same (``since``) is resumed; another is left alone - it may belong
-    to a run that is still going - and this run kicks off its own."""
+    (``job_id``) can take them over: a run that stopped while its export was under way (killed, host
+    restarted; a run that fails or is interrupted at the keyboard cancels its export and leaves its job
+    failed). A running job's run refreshes it every HEARTBEAT seconds, so only one not heard from for
+    STALE_AFTER is taken over - failed, naming this run, by one UPDATE that only one run can win - and
+    only if its export asked the same (``since``); otherwise it is left alone (its run may well be
+    going: overlapping runs) and this run kicks off its own."""
     old = jobs.last("bulk-export", scope, status="running")
     if old is None:
         return None, {}
     exports = old.result.get("exports")
-    usable = {step: item for step, item in (exports.items() if isinstance(exports, dict) else [])
-              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str)
-              and _origin(item["statusUrl"]) == client._origin}
+    usable = {step: {"kickedOffAt": old.created_at.isoformat(), **item}     # recorded before kickedOffAt was
+              for step, item in (exports.items() if isinstance(exports, dict) else [])
+              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str) and client.owns(item["statusUrl"])}
     if not usable or old.request.get("since") != since:
         log.info("job %s of this export is still marked running with no export this run can resume; "
                  "starting another", old.id)
         return None, {}
+    if not jobs.take_over(old.id, silent_since=datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER),
+                          message=f"the run stopped while its export was under way; job {job_id} resumed it"):
+        log.info("job %s of this export is still running (heard from within %.0f s, or taken over by another "
+                 "run); starting another export", old.id, STALE_AFTER)
+        return None, {}
+    log.info("resuming the export of job %s (the run stopped while it was under way)", old.id)
     return old.id, usable
+
+
+class _Heartbeat:
+    """While a run goes on, a thread refreshes its job (updated_at) every HEARTBEAT seconds - through
+    polls, waits of any length (a Retry-After of hours), downloads, scoring and write-back - so that
+    another run tells a live run from one that stopped (STALE_AFTER). It stops with the run, or when
+    the job is no longer running."""
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self.jobs, self.job_id = jobs, job_id
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=60)
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT):
+            try:
+                if not self.jobs.heartbeat(self.job_id):
+                    return
+            except Exception as exc:       # noqa: BLE001 - the next beat tries again
+                log.warning("export job %s: heartbeat not recorded (%s)", self.job_id, type(exc).__name__)
 
 
 class _Exports:
     """A run's exports ('export', then 'changed' for the changed patients' full records). Each status URL
-    is kept in the job's result as soon as the kick-off answers, so that a run that stops while the server
-    prepares the files is resumed by the next one instead of asking the server for the same export twice;
-    the result is replaced when the job ends. A recorded export is polled again rather than kicked off
-    anew (a 404 or 410 there: it is gone, kick off); the changed patients' one only if it asked for the
-    same patients (compared by a hash: no patient ids in the job's result)."""
+    is kept in the job's result as soon as the kick-off answers, with when it was kicked off, so that a
+    run that stops while the server prepares the files is resumed by the next one instead of asking the
+    server for the same export twice; the result is replaced when the job ends. A recorded export is
+    polled again rather than kicked off anew (a 404 or 410 there: it is gone, kick off), for what is left
+    of ``max_wait`` since its kick-off (a chain of stopped runs does not wait for it for ever: once that
+    has passed, it is cancelled and kicked off anew); the changed patients' one only if it asked for the
+    same patients (compared by a hash: no patient ids in the job's result). An export is cancelled only
+    while this run's job is running: one taken over by another run is that run's to poll."""
 
     def __init__(self, client: BulkDataClient, jobs: JobStore, job_id: str, *, group: str | None,
                  since: str | None, recorded: dict[str, Any]) -> None:
@@ -800,40 +917,67 @@ class _Exports:
     def wait(self, step: str, *, patients: list[str] | None = None) -> Manifest:
         key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:32] if patients else None
         old = self.recorded.pop(step, None)
-        if old is not None and old.get("for") == key:
+        age = _age(old.get("kickedOffAt")) if old is not None else None
+        if old is not None and old.get("for") == key and age is not None and age < self.client.max_wait:
             try:
-                return _wait(self.client, old["statusUrl"])
+                return self._wait(old["statusUrl"], waited=age)
             except UpstreamError as exc:
                 if exc.upstream_status not in GONE:
                     raise
                 log.warning("the %s being resumed is gone (HTTP %d); starting a new one", step, exc.upstream_status)
+        elif old is not None and old.get("for") == key:
+            log.warning("the %s being resumed was kicked off more than %.0f s ago; cancelling it and starting "
+                        "a new one", step, self.client.max_wait)
+            self._cancel(old["statusUrl"])
         elif old is not None:
-            _cancel(self.client, old["statusUrl"])        # ours, for other patients: not wanted now
+            self._cancel(old["statusUrl"])        # ours, for other patients: not wanted now
+        kicked_off = datetime.now(timezone.utc).isoformat()
         status_url = self.client.kick_off(group=self.group, since=None if patients else self.since,
                                           patients=patients)
-        self._keep({**self.kept, step: {"statusUrl": status_url, "for": key}})
-        return _wait(self.client, status_url)
+        self._keep({**self.kept, step: {"statusUrl": status_url, "for": key, "kickedOffAt": kicked_off}})
+        return self._wait(status_url)
 
     def drop_unused(self) -> None:
-        """Cancel what the interrupted run had started and this one did not need (the job has ended:
-        its result is not touched)."""
+        """Cancel what the interrupted run had started and this one did not need (before the job ends)."""
         for item in self.recorded.values():
-            _cancel(self.client, item["statusUrl"])
+            self._cancel(item["statusUrl"])
         self.recorded.clear()
 
     def _keep(self, kept: dict[str, Any]) -> None:
         self.kept = kept
         self.jobs.set_result(self.job_id, {"since": self.since, "exports": kept})
 
+    def _wait(self, status_url: str, waited: float = 0.0) -> Manifest:
+        """Poll; an export given up for any reason is cancelled (unless the server says it is gone)."""
+        try:
+            return self.client.poll(status_url, waited=waited)
+        except BaseException as exc:
+            if not (isinstance(exc, UpstreamError) and exc.upstream_status in GONE):
+                self._cancel(status_url)     # do not leave the server working for nobody
+            raise
 
-def _wait(client: BulkDataClient, status_url: str) -> Manifest:
-    """Poll; an export given up for any reason is cancelled (unless the server says it is gone)."""
+    def _cancel(self, status_url: str) -> None:
+        try:
+            ours = self.jobs.status(self.job_id) == "running"
+        except Exception as exc:            # noqa: BLE001 - not knowing, leave the export be
+            log.warning("could not read the export job's status (%s); its export is not cancelled",
+                        type(exc).__name__)
+            return
+        if ours:
+            _cancel(self.client, status_url)
+        else:
+            log.warning("export job %s was taken over by another run; its export is left to that run", self.job_id)
+
+
+def _age(when: Any) -> float | None:
+    """Seconds since an ISO 8601 instant we recorded; None if it is not one."""
     try:
-        return client.poll(status_url)
-    except BaseException as exc:
-        if not (isinstance(exc, UpstreamError) and exc.upstream_status in GONE):
-            _cancel(client, status_url)     # do not leave the server working for nobody
-        raise
+        then = datetime.fromisoformat(when) if isinstance(when, str) else None
+    except ValueError:
+        return None
+    if then is None or then.tzinfo is None:
+        return None
+    return max(0.0, (datetime.now(timezone.utc) - then).total_seconds())
 
 
 def _cancel(client: BulkDataClient, status_url: str) -> None:

@@ -211,8 +211,8 @@ def test_error_files_are_downloaded_and_counted(client: BulkDataClient, tmp_path
     responses.get(f"{FILES}/errors.ndjson", body=json.dumps(OUTCOME) + "\n")
     got = client.download(Manifest.parse(manifest(errors=True)), tmp_path)
     assert len(got.files) == 3 and (tmp_path / "errors.000.ndjson").exists()
-    # A processing error lies with one resource: counted apart, it does not keep _since (see PER_RESOURCE).
-    assert got.errors == 0 and got.skipped == 1 and got.skipped_codes == {"processing": 1}
+    # A bare processing error is the whole export failing (disk full): it keeps _since (see PER_RESOURCE).
+    assert got.errors == 1 and got.error_codes == {"processing": 1} and got.skipped == 0
 
 
 # -- whole runs: score, write back, remember -------------------------------------------------------------

@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,12 @@ def test_the_cli_exit_status_says_whether_the_export_was_complete(settings_overr
 
 @responses.activate
 @pytest.mark.parametrize("severity, code, keeps_since", [
-    ("error", "not-found", False), ("error", "invalid", False), ("error", "processing", False),
-    ("error", "business-rule", False), ("error", "forbidden", False), ("error", "code-invalid", False),
+    ("error", "not-found", False), ("error", "invalid", False), ("error", "business-rule", False),
+    ("error", "code-invalid", False), ("error", "deleted", False), ("error", "duplicate", False),
+    # A whole export failing (the Bulk Data IG's own example: processing, "An internal timeout has
+    # occurred"), a type the server will not export, access we lost: asking again may bring them.
+    ("error", "processing", True), ("error", "not-supported", True), ("error", "forbidden", True),
+    ("error", "suppressed", True),
     ("error", "exception", True), ("error", "transient", True), ("error", "timeout", True),
     ("error", "throttled", True), ("error", "incomplete", True), ("error", "too-costly", True),
     ("error", "expired", True), ("error", "conflict", True), ("error", "made-up-code", True),
@@ -126,7 +131,7 @@ def test_which_error_file_issues_keep_since(client: BulkDataClient, tmp_path: Pa
 def test_resources_the_server_cannot_export_for_good_do_not_pin_since(registry: ModelRegistry, jobs: JobStore,
                                                                        client: BulkDataClient, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Issues that lie with one resource (not-found, invalid, processing ...) are reported by code, but
+    """Issues that lie with one resource (not-found, invalid, business-rule ...) are reported by code, but
     the run is complete (partial): its transactionTime is the next _since, so one bad resource does not
     hold every later incremental export at the same point."""
     first_run(registry, jobs, client, tmp_path)
@@ -160,6 +165,25 @@ def test_a_transient_issue_beside_per_resource_ones_keeps_since(registry: ModelR
     assert jobs.last("bulk-export", SCOPE) is None
     failed = jobs.last("bulk-export", SCOPE, status="failed").error
     assert "1 error(s) (issue codes: timeout 1)" in failed and "could not export 1 resource(s)" in failed
+
+
+@responses.activate
+@pytest.mark.parametrize("code, text", [
+    ("processing", "An internal timeout has occurred"),       # the Bulk Data IG's own error file example
+    ("not-supported", "Observation export is not supported on this node"),
+    ("forbidden", "client not authorised for Observation"),   # a scope we lost
+])
+def test_an_error_file_saying_a_whole_export_failed_keeps_since(registry: ModelRegistry, jobs: JobStore,
+                                                                client: BulkDataClient, tmp_path: Path, code: str,
+                                                                text: str) -> None:
+    """Asking again may well bring what such a failure left out: the next run asks since the same point."""
+    add_export(manifest("2026-11-20T09:00:00Z", errors=True), polls=0)
+    add_files()
+    responses.get(f"{FILES}/errors.ndjson", body=orjson.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": code, "details": {"text": text}}]}) + b"\n")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert not run.complete and not run.partial and run.issues.error_codes == {code: 1}
+    assert jobs.last("bulk-export", SCOPE) is None                 # no transactionTime kept for the next _since
 
 
 # -- H2: a reused work folder --------------------------------------------------------------------------
@@ -445,6 +469,61 @@ def test_a_redirect_off_our_origin_must_be_https_too(client: BulkDataClient, tmp
         client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
     assert "s3cr3t" not in refused.value.message and refused.value.temporary is False
     assert len(responses.calls) == 1 and not list(tmp_path.iterdir())          # the target never asked
+
+
+# urlsplit reads 'https://evil.example\\@ehr.example.org/...' as host ehr.example.org; requests (urllib3)
+# connects to evil.example. User information in a URL the server hands us is refused as well.
+CONFUSING = ["https://evil.example\\@ehr.example.org/files/p.ndjson", "https://evil.example\\@ehr.example.org:443/x",
+             "https://evil.example@ehr.example.org/files/p.ndjson", "https://u:p@bucket.example.net/p.ndjson"]
+
+
+@responses.activate
+@pytest.mark.parametrize("target", CONFUSING)
+def test_a_redirect_to_a_url_whose_host_parsers_read_differently_is_refused(client: BulkDataClient,
+                                                                             tmp_path: Path, target: str) -> None:
+    """Any hop (the object storage the token is kept from, too) may send such a Location."""
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": f"{BUCKET}/p.ndjson?{SIGNED}"})
+    responses.get(f"{BUCKET}/p.ndjson?{SIGNED}", status=302, headers={"Location": target})
+    responses.get(re.compile(r"https://(evil\.example|bucket\.example\.net|ehr\.example\.org)/.*"), body=b"{}\n")
+    with pytest.raises(UpstreamError, match="user information or a backslash") as refused:
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert refused.value.temporary is False and "s3cr3t" not in refused.value.message
+    assert [c.request.url.split("?")[0] for c in responses.calls] == [f"{FILES}/Patient.ndjson", f"{BUCKET}/p.ndjson"]
+
+
+@responses.activate
+@pytest.mark.parametrize("url", CONFUSING[:3])
+def test_a_manifest_file_url_whose_host_parsers_read_differently_is_never_asked(client: BulkDataClient,
+                                                                               tmp_path: Path, url: str) -> None:
+    responses.get(re.compile(r"https://evil\.example/.*"), body=b"{}\n")
+    with pytest.raises(UpstreamError, match="user information or a backslash"):
+        client.download(one_file(url), tmp_path)
+    assert len(responses.calls) == 0                 # the token went nowhere
+
+
+@responses.activate
+def test_a_status_url_whose_host_parsers_read_differently_is_refused(client: BulkDataClient) -> None:
+    responses.get(SCOPE, status=202, headers={"Content-Location": "https://evil.example\\@ehr.example.org/fhir/s/1"})
+    responses.get(re.compile(r"https://evil\.example/.*"), status=202)
+    with pytest.raises(UpstreamError, match="user information or a backslash"):
+        client.kick_off()
+    assert [c.request.url.split("?")[0] for c in responses.calls] == [SCOPE]
+
+
+@responses.activate
+@pytest.mark.parametrize("location", ["https://bucket.example.net:99999/p.ndjson", "https://[bucket/p.ndjson",
+                                      "https://[::1/p.ndjson"])
+def test_a_redirect_or_status_url_that_is_no_url_is_an_upstream_error(client: BulkDataClient, tmp_path: Path,
+                                                                       location: str) -> None:
+    """Not a ValueError's traceback (the CLI) nor a job failed with 'ValueError'."""
+    responses.get(f"{FILES}/Patient.ndjson", status=302, headers={"Location": location})
+    with pytest.raises(UpstreamError, match="a URL that cannot be read") as refused:
+        client.download(one_file(f"{FILES}/Patient.ndjson"), tmp_path)
+    assert refused.value.temporary is False and len(responses.calls) == 1
+    responses.get(SCOPE, status=202, headers={"Content-Location": location})
+    with pytest.raises(UpstreamError, match="a URL that cannot be read") as refused:
+        client.kick_off()
+    assert refused.value.temporary is False
 
 
 @responses.activate

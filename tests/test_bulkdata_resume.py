@@ -1,20 +1,30 @@
 """Bulk Data runs that stop while the hospital's server prepares the export (the process killed, the host
 restarted): the next run polls the export that run started instead of kicking off a second one, unless
-that export is gone (404/410) or asked for something else."""
+that export is gone (404/410), asked for something else, or was kicked off longer ago than the wait limit.
+A run that is still going (its job heard from within STALE_AFTER) is never taken for one that stopped."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import pytest
 import responses
+from sqlalchemy import update
 
-from fhir_ai.bulkdata import BulkDataClient, export_and_assess
+import fhir_ai.bulkdata as bulkdata
+from fhir_ai.bulkdata import STALE_AFTER, BulkDataClient, export_and_assess
 from fhir_ai.config import DEMO_HOSPITAL, load_settings
+from fhir_ai.errors import FhirAiError
 from fhir_ai.jobs import JobStore
+from fhir_ai.jobs.tables import JobRow
 from fhir_ai.models.registry import ModelRegistry
 from fhir_ai.store import Store
 from test_bulkdata import (BASE, FILES, STATUS, TOKEN, Clock, add_files, client, clock, jobs,  # noqa: F401
@@ -28,9 +38,11 @@ def settings() -> Any:
     return load_settings({"source_url": BASE, "write_back": False})
 
 
-def killed_while_polling(database_url: str, registry: ModelRegistry, workdir: Path, *, full: bool = False) -> None:
+def killed_while_polling(database_url: str, registry: ModelRegistry, workdir: Path, *, full: bool = False,
+                         silent_for: float | None = STALE_AFTER + 60) -> None:
     """A run in another process that dies - no exception handler, no finally - at its first wait for the
-    export (as under SIGKILL or a host restart): what it left in the job table is all there is."""
+    export (as under SIGKILL or a host restart): what it left in the job table is all there is. Its job
+    is then made ``silent_for`` seconds quiet (as if it had died that long ago; None: just now)."""
     pid = os.fork()
     if pid == 0:                                                     # the child: never returns
         try:
@@ -42,6 +54,19 @@ def killed_while_polling(database_url: str, registry: ModelRegistry, workdir: Pa
             os._exit(1)                                             # it did not stop where it should have
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    if silent_for is not None:
+        store = Store(database_url)
+        try:
+            dead = JobStore(store).last("bulk-export", SCOPE, status="running")
+            assert dead is not None
+            change(store, dead.id, updated_at=datetime.now(timezone.utc) - timedelta(seconds=silent_for))
+        finally:
+            store.close()
+
+
+def change(store: Store, job_id: str, **values: Any) -> None:
+    with store.session() as session, session.begin():
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
 
 
 def kicks(method: str = "GET") -> list[Any]:
@@ -171,3 +196,241 @@ def test_a_run_killed_during_the_changed_patients_export(registry: ModelRegistry
                 if p["name"] == "patient"] == ["Patient/demo-003"]
     assert run.resumed == stopped.id and run.since == "2026-11-20T08:00:00Z" and run.patients == 1 and run.complete
     assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T09:00:00Z"
+
+
+# -- telling a live run from one that stopped ------------------------------------------------------------
+
+class Hospital:
+    """A server with one export per kick-off (its own status URL); GET on a status URL: 202 until
+    ``ready``, 404 once DELETEd."""
+
+    def __init__(self) -> None:
+        self.kicks, self.deleted, self.ready = 0, set(), False
+        responses.add_callback(responses.GET, SCOPE, callback=self.kick_off)
+        responses.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/\$export-poll/\d+"),
+                               callback=self.status)
+        responses.add_callback(responses.DELETE, re.compile(rf"{re.escape(BASE)}/\$export-poll/\d+"),
+                               callback=self.delete)
+        add_files()
+
+    def kick_off(self, request: Any) -> tuple[int, dict[str, str], str]:
+        self.kicks += 1
+        return 202, {"Content-Location": f"{BASE}/$export-poll/{self.kicks}"}, ""
+
+    def status(self, request: Any) -> tuple[int, dict[str, str], str]:
+        if request.url in self.deleted:
+            return 404, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "not-found", "diagnostics": "no such export"}]})
+        if not self.ready:
+            return 202, {"Retry-After": "3600"}, ""
+        return 200, {}, json.dumps(manifest())
+
+    def delete(self, request: Any) -> tuple[int, dict[str, str], str]:
+        self.deleted.add(request.url)
+        return 202, {}, ""
+
+
+class LiveRun:
+    """Run A, alive in another thread, in its first wait between two polls (a Retry-After of an hour:
+    a long export keeps a run there for hours) until ``finish``."""
+
+    def __init__(self, database_url: str, registry: ModelRegistry, tmp_path: Path) -> None:
+        self.waiting, self.go, self.run, self.error = threading.Event(), threading.Event(), None, None
+        self.thread = threading.Thread(target=self._run, args=(database_url, registry, tmp_path))
+        self.thread.start()
+        assert self.waiting.wait(20)
+
+    def _nap(self, _: float) -> None:
+        self.waiting.set()
+        assert self.go.wait(20)
+
+    def _run(self, database_url: str, registry: ModelRegistry, tmp_path: Path) -> None:
+        store = Store(database_url)
+        try:
+            self.run = export_and_assess(settings(), registry, JobStore(store),
+                                         BulkDataClient(BASE, token=TOKEN, sleep=self._nap, max_wait=7200),
+                                         workdir=tmp_path / "a", output=tmp_path / "a.ndjson")
+        except BaseException as exc:          # noqa: BLE001 - the test looks at it
+            self.error = exc
+        finally:
+            store.close()
+
+    def finish(self) -> None:
+        self.go.set()
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+@responses.activate
+def test_a_second_run_leaves_a_live_runs_export_alone(registry: ModelRegistry, jobs: JobStore, database_url: str,
+                                                      tmp_path: Path) -> None:
+    """Runs overlap (cron every hour, an export that takes longer). B kicks off its own export; when B
+    gives up (its own wait limit) it cancels that one, not the one A is waiting for."""
+    hospital = Hospital()
+    a = LiveRun(database_url, registry, tmp_path)
+    a_job = jobs.last("bulk-export", SCOPE, status="running")
+    impatient = BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None, max_wait=0.0)
+    with pytest.raises(FhirAiError):
+        export_and_assess(settings(), registry, jobs, impatient, workdir=tmp_path / "b", output=tmp_path / "b.ndjson")
+    assert hospital.kicks == 2 and hospital.deleted == {f"{BASE}/$export-poll/2"}       # B's own, only
+    assert jobs.get(a_job.id).status == "running"
+    hospital.ready = True
+    a.finish()
+    assert a.error is None and a.run is not None and a.run.complete and a.run.resumed is None
+    assert jobs.get(a_job.id).status == "completed"
+
+
+@responses.activate
+def test_a_live_run_is_not_taken_over(registry: ModelRegistry, jobs: JobStore, database_url: str,
+                                      tmp_path: Path) -> None:
+    hospital = Hospital()
+    a = LiveRun(database_url, registry, tmp_path)
+    a_job = jobs.last("bulk-export", SCOPE, status="running")
+    hospital.ready = True
+    b = export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None),
+                          workdir=tmp_path / "b", output=tmp_path / "b.ndjson")
+    assert b.resumed is None and hospital.kicks == 2 and b.complete
+    assert jobs.get(a_job.id).status == "running"
+    a.finish()
+    assert a.error is None and jobs.get(a_job.id).status == "completed" and not hospital.deleted
+
+
+@responses.activate
+def test_a_run_silent_too_long_is_taken_over_and_its_job_stays_failed(registry: ModelRegistry, jobs: JobStore,
+                                                                      database_url: str, tmp_path: Path) -> None:
+    """A run not heard from for STALE_AFTER (say its host was suspended) is taken over; should it wake up
+    and finish, its job does not come back as completed, and it cancels nothing the other run polls."""
+    hospital = Hospital()
+    a = LiveRun(database_url, registry, tmp_path)
+    a_job = jobs.last("bulk-export", SCOPE, status="running")
+    change(jobs.store, a_job.id, updated_at=datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER + 1))
+    hospital.ready = True
+    b = export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None),
+                          workdir=tmp_path / "b", output=tmp_path / "b.ndjson")
+    assert b.resumed == a_job.id and hospital.kicks == 1 and b.complete
+    a.finish()
+    assert a.error is None
+    after = jobs.get(a_job.id)
+    assert after.status == "failed" and b.job_id in after.error
+    assert jobs.last("bulk-export", SCOPE).id == b.job_id and not hospital.deleted
+
+
+@responses.activate
+def test_a_run_killed_just_now_is_not_resumed_yet(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient,
+                                                  database_url: str, tmp_path: Path) -> None:
+    """Nothing tells a run killed a moment ago from one waiting between polls: it is left alone until
+    STALE_AFTER has passed; this run kicks off its own export."""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "killed", silent_for=STALE_AFTER - 60)
+    stopped = jobs.last("bulk-export", SCOPE, status="running")
+    responses.reset()
+    responses.get(SCOPE, status=202, headers={"Content-Location": OTHER_STATUS})
+    responses.get(OTHER_STATUS, json=manifest())
+    add_files()
+    run = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert run.resumed is None and len(kicks()) == 1 and run.complete
+    assert not any(c.request.url.startswith(STATUS) for c in responses.calls)
+    assert jobs.get(stopped.id).status == "running"
+
+
+def test_only_one_run_takes_a_silent_job_over(jobs: JobStore) -> None:
+    now = datetime.now(timezone.utc)
+    jobs.create("stopped", kind="bulk-export", scope=SCOPE, as_of=now, request={})
+    jobs.start("stopped")
+    assert not jobs.take_over("stopped", silent_since=now - timedelta(seconds=60), message="by b")  # heard from
+    assert jobs.take_over("stopped", silent_since=now + timedelta(seconds=1), message="by b")
+    assert not jobs.take_over("stopped", silent_since=now + timedelta(seconds=1), message="by c")
+    assert not jobs.heartbeat("stopped")
+    assert not jobs.set_result("stopped", {"transactionTime": "x"}, status="completed")
+    after = jobs.get("stopped")
+    assert after.status == "failed" and after.error == "by b" and after.result == {}
+
+
+@responses.activate
+def test_a_running_export_job_is_refreshed_while_its_run_waits(registry: ModelRegistry, jobs: JobStore,
+                                                               database_url: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """However long the run sleeps between polls (a Retry-After of an hour), its job is refreshed every
+    HEARTBEAT seconds; once the run has ended, no more."""
+    monkeypatch.setattr(bulkdata, "HEARTBEAT", 0.05)
+    hospital = Hospital()
+    a = LiveRun(database_url, registry, tmp_path)
+    a_job = jobs.last("bulk-export", SCOPE, status="running")
+    seen = [_updated(jobs, a_job.id)]
+    for _ in range(3):
+        time.sleep(0.3)
+        seen.append(_updated(jobs, a_job.id))
+    assert seen == sorted(seen) and len(set(seen)) == 4
+    hospital.ready = True
+    a.finish()
+    ended = _updated(jobs, a_job.id)
+    time.sleep(0.3)
+    assert _updated(jobs, a_job.id) == ended and jobs.get(a_job.id).status == "completed"
+
+
+def _updated(jobs: JobStore, job_id: str) -> datetime:
+    with jobs.store.session() as session:
+        return session.get(JobRow, job_id).updated_at
+
+
+# -- a chain of stopped runs ---------------------------------------------------------------------------
+
+def recorded(jobs: JobStore) -> dict[str, Any]:
+    return jobs.last("bulk-export", SCOPE, status="running").result["exports"]["export"]
+
+
+@responses.activate
+def test_a_chain_of_stopped_runs_keeps_when_the_export_was_kicked_off(registry: ModelRegistry, jobs: JobStore,
+                                                                      database_url: str, tmp_path: Path) -> None:
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    before = datetime.now(timezone.utc)
+    killed_while_polling(database_url, registry, tmp_path / "k1")
+    first = recorded(jobs)
+    assert before <= datetime.fromisoformat(first["kickedOffAt"]) <= datetime.now(timezone.utc)
+    killed_while_polling(database_url, registry, tmp_path / "k2")          # resumes it
+    killed_while_polling(database_url, registry, tmp_path / "k3")          # and again
+    assert recorded(jobs) == first
+
+
+@responses.activate
+def test_an_export_kicked_off_longer_ago_than_the_wait_limit_is_cancelled_and_asked_anew(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, database_url: str, tmp_path: Path) -> None:
+    """Otherwise each run stopped (a wrapper's timeout sends SIGTERM, which runs no finally) hands a stuck
+    export to the next, and every later run polls it, for ever."""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "k1")
+    stopped = jobs.last("bulk-export", SCOPE, status="running")
+    year_ago = (datetime.now(timezone.utc) - timedelta(days=365)).isoformat()
+    change(jobs.store, stopped.id, result=orjson.dumps({"since": None, "exports": {"export": {
+        **recorded(jobs), "kickedOffAt": year_ago}}}).decode())
+    responses.reset()
+    responses.delete(STATUS, status=202)
+    responses.get(SCOPE, status=202, headers={"Content-Location": OTHER_STATUS})
+    responses.get(OTHER_STATUS, json=manifest())
+    add_files()
+    run = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert [(c.request.method, c.request.url.split("?")[0]) for c in responses.calls[:3]] == [
+        ("DELETE", STATUS), ("GET", SCOPE), ("GET", OTHER_STATUS)]
+    assert run.resumed == stopped.id and run.complete
+
+
+@responses.activate
+def test_a_resumed_export_is_waited_for_only_what_is_left_of_the_wait_limit(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, clock: Clock, database_url: str,
+        tmp_path: Path) -> None:
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "k1")
+    stopped = jobs.last("bulk-export", SCOPE, status="running")
+    change(jobs.store, stopped.id, result=orjson.dumps({"since": None, "exports": {"export": {
+        **recorded(jobs), "kickedOffAt": (datetime.now(timezone.utc) - timedelta(seconds=500)).isoformat()}}}).decode())
+    responses.reset()
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    responses.delete(STATUS, status=202)
+    with pytest.raises(FhirAiError, match="did not finish within 600 s"):
+        export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert 99 <= sum(clock.sleeps) <= 101                          # client's max_wait 600, 500 s gone already
+    assert kicks() == [] and responses.calls[-1].request.method == "DELETE"

@@ -153,13 +153,38 @@ class JobStore:
             row.finished_at = row.finished_at or now
         return True
 
-    def set_result(self, job_id: str, result: dict[str, Any], status: str | None = None) -> None:
+    def set_result(self, job_id: str, result: dict[str, Any], status: str | None = None) -> bool:
+        """Replace the result of a job that has not ended (and end it with ``status``); False if it had
+        ended (e.g. failed by a run that took it over: it does not come back as completed)."""
         now = _utcnow()
         values: dict[str, Any] = {"result": orjson.dumps(result).decode(), "updated_at": now}
         if status:
             values.update(status=status, finished_at=now)
         with self.store.session() as session, session.begin():
-            session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+            changed = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.not_in(FINAL))
+                                      .values(**values))
+            return changed.rowcount == 1
+
+    def heartbeat(self, job_id: str) -> bool:
+        """A running job's sign of life (its updated_at now); False if it is no longer running."""
+        with self.store.session() as session, session.begin():
+            result = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                                     .values(updated_at=_utcnow()))
+            return result.rowcount == 1
+
+    def take_over(self, job_id: str, *, silent_since: datetime, message: str, status: int = 500) -> bool:
+        """Fail a running job not heard from (updated_at) since ``silent_since``, so that the caller may
+        carry on its work; True for exactly one caller, and never for a job whose run is alive."""
+        now = _utcnow()
+        with self.store.session() as session, session.begin():
+            result = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running",
+                                                          JobRow.updated_at < silent_since)
+                                     .values(status="failed", error=message[:2000], error_status=status,
+                                             finished_at=now, updated_at=now))
+            claimed = result.rowcount == 1
+        if claimed:
+            log.warning("job %s taken over (its run stopped)", job_id)
+        return claimed
 
     def expire(self, finished_before: datetime) -> int:
         """Forget jobs that ended before ``finished_before`` (their status URLs answer 404 afterwards).
