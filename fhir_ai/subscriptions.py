@@ -232,9 +232,10 @@ class Gap:
 # (seconds), a heartbeat's count ('' if none), 1 if an event carries neither a number nor a focus (or
 # it could not be read), the earliest time an event without its focus happened ('' if none said), a
 # token for a claim, when its latest event happened ('' if none said), the clocks' margin (seconds),
-# then pairs: an event number, 1 if its focus came (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), stamp (the latest time an event that moved the number
-# said it happened),
+# the events' reorder tolerance (seconds), then pairs: an event number, 1 if its focus came (an id-only
+# focus: and could be read).
+# The hash: number (highest seen) and at (when), stamp (when the notification that last moved the number
+# said its events happened; none if it did not say),
 # gap_since/gap_missed (a catch-up owed), gap_claim (until when one notification is running it) and
 # gap_holder (its token).
 # Returns {at before this notification ('' if none), '1' if its numbers restarted ('' if not)}, plus
@@ -246,20 +247,22 @@ local previous = redis.call('HGET', key, 'at') or ''
 local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
 local stamp, happened = tonumber(redis.call('HGET', key, 'stamp')), tonumber(ARGV[7])
 -- Numbers that restarted without a handshake: none above the last one seen, but an event that happened
--- more than the margin after the events seen (after the log last moved, if no event said when). A
--- repeat or late delivery cannot: its event happened before the last number seen was sent (events
--- numbered close together may say they happened in another order: hence the margin).
+-- after the last number's event (more than the reorder tolerance: events numbered close together may
+-- say they happened in another order; the same clock, the hospital's). A repeat or late delivery
+-- cannot: its event happened before the last number seen was sent. If the last number's event said
+-- nothing of when, compared with when the log last moved: our clock, hence the clocks' margin.
 local restarted = false
-if last ~= nil and happened ~= nil and #ARGV >= 9 then
-  local top, seen = nil, stamp or tonumber(previous)
-  for i = 9, #ARGV, 2 do
+if last ~= nil and happened ~= nil and #ARGV >= 10 then
+  local top, seen, slack = nil, stamp, tonumber(ARGV[9])
+  if seen == nil then seen, slack = tonumber(previous), tonumber(ARGV[8]) end
+  for i = 10, #ARGV, 2 do
     if top == nil or tonumber(ARGV[i]) > top then top = tonumber(ARGV[i]) end
   end
-  if seen ~= nil and top <= last and happened > seen + tonumber(ARGV[8]) then restarted, last = true, nil end
+  if seen ~= nil and top <= last and happened > seen + slack then restarted, last = true, nil end
 end
 local highest, numbered, focused = count, {}, {}
 local numbers, arrived = 0, 0
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   if highest == nil or n > highest then highest = n end
   if last == nil or n > last then
@@ -286,9 +289,11 @@ end
 if restarted then redis.call('DEL', KEYS[2]) end     -- the new numbering reuses the numbers owed
 if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
   redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
-  -- Only with the number: a restarted numbering's first events, under the last number, must not
-  -- creep it forward minute by minute, or the restart would never be told.
-  if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
+  -- The time of the events that moved the number, replaced (not the latest ever said: one event
+  -- dated in the future by a bad clock would hide every restart after it); only with the number (old
+  -- numbers must not move it). A heartbeat that matches our number moves nothing of it.
+  if happened ~= nil then redis.call('HSET', key, 'stamp', ARGV[7])
+  elseif last == nil or highest > last then redis.call('HDEL', key, 'stamp') end
 end
 local flag = restarted and '1' or ''
 local since = redis.call('HGET', key, 'gap_since')
@@ -354,13 +359,20 @@ class EventLog:
     nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
     The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
     One exception to "old numbers are old news": a notification whose numbers are none above the last
-    one seen but whose event happened more than ``MARGIN`` after the events seen (its ``timestamp``,
-    compared with the latest one of an event that moved the number, both the hospital's clock; or, if
-    none was said, with when the log last moved) is no repeat - a repeat happened before the last
-    number was sent - but numbering that restarted without a handshake (the subscription re-created):
-    the numbers start again from it, and a catch-up is owed from when the log last moved. A restart is
-    therefore told at most ``MARGIN`` after it (its events in between are queued, as any are); without
-    event times, not until its numbers pass the last one seen (then as a gap: caught up all the same).
+    one seen but whose event happened more than ``REORDER`` after the last number's event (its
+    ``timestamp``, compared with the one said by the notification that last moved the number - replaced
+    each time, so one date from a bad clock is forgotten with the next number - both the hospital's
+    clock; or, if that said none, more than ``MARGIN`` after the log last moved, our clock) is no
+    repeat - a repeat happened before the last number was sent - but numbering that restarted without
+    a handshake (the subscription re-created): the numbers start again from it, and a catch-up is owed
+    from when the log last moved. A restart is therefore told with the first of its events dated more
+    than ``REORDER`` after the last one seen (the events before it are queued, as any are, and the
+    catch-up covers any lost). What it cannot tell: a restart whose new numbers pass the last one seen
+    within ``REORDER`` (or ``MARGIN``) of it, or whose events say no time: the new numbers then look
+    like the old ones going on, and one lost among those under the last number is not caught up (once
+    past it, a gap is seen as any is). A late delivery dated more than ``REORDER`` after a later
+    number's event (or a repeat whose timestamp the server renews) is taken as a restart: a catch-up
+    and the numbering taken up from it - a search and some rescorings twice, nothing lost.
     The scripts write nothing before their last command that can fail, so a failure leaves no half.
 
     A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
@@ -381,6 +393,11 @@ class EventLog:
     """
 
     MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
+    # Events numbered close together may say they happened in another order (numbered and dated at
+    # slightly different moments): an old number whose event happened no more than this after the last
+    # number's is a late delivery, not a restart. A restart told wrongly costs a catch-up; one not told,
+    # the events lost in the new numbering under the last number: hence small.
+    REORDER = timedelta(seconds=30)
     # An event without its focus (empty, or unread) that says when it happened opens the window then,
     # if that is earlier (a delivery that came late), but never more than this before it came: a clock
     # far off must not make the catch-up a search of days (continued CATCH_UP_PAGES pages at a time).
@@ -423,7 +440,8 @@ class EventLog:
         args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
                            "" if count is None else count, int(unknown),
                            "" if opened is None else repr(opened.timestamp()), token,
-                           "" if happened is None else repr(happened.timestamp()), self.MARGIN.total_seconds()]
+                           "" if happened is None else repr(happened.timestamp()), self.MARGIN.total_seconds(),
+                           self.REORDER.total_seconds()]
         for number, focused in numbers:
             args += [number, int(focused)]
         found = self._record(keys=self._keys(notification.subscription), args=args)
@@ -431,7 +449,7 @@ class EventLog:
         restarted = bool(found[1])
         if restarted:
             log.warning("Subscription/%s: event numbers restarted without a handshake (event %d is no higher than "
-                        "the last one seen, but happened well after the events seen): taken as the subscription "
+                        "the last one seen, but happened after the last one seen's event): taken as the subscription "
                         "re-created at the hospital's server; numbered from here, and a catch-up is owed from "
                         "when the subscription was last seen", notification.subscription,
                         max(n for n, _ in numbers))
@@ -472,7 +490,7 @@ class EventLog:
         count = _number(notification.events_since_start)
         key, owed = self._keys(notification.subscription)
         with self.client.pipeline() as pipe:
-            pipe.hdel(key, "number", "at")
+            pipe.hdel(key, "number", "at", "stamp")
             pipe.delete(owed)
             if count is not None:
                 pipe.hset(key, mapping={"number": count, "at": repr(now.timestamp())})
