@@ -58,6 +58,7 @@ class Outcome:
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
     recovery_resumes: datetime | None = None              # it read as many pages as it may: continued from here
+    recovery_skipped: str | None = None                   # changes it gave up on (too many at one instant)
     restarted: bool = False                               # the event numbers restarted without a handshake
 
 
@@ -542,32 +543,66 @@ class CatchUp:
     """What one catch-up search found."""
     patients: list[str]
     resume: datetime | None = None    # it stopped at its page limit: every change before this was read
+    skipped: str | None = None        # what it gave up on, moving ``resume`` past it (said, never silently)
 
 
 # Pages one catch-up search reads (200 Observations each); a longer window is continued with the next notification.
 CATCH_UP_PAGES = 20
+# Pages it reads on while every change read is at the instant it continues from (a bulk load, one
+# transaction): continued from there, it would read the same pages again, for good. Past these, the
+# changes at that instant not read are given up on, said in the answer and the logs.
+ONE_INSTANT_PAGES = 50
+
+
+class _SortRefused(Exception):
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
-             max_pages: int = CATCH_UP_PAGES) -> CatchUp:
+             max_pages: int = CATCH_UP_PAGES, one_instant_pages: int = ONE_INSTANT_PAGES) -> CatchUp:
     """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap).
 
     The search is sorted by _lastUpdated: one that has more than ``max_pages`` pages returns the
     patients of the pages it read and where to continue (``resume``: the last change it read, searched
     again with ``ge``, so that changes at that same instant are not skipped). That needs the order
-    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated), or whose pages all
-    changed at the instant the search started, cannot be continued: an UpstreamError, and the catch-up
-    stays owed."""
+    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated) cannot be
+    continued: an UpstreamError, and the catch-up stays owed. While every change read is at the
+    instant it started from, it reads on, up to ``one_instant_pages``; past those it gives up on that
+    instant's changes not read (``skipped``) and continues after it. A server that refuses the sorted
+    search (HTTP 400 to its first page: some refuse a _sort they do not support) is asked again without
+    _sort: one that has more pages than it may read then cannot be continued (an UpstreamError)."""
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
-    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_sort", "_lastUpdated"), ("_count", 200)]
+    try:
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True)
+    except _SortRefused as refused:
+        log.warning("the catch-up search sorted by _lastUpdated was refused (%s); searched again without _sort",
+                    refused.error.message)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False)
+
+
+def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
+             one_instant_pages: int, sort: bool) -> CatchUp:
+    params: list[tuple[str, Any]] = [("_lastUpdated", "ge" + format_datetime(since))]
+    params += [("_sort", "_lastUpdated")] if sort else []
+    params.append(("_count", 200))
     patients: dict[str, None] = {}
     last: datetime | None = None
-    ordered = True
+    ordered, read = True, 0
+    # Continued a millisecond early (see below): every change read up to here is at that one instant.
+    instant = since + timedelta(milliseconds=1)
+
+    def at_one_instant(pages: int) -> bool:
+        return pages < one_instant_pages and ordered and last is not None and last <= instant
+
     try:
         # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
-        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
+        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1,
+                                             more=at_one_instant if sort else None):
+            read += 1
             changed = _last_updated(resource)
             if changed is None or (last is not None and changed < last):
                 ordered = False
@@ -576,16 +611,28 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
             if patient and is_vital_sign(resource, codes):
                 patients[patient] = None
     except PagingLimit as exc:
+        window = f"the catch-up search for Observations changed since {format_datetime(since)}"
+        if not sort or not ordered or last is None:
+            why = ("the server refuses _sort=_lastUpdated" if not sort
+                   else "not sorted by _lastUpdated (or without meta.lastUpdated)")
+            raise UpstreamError(f"{window} has more than {max_pages} pages, {why}: it cannot be continued "
+                                "from where it stopped", temporary=False) from exc
+        if last <= instant:
+            # Every change read, even past max_pages, at one instant: continued from it, the same pages
+            # again. Given up on (said), continued after it.
+            resume = max(last, since) + timedelta(milliseconds=1)
+            skipped = (f"more than {one_instant_pages} pages of Observations changed at {format_datetime(last)}: "
+                       f"those past them (changed up to {format_datetime(resume)}) were not read, their patients "
+                       "not rescored")
+            log.error("%s: %s", window, skipped)
+            return CatchUp(list(patients), resume, skipped)
         # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
         # must not move it past a change at that instant.
-        resume = last - timedelta(milliseconds=1) if last is not None else None
-        if not ordered or resume is None or resume <= since:
-            why = ("not sorted by _lastUpdated (or without meta.lastUpdated)" if not ordered or last is None
-                   else f"all changed at {format_datetime(since)}")
-            raise UpstreamError(f"the catch-up search for Observations changed since {format_datetime(since)} "
-                                f"has more than {max_pages} pages, {why}: it cannot be continued from where "
-                                "it stopped", temporary=False) from exc
-        return CatchUp(list(patients), resume)
+        return CatchUp(list(patients), last - timedelta(milliseconds=1))
+    except UpstreamError as exc:
+        if sort and not read and exc.upstream_status == 400:
+            raise _SortRefused(exc) from exc
+        raise
     return CatchUp(list(patients))
 
 
@@ -678,6 +725,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             try:
                 found = catch_up(source, gap.since, codes)
                 outcome.recovered, outcome.recovery_resumes = found.patients, found.resume
+                outcome.recovery_skipped = found.skipped
                 patients.update(dict.fromkeys(outcome.recovered))
                 if found.resume is not None:
                     log.warning("Subscription/%s: the catch-up search read as many pages as it may; continued "

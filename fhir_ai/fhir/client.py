@@ -287,9 +287,10 @@ class FhirClient:
 
     def search(self, resource_type: str, params: Params = None, *,
                max_pages: int = MAX_PAGES, retries: int | None = None,
-               post: bool = False) -> Iterator[dict[str, Any]]:
+               post: bool = False, more: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
         """Yield each matching resource, following Bundle.link[relation=next] page by page
-        (``retries`` overrides the client's retry count for each page).
+        (``retries`` overrides the client's retry count for each page). ``more``: asked, with the pages
+        read, whether to read on past ``max_pages`` (PagingLimit once it says no).
 
         ``post``: the first page is asked for by ``POST [type]/_search`` with the parameters as a form
         body (https://hl7.org/fhir/R4/http.html#search): no URL length limit, and no long URL for
@@ -323,7 +324,7 @@ class FhirClient:
             if url and url in seen:
                 raise UpstreamError(f"search {resource_type}: paging stopped after {pages} pages "
                                     "(the server repeats a next link)", temporary=False)
-            if url and pages >= max_pages:
+            if url and pages >= max_pages and not (more is not None and more(pages)):
                 raise PagingLimit(f"search {resource_type}: paging stopped after {pages} pages (more than "
                                   "this search may read, or the server never ends)", temporary=False)
             if url:
