@@ -593,7 +593,9 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
     last: datetime | None = None
     ordered, read = True, 0
     # Continued a millisecond early (see below): every change read up to here is at that one instant.
-    instant = since + timedelta(milliseconds=1)
+    # A few microseconds more: ``since`` came back through the float the event log keeps (a microsecond
+    # off either way); a hair short, a window of one instant would be "continued" from where it began.
+    instant = since + timedelta(milliseconds=1, microseconds=2)
 
     def at_one_instant(pages: int) -> bool:
         return pages < one_instant_pages and ordered and last is not None and last <= instant

@@ -268,3 +268,15 @@ def test_a_page_limited_catch_up_reading_the_minimum_date_last_is_an_upstream_er
     responses.add_callback(responses.GET, f"{BASE}/Observation", callback=answer)
     with pytest.raises(UpstreamError, match="not sorted"):
         catch_up(source, NOW - timedelta(hours=1), [], max_pages=2)
+
+
+@responses.activate
+def test_a_window_continued_at_one_instant_a_microsecond_early_still_reads_on(source: ServerSource) -> None:
+    """Where a catch-up continues comes back through the float the event log keeps: a microsecond
+    short of the instant less 1 ms. The pages all at that instant must still be read on, not "continued"
+    from a microsecond later - the same pages again, for good."""
+    hospital = Hospital(PAGE * 3 + 1)
+    instant = parse_datetime(changed_at_one_instant(hospital, 0, PAGE * 3))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    found = catch_up(source, instant - timedelta(milliseconds=1, microseconds=1), [], max_pages=2)
+    assert found.resume is None and len(found.patients) == PAGE * 3 + 1
