@@ -199,8 +199,9 @@ class EventLog:
     # if that is earlier (a delivery that came late), but never more than this before it came: a clock
     # far off must not make the catch-up a search of days (continued CATCH_UP_PAGES pages at a time).
     OPENING = timedelta(hours=1)
-    # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
-    # lapses anyway, a second search runs: a duplicate, not a loss.
+    # Longer than a catch-up search usually takes (20 pages, each tried twice, 10 s timeouts: 400 s; one
+    # reading on over changes at one instant, up to 50 pages, may take longer); if it lapses, a second
+    # search runs: a duplicate, not a loss.
     LEASE = timedelta(minutes=10)
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
