@@ -4,7 +4,6 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -17,6 +16,7 @@ from .errors import BadRequest, FhirAiError, NotSupported, Unauthorized, Upstrea
 from .fhir.client import PagingLimit
 from .fhir.sources import ServerSource, Source
 from .fhir.times import format_datetime, parse_datetime
+from .subscription_log import EventLog, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Outcome:
     recovery_failed: str | None = None                    # why the catch-up search failed
     recovery_retried: bool = False                        # it failed for now: tried again with the next notification
     recovery_resumes: datetime | None = None              # it read as many pages as it may: continued from here
+    recovery_skipped: str | None = None                   # changes it gave up on (too many at one instant)
     restarted: bool = False                               # the event numbers restarted without a handshake
 
 
@@ -140,7 +141,7 @@ def _counter(value: Any, expression: str) -> str | None:
     Anything that is not a whole number stays as it is (read as no number)."""
     if value is None:
         return None
-    number = _number(str(value))
+    number = whole_number(str(value))
     if number is not None and not 0 <= number <= LARGEST_NUMBER:
         raise BadRequest(f"an event number or count must be between 0 and {LARGEST_NUMBER}", expression=expression)
     return str(value)
@@ -219,295 +220,6 @@ def debouncer(settings: Settings) -> Debouncer:
     return _debouncers[key]
 
 
-@dataclass
-class Gap:
-    missed: int                    # events numbered but never sent, or sent without saying what changed
-    since: datetime                # catch up on Observations changed from here on
-    claim: str = ""                # the token of this notification's claim on it (``settle`` checks it)
-    mark: str = ""                 # gap_since as it was claimed (``settle`` moves it only if it still is)
-
-
-# One notification, recorded atomically (two at once must not both see a gap, nor lose an advance).
-# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: now, lease
-# (seconds), a heartbeat's count ('' if none), 1 if an event carries neither a number nor a focus (or
-# it could not be read), the earliest time an event without its focus happened ('' if none said), a
-# token for a claim, when its latest event happened ('' if none said), the clocks' margin (seconds),
-# then pairs: an event number, 1 if its focus came (an id-only focus: and could be read).
-# The hash: number (highest seen) and at (when), stamp (the latest time an event that moved the number
-# said it happened),
-# gap_since/gap_missed (a catch-up owed), gap_claim (until when one notification is running it) and
-# gap_holder (its token).
-# Returns {at before this notification ('' if none), '1' if its numbers restarted ('' if not)}, plus
-# {gap_missed, gap_since} if this one is to run the catch-up. Nothing is written before the last
-# command that can fail (HINCRBY): a script is not rolled back.
-_RECORD = """
-local key, now = KEYS[1], tonumber(ARGV[1])
-local previous = redis.call('HGET', key, 'at') or ''
-local last, count = tonumber(redis.call('HGET', key, 'number')), tonumber(ARGV[3])
-local stamp, happened = tonumber(redis.call('HGET', key, 'stamp')), tonumber(ARGV[7])
--- Numbers that restarted without a handshake: none above the last one seen, but an event that happened
--- more than the margin after the events seen (after the log last moved, if no event said when). A
--- repeat or late delivery cannot: its event happened before the last number seen was sent (events
--- numbered close together may say they happened in another order: hence the margin).
-local restarted = false
-if last ~= nil and happened ~= nil and #ARGV >= 9 then
-  local top, seen = nil, stamp or tonumber(previous)
-  for i = 9, #ARGV, 2 do
-    if top == nil or tonumber(ARGV[i]) > top then top = tonumber(ARGV[i]) end
-  end
-  if seen ~= nil and top <= last and happened > seen + tonumber(ARGV[8]) then restarted, last = true, nil end
-end
-local highest, numbered, focused = count, {}, {}
-local numbers, arrived = 0, 0
-for i = 9, #ARGV, 2 do
-  local n = tonumber(ARGV[i])
-  if highest == nil or n > highest then highest = n end
-  if last == nil or n > last then
-    if not numbered[n] then numbered[n] = true; numbers = numbers + 1 end
-    if ARGV[i + 1] == '1' and not focused[n] then focused[n] = true; arrived = arrived + 1 end
-  end
-end
-local missed = 0
-if restarted then
-  missed = math.max(highest - arrived, 1)    -- the new numbers before these, and whatever came in between
-elseif last == nil then
-  missed = numbers - arrived                 -- first notification seen: only its empty events
-elseif highest ~= nil and highest > last then
-  missed = highest - last - arrived          -- every number above the last one that did not come
-end
-if ARGV[4] == '1' and missed == 0 then missed = 1 end
-if missed > 0 then
-  local at = previous ~= '' and previous or ARGV[1]   -- the window opens when the log last moved,
-  if ARGV[5] ~= '' and tonumber(ARGV[5]) < tonumber(at) then at = ARGV[5] end   -- or when the event happened
-  local since = tonumber(redis.call('HGET', key, 'gap_since'))
-  redis.call('HINCRBY', key, 'gap_missed', missed)
-  if since == nil or tonumber(at) < since then redis.call('HSET', key, 'gap_since', at) end
-end
-if restarted then redis.call('DEL', KEYS[2]) end     -- the new numbering reuses the numbers owed
-if highest ~= nil and (last == nil or highest > last or (highest == last and count ~= nil)) then
-  redis.call('HSET', key, 'number', highest, 'at', ARGV[1])
-  -- Only with the number: a restarted numbering's first events, under the last number, must not
-  -- creep it forward minute by minute, or the restart would never be told.
-  if happened ~= nil and (stamp == nil or happened > stamp) then redis.call('HSET', key, 'stamp', ARGV[7]) end
-end
-local flag = restarted and '1' or ''
-local since = redis.call('HGET', key, 'gap_since')
-local claim = tonumber(redis.call('HGET', key, 'gap_claim'))
-if not since or (claim ~= nil and claim > now) then return {previous, flag} end
-redis.call('HSET', key, 'gap_claim', tostring(now + tonumber(ARGV[2])), 'gap_holder', ARGV[6])
-return {previous, flag, redis.call('HGET', key, 'gap_missed'), since}
-"""
-
-# KEYS[1]: the subscription's hash, KEYS[2]: its owed event numbers (see _OWE). ARGV: the gap's count,
-# 1 if its catch-up is done (0: try again), the claim's token, where a catch-up that read part of its
-# window continues ('' if none), and gap_since as it was claimed: moved only if no notification opened
-# the window earlier meanwhile. Only the claim's holder settles: one whose lease lapsed (another runs
-# the catch-up now) changes nothing. Returns 1 if settled.
-_SETTLE = """
-if redis.call('HGET', KEYS[1], 'gap_holder') ~= ARGV[3] then return 0 end
-if ARGV[2] == '1' then
-  if redis.call('HINCRBY', KEYS[1], 'gap_missed', -tonumber(ARGV[1])) <= 0 then
-    redis.call('HDEL', KEYS[1], 'gap_since', 'gap_missed')
-    redis.call('DEL', KEYS[2])
-  end
-elseif ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'gap_since') == ARGV[5] then
-  redis.call('HSET', KEYS[1], 'gap_since', ARGV[4])
-end
-redis.call('HDEL', KEYS[1], 'gap_claim', 'gap_holder')
-return 1
-"""
-
-# KEYS[1]: the subscription's hash, KEYS[2]: the event numbers owed while this catch-up is (a set: the
-# same notification failing again is not counted again). ARGV: a count of events without a number,
-# since when (a timestamp), then the event numbers: a catch-up owed.
-_OWE = """
-local since = tonumber(redis.call('HGET', KEYS[1], 'gap_since'))
-local count, counted = tonumber(ARGV[1]), {}
-for i = 3, #ARGV do
-  if not counted[ARGV[i]] and redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then count = count + 1 end
-  counted[ARGV[i]] = true
-end
-redis.call('HINCRBY', KEYS[1], 'gap_missed', count)
-for i = 3, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
-if since == nil or tonumber(ARGV[2]) < since then redis.call('HSET', KEYS[1], 'gap_since', ARGV[2]) end
-"""
-
-
-class EventLog:
-    """Per subscription, the highest event number seen and when (Redis): finds missed notifications.
-
-    The backport numbers every event of a subscription (each event's ``event-number``; older servers
-    send only ``events-since-subscription-start``, which counts this notification's events too). The
-    numbers above the highest one seen that a notification does not carry (up to its highest, or up
-    to a heartbeat's count) were lost: a notification the hospital's server gave up on, an outage
-    here. An event sent without its focus (an ``empty`` payload) says something changed without
-    saying what: it counts as missed too, and so does an id-only event whose focus could not be read
-    from the hospital's server for now (``unread``). Any of them starts a catch-up search, for
-    Observations changed since the log last moved (less ``MARGIN``), or since such an event happened
-    if it says so and that is earlier (``OPENING``).
-
-    What the rule guarantees: recording is one Lua script, so notifications at the same time are
-    taken one after the other; the highest number never moves back, so each number is counted
-    missing at most once, and never once it has arrived. A number arriving after a higher one (7
-    before 6) was missing when 7 came: that one catch-up runs (a search; the debounce keeps it from
-    rescoring anyone twice), and 6 is then an old number, no gap. A late or repeated delivery moves
-    nothing (refreshing the time would move the next catch-up window past events lost meanwhile).
-    The time moves with the number, or with a heartbeat whose count matches ours (nothing came since).
-    One exception to "old numbers are old news": a notification whose numbers are none above the last
-    one seen but whose event happened more than ``MARGIN`` after the events seen (its ``timestamp``,
-    compared with the latest one of an event that moved the number, both the hospital's clock; or, if
-    none was said, with when the log last moved) is no repeat - a repeat happened before the last
-    number was sent - but numbering that restarted without a handshake (the subscription re-created):
-    the numbers start again from it, and a catch-up is owed from when the log last moved. A restart is
-    therefore told at most ``MARGIN`` after it (its events in between are queued, as any are); without
-    event times, not until its numbers pass the last one seen (then as a gap: caught up all the same).
-    The scripts write nothing before their last command that can fail, so a failure leaves no half.
-
-    A catch-up owed is kept (``gap_since``, ``gap_missed``) until one succeeds: the notification
-    that runs it claims it for ``LEASE`` (others go on without it), then settles it; if the search
-    failed or that process died, the next notification runs it. A claim carries a token: once its
-    lease lapsed and another notification took it over, the first one's settle changes nothing. A
-    catch-up that read as many pages as it may (``catch_up``) moves the window's start to where it
-    stopped, once its patients are queued, unless a notification opened the window earlier meanwhile;
-    the next notification continues from there.
-
-    Recording comes before queuing (so that two notifications never both see a gap), so a
-    notification is counted as received even if its patients then could not be queued: ``handle``
-    then settles its catch-up as not done and ``owe``s its events (a catch-up from when the log
-    last moved before it), so that nothing is lost whether the hospital's server sends it again or
-    gives up on it. An event number owed is owed once until the catch-up is settled (the same
-    notification failing twice is one event owed, not two). ``gap_missed`` is still a count for the
-    logs, not an exact one: a number counted missing and then delivered late and not queued counts twice.
-    """
-
-    MARGIN = timedelta(minutes=5)    # clock skew between the hospital's server and us
-    # An event without its focus (empty, or unread) that says when it happened opens the window then,
-    # if that is earlier (a delivery that came late), but never more than this before it came: a clock
-    # far off must not make the catch-up a search of days (continued CATCH_UP_PAGES pages at a time).
-    OPENING = timedelta(hours=1)
-    # Longer than a catch-up search can take (20 pages, each tried twice, 10 s timeouts: 400 s); if it
-    # lapses anyway, a second search runs: a duplicate, not a loss.
-    LEASE = timedelta(minutes=10)
-
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self.client, self.prefix = client, prefix
-        self._record = client.register_script(_RECORD)
-        self._settle = client.register_script(_SETTLE)
-        self._owe = client.register_script(_OWE)
-
-    def _key(self, subscription: str) -> str:
-        return f"{self.prefix}{subscription}"
-
-    def _keys(self, subscription: str) -> list[str]:
-        """The subscription's hash, and the set of its event numbers owed (``owe``)."""
-        return [self._key(subscription), f"{self._key(subscription)}:owed"]
-
-    def record(self, notification: Notification, now: datetime, unread: Iterable[int] = ()) -> Gap | None:
-        """Advance the log past this notification; the catch-up it is to run (None: none owed, or
-        another notification is running it). ``settle`` it afterwards. ``unread``: the positions of
-        its events whose focus could not be read (counted as missed)."""
-        return self.enter(notification, now, unread)[0]
-
-    def enter(self, notification: Notification, now: datetime,
-              unread: Iterable[int] = ()) -> tuple[Gap | None, datetime | None, bool]:
-        """``record``, when the log last moved before this notification (None: never), from where to
-        ``owe`` its events if they cannot be queued, and whether its numbers restarted without a
-        handshake (its numbers are none above the last one seen, but it happened well after the events
-        seen: the subscription was re-created; a catch-up from when the log last moved is owed)."""
-        skipped = set(unread)
-        numbers, count, unknown = _accounting(notification, skipped)
-        opened = self.opening([e for i, e in enumerate(notification.events) if e.focus is None or i in skipped],
-                              now)
-        happened = max((e.timestamp for e in notification.events if e.timestamp is not None), default=None)
-        token = uuid.uuid4().hex
-        args: list[Any] = [repr(now.timestamp()), self.LEASE.total_seconds(),
-                           "" if count is None else count, int(unknown),
-                           "" if opened is None else repr(opened.timestamp()), token,
-                           "" if happened is None else repr(happened.timestamp()), self.MARGIN.total_seconds()]
-        for number, focused in numbers:
-            args += [number, int(focused)]
-        found = self._record(keys=self._keys(notification.subscription), args=args)
-        previous = datetime.fromtimestamp(float(found[0]), timezone.utc) if found[0] else None
-        restarted = bool(found[1])
-        if restarted:
-            log.warning("Subscription/%s: event numbers restarted without a handshake (event %d is no higher than "
-                        "the last one seen, but happened well after the events seen): taken as the subscription "
-                        "re-created at the hospital's server; numbered from here, and a catch-up is owed from "
-                        "when the subscription was last seen", notification.subscription,
-                        max(n for n, _ in numbers))
-        if len(found) < 4:
-            return None, previous, restarted
-        return (Gap(int(found[2]), datetime.fromtimestamp(float(found[3]), timezone.utc) - self.MARGIN,
-                    token, _text(found[3])), previous, restarted)
-
-    @classmethod
-    def opening(cls, events: Iterable[Event], now: datetime) -> datetime | None:
-        """When the earliest of ``events`` happened (its ``timestamp``), at most ``OPENING`` before ``now``;
-        None if none says."""
-        happened = [e.timestamp for e in events if e.timestamp is not None]
-        return max(min(happened), now - cls.OPENING) if happened else None
-
-    def settle(self, subscription: str, gap: Gap, done: bool, resume: datetime | None = None) -> None:
-        """The catch-up for ``gap`` ran (``done``), or failed for now: the next notification runs it,
-        from ``resume`` if given (this one read every Observation changed before it: the hospital's
-        clock, so without ``MARGIN``). Nothing happens if this claim lapsed and another notification
-        holds it now."""
-        moved = "" if done or resume is None else repr((resume + self.MARGIN).timestamp())
-        if not self._settle(keys=self._keys(subscription), args=[gap.missed, int(done), gap.claim, moved, gap.mark]):
-            log.warning("Subscription/%s: a catch-up claim lapsed before it was settled (another notification "
-                        "runs it)", subscription)
-
-    def owe(self, notification: Notification, since: datetime) -> None:
-        """A catch-up of ``notification``'s events is owed, for Observations changed from ``since`` (less
-        ``MARGIN``). Its numbered events are counted once while the catch-up is owed: the hospital's
-        server sending it again, failing again, owes nothing more."""
-        numbers, _, _ = _accounting(notification, set())
-        unnumbered = len(notification.events) - len(numbers)
-        self._owe(keys=self._keys(notification.subscription),
-                  args=[unnumbered, repr(since.timestamp()), *(number for number, _ in numbers)])
-
-    def restart(self, notification: Notification, now: datetime) -> None:
-        """A handshake: the subscription starts (again), its numbering with it. A catch-up owed stays owed
-        (its numbers, which the new numbering reuses for other events, no longer tell a repeat)."""
-        count = _number(notification.events_since_start)
-        key, owed = self._keys(notification.subscription)
-        with self.client.pipeline() as pipe:
-            pipe.hdel(key, "number", "at")
-            pipe.delete(owed)
-            if count is not None:
-                pipe.hset(key, mapping={"number": count, "at": repr(now.timestamp())})
-            pipe.execute()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _accounting(notification: Notification, unread: set[int]) -> tuple[list[tuple[int, bool]], int | None, bool]:
-    """(event number, focus sent and read) for each event; a heartbeat's count; True if an event has
-    neither a number nor a focus read."""
-    count = _number(notification.events_since_start)
-    if notification.type != "event-notification":
-        return [], count, False
-    events = notification.events or [Event(None, None, None)]    # an event-notification has one at least
-    came = [e.focus is not None and i not in unread for i, e in enumerate(events)]
-    numbers = [_number(e.number) for e in events]
-    if None in numbers:
-        if count is None:
-            return [], None, not all(came)
-        # No event-number (older servers): the count includes this notification's events, which are
-        # therefore the last len(events) numbers up to it.
-        numbers = list(range(count - len(events) + 1, count + 1))
-    return list(zip(numbers, came)), None, False
-
-
-def _number(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 _event_logs: dict[tuple[Any, ...], EventLog] = {}
 
 
@@ -524,32 +236,68 @@ class CatchUp:
     """What one catch-up search found."""
     patients: list[str]
     resume: datetime | None = None    # it stopped at its page limit: every change before this was read
+    skipped: str | None = None        # what it gave up on, moving ``resume`` past it (said, never silently)
 
 
 # Pages one catch-up search reads (200 Observations each); a longer window is continued with the next notification.
 CATCH_UP_PAGES = 20
+# Pages it reads on while every change read is at the instant it continues from (a bulk load, one
+# transaction): continued from there, it would read the same pages again, for good. Past these, the
+# changes at that instant not read are given up on, said in the answer and the logs.
+ONE_INSTANT_PAGES = 50
+
+
+class _SortRefused(Exception):
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
-             max_pages: int = CATCH_UP_PAGES) -> CatchUp:
+             max_pages: int = CATCH_UP_PAGES, one_instant_pages: int = ONE_INSTANT_PAGES) -> CatchUp:
     """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap).
 
     The search is sorted by _lastUpdated: one that has more than ``max_pages`` pages returns the
     patients of the pages it read and where to continue (``resume``: the last change it read, searched
     again with ``ge``, so that changes at that same instant are not skipped). That needs the order
-    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated), or whose pages all
-    changed at the instant the search started, cannot be continued: an UpstreamError, and the catch-up
-    stays owed."""
+    checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated) cannot be
+    continued: an UpstreamError, and the catch-up stays owed. While every change read is at the
+    instant it started from, it reads on, up to ``one_instant_pages``; past those it gives up on that
+    instant's changes not read (``skipped``) and continues after it. A server that refuses the sorted
+    search (HTTP 400 to its first page: some refuse a _sort they do not support) is asked again without
+    _sort: one that has more pages than it may read then cannot be continued (an UpstreamError)."""
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
-    params = [("_lastUpdated", "ge" + format_datetime(since)), ("_sort", "_lastUpdated"), ("_count", 200)]
+    try:
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True)
+    except _SortRefused as refused:
+        log.warning("the catch-up search sorted by _lastUpdated was refused (%s); searched again without _sort",
+                    refused.error.message)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False)
+
+
+def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
+             one_instant_pages: int, sort: bool) -> CatchUp:
+    params: list[tuple[str, Any]] = [("_lastUpdated", "ge" + format_datetime(since))]
+    params += [("_sort", "_lastUpdated")] if sort else []
+    params.append(("_count", 200))
     patients: dict[str, None] = {}
     last: datetime | None = None
-    ordered = True
+    ordered, read = True, 0
+    # Continued a millisecond early (see below): every change read up to here is at that one instant.
+    # A few microseconds more: ``since`` came back through the float the event log keeps (a microsecond
+    # off either way); a hair short, a window of one instant would be "continued" from where it began.
+    instant = since + timedelta(milliseconds=1, microseconds=2)
+
+    def at_one_instant(pages: int) -> bool:
+        return pages < one_instant_pages and ordered and last is not None and last <= instant
+
     try:
         # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
-        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1):
+        for resource in source.client.search("Observation", params, max_pages=max_pages, retries=1,
+                                             more=at_one_instant if sort else None):
+            read += 1
             changed = _last_updated(resource)
             if changed is None or (last is not None and changed < last):
                 ordered = False
@@ -558,16 +306,28 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
             if patient and is_vital_sign(resource, codes):
                 patients[patient] = None
     except PagingLimit as exc:
+        window = f"the catch-up search for Observations changed since {format_datetime(since)}"
+        if not sort or not ordered or last is None:
+            why = ("the server refuses _sort=_lastUpdated" if not sort
+                   else "not sorted by _lastUpdated (or without meta.lastUpdated)")
+            raise UpstreamError(f"{window} has more than {max_pages} pages, {why}: it cannot be continued "
+                                "from where it stopped", temporary=False) from exc
+        if last <= instant:
+            # Every change read, even past max_pages, at one instant: continued from it, the same pages
+            # again. Given up on (said), continued after it.
+            resume = max(last, since) + timedelta(milliseconds=1)
+            skipped = (f"more than {one_instant_pages} pages of Observations changed at {format_datetime(last)}: "
+                       f"those past them (changed up to {format_datetime(resume)}) were not read, their patients "
+                       "not rescored")
+            log.error("%s: %s", window, skipped)
+            return CatchUp(list(patients), resume, skipped)
         # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
         # must not move it past a change at that instant.
-        resume = last - timedelta(milliseconds=1) if last is not None else None
-        if not ordered or resume is None or resume <= since:
-            why = ("not sorted by _lastUpdated (or without meta.lastUpdated)" if not ordered or last is None
-                   else f"all changed at {format_datetime(since)}")
-            raise UpstreamError(f"the catch-up search for Observations changed since {format_datetime(since)} "
-                                f"has more than {max_pages} pages, {why}: it cannot be continued from where "
-                                "it stopped", temporary=False) from exc
-        return CatchUp(list(patients), resume)
+        return CatchUp(list(patients), last - timedelta(milliseconds=1))
+    except UpstreamError as exc:
+        if sort and not read and exc.upstream_status == 400:
+            raise _SortRefused(exc) from exc
+        raise
     return CatchUp(list(patients))
 
 
@@ -660,6 +420,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
             try:
                 found = catch_up(source, gap.since, codes)
                 outcome.recovered, outcome.recovery_resumes = found.patients, found.resume
+                outcome.recovery_skipped = found.skipped
                 patients.update(dict.fromkeys(outcome.recovered))
                 if found.resume is not None:
                     log.warning("Subscription/%s: the catch-up search read as many pages as it may; continued "

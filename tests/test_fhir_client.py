@@ -254,6 +254,38 @@ def test_a_complete_answer_that_is_not_json_is_tried_twice_then_502_naming_the_p
     assert len(mocked.calls) == 2 and sleeps == [1.0]
 
 
+def test_json_after_a_byte_order_mark_is_read(client, mocked, sleeps):
+    """RFC 8259 8.1: a parser may ignore a UTF-8 byte order mark (some .NET servers send one); orjson
+    refuses it: it was 'a complete answer that is not JSON', 502 after two tries."""
+    body = b"\xef\xbb\xbf" + json.dumps(fixture("patient-example.json")).encode()
+    mocked.get(f"{BASE}/Patient/example", body=body, status=200, content_type="application/fhir+json")
+    assert client.get("Patient/example")["id"] == "example"
+    assert len(mocked.calls) == 1 and sleeps == []
+
+
+def test_an_error_outcome_after_a_byte_order_mark_is_read(client, mocked):
+    body = b"\xef\xbb\xbf" + json.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "bad date"}]}).encode()
+    mocked.get(f"{BASE}/Patient/example", body=body, status=400, content_type="application/fhir+json")
+    with pytest.raises(UpstreamError, match="bad date"):
+        client.get("Patient/example")
+
+
+def test_a_read_answered_200_with_an_empty_body_is_retried_then_a_temporary_error(client, mocked, sleeps):
+    """A read always has a body: none is an answer cut before its first byte, or a proxy - not the
+    resource {} (a subscription then took the event as 'ignored': lost)."""
+    mocked.get(f"{BASE}/Patient/example", body="", status=200)
+    with pytest.raises(UpstreamError, match="empty body") as err:
+        client.get("Patient/example")
+    assert err.value.temporary and len(mocked.calls) == 1 + client.retries
+
+
+def test_a_read_answered_200_with_an_empty_body_once_is_retried_to_success(client, mocked, sleeps):
+    mocked.get(f"{BASE}/Patient/example", body="", status=200)
+    mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))
+    assert client.get("Patient/example")["id"] == "example"
+
+
 def test_a_complete_answer_that_is_not_json_once_is_retried_to_success(client, mocked, sleeps):
     mocked.get(f"{BASE}/Patient/example", body='{"resourceType": "Patient", "id": NaN}', status=200)
     mocked.get(f"{BASE}/Patient/example", json=fixture("patient-example.json"))

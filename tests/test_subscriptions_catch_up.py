@@ -16,7 +16,8 @@ from flask import Flask
 from fhir_ai.fhir.client import FhirClient
 from fhir_ai.fhir.sources import ServerSource
 from fhir_ai.fhir.times import format_datetime, parse_datetime
-from fhir_ai.subscriptions import CATCH_UP_PAGES, EventLog, handle, parse_notification
+from fhir_ai.errors import UpstreamError
+from fhir_ai.subscriptions import CATCH_UP_PAGES, ONE_INSTANT_PAGES, EventLog, catch_up, handle, parse_notification
 from test_subscriptions import (BASE, NOW, diagnostics, heart_rate, notification, post, queued,  # noqa: F401
                                 server_app)
 from test_subscriptions_failures import broker_down, log_and_gate  # noqa: F401
@@ -28,8 +29,9 @@ class Hospital:
     """Observations changed one a minute from ``start`` on, one patient each; searched by
     ``_lastUpdated=ge``, sorted by ``_lastUpdated`` unless ``sorts`` is off, paged by an offset."""
 
-    def __init__(self, count: int, sorts: bool = True, start: datetime = NOW - timedelta(hours=2)) -> None:
-        self.sorts = sorts
+    def __init__(self, count: int, sorts: bool = True, start: datetime = NOW - timedelta(hours=2),
+                 refuses_sort: bool = False) -> None:
+        self.sorts, self.refuses_sort = sorts, refuses_sort
         self.observations = []
         for i in range(count):
             obs = heart_rate(f"p{i:03d}")
@@ -40,6 +42,9 @@ class Hospital:
 
     def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
         query = dict(parse_qsl(urlsplit(request.url).query))
+        if self.refuses_sort and "_sort" in query:
+            return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "not-supported", "diagnostics": "_sort is not supported"}]})
         offset = int(query.pop("_offset", 0))
         if not offset:
             self.searched_from.append(query["_lastUpdated"])
@@ -169,3 +174,109 @@ def test_the_hospital_is_told_the_catch_up_goes_on(server_app: Flask, queued: li
     assert "found 3 patient(s) with changed vital signs" in text and "continued" not in text   # from the last read
     assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("new7")], start=7)))
     assert len(queued) == PAGE * CATCH_UP_PAGES + 2 + 4
+
+
+def changed_at_one_instant(hospital: Hospital, first: int, count: int) -> str:
+    """Observations ``first`` to ``first + count - 1`` changed at one instant (one transaction, a bulk load)."""
+    instant = hospital.observations[first]["meta"]["lastUpdated"]
+    for obs in hospital.observations[first:first + count]:
+        obs["meta"]["lastUpdated"] = instant
+    return instant
+
+
+@responses.activate
+def test_a_catch_up_over_more_pages_changed_at_one_instant_than_it_may_read_reads_on(log_and_gate: Any,
+                                                                                     source: ServerSource) -> None:
+    """26 pages changed at one instant after the window opened: the first catch-up stops at page 20 and
+    continues from that instant; the next reads on past 20 pages while every change is at it, and
+    finishes. Before, continued from the same instant, every notification read the same 20 pages and
+    failed ('all changed at'), and nothing changed after them was ever caught up."""
+    bulk = PAGE * CATCH_UP_PAGES + 6
+    hospital = Hospital(2 + bulk + 1)
+    changed_at_one_instant(hospital, 2, bulk)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    first = deliver(5, 0)
+    assert first.recovery_resumes is not None and first.recovery_failed is None
+    second = deliver(6, 1)
+    assert second.recovery_failed is None and second.recovery_skipped is None and second.recovery_resumes is None
+    assert hospital.pages == CATCH_UP_PAGES + (bulk + 1 + PAGE - 1) // PAGE
+    assert deliver(7, 2).missed == 0
+    assert sorted(p for p in queued if p.startswith("p")) == [f"p{i:03d}" for i in range(len(hospital.observations))]
+
+
+@responses.activate
+def test_a_catch_up_gives_up_on_an_instant_past_the_pages_it_may_read_on_and_says_so(server_app: Flask,
+                                                                                   queued: list) -> None:
+    """More than ONE_INSTANT_PAGES pages changed at one instant: the catch-up reads that many, then gives
+    up on the rest of that instant - said in the answer (and logged) - and continues after it, rather than
+    failing every notification for good."""
+    sc = server_app.test_client()
+    bulk = PAGE * ONE_INSTANT_PAGES + 3
+    hospital = Hospital(bulk + 1, start=datetime.now(timezone.utc) - timedelta(minutes=1))
+    instant = changed_at_one_instant(hospital, 0, bulk)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    diagnostics(post(sc, notification("event-notification", [heart_rate("new1")], start=1)))
+    # the window opens before the instant: the first search stops at page 20, all at the instant
+    first = diagnostics(post(sc, notification("event-notification", [heart_rate("new5")], start=5)))
+    assert "continued from" in first and "given up" not in first
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("new6")], start=6)))
+    skipped = format_datetime(parse_datetime(instant) + timedelta(milliseconds=1))
+    assert (f"given up on: more than {ONE_INSTANT_PAGES} pages of Observations changed at {instant}: those past "
+            f"them (changed up to {skipped}) were not read, their patients not rescored") in text
+    assert f"continued from {skipped}" in text
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("new7")], start=7)))
+    assert "found 1 patient(s)" in text and "continued" not in text and "given up" not in text
+    found = [p for p, _ in queued if p.startswith("p")]
+    assert len(found) == PAGE * ONE_INSTANT_PAGES + 1 and f"p{bulk:03d}" in found     # the change after it
+
+
+@responses.activate
+def test_a_server_refusing_sort_is_searched_again_without_it(log_and_gate: Any, source: ServerSource) -> None:
+    """A server that refuses a _sort it does not support (400): the catch-up asks again without _sort,
+    as it did before every catch-up was sorted; a window of one page is caught up."""
+    hospital = Hospital(3, refuses_sort=True)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    out = deliver(5, 0)
+    assert out.recovery_failed is None and sorted(out.recovered) == ["p000", "p001", "p002"]
+    assert deliver(6, 1).missed == 0
+
+
+@responses.activate
+def test_a_server_refusing_sort_cannot_continue_a_long_catch_up_and_says_why(log_and_gate: Any,
+                                                                            source: ServerSource) -> None:
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, refuses_sort=True)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    out = deliver(5, 0)
+    assert out.recovery_retried and out.recovery_resumes is None and len(out.recovered) == 0
+    assert "refuses _sort=_lastUpdated" in out.recovery_failed and "cannot be continued" in out.recovery_failed
+    assert queued == ["new1", "new5"] and deliver(6, 1).recovery_retried     # owed: tried again
+
+
+@responses.activate
+def test_a_page_limited_catch_up_reading_the_minimum_date_last_is_an_upstream_error(source: ServerSource) -> None:
+    """The last change read says 0001-01-01 (a server's default date) after a later one: not sorted, an
+    UpstreamError (the catch-up stays owed). Before, where to continue was computed first: OverflowError,
+    a 500 to the hospital's server and the claim held for its lease."""
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        query = dict(parse_qsl(urlsplit(request.url).query))
+        offset = int(query.pop("_offset", 0))
+        obs = heart_rate(f"p{offset}")
+        obs["meta"] = {"lastUpdated": "0001-01-01T00:00:00Z" if offset else format_datetime(NOW)}
+        bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}], "link": [
+            {"relation": "next", "url": f"{BASE}/Observation?{urlencode({**query, '_offset': offset + 1})}"}]}
+        return 200, {}, json.dumps(bundle)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=answer)
+    with pytest.raises(UpstreamError, match="not sorted"):
+        catch_up(source, NOW - timedelta(hours=1), [], max_pages=2)
+
+
+@responses.activate
+def test_a_window_continued_at_one_instant_a_microsecond_early_still_reads_on(source: ServerSource) -> None:
+    """Where a catch-up continues comes back through the float the event log keeps: a microsecond
+    short of the instant less 1 ms. The pages all at that instant must still be read on, not "continued"
+    from a microsecond later - the same pages again, for good."""
+    hospital = Hospital(PAGE * 3 + 1)
+    instant = parse_datetime(changed_at_one_instant(hospital, 0, PAGE * 3))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    found = catch_up(source, instant - timedelta(milliseconds=1, microseconds=1), [], max_pages=2)
+    assert found.resume is None and len(found.patients) == PAGE * 3 + 1

@@ -224,16 +224,72 @@ def test_without_an_event_time_seen_a_restart_is_told_by_our_clock_with_a_margin
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])
 
 
-def test_a_restart_is_told_even_when_its_events_come_one_a_minute() -> None:
-    """After event 50, the new numbering's events come a minute apart: those under the margin are
-    taken as old, but do not move the time they are compared with, so the one past it is a restart."""
+def test_a_restart_is_told_with_its_first_event_dated_after_the_last_ones() -> None:
+    """After event 50, the new numbering's events come 4 s apart, the first 30 s after event 50 (a busy
+    subscription re-created): told with event 1, not after MARGIN - by then its numbers would have
+    passed 50 and looked like the old ones going on, and event 20, lost, would never be caught up. Nor
+    would 49 and 50, lost just before 51."""
     client = redis_or_skip()
     events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
     try:
         events.enter(numbered(50, "p50", NOW), NOW)
-        minutes = range(1, int(EventLog.MARGIN.total_seconds() // 60) + 2)
-        told = [events.enter(numbered(n, f"p{n}", NOW + timedelta(minutes=n)), NOW + timedelta(minutes=n))[2]
-                for n in minutes]
-        assert told == [False] * (len(told) - 1) + [True]
+        told = {}
+        for n in [n for n in range(1, 53) if n not in (20, 49, 50)]:     # those lost
+            when = NOW + EventLog.REORDER + timedelta(seconds=4 * n)
+            gap, _, restarted = events.enter(numbered(n, f"q{n}", when), when)
+            if gap is not None or restarted:
+                told[n] = (gap.missed if gap else 0, restarted)
+                if gap is not None:
+                    events.settle("sub-1", gap, done=True)
+        assert told == {1: (1, True), 21: (1, False), 51: (2, False)}
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_late_delivery_dated_a_little_after_a_later_event_is_old_news() -> None:
+    """Event 9 delivered after 10, saying it happened up to REORDER after it: old news. Dated later than
+    that, it is taken as a restart (a catch-up: nothing lost if it was not one)."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(10, "p10", NOW), NOW)
+        later = NOW + timedelta(minutes=1)
+        assert events.enter(numbered(9, "p9", NOW + EventLog.REORDER), later)[2] is False
+        assert events.enter(numbered(10, "p10", NOW), later)[2] is False                   # a repeat
+        assert events.enter(numbered(9, "p9", NOW + EventLog.REORDER + timedelta(seconds=1)), later)[2] is True
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_one_event_dated_in_the_future_does_not_hide_the_restarts_after_it() -> None:
+    """Event 6 says it happened a day ahead (a bad clock, once): event 7, dated right again, replaces
+    its time; two hours later the numbering restarts without a handshake: told. Before, the time kept
+    was the latest ever said: no restart was told for a day."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(5, "p5", NOW), NOW)
+        events.enter(numbered(6, "p6", NOW + timedelta(days=1)), NOW + timedelta(minutes=1))
+        events.enter(numbered(7, "p7", NOW + timedelta(minutes=2)), NOW + timedelta(minutes=2))
+        when = NOW + timedelta(hours=2)
+        gap, _, restarted = events.enter(numbered(1, "q1", when), when)
+        assert restarted and gap is not None
+    finally:
+        client.delete(*client.keys(f"{events.prefix}*") or ["-"])
+
+
+def test_a_handshake_forgets_when_the_last_event_happened() -> None:
+    """Event 5 was dated a day ahead; then a handshake (5 events so far). An hour later, event 1: the
+    numbering restarted again without one - told (compared with when the handshake came, our clock),
+    not hidden by event 5's date from before the handshake."""
+    client = redis_or_skip()
+    events = EventLog(client, f"fhir_ai:test-{uuid.uuid4().hex[:8]}:subscription:")
+    try:
+        events.enter(numbered(5, "p5", NOW + timedelta(days=1)), NOW)
+        handshake = notification("handshake")
+        events_since_start(handshake)["valueString"] = "5"
+        events.restart(parse_notification(handshake), NOW + timedelta(minutes=1))
+        when = NOW + timedelta(hours=1)
+        assert events.enter(numbered(1, "q1", when), when)[2] is True
     finally:
         client.delete(*client.keys(f"{events.prefix}*") or ["-"])

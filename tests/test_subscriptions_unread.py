@@ -22,6 +22,7 @@ FAILURES = {
                                     "issue": [{"severity": "error", "code": "transient"}]}},
     "no connection": {"body": requests.ConnectionError("refused")},
     "no answer in time": {"body": requests.ReadTimeout("slow")},
+    "an empty 200": {"status": 200, "body": ""},     # an answer cut before its first byte, or a proxy
 }
 
 

@@ -94,7 +94,8 @@ def notify():  # type: ignore[no-untyped-def]
             f"catch-up search found {len(outcome.recovered)} patient(s) with changed vital signs"
             + (f" in as many pages as one search may read; the rest is owed, continued from "
                f"{format_datetime(outcome.recovery_resumes)} with the next notification"
-               if outcome.recovery_resumes else "")))
+               if outcome.recovery_resumes else "")
+            + (f"; given up on: {outcome.recovery_skipped}" if outcome.recovery_skipped else "")))
     return _answer(text)
 
 

@@ -71,9 +71,18 @@ def outcome_text(body: Any) -> str:
     return "; ".join(texts)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _loads(content: bytes) -> Any:
+    """JSON, after a UTF-8 byte order mark if there is one (RFC 8259 8.1: a parser may ignore it; some
+    servers send it), which orjson refuses."""
+    return orjson.loads(content[len(_BOM):] if content.startswith(_BOM) else content)
+
+
 def _response_outcome(response: requests.Response) -> str:
     try:
-        return outcome_text(orjson.loads(response.content))
+        return outcome_text(_loads(response.content))
     except orjson.JSONDecodeError:
         return ""
 
@@ -109,7 +118,7 @@ def _refuses_search_post(response: requests.Response) -> bool:
     if status != 400:
         return False
     try:
-        body = orjson.loads(response.content)
+        body = _loads(response.content)
     except orjson.JSONDecodeError:
         return False
     return (isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
@@ -162,7 +171,7 @@ def _breaks_off(content: bytes, error: orjson.JSONDecodeError) -> bool:
     urllib3: ChunkedEncodingError; one framed by the connection's close is not) - rather than holding
     what JSON never has (NaN, Infinity, an HTML page, trailing text): that a second try rarely cures."""
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")    # a byte order mark is skipped (see _loads)
     except UnicodeDecodeError as exc:    # cut inside a character: the bytes run out at the very end
         return exc.end == len(content) and exc.reason == "unexpected end of data"
     return error.pos >= len(text.rstrip())
@@ -278,9 +287,10 @@ class FhirClient:
 
     def search(self, resource_type: str, params: Params = None, *,
                max_pages: int = MAX_PAGES, retries: int | None = None,
-               post: bool = False) -> Iterator[dict[str, Any]]:
+               post: bool = False, more: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
         """Yield each matching resource, following Bundle.link[relation=next] page by page
-        (``retries`` overrides the client's retry count for each page).
+        (``retries`` overrides the client's retry count for each page). ``more``: asked, with the pages
+        read, whether to read on past ``max_pages`` (PagingLimit once it says no).
 
         ``post``: the first page is asked for by ``POST [type]/_search`` with the parameters as a form
         body (https://hl7.org/fhir/R4/http.html#search): no URL length limit, and no long URL for
@@ -314,7 +324,7 @@ class FhirClient:
             if url and url in seen:
                 raise UpstreamError(f"search {resource_type}: paging stopped after {pages} pages "
                                     "(the server repeats a next link)", temporary=False)
-            if url and pages >= max_pages:
+            if url and pages >= max_pages and not (more is not None and more(pages)):
                 raise PagingLimit(f"search {resource_type}: paging stopped after {pages} pages (more than "
                                   "this search may read, or the server never ends)", temporary=False)
             if url:
@@ -463,9 +473,14 @@ class FhirClient:
         if status >= 400 or status < 200:
             raise self._fatal(method, where, response)
         if not response.content.strip():
+            if method == "GET" and status == 200:
+                # A read or a search page always has a body: none is an answer cut before its first byte
+                # (framed by the connection's close) or a broken proxy, not an empty resource (a 202
+                # or 204 may have none).
+                raise _Temporary(f"HTTP {status} with an empty body", response=response)
             return {}
         try:
-            parsed = orjson.loads(response.content)
+            parsed = _loads(response.content)
         except orjson.JSONDecodeError as exc:
             if _breaks_off(response.content, exc):
                 raise _Temporary(f"HTTP {status} with a body that is not JSON: it breaks off after "
