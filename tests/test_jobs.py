@@ -298,14 +298,13 @@ def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_
     assert len(assessment_rows(job_app)) == 8
 
 
-def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: Flask,
-                                                                        monkeypatch: pytest.MonkeyPatch,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
+def _fragile_ward(job_app: Flask, monkeypatch: pytest.MonkeyPatch, job_id: str, models: list[str]) -> JobStore:
+    """A running job for WARD whose second patient's assessment raises an unexpected error."""
     jobs = JobStore(store_of(job_app))
     as_of = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)
-    jobs.create("job-5", kind="group", scope="ward-a", as_of=as_of, request={"request": "x", "models": []})
-    jobs.start("job-5")
-    jobs.expand("job-5", WARD)
+    jobs.create(job_id, kind="group", scope="ward-a", as_of=as_of, request={"request": "x", "models": models})
+    jobs.start(job_id)
+    jobs.expand(job_id, WARD)
     pipeline = job_app.extensions["fhir_ai"]
     assess = pipeline.assess
 
@@ -315,6 +314,13 @@ def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: 
             raise ValueError(f"could not convert string to float: {name!r}")
         return assess(patient_id, **kwargs)
     monkeypatch.setattr(pipeline, "assess", fragile)
+    return jobs
+
+
+def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: Flask,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    jobs = _fragile_ward(job_app, monkeypatch, "job-5", [])
     assert tasks.assess_chunk("job-5", WARD) == 3
     assert jobs.status("job-5") == "completed"                 # not left running for ever
     items = {item.patient_id: item for item in jobs.items("job-5")}
@@ -322,6 +328,18 @@ def test_an_unexpected_error_fails_that_patient_and_the_job_still_ends(job_app: 
     assert {items[p].status for p in WARD if p != WARD[1]} == {"assessed"}
     assert "Kim Minji" not in (items[WARD[1]].error or "") and "Kim Minji" not in caplog.text
     assert "ValueError" in caplog.text and "fragile" in caplog.text          # the kind, and where
+
+
+def test_a_patient_that_fails_in_a_two_model_job_is_failed_once_per_model(jc: FlaskClient, job_app: Flask,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _fragile_ward(job_app, monkeypatch, "job-6", ["triage", "deterioration", "triage"])    # a repeat is one
+    assert tasks.assess_chunk("job-6", WARD) == 3
+    manifest = jc.get("/jobs/job-6").get_json()
+    assert (manifest["patients"], manifest["assessed"], manifest["insufficientData"], manifest["notApplicable"],
+            manifest["failed"]) == (4, 3, 0, 3, 2)                     # 4 patients x 2 models
+    assert [e["patient"] for e in manifest["error"]] == [f"Patient/{WARD[1]}"]
+    assert f"Patient/{WARD[1]}" not in {o["patient"] for o in manifest["output"]}
+    assert len(manifest["output"]) == 9                                # triage, deterioration, NEWS2 for 3
 
 
 @pytest.mark.parametrize("kind", ["OperationalError", "InterfaceError"])

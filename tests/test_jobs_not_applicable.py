@@ -74,22 +74,66 @@ def test_progress_names_the_not_applicable_patients(jc: FlaskClient, job_app: Fl
         "running: 3/4 patients (1 assessed, 1 insufficient data, 1 not applicable, 0 failed)")
 
 
-def _cancelled(reason: str) -> dict[str, Any]:
-    return {"resourceType": "RiskAssessment", "id": "x", "status": "cancelled",
+def _cancelled(reason: str, model: str = "deterioration") -> dict[str, Any]:
+    return {"resourceType": "RiskAssessment", "id": "x", "status": "cancelled", "method": _method(model),
             "note": [{"text": "Inputs: none"}, {"text": f"Not assessed: {reason}"}]}
 
 
-def test_a_patients_outcome_is_read_from_the_first_models_assessment() -> None:
-    from fhir_ai.jobs.tasks import item_status
-    assert item_status([]) == "assessed"
-    assert item_status([{"resourceType": "RiskAssessment", "status": "final"}, _cancelled("not applicable.")]) \
-        == "assessed"
-    assert item_status([_cancelled("insufficient data. Found 1 of the core inputs")]) == "insufficient"
-    assert item_status([_cancelled("not applicable. The triage model is for encounters of class EMER")]) \
+def _method(model: str) -> dict[str, Any]:
+    return {"coding": [{"system": "https://fhir-ai.invalid/model", "code": model}]}
+
+
+def test_each_models_outcome_is_read_from_its_own_assessment() -> None:
+    from fhir_ai.jobs.tasks import assessment_status, model_outcomes, outcomes, patient_status
+    assert assessment_status({"resourceType": "RiskAssessment", "status": "final"}) == "assessed"
+    assert assessment_status(_cancelled("insufficient data. Found 1 of the core inputs")) == "insufficient"
+    assert assessment_status(_cancelled("not applicable. The triage model is for encounters of class EMER")) \
         == "not-applicable"
-    assert item_status([{"resourceType": "RiskAssessment", "status": "cancelled"}]) == "insufficient"
+    assert assessment_status({"resourceType": "RiskAssessment", "status": "cancelled"}) == "insufficient"
+    final = {"resourceType": "RiskAssessment", "status": "final", "method": _method("deterioration")}
+    news2 = {"resourceType": "RiskAssessment", "status": "cancelled", "method": _method("news2")}
+    triage = _cancelled("not applicable. The triage model is for encounters of class EMER", "triage")
+    resources = [triage, final, news2]
+    assert model_outcomes(["triage", "deterioration"], resources) == ["not-applicable", "assessed"]
+    assert model_outcomes(["deterioration", "triage"], resources) == ["assessed", "not-applicable"]
+    assert model_outcomes([], [final, news2]) == ["assessed"]        # none named: the default model's, first
+    # One outcome per model in the patient's row: a word for one model, a letter each for more.
+    assert patient_status(["not-applicable"]) == "not-applicable"
+    assert patient_status(["not-applicable", "assessed"]) == "=na"
+    for status in ("assessed", "failed", "=na", "=ff", "=ai"):
+        assert patient_status(outcomes(status)) == status
+    assert outcomes("pending") == []
 
 
+def _model_of(jc: FlaskClient, url: str) -> tuple[str, str]:
+    resource = jc.get(url.removeprefix("http://localhost")).get_json()
+    return resource["method"]["coding"][0]["code"], resource["status"]
+
+
+def test_a_two_model_job_labels_each_assessment_by_its_own_outcome(jc: FlaskClient) -> None:
+    body = parameters(asOf=AS_OF, model="triage")
+    body["parameter"].append({"name": "model", "valueCode": "deterioration"})
+    manifest = jc.get(kick_off(jc, "/Group/ward-a/$assess", body)).get_json()
+    labels: dict[str, set[str]] = {}
+    for entry in manifest["output"]:
+        model, status = _model_of(jc, entry["url"])
+        labels.setdefault(model, set()).add(entry["status"])
+        assert (status == "cancelled") == (entry["status"] != "assessed"), (model, status, entry)
+    assert labels == {"triage": {"not-applicable"}, "deterioration": {"assessed"}, "news2": {"assessed"}}
+
+
+def test_a_two_model_job_counts_each_patient_once_per_model_in_any_order(jc: FlaskClient, job_app: Flask) -> None:
+    keys = ("patients", "assessed", "insufficientData", "notApplicable", "failed")
+    answers = []
+    for models in (("triage", "deterioration"), ("deterioration", "triage")):
+        body = parameters(asOf=AS_OF)
+        body["parameter"] += [{"name": "model", "valueCode": m} for m in models]
+        status_url = kick_off(jc, "/$assess-all", body)
+        answers.append([jc.get(status_url).get_json()[k] for k in keys])
+        listed = next(j for j in jc.get("/jobs").get_json()["jobs"] if status_url.endswith(j["job"]))
+        assert [listed[k] for k in keys] == answers[-1]                  # the list counts alike
+    # 12 inpatients: triage applies to none, deterioration has too little data for demo-010 (as bulk-assess)
+    assert answers == [[12, 11, 1, 12, 0]] * 2
 def test_bulk_stats_log_and_cli_count_not_applicable_apart(tmp_path: Path, runner: Any, caplog: Any) -> None:
     registry = ModelRegistry.load(DEFAULT_MODELS, load_directory(DEFAULT_MAPPINGS))
     out = tmp_path / "ra.ndjson"

@@ -2,25 +2,30 @@
 and the list of a caller's jobs."""
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from flask import Blueprint, current_app, request
+from werkzeug.http import parse_list_header
 
 from .. import codes
-from ..auth.guard import not_audited, note_entities
+from ..auth.guard import not_audited, note_entities, principal
 from ..auth.policy import requires
 from ..errors import BadRequest, FhirAiError, NotFound
 from ..fhir import times
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
 from ..jobs.state import JobStore, JobView
-from ..jobs.tasks import submit
+from ..jobs.tasks import MAX_MODELS, job_models, outcomes, submit
 from ..pipeline import Pipeline
 from ..search.params import DEFAULT_COUNT, MAX_COUNT
 from ..store import actors
+from ..store.actors import Actor
 from ..store.audit import Entity
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
 from .metadata import assess_parameters
@@ -43,13 +48,18 @@ class AsyncRequired(BadRequest):
     code = "required"
 
 
+def _failure_code(status: int) -> str:
+    """The OperationOutcome issue code of a job that failed with this status."""
+    return "not-found" if status == 404 else "transient" if status in (502, 503, 504) else "exception"
+
+
 class JobFailed(FhirAiError):
     """A job ended in error; the status URL answers with the error's own status."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-        self.code = "not-found" if status == 404 else "transient" if status in (502, 503, 504) else "exception"
+        self.code = _failure_code(status)
 
 
 def _pipeline() -> Pipeline:
@@ -66,9 +76,10 @@ def _jobs() -> JobStore:
 
 def _wants_async() -> bool:
     """``Prefer: respond-async`` among the request's preferences (RFC 7240: any number of Prefer lines,
-    each a comma-separated list of ``name[=value][; parameters]``, names case-insensitive)."""
+    each a comma-separated list of ``name[=value][; parameters]``, names case-insensitive; a comma or
+    a name inside a quoted value is part of that value, not a preference of its own)."""
     return any(preference.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async"
-               for line in request.headers.getlist("Prefer") for preference in line.split(","))
+               for line in request.headers.getlist("Prefer") for preference in parse_list_header(line))
 
 
 def _kick_off(kind: str, scope: str, line: str) -> Any:
@@ -87,8 +98,11 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
     for model_id in params.models:
         pipeline.registry.get(model_id)       # unknown model → 400 now, not in the worker
+    if len(job_models({"models": params.models})) > MAX_MODELS:     # job_item.status holds one letter each
+        raise BadRequest(f"a job assesses at most {MAX_MODELS} models",
+                         expression="Parameters.parameter.where(name='model')")
     as_of = params.as_of or times_now()
-    job_id, _ = submit(_jobs(), kind=kind, scope=scope, as_of=as_of,
+    job_id, _ = submit(_jobs(), kind=kind, scope=scope, as_of=as_of, owner=_owner_key(actors.current()),
                        request={"request": line, "models": params.models, "writeBack": params.write_back})
     location = f"{base_url()}/jobs/{job_id}"
     outcome = {"resourceType": "OperationOutcome", "issue": [{
@@ -117,26 +131,75 @@ def assess_all():  # type: ignore[no-untyped-def]
     return _kick_off("all", "all", f"{base_url()}/$assess-all")
 
 
-def _owner() -> str | None:
-    """Whose jobs the caller sees: a client its own; an admin (or the server itself) everyone's (None)."""
+OWNER_LENGTH = 256      # JobRow.requested_by
+
+
+def _owner_key(actor: Actor) -> str | None:
+    """Who owns the jobs this caller starts: how it authenticated and who it is, so that no other
+    caller's key is ever equal to it: ``static:<name>`` for a static token (its name is unique in this
+    server's configuration), ``jwt:<iss>|<client id>`` for a JWT (a client id is unique only at its
+    issuer: another trusted issuer, or a static token of that name, is someone else); when that would be
+    ambiguous (``|`` in the issuer) or longer than the column, ``jwt#sha256:`` and the hash of both.
+    None for the server itself (scheduled jobs: the actor's client id)."""
+    who = principal()
+    if actor.kind != "client" or who is None:
+        return None
+    if who.kind == "static":
+        return f"static:{who.client_id}"
+    key = f"jwt:{who.issuer}|{who.client_id}"
+    if "|" in (who.issuer or "") or len(key) > OWNER_LENGTH:
+        key = "jwt#sha256:" + hashlib.sha256(orjson.dumps([who.issuer, who.client_id])).hexdigest()
+    return key
+
+
+def _owners() -> list[str] | None:
+    """Whose jobs the caller sees: a client its own (keys compared exactly); an admin (or the server
+    itself) everyone's (None). Jobs started before owners were keyed name the bare client id: a static
+    token's client (named in this server's own configuration) still sees those of its name; a JWT
+    client's such jobs are seen by admins only (a JWT's client id may be anyone's elsewhere)."""
     actor = actors.current()
-    return actor.client_id if actor.kind == "client" and actor.role != "admin" else None
+    if actor.kind != "client" or actor.role == "admin":
+        return None
+    key = _owner_key(actor)
+    if key is None:
+        return [actor.client_id]
+    who = principal()
+    return [key, actor.client_id] if who is not None and who.kind == "static" else [key]
 
 
 def _visible(job: JobView | None) -> JobView:
     """Only the client that asked (or an admin) sees a job; a cancelled one is gone."""
-    owner = _owner()
-    if job is None or job.status == "cancelled" or owner not in (None, job.requested_by):
+    owners = _owners()
+    if job is None or job.status == "cancelled" or (owners is not None and job.requested_by not in owners):
         raise NotFound("no such job (unknown, or cancelled)")
     return job
 
 
-def counts(job: JobView) -> dict[str, int]:
-    """The job's patients by outcome, as the manifest and the job list name them. ``notApplicable``:
-    the model is not for the patient's current visit (mapping ``scoring.encounter_classes``, e.g. the
-    triage model for an inpatient); ``insufficientData``: too little data to assess."""
-    return {"assessed": job.counts.get("assessed", 0), "insufficientData": job.counts.get("insufficient", 0),
-            "notApplicable": job.counts.get("not-applicable", 0), "failed": job.counts.get("failed", 0)}
+def counts(job: JobView) -> dict[str, int | None]:
+    """The job's outcomes, as the manifest and the job list name them: one per patient and model asked
+    for (as bulk-assess counts; with two models they add up to twice the patients done), each model's by
+    its own RiskAssessment (NEWS2, a companion, is not counted). ``notApplicable``: the model is not for
+    the patient's current visit (mapping ``scoring.encounter_classes``, e.g. the triage model for an
+    inpatient); ``insufficientData``: too little data to assess; ``failed``: the patient could not be
+    assessed (counted for each model). A Bulk Data run (kind ``bulk-export``, fhir-ai bulk-export-assess)
+    has no patient rows: its result's ``assessed`` once complete; what it does not count, null."""
+    if job.kind == "bulk-export":
+        return {"assessed": job.result.get("assessed"), "insufficientData": None, "notApplicable": None,
+                "failed": None}
+    tally: Counter[str] = Counter()
+    for status, n in job.counts.items():
+        for outcome in outcomes(status):
+            tally[outcome] += n
+    return {"assessed": tally["assessed"], "insufficientData": tally["insufficient"],
+            "notApplicable": tally["not-applicable"], "failed": tally["failed"]}
+
+
+def _patients(job: JobView) -> tuple[int | None, int | None]:
+    """(patients, done): known once the members are read; a Bulk Data run's from its result."""
+    if job.kind == "bulk-export":
+        patients = job.result.get("patients")
+        return patients, patients if job.status == "completed" else None
+    return job.total, job.done
 
 
 def _tally(job: JobView) -> str:
@@ -196,7 +259,7 @@ def job_list():  # type: ignore[no-untyped-def]
     check_accept(request)
     not_audited()
     count, cursor = _list_parameters()
-    jobs = _jobs().newest(requested_by=_owner(), limit=count + 1, after=_decode(cursor) if cursor else None)
+    jobs = _jobs().newest(requested_by=_owners(), limit=count + 1, after=_decode(cursor) if cursor else None)
     base = base_url()
     page = [("_count", str(count))]
     body: dict[str, Any] = {"jobs": [_listed(job, base) for job in jobs[:count]], "link": [
@@ -217,7 +280,8 @@ def _list_parameters() -> tuple[int, str | None]:
         raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; the job list takes _count and _cursor",
                          expression=unknown)
     raw = request.args.get("_count", str(DEFAULT_COUNT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
+    # ASCII digits only: str.isdigit() also holds for "²" or "①", which int() cannot read.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_COUNT:
         raise BadRequest(f"_count must be a whole number from 1 to {MAX_COUNT}", expression="_count")
     return int(raw), request.args.get("_cursor")
 
@@ -226,7 +290,7 @@ def _decode(cursor: str) -> tuple[datetime, str]:
     """A ``next`` link's ``_cursor``: the created time (µs since the epoch) and id of the page's last job."""
     micros, _, last_id = cursor.partition("~")
     try:
-        if not micros.isdigit() or not last_id:
+        if not (micros.isascii() and micros.isdigit()) or not last_id:
             raise ValueError(cursor)
         return EPOCH + int(micros) * MICROSECOND, last_id
     except (ValueError, OverflowError) as exc:
@@ -235,15 +299,21 @@ def _decode(cursor: str) -> tuple[datetime, str]:
 
 
 def _listed(job: JobView, base: str) -> dict[str, Any]:
-    """One job in the list: what GET /jobs/{id} would say about it, without the manifest's output."""
+    """One job in the list: what GET /jobs/{id} would say about it, without the manifest's output. A
+    failed job's reason is not given: it may quote the hospital's server (an OperationOutcome naming a
+    patient), and the list is not audited; its status URL, which is, gives it."""
+    patients, done = _patients(job)
+    url = f"{base}/jobs/{job.id}"
     entry: dict[str, Any] = {
-        "job": job.id, "url": f"{base}/jobs/{job.id}", "kind": job.kind, "scope": job.scope, "status": job.status,
+        "job": job.id, "url": url, "kind": job.kind, "scope": job.scope, "status": job.status,
         "request": job.request.get("request"), "transactionTime": times.format_datetime(job.as_of),
         "requested": times.format_datetime(job.created_at),
         "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
-        "patients": job.total, "done": job.done, **counts(job)}
+        "patients": patients, "done": done, **counts(job)}
     if job.status == "failed":
-        entry["error"] = job.error or "the job failed"
+        status = job.error_status or 500
+        entry["error"] = {"status": status, "code": _failure_code(status),
+                          "diagnostics": f"the job failed; GET {url} for the reason"}
     return entry
 
 
@@ -253,19 +323,22 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
     output: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     for item in jobs.items(job.id):
-        if item.status == "failed":
+        if "failed" in outcomes(item.status):
             errors.append({"type": "OperationOutcome", "patient": f"Patient/{item.patient_id}",
                            "diagnostics": item.error or "not assessed"})
             continue
-        for reference in item.assessments:
+        for entry in item.assessments:
+            # Each RiskAssessment's own outcome; a patient recorded before they were kept, the patient's.
+            reference, status = ((entry["reference"], entry["status"]) if isinstance(entry, dict)
+                                 else (entry, item.status))
             output.append({"type": "RiskAssessment", "url": f"{base}/{reference}",
-                           "patient": f"Patient/{item.patient_id}", "status": item.status})
+                           "patient": f"Patient/{item.patient_id}", "status": status})
     return {
         "transactionTime": times.format_datetime(job.as_of),
         "request": job.request.get("request"),
         "requiresAccessToken": True,
         "job": job.id, "kind": job.kind, "scope": job.scope,
-        "patients": job.total or 0, **counts(job),
+        "patients": _patients(job)[0] or 0, **counts(job),
         "completed": times.format_datetime(job.finished_at) if job.finished_at else None,
         "output": output, "error": errors,
     }

@@ -35,6 +35,7 @@ class Principal:
     role: str
     scopes: Scopes
     kind: str                   # jwt | static
+    issuer: str | None = None   # a JWT's iss (a client id is unique only at its issuer)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class TokenVerifier:
         raw_scope = claims.get("scope", claims.get("scp", ""))
         scopes = Scopes.parse(" ".join(raw_scope) if isinstance(raw_scope, list) else str(raw_scope))
         client = str(claims.get("client_id") or claims["sub"])
-        return Principal(client, role_of(scopes), scopes, "jwt")
+        return Principal(client, role_of(scopes), scopes, "jwt", str(claims["iss"]))
 
     def _key(self, kid: str | None, alg: str) -> Any:
         for refresh in (False, True):      # an unknown kid may be a rotated key: fetch once more

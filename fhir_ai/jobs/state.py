@@ -57,7 +57,7 @@ class JobView:
 class ItemView:
     patient_id: str
     status: str
-    assessments: list[str]
+    assessments: list[Any]     # {"reference", "status"} each; jobs recorded before: reference strings
     error: str | None
 
 
@@ -111,7 +111,7 @@ class JobStore:
                             .values(status="running", updated_at=_utcnow()))
             return session.scalar(select(JobRow.status).where(JobRow.id == job_id)) == "running"
 
-    def record(self, job_id: str, patient_id: str, status: str, assessments: list[str] | None = None,
+    def record(self, job_id: str, patient_id: str, status: str, assessments: list[Any] | None = None,
                error: str | None = None) -> None:
         """One patient's outcome; a repeat (task redelivered) writes the same thing again."""
         with self.store.session() as session, session.begin():
@@ -219,14 +219,15 @@ class JobStore:
                                           .where(JobItemRow.job_id == job_id).group_by(JobItemRow.status)).all())
             return _view(row, {str(k): int(v) for k, v in counts.items()})
 
-    def newest(self, *, requested_by: str | None = None, limit: int = 100,
+    def newest(self, *, requested_by: str | list[str] | None = None, limit: int = 100,
                after: tuple[datetime, str] | None = None) -> list[JobView]:
         """Jobs newest first, each with its patients counted by status; cancelled ones are gone (as at
-        their status URLs). Only ``requested_by``'s when given; ``after`` (created_at, id of the last
-        job of a page) continues where that page ended."""
+        their status URLs). Only ``requested_by``'s (any of them, a list) when given; ``after``
+        (created_at, id of the last job of a page) continues where that page ended."""
         query = select(JobRow).where(JobRow.status != "cancelled")
         if requested_by is not None:
-            query = query.where(JobRow.requested_by == requested_by)
+            query = query.where(JobRow.requested_by.in_([requested_by] if isinstance(requested_by, str)
+                                                        else requested_by))
         if after is not None:
             created, last_id = after
             query = query.where((JobRow.created_at < created)

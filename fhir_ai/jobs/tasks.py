@@ -31,8 +31,6 @@ from .state import FINAL, JobStore
 log = logging.getLogger(__name__)
 
 # A database that is briefly away (restart, failover) is worth waiting for; anything else is a bug.
-# How a cancelled RiskAssessment's note begins when its model is not for the patient's current visit.
-
 RETRY = {"autoretry_for": (DatabaseUnavailable,), "retry_backoff": 2, "retry_backoff_max": 60,
          "max_retries": 8}
 
@@ -48,12 +46,17 @@ def new_job_id() -> str:
 
 
 def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: dict[str, Any],
-           actor: Actor | None = None, job_id: str | None = None) -> tuple[str, bool]:
-    """Store a queued job and queue its expansion; (job id, False if that id already existed)."""
+           actor: Actor | None = None, job_id: str | None = None, owner: str | None = None) -> tuple[str, bool]:
+    """Store a queued job and queue its expansion; (job id, False if that id already existed).
+
+    ``owner``: whose job it is (``JobRow.requested_by``, compared exactly by the API: how the caller
+    authenticated and who it is, fhir_ai.api.jobs._owner_key); the actor's client id by default. The
+    client id the audit trail names stays in the request (``client``)."""
     actor = actor or actors.current()
     job_id = job_id or new_job_id()
-    created = jobs.create(job_id, kind=kind, scope=scope, as_of=as_of, request=request,
-                          requested_by=actor.client_id, requested_role=actor.role)
+    created = jobs.create(job_id, kind=kind, scope=scope, as_of=as_of,
+                          request={**request, "client": actor.client_id},
+                          requested_by=owner or actor.client_id, requested_role=actor.role)
     if not created:
         return job_id, False
     try:
@@ -66,20 +69,59 @@ def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: d
     return job_id, True
 
 
-def item_status(resources: list[dict[str, Any]]) -> str:
-    """A patient's outcome in a job, by the first requested model's RiskAssessment: ``assessed``, or,
-    when it was cancelled, why: ``not-applicable`` (the model is not for this visit, mapping
-    ``scoring.encounter_classes``) or ``insufficient`` (too little data). The reason is the one the
-    assessment itself gives in its note ("Not assessed: not applicable. …", models.scoring)."""
-    first = resources[0] if resources else {}
-    if first.get("status") != "cancelled":
+# A patient's outcome for each requested model, in job_item.status: the outcome itself for a one-model
+# job ("assessed", "insufficient", "not-applicable", "failed"), else "=" and one letter per model in the
+# order asked ("=na": the first model not applicable, the second assessed). Counting the rows by status
+# (one GROUP BY) then counts patients per model, as bulk-assess does, with no JSON read and no migration
+# (String(16): at most MAX_MODELS models in one job). Rows written before hold one outcome per patient.
+LETTERS = {"assessed": "a", "insufficient": "i", "not-applicable": "n", "failed": "f"}
+OUTCOME_OF = {letter: outcome for outcome, letter in LETTERS.items()}
+MAX_MODELS = 15
+
+
+def assessment_status(resource: dict[str, Any]) -> str:
+    """One RiskAssessment's outcome: ``assessed``, or, when it was cancelled, why: ``not-applicable``
+    (the model is not for this visit, mapping ``scoring.encounter_classes``) or ``insufficient`` (too
+    little data; also a cancelled NEWS2). The reason is the one the assessment itself gives in its note
+    ("Not assessed: not applicable. …", models.scoring)."""
+    if resource.get("status") != "cancelled":
         return "assessed"
-    return "not-applicable" if is_not_applicable(not_assessed_reason(first)) else "insufficient"
+    return "not-applicable" if is_not_applicable(not_assessed_reason(resource)) else "insufficient"
+
+
+def job_models(request: dict[str, Any]) -> list[str]:
+    """The models a job asked for, each once; none asked: the pipeline's default, one model."""
+    return list(dict.fromkeys(request.get("models") or []))
+
+
+def model_outcomes(models: list[str], resources: list[dict[str, Any]]) -> list[str]:
+    """Each requested model's outcome, read from that model's own RiskAssessment (its method code); the
+    NEWS2 companion is not a model asked for and is not counted (as in bulk-assess). No model named:
+    the pipeline's default model, whose RiskAssessment comes first. A model without its assessment is a
+    bug (KeyError: the patient fails by the kind of error)."""
+    if not models:
+        return [assessment_status(resources[0])]
+    mine = {resource["method"]["coding"][0]["code"]: resource for resource in reversed(resources)}
+    return [assessment_status(mine[model]) for model in models]
+
+
+def patient_status(outcomes: list[str]) -> str:
+    """job_item.status for a patient's outcomes, one per model (see LETTERS)."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return "=" + "".join(LETTERS[outcome] for outcome in outcomes)
+
+
+def outcomes(status: str) -> list[str]:
+    """The outcomes a job_item.status holds, one per model (none while pending)."""
+    if status.startswith("="):
+        return [OUTCOME_OF[letter] for letter in status[1:]]
+    return [] if status == "pending" else [status]
 
 
 @contextmanager
 def _acting_for(requested_by: str, role: str) -> Iterator[None]:
-    """Store under the name of whoever asked for the job, so the audit trail says who."""
+    """Store under the name of whoever asked for the job (its client id), so the audit trail says who."""
     kind = "local" if requested_by == actors.LOCAL.client_id else "client"
     token = actors.set_current(Actor(requested_by, role, None, kind))
     try:
@@ -135,8 +177,11 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
         return 0
     pipeline = runtime.pipeline()
     request = job.request
+    models = job_models(request)
+    failed = patient_status(["failed"] * max(1, len(models)))       # a patient not assessed: by every model
     assessed = 0
-    with _acting_for(job.requested_by, job.requested_role):
+    # Jobs started before owners were keyed by how the caller authenticated have no "client".
+    with _acting_for(request.get("client") or job.requested_by, job.requested_role):
         for patient_id in patient_ids:
             if jobs.status(job_id) != "running":
                 log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))
@@ -144,11 +189,12 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
             if jobs.item_status(job_id, patient_id) != "pending":
                 continue      # done before this task was redelivered
             try:
-                result = pipeline.assess(patient_id, models=request.get("models") or None, as_of=job.as_of,
+                result = pipeline.assess(patient_id, models=models or None, as_of=job.as_of,
                                          write_back=request.get("writeBack"))
+                status = patient_status(model_outcomes(models, result.resources))
             except FhirAiError as exc:
                 # The client already retried temporary faults; record the patient as failed, go on.
-                jobs.record(job_id, patient_id, "failed", error=exc.message)
+                jobs.record(job_id, patient_id, failed, error=exc.message)
                 log.warning("job %s: patient %s not assessed (%s)", job_id, patient_id, type(exc).__name__)
                 continue
             except DatabaseUnavailable:
@@ -160,12 +206,13 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
                                               connection_invalidated=True) from exc
                 # A bug or data nobody foresaw: the patient fails, the others go on. Only the kind of
                 # error is kept, and logged with where it happened, never its text (it may quote patient data).
-                jobs.record(job_id, patient_id, "failed", error=f"internal error ({type(exc).__name__})")
+                jobs.record(job_id, patient_id, failed, error=f"internal error ({type(exc).__name__})")
                 log.error("job %s: patient %s not assessed: unexpected %s at\n%s", job_id, patient_id,
                           type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
                 continue
-            jobs.record(job_id, patient_id, item_status(result.resources),
-                        [f"RiskAssessment/{r['id']}" for r in result.resources])
+            # Each RiskAssessment with its own outcome: the manifest labels each by it.
+            jobs.record(job_id, patient_id, status, [{"reference": f"RiskAssessment/{r['id']}",
+                                                      "status": assessment_status(r)} for r in result.resources])
             assessed += 1
     jobs.finish_if_done(job_id)
     return assessed
