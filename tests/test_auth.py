@@ -111,6 +111,13 @@ def test_misconfigured_tokens_stop_the_start(settings_overrides):
         create_app({**settings_overrides, "auth_jwks_url": "https://idp.example/jwks"})
 
 
+def test_no_token_may_take_fhir_ais_own_name(settings_overrides):
+    """Scheduled ward jobs and Bulk Data runs are recorded under 'fhir-ai' (store.actors.LOCAL): a token of
+    that name would own them (list, read, cancel)."""
+    with pytest.raises(ConfigurationError, match="'fhir-ai' is fhir_ai's own"):
+        create_app({**settings_overrides, "auth_tokens": f"fhir-ai:ehr:{'0' * 64}"})
+
+
 # -- JWT ----------------------------------------------------------------------------------------
 ISSUER, AUDIENCE = "https://idp.hospital.test", "https://fhir-ai.hospital.test"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

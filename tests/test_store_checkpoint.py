@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import sqlite3
 import time
+from typing import Any
 from pathlib import Path
 
 from fhir_ai.store import Store
@@ -103,3 +104,61 @@ def test_a_database_that_went_away_is_skipped(tmp_path):
     checkpointer.checkpoint_all()                 # no error: the file is gone (and the engine still lives)
     del engine
     assert checkpointer._paths == {}
+
+
+def _use_sqlite(path: str) -> None:
+    connection = sqlite3.connect(path, timeout=30)
+    connection.execute("SELECT count(*) FROM t").fetchall()
+    connection.close()
+
+
+def test_a_child_forked_during_a_checkpoint_round_can_use_sqlite(tmp_path):
+    """A fork while the thread is inside SQLite's C code would leave SQLite's own mutexes held in the child,
+    hanging its first SQLite call: forks wait for a round to end. Rounds every 1 ms (not 100) make the race
+    likely: without the wait, a run of 30 forks hung a child about every other time (at the real interval, 2
+children in 400 hung)."""
+    FORKS = 80
+    path = str(tmp_path / "db.sqlite3")
+    writer = sqlite3.connect(path)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE t (x)")
+    writer.commit()
+    engine: Any = type("Engine", (), {})()          # what watch() needs of an engine: something that can die
+    checkpointer = Checkpointer(interval=0.001)
+    checkpointer.watch(engine, path)
+    checkpointer.ensure_running()
+    context = multiprocessing.get_context("fork")
+    hung = 0
+    for i in range(FORKS):
+        writer.execute("INSERT INTO t VALUES (?)", (i,))       # the WAL grows: the next round checkpoints
+        writer.commit()
+        time.sleep(0.0005 * (i % 4))
+        child = context.Process(target=_use_sqlite, args=(path,))
+        child.start()
+        child.join(5)
+        if child.is_alive():
+            hung += 1
+            child.kill()
+            child.join()
+    writer.close()
+    assert hung == 0, f"{hung} of {FORKS} forked children hung on their first SQLite call"
+    assert checkpointer.runs > 0
+
+
+def test_a_database_moved_away_is_not_made_anew(tmp_path):
+    """The thread opens databases by path: one moved (or deleted) with its WAL still beside the old name must
+    not be created empty there (SQLite would then throw that WAL away as stale)."""
+    path = tmp_path / "db.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE t (x)")
+    connection.commit()
+    checkpointer = Checkpointer()
+    engine: Any = type("Engine", (), {})()
+    checkpointer.watch(engine, str(path))
+    connection.execute("INSERT INTO t VALUES (1)")
+    connection.commit()
+    path.rename(tmp_path / "moved.sqlite3")
+    checkpointer.checkpoint_all()
+    assert not path.exists() and checkpointer.runs == 0
+    connection.close()

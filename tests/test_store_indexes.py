@@ -211,3 +211,43 @@ def test_provenance_entities_have_their_own_table_and_migrate_both_ways(database
             assert "USING PRIMARY KEY (provenance_seq=? AND reference_id=? AND reference_type=?)" in plan, plan
     finally:
         store.close()
+
+
+def _provenance_ids(store: Store, query: str) -> list[str]:
+    parsed = parse_query("Provenance", [tuple(query.split("=", 1))])
+    return [r["id"] for r in store.search(parsed).resources]
+
+
+def test_entity_references_longer_than_their_columns_are_stored(database_url):
+    """Keys are cut to the columns (512 for the id, 64 for the type) before they are made distinct: two
+    references alike up to there are one key (PostgreSQL would cut them anyway, and then refuse the second
+    as a duplicate of the first, failing the whole $assess). Ids that long cannot be searched for (a FHIR id
+    is at most 64 characters); the rest of the Provenance can."""
+    store = Store(database_url)
+    try:
+        long_id, long_type = "x" * 600, "T" * 64
+        store.save_assessment(risk_assessment("a1", basis=[
+            {"reference": f"Observation/{long_id}a"}, {"reference": f"Observation/{long_id}b"},
+            {"reference": f"https://h.test/fhir/{long_type}A/o1"}, {"reference": f"https://h.test/fhir/{long_type}B/o1"},
+            {"reference": "Observation/short"}]), model_id="deterioration", model_version="1.0")
+        assert _provenance_ids(store, "entity=Observation/short") == ["prov-a1-1"]
+        assert _provenance_ids(store, "entity=o1") == ["prov-a1-1"]
+        assert len(_entity_keys(store)) == 3
+    finally:
+        store.close()
+
+
+def test_an_entity_type_longer_than_its_column_migrates(database_url):
+    """0007 cuts what 0006 stored to the new columns (PostgreSQL refused a 70-character type)."""
+    store = Store(database_url)
+    try:
+        store.save_assessment(risk_assessment("a1"), model_id="deterioration", model_version="1.0")
+        with store.engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0006_version_history_index")
+            connection.execute(text("UPDATE search_index SET system = :type WHERE resource_type = 'Provenance' "
+                                    "AND param = 'entity'"), {"type": "T" * 70})
+        migrate(store.engine)
+        assert _provenance_ids(store, "entity=a1-obs-1") == ["prov-a1-1"]
+        assert {key[2] for key in _entity_keys(store)} == {"T" * 64}
+    finally:
+        store.close()

@@ -49,6 +49,9 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+RESERVED_CLIENT = "fhir-ai"     # store.actors.LOCAL: who fhir_ai itself acts as
+
+
 def parse_static_tokens(text: str) -> list[StaticToken]:
     """``client:role:sha256hex`` entries separated by commas or whitespace."""
     out = []
@@ -60,6 +63,10 @@ def parse_static_tokens(text: str) -> list[StaticToken]:
                 f"A-Z a-z 0-9 - . , a role among "
                 f"{', '.join(ROLES)} and the token's 64-digit sha256 (fhir-ai auth token prints one)",
                 expression="auth_tokens")
+        if parts[0] == RESERVED_CLIENT:
+            raise ConfigurationError(
+                f"FHIR_AI_AUTH_TOKENS: the client name {RESERVED_CLIENT!r} is fhir_ai's own (its scheduled jobs and "
+                "Bulk Data runs are recorded under it); give the token another name", expression="auth_tokens")
         out.append(StaticToken(parts[0], parts[1], parts[2].lower()))
     return out
 

@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from typing import Any
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,13 @@ class Checkpointer:
         self._paths: dict[str, int] = {}             # database file → how many live engines use it
         self._seen: dict[str, tuple[float, int]] = {}   # database file → WAL (mtime, size) last checkpointed
         self._lock = threading.Lock()
+        # Held for a whole round, and by a fork (os.register_at_fork): a child must never be forked while
+        # the thread is inside SQLite's C code, whose own locks would stay held in the child and hang its
+        # first SQLite call (gunicorn's master runs this thread and forks workers).
+        self._round = threading.Lock()
         self._thread: threading.Thread | None = None
         self.runs = 0                                # checkpoints run (tests, diagnostics)
+        _INSTANCES.add(self)
 
     def watch(self, engine: Any, path: str) -> None:
         """Checkpoint ``path`` for as long as ``engine`` lives."""
@@ -59,10 +65,16 @@ class Checkpointer:
                 self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
                 self._thread.start()
 
+    def before_fork(self) -> None:
+        self._round.acquire()           # waits for a round under way to end
+
+    def after_fork_in_parent(self) -> None:
+        self._round.release()
+
     def after_fork_in_child(self) -> None:
-        """A forked child has no thread of ours, and a lock the parent's thread held at the fork would stay
-        held: start afresh (the next connection starts the thread)."""
-        self._lock = threading.Lock()
+        """A forked child has no thread of ours, and the locks were held at the fork (ours by the fork
+        itself, perhaps the other by the parent's thread): start afresh (the next connection starts the thread)."""
+        self._lock, self._round = threading.Lock(), threading.Lock()
         self._thread = None
 
     def _run(self) -> None:
@@ -74,8 +86,13 @@ class Checkpointer:
                 log.exception("WAL checkpoint round failed")   # checkpoint only past the backstop
 
     def checkpoint_all(self) -> None:
-        with self._lock:
-            paths = list(self._paths)
+        with self._round:
+            self._checkpoint_all()
+
+    def _checkpoint_all(self) -> None:
+        # No self._lock here (list() of a dict is one step under the GIL): whoever holds it while forking
+        # must not wait on a round that waits for it.
+        paths = list(self._paths)
         for path in paths:
             try:
                 stat = os.stat(path + "-wal")
@@ -85,7 +102,9 @@ class Checkpointer:
             if self._seen.get(path) == mark:
                 continue                                 # nothing written since the last checkpoint
             try:
-                connection = sqlite3.connect(path, timeout=0)
+                # mode=rw: a database moved or deleted meanwhile is not created anew (which would make
+                # SQLite discard the WAL left beside it as stale)
+                connection = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=0)
                 try:
                     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 finally:
@@ -97,5 +116,23 @@ class Checkpointer:
             self.runs += 1
 
 
+_INSTANCES: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for checkpointer in list(_INSTANCES):
+        checkpointer.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for checkpointer in list(_INSTANCES):
+        checkpointer.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for checkpointer in list(_INSTANCES):
+        checkpointer.after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 CHECKPOINTER = Checkpointer()
-os.register_at_fork(after_in_child=CHECKPOINTER.after_fork_in_child)

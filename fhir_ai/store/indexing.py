@@ -10,6 +10,10 @@ from typing import Any
 
 Entry = tuple[str, str | None, str | None, float | None]
 EntityKey = tuple[str, str]          # a Provenance entity reference: (id, type or '')
+# provenance_entity's column widths: keys are cut to them before they are made distinct (PostgreSQL's casts
+# would cut them anyway, and two references alike up to there would break its primary key). A FHIR id is
+# at most 64 characters, so a longer one cannot be searched for anyway.
+ID_WIDTH, TYPE_WIDTH = 512, 64
 
 _ACTION = "http://hl7.org/fhir/audit-event-action"
 _OUTCOME = "http://hl7.org/fhir/audit-event-outcome"
@@ -83,11 +87,11 @@ def provenance(resource: dict[str, Any], patient_id: str | None) -> tuple[list[E
             # the common case, a basis reference 'Type/id' alone: split inline (as split_reference would)
             if reference[0] != "#" and reference[-1] != "/" and "/_history/" not in reference:
                 head, slash, last = reference.rpartition("/")
-                keys[(last, head.rpartition("/")[2] if slash else "")] = None
+                keys[(last[:ID_WIDTH], head.rpartition("/")[2][:TYPE_WIDTH] if slash else "")] = None
             else:
                 parsed = split_reference(reference)
                 if parsed:
-                    keys[(parsed[1], parsed[0] or "")] = None
+                    keys[(parsed[1][:ID_WIDTH], (parsed[0] or "")[:TYPE_WIDTH])] = None
         identifier = what.get("identifier")
         if isinstance(identifier, dict) and identifier.get("value"):
             out.append(("entity:identifier", identifier.get("system"), identifier["value"], None))

@@ -113,7 +113,8 @@ class ProvenanceEntityRow(Base):
     table is its primary key (WITHOUT ROWID: each row stored once, a transaction's rows appended at the
     key's right edge); searches probe it by the Provenance's seq as they probe search_index. PostgreSQL
     adds the value index (id, type → seq) its semi-joins start from. ``reference_type`` is '' for a
-    reference that names no type ('o5': found by ``entity=o5`` only)."""
+    reference that names no type ('o5': found by ``entity=o5`` only). Longer ids and types are cut to the
+    column widths (indexing.ID_WIDTH, TYPE_WIDTH)."""
     __tablename__ = "provenance_entity"
 
     provenance_seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

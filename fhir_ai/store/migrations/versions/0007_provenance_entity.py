@@ -34,7 +34,7 @@ def upgrade() -> None:
         op.create_index('ix_provenance_entity_value', 'provenance_entity', ['reference_id', 'reference_type'],
                         unique=False)
     op.execute("INSERT INTO provenance_entity (provenance_seq, reference_id, reference_type) "
-               "SELECT DISTINCT resource_seq, code, COALESCE(system, '') FROM search_index "
+               "SELECT DISTINCT resource_seq, substr(code, 1, 512), substr(COALESCE(system, ''), 1, 64) FROM search_index "
                "WHERE resource_type = 'Provenance' AND param = 'entity' AND code IS NOT NULL "
                "AND resource_seq IS NOT NULL")
     op.execute("DELETE FROM search_index WHERE resource_type = 'Provenance' AND param = 'entity'")
