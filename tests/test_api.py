@@ -179,6 +179,17 @@ def test_lenient_search_ignores_unknown_parameters(api):
     assert response.json["entry"][-1]["search"]["mode"] == "outcome"
 
 
+@pytest.mark.parametrize("prefer, status", [
+    ("return=minimal, handling = lenient", 200),           # one preference of a list, spaces around '='
+    ("Handling=Lenient", 200),
+    ('x-note="handling=lenient"', 400),                     # inside a quoted value: no preference of its own
+    ("handling=strict", 400),
+    ("handling=lenient-ish", 400),
+])
+def test_lenient_handling_is_a_preference_of_its_own(api, prefer, status):
+    assert api.get("/RiskAssessment?color=blue", headers={"Prefer": prefer}).status_code == status
+
+
 @pytest.mark.parametrize("body, content_type, status, expression", [
     ({"resourceType": "Parameters", "parameter": [{"name": "colour", "valueString": "red"}]}, FHIR, 400,
      "Parameters.parameter[0].name"),

@@ -118,6 +118,14 @@ def test_no_token_may_take_fhir_ais_own_name(settings_overrides):
         create_app({**settings_overrides, "auth_tokens": f"fhir-ai:ehr:{'0' * 64}"})
 
 
+def test_the_token_command_refuses_fhir_ais_own_name(runner):
+    from fhir_ai.cli import main
+    refused = runner.invoke(main, ["auth", "token", "--client", "fhir-ai", "--role", "ehr"])
+    assert refused.exit_code == 2 and "fhir_ai's own name" in refused.output
+    made = runner.invoke(main, ["auth", "token", "--client", "ward-7", "--role", "ehr"])
+    assert made.exit_code == 0 and "FHIR_AI_AUTH_TOKENS entry: ward-7:ehr:" in made.output
+
+
 # -- JWT ----------------------------------------------------------------------------------------
 ISSUER, AUDIENCE = "https://idp.hospital.test", "https://fhir-ai.hospital.test"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

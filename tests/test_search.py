@@ -192,6 +192,9 @@ def test_bundle_is_a_valid_searchset(client):
     ("_sort=probability", "_sort"),
     ("_summary=true", "_summary"),
     ("_count=201", "_count"),
+    ("_count=%2B5", "_count"),                 # int() would take '+5', '1_0' and Arabic-Indic digits
+    ("_count=1_0", "_count"),
+    ("_count=%D9%A3", "_count"),
     ("_cursor=forged", "_cursor"),
     ("_include=RiskAssessment:subject", "_include"),
 ])

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from flask import Request, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_list_header
 
 from ..codes import FHIR_JSON
 from ..errors import BadRequest, NotAcceptable, UnsupportedMediaType
@@ -70,8 +71,21 @@ def check_id(value: str, expression: str) -> str:
     return value
 
 
+def preferences() -> dict[str, str]:
+    """The request's preferences (RFC 7240: any number of Prefer lines, each a comma-separated list of
+    ``name[=value][; parameters]``, names case-insensitive; a comma or a name inside a quoted value is part
+    of that value, not a preference of its own): {name: value ('' for none)}, lower case, the first of each."""
+    out: dict[str, str] = {}
+    for line in request.headers.getlist("Prefer"):
+        for preference in parse_list_header(line):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            out.setdefault(name.strip().lower(), value.strip().strip('"').lower())
+    return out
+
+
 def lenient() -> bool:
-    return "handling=lenient" in request.headers.get("Prefer", "").replace(" ", "")
+    """``Prefer: handling=lenient``: unknown parameters are ignored instead of refused."""
+    return preferences().get("handling") == "lenient"
 
 
 def bundle(kind: str, resources: list[dict[str, Any]], base: str, *, total: int | None = None,

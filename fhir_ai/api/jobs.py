@@ -11,7 +11,6 @@ from urllib.parse import urlencode
 
 import orjson
 from flask import Blueprint, current_app, request
-from werkzeug.http import parse_list_header
 
 from .. import codes
 from ..auth.guard import not_audited, note_entities, principal
@@ -27,7 +26,7 @@ from ..search.params import DEFAULT_COUNT, MAX_COUNT
 from ..store import actors
 from ..store.actors import Actor
 from ..store.audit import Entity
-from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
+from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, preferences, read_body
 from .metadata import assess_parameters
 from .operations import parse_parameters
 
@@ -75,11 +74,8 @@ def _jobs() -> JobStore:
 
 
 def _wants_async() -> bool:
-    """``Prefer: respond-async`` among the request's preferences (RFC 7240: any number of Prefer lines,
-    each a comma-separated list of ``name[=value][; parameters]``, names case-insensitive; a comma or
-    a name inside a quoted value is part of that value, not a preference of its own)."""
-    return any(preference.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async"
-               for line in request.headers.getlist("Prefer") for preference in parse_list_header(line))
+    """``Prefer: respond-async`` among the request's preferences (fhir_io.preferences)."""
+    return "respond-async" in preferences()
 
 
 def _kick_off(kind: str, scope: str, line: str) -> Any:

@@ -6,7 +6,7 @@ import secrets
 import click
 
 from .scopes import ROLES
-from .tokens import CLIENT_NAME, hash_token
+from .tokens import CLIENT_NAME, RESERVED_CLIENT, hash_token
 
 
 @click.group("auth")
@@ -23,6 +23,8 @@ def token(client: str, role: str) -> None:
     if not CLIENT_NAME.fullmatch(client):
         raise click.BadParameter("1-64 of A-Z a-z 0-9 - . (it is searchable as AuditEvent?agent=...)",
                                  param_hint="--client")
+    if client == RESERVED_CLIENT:
+        raise click.BadParameter(f"{RESERVED_CLIENT!r} is fhir_ai's own name; choose another", param_hint="--client")
     value = secrets.token_urlsafe(32)
     click.echo(f"token (give to {client}, shown once): {value}")
     click.echo(f"FHIR_AI_AUTH_TOKENS entry: {client}:{role}:{hash_token(value)}")

@@ -230,10 +230,9 @@ def _value(param: Param, modifier: str | None, raw: str, now: datetime | None = 
 
 
 def _int(name: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be a whole number", expression=name) from exc
+    if not (raw.isascii() and raw.isdigit()):        # int() would take '+5', ' 5', '1_0' and '٣'
+        raise BadRequest(f"{name} must be a whole number", expression=name)
+    value = int(raw)
     if not low <= value <= high:
         raise BadRequest(f"{name} must lie between {low} and {high}", expression=name)
     return value
