@@ -645,6 +645,27 @@ def test_post_search_is_retried_like_a_read(client, mocked, sleeps):
     assert len({call.request.body for call in mocked.calls}) == 1 and len(mocked.calls) == 4
 
 
+def test_post_search_answered_200_with_an_empty_body_is_retried_then_a_temporary_error(client, mocked, sleeps):
+    """A search page by POST _search always has a body, as one by GET does: none is an answer cut before
+    its first byte, or a proxy. Before, it was read as {} - 'not a Bundle', permanent, not retried."""
+    mocked.post(f"{BASE}/Observation/_search", body="", status=200)
+    with pytest.raises(UpstreamError, match="empty body") as err:
+        list(client.search("Observation", {"patient": "p1"}, post=True))
+    assert err.value.temporary and len(mocked.calls) == 1 + client.retries
+    assert {call.request.method for call in mocked.calls} == {"POST"}
+
+
+def test_post_search_answered_200_with_an_empty_body_once_is_retried_to_success(client, mocked, sleeps):
+    mocked.post(f"{BASE}/Observation/_search", body="", status=200)
+    mocked.post(f"{BASE}/Observation/_search", json=searchset("o1"))
+    assert [r["id"] for r in client.search("Observation", {"patient": "p1"}, post=True)] == ["o1"]
+
+
+def test_a_post_that_is_not_a_search_answered_200_with_an_empty_body_is_still_empty(client, mocked):
+    mocked.post(f"{BASE}/Observation/$validate", body="", status=200)
+    assert client.post("Observation/$validate", {"resourceType": "Observation"}) == {}
+
+
 def test_post_search_renews_the_token_once_on_401(mocked, sleeps):
     class Renewing:
         def __init__(self) -> None:

@@ -473,10 +473,10 @@ class FhirClient:
         if status >= 400 or status < 200:
             raise self._fatal(method, where, response)
         if not response.content.strip():
-            if method == "GET" and status == 200:
-                # A read or a search page always has a body: none is an answer cut before its first byte
-                # (framed by the connection's close) or a broken proxy, not an empty resource (a 202
-                # or 204 may have none).
+            if (method == "GET" or search_post) and status == 200:
+                # A read or a search page (by GET or by POST _search) always has a body: none is an answer
+                # cut before its first byte (framed by the connection's close) or a broken proxy, not an
+                # empty resource (a 202 or 204 may have none).
                 raise _Temporary(f"HTTP {status} with an empty body", response=response)
             return {}
         try:
