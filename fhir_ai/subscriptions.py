@@ -245,6 +245,9 @@ CATCH_UP_PAGES = 20
 # transaction): continued from there, it would read the same pages again, for good. Past these, the
 # changes at that instant not read are given up on, said in the answer and the logs.
 ONE_INSTANT_PAGES = 50
+# Where a catch-up continues comes back through the float the event log keeps: a microsecond off either
+# way. Changes this close together are taken as one instant, and it continues this far past an instant.
+FLOAT_TOLERANCE = timedelta(microseconds=2)
 
 
 class _SortRefused(Exception):
@@ -263,7 +266,9 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
     checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated) cannot be
     continued: an UpstreamError, and the catch-up stays owed. While every change read is at the
     instant it started from, it reads on, up to ``one_instant_pages``; past those it gives up on that
-    instant's changes not read (``skipped``) and continues after it. A server that refuses the sorted
+    instant's changes not read (``skipped``) and continues just after it. A window continued a
+    millisecond early that holds an earlier instant too (read before) is continued just past that one:
+    nothing given up. A server that refuses the sorted
     search (HTTP 400 to its first page: some refuse a _sort they do not support) is asked again without
     _sort: one that has more pages than it may read then cannot be continued (an UpstreamError)."""
     if not isinstance(source, ServerSource):
@@ -283,15 +288,28 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
     params += [("_sort", "_lastUpdated")] if sort else []
     params.append(("_count", 200))
     patients: dict[str, None] = {}
+    first: datetime | None = None
     last: datetime | None = None
+    # The distinct changes read within FLOAT_TOLERANCE of the last (ascending), and the latest read
+    # before those: where to continue from past an earlier instant.
+    recent: list[datetime] = []
+    before: datetime | None = None
     ordered, read = True, 0
-    # Continued a millisecond early (see below): every change read up to here is at that one instant.
-    # A few microseconds more: ``since`` came back through the float the event log keeps (a microsecond
-    # off either way); a hair short, a window of one instant would be "continued" from where it began.
-    instant = since + timedelta(milliseconds=1, microseconds=2)
+    # Continued a millisecond early (see below): every change read up to here is at most at that
+    # instant. A few microseconds more: ``since`` came back through the float the event log keeps (a
+    # microsecond off either way); a hair short, a window of one instant would be "continued" from
+    # where it began.
+    instant = since + timedelta(milliseconds=1) + FLOAT_TOLERANCE
+
+    def one_instant() -> bool:
+        """Every change read is at one instant, at most the one the window was continued from. A
+        window continued a millisecond early may hold the millisecond before it too (read before):
+        not one instant (on a millisecond-precision server, two adjacent instants)."""
+        return (ordered and first is not None and last is not None and last <= instant
+                and last - first <= FLOAT_TOLERANCE)
 
     def at_one_instant(pages: int) -> bool:
-        return pages < one_instant_pages and ordered and last is not None and last <= instant
+        return pages < one_instant_pages and one_instant()
 
     try:
         # One retry at most: the hospital's server waits for our answer, and the next notification tries again.
@@ -302,6 +320,12 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
             if changed is None or (last is not None and changed < last):
                 ordered = False
             last = changed
+            if ordered and changed is not None:
+                first = first or changed
+                if not recent or changed != recent[-1]:
+                    recent.append(changed)
+                while recent[0] < changed - FLOAT_TOLERANCE:
+                    before = recent.pop(0)
             patient = subject_patient(resource)
             if patient and is_vital_sign(resource, codes):
                 patients[patient] = None
@@ -312,15 +336,22 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
                    else "not sorted by _lastUpdated (or without meta.lastUpdated)")
             raise UpstreamError(f"{window} has more than {max_pages} pages, {why}: it cannot be continued "
                                 "from where it stopped", temporary=False) from exc
-        if last <= instant:
+        if one_instant():
             # Every change read, even past max_pages, at one instant: continued from it, the same pages
-            # again. Given up on (said), continued after it.
-            resume = max(last, since) + timedelta(milliseconds=1)
-            skipped = (f"more than {one_instant_pages} pages of Observations changed at {format_datetime(last)}: "
-                       f"those past them (changed up to {format_datetime(resume)}) were not read, their patients "
-                       "not rescored")
+            # again. Given up on (said), continued just past it (the float the event log keeps: a hair
+            # later, so that it does not come back before it; a change within those microseconds is
+            # taken as of that instant).
+            # More pages follow, not necessarily of that instant: "any more", not "more than".
+            skipped = (f"Observations changed at {format_datetime(last)}: {one_instant_pages} pages read (as many "
+                       "as are read at one instant) and more follow; any more changed at that instant were not "
+                       "read, their patients not rescored")
             log.error("%s: %s", window, skipped)
-            return CatchUp(list(patients), resume, skipped)
+            return CatchUp(list(patients), last + FLOAT_TOLERANCE, skipped)
+        if last <= instant and before is not None:
+            # At most at the instant continued from, but an earlier one too (the millisecond before it,
+            # read before): continued just past the earlier one - the same pages less those, nothing
+            # skipped (every change before ``last`` was read), and the next search is of one instant.
+            return CatchUp(list(patients), before + FLOAT_TOLERANCE)
         # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
         # must not move it past a change at that instant.
         return CatchUp(list(patients), last - timedelta(milliseconds=1))

@@ -220,10 +220,11 @@ def test_a_catch_up_gives_up_on_an_instant_past_the_pages_it_may_read_on_and_say
     first = diagnostics(post(sc, notification("event-notification", [heart_rate("new5")], start=5)))
     assert "continued from" in first and "given up" not in first
     text = diagnostics(post(sc, notification("event-notification", [heart_rate("new6")], start=6)))
-    skipped = format_datetime(parse_datetime(instant) + timedelta(milliseconds=1))
-    assert (f"given up on: more than {ONE_INSTANT_PAGES} pages of Observations changed at {instant}: those past "
-            f"them (changed up to {skipped}) were not read, their patients not rescored") in text
-    assert f"continued from {skipped}" in text
+    past = format_datetime(parse_datetime(instant) + timedelta(microseconds=2))
+    assert (f"given up on: Observations changed at {instant}: {ONE_INSTANT_PAGES} pages read (as many as are "
+            "read at one instant) and more follow; any more changed at that instant were not read, their "
+            "patients not rescored") in text
+    assert f"continued from {past}" in text
     text = diagnostics(post(sc, notification("event-notification", [heart_rate("new7")], start=7)))
     assert "found 1 patient(s)" in text and "continued" not in text and "given up" not in text
     found = [p for p, _ in queued if p.startswith("p")]
@@ -280,3 +281,52 @@ def test_a_window_continued_at_one_instant_a_microsecond_early_still_reads_on(so
     responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
     found = catch_up(source, instant - timedelta(milliseconds=1, microseconds=1), [], max_pages=2)
     assert found.resume is None and len(found.patients) == PAGE * 3 + 1
+
+
+@responses.activate
+def test_a_window_continued_a_millisecond_early_over_two_instants_is_continued_past_the_earlier_one(
+        source: ServerSource) -> None:
+    """A millisecond-precision server: 5 Observations changed at T - 1 ms, 5 at T (3 pages each, under
+    one_instant_pages=4). Continued from T - 1 ms (a millisecond before the last change read), the window
+    holds both instants: 4 pages, none of them past T. Before, that was taken as one instant: given up
+    on, continued from T + 1 ms - two changes at T never read, and 'more than 4 pages changed at T' said
+    (there are 3). Now it continues just past T - 1 ms, gives nothing up, and the next search reads T."""
+    hospital = Hospital(10)
+    T = NOW.replace(microsecond=0)
+    for i, obs in enumerate(hospital.observations):
+        obs["meta"]["lastUpdated"] = format_datetime(T - timedelta(milliseconds=1) if i < 5 else T)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    read: set[str] = set()
+    since, searches = T - timedelta(hours=1), 0
+    while since is not None and searches < 6:
+        found = catch_up(source, since, [], max_pages=2, one_instant_pages=4)
+        searches += 1
+        assert found.skipped is None, found.skipped
+        read.update(found.patients)
+        if found.resume == T - timedelta(milliseconds=1) + timedelta(microseconds=2):
+            # the float the event log keeps: it may come back a microsecond early, still past T - 1 ms
+            found.resume -= timedelta(microseconds=1)
+        since = found.resume
+    assert read == {f"p{i:03d}" for i in range(10)} and searches == 4
+    assert hospital.searched_from[2:] == ["ge" + format_datetime(T - timedelta(milliseconds=1)),
+                                          "ge" + format_datetime(T - timedelta(milliseconds=1, microseconds=-1))]
+
+
+@responses.activate
+def test_giving_up_on_an_instant_continues_just_past_it_not_a_millisecond_later(source: ServerSource) -> None:
+    """A microsecond-precision server: 8 Observations changed at T (4 pages, past one_instant_pages=3)
+    and one at T + 0.5 ms (another transaction). Giving up on T's unread changes continues from T + 2 us
+    (just past T, allowing for the float the event log keeps): the change at T + 0.5 ms is read. Before,
+    it continued from T + 1 ms and skipped it, unsaid."""
+    hospital = Hospital(9)
+    T = NOW.replace(microsecond=100)    # '.0001Z' < '.0006Z': the fake server sorts the strings
+    for i, obs in enumerate(hospital.observations):
+        obs["meta"]["lastUpdated"] = format_datetime(T if i < 8 else T + timedelta(microseconds=500))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    found = catch_up(source, T - timedelta(milliseconds=1), [], max_pages=2, one_instant_pages=3)
+    assert found.resume == T + timedelta(microseconds=2) and len(found.patients) == 6
+    assert found.skipped == (f"Observations changed at {format_datetime(T)}: 3 pages read (as many as are read "
+                             "at one instant) and more follow; any more changed at that instant were not read, "
+                             "their patients not rescored")
+    later = catch_up(source, found.resume - timedelta(microseconds=1), [], max_pages=2, one_instant_pages=3)
+    assert later.patients == ["p008"] and later.resume is None and later.skipped is None
