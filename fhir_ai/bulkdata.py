@@ -841,31 +841,38 @@ GONE = frozenset({404, 410})    # a status URL answering these has no export beh
 
 def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str, since: str | None,
                  job_id: str) -> tuple[str | None, dict[str, Any]]:
-    """The newest job of this export still marked running, and the exports it recorded, when this run
-    (``job_id``) can take them over: a run that stopped while its export was under way (killed, host
-    restarted; a run that fails or is interrupted at the keyboard cancels its export and leaves its job
-    failed). A running job's run refreshes it every HEARTBEAT seconds, so only one not heard from for
-    STALE_AFTER is taken over - failed, naming this run, by one UPDATE that only one run can win - and
-    only if its export asked the same (``since``); otherwise it is left alone (its run may well be
-    going: overlapping runs) and this run kicks off its own."""
-    old = jobs.last("bulk-export", scope, status="running")
-    if old is None:
-        return None, {}
-    exports = old.result.get("exports")
-    usable = {step: {"kickedOffAt": old.created_at.isoformat(), **item}     # recorded before kickedOffAt was
-              for step, item in (exports.items() if isinstance(exports, dict) else [])
-              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str) and client.owns(item["statusUrl"])}
-    if not usable or old.request.get("since") != since:
-        log.info("job %s of this export is still marked running with no export this run can resume; "
-                 "starting another", old.id)
-        return None, {}
-    if not jobs.take_over(old.id, silent_since=datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER),
-                          message=f"the run stopped while its export was under way; job {job_id} resumed it"):
-        log.info("job %s of this export is still running (heard from within %.0f s, or taken over by another "
-                 "run); starting another export", old.id, STALE_AFTER)
-        return None, {}
-    log.info("resuming the export of job %s (the run stopped while it was under way)", old.id)
-    return old.id, usable
+    """Take over the jobs of this export whose runs stopped while their exports were under way (killed,
+    host restarted; a run that fails or is interrupted at the keyboard cancels its export and leaves its
+    job failed); the one this run (``job_id``) resumes and the exports it recorded.
+    A running job's run refreshes it every HEARTBEAT seconds, so only one not heard from for STALE_AFTER
+    is taken over - failed, naming this run, by one UPDATE that only one run can win - whatever it asked
+    for: a run that stopped is never heard from again, and no later run would take it over otherwise.
+    The newest of them that asked the same (``since``) with an export this run can poll is resumed; the
+    others' exports are cancelled. A job heard from within STALE_AFTER is left alone (its run may well be
+    going: overlapping runs), however old."""
+    silent_since = datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER)
+    resumed: tuple[str | None, dict[str, Any]] = (None, {})
+    for old in jobs.every("bulk-export", scope, "running"):
+        exports = old.result.get("exports")
+        usable = {step: {"kickedOffAt": old.created_at.isoformat(), **item}     # recorded before kickedOffAt was
+                  for step, item in (exports.items() if isinstance(exports, dict) else [])
+                  if isinstance(item, dict) and isinstance(item.get("statusUrl"), str)
+                  and client.owns(item["statusUrl"])}
+        resume = resumed[0] is None and bool(usable) and old.request.get("since") == since
+        message = (f"the run stopped while its export was under way; job {job_id} resumed it" if resume else
+                   f"the run stopped while its export was under way; job {job_id} cancelled it")
+        if not jobs.take_over(old.id, silent_since=silent_since, message=message):
+            log.info("job %s of this export is still running (heard from within %.0f s, or taken over by another "
+                     "run); left alone", old.id, STALE_AFTER)
+            continue
+        if resume:
+            log.info("resuming the export of job %s (the run stopped while it was under way)", old.id)
+            resumed = (old.id, usable)
+            continue
+        log.info("job %s of this export stopped while its export was under way; cancelling that export", old.id)
+        for item in usable.values():
+            _cancel(client, item["statusUrl"])
+    return resumed
 
 
 class _Heartbeat:
