@@ -737,10 +737,12 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                          **({"resumes": interrupted} if interrupted else {})})
     jobs.start(job_id)
     heartbeat = _Heartbeat(jobs, job_id)
-    heartbeat.start()
-    # The exports taken over are on this job's record now: should this run stop too, the next resumes them.
     exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
     try:
+        heartbeat.start()
+        # The exports taken over go on this job's record: should this run stop too, the next resumes them
+        # (should recording them fail, the run fails and cancels them).
+        exports.keep_recorded()
         manifest = exports.wait("export")
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
@@ -891,7 +893,8 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:          # started
+            self._thread.join(timeout=60)
 
     def _beat(self) -> None:
         while not self._stopped.wait(HEARTBEAT):
@@ -918,8 +921,11 @@ class _Exports:
         self.client, self.jobs, self.job_id, self.group, self.since = client, jobs, job_id, group, since
         self.recorded = dict(recorded)         # taken over from an interrupted run, not used yet
         self.kept: dict[str, Any] = {}
-        if recorded:
-            self._keep(dict(recorded))
+
+    def keep_recorded(self) -> None:
+        """Record the exports taken over in this run's job."""
+        if self.recorded:
+            self._keep(dict(self.recorded))
 
     def wait(self, step: str, *, patients: list[str] | None = None) -> Manifest:
         key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:32] if patients else None

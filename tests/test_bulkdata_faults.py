@@ -17,6 +17,7 @@ import requests
 import responses
 from click.testing import CliRunner
 
+from fhir_ai import bulkdata
 from fhir_ai.bulkdata import FAILING_FOR, MAX_POLL, BulkDataClient, Manifest, changed_patients, export_and_assess
 from fhir_ai.cli import main
 from fhir_ai.config import DEMO_HOSPITAL, load_settings
@@ -596,3 +597,19 @@ def test_a_long_run_of_429s_then_failures_never_overflows_the_back_off(clock: Cl
     assert slow.poll(STATUS).transaction_time == "2026-11-20T08:00:00Z"
     assert clock.sleeps[-1] == 300.0                                      # the back-off's cap
     assert "Kim Minji" not in caplog.text                                 # the status is logged, not the text
+
+
+@responses.activate
+def test_a_run_whose_heartbeat_cannot_start_fails_its_job(registry: ModelRegistry, jobs: JobStore,
+                                                          client: BulkDataClient, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread to be had (RuntimeError: can't start new thread): the job is failed, not left running."""
+    def no_thread(self: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(bulkdata._Heartbeat, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert jobs.last("bulk-export", SCOPE, status="running") is None
+    assert jobs.last("bulk-export", SCOPE, status="failed").error == "the run stopped: RuntimeError"
+    assert len(responses.calls) == 0

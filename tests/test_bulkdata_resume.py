@@ -18,6 +18,7 @@ import orjson
 import pytest
 import responses
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 import fhir_ai.bulkdata as bulkdata
 from fhir_ai.bulkdata import STALE_AFTER, BulkDataClient, export_and_assess
@@ -497,3 +498,37 @@ def test_every_silent_job_is_taken_over_not_only_the_newest(registry: ModelRegis
     assert [c.request.method for c in responses.calls if c.request.url == STATUS] == ["DELETE"]
     assert f"job {run.job_id} resumed" in jobs.get(newer.id).error
     assert f"job {run.job_id} cancelled" in jobs.get(older.id).error
+
+
+@responses.activate
+def test_a_run_that_cannot_record_the_exports_it_takes_over_fails_and_cancels_them(
+        registry: ModelRegistry, jobs: JobStore, database_url: str, tmp_path: Path,
+        client: BulkDataClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database hiccup (SQLite 'database is locked', a PostgreSQL failover) while the exports taken
+    over are written into the new job: the job is failed, not left 'running' with its heartbeat going on
+    (no run would ever take it over), and the export taken over is cancelled, not recorded nowhere."""
+    monkeypatch.setattr(bulkdata, "HEARTBEAT", 0.05)
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "killed")            # silent > STALE_AFTER
+    responses.reset()
+    responses.delete(STATUS, status=202)
+    real = JobStore.set_result
+
+    def locked(self: JobStore, job_id: str, result: dict[str, Any], status: str | None = None) -> bool:
+        if "exports" in result:
+            raise OperationalError("UPDATE job ...", {}, Exception("database is locked"))
+        return real(self, job_id, result, status)
+
+    monkeypatch.setattr(JobStore, "set_result", locked)
+    with pytest.raises(OperationalError):
+        export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    beats = [t for t in threading.enumerate() if t.name.startswith("heartbeat bulk-")]
+    try:
+        assert not beats
+        assert jobs.last("bulk-export", SCOPE, status="running") is None
+        assert jobs.last("bulk-export", SCOPE, status="failed").error == "the run stopped: OperationalError"
+        assert [(c.request.method, c.request.url) for c in responses.calls] == [("DELETE", STATUS)]
+    finally:
+        for t in beats:          # do not leak into other tests
+            jobs.fail(t.name.split()[-1], "test cleanup")
