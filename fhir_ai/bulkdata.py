@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import idna
 import orjson
 import requests
 from urllib3.util import parse_url
@@ -507,19 +508,39 @@ def _wire_origin(url: str) -> tuple[str, str, int | None]:
 
 def _plain_origin(url: str, what: str) -> tuple[str, str, int | None]:
     """The origin of a URL the server handed us (a status URL, a file, a redirect), if it is a plain one:
-    readable, without user information or a backslash, and its host the same to urlsplit and to urllib3;
-    otherwise UpstreamError (not temporary; the URL stays out of the message)."""
+    readable, without user information or a backslash, and its host the same to urlsplit (as urllib3
+    normalises a host: IDNA, an IPv6 zone's '%25') and to urllib3; otherwise UpstreamError (not temporary;
+    the URL stays out of the message)."""
     try:
         parts = urlsplit(url)
-        split = (parts.scheme.lower(), (parts.hostname or "").lower(),
-                 parts.port or _DEFAULT_PORTS.get(parts.scheme.lower()))
+        scheme = parts.scheme.lower()
+        split = (scheme, _normalised_host(parts.hostname or "", scheme), parts.port or _DEFAULT_PORTS.get(scheme))
         wire = _wire_origin(url)
-    except ValueError as exc:
+    except ValueError as exc:            # idna.IDNAError is one too
         raise UpstreamError(f"{what} a URL that cannot be read".strip(), temporary=False) from exc
-    if "\\" in url or "@" in parts.netloc or split != wire:
+    if "\\" in url or "@" in parts.netloc:
         raise UpstreamError(f"{what} a URL with user information or a backslash; refused".strip(),
                             temporary=False)
+    if split != wire:
+        raise UpstreamError(f"{what} a URL whose host (or port) reads differently to urlsplit and to urllib3; "
+                            "refused".strip(), temporary=False)
     return wire
+
+
+def _normalised_host(host: str, scheme: str) -> str:
+    """A host as urlsplit reads it, lower case, normalised as urllib3 normalises an http(s) one: each
+    non-ASCII label IDNA-encoded ('bücher.example' is 'xn--bcher-kva.example'), an IPv6 zone's '%25'
+    read as '%' (RFC 6874). ValueError when a label is no IDNA one."""
+    if scheme not in ("http", "https", ""):
+        return host.lower()
+    if ":" in host:                                      # IPv6
+        address, percent, zone = host.partition("%")
+        if zone.startswith("25") and zone != "25":
+            zone = zone[2:]
+        return f"{address}{percent}{zone}".lower()
+    return ".".join(label.lower() if label.isascii() else idna.encode(label.lower(), strict=True,
+                                                                      std3_rules=True).decode("ascii")
+                    for label in host.split("."))
 
 
 def _joined(base: str, location: str, what: str) -> str:
