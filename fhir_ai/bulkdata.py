@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import idna
 import orjson
 import requests
 from urllib3.util import parse_url
@@ -507,19 +508,39 @@ def _wire_origin(url: str) -> tuple[str, str, int | None]:
 
 def _plain_origin(url: str, what: str) -> tuple[str, str, int | None]:
     """The origin of a URL the server handed us (a status URL, a file, a redirect), if it is a plain one:
-    readable, without user information or a backslash, and its host the same to urlsplit and to urllib3;
-    otherwise UpstreamError (not temporary; the URL stays out of the message)."""
+    readable, without user information or a backslash, and its host the same to urlsplit (as urllib3
+    normalises a host: IDNA, an IPv6 zone's '%25') and to urllib3; otherwise UpstreamError (not temporary;
+    the URL stays out of the message)."""
     try:
         parts = urlsplit(url)
-        split = (parts.scheme.lower(), (parts.hostname or "").lower(),
-                 parts.port or _DEFAULT_PORTS.get(parts.scheme.lower()))
+        scheme = parts.scheme.lower()
+        split = (scheme, _normalised_host(parts.hostname or "", scheme), parts.port or _DEFAULT_PORTS.get(scheme))
         wire = _wire_origin(url)
-    except ValueError as exc:
+    except ValueError as exc:            # idna.IDNAError is one too
         raise UpstreamError(f"{what} a URL that cannot be read".strip(), temporary=False) from exc
-    if "\\" in url or "@" in parts.netloc or split != wire:
+    if "\\" in url or "@" in parts.netloc:
         raise UpstreamError(f"{what} a URL with user information or a backslash; refused".strip(),
                             temporary=False)
+    if split != wire:
+        raise UpstreamError(f"{what} a URL whose host (or port) reads differently to urlsplit and to urllib3; "
+                            "refused".strip(), temporary=False)
     return wire
+
+
+def _normalised_host(host: str, scheme: str) -> str:
+    """A host as urlsplit reads it, lower case, normalised as urllib3 normalises an http(s) one: each
+    non-ASCII label IDNA-encoded ('bücher.example' is 'xn--bcher-kva.example'), an IPv6 zone's '%25'
+    read as '%' (RFC 6874). ValueError when a label is no IDNA one."""
+    if scheme not in ("http", "https", ""):
+        return host.lower()
+    if ":" in host:                                      # IPv6
+        address, percent, zone = host.partition("%")
+        if zone.startswith("25") and zone != "25":
+            zone = zone[2:]
+        return f"{address}{percent}{zone}".lower()
+    return ".".join(label.lower() if label.isascii() else idna.encode(label.lower(), strict=True,
+                                                                      std3_rules=True).decode("ascii")
+                    for label in host.split("."))
 
 
 def _joined(base: str, location: str, what: str) -> str:
@@ -737,10 +758,12 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                          **({"resumes": interrupted} if interrupted else {})})
     jobs.start(job_id)
     heartbeat = _Heartbeat(jobs, job_id)
-    heartbeat.start()
-    # The exports taken over are on this job's record now: should this run stop too, the next resumes them.
     exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
     try:
+        heartbeat.start()
+        # The exports taken over go on this job's record: should this run stop too, the next resumes them
+        # (should recording them fail, the run fails and cancels them).
+        exports.keep_recorded()
         manifest = exports.wait("export")
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
@@ -841,31 +864,38 @@ GONE = frozenset({404, 410})    # a status URL answering these has no export beh
 
 def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str, since: str | None,
                  job_id: str) -> tuple[str | None, dict[str, Any]]:
-    """The newest job of this export still marked running, and the exports it recorded, when this run
-    (``job_id``) can take them over: a run that stopped while its export was under way (killed, host
-    restarted; a run that fails or is interrupted at the keyboard cancels its export and leaves its job
-    failed). A running job's run refreshes it every HEARTBEAT seconds, so only one not heard from for
-    STALE_AFTER is taken over - failed, naming this run, by one UPDATE that only one run can win - and
-    only if its export asked the same (``since``); otherwise it is left alone (its run may well be
-    going: overlapping runs) and this run kicks off its own."""
-    old = jobs.last("bulk-export", scope, status="running")
-    if old is None:
-        return None, {}
-    exports = old.result.get("exports")
-    usable = {step: {"kickedOffAt": old.created_at.isoformat(), **item}     # recorded before kickedOffAt was
-              for step, item in (exports.items() if isinstance(exports, dict) else [])
-              if isinstance(item, dict) and isinstance(item.get("statusUrl"), str) and client.owns(item["statusUrl"])}
-    if not usable or old.request.get("since") != since:
-        log.info("job %s of this export is still marked running with no export this run can resume; "
-                 "starting another", old.id)
-        return None, {}
-    if not jobs.take_over(old.id, silent_since=datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER),
-                          message=f"the run stopped while its export was under way; job {job_id} resumed it"):
-        log.info("job %s of this export is still running (heard from within %.0f s, or taken over by another "
-                 "run); starting another export", old.id, STALE_AFTER)
-        return None, {}
-    log.info("resuming the export of job %s (the run stopped while it was under way)", old.id)
-    return old.id, usable
+    """Take over the jobs of this export whose runs stopped while their exports were under way (killed,
+    host restarted; a run that fails or is interrupted at the keyboard cancels its export and leaves its
+    job failed); the one this run (``job_id``) resumes and the exports it recorded.
+    A running job's run refreshes it every HEARTBEAT seconds, so only one not heard from for STALE_AFTER
+    is taken over - failed, naming this run, by one UPDATE that only one run can win - whatever it asked
+    for: a run that stopped is never heard from again, and no later run would take it over otherwise.
+    The newest of them that asked the same (``since``) with an export this run can poll is resumed; the
+    others' exports are cancelled. A job heard from within STALE_AFTER is left alone (its run may well be
+    going: overlapping runs), however old."""
+    silent_since = datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER)
+    resumed: tuple[str | None, dict[str, Any]] = (None, {})
+    for old in jobs.every("bulk-export", scope, "running"):
+        exports = old.result.get("exports")
+        usable = {step: {"kickedOffAt": old.created_at.isoformat(), **item}     # recorded before kickedOffAt was
+                  for step, item in (exports.items() if isinstance(exports, dict) else [])
+                  if isinstance(item, dict) and isinstance(item.get("statusUrl"), str)
+                  and client.owns(item["statusUrl"])}
+        resume = resumed[0] is None and bool(usable) and old.request.get("since") == since
+        message = (f"the run stopped while its export was under way; job {job_id} resumed it" if resume else
+                   f"the run stopped while its export was under way; job {job_id} cancelled it")
+        if not jobs.take_over(old.id, silent_since=silent_since, message=message):
+            log.info("job %s of this export is still running (heard from within %.0f s, or taken over by another "
+                     "run); left alone", old.id, STALE_AFTER)
+            continue
+        if resume:
+            log.info("resuming the export of job %s (the run stopped while it was under way)", old.id)
+            resumed = (old.id, usable)
+            continue
+        log.info("job %s of this export stopped while its export was under way; cancelling that export", old.id)
+        for item in usable.values():
+            _cancel(client, item["statusUrl"])
+    return resumed
 
 
 class _Heartbeat:
@@ -884,7 +914,8 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:          # started
+            self._thread.join(timeout=60)
 
     def _beat(self) -> None:
         while not self._stopped.wait(HEARTBEAT):
@@ -911,8 +942,11 @@ class _Exports:
         self.client, self.jobs, self.job_id, self.group, self.since = client, jobs, job_id, group, since
         self.recorded = dict(recorded)         # taken over from an interrupted run, not used yet
         self.kept: dict[str, Any] = {}
-        if recorded:
-            self._keep(dict(recorded))
+
+    def keep_recorded(self) -> None:
+        """Record the exports taken over in this run's job."""
+        if self.recorded:
+            self._keep(dict(self.recorded))
 
     def wait(self, step: str, *, patients: list[str] | None = None) -> Manifest:
         key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:32] if patients else None

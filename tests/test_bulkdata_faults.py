@@ -17,6 +17,7 @@ import requests
 import responses
 from click.testing import CliRunner
 
+from fhir_ai import bulkdata
 from fhir_ai.bulkdata import FAILING_FOR, MAX_POLL, BulkDataClient, Manifest, changed_patients, export_and_assess
 from fhir_ai.cli import main
 from fhir_ai.config import DEMO_HOSPITAL, load_settings
@@ -596,3 +597,44 @@ def test_a_long_run_of_429s_then_failures_never_overflows_the_back_off(clock: Cl
     assert slow.poll(STATUS).transaction_time == "2026-11-20T08:00:00Z"
     assert clock.sleeps[-1] == 300.0                                      # the back-off's cap
     assert "Kim Minji" not in caplog.text                                 # the status is logged, not the text
+
+
+@responses.activate
+def test_a_run_whose_heartbeat_cannot_start_fails_its_job(registry: ModelRegistry, jobs: JobStore,
+                                                          client: BulkDataClient, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread to be had (RuntimeError: can't start new thread): the job is failed, not left running."""
+    def no_thread(self: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(bulkdata._Heartbeat, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert jobs.last("bulk-export", SCOPE, status="running") is None
+    assert jobs.last("bulk-export", SCOPE, status="failed").error == "the run stopped: RuntimeError"
+    assert len(responses.calls) == 0
+
+
+@responses.activate
+@pytest.mark.parametrize(("base", "wire"), [
+    ("https://bücher.example/fhir", "https://xn--bcher-kva.example/fhir"),
+    ("https://BÜCHER.Example/fhir", "https://xn--bcher-kva.example/fhir"),
+    ("https://[fe80::1%25eth0]/fhir", "https://[fe80::1%25eth0]/fhir")])
+def test_a_server_whose_host_urllib3_normalises_is_reached(base: str, wire: str) -> None:
+    """An internationalised host name (IDNA) or an IPv6 zone (RFC 6874 '%25') reads the same to both
+    parsers once normalised as urllib3 normalises it: the server is asked, with the token."""
+    responses.get(f"{wire}/Patient/$export", status=202, headers={"Content-Location": f"{wire}/poll/1"})
+    client = BulkDataClient(base, token="t", sleep=lambda _: None)
+    assert client.kick_off() == f"{wire}/poll/1"
+    assert responses.calls[0].request.headers["Authorization"] == "Bearer t"
+    assert client.owns(f"{base}/poll/2") and client.owns(f"{wire}/poll/2")
+
+
+def test_a_url_whose_host_the_two_parsers_read_differently_is_refused_as_such(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every such URL has user information or a backslash: the message says what is wrong."""
+    real = bulkdata.parse_url
+    monkeypatch.setattr(bulkdata, "parse_url", lambda url: real(url.replace("ehr.example.org", "evil.example")))
+    with pytest.raises(UpstreamError, match="reads differently to urlsplit and to urllib3") as refused:
+        BulkDataClient(BASE, token=TOKEN).cancel(STATUS)
+    assert "user information" not in refused.value.message and refused.value.temporary is False

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import responses
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 import fhir_ai.bulkdata as bulkdata
 from fhir_ai.bulkdata import STALE_AFTER, BulkDataClient, export_and_assess
@@ -122,8 +123,8 @@ def test_an_export_that_is_gone_is_kicked_off_anew(registry: ModelRegistry, jobs
 def test_an_export_that_asked_for_something_else_is_not_resumed(registry: ModelRegistry, jobs: JobStore,
                                                                 client: BulkDataClient, database_url: str,
                                                                 tmp_path: Path) -> None:
-    """A run that stopped during an incremental export does not hand that export to a --full run (nor
-    is it cancelled: it might belong to a run still going)."""
+    """A run that stopped during an incremental export does not hand that export to a --full run: it is
+    not polled but cancelled, and the stopped run's job is failed (silent past STALE_AFTER, it is dead)."""
     responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
     responses.get(STATUS, json=manifest("2026-11-20T08:00:00Z"))
     add_files()
@@ -137,13 +138,15 @@ def test_an_export_that_asked_for_something_else_is_not_resumed(registry: ModelR
     responses.reset()
     responses.get(SCOPE, status=202, headers={"Content-Location": OTHER_STATUS})
     responses.get(OTHER_STATUS, json=manifest("2026-11-20T10:00:00Z"))
+    responses.delete(STATUS, status=202)
     add_files()
     run = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson",
                             full=True)
     assert run.resumed is None and run.since is None and len(kicks()) == 1
     assert "_since" not in parse_qs(urlsplit(kicks()[0].url).query)
-    assert not any(c.request.url.startswith(STATUS) for c in responses.calls)
-    assert jobs.get(stopped.id).status == "running"
+    assert [c.request.method for c in responses.calls if c.request.url.startswith(STATUS)] == ["DELETE"]
+    after = jobs.get(stopped.id)
+    assert after.status == "failed" and f"job {run.job_id} cancelled" in after.error
 
 
 @responses.activate
@@ -434,3 +437,98 @@ def test_a_resumed_export_is_waited_for_only_what_is_left_of_the_wait_limit(
         export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
     assert 99 <= sum(clock.sleeps) <= 101                          # client's max_wait 600, 500 s gone already
     assert kicks() == [] and responses.calls[-1].request.method == "DELETE"
+
+
+@responses.activate
+def test_a_run_killed_and_rerun_at_once_is_taken_over_later_whatever_it_asked(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, database_url: str, tmp_path: Path) -> None:
+    """Killed, then rerun within STALE_AFTER: the rerun leaves it alone and completes, so _since moves on.
+    A later run, once the dead run has been silent past STALE_AFTER, still fails its job and cancels its
+    export though it asked another _since (else it stays 'running' for ever, its export never cancelled)."""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "killed", silent_for=None)     # killed just now
+    dead = jobs.last("bulk-export", SCOPE, status="running")
+    responses.reset()
+    responses.get(SCOPE, status=202, headers={"Content-Location": OTHER_STATUS})
+    responses.get(OTHER_STATUS, json=manifest("2026-11-20T08:00:00Z"))
+    add_files()
+    rerun = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "1", output=tmp_path / "1.ndjson")
+    assert rerun.complete and rerun.resumed is None and jobs.get(dead.id).status == "running"
+    assert not any(c.request.method == "DELETE" for c in responses.calls)          # it might be alive
+    change(jobs.store, dead.id, updated_at=datetime.now(timezone.utc) - timedelta(days=1))
+    responses.reset()
+    changed, third = f"{FILES}/changed", f"{BASE}/$export-poll/99"
+    responses.get(SCOPE, status=202, headers={"Content-Location": third})
+    responses.get(third, json=manifest("2026-11-21T08:00:00Z", base=changed))
+    for kind in ("Patient", "Encounter", "Observation"):
+        responses.get(f"{changed}/{kind}.ndjson", body=b"")
+    responses.delete(STATUS, status=202)
+    later = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "2", output=tmp_path / "2.ndjson")
+    assert later.complete and later.resumed is None and later.since == "2026-11-20T08:00:00Z"
+    after = jobs.get(dead.id)
+    assert after.status == "failed" and f"job {later.job_id} cancelled" in after.error
+    assert [c.request.method for c in responses.calls if c.request.url == STATUS] == ["DELETE"]
+    assert jobs.last("bulk-export", SCOPE, status="running") is None
+
+
+@responses.activate
+def test_every_silent_job_is_taken_over_not_only_the_newest(registry: ModelRegistry, jobs: JobStore,
+                                                            client: BulkDataClient, database_url: str,
+                                                            tmp_path: Path) -> None:
+    """Two runs killed one after the other: the newer one's export is resumed, the older one's cancelled,
+    and both jobs are failed."""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "k1", silent_for=None)
+    older = jobs.last("bulk-export", SCOPE, status="running")
+    responses.reset()
+    responses.get(SCOPE, status=202, headers={"Content-Location": OTHER_STATUS})
+    responses.get(OTHER_STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "k2")                  # the newer: silent too long
+    newer = jobs.last("bulk-export", SCOPE, status="running")
+    assert newer.id != older.id and jobs.get(older.id).status == "running"
+    change(jobs.store, older.id, updated_at=datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER + 120))
+    responses.reset()
+    responses.get(OTHER_STATUS, json=manifest())
+    responses.delete(STATUS, status=202)
+    add_files()
+    run = export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    assert run.complete and run.resumed == newer.id and kicks() == []
+    assert [c.request.method for c in responses.calls if c.request.url == STATUS] == ["DELETE"]
+    assert f"job {run.job_id} resumed" in jobs.get(newer.id).error
+    assert f"job {run.job_id} cancelled" in jobs.get(older.id).error
+
+
+@responses.activate
+def test_a_run_that_cannot_record_the_exports_it_takes_over_fails_and_cancels_them(
+        registry: ModelRegistry, jobs: JobStore, database_url: str, tmp_path: Path,
+        client: BulkDataClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database hiccup (SQLite 'database is locked', a PostgreSQL failover) while the exports taken
+    over are written into the new job: the job is failed, not left 'running' with its heartbeat going on
+    (no run would ever take it over), and the export taken over is cancelled, not recorded nowhere."""
+    monkeypatch.setattr(bulkdata, "HEARTBEAT", 0.05)
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "30"})
+    killed_while_polling(database_url, registry, tmp_path / "killed")            # silent > STALE_AFTER
+    responses.reset()
+    responses.delete(STATUS, status=202)
+    real = JobStore.set_result
+
+    def locked(self: JobStore, job_id: str, result: dict[str, Any], status: str | None = None) -> bool:
+        if "exports" in result:
+            raise OperationalError("UPDATE job ...", {}, Exception("database is locked"))
+        return real(self, job_id, result, status)
+
+    monkeypatch.setattr(JobStore, "set_result", locked)
+    with pytest.raises(OperationalError):
+        export_and_assess(settings(), registry, jobs, client, workdir=tmp_path / "w", output=tmp_path / "o.ndjson")
+    beats = [t for t in threading.enumerate() if t.name.startswith("heartbeat bulk-")]
+    try:
+        assert not beats
+        assert jobs.last("bulk-export", SCOPE, status="running") is None
+        assert jobs.last("bulk-export", SCOPE, status="failed").error == "the run stopped: OperationalError"
+        assert [(c.request.method, c.request.url) for c in responses.calls] == [("DELETE", STATUS)]
+    finally:
+        for t in beats:          # do not leak into other tests
+            jobs.fail(t.name.split()[-1], "test cleanup")

@@ -263,6 +263,14 @@ class JobStore:
             return session.scalar(select(JobItemRow.status).where(JobItemRow.job_id == job_id,
                                                                   JobItemRow.patient_id == patient_id))
 
+    def every(self, kind: str, scope: str, status: str, *, limit: int = 100) -> list[JobView]:
+        """The jobs of this kind and scope in ``status``, newest first (``limit`` at most)."""
+        with self.store.session() as session:
+            rows = session.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.scope == scope,
+                                                        JobRow.status == status)
+                                   .order_by(JobRow.created_at.desc()).limit(max(1, limit)))
+            return [_view(row, {}) for row in rows]
+
     def last(self, kind: str, scope: str, status: str = "completed") -> JobView | None:
         """The newest job of this kind and scope in ``status`` (e.g. the last export, for _since)."""
         with self.store.session() as session:
