@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import responses
 from flask import Flask
@@ -266,6 +267,17 @@ def test_a_job_is_its_owners_by_how_it_authenticated_not_by_a_client_id_alone(jw
     with store_of(jwt_jobs).session() as session:
         assert {"ehr-client"} <= set(session.scalars(select(AuditEventRow.agent)))
         assert not {a for a in session.scalars(select(AuditEventRow.agent)) if a.startswith(("jwt", "static:"))}
+
+
+def test_a_jwt_client_calling_itself_fhir_ai_is_audited_as_a_client_not_as_fhir_ai(jwt_jobs: Flask) -> None:
+    """Only static tokens reserve the name 'fhir-ai'; a JWT client of that name starting a job is still a
+    client in the audit trail of what the job stores, not fhir_ai acting on its own."""
+    client = jwt_jobs.test_client()
+    _kick_off_as(client, _jwt("fhir-ai"))
+    with store_of(jwt_jobs).session() as session:
+        created = [orjson.loads(text) for text in session.scalars(
+            select(AuditEventRow.resource).where(AuditEventRow.agent == "fhir-ai", AuditEventRow.action == "C"))]
+    assert created and {event["agent"][0]["type"]["text"] for event in created} == {"client"}
 
 
 def test_long_client_ids_that_share_their_first_256_characters_are_two_owners(jwt_jobs: Flask) -> None:

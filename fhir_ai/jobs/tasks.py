@@ -120,10 +120,12 @@ def outcomes(status: str) -> list[str]:
 
 
 @contextmanager
-def _acting_for(requested_by: str, role: str) -> Iterator[None]:
-    """Store under the name of whoever asked for the job (its client id), so the audit trail says who."""
-    kind = "local" if requested_by == actors.LOCAL.client_id else "client"
-    token = actors.set_current(Actor(requested_by, role, None, kind))
+def _acting_for(client_id: str, role: str, *, owner: str) -> Iterator[None]:
+    """Store under the name of whoever asked for the job (its client id), so the audit trail says who.
+    fhir_ai itself only when the job is its own (``owner``, the job's requested_by, is its bare name): a
+    client's owner key says how it authenticated, so a JWT client that calls itself 'fhir-ai' stays a client."""
+    kind = "local" if owner == actors.LOCAL.client_id else "client"
+    token = actors.set_current(Actor(client_id, role, None, kind))
     try:
         yield
     finally:
@@ -181,7 +183,7 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
     failed = patient_status(["failed"] * max(1, len(models)))       # a patient not assessed: by every model
     assessed = 0
     # Jobs started before owners were keyed by how the caller authenticated have no "client".
-    with _acting_for(request.get("client") or job.requested_by, job.requested_role):
+    with _acting_for(request.get("client") or job.requested_by, job.requested_role, owner=job.requested_by):
         for patient_id in patient_ids:
             if jobs.status(job_id) != "running":
                 log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))
@@ -302,7 +304,7 @@ def rescore_patient(self: Any, patient_id: str, requested_by: str = "subscriptio
     # Release first: an observation arriving while we assess deserves an assessment of its own.
     debouncer(settings).release(patient_id)
     try:
-        with _acting_for(requested_by, "system"):
+        with _acting_for(requested_by, "system", owner=requested_by):
             result = runtime.pipeline().assess(patient_id)
     except UpstreamError as exc:
         if not exc.temporary or self.request.retries >= RESCORE_RETRIES:
