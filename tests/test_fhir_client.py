@@ -327,8 +327,8 @@ def test_over_a_real_connection_a_cut_answer_is_retried_and_a_complete_one_that_
                 return
             with connection:
                 connection.recv(65536)
+                served.append(len(served))       # before the answer: the client may be done once it has it
                 connection.sendall(answer)
-                served.append(len(served))
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     delays: list[float] = []
