@@ -87,33 +87,32 @@ class Checkpointer:
 
     def checkpoint_all(self) -> None:
         with self._round:
-            self._checkpoint_all()
+            # No self._lock here (list() of a dict is one step under the GIL): whoever holds it while
+            # forking must not wait on a round that waits for it.
+            for path in list(self._paths):
+                self._checkpoint(path)
 
-    def _checkpoint_all(self) -> None:
-        # No self._lock here (list() of a dict is one step under the GIL): whoever holds it while forking
-        # must not wait on a round that waits for it.
-        paths = list(self._paths)
-        for path in paths:
+    def _checkpoint(self, path: str) -> None:
+        try:
+            stat = os.stat(path + "-wal")
+        except OSError:
+            return                                       # no WAL (yet, or any more)
+        mark = (stat.st_mtime, stat.st_size)
+        if self._seen.get(path) == mark:
+            return                                       # nothing written since the last checkpoint
+        try:
+            # mode=rw: a database moved or deleted meanwhile is not created anew (which would make
+            # SQLite discard the WAL left beside it as stale)
+            connection = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=0)
             try:
-                stat = os.stat(path + "-wal")
-            except OSError:
-                continue                                 # no WAL (yet, or any more)
-            mark = (stat.st_mtime, stat.st_size)
-            if self._seen.get(path) == mark:
-                continue                                 # nothing written since the last checkpoint
-            try:
-                # mode=rw: a database moved or deleted meanwhile is not created anew (which would make
-                # SQLite discard the WAL left beside it as stale)
-                connection = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=0)
-                try:
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                finally:
-                    connection.close()
-            except sqlite3.Error as exc:                 # e.g. the file went away; a later round tries again
-                log.debug("WAL checkpoint of a database skipped: %s", type(exc).__name__)
-                continue
-            self._seen[path] = mark
-            self.runs += 1
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as exc:                 # e.g. the file went away; a later round tries again
+            log.debug("WAL checkpoint of a database skipped: %s", type(exc).__name__)
+            return
+        self._seen[path] = mark
+        self.runs += 1
 
 
 _INSTANCES: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
