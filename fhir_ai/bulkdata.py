@@ -31,7 +31,7 @@ from urllib3.util import parse_url
 from .config import Settings
 from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
-from .fhir.client import _DEFAULT_PORTS, Auth, _retry_after, outcome_text
+from .fhir.client import _DEFAULT_PORTS, Auth, _response_outcome, _retry_after, outcome_text
 from .jobs.state import JobStore
 from .search import parse_query
 from .search.params import MAX_COUNT
@@ -486,10 +486,7 @@ class BulkDataClient:
 
     def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
         """``codes``: the issue codes of an export that failed (not worth trying again)."""
-        try:
-            text = outcome_text(orjson.loads(response.content))
-        except orjson.JSONDecodeError:
-            text = ""
+        text = _response_outcome(response)
         status = response.status_code
         return UpstreamError(f"{what}: HTTP {status}" + (f" ({text})" if text else "")
                              + (f" [issue codes: {', '.join(codes)}]" if codes else ""),
@@ -805,18 +802,17 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         if run.export_skipped:
             problems.append(f"the server could not export {run.export_skipped} resource(s) (issue codes: "
                             f"{issue_codes(run.issues.skipped_codes)})")
+        exports.drop_unused()
         if run.complete:
             result = {"transactionTime": run.transaction_time, "patients": run.patients, "assessed": run.assessed,
                       "stored": run.stored, "written": run.written.written, "bundles": run.written.bundles}
             if run.partial:      # complete as far as _since goes; what the server could not export, by code
                 result["notExported"] = dict(run.issues.skipped_codes)
-            exports.drop_unused()
             if not jobs.set_result(job_id, result, status="completed"):
                 log.warning("export job %s had been taken over by another run; its result is not kept", job_id)
             if run.partial:
                 log.warning("export %s: partial: %s", job_id, "; ".join(problems))
         else:
-            exports.drop_unused()
             jobs.fail(job_id, "; ".join(problems), 502)
         return run
     except FhirAiError as exc:

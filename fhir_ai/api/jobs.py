@@ -14,6 +14,7 @@ from flask import Blueprint, current_app, request
 
 from .. import codes
 from ..auth.guard import not_audited, note_entities, principal
+from ..auth.tokens import Principal
 from ..auth.policy import requires
 from ..errors import BadRequest, FhirAiError, NotFound
 from ..fhir import times
@@ -22,7 +23,7 @@ from ..jobs.celery_app import configure as configure_celery
 from ..jobs.state import JobStore, JobView
 from ..jobs.tasks import MAX_MODELS, job_models, outcomes, submit
 from ..pipeline import Pipeline
-from ..search.params import DEFAULT_COUNT, MAX_COUNT
+from ..search.params import DEFAULT_COUNT, MAX_COUNT, whole_number_param
 from ..store import actors
 from ..store.actors import Actor
 from ..store.audit import Entity
@@ -66,7 +67,7 @@ def _pipeline() -> Pipeline:
 
 
 def _jobs() -> JobStore:
-    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    pipeline = _pipeline()
     settings = current_app.config["FHIR_AI"]
     configure_celery(settings)
     runtime.configure(settings, pipeline)     # eager runs (tests) use this app's pipeline
@@ -91,14 +92,14 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
     if params.encounter:
         raise BadRequest("encounter cannot be given for a batch of patients",
                          expression="Parameters.parameter.where(name='encounter')")
-    pipeline: Pipeline = current_app.extensions["fhir_ai"]
+    pipeline = _pipeline()
     for model_id in params.models:
         pipeline.registry.get(model_id)       # unknown model → 400 now, not in the worker
     if len(job_models({"models": params.models})) > MAX_MODELS:     # job_item.status holds one letter each
         raise BadRequest(f"a job assesses at most {MAX_MODELS} models",
                          expression="Parameters.parameter.where(name='model')")
     as_of = params.as_of or times_now()
-    job_id, _ = submit(_jobs(), kind=kind, scope=scope, as_of=as_of, owner=_owner_key(actors.current()),
+    job_id, _ = submit(_jobs(), kind=kind, scope=scope, as_of=as_of, owner=_owner_key(actors.current(), principal()),
                        request={"request": line, "models": params.models, "writeBack": params.write_back})
     location = f"{base_url()}/jobs/{job_id}"
     outcome = {"resourceType": "OperationOutcome", "issue": [{
@@ -130,14 +131,13 @@ def assess_all():  # type: ignore[no-untyped-def]
 OWNER_LENGTH = 256      # JobRow.requested_by
 
 
-def _owner_key(actor: Actor) -> str | None:
+def _owner_key(actor: Actor, who: Principal | None) -> str | None:
     """Who owns the jobs this caller starts: how it authenticated and who it is, so that no other
     caller's key is ever equal to it: ``static:<name>`` for a static token (its name is unique in this
     server's configuration), ``jwt:<iss>|<client id>`` for a JWT (a client id is unique only at its
     issuer: another trusted issuer, or a static token of that name, is someone else); when that would be
     ambiguous (``|`` in the issuer) or longer than the column, ``jwt#sha256:`` and the hash of both.
-    None for the server itself (scheduled jobs: the actor's client id)."""
-    who = principal()
+    None for the server itself (scheduled jobs: the actor's client id). ``who``: the request's principal."""
     if actor.kind != "client" or who is None:
         return None
     if who.kind == "static":
@@ -156,10 +156,10 @@ def _owners() -> list[str] | None:
     actor = actors.current()
     if actor.kind != "client" or actor.role == "admin":
         return None
-    key = _owner_key(actor)
+    who = principal()
+    key = _owner_key(actor, who)
     if key is None:
         return [actor.client_id]
-    who = principal()
     return [key, actor.client_id] if who is not None and who.kind == "static" else [key]
 
 
@@ -228,9 +228,7 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     named = patients if len(patients) <= MAX_AUDITED_PATIENTS else []
     note_entities(([Entity(f"Group/{job.scope}")] if job.kind in ("group", "ward") else [])
                   + [Entity(p) for p in named])
-    answer = fhir_response(body)
-    answer.headers["Content-Type"] = "application/json; charset=utf-8"   # a manifest is no FHIR resource
-    return answer
+    return _plain_json(body)
 
 
 @bp.delete("/jobs/<job_id>")
@@ -264,9 +262,12 @@ def job_list():  # type: ignore[no-untyped-def]
         last = jobs[count - 1]
         after = f"{(last.created_at - EPOCH) // MICROSECOND}~{last.id}"      # exact: no float seconds
         body["link"].append({"relation": "next", "url": f"{base}/jobs?{urlencode(page + [('_cursor', after)])}"})
-    answer = fhir_response(body)
-    answer.headers["Content-Type"] = "application/json; charset=utf-8"   # like a manifest: no FHIR resource
-    return answer
+    return _plain_json(body)
+
+
+def _plain_json(body: dict[str, Any]) -> Any:
+    """A manifest or the job list: JSON, but no FHIR resource (as Bulk Data serves its manifest)."""
+    return fhir_response(body, 200, {"Content-Type": "application/json; charset=utf-8"})
 
 
 def _list_parameters() -> tuple[int, str | None]:
@@ -275,11 +276,8 @@ def _list_parameters() -> tuple[int, str | None]:
     if unknown and not lenient():
         raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; the job list takes _count and _cursor",
                          expression=unknown)
-    raw = request.args.get("_count", str(DEFAULT_COUNT))
-    # ASCII digits only: str.isdigit() also holds for "²" or "①", which int() cannot read.
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_COUNT:
-        raise BadRequest(f"_count must be a whole number from 1 to {MAX_COUNT}", expression="_count")
-    return int(raw), request.args.get("_cursor")
+    count = whole_number_param("_count", request.args.get("_count", str(DEFAULT_COUNT)), 1, MAX_COUNT)
+    return count, request.args.get("_cursor")
 
 
 def _decode(cursor: str) -> tuple[datetime, str]:

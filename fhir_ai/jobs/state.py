@@ -172,14 +172,14 @@ class JobStore:
                                      .values(updated_at=_utcnow()))
             return result.rowcount == 1
 
-    def take_over(self, job_id: str, *, silent_since: datetime, message: str, status: int = 500) -> bool:
+    def take_over(self, job_id: str, *, silent_since: datetime, message: str) -> bool:
         """Fail a running job not heard from (updated_at) since ``silent_since``, so that the caller may
         carry on its work; True for exactly one caller, and never for a job whose run is alive."""
         now = _utcnow()
         with self.store.session() as session, session.begin():
             result = session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running",
                                                           JobRow.updated_at < silent_since)
-                                     .values(status="failed", error=message[:2000], error_status=status,
+                                     .values(status="failed", error=message[:2000], error_status=500,
                                              finished_at=now, updated_at=now))
             claimed = result.rowcount == 1
         if claimed:
@@ -273,11 +273,7 @@ class JobStore:
 
     def last(self, kind: str, scope: str, status: str = "completed") -> JobView | None:
         """The newest job of this kind and scope in ``status`` (e.g. the last export, for _since)."""
-        with self.store.session() as session:
-            row = session.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.scope == scope,
-                                                       JobRow.status == status)
-                                  .order_by(JobRow.created_at.desc()).limit(1)).first()
-            return _view(row, {}) if row is not None else None
+        return next(iter(self.every(kind, scope, status, limit=1)), None)
 
 
 def _view(row: JobRow, counts: dict[str, int]) -> JobView:

@@ -229,7 +229,8 @@ def _value(param: Param, modifier: str | None, raw: str, now: datetime | None = 
     return ref
 
 
-def _int(name: str, raw: str, low: int, high: int) -> int:
+def whole_number_param(name: str, raw: str, low: int, high: int) -> int:
+    """A parameter that must be a whole number from ``low`` to ``high`` (ASCII digits); else 400 naming it."""
     if not (raw.isascii() and raw.isdigit()):        # int() would take '+5', ' 5', '1_0' and '٣'
         raise BadRequest(f"{name} must be a whole number", expression=name)
     value = int(raw)
@@ -282,7 +283,7 @@ def parse_query(resource_type: str, args: Iterable[tuple[str, str]], *, lenient:
 
 def _control(query: SearchQuery, name: str, raw: str) -> None:
     if name == "_count":
-        query.count = _int("_count", raw, 0, MAX_COUNT)
+        query.count = whole_number_param("_count", raw, 0, MAX_COUNT)
         query.echo.append((name, raw))
     elif name == "_sort":
         field_name = SORT_PARAMETER[query.resource_type]
@@ -340,7 +341,7 @@ def _history_control(query: HistoryQuery, name: str, raw: str) -> None:
     elif name == "_at":
         query.at = _date_range("_at", raw)
     else:
-        query.count = _int("_count", raw, 0, MAX_COUNT)
+        query.count = whole_number_param("_count", raw, 0, MAX_COUNT)
 
 
 def _date_range(name: str, raw: str) -> tuple[datetime, datetime]:

@@ -51,6 +51,7 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA synchronous=FULL")   # a commit is synced before it returns (nothing lost)
             if on_disk:     # checkpoints by this process's checkpoint thread (checkpoint.py), not by commits
                 cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
                 CHECKPOINTER.ensure_running()
