@@ -119,12 +119,25 @@ def settings(upstream: str, folder: Path) -> dict[str, str]:
 
 
 def body(as_of: str, request_number: int = 0) -> bytes:
-    """$assess as of the patient's latest Observation plus one minute per round through the patients:
-    every request is a new assessment (a repeat would only be looked up and audited)."""
+    """$assess as of the patient's latest Observation, 3.5 hours earlier per round through the patients.
+
+    An assessment is identified by its inputs, not by asOf: a later asOf over the same Observations is a
+    repeat (looked up and audited, nothing new stored). Going back in time drops the latest Observations
+    out of the windows (the generator's vital-signs rounds are 2.5 to 3.5 hours apart), so each round is a
+    new assessment; ``stored`` counts what was stored after each run.
+    """
     from fhir_ai.fhir import times
-    at = times.parse_datetime(as_of) + timedelta(minutes=request_number)
+    at = times.parse_datetime(as_of) - timedelta(minutes=210 * request_number)
     return orjson.dumps({"resourceType": "Parameters",
                          "parameter": [{"name": "asOf", "valueDateTime": times.format_datetime(at)}]})
+
+
+def stored(database: Path, requests_n: int) -> str:
+    """How many of the requests stored new assessments (each stores the model's and its NEWS2 companion)."""
+    import sqlite3
+    with sqlite3.connect(database) as connection:
+        versions = connection.execute("SELECT count(*) FROM risk_assessment").fetchone()[0]
+    return f"{versions} RiskAssessments stored for {requests_n} requests ({2 * requests_n} if every one was new)"
 
 
 HEADERS = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"}
@@ -186,11 +199,14 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
         profiler.disable()
         print(f"profile of {requests_n} requests (cProfile inflates small calls; compare, don't add up):")
         pstats.Stats(profiler).sort_stats(profile).print_stats(os.environ.get("BENCH_PROFILE_FILTER", ""), 40)
+        if os.environ.get("BENCH_PROFILE_OUT"):      # the whole profile, for pstats.Stats(path).print_callers(...)
+            profiler.dump_stats(os.environ["BENCH_PROFILE_OUT"])
     print(f"latency, {requests_n} requests in-process (explanations on, stored, no write-back):")
     for label, values in (("own overhead", own), ("upstream (local, from memory)", upstream_s), ("total", total)):
         print(f"  {label:<32} p50 {percentile(values, 50):6.2f} ms   p99 {percentile(values, 99):6.2f} ms   "
               f"mean {statistics.mean(values):6.2f} ms")
     print("  goals: own overhead p50 <= 5 ms, p99 <= 15 ms")
+    print("  " + stored(folder / "bench.sqlite3", requests_n + 20) + ", warm-up included")
     n = len(own)
     fetch_own = stages.pop("fetch") - sum(upstream_s) / 1e3
     parts = {"fetching: queries, parsing the answers (upstream excluded)": fetch_own, **stages}
@@ -302,6 +318,7 @@ def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_reque
               f"in {seconds:.1f} s = {ok / seconds:.0f} assessments/s ({len(done) - ok} errors: "
               f"{sorted(set(s for s in done if s != 200))}); goal >= 250/s")
         print("  (the load generator and the upstream share the same CPUs with the workers)")
+        print("  " + stored(folder / "bench.sqlite3", len(done) + 1) + ", the first warm-up request included")
         if ok:
             per = {k: v / ok * 1e3 for k, v in cpu.items()}
             print("  CPU per assessment: " + ", ".join(f"{k} {v:.1f} ms" for k, v in per.items())
@@ -314,7 +331,7 @@ def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_reque
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=200)
+    parser.add_argument("--patients", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--max-requests", type=int, default=2000)
     parser.add_argument("--max-seconds", type=float, default=60)
