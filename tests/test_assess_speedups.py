@@ -103,6 +103,45 @@ def test_calibrated_probability_is_the_cards_calibration_bit_for_bit(registry):
     assert model.probability(X).tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("model_id", ["deterioration", "triage"])
+def test_one_row_is_predicted_as_booster_predict_predicts_it_bit_for_bit(registry, model_id, monkeypatch):
+    """One patient's row goes through LightGBM's single-row fast API (not Booster.predict): the same
+    numbers, bit for bit, for rows with and without missing values, in the shape predict gives; several
+    rows still go through Booster.predict; threads may share the predictor."""
+    import threading
+    model = registry.get(model_id)[0]
+    X = np.random.default_rng(11).normal(size=(400, len(model.feature_names))) * 30 + 40
+    X[::3, ::4] = np.nan
+    X[5] = np.nan                                   # nothing known at all
+    expected = model.booster.predict(X, num_threads=1)
+    expected_f32 = model.booster.predict(X[7:8].astype(np.float32), num_threads=1)
+    asked = []
+    original = model.booster.predict
+    monkeypatch.setattr(model.booster, "predict", lambda *a, **k: asked.append(1) or original(*a, **k))
+    rows = [model.raw_probability(X[i:i + 1]) for i in range(len(X))]
+    assert not asked, "a single row went through Booster.predict"
+    assert all(r.shape == expected[:1].shape for r in rows)
+    assert np.concatenate(rows).tobytes() == expected.tobytes()
+    # A float32 or non-contiguous row is read as predict reads it.
+    assert model.raw_probability(np.asfortranarray(X[7:8]).astype(np.float32)).tobytes() == expected_f32.tobytes()
+    assert not asked
+    assert model.raw_probability(X[:3]).tobytes() == expected[:3].tobytes() and len(asked) == 1
+    # Threads at once get each their own row's answer.
+    found: dict[int, bytes] = {}
+
+    def work(start: int) -> None:
+        for i in range(start, len(X), 4):
+            found[i] = model.raw_probability(X[i:i + 1]).tobytes()
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(found[i] == expected[i:i + 1].tobytes() for i in range(len(X)))
+    with pytest.raises(ValueError):
+        model._single_row().predict(X[0, :-1])
+
+
 # -- the parsed-once role scopes, through the API ---------------------------------------------------------
 # Every request of a static token reads its role's scopes parsed once (scopes.role_scopes). Comparing that
 # copy with a fresh parse only finds drift between the two; here each configured role's token is sent to
