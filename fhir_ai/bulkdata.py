@@ -484,6 +484,23 @@ class BulkDataClient:
             attempt += 1
             self._sleep(min(MAX_POLL, wait))
 
+    def missing_patients(self, patients: Iterable[str]) -> set[str]:
+        """Those of ``patients`` the server no longer has: a read answers 404 Not Found or 410 Gone.
+
+        A patient export naming an unknown patient fails (HTTP 404, or a failed job on some servers): a run
+        that asked for a patient deleted at the hospital would fail, and ask again, on every run. Any other
+        answer than 200 is an error (a 5xx after the retries): the run cannot tell, and fails.
+        """
+        missing = set()
+        for patient in patients:
+            response = self._request("GET", f"{self.base_url}/Patient/{patient}",
+                                     headers={"Accept": "application/fhir+json"})
+            if response.status_code in GONE:
+                missing.add(patient)
+            elif response.status_code != 200:
+                raise self._error("reading a patient whose inputs were deleted", response)
+        return missing
+
     def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
         """``codes``: the issue codes of an export that failed (not worth trying again)."""
         text = _response_outcome(response)
@@ -696,6 +713,7 @@ class ExportRun:
     assessed: int = 0
     stored: int = 0           # new in the local store (a repeat of a stored assessment is not counted)
     queued: int = 0           # not written back: left to the write-back worker (fhir-ai worker)
+    patients_gone: int = 0    # assessed before on inputs now deleted, and no longer at the server
     written: WriteBackCounts = field(default_factory=WriteBackCounts)
     output: Path | None = None
     issues: Downloaded = field(default_factory=Downloaded)   # what the manifests' error files said
@@ -767,11 +785,14 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         run = ExportRun(job_id, manifest.transaction_time, since, output=output, resumed=interrupted)
         run.issues.add(got)
         if since:
-            patients = changed_patients(got.files, client.base_url)
-            gone = deleted_patients(jobs.store, got.deleted, client.base_url)
-            patients = sorted(set(patients) | set(gone))
-            log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources)",
-                     len(patients), since, len(gone))
+            changed = set(changed_patients(got.files, client.base_url))
+            deleted = set(deleted_patients(jobs.store, got.deleted, client.base_url))
+            # A patient known only from deleted inputs may be gone as a whole (a record purged): not asked for.
+            gone = client.missing_patients(sorted(deleted - changed))
+            run.patients_gone = len(gone)
+            patients = sorted((changed | deleted) - gone)
+            log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources, %d of "
+                     "them gone at the server)", len(patients), since, len(deleted - changed), len(gone))
             if patients:
                 full_manifest = exports.wait("changed", patients=patients)
                 folder = _emptied(workdir / "changed")
@@ -808,6 +829,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                       "stored": run.stored, "written": run.written.written, "bundles": run.written.bundles}
             if run.partial:      # complete as far as _since goes; what the server could not export, by code
                 result["notExported"] = dict(run.issues.skipped_codes)
+            if run.patients_gone:    # their assessments stay as they were (append-only); nothing to rescore
+                result["patientsGone"] = run.patients_gone
             if not jobs.set_result(job_id, result, status="completed"):
                 log.warning("export job %s had been taken over by another run; its result is not kept", job_id)
             if run.partial:

@@ -170,7 +170,9 @@ def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output
                + (f"; the export reported {run.export_errors} error(s): not complete, the next run asks since "
                   f"{run.since or 'the beginning'} again" if run.export_errors else "")
                + (f"; partial: the server could not export {run.export_skipped} resource(s) (issue codes: "
-                  f"{issue_codes(run.issues.skipped_codes)}), not asked for again" if run.partial else ""))
+                  f"{issue_codes(run.issues.skipped_codes)}), not asked for again" if run.partial else "")
+               + (f"; {run.patients_gone} patient(s) whose inputs were deleted are gone at the server: not "
+                  "rescored, their assessments kept" if run.patients_gone else ""))
     sys.exit(3 if run.partial else 0 if run.complete else 1)
 
 

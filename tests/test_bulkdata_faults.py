@@ -360,6 +360,7 @@ def test_a_deleted_observation_has_its_patient_rescored(registry: ModelRegistry,
     # Second run: nothing changed but two deletions, one an input of demo-002's assessment, so
     # demo-002's whole record is exported again (POST kick-off) and scored.
     deletions = add_deletions("Observation/never-used", f"{BASE}/{used}")
+    responses.get(f"{BASE}/Patient/demo-002", json={"resourceType": "Patient", "id": "demo-002"})   # still there
     full = f"{FILES}/full"
     responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
     responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
@@ -383,6 +384,58 @@ def test_a_deleted_resource_no_assessment_used_changes_nothing(registry: ModelRe
                             output=tmp_path / "2.ndjson")
     assert run.patients == 0 and not any(c.request.method == "POST" for c in responses.calls)
     assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T09:00:00Z"
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_patient_whose_deleted_inputs_were_purged_with_them_is_not_asked_for(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path, status: int) -> None:
+    """A patient known only from deleted inputs, and no longer at the server (a record purged): a kick-off
+    naming them fails (HTTP 404 at many servers) on every run, so they are left out and counted; the run
+    completes, _since moves on, the other patients are rescored."""
+    scored = first_run(registry, jobs, client, tmp_path)
+    inputs = {r["subject"]["reference"].split("/")[1]: r["basis"][0]["reference"] for r in scored
+              if r["subject"]["reference"] in ("Patient/demo-002", "Patient/demo-003")}
+    add_deletions(*(f"{BASE}/{used}" for used in inputs.values()), "Patient/demo-002")
+    responses.get(f"{BASE}/Patient/demo-002", status=status, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "deleted" if status == 410 else "not-found"}]})
+    responses.get(f"{BASE}/Patient/demo-003", json={"resourceType": "Patient", "id": "demo-003"})
+    full = f"{FILES}/full"
+    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
+    add_files(full, only=("demo-003",))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    post = next(c.request for c in responses.calls if c.request.method == "POST")
+    assert [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"]
+            if p["name"] == "patient"] == ["Patient/demo-003"]
+    assert run.complete and run.patients == 1 and run.patients_gone == 1
+    last = jobs.last("bulk-export", SCOPE)
+    assert last.result["transactionTime"] == "2026-11-20T09:00:00Z" and last.result["patientsGone"] == 1
+    # Only patient demo-002 gone: no kick-off at all, and the run still completes.
+    responses.reset()
+    add_deletions(f"{BASE}/{inputs['demo-002']}")
+    responses.get(f"{BASE}/Patient/demo-002", status=status)
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "3",
+                            output=tmp_path / "3.ndjson")
+    assert run.complete and run.patients == 0 and run.patients_gone == 1
+    assert not any(c.request.method == "POST" for c in responses.calls)
+
+
+@responses.activate
+def test_a_patient_read_that_keeps_failing_fails_the_run(registry: ModelRegistry, jobs: JobStore,
+                                                         client: BulkDataClient, tmp_path: Path) -> None:
+    """Whether a patient is gone cannot be told from a 500: the run fails (the next asks since the same point)."""
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    add_deletions(f"{BASE}/{used}")
+    for _ in range(client.retries + 1):
+        responses.get(f"{BASE}/Patient/demo-002", status=500)
+    with pytest.raises(UpstreamError, match="reading a patient whose inputs were deleted: HTTP 500"):
+        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                          output=tmp_path / "2.ndjson")
+    assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T08:00:00Z"
+    assert not any(c.request.method == "POST" for c in responses.calls)
 
 
 # -- M4: where files may come from ---------------------------------------------------------------------
