@@ -351,6 +351,20 @@ def add_deletions(*references: str) -> str:
     return url
 
 
+def second_run_rescoring(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path,
+                         patient: str) -> tuple[Any, list[str]]:
+    """The second run, its changed-patients export serving ``patient``'s whole record: the run and the
+    patients its POST kick-off named."""
+    full = f"{FILES}/full"
+    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
+    add_files(full, only=(patient,))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    post = next(c.request for c in responses.calls if c.request.method == "POST")
+    return run, [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"] if p["name"] == "patient"]
+
+
 @responses.activate
 def test_a_deleted_observation_has_its_patient_rescored(registry: ModelRegistry, jobs: JobStore,
                                                         client: BulkDataClient, tmp_path: Path) -> None:
@@ -361,15 +375,8 @@ def test_a_deleted_observation_has_its_patient_rescored(registry: ModelRegistry,
     # demo-002's whole record is exported again (POST kick-off) and scored.
     deletions = add_deletions("Observation/never-used", f"{BASE}/{used}")
     responses.get(f"{BASE}/Patient/demo-002", json={"resourceType": "Patient", "id": "demo-002"})   # still there
-    full = f"{FILES}/full"
-    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
-    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
-    add_files(full, only=("demo-002",))
-    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
-                            output=tmp_path / "2.ndjson")
-    post = next(c.request for c in responses.calls if c.request.method == "POST")
-    assert [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"]
-            if p["name"] == "patient"] == ["Patient/demo-002"]
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-002")
+    assert asked == ["Patient/demo-002"]
     assert run.patients == 1 and run.complete
     assert any(c.request.url == deletions and c.request.headers["Authorization"] == f"Bearer {TOKEN}"
                for c in responses.calls)
@@ -400,15 +407,8 @@ def test_a_patient_whose_deleted_inputs_were_purged_with_them_is_not_asked_for(
     responses.get(f"{BASE}/Patient/demo-002", status=status, json={"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "deleted" if status == 410 else "not-found"}]})
     responses.get(f"{BASE}/Patient/demo-003", json={"resourceType": "Patient", "id": "demo-003"})
-    full = f"{FILES}/full"
-    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
-    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
-    add_files(full, only=("demo-003",))
-    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
-                            output=tmp_path / "2.ndjson")
-    post = next(c.request for c in responses.calls if c.request.method == "POST")
-    assert [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"]
-            if p["name"] == "patient"] == ["Patient/demo-003"]
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-003")
+    assert asked == ["Patient/demo-003"]
     assert run.complete and run.patients == 1 and run.patients_gone == 1
     last = jobs.last("bulk-export", SCOPE)
     assert last.result["transactionTime"] == "2026-11-20T09:00:00Z" and last.result["patientsGone"] == 1
