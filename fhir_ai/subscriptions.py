@@ -248,6 +248,12 @@ ONE_INSTANT_PAGES = 50
 # Where a catch-up continues comes back through the float the event log keeps: a microsecond off either
 # way. Changes this close together are taken as one instant, and it continues this far past an instant.
 FLOAT_TOLERANCE = timedelta(microseconds=2)
+# A server that cannot sort by _lastUpdated is read in windows bounded on both sides, each sized by counting
+# (``_summary=count``): at most this many counts per catch-up (a millisecond's resolution over years: 45).
+COUNT_PROBES = 48
+# The window's end when everything fits: this far past our clock, so that a change stamped by a server
+# clock ahead of ours is not left after it.
+CLOCK_MARGIN = timedelta(minutes=5)
 
 
 class _SortRefused(Exception):
@@ -257,33 +263,34 @@ class _SortRefused(Exception):
 
 
 def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
-             max_pages: int = CATCH_UP_PAGES, one_instant_pages: int = ONE_INSTANT_PAGES) -> CatchUp:
+             max_pages: int = CATCH_UP_PAGES, one_instant_pages: int = ONE_INSTANT_PAGES,
+             now: datetime | None = None) -> CatchUp:
     """Patients with a vital sign changed since ``since`` at the hospital's server (after a gap).
 
     The search is sorted by _lastUpdated: one that has more than ``max_pages`` pages returns the
     patients of the pages it read and where to continue (``resume``: the last change it read, searched
     again with ``ge``, so that changes at that same instant are not skipped). That needs the order
     checked, not trusted: a server that ignored _sort (or sends no meta.lastUpdated) cannot be
-    continued: an UpstreamError, and the catch-up stays owed. While every change read is at the
+    continued from where it stopped: it is read in windows instead (``_windowed``). While every change read is at the
     instant it started from, it reads on, up to ``one_instant_pages``; past those it gives up on that
     instant's changes not read (``skipped``) and continues just after it. A window continued a
     millisecond early that holds an earlier instant too (read before) is continued just past that one:
     nothing given up. A server that refuses the sorted
     search (HTTP 400 to its first page: some refuse a _sort they do not support) is asked again without
-    _sort: one that has more pages than it may read then cannot be continued (an UpstreamError)."""
+    _sort, and read in windows too when it has more pages than it may read."""
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
     try:
-        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True, now=now)
     except _SortRefused as refused:
         log.warning("the catch-up search sorted by _lastUpdated was refused (%s); searched again without _sort",
                     refused.error.message)
-        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False, now=now)
 
 
 def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
-             one_instant_pages: int, sort: bool) -> CatchUp:
+             one_instant_pages: int, sort: bool, now: datetime | None = None) -> CatchUp:
     params: list[tuple[str, Any]] = [("_lastUpdated", "ge" + format_datetime(since))]
     params += [("_sort", "_lastUpdated")] if sort else []
     params.append(("_count", 200))
@@ -329,13 +336,14 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
             patient = subject_patient(resource)
             if patient and is_vital_sign(resource, codes):
                 patients[patient] = None
-    except PagingLimit as exc:
+    except PagingLimit:
         window = f"the catch-up search for Observations changed since {format_datetime(since)}"
         if not sort or not ordered or last is None:
             why = ("the server refuses _sort=_lastUpdated" if not sort
                    else "not sorted by _lastUpdated (or without meta.lastUpdated)")
-            raise UpstreamError(f"{window} has more than {max_pages} pages, {why}: it cannot be continued "
-                                "from where it stopped", temporary=False) from exc
+            log.warning("%s has more than %d pages, %s: read in windows sized by counting", window, max_pages, why)
+            return _windowed(source, since, codes, max_pages, max(1, read // max_pages),
+                             (now or datetime.now(timezone.utc)) + CLOCK_MARGIN, why)
         if one_instant():
             # Every change read, even past max_pages, at one instant: continued from it, the same pages
             # again. Given up on (said), continued just past it (the float the event log keeps: a hair
@@ -360,6 +368,67 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
             raise _SortRefused(exc) from exc
         raise
     return CatchUp(list(patients))
+
+
+def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
+              per_page: int, until: datetime, why: str) -> CatchUp:
+    """The catch-up of a server that cannot sort by _lastUpdated (``why``), for more pages than a search may
+    read: the changes from ``since`` up to an end found by counting (``_summary=count``, a binary search
+    over the end, stopped once the window is at least half full), as many as ``max_pages`` of the server's
+    pages (``per_page``: what its pages held) can hold less a tenth (changes coming in meanwhile), read whole in a window bounded on both sides
+    (``ge`` since, ``lt`` end: no order needed), and continued from that end (``resume``) with the next
+    notification; done when the end reached ``until``. A server that gives no count cannot be read so:
+    an UpstreamError, the catch-up stays owed. More changes in the first millisecond than fit are read
+    as far as the pages go and the rest of that millisecond given up on (``skipped``, said)."""
+    start = format_datetime(since)
+    room = max(1, per_page * max_pages * 9 // 10)
+    window = f"the catch-up search for Observations changed since {start} ({why})"
+
+    def bounded(end: datetime) -> list[tuple[str, Any]]:
+        return [("_lastUpdated", "ge" + start), ("_lastUpdated", "lt" + format_datetime(end))]
+
+    def count(end: datetime) -> int:
+        bundle = source.client.get("Observation", [*bounded(end), ("_summary", "count")])
+        total = bundle.get("total")
+        if type(total) is not int or total < 0:
+            raise UpstreamError(f"{window} has more than {max_pages} pages, and the server gives no count "
+                                "(_summary=count) to read it in windows: it cannot be continued", temporary=False)
+        return total
+
+    end, probes = until, 1
+    if count(until) > room:
+        # count(fits) <= room < count(too_many); a window at least half full is enough (fewer counts).
+        fits, too_many, held = since, until, 0
+        while too_many - fits > timedelta(milliseconds=1) and probes < COUNT_PROBES and held < room // 2:
+            middle = fits + (too_many - fits) / 2
+            middle -= timedelta(microseconds=middle.microsecond % 1000)   # whole milliseconds: what servers keep
+            if middle <= fits:
+                break
+            probes += 1
+            found = count(middle)
+            if found <= room:
+                fits, held = middle, found
+            else:
+                too_many = middle
+        end = fits if fits > since else too_many
+    patients: dict[str, None] = {}
+    try:
+        for resource in source.client.search("Observation", [*bounded(end), ("_count", 200)], max_pages=max_pages,
+                                              retries=1):
+            patient = subject_patient(resource)
+            if patient and is_vital_sign(resource, codes):
+                patients[patient] = None
+    except PagingLimit as exc:
+        if end > since + timedelta(milliseconds=1):   # counted to fit, yet more pages: changed meanwhile; again later
+            raise UpstreamError(f"{window}: the window up to {format_datetime(end)} was counted to fit in "
+                                f"{max_pages} pages but had more; tried again", temporary=False) from exc
+        skipped = (f"Observations changed between {start} and {format_datetime(end)}: more than {max_pages} "
+                   "pages in one millisecond, and the server cannot sort them; those not read were given up on, "
+                   "their patients not rescored")
+        log.error("%s: %s", window, skipped)
+        return CatchUp(list(patients), end, skipped)
+    log.info("%s: read up to %s (%d count(s))", window, format_datetime(end), probes)
+    return CatchUp(list(patients), None if end >= until else end)
 
 
 def _last_updated(resource: Any) -> datetime | None:
@@ -449,7 +518,7 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
                         "Observations changed since %s", notification.subscription, gap.missed,
                         format_datetime(gap.since))
             try:
-                found = catch_up(source, gap.since, codes)
+                found = catch_up(source, gap.since, codes, now=now)
                 outcome.recovered, outcome.recovery_resumes = found.patients, found.resume
                 outcome.recovery_skipped = found.skipped
                 patients.update(dict.fromkeys(outcome.recovered))

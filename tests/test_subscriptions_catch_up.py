@@ -27,29 +27,41 @@ PAGE = 2     # Observations per page: the fake server's own page size (it ignore
 
 class Hospital:
     """Observations changed one a minute from ``start`` on, one patient each; searched by
-    ``_lastUpdated=ge``, sorted by ``_lastUpdated`` unless ``sorts`` is off, paged by an offset."""
+    ``_lastUpdated=ge`` (and ``lt``), sorted by ``_lastUpdated`` unless ``sorts`` is off, paged by an
+    offset; ``_summary=count`` answered with the total unless ``counts`` is off (then ignored)."""
 
     def __init__(self, count: int, sorts: bool = True, start: datetime = NOW - timedelta(hours=2),
-                 refuses_sort: bool = False) -> None:
-        self.sorts, self.refuses_sort = sorts, refuses_sort
+                 refuses_sort: bool = False, counts: bool = True) -> None:
+        self.sorts, self.refuses_sort, self.counts = sorts, refuses_sort, counts
         self.observations = []
         for i in range(count):
             obs = heart_rate(f"p{i:03d}")
             obs["meta"] = {"lastUpdated": format_datetime(start + timedelta(minutes=i))}
             self.observations.append(obs)
         self.searched_from: list[str] = []
+        self.windows: list[tuple[str, str | None]] = []     # (ge, lt) of each search read (not counted)
         self.pages = 0
+        self.counted = 0
 
     def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
-        query = dict(parse_qsl(urlsplit(request.url).query))
+        pairs = parse_qsl(urlsplit(request.url).query)
+        query = dict(pairs)
         if self.refuses_sort and "_sort" in query:
             return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
                 {"severity": "error", "code": "not-supported", "diagnostics": "_sort is not supported"}]})
+        bounds = [v for k, v in pairs if k == "_lastUpdated"]
+        since = parse_datetime(next(v for v in bounds if v.startswith("ge"))[2:])
+        before = next((parse_datetime(v[2:]) for v in bounds if v.startswith("lt")), None)
+        found = [o for o in self.observations if parse_datetime(o["meta"]["lastUpdated"]) >= since
+                 and (before is None or parse_datetime(o["meta"]["lastUpdated"]) < before)]
+        if self.counts and query.get("_summary") == "count":
+            self.counted += 1
+            return 200, {"Content-Type": "application/fhir+json"}, json.dumps(
+                {"resourceType": "Bundle", "type": "searchset", "total": len(found)})
         offset = int(query.pop("_offset", 0))
         if not offset:
-            self.searched_from.append(query["_lastUpdated"])
-        since = parse_datetime(query["_lastUpdated"][2:])
-        found = [o for o in self.observations if parse_datetime(o["meta"]["lastUpdated"]) >= since]
+            self.searched_from.append(next(v for v in bounds if v.startswith("ge")))
+            self.windows.append((bounds[0], next((v for v in bounds if v.startswith("lt")), None)))
         if self.sorts and query.get("_sort") == "_lastUpdated":
             found.sort(key=lambda o: o["meta"]["lastUpdated"])
         else:
@@ -58,8 +70,8 @@ class Hospital:
         bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
                                   "entry": [{"resource": o, "search": {"mode": "match"}} for o in page]}
         if offset + PAGE < len(found):
-            bundle["link"] = [{"relation": "next",
-                               "url": f"{BASE}/Observation?{urlencode({**query, '_offset': offset + PAGE})}"}]
+            following = [(k, v) for k, v in pairs if k != "_offset"] + [("_offset", str(offset + PAGE))]
+            bundle["link"] = [{"relation": "next", "url": f"{BASE}/Observation?{urlencode(following)}"}]
         self.pages += 1
         return 200, {"Content-Type": "application/fhir+json"}, json.dumps(bundle)
 
@@ -129,15 +141,40 @@ def test_a_partial_catch_up_whose_patients_were_not_queued_is_not_moved_on(log_a
 
 
 @responses.activate
-def test_a_catch_up_longer_than_its_pages_from_a_server_that_does_not_sort_stays_owed(log_and_gate: Any,
-                                                                                     source: ServerSource) -> None:
-    """Without the order, what was not read cannot be told from what was: said, and owed (the patients
-    read are queued all the same)."""
-    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False)
+@pytest.mark.parametrize("refuses_sort", [False, True])
+def test_a_catch_up_longer_than_its_pages_from_a_server_that_cannot_sort_is_read_in_counted_windows(
+        log_and_gate: Any, source: ServerSource, refuses_sort: bool) -> None:
+    """A server that ignores or refuses _sort: what was not read cannot be told from what was, so the
+    window is read in parts bounded on both sides (ge, lt), each counted (_summary=count) to fit in the
+    pages a search may read, and continued from its end with the next notification until done. Every
+    patient is queued. Before, the catch-up failed on every notification and the window was never read."""
+    n = PAGE * CATCH_UP_PAGES * 2 + 7          # more than two searches' worth
+    hospital = Hospital(n, sorts=False, refuses_sort=refuses_sort)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    outs = [deliver(5, 0)]
+    while outs[-1].recovery_resumes is not None and len(outs) < 10:
+        outs.append(deliver(5 + len(outs), len(outs)))
+    assert all(o.recovery_failed is None and o.recovery_skipped is None for o in outs)
+    assert 3 <= len(outs) <= 5 and outs[-1].missed == 3 and outs[-1].recovery_resumes is None
+    assert sorted(p for p in queued if p.startswith("p")) == [f"p{i:03d}" for i in range(n)]
+    # Each notification's search reads on from where the last window ended; the last fits unbounded.
+    assert [w[1] is None for w in hospital.windows] == [True, False] * (len(outs) - 1) + [True]
+    for (_, end), (start, _) in zip(hospital.windows[1::2], hospital.windows[2::2]):
+        assert start == "ge" + end[2:] and end.endswith("0Z")     # whole milliseconds
+    assert hospital.counted <= 12 * (len(outs) - 1)     # a few counts a window, not one per millisecond
+    assert deliver(5 + len(outs), 20).missed == 0
+
+
+@responses.activate
+def test_a_long_catch_up_from_a_server_that_neither_sorts_nor_counts_stays_owed(log_and_gate: Any,
+                                                                               source: ServerSource) -> None:
+    """Without the order and without a count, what was not read cannot be told from what was: said, and
+    owed (tried again with the next notification)."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False, counts=False)
     deliver, queued = opened(hospital, log_and_gate, source)
     out = deliver(5, 0)
     assert out.recovery_retried and out.recovery_resumes is None
-    assert "not sorted by _lastUpdated" in out.recovery_failed and "cannot be continued" in out.recovery_failed
+    assert "not sorted by _lastUpdated" in out.recovery_failed and "gives no count" in out.recovery_failed
     again = deliver(6, 1)
     assert again.recovery_retried and hospital.searched_from[1] == hospital.searched_from[0]
 
@@ -243,17 +280,6 @@ def test_a_server_refusing_sort_is_searched_again_without_it(log_and_gate: Any, 
 
 
 @responses.activate
-def test_a_server_refusing_sort_cannot_continue_a_long_catch_up_and_says_why(log_and_gate: Any,
-                                                                            source: ServerSource) -> None:
-    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, refuses_sort=True)
-    deliver, queued = opened(hospital, log_and_gate, source)
-    out = deliver(5, 0)
-    assert out.recovery_retried and out.recovery_resumes is None and len(out.recovered) == 0
-    assert "refuses _sort=_lastUpdated" in out.recovery_failed and "cannot be continued" in out.recovery_failed
-    assert queued == ["new1", "new5"] and deliver(6, 1).recovery_retried     # owed: tried again
-
-
-@responses.activate
 def test_a_page_limited_catch_up_reading_the_minimum_date_last_is_an_upstream_error(source: ServerSource) -> None:
     """The last change read says 0001-01-01 (a server's default date) after a later one: not sorted, an
     UpstreamError (the catch-up stays owed). Before, where to continue was computed first: OverflowError,
@@ -330,3 +356,43 @@ def test_giving_up_on_an_instant_continues_just_past_it_not_a_millisecond_later(
                              "their patients not rescored")
     later = catch_up(source, found.resume - timedelta(microseconds=1), [], max_pages=2, one_instant_pages=3)
     assert later.patients == ["p008"] and later.resume is None and later.skipped is None
+
+
+@responses.activate
+def test_a_server_that_cannot_sort_with_more_changes_in_one_millisecond_than_fit_gives_them_up_and_says_so(
+        source: ServerSource) -> None:
+    """Nine changes at one instant, at a server that refuses _sort, room for three: counting cannot split a
+    millisecond, so what the pages hold is read, the rest given up on (said), and the next search starts
+    just after that millisecond."""
+    hospital = Hospital(12, refuses_sort=True)
+    instant = NOW - timedelta(hours=1)
+    for observation in hospital.observations[:9]:
+        observation["meta"]["lastUpdated"] = format_datetime(instant)
+    for minute, observation in enumerate(hospital.observations[9:]):
+        observation["meta"]["lastUpdated"] = format_datetime(instant + timedelta(minutes=minute + 1))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    found = catch_up(source, instant, [], max_pages=2, now=NOW)
+    assert found.skipped and "more than 2 pages in one millisecond" in found.skipped
+    assert instant < found.resume <= instant + timedelta(milliseconds=1) and len(found.patients) == 2 * PAGE
+    assert hospital.counted < 48
+    rest = catch_up(source, found.resume, [], max_pages=2, now=NOW)
+    assert rest.skipped is None and rest.resume is None
+    assert sorted(rest.patients) == [f"p{i:03d}" for i in range(9, 12)]
+
+
+@responses.activate
+def test_a_window_counted_to_fit_that_has_more_pages_is_tried_again(source: ServerSource) -> None:
+    """The count said the window fits, its pages say otherwise (changes came in, or the count is an estimate):
+    an UpstreamError, the catch-up stays owed and is tried again, nothing given up."""
+
+    class Estimating(Hospital):
+        def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+            status, headers, body = super().__call__(request)
+            bundle = json.loads(body)
+            if "total" in bundle and "entry" not in bundle:
+                bundle["total"] //= 10
+            return status, headers, json.dumps(bundle)
+    hospital = Estimating(30, sorts=False)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    with pytest.raises(UpstreamError, match="was counted to fit in 2 pages but had more; tried again"):
+        catch_up(source, NOW - timedelta(hours=3), [], max_pages=2, now=NOW)

@@ -40,7 +40,7 @@ class Searches:
         self.since: list[datetime] = []
         self.found: list[str] = []
 
-    def __call__(self, _source: Any, since: datetime, _codes: Any) -> CatchUp:
+    def __call__(self, _source: Any, since: datetime, _codes: Any, **_options: Any) -> CatchUp:
         self.since.append(since)
         return CatchUp(list(self.found))
 
@@ -219,7 +219,7 @@ def test_a_catch_up_that_breaks_keeps_its_claim_instead_of_failing_every_notific
     _, events, gate = log_and_gate
     runs: list[datetime] = []
 
-    def broken(_source: Any, since: datetime, _codes: Any) -> list[str]:
+    def broken(_source: Any, since: datetime, _codes: Any, **_options: Any) -> list[str]:
         runs.append(since)
         raise AttributeError("'str' object has no attribute 'get'")
     monkeypatch.setattr(subscriptions, "catch_up", broken)
