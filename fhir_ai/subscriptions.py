@@ -249,11 +249,13 @@ ONE_INSTANT_PAGES = 50
 # way. Changes this close together are taken as one instant, and it continues this far past an instant.
 FLOAT_TOLERANCE = timedelta(microseconds=2)
 # A server that cannot sort by _lastUpdated is read in windows bounded on both sides, each sized by counting
-# (``_summary=count``): at most this many counts per catch-up (a millisecond's resolution over years: 45).
+# (``_summary=count``): at most this many counts per window (a millisecond's resolution over years: 45).
 COUNT_PROBES = 48
 # The window's end when everything fits: this far past our clock, so that a change stamped by a server
 # clock ahead of ours is not left after it.
 CLOCK_MARGIN = timedelta(minutes=5)
+# A window counted to fit that had more pages is counted again for half as many, this many times in all.
+WINDOW_ATTEMPTS = 3
 
 
 class _SortRefused(Exception):
@@ -281,16 +283,19 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
     if not isinstance(source, ServerSource):
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
+    until = (now or datetime.now(timezone.utc)) + CLOCK_MARGIN
+    if source.unsorted is not None:           # found before: no sorted search first, no page read twice
+        return _windowed(source, since, codes, max_pages, source.unsorted[1], until, source.unsorted[0])
     try:
-        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True, now=now)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=True, until=until)
     except _SortRefused as refused:
         log.warning("the catch-up search sorted by _lastUpdated was refused (%s); searched again without _sort",
                     refused.error.message)
-        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False, now=now)
+        return _changed(source, since, codes, max_pages, one_instant_pages, sort=False, until=until)
 
 
 def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
-             one_instant_pages: int, sort: bool, now: datetime | None = None) -> CatchUp:
+             one_instant_pages: int, sort: bool, until: datetime) -> CatchUp:
     params: list[tuple[str, Any]] = [("_lastUpdated", "ge" + format_datetime(since))]
     params += [("_sort", "_lastUpdated")] if sort else []
     params.append(("_count", 200))
@@ -342,8 +347,8 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
             why = ("the server refuses _sort=_lastUpdated" if not sort
                    else "not sorted by _lastUpdated (or without meta.lastUpdated)")
             log.warning("%s has more than %d pages, %s: read in windows sized by counting", window, max_pages, why)
-            return _windowed(source, since, codes, max_pages, max(1, read // max_pages),
-                             (now or datetime.now(timezone.utc)) + CLOCK_MARGIN, why)
+            source.unsorted = (why, max(1, read // max_pages))
+            return _windowed(source, since, codes, max_pages, source.unsorted[1], until, why)
         if one_instant():
             # Every change read, even past max_pages, at one instant: continued from it, the same pages
             # again. Given up on (said), continued just past it (the float the event log keeps: a hair
@@ -375,60 +380,88 @@ def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]
     """The catch-up of a server that cannot sort by _lastUpdated (``why``), for more pages than a search may
     read: the changes from ``since`` up to an end found by counting (``_summary=count``, a binary search
     over the end, stopped once the window is at least half full), as many as ``max_pages`` of the server's
-    pages (``per_page``: what its pages held) can hold less a tenth (changes coming in meanwhile), read whole in a window bounded on both sides
-    (``ge`` since, ``lt`` end: no order needed), and continued from that end (``resume``) with the next
-    notification; done when the end reached ``until``. A server that gives no count cannot be read so:
-    an UpstreamError, the catch-up stays owed. More changes in the first millisecond than fit are read
-    as far as the pages go and the rest of that millisecond given up on (``skipped``, said)."""
+    pages (``per_page``: what its pages held) can hold less a tenth (changes coming in meanwhile), read whole
+    in a window bounded on both sides (``ge`` since, ``lt`` end: no order needed), and continued from that
+    end (``resume``) with the next notification; done when the end reached ``until``.
+
+    Not taken on trust: a change read outside its window (a server that ignores the second bound) is an
+    UpstreamError, and so is a server that gives no count; the catch-up stays owed. A window counted to fit
+    that has more pages (a count that is an estimate, changes coming in) is counted again for half as many,
+    WINDOW_ATTEMPTS times at most. More changes in the first millisecond than fit are read as far as the
+    pages go and the rest of that millisecond given up on (``skipped``, said) - only when every change read
+    says it lies in that millisecond. Counts and pages are asked with one retry, like the pages of the search.
+    """
     start = format_datetime(since)
-    room = max(1, per_page * max_pages * 9 // 10)
     window = f"the catch-up search for Observations changed since {start} ({why})"
+    # A server keeping milliseconds reads a bound with more digits at its own precision.
+    slack = timedelta(milliseconds=1)
 
     def bounded(end: datetime) -> list[tuple[str, Any]]:
         return [("_lastUpdated", "ge" + start), ("_lastUpdated", "lt" + format_datetime(end))]
 
     def count(end: datetime) -> int:
-        bundle = source.client.get("Observation", [*bounded(end), ("_summary", "count")])
+        bundle = source.client.get("Observation", [*bounded(end), ("_summary", "count")], retries=1)
         total = bundle.get("total")
         if type(total) is not int or total < 0:
             raise UpstreamError(f"{window} has more than {max_pages} pages, and the server gives no count "
                                 "(_summary=count) to read it in windows: it cannot be continued", temporary=False)
         return total
 
-    end, probes = until, 1
-    if count(until) > room:
-        # count(fits) <= room < count(too_many); a window at least half full is enough (fewer counts).
-        fits, too_many, held = since, until, 0
-        while too_many - fits > timedelta(milliseconds=1) and probes < COUNT_PROBES and held < room // 2:
-            middle = fits + (too_many - fits) / 2
-            middle -= timedelta(microseconds=middle.microsecond % 1000)   # whole milliseconds: what servers keep
-            if middle <= fits:
-                break
-            probes += 1
-            found = count(middle)
-            if found <= room:
-                fits, held = middle, found
-            else:
-                too_many = middle
-        end = fits if fits > since else too_many
-    patients: dict[str, None] = {}
-    try:
-        for resource in source.client.search("Observation", [*bounded(end), ("_count", 200)], max_pages=max_pages,
-                                              retries=1):
-            patient = subject_patient(resource)
-            if patient and is_vital_sign(resource, codes):
-                patients[patient] = None
-    except PagingLimit as exc:
-        if end > since + timedelta(milliseconds=1):   # counted to fit, yet more pages: changed meanwhile; again later
-            raise UpstreamError(f"{window}: the window up to {format_datetime(end)} was counted to fit in "
-                                f"{max_pages} pages but had more; tried again", temporary=False) from exc
-        skipped = (f"Observations changed between {start} and {format_datetime(end)}: more than {max_pages} "
-                   "pages in one millisecond, and the server cannot sort them; those not read were given up on, "
-                   "their patients not rescored")
-        log.error("%s: %s", window, skipped)
-        return CatchUp(list(patients), end, skipped)
-    log.info("%s: read up to %s (%d count(s))", window, format_datetime(end), probes)
-    return CatchUp(list(patients), None if end >= until else end)
+    room = max(1, per_page * max_pages * 9 // 10)
+    for _ in range(WINDOW_ATTEMPTS):
+        end, counts = until, 1
+        if count(until) > room:
+            # count(fits) <= room < count(too_many); a window at least half full is enough (fewer counts).
+            fits, too_many, held = since, until, 0
+            while too_many - fits > timedelta(milliseconds=1) and not (fits > since and 2 * held >= room):
+                middle = fits + (too_many - fits) / 2
+                middle -= timedelta(microseconds=middle.microsecond % 1000)   # whole milliseconds: what servers keep
+                if middle <= fits:
+                    break
+                if counts >= COUNT_PROBES:
+                    raise UpstreamError(f"{window}: no window that fits in {max_pages} pages was found in "
+                                        f"{COUNT_PROBES} counts; tried again with the next notification",
+                                        temporary=False)
+                counts += 1
+                found = count(middle)
+                if found <= room:
+                    fits, held = middle, found
+                else:
+                    too_many = middle
+            end = fits if fits > since else too_many
+        patients: dict[str, None] = {}
+        stamped = True                       # every change read says when it changed
+        try:
+            for resource in source.client.search("Observation", [*bounded(end), ("_count", 200)],
+                                                  max_pages=max_pages, retries=1):
+                changed = _last_updated(resource)
+                if changed is None:
+                    stamped = False
+                elif not since - slack <= changed < end + slack:
+                    raise UpstreamError(f"{window}: the server answered the window up to {format_datetime(end)} "
+                                        f"with a change at {format_datetime(changed)}: it does not keep to the "
+                                        "window's bounds, so it cannot be read in windows", temporary=False)
+                patient = subject_patient(resource)
+                if patient and is_vital_sign(resource, codes):
+                    patients[patient] = None
+        except PagingLimit as exc:
+            if end > since + timedelta(milliseconds=1):   # counted to fit, yet more pages: count again for fewer
+                room = max(1, room // 2)
+                continue
+            if not stamped:
+                raise UpstreamError(f"{window}: more than {max_pages} pages between {start} and "
+                                    f"{format_datetime(end)}, and changes without meta.lastUpdated: it cannot be "
+                                    "told whether they lie in that millisecond", temporary=False) from exc
+            skipped = (f"Observations changed between {start} and {format_datetime(end)}: more than {max_pages} "
+                       "pages in one millisecond, and the server cannot sort them; those not read were given up "
+                       "on, their patients not rescored")
+            log.error("%s: %s", window, skipped)
+            return CatchUp(list(patients), end, skipped)
+        log.info("%s: read up to %s (%d count(s))", window, format_datetime(end), counts)
+        return CatchUp(list(patients), None if end >= until else end)
+    raise UpstreamError(f"{window}: windows counted to fit in {max_pages} pages had more pages, {WINDOW_ATTEMPTS} "
+                        "times (the server's count is an estimate, or changes keep coming in); tried again with "
+                        "the next notification", temporary=False)
 
 
 def _last_updated(resource: Any) -> datetime | None:

@@ -157,10 +157,13 @@ def test_a_catch_up_longer_than_its_pages_from_a_server_that_cannot_sort_is_read
     assert all(o.recovery_failed is None and o.recovery_skipped is None for o in outs)
     assert 3 <= len(outs) <= 5 and outs[-1].missed == 3 and outs[-1].recovery_resumes is None
     assert sorted(p for p in queued if p.startswith("p")) == [f"p{i:03d}" for i in range(n)]
-    # Each notification's search reads on from where the last window ended; the last fits unbounded.
-    assert [w[1] is None for w in hospital.windows] == [True, False] * (len(outs) - 1) + [True]
-    for (_, end), (start, _) in zip(hospital.windows[1::2], hospital.windows[2::2]):
-        assert start == "ge" + end[2:] and end.endswith("0Z")     # whole milliseconds
+    # The first search finds the server cannot sort; from then on each notification reads one counted window
+    # (no sorted search first), from where the last one ended.
+    windows = hospital.windows[1:]
+    assert hospital.windows[0][1] is None and len(windows) == len(outs) and all(w[1] for w in windows)
+    for (_, end), (start, _) in zip(windows, windows[1:]):
+        assert start == "ge" + end[2:] and parse_datetime(end[2:]).microsecond % 1000 == 0   # whole milliseconds
+    assert windows[-1][1] == "lt" + format_datetime(NOW + timedelta(minutes=len(outs) - 1, seconds=300))
     assert hospital.counted <= 12 * (len(outs) - 1)     # a few counts a window, not one per millisecond
     assert deliver(5 + len(outs), 20).missed == 0
 
@@ -380,19 +383,81 @@ def test_a_server_that_cannot_sort_with_more_changes_in_one_millisecond_than_fit
     assert sorted(rest.patients) == [f"p{i:03d}" for i in range(9, 12)]
 
 
-@responses.activate
-def test_a_window_counted_to_fit_that_has_more_pages_is_tried_again(source: ServerSource) -> None:
-    """The count said the window fits, its pages say otherwise (changes came in, or the count is an estimate):
-    an UpstreamError, the catch-up stays owed and is tried again, nothing given up."""
+class Estimating(Hospital):
+    """Counts ``1/divisor`` of what its pages hold (an estimate, or a count leaving something out)."""
 
-    class Estimating(Hospital):
-        def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
-            status, headers, body = super().__call__(request)
-            bundle = json.loads(body)
-            if "total" in bundle and "entry" not in bundle:
-                bundle["total"] //= 10
-            return status, headers, json.dumps(bundle)
-    hospital = Estimating(30, sorts=False)
+    def __init__(self, count: int, divisor: int, **options: Any) -> None:
+        super().__init__(count, **options)
+        self.divisor = divisor
+
+    def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+        status, headers, body = super().__call__(request)
+        bundle = json.loads(body)
+        if "total" in bundle and "entry" not in bundle:
+            bundle["total"] //= self.divisor
+        return status, headers, json.dumps(bundle)
+
+
+@responses.activate
+def test_a_window_counted_to_fit_that_has_more_pages_is_counted_again_for_fewer(source: ServerSource) -> None:
+    """The count says half of what the pages hold: a window counted to fit has more pages, so it is counted
+    again for half as many, and the catch-up goes on, every patient found."""
+    hospital = Estimating(30, 2, sorts=False)
     responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
-    with pytest.raises(UpstreamError, match="was counted to fit in 2 pages but had more; tried again"):
+    since, found, rounds = NOW - timedelta(hours=3), set(), 0
+    while since is not None and rounds < 20:
+        out = catch_up(source, since, [], max_pages=2, now=NOW)
+        assert out.skipped is None
+        found.update(out.patients)
+        since, rounds = out.resume, rounds + 1
+    assert since is None and found == {f"p{i:03d}" for i in range(30)}
+
+
+@responses.activate
+def test_windows_that_keep_having_more_pages_than_counted_fail_and_stay_owed(source: ServerSource) -> None:
+    """A count a tenth of the truth: three windows counted to fit all have more pages; an UpstreamError (owed,
+    tried again with the next notification), nothing given up."""
+    hospital = Estimating(30, 10, sorts=False)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    with pytest.raises(UpstreamError, match="windows counted to fit in 2 pages had more pages, 3 times"):
         catch_up(source, NOW - timedelta(hours=3), [], max_pages=2, now=NOW)
+
+
+class IgnoresSecondBound(Hospital):
+    """Takes the first of two _lastUpdated parameters only (ge), as some servers do."""
+
+    def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+        parts = urlsplit(request.url)
+        kept = [(k, v) for k, v in parse_qsl(parts.query) if not (k == "_lastUpdated" and v.startswith("lt"))]
+        request.url = f"{BASE}/Observation?{urlencode(kept)}"
+        return super().__call__(request)
+
+
+@responses.activate
+def test_a_server_ignoring_the_windows_end_is_an_error_not_a_millisecond_given_up(source: ServerSource) -> None:
+    """Every window is counted as the whole rest: the search narrows to one millisecond, whose read brings
+    changes from outside it. An UpstreamError saying the server does not keep to the bounds (owed), not
+    'more than 2 pages in one millisecond' given up on, a millisecond at a time."""
+    hospital = IgnoresSecondBound(60, sorts=False)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    with pytest.raises(UpstreamError, match="does not keep to the window's bounds"):
+        catch_up(source, NOW - timedelta(hours=3), [], max_pages=2, now=NOW)
+
+
+@responses.activate
+def test_counts_are_asked_with_one_retry_like_the_pages(source: ServerSource) -> None:
+    """The hospital's server waits for our answer: a count that fails is retried once, not the client's
+    full retries."""
+    hospital = Hospital(30, sorts=False)
+    counted: list[int] = []
+
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        if "_summary=count" in request.url:
+            counted.append(1)
+            return 503, {}, "{}"
+        return hospital(request)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=answer)
+    with FhirClient(BASE, retries=3, sleep=lambda _: None) as client:
+        with pytest.raises(UpstreamError):
+            catch_up(ServerSource(client), NOW - timedelta(hours=3), [], max_pages=2, now=NOW)
+    assert len(counted) == 2

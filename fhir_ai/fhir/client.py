@@ -263,9 +263,9 @@ class FhirClient:
 
     # -- public calls -------------------------------------------------------------------------
 
-    def get(self, path_or_url: str, params: Params = None) -> dict[str, Any]:
-        """GET a resource or Bundle; a relative path is taken from base_url."""
-        return self._call("GET", path_or_url, params=params)
+    def get(self, path_or_url: str, params: Params = None, *, retries: int | None = None) -> dict[str, Any]:
+        """GET a resource or Bundle; a relative path is taken from base_url (``retries``: as for ``put``)."""
+        return self._call("GET", path_or_url, params=params, retries=retries)
 
     def put(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
         """PUT {type}/{id}: create or update, so a retry never duplicates. {} if no body.
