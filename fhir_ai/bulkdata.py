@@ -31,7 +31,7 @@ from urllib3.util import parse_url
 from .config import Settings
 from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
-from .fhir.client import _DEFAULT_PORTS, Auth, _response_outcome, _retry_after, outcome_text
+from .fhir.client import _DEFAULT_PORTS, Auth, _loads, _response_outcome, _retry_after, outcome_text
 from .jobs.state import JobStore
 from .search import parse_query
 from .search.params import MAX_COUNT
@@ -485,20 +485,30 @@ class BulkDataClient:
             self._sleep(min(MAX_POLL, wait))
 
     def missing_patients(self, patients: Iterable[str]) -> set[str]:
-        """Those of ``patients`` the server no longer has: a read answers 404 Not Found or 410 Gone.
+        """Those of ``patients`` the server says it no longer has: a read answers 410 Gone, or 404 Not
+        Found with an OperationOutcome (a FHIR server's own answer, not a proxy's or a front end's).
 
         A patient export naming an unknown patient fails (HTTP 404, or a failed job on some servers): a run
         that asked for a patient deleted at the hospital would fail, and ask again, on every run. Any other
-        answer than 200 is an error (a 5xx after the retries): the run cannot tell, and fails.
+        answer (401 or 403 for a client that may not read patients, a redirect, a 404 that is no FHIR, a
+        5xx after the retries) tells nothing: that patient is asked for, as every one was before this check.
         """
         missing = set()
         for patient in patients:
-            response = self._request("GET", f"{self.base_url}/Patient/{patient}",
-                                     headers={"Accept": "application/fhir+json"})
-            if response.status_code in GONE:
+            if not _FHIR_ID.fullmatch(patient):
+                continue
+            try:
+                response = self._request("GET", f"{self.base_url}/Patient/{patient}",
+                                         headers={"Accept": "application/fhir+json"})
+            except UpstreamError as exc:
+                log.warning("reading a patient whose inputs were deleted failed (%s): asked for all the same",
+                            exc.upstream_status or type(exc).__name__)
+                continue
+            if response.status_code == 410 or (response.status_code == 404 and _is_outcome(response)):
                 missing.add(patient)
             elif response.status_code != 200:
-                raise self._error("reading a patient whose inputs were deleted", response)
+                log.warning("reading a patient whose inputs were deleted: HTTP %d; asked for all the same",
+                            response.status_code)
         return missing
 
     def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
@@ -509,6 +519,15 @@ class BulkDataClient:
                              + (f" [issue codes: {', '.join(codes)}]" if codes else ""),
                              temporary=status in TRANSIENT and codes is None, upstream_status=status,
                              retry_after=_retry_after(response))
+
+
+def _is_outcome(response: requests.Response) -> bool:
+    """Whether an answer's body is a FHIR OperationOutcome."""
+    try:
+        body = _loads(response.content)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
 
 
 def _wire_origin(url: str) -> tuple[str, str, int | None]:

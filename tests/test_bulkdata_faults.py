@@ -415,7 +415,7 @@ def test_a_patient_whose_deleted_inputs_were_purged_with_them_is_not_asked_for(
     # Only patient demo-002 gone: no kick-off at all, and the run still completes.
     responses.reset()
     add_deletions(f"{BASE}/{inputs['demo-002']}")
-    responses.get(f"{BASE}/Patient/demo-002", status=status)
+    responses.get(f"{BASE}/Patient/demo-002", status=status, json={"resourceType": "OperationOutcome", "issue": []})
     run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "3",
                             output=tmp_path / "3.ndjson")
     assert run.complete and run.patients == 0 and run.patients_gone == 1
@@ -423,19 +423,26 @@ def test_a_patient_whose_deleted_inputs_were_purged_with_them_is_not_asked_for(
 
 
 @responses.activate
-def test_a_patient_read_that_keeps_failing_fails_the_run(registry: ModelRegistry, jobs: JobStore,
-                                                         client: BulkDataClient, tmp_path: Path) -> None:
-    """Whether a patient is gone cannot be told from a 500: the run fails (the next asks since the same point)."""
+@pytest.mark.parametrize("answer", [
+    {"status": 500}, {"status": 403, "json": {"resourceType": "OperationOutcome", "issue": []}},
+    {"status": 404, "body": "Cannot GET /fhir/Patient/demo-002"},            # a front end's, not the server's
+    {"status": 302, "headers": {"Location": "https://login.example.org/"}}, {"status": 401}])
+def test_a_patient_read_that_tells_nothing_leaves_the_patient_asked_for(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path, answer: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Only a 410, or a 404 that is a FHIR OperationOutcome, says a patient is gone. A 5xx after the retries, a
+    403 (a client that may not read patients), a 404 that is no FHIR, a redirect, a 401: the patient is asked for
+    as before the check, the run goes on (the read's status is logged, not the patient)."""
     scored = first_run(registry, jobs, client, tmp_path)
     used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
     add_deletions(f"{BASE}/{used}")
     for _ in range(client.retries + 1):
-        responses.get(f"{BASE}/Patient/demo-002", status=500)
-    with pytest.raises(UpstreamError, match="reading a patient whose inputs were deleted: HTTP 500"):
-        export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
-                          output=tmp_path / "2.ndjson")
-    assert jobs.last("bulk-export", SCOPE).result["transactionTime"] == "2026-11-20T08:00:00Z"
-    assert not any(c.request.method == "POST" for c in responses.calls)
+        responses.get(f"{BASE}/Patient/demo-002", **answer)
+    caplog.set_level(logging.WARNING, logger="fhir_ai")
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-002")
+    assert asked == ["Patient/demo-002"] and run.complete and run.patients == 1 and run.patients_gone == 0
+    said = [r.getMessage() for r in caplog.records if "asked for all the same" in r.getMessage()]
+    assert len(said) == 1 and "demo-002" not in said[0]
 
 
 # -- M4: where files may come from ---------------------------------------------------------------------
