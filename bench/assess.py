@@ -277,6 +277,10 @@ def throughput(upstream: str, folder: Path, patients: dict[str, dict], max_reque
                     raise SystemExit("fhir-ai serve did not start: " + server.stderr.read().decode()[-2000:])
                 time.sleep(0.2)
         ids = list(patients)
+        rounds = 1 + (max_requests - 1) // len(ids)
+        if rounds * 3.5 > 14:      # the generator's stays are 22-44 h: further back, some have no data yet
+            raise SystemExit(f"{max_requests} requests over {len(ids)} patients go back {rounds * 3.5:.0f} h: "
+                             "some assessments would have no data (cheaper, not comparable); use more --patients")
         bodies = [body(patients[ids[i % len(ids)]]["as_of"], 1 + i // len(ids)) for i in range(max_requests)]
         counter = iter(range(max_requests))
         lock = threading.Lock()

@@ -38,6 +38,11 @@ class SingleRowPredictor:
     trees, the same row-to-feature conversion and output transform (sigmoid, softmax) as predict, so the
     same numbers (a test compares them bit for bit). LightGBM serialises calls on one booster with its
     own lock, so threads may share it.
+
+    The number of trees is the booster's (LightGBM resets it whenever a predictor is set up on that
+    booster): every call here and in ``LoadedModel`` predicts with all of them (``best_iteration`` is -1
+    for a model loaded from its file). A ``Booster.predict`` on the same booster with another
+    ``num_iteration`` would change what this predicts; nothing does that.
     """
 
     def __init__(self, booster: lgb.Booster) -> None:
