@@ -258,6 +258,10 @@ CLOCK_MARGIN = timedelta(minutes=5)
 WINDOW_ATTEMPTS = 3
 
 
+class _NoCount(UpstreamError):
+    """The server gives no ``_summary=count``: a catch-up cannot be read in counted windows."""
+
+
 class _SortRefused(Exception):
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(error.message)
@@ -285,7 +289,10 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
     codes = list(codes)
     until = (now or datetime.now(timezone.utc)) + CLOCK_MARGIN
     if source.unsorted is not None:           # found before: no sorted search first, no page read twice
-        return _windowed(source, since, codes, max_pages, source.unsorted[1], until, source.unsorted[0])
+        try:
+            return _windowed(source, since, codes, max_pages, source.unsorted[1], until, source.unsorted[0])
+        except _NoCount:                      # no count: a window that fits in the pages is still read whole
+            return _changed(source, since, codes, max_pages, one_instant_pages, sort=False, until=until)
     try:
         return _changed(source, since, codes, max_pages, one_instant_pages, sort=True, until=until)
     except _SortRefused as refused:
@@ -403,8 +410,8 @@ def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]
         bundle = source.client.get("Observation", [*bounded(end), ("_summary", "count")], retries=1)
         total = bundle.get("total")
         if type(total) is not int or total < 0:
-            raise UpstreamError(f"{window} has more than {max_pages} pages, and the server gives no count "
-                                "(_summary=count) to read it in windows: it cannot be continued", temporary=False)
+            raise _NoCount(f"{window} has more than {max_pages} pages, and the server gives no count "
+                           "(_summary=count) to read it in windows: it cannot be continued", temporary=False)
         return total
 
     room = max(1, per_page * max_pages * 9 // 10)

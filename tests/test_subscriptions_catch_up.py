@@ -461,3 +461,17 @@ def test_counts_are_asked_with_one_retry_like_the_pages(source: ServerSource) ->
         with pytest.raises(UpstreamError):
             catch_up(ServerSource(client), NOW - timedelta(hours=3), [], max_pages=2, now=NOW)
     assert len(counted) == 2
+
+
+@responses.activate
+def test_a_server_found_unsorted_that_gives_no_count_still_has_its_short_catch_ups_read(
+        log_and_gate: Any, source: ServerSource) -> None:
+    """Once a long catch-up found the server cannot sort (and it gives no count: owed), a later short one
+    (fewer than 20 pages) is still read whole, as any catch-up of such a server was before windows."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False, counts=False)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    assert deliver(5, 0).recovery_retried and source.unsorted is not None
+    hospital.observations = hospital.observations[-3:]        # the rest now lies before the window
+    out = deliver(6, 1)
+    assert out.recovery_failed is None and out.recovery_resumes is None
+    assert sorted(out.recovered) == sorted(o["subject"]["reference"][8:] for o in hospital.observations)
