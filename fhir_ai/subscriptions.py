@@ -4,6 +4,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -256,6 +257,8 @@ COUNT_PROBES = 48
 CLOCK_MARGIN = timedelta(minutes=5)
 # A window counted to fit that had more pages is counted again for half as many, this many times in all.
 WINDOW_ATTEMPTS = 3
+# How long a server found unable to sort is read in counted windows straight away (seconds).
+UNSORTED_FOR = 3600.0
 
 
 class _NoCount(UpstreamError):
@@ -288,6 +291,8 @@ def catch_up(source: Source, since: datetime, codes: Iterable[tuple[str, str]],
         raise NotSupported("the configured source cannot be searched for changed Observations")
     codes = list(codes)
     until = (now or datetime.now(timezone.utc)) + CLOCK_MARGIN
+    if source.unsorted is not None and time.monotonic() - source.unsorted[2] > UNSORTED_FOR:
+        source.unsorted = None                # an hour on: the server may have been mended; found out again
     if source.unsorted is not None:           # found before: no sorted search first, no page read twice
         try:
             return _windowed(source, since, codes, max_pages, source.unsorted[1], until, source.unsorted[0])
@@ -314,6 +319,7 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
     recent: list[datetime] = []
     before: datetime | None = None
     ordered, read = True, 0
+    stamps: dict[Any, datetime] = {}    # when each change read (by id) was made, while they come in order
     # Continued a millisecond early (see below): every change read up to here is at most at that
     # instant. A few microseconds more: ``since`` came back through the float the event log keeps (a
     # microsecond off either way); a hair short, a window of one instant would be "continued" from
@@ -340,6 +346,7 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
                 ordered = False
             last = changed
             if ordered and changed is not None:
+                stamps[resource.get("id") or read] = changed
                 first = first or changed
                 if not recent or changed != recent[-1]:
                     recent.append(changed)
@@ -350,12 +357,14 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
                 patients[patient] = None
     except PagingLimit:
         window = f"the catch-up search for Observations changed since {format_datetime(since)}"
-        if not sort or not ordered or last is None:
-            why = ("the server refuses _sort=_lastUpdated" if not sort
-                   else "not sorted by _lastUpdated (or without meta.lastUpdated)")
+
+        def in_windows(why: str) -> CatchUp:
             log.warning("%s has more than %d pages, %s: read in windows sized by counting", window, max_pages, why)
-            source.unsorted = (why, max(1, read // max_pages))
+            source.unsorted = (why, max(1, read // max_pages), time.monotonic())
             return _windowed(source, since, codes, max_pages, source.unsorted[1], until, why)
+        if not sort or not ordered or last is None:
+            return in_windows("the server refuses _sort=_lastUpdated" if not sort
+                              else "not sorted by _lastUpdated (or without meta.lastUpdated)")
         if one_instant():
             # Every change read, even past max_pages, at one instant: continued from it, the same pages
             # again. Given up on (said), continued just past it (the float the event log keeps: a hair
@@ -371,15 +380,38 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
             # At most at the instant continued from, but an earlier one too (the millisecond before it,
             # read before): continued just past the earlier one - the same pages less those, nothing
             # skipped (every change before ``last`` was read), and the next search is of one instant.
-            return CatchUp(list(patients), before + FLOAT_TOLERANCE)
-        # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
-        # must not move it past a change at that instant.
-        return CatchUp(list(patients), last - timedelta(milliseconds=1))
+            resume = before + FLOAT_TOLERANCE
+        else:
+            # Continued a millisecond early: digits past the microsecond, and the float the event log keeps,
+            # must not move it past a change at that instant.
+            resume = last - timedelta(milliseconds=1)
+        # The order read is the server's word: one that ignores _sort may send an order that only looks
+        # ascending (creation order), and continuing would skip the changes not read that were made before
+        # ``resume``. Counted (where the server counts): more of them than were read means not sorted.
+        made = _count(source, [("_lastUpdated", "ge" + format_datetime(since)),
+                               ("_lastUpdated", "lt" + format_datetime(resume))])
+        if made is not None and made > sum(1 for stamp in stamps.values() if stamp < resume):
+            return in_windows(f"not sorted by _lastUpdated ({made} changes before the last one read, "
+                              f"{read} read)")
+        return CatchUp(list(patients), resume)
     except UpstreamError as exc:
         if sort and not read and exc.upstream_status == 400:
             raise _SortRefused(exc) from exc
         raise
     return CatchUp(list(patients))
+
+
+def _count(source: ServerSource, params: list[tuple[str, Any]]) -> int | None:
+    """How many Observations match (``_summary=count``, one retry); None when the server gives no count
+    (no ``total``, or it refuses the parameter: a 4xx)."""
+    try:
+        bundle = source.client.get("Observation", [*params, ("_summary", "count")], retries=1)
+    except UpstreamError as exc:
+        if exc.upstream_status is not None and 400 <= exc.upstream_status < 500 and exc.upstream_status != 429:
+            return None
+        raise
+    total = bundle.get("total")
+    return total if type(total) is int and total >= 0 else None
 
 
 def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]], max_pages: int,
@@ -400,16 +432,17 @@ def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]
     """
     start = format_datetime(since)
     window = f"the catch-up search for Observations changed since {start} ({why})"
-    # A server keeping milliseconds reads a bound with more digits at its own precision.
-    slack = timedelta(milliseconds=1)
+    # A server reads a bound at its own precision (milliseconds, or whole seconds: 'ge 06:00:00.4' may
+    # bring a change stamped 06:00:00): within a second of the window is inside it. A server ignoring the
+    # second bound brings the whole rest, far outside.
+    slack = timedelta(seconds=1)
 
     def bounded(end: datetime) -> list[tuple[str, Any]]:
         return [("_lastUpdated", "ge" + start), ("_lastUpdated", "lt" + format_datetime(end))]
 
     def count(end: datetime) -> int:
-        bundle = source.client.get("Observation", [*bounded(end), ("_summary", "count")], retries=1)
-        total = bundle.get("total")
-        if type(total) is not int or total < 0:
+        total = _count(source, bounded(end))
+        if total is None:
             raise _NoCount(f"{window} has more than {max_pages} pages, and the server gives no count "
                            "(_summary=count) to read it in windows: it cannot be continued", temporary=False)
         return total
@@ -427,7 +460,7 @@ def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]
                     break
                 if counts >= COUNT_PROBES:
                     raise UpstreamError(f"{window}: no window that fits in {max_pages} pages was found in "
-                                        f"{COUNT_PROBES} counts; tried again with the next notification",
+                                        f"{COUNT_PROBES} counts",
                                         temporary=False)
                 counts += 1
                 found = count(middle)
@@ -467,8 +500,7 @@ def _windowed(source: ServerSource, since: datetime, codes: list[tuple[str, str]
         log.info("%s: read up to %s (%d count(s))", window, format_datetime(end), counts)
         return CatchUp(list(patients), None if end >= until else end)
     raise UpstreamError(f"{window}: windows counted to fit in {max_pages} pages had more pages, {WINDOW_ATTEMPTS} "
-                        "times (the server's count is an estimate, or changes keep coming in); tried again with "
-                        "the next notification", temporary=False)
+                        "times (the server's count is an estimate, or changes keep coming in)", temporary=False)
 
 
 def _last_updated(resource: Any) -> datetime | None:

@@ -4,6 +4,8 @@ hospital's server mocked with responses, paging by offset)."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -31,8 +33,10 @@ class Hospital:
     offset; ``_summary=count`` answered with the total unless ``counts`` is off (then ignored)."""
 
     def __init__(self, count: int, sorts: bool = True, start: datetime = NOW - timedelta(hours=2),
-                 refuses_sort: bool = False, counts: bool = True) -> None:
-        self.sorts, self.refuses_sort, self.counts = sorts, refuses_sort, counts
+                 refuses_sort: bool = False, counts: bool | int = True, created_order: bool = False) -> None:
+        # counts: True answers the total, False ignores _summary, an int is the status refusing it.
+        # created_order: unsorted answers come in the order the Observations were made, not some other.
+        self.sorts, self.refuses_sort, self.counts, self.created_order = sorts, refuses_sort, counts, created_order
         self.observations = []
         for i in range(count):
             obs = heart_rate(f"p{i:03d}")
@@ -42,10 +46,15 @@ class Hospital:
         self.windows: list[tuple[str, str | None]] = []     # (ge, lt) of each search read (not counted)
         self.pages = 0
         self.counted = 0
+        self.sorted_asked = 0
 
     def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
         pairs = parse_qsl(urlsplit(request.url).query)
         query = dict(pairs)
+        self.sorted_asked += "_sort" in query and "_offset" not in query
+        if type(self.counts) is int and query.get("_summary") == "count":
+            return self.counts, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "not-supported", "diagnostics": "_summary is not supported"}]})
         if self.refuses_sort and "_sort" in query:
             return 400, {}, json.dumps({"resourceType": "OperationOutcome", "issue": [
                 {"severity": "error", "code": "not-supported", "diagnostics": "_sort is not supported"}]})
@@ -54,7 +63,7 @@ class Hospital:
         before = next((parse_datetime(v[2:]) for v in bounds if v.startswith("lt")), None)
         found = [o for o in self.observations if parse_datetime(o["meta"]["lastUpdated"]) >= since
                  and (before is None or parse_datetime(o["meta"]["lastUpdated"]) < before)]
-        if self.counts and query.get("_summary") == "count":
+        if self.counts is True and query.get("_summary") == "count":
             self.counted += 1
             return 200, {"Content-Type": "application/fhir+json"}, json.dumps(
                 {"resourceType": "Bundle", "type": "searchset", "total": len(found)})
@@ -64,6 +73,8 @@ class Hospital:
             self.windows.append((bounds[0], next((v for v in bounds if v.startswith("lt")), None)))
         if self.sorts and query.get("_sort") == "_lastUpdated":
             found.sort(key=lambda o: o["meta"]["lastUpdated"])
+        elif self.created_order:
+            found.sort(key=lambda o: self.observations.index(o))
         else:
             found.sort(key=lambda o: o["id"][::-1])     # some order of its own
         page = found[offset:offset + PAGE]
@@ -475,3 +486,74 @@ def test_a_server_found_unsorted_that_gives_no_count_still_has_its_short_catch_u
     out = deliver(6, 1)
     assert out.recovery_failed is None and out.recovery_resumes is None
     assert sorted(out.recovered) == sorted(o["subject"]["reference"][8:] for o in hospital.observations)
+
+
+@responses.activate
+def test_a_server_refusing_the_count_still_has_its_short_catch_ups_read(log_and_gate: Any,
+                                                                       source: ServerSource) -> None:
+    """As above, for a server that refuses _summary=count (a 400), not one that ignores it."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False, counts=400)
+    deliver, queued = opened(hospital, log_and_gate, source)
+    first = deliver(5, 0)
+    assert first.recovery_retried and "gives no count" in first.recovery_failed and source.unsorted is not None
+    hospital.observations = hospital.observations[-3:]
+    out = deliver(6, 1)
+    assert out.recovery_failed is None and len(out.recovered) == 3
+
+
+class Seconds(Hospital):
+    """Keeps whole seconds: reads each _lastUpdated bound without its fraction."""
+
+    def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+        parts = urlsplit(request.url)
+        pairs = [(k, re.sub(r"\.\d+", "", v) if k == "_lastUpdated" else v) for k, v in parse_qsl(parts.query)]
+        request.url = f"{BASE}/Observation?{urlencode(pairs)}"
+        return super().__call__(request)
+
+
+@responses.activate
+def test_a_server_keeping_whole_seconds_is_read_in_windows_to_the_end(source: ServerSource) -> None:
+    """Windows start at a fraction of a second (our clock), the server reads the bound to the second and brings
+    a change stamped at that whole second: inside the window at its precision, not a server ignoring bounds."""
+    hospital = Seconds(PAGE * 2 * 4, sorts=False)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    since, found, rounds = parse_datetime(hospital.observations[0]["meta"]["lastUpdated"]) + timedelta(
+        milliseconds=400), set(), 0
+    while since is not None and rounds < 20:
+        out = catch_up(source, since, [], max_pages=2, now=NOW)
+        found.update(out.patients)
+        since, rounds = out.resume, rounds + 1
+    assert since is None and found == {f"p{i:03d}" for i in range(len(hospital.observations))}
+
+
+@responses.activate
+def test_an_order_that_only_looks_sorted_is_counted_and_read_in_windows(source: ServerSource) -> None:
+    """A server that ignores _sort and answers in the order the Observations were made: ascending, except one
+    made early and changed just now, read last. Continuing from it would skip the 15 not read, all changed
+    before it; the count of changes before it says more than were read, so the rest is read in windows."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 16, sorts=False, created_order=True)
+    recent = hospital.observations[PAGE * CATCH_UP_PAGES - 1]
+    recent["meta"]["lastUpdated"] = format_datetime(NOW - timedelta(minutes=1))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    since, found, rounds = NOW - timedelta(hours=3), set(), 0
+    first = catch_up(source, since, [], max_pages=CATCH_UP_PAGES, now=NOW)
+    assert source.unsorted is not None and "not sorted by _lastUpdated" in source.unsorted[0]
+    found.update(first.patients)
+    since = first.resume
+    while since is not None and rounds < 20:
+        out = catch_up(source, since, [], max_pages=CATCH_UP_PAGES, now=NOW)
+        found.update(out.patients)
+        since, rounds = out.resume, rounds + 1
+    assert found == {f"p{i:03d}" for i in range(len(hospital.observations))}
+
+
+@responses.activate
+def test_a_server_found_unsorted_is_asked_sorted_again_an_hour_later(source: ServerSource) -> None:
+    hospital = Hospital(3)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    source.unsorted = ("not sorted", PAGE, time.monotonic() - 3599)
+    catch_up(source, NOW - timedelta(hours=3), [], now=NOW)
+    assert hospital.sorted_asked == 0 and source.unsorted is not None
+    source.unsorted = ("not sorted", PAGE, time.monotonic() - 3601)
+    found = catch_up(source, NOW - timedelta(hours=3), [], now=NOW)
+    assert hospital.sorted_asked == 1 and source.unsorted is None and len(found.patients) == 3

@@ -95,9 +95,10 @@ class ServerSource(Source):
     def __init__(self, client: FhirClient) -> None:
         self.client = client
         self.search_by_post = True    # until the server refuses a POST _search (then GET, remembered)
-        # Set by a catch-up (subscriptions.py) that found the server cannot sort by _lastUpdated: why, and
-        # how many Observations its pages held; later catch-ups read in counted windows straight away.
-        self.unsorted: tuple[str, int] | None = None
+        # Set by a catch-up (subscriptions.py) that found the server cannot sort by _lastUpdated: why, how
+        # many Observations its pages held, when (time.monotonic()); later catch-ups, for an hour, read in
+        # counted windows straight away.
+        self.unsorted: tuple[str, int, float] | None = None
 
     def patient(self, patient_id: str) -> dict[str, Any]:
         return self.client.get(f"Patient/{_check_id(patient_id)}")
