@@ -484,32 +484,57 @@ class BulkDataClient:
             attempt += 1
             self._sleep(min(MAX_POLL, wait))
 
-    def missing_patients(self, patients: Iterable[str]) -> set[str]:
-        """Those of ``patients`` the server says it no longer has: a read answers 410 Gone, or 404 Not
-        Found with an OperationOutcome (a FHIR server's own answer, not a proxy's or a front end's).
+    def missing_patients(self, patients: Iterable[str], *, deleted: Iterable[str] = (),
+                         known: Iterable[str] = ()) -> set[str]:
+        """Those of ``patients`` the server no longer has.
 
         A patient export naming an unknown patient fails (HTTP 404, or a failed job on some servers): a run
-        that asked for a patient deleted at the hospital would fail, and ask again, on every run. Any other
-        answer (401 or 403 for a client that may not read patients, a redirect, a 404 that is no FHIR, a
-        5xx after the retries) tells nothing: that patient is asked for, as every one was before this check.
+        that asked for a patient deleted at the hospital would fail, and ask again, on every run. Gone: a
+        patient the export itself lists as deleted (``deleted``), one a read answers 410 Gone for, and one it
+        answers 404 with a FHIR OperationOutcome for - but a server may hide what a client may not see behind
+        a 404 too, so a 404 counts only when its issues name no access problem (ACCESS_CODES) and this client
+        can read patients at all: another read here answered 200, or, failing that, a read of a patient the
+        export changed (``known``). Any other answer (401/403, a redirect, a 404 that is no FHIR, a 5xx after
+        the retries) tells nothing: that patient is asked for, as every one was before this check.
         """
-        missing = set()
+        deleted = set(deleted)
+        missing = {patient for patient in patients if patient in deleted}
+        not_found: set[str] = set()
+        readable = False
         for patient in patients:
-            if not _FHIR_ID.fullmatch(patient):
+            if patient in missing or not _FHIR_ID.fullmatch(patient):
                 continue
-            try:
-                response = self._request("GET", f"{self.base_url}/Patient/{patient}",
-                                         headers={"Accept": "application/fhir+json"})
-            except UpstreamError as exc:
-                log.warning("reading a patient whose inputs were deleted failed (%s): asked for all the same",
-                            exc.upstream_status or type(exc).__name__)
-                continue
-            if response.status_code == 410 or (response.status_code == 404 and _is_outcome(response)):
+            status, outcome = self._read_patient(patient)
+            if status == 410:
                 missing.add(patient)
-            elif response.status_code != 200:
-                log.warning("reading a patient whose inputs were deleted: HTTP %d; asked for all the same",
-                            response.status_code)
+            elif status == 404 and outcome is not None and not ACCESS_CODES & outcome:
+                not_found.add(patient)
+            elif status == 200:
+                readable = True
+            else:
+                log.warning("reading a patient whose inputs were deleted: %s; asked for all the same",
+                            f"HTTP {status}" if status else "no answer")
+        if not_found and not readable:
+            for patient in sorted(set(known) - set(patients))[:1]:
+                readable = self._read_patient(patient)[0] == 200
+        if not_found and not readable:
+            log.warning("%d patient(s) whose inputs were deleted are not found, but no patient could be read here "
+                        "(not found may mean not for this client): asked for all the same", len(not_found))
+        elif not_found:
+            missing |= not_found
+        if missing:
+            log.warning("%d patient(s) whose inputs were deleted are gone at the server: not asked for, their "
+                        "assessments kept", len(missing))
         return missing
+
+    def _read_patient(self, patient: str) -> tuple[int | None, set[str] | None]:
+        """A read's status (None: no answer after the retries) and, for a FHIR OperationOutcome, its issue codes."""
+        try:
+            response = self._request("GET", f"{self.base_url}/Patient/{patient}",
+                                     headers={"Accept": "application/fhir+json"})
+        except UpstreamError:
+            return None, None
+        return response.status_code, _outcome_codes(response)
 
     def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
         """``codes``: the issue codes of an export that failed (not worth trying again)."""
@@ -521,13 +546,20 @@ class BulkDataClient:
                              retry_after=_retry_after(response))
 
 
-def _is_outcome(response: requests.Response) -> bool:
-    """Whether an answer's body is a FHIR OperationOutcome."""
+# Issue codes of a 404 that may mean "not for you" rather than "not there" (a server may hide a record so).
+ACCESS_CODES = frozenset({"forbidden", "security", "suppressed", "login", "unknown", "expired", "not-supported",
+                          "throttled"})
+
+
+def _outcome_codes(response: requests.Response) -> set[str] | None:
+    """The issue codes of an answer that is a FHIR OperationOutcome; None for any other body."""
     try:
         body = _loads(response.content)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
+        return None
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return None
+    return {i.get("code") for i in body.get("issue") or [] if isinstance(i, dict) and isinstance(i.get("code"), str)}
 
 
 def _wire_origin(url: str) -> tuple[str, str, int | None]:
@@ -682,10 +714,8 @@ def changed_patients(paths: dict[str, list[Path]], base_url: str = "") -> list[s
     return sorted(found)
 
 
-def deleted_patients(store: Store, paths: list[Path], base_url: str, *, batch: int = 20) -> list[str]:
-    """Patients with a stored assessment that used a resource the export lists as deleted (Bundles of
-    DELETE entries, Bulk Data v2 ``deleted``). The deleted entry names only the resource, so the
-    patient comes from our own trail: an assessment's Provenance lists its inputs (Provenance?entity=)."""
+def deleted_references(paths: list[Path], base_url: str) -> list[str]:
+    """'Type/id' of each resource the export's deleted files list (Bundles of DELETE entries) on our server."""
     gone: list[str] = []
     for path in paths:
         for bundle in read_ndjson(path):
@@ -696,6 +726,14 @@ def deleted_patients(store: Store, paths: list[Path], base_url: str, *, batch: i
                 parsed = _local_reference(request.get("url"), base_url)
                 if parsed and parsed[0] and parsed[0].isalpha() and _FHIR_ID.fullmatch(parsed[1]):
                     gone.append(f"{parsed[0]}/{parsed[1]}")
+    return gone
+
+
+def deleted_patients(store: Store, paths: list[Path], base_url: str, *, batch: int = 20) -> list[str]:
+    """Patients with a stored assessment that used a resource the export lists as deleted (Bundles of
+    DELETE entries, Bulk Data v2 ``deleted``). The deleted entry names only the resource, so the
+    patient comes from our own trail: an assessment's Provenance lists its inputs (Provenance?entity=)."""
+    gone = deleted_references(paths, base_url)
     found: set[str] = set()
     seen: set[str] = set()
     for start in range(0, len(gone), batch):
@@ -807,7 +845,9 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
             changed = set(changed_patients(got.files, client.base_url))
             deleted = set(deleted_patients(jobs.store, got.deleted, client.base_url))
             # A patient known only from deleted inputs may be gone as a whole (a record purged): not asked for.
-            gone = client.missing_patients(sorted(deleted - changed))
+            purged = [ref.split("/", 1)[1] for ref in deleted_references(got.deleted, client.base_url)
+                      if ref.startswith("Patient/")]
+            gone = client.missing_patients(sorted(deleted - changed), deleted=purged, known=changed)
             run.patients_gone = len(gone)
             patients = sorted((changed | deleted) - gone)
             log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources, %d of "

@@ -412,14 +412,56 @@ def test_a_patient_whose_deleted_inputs_were_purged_with_them_is_not_asked_for(
     assert run.complete and run.patients == 1 and run.patients_gone == 1
     last = jobs.last("bulk-export", SCOPE)
     assert last.result["transactionTime"] == "2026-11-20T09:00:00Z" and last.result["patientsGone"] == 1
-    # Only patient demo-002 gone: no kick-off at all, and the run still completes.
+    # Only demo-002, the export listing the patient itself as deleted: gone without a read, no kick-off at all.
     responses.reset()
-    add_deletions(f"{BASE}/{inputs['demo-002']}")
-    responses.get(f"{BASE}/Patient/demo-002", status=status, json={"resourceType": "OperationOutcome", "issue": []})
+    add_deletions(f"{BASE}/{inputs['demo-002']}", f"{BASE}/Patient/demo-002")
     run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "3",
                             output=tmp_path / "3.ndjson")
     assert run.complete and run.patients == 0 and run.patients_gone == 1
-    assert not any(c.request.method == "POST" for c in responses.calls)
+    assert not any(c.request.method == "POST" or "/Patient/demo-002" in c.request.url for c in responses.calls)
+
+
+@responses.activate
+@pytest.mark.parametrize("hidden, unsure", [
+    ("forbidden", False), ("security", False), ("suppressed", False), ("not-supported", False),  # not for us
+    ("not-found", True),          # no patient could be read here: not found may mean not for this client
+])
+def test_a_404_that_may_mean_not_for_this_client_leaves_the_patient_asked_for(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path, hidden: str,
+        unsure: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A server may hide what a client may not see behind a 404. Such a 404 (an access issue code), or any 404
+    when this client cannot read a single patient here, does not make a patient gone: asked for as before."""
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    add_deletions(f"{BASE}/{used}")
+    responses.get(f"{BASE}/Patient/demo-002", status=404, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": hidden}]})
+    caplog.set_level(logging.WARNING, logger="fhir_ai")
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-002")
+    assert asked == ["Patient/demo-002"] and run.complete and run.patients_gone == 0
+    assert ("no patient could be read here" in caplog.text) is unsure
+
+
+@responses.activate
+def test_a_404_is_gone_once_a_patient_the_export_changed_can_be_read(registry: ModelRegistry, jobs: JobStore,
+                                                                     client: BulkDataClient, tmp_path: Path) -> None:
+    """demo-002 answers 404 not-found and no other patient whose inputs were deleted was read: a patient the
+    export changed (demo-003) is read to tell, answers 200, so demo-002 is gone; demo-003 is rescored."""
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    deleted, changed = f"{FILES}/deleted.ndjson", f"{FILES}/inc"
+    add_export({**manifest("2026-11-20T09:00:00Z"), "output": [{"type": "Patient", "url": f"{changed}/Patient.ndjson"}],
+                "deleted": [{"type": "Bundle", "url": deleted}]}, polls=0)
+    responses.get(deleted, body=orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": f"{BASE}/{used}"}}]}) + b"\n")
+    responses.get(f"{changed}/Patient.ndjson", body=orjson.dumps({"resourceType": "Patient", "id": "demo-003"}) + b"\n")
+    responses.get(f"{BASE}/Patient/demo-002", status=404, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "not-found"}]})
+    responses.get(f"{BASE}/Patient/demo-003", json={"resourceType": "Patient", "id": "demo-003"})
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-003")
+    assert asked == ["Patient/demo-003"] and run.complete and run.patients_gone == 1
+    assert [c.request.url for c in responses.calls if "/Patient/demo-" in c.request.url] == [
+        f"{BASE}/Patient/demo-002", f"{BASE}/Patient/demo-003"]
 
 
 @responses.activate
