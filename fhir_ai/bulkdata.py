@@ -831,14 +831,18 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     jobs.start(job_id)
     heartbeat = _Heartbeat(jobs, job_id)
     exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
+    sleep = client._sleep
+    client._sleep = heartbeat.checked(sleep)      # this run's waits between polls, restored below
     try:
         heartbeat.start()
         # The exports taken over go on this job's record: should this run stop too, the next resumes them
         # (should recording them fail, the run fails and cancels them).
         exports.keep_recorded()
         manifest = exports.wait("export")
+        heartbeat.check()
         folder: Path | None = _emptied(workdir / "export")
         got = client.download(manifest, folder)
+        heartbeat.check()
         run = ExportRun(job_id, manifest.transaction_time, since, output=output, resumed=interrupted)
         run.issues.add(got)
         if since:
@@ -854,15 +858,19 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                      "them gone at the server)", len(patients), since, len(deleted - changed), len(gone))
             if patients:
                 full_manifest = exports.wait("changed", patients=patients)
+                heartbeat.check()
                 folder = _emptied(workdir / "changed")
                 run.issues.add(client.download(full_manifest, folder))
+                heartbeat.check()
             else:
                 folder = None
         if folder is not None and any(path for kind in TYPES for path in folder.glob(f"{kind}.*.ndjson")):
             stats = bulk_assess(folder, output, registry, models=models or ["deterioration"], explain=explain,
                                 progress=False)
             run.patients, run.assessed = stats.patients, stats.assessed
+            # Scored: kept here even if the job ended meanwhile (no assessment is lost); not written back then.
             run.stored, superseded = store_results(jobs.store, output)
+            heartbeat.check()
             if settings.write_back if write_back is None else write_back:
                 # An assessment stored before and changed since (withdrawn) is not sent again as it was:
                 # its newer version goes through the outbox.
@@ -907,6 +915,7 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         jobs.fail(job_id, f"the run stopped: {type(exc).__name__}", 500)
         raise
     finally:
+        client._sleep = sleep
         heartbeat.stop()
 
 
@@ -976,11 +985,19 @@ def _interrupted(jobs: JobStore, client: BulkDataClient, scope: str, since: str 
     return resumed
 
 
+class RunStopped(FhirAiError):
+    """The run's job was ended from outside while the run went on (an admin's DELETE /jobs/{id}, or another
+    run that took it over): the run stops at its next step."""
+    status = 409
+    code = "conflict"
+
+
 class _Heartbeat:
     """While a run goes on, a thread refreshes its job (updated_at) every HEARTBEAT seconds - through
     polls, waits of any length (a Retry-After of hours), downloads, scoring and write-back - so that
     another run tells a live run from one that stopped (STALE_AFTER). It stops with the run, or when
-    the job is no longer running."""
+    the job is no longer running. ``check`` (between the run's steps, and around each wait between
+    polls) raises RunStopped once the job is no longer running."""
 
     def __init__(self, jobs: JobStore, job_id: str) -> None:
         self.jobs, self.job_id = jobs, job_id
@@ -1002,6 +1019,20 @@ class _Heartbeat:
                     return
             except Exception as exc:       # noqa: BLE001 - the next beat tries again
                 log.warning("export job %s: heartbeat not recorded (%s)", self.job_id, type(exc).__name__)
+
+    def check(self) -> None:
+        status = self.jobs.status(self.job_id)
+        if status != "running":
+            raise RunStopped(f"export job {self.job_id} was {status or 'removed'} while the run went on "
+                             "(DELETE /jobs/{id}, or taken over by another run): stopped")
+
+    def checked(self, sleep: Callable[[float], None]) -> Callable[[float], None]:
+        """``sleep`` with a check before and after: a wait between polls ends the run once the job ended."""
+        def wait(seconds: float) -> None:
+            self.check()
+            sleep(seconds)
+            self.check()
+        return wait
 
 
 class _Exports:
@@ -1070,7 +1101,9 @@ class _Exports:
 
     def _cancel(self, status_url: str) -> None:
         try:
-            ours = self.jobs.status(self.job_id) == "running"
+            # A running job's exports are ours, and a cancelled one's (an admin's DELETE stopped the run):
+            # nobody else polls them. A failed one was taken over: its exports are the other run's.
+            ours = self.jobs.status(self.job_id) in ("running", "cancelled")
         except Exception as exc:            # noqa: BLE001 - not knowing, leave the export be
             log.warning("could not read the export job's status (%s); its export is not cancelled",
                         type(exc).__name__)

@@ -301,8 +301,9 @@ def test_a_live_run_is_not_taken_over(registry: ModelRegistry, jobs: JobStore, d
 @responses.activate
 def test_a_run_silent_too_long_is_taken_over_and_its_job_stays_failed(registry: ModelRegistry, jobs: JobStore,
                                                                       database_url: str, tmp_path: Path) -> None:
-    """A run not heard from for STALE_AFTER (say its host was suspended) is taken over; should it wake up
-    and finish, its job does not come back as completed, and it cancels nothing the other run polls."""
+    """A run not heard from for STALE_AFTER (say its host was suspended) is taken over; should it wake up,
+    it stops at its next step (RunStopped: the other run did the work), its job does not come back as
+    completed, and it cancels nothing the other run polls."""
     hospital = Hospital()
     a = LiveRun(database_url, registry, tmp_path)
     a_job = jobs.last("bulk-export", SCOPE, status="running")
@@ -312,7 +313,7 @@ def test_a_run_silent_too_long_is_taken_over_and_its_job_stays_failed(registry: 
                           workdir=tmp_path / "b", output=tmp_path / "b.ndjson")
     assert b.resumed == a_job.id and hospital.kicks == 1 and b.complete
     a.finish()
-    assert a.error is None
+    assert isinstance(a.error, bulkdata.RunStopped) and "was failed while the run went on" in a.error.message
     after = jobs.get(a_job.id)
     assert after.status == "failed" and b.job_id in after.error
     assert jobs.last("bulk-export", SCOPE).id == b.job_id and not hospital.deleted
@@ -532,3 +533,26 @@ def test_a_run_that_cannot_record_the_exports_it_takes_over_fails_and_cancels_th
     finally:
         for t in beats:          # do not leak into other tests
             jobs.fail(t.name.split()[-1], "test cleanup")
+
+
+@responses.activate
+def test_an_admin_cancelling_a_running_export_job_stops_the_run_and_its_export(registry: ModelRegistry, jobs: JobStore,
+                                                                                tmp_path: Path) -> None:
+    """DELETE /jobs/{id} of a bulk-export-assess run while it polls: the run stops at its next wait (RunStopped,
+    nothing scored or written back), the export it started is cancelled at the server, the job stays cancelled."""
+    polls: list[int] = []
+
+    def status(_request: Any) -> tuple[int, dict[str, str], str]:
+        polls.append(1)
+        if len(polls) == 2:                      # the admin, meanwhile
+            assert jobs.cancel(jobs.last("bulk-export", SCOPE, status="running").id)
+        return 202, {"Retry-After": "5"}, ""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.add_callback(responses.GET, STATUS, callback=status)
+    responses.delete(STATUS, status=202)
+    with pytest.raises(bulkdata.RunStopped, match="was cancelled while the run went on"):
+        export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None),
+                          workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert len(polls) == 2 and [c.request.method for c in responses.calls].count("DELETE") == 1
+    assert jobs.last("bulk-export", SCOPE, status="cancelled") is not None
+    assert jobs.last("bulk-export", SCOPE) is None and not (tmp_path / "o.ndjson").exists()
