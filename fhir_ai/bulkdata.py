@@ -498,25 +498,29 @@ class BulkDataClient:
         the retries) tells nothing: that patient is asked for, as every one was before this check.
         """
         deleted = set(deleted)
+        patients = list(patients)
         missing = {patient for patient in patients if patient in deleted}
         not_found: set[str] = set()
         readable = False
         for patient in patients:
-            if patient in missing or not _FHIR_ID.fullmatch(patient):
+            if patient in missing or not _is_id(patient):
                 continue
             status, outcome = self._read_patient(patient)
             if status == 410:
                 missing.add(patient)
             elif status == 404 and outcome is not None and not ACCESS_CODES & outcome:
                 not_found.add(patient)
-            elif status == 200:
+            elif status == 200 and outcome == {"Patient"}:
                 readable = True
             else:
                 log.warning("reading a patient whose inputs were deleted: %s; asked for all the same",
                             f"HTTP {status}" if status else "no answer")
         if not_found and not readable:
-            for patient in sorted(set(known) - set(patients))[:1]:
-                readable = self._read_patient(patient)[0] == 200
+            for patient in [p for p in sorted(set(known) - set(patients)) if _is_id(p)][:CONTROL_READS]:
+                status, body = self._read_patient(patient)
+                if status == 200 and body == {"Patient"}:
+                    readable = True
+                    break
         if not_found and not readable:
             log.warning("%d patient(s) whose inputs were deleted are not found, but no patient could be read here "
                         "(not found may mean not for this client): asked for all the same", len(not_found))
@@ -528,12 +532,20 @@ class BulkDataClient:
         return missing
 
     def _read_patient(self, patient: str) -> tuple[int | None, set[str] | None]:
-        """A read's status (None: no answer after the retries) and, for a FHIR OperationOutcome, its issue codes."""
+        """A read's status (None: no answer after the retries) and what it says: a FHIR OperationOutcome's
+        issue codes, {"Patient"} for that very Patient, None for anything else."""
         try:
             response = self._request("GET", f"{self.base_url}/Patient/{patient}",
                                      headers={"Accept": "application/fhir+json"})
         except UpstreamError:
             return None, None
+        if response.status_code == 200:
+            try:
+                body = _loads(response.content)
+            except orjson.JSONDecodeError:
+                return 200, None
+            same = isinstance(body, dict) and body.get("resourceType") == "Patient" and body.get("id") == patient
+            return 200, {"Patient"} if same else None
         return response.status_code, _outcome_codes(response)
 
     def _error(self, what: str, response: requests.Response, codes: list[str] | None = None) -> UpstreamError:
@@ -546,6 +558,13 @@ class BulkDataClient:
                              retry_after=_retry_after(response))
 
 
+def _is_id(value: str) -> bool:
+    """A FHIR id that makes a read of its own (not '.' or '..', which a URL resolves away)."""
+    return bool(_FHIR_ID.fullmatch(value)) and value not in (".", "..")
+
+
+# Patients the export changed that are read, at most, to tell whether this client can read patients at all.
+CONTROL_READS = 3
 # Issue codes of a 404 that may mean "not for you" rather than "not there" (a server may hide a record so).
 ACCESS_CODES = frozenset({"forbidden", "security", "suppressed", "login", "unknown", "expired", "not-supported",
                           "throttled"})
@@ -696,9 +715,11 @@ def _local_reference(reference: Any, base_url: str) -> tuple[str | None, str] | 
     return split_reference(reference)
 
 
-def changed_patients(paths: dict[str, list[Path]], base_url: str = "") -> list[str]:
+def changed_patients(paths: dict[str, list[Path]], base_url: str = "",
+                     patients: set[str] | None = None) -> list[str]:
     """Patients with any changed resource in an incremental (``_since``) export: the Patients, and the
-    ``Patient/<id>`` subjects of the rest (a Group, Device or Location subject is no patient of ours)."""
+    ``Patient/<id>`` subjects of the rest (a Group, Device or Location subject is no patient of ours).
+    ``patients``, if given, gets the ids of the Patient resources themselves."""
     found: set[str] = set()
     for kind, files in paths.items():
         for path in files:
@@ -706,6 +727,8 @@ def changed_patients(paths: dict[str, list[Path]], base_url: str = "") -> list[s
                 if kind == "Patient":
                     if isinstance(resource.get("id"), str):
                         found.add(resource["id"])
+                        if patients is not None:
+                            patients.add(resource["id"])
                     continue
                 subject = resource.get("subject")
                 parsed = _local_reference(subject.get("reference"), base_url) if isinstance(subject, dict) else None
@@ -846,12 +869,15 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         run = ExportRun(job_id, manifest.transaction_time, since, output=output, resumed=interrupted)
         run.issues.add(got)
         if since:
-            changed = set(changed_patients(got.files, client.base_url))
+            exported: set[str] = set()          # Patient resources in the export: there (again), whatever else says
+            changed = set(changed_patients(got.files, client.base_url, exported))
             deleted = set(deleted_patients(jobs.store, got.deleted, client.base_url))
-            # A patient known only from deleted inputs may be gone as a whole (a record purged): not asked for.
-            purged = [ref.split("/", 1)[1] for ref in deleted_references(got.deleted, client.base_url)
-                      if ref.startswith("Patient/")]
-            gone = client.missing_patients(sorted(deleted - changed), deleted=purged, known=changed)
+            purged = {ref.split("/", 1)[1] for ref in deleted_references(got.deleted, client.base_url)
+                      if ref.startswith("Patient/")} - exported
+            # A patient known only from deleted inputs may be gone as a whole (a record purged); one the export
+            # lists as deleted is, even if a changed resource still names it: neither is asked for.
+            gone = client.missing_patients(sorted((deleted - changed) | (changed & purged)), deleted=purged,
+                                           known=changed - purged)
             run.patients_gone = len(gone)
             patients = sorted((changed | deleted) - gone)
             log.info("incremental export: %d patient(s) changed since %s (%d for deleted resources, %d of "

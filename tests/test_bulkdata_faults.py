@@ -442,6 +442,72 @@ def test_a_404_that_may_mean_not_for_this_client_leaves_the_patient_asked_for(
     assert ("no patient could be read here" in caplog.text) is unsure
 
 
+def incremental(used: str, changed: list[dict[str, Any]], *deleted: str) -> None:
+    """The second run's export: ``changed`` resources (Patients, Observations), and deleted: ``used`` and
+    ``deleted`` (references)."""
+    url, files = f"{FILES}/deleted.ndjson", f"{FILES}/inc"
+    kinds = sorted({r["resourceType"] for r in changed})
+    add_export({**manifest("2026-11-20T09:00:00Z"), "deleted": [{"type": "Bundle", "url": url}],
+                "output": [{"type": kind, "url": f"{files}/{kind}.ndjson"} for kind in kinds]}, polls=0)
+    responses.get(url, body=orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": f"{BASE}/{ref}"}} for ref in (used, *deleted)]}) + b"\n")
+    for kind in kinds:
+        responses.get(f"{files}/{kind}.ndjson", body=b"\n".join(orjson.dumps(r) for r in changed
+                                                                 if r["resourceType"] == kind) + b"\n")
+
+
+@responses.activate
+def test_a_patient_the_export_deletes_is_not_asked_for_though_a_changed_resource_names_them(
+        registry: ModelRegistry, jobs: JobStore, client: BulkDataClient, tmp_path: Path) -> None:
+    """Patient/demo-002 deleted, and an Observation naming demo-002 changed in the same window (a server without
+    referential integrity): demo-002 is not asked for (the kick-off would fail every run). Unless the export
+    holds the Patient itself again (made anew): then it is."""
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    orphan = {"resourceType": "Observation", "id": "late", "status": "final", "subject": {"reference": "Patient/demo-002"},
+              "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}
+    incremental(used, [orphan], "Patient/demo-002")
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    assert run.complete and run.patients == 0 and run.patients_gone == 1
+    assert not any(c.request.method == "POST" for c in responses.calls)
+    responses.reset()
+    incremental(used, [orphan, {"resourceType": "Patient", "id": "demo-002"}], "Patient/demo-002")
+    run, asked = second_run_rescoring(registry, jobs, client, tmp_path, "demo-002")
+    assert asked == ["Patient/demo-002"] and run.patients_gone == 0
+
+
+@responses.activate
+@pytest.mark.parametrize("controls, gone", [
+    ([(403, None), (200, "Patient")], True),          # a restricted record first, then one that can be read
+    ([(200, "Bundle")], False),                        # a 200 that is not that Patient proves nothing
+    ([(200, "OperationOutcome")], False),
+])
+def test_control_reads_must_read_that_patient(registry: ModelRegistry, jobs: JobStore, client: BulkDataClient,
+                                              tmp_path: Path, controls: list[tuple[int, str | None]],
+                                              gone: bool) -> None:
+    scored = first_run(registry, jobs, client, tmp_path)
+    used = next(r for r in scored if r["subject"]["reference"] == "Patient/demo-002")["basis"][0]["reference"]
+    names = [f"c{n}" for n in range(len(controls))]
+    incremental(used, [{"resourceType": "Patient", "id": name} for name in [".", *names]])
+    responses.get(f"{BASE}/Patient/demo-002", status=404, json={"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "not-found"}]})
+    for name, (status, kind) in zip(names, controls):
+        body = {"resourceType": kind, "id": name} if kind else {"resourceType": "OperationOutcome", "issue": []}
+        responses.get(f"{BASE}/Patient/{name}", status=status, json=body)
+    full = f"{FILES}/full"
+    responses.post(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, json=manifest("2026-11-20T09:00:05Z", base=full))
+    add_files(full, only=("demo-002",))
+    run = export_and_assess(no_write_back(), registry, jobs, client, workdir=tmp_path / "2",
+                            output=tmp_path / "2.ndjson")
+    post = next(c.request for c in responses.calls if c.request.method == "POST")
+    asked = [p["valueReference"]["reference"] for p in json.loads(post.body)["parameter"] if p["name"] == "patient"]
+    assert ("Patient/demo-002" not in asked) is gone and run.patients_gone == int(gone)
+    assert not any(c.request.url.rstrip("/").endswith("/Patient") or "/Patient/." in c.request.url
+                   for c in responses.calls)
+
+
 @responses.activate
 def test_a_404_is_gone_once_a_patient_the_export_changed_can_be_read(registry: ModelRegistry, jobs: JobStore,
                                                                      client: BulkDataClient, tmp_path: Path) -> None:

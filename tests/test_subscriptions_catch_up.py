@@ -557,3 +557,54 @@ def test_a_server_found_unsorted_is_asked_sorted_again_an_hour_later(source: Ser
     source.unsorted = ("not sorted", PAGE, time.monotonic() - 3601)
     found = catch_up(source, NOW - timedelta(hours=3), [], now=NOW)
     assert hospital.sorted_asked == 1 and source.unsorted is None and len(found.patients) == 3
+
+
+@responses.activate
+def test_an_observation_whose_id_is_not_a_string_does_not_break_the_catch_up(source: ServerSource) -> None:
+    hospital = Hospital(3)
+    hospital.observations[1]["id"] = ["not", "a", "string"]
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    found = catch_up(source, NOW - timedelta(hours=3), [], now=NOW)
+    assert sorted(found.patients) == ["p000", "p001", "p002"]
+
+
+@responses.activate
+def test_a_server_once_found_unsorted_without_a_count_is_not_taken_at_its_word_an_hour_later(
+        source: ServerSource) -> None:
+    """The hour is up, the sorted search is asked again, the order read looks ascending but cannot be checked
+    (no count): as before the hour was up, the catch-up fails and stays owed rather than skipping what it did
+    not read."""
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 16, sorts=False, created_order=True, counts=False)
+    hospital.observations[PAGE * CATCH_UP_PAGES - 1]["meta"]["lastUpdated"] = format_datetime(NOW - timedelta(minutes=1))
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    source.unsorted, source.was_unsorted = ("not sorted", PAGE, time.monotonic() - 3601), True
+    with pytest.raises(UpstreamError, match="gives no count"):
+        catch_up(source, NOW - timedelta(hours=3), [], max_pages=CATCH_UP_PAGES, now=NOW)
+    assert hospital.sorted_asked == 1
+
+
+@responses.activate
+def test_a_count_a_little_off_does_not_make_a_sorting_server_unsorted(source: ServerSource) -> None:
+    hospital = Estimating(PAGE * CATCH_UP_PAGES + 16, 1)
+    original = hospital.__call__
+
+    def one_more(request: Any) -> tuple[int, dict[str, str], str]:
+        status, headers, body = original(request)
+        bundle = json.loads(body)
+        if "total" in bundle and "entry" not in bundle:
+            bundle["total"] += 1                  # a late commit, an estimate
+        return status, headers, json.dumps(bundle)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=one_more)
+    found = catch_up(source, NOW - timedelta(hours=3), [], max_pages=CATCH_UP_PAGES, now=NOW)
+    assert found.resume is not None and source.unsorted is None and hospital.counted == 1
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_count_refused_for_our_credentials_is_said_so_not_taken_for_no_count(source: ServerSource,
+                                                                               status: int) -> None:
+    hospital = Hospital(PAGE * CATCH_UP_PAGES + 6, sorts=False, counts=status)
+    responses.add_callback(responses.GET, f"{BASE}/Observation", callback=hospital)
+    with pytest.raises(UpstreamError, match="refused our credentials") as refused:
+        catch_up(source, NOW - timedelta(hours=3), [], max_pages=CATCH_UP_PAGES, now=NOW)
+    assert "gives no count" not in refused.value.message

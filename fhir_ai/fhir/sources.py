@@ -99,6 +99,8 @@ class ServerSource(Source):
         # many Observations its pages held, when (time.monotonic()); later catch-ups, for an hour, read in
         # counted windows straight away.
         self.unsorted: tuple[str, int, float] | None = None
+        self.was_unsorted = False                 # ever found so (an hour's finding expires; this does not)
+        self.counts: bool | None = None           # whether it answered the last _summary=count with a total
 
     def patient(self, patient_id: str) -> dict[str, Any]:
         return self.client.get(f"Patient/{_check_id(patient_id)}")
