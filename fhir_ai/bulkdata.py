@@ -854,7 +854,7 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
     jobs.start(job_id)
     heartbeat = _Heartbeat(jobs, job_id)
     exports = _Exports(client, jobs, job_id, group=group, since=since, recorded=recorded)
-    sleep = client._sleep
+    sleep = exports.plain_sleep = client._sleep
     client._sleep = heartbeat.checked(sleep)      # this run's waits between polls, restored below
     try:
         heartbeat.start()
@@ -933,7 +933,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
         return run
     except FhirAiError as exc:
         exports.drop_unused()
-        jobs.fail(job_id, exc.message, exc.status)
+        if not isinstance(exc, RunStopped):     # its job has ended already (cancelled, or taken over)
+            jobs.fail(job_id, exc.message, exc.status)
         raise
     except BaseException as exc:
         exports.drop_unused()
@@ -1047,7 +1048,12 @@ class _Heartbeat:
                 log.warning("export job %s: heartbeat not recorded (%s)", self.job_id, type(exc).__name__)
 
     def check(self) -> None:
-        status = self.jobs.status(self.job_id)
+        try:
+            status = self.jobs.status(self.job_id)
+        except Exception as exc:           # noqa: BLE001 - not knowing is no reason to stop: the next check asks
+            log.warning("export job %s: its status could not be read (%s); the run goes on", self.job_id,
+                        type(exc).__name__)
+            return
         if status != "running":
             raise RunStopped(f"export job {self.job_id} was {status or 'removed'} while the run went on "
                              "(DELETE /jobs/{id}, or taken over by another run): stopped")
@@ -1077,6 +1083,7 @@ class _Exports:
         self.client, self.jobs, self.job_id, self.group, self.since = client, jobs, job_id, group, since
         self.recorded = dict(recorded)         # taken over from an interrupted run, not used yet
         self.kept: dict[str, Any] = {}
+        self.plain_sleep: Callable[[float], None] | None = None   # the client's own: cancelling is not stopped
 
     def keep_recorded(self) -> None:
         """Record the exports taken over in this run's job."""
@@ -1127,15 +1134,21 @@ class _Exports:
 
     def _cancel(self, status_url: str) -> None:
         try:
-            # A running job's exports are ours, and a cancelled one's (an admin's DELETE stopped the run):
-            # nobody else polls them. A failed one was taken over: its exports are the other run's.
-            ours = self.jobs.status(self.job_id) in ("running", "cancelled")
+            # A running job's exports are ours, and those of one cancelled while running (an admin's DELETE
+            # stopped the run): nobody else polls them. One taken over (failed, naming the other run; kept so
+            # when an admin deletes it later) is the other run's.
+            job = self.jobs.get(self.job_id)
+            ours = job is not None and (job.status == "running" or (job.status == "cancelled" and not job.error))
         except Exception as exc:            # noqa: BLE001 - not knowing, leave the export be
             log.warning("could not read the export job's status (%s); its export is not cancelled",
                         type(exc).__name__)
             return
         if ours:
-            _cancel(self.client, status_url)
+            checked, self.client._sleep = self.client._sleep, self.plain_sleep or self.client._sleep
+            try:
+                _cancel(self.client, status_url)
+            finally:
+                self.client._sleep = checked
         else:
             log.warning("export job %s was taken over by another run; its export is left to that run", self.job_id)
 

@@ -142,7 +142,8 @@ def bulk_export_assess(ctx: click.Context, group: str | None, full: bool, output
     """Bulk Data: $export at the hospital (since the last run), score everyone, write back in Bundles.
 
     Exit status 0 when complete, 1 when not (the next run asks since the same point again), 3 when
-    complete but the server could not export some resources (reported, not asked for again).
+    complete but the server could not export some resources (reported, not asked for again), 2 when the
+    export failed or was refused, or the run was stopped (its job cancelled, or taken over by another run).
     """
     import tempfile
     from .bulkdata import client_from_settings, export_and_assess, issue_codes

@@ -556,3 +556,68 @@ def test_an_admin_cancelling_a_running_export_job_stops_the_run_and_its_export(r
     assert len(polls) == 2 and [c.request.method for c in responses.calls].count("DELETE") == 1
     assert jobs.last("bulk-export", SCOPE, status="cancelled") is not None
     assert jobs.last("bulk-export", SCOPE) is None and not (tmp_path / "o.ndjson").exists()
+
+
+@responses.activate
+def test_a_status_that_cannot_be_read_once_does_not_stop_a_healthy_run(registry: ModelRegistry, jobs: JobStore,
+                                                                        tmp_path: Path, monkeypatch: Any) -> None:
+    """A database hiccup on one of the run's checks between polls: the run goes on (the next check asks
+    again), nothing is cancelled, the run completes."""
+    from sqlalchemy.exc import OperationalError
+    real, calls = jobs.status, []
+
+    def flaky(job_id: str) -> str | None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        return real(job_id)
+    monkeypatch.setattr(jobs, "status", flaky)
+    add_files()
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "5"})
+    responses.get(STATUS, json=manifest())
+    run = export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None),
+                            workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert run.complete and len(calls) > 2 and "DELETE" not in [c.request.method for c in responses.calls]
+
+
+@responses.activate
+def test_a_run_whose_job_was_taken_over_and_then_deleted_leaves_the_other_runs_export_alone(
+        registry: ModelRegistry, jobs: JobStore, tmp_path: Path) -> None:
+    """Run A stalls; B takes A's job over (failed, naming B) and polls A's export; an admin then deletes the
+    failed job. A wakes and stops, and does not cancel the export B polls."""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.get(STATUS, status=202, headers={"Retry-After": "5"})
+    responses.delete(STATUS, status=202)
+
+    def asleep(_seconds: float) -> None:
+        a = jobs.last("bulk-export", SCOPE, status="running")
+        assert jobs.take_over(a.id, silent_since=datetime.now(timezone.utc) + timedelta(seconds=1),
+                              message="the run stopped while its export was under way; job bulk-B resumed it")
+        assert jobs.cancel(a.id)
+    with pytest.raises(bulkdata.RunStopped):
+        export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=asleep),
+                          workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert "DELETE" not in [c.request.method for c in responses.calls]
+
+
+@responses.activate
+def test_an_admin_cancelled_runs_export_cancel_is_retried(registry: ModelRegistry, jobs: JobStore,
+                                                          tmp_path: Path) -> None:
+    """The DELETE of the export of a run an admin cancelled answers 503 first: retried (the run's checks do not
+    cut its own clean-up short)."""
+    polls: list[int] = []
+
+    def status(_request: Any) -> tuple[int, dict[str, str], str]:
+        polls.append(1)
+        if len(polls) == 2:
+            assert jobs.cancel(jobs.last("bulk-export", SCOPE, status="running").id)
+        return 202, {"Retry-After": "5"}, ""
+    responses.get(SCOPE, status=202, headers={"Content-Location": STATUS})
+    responses.add_callback(responses.GET, STATUS, callback=status)
+    responses.delete(STATUS, status=503)
+    responses.delete(STATUS, status=202)
+    with pytest.raises(bulkdata.RunStopped):
+        export_and_assess(settings(), registry, jobs, BulkDataClient(BASE, token=TOKEN, sleep=lambda _: None),
+                          workdir=tmp_path, output=tmp_path / "o.ndjson")
+    assert [c.response.status_code for c in responses.calls if c.request.method == "DELETE"] == [503, 202]
