@@ -417,7 +417,7 @@ def _changed(source: ServerSource, since: datetime, codes: list[tuple[str, str]]
 
 def _count(source: ServerSource, params: list[tuple[str, Any]]) -> int | None:
     """How many Observations match (``_summary=count``, one retry); None when the server gives no count
-    (no ``total``, or it refuses the parameter: a 4xx)."""
+    (no ``total``, or it refuses the parameter: NO_COUNT_STATUSES). Remembered in ``source.counts``."""
     try:
         bundle = source.client.get("Observation", [*params, ("_summary", "count")], retries=1)
     except UpstreamError as exc:
