@@ -266,7 +266,7 @@ def bad_export(folder: Path, shapes: bool) -> list[dict[str, Any]]:
         observation("p-bad", "8867-4", 131, "/min", WHEN, id={"x": "obj-id"}),
         observation("p-bad", "8867-4", 131, "/min", WHEN, id=["list-id"],
                     valueQuantity={"value": "high", "unit": "/min", "system": UCUM, "code": "/min"}),
-        observation("p-bad", "8867-4", 131, "/min", WHEN, id=4711),
+        observation("p-bad", "8867-4", 131, "/min", WHEN, id=47110815201),
         encounter("p-bad", id=["enc-list-id"], period={"start": fhir_time(AS_OF - timedelta(hours=3))}),
         patient(id={"x": "patient-object-id"}, birthDate="1950-01-01"),
     ]
@@ -344,7 +344,7 @@ def test_bulk_path_gives_the_same_treatment(tmp_path: Path, registry: ModelRegis
         assert not {"Observation/code-text", "Observation/subject-text"} & basis
     assert "Values not used" not in notes(ours["Patient/p-ok|deterioration"])
     everything = out.read_text()
-    for piece in ("vent-number-code", "obj-id", "list-id", "4711", "enc-list-id", "patient-object-id"):
+    for piece in ("vent-number-code", "obj-id", "list-id", "47110815201", "enc-list-id", "patient-object-id"):
         assert piece not in everything, piece
 
 
