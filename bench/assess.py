@@ -70,8 +70,37 @@ def load_patients(export: Path, count: int) -> dict[str, dict]:
 PATIENT_PARAMETER = re.compile(r"(?:^|&)patient=([^&]*)")
 
 
-def serve_upstream(export: Path, count: int, port_out: "multiprocessing.Queue[int]") -> None:
+NOT_FOUND = b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"not-found"}]}'
+CAPABILITIES = orjson.dumps({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+                             "fhirVersion": "4.0.1", "format": ["json"],
+                             "rest": [{"mode": "server", "interaction": [{"code": "batch"}]}]})
+CAPABILITIES_NO_BATCH = orjson.dumps({"resourceType": "CapabilityStatement", "status": "active",
+                                      "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"],
+                                      "rest": [{"mode": "server"}]})
+
+
+def serve_upstream(export: Path, count: int, port_out: "multiprocessing.Queue[int]", batch: bool = True) -> None:
+    """The hospital's server: reads, searches (GET, POST _search) and, if ``batch``, batches of them."""
     patients = load_patients(export, count)
+
+    def lookup(parts: list[str], query: str) -> bytes | None:
+        patient = PATIENT_PARAMETER.search(query)   # parse_qs would decode the whole long query
+        if parts[0] == "Patient" and len(parts) == 2 and parts[1] in patients:
+            return patients[parts[1]]["Patient"]
+        if (parts[0] in ("Encounter", "Observation") and len(parts) == 1 and patient
+                and unquote(patient[1]) in patients):
+            return patients[unquote(patient[1])][parts[0]]
+        return None
+
+    def batch_response(body: bytes) -> bytes:
+        """A batch-response: each entry's pre-rendered answer spliced in (as a server renders from its store)."""
+        entries = []
+        for entry in orjson.loads(body)["entry"]:
+            path, _, query = entry["request"]["url"].partition("?")
+            found = lookup(path.strip("/").split("/"), query)
+            entries.append(b'{"resource":' + (found or NOT_FOUND) + b',"response":{"status":"'
+                           + (b"200 OK" if found else b"404 Not Found") + b'"}}')
+        return b'{"resourceType":"Bundle","type":"batch-response","entry":[' + b",".join(entries) + b"]}"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -79,26 +108,26 @@ def serve_upstream(export: Path, count: int, port_out: "multiprocessing.Queue[in
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path, _, query = self.path.partition("?")
-            self.answer(path.strip("/").split("/"), query)
+            if path.strip("/") == "metadata":
+                self.answer(CAPABILITIES if batch else CAPABILITIES_NO_BATCH)
+                return
+            self.answer(lookup(path.strip("/").split("/"), query))
 
-        def do_POST(self) -> None:  # noqa: N802 - a search by POST [type]/_search, the form as the query
+        def do_POST(self) -> None:  # noqa: N802 - a search by POST [type]/_search, the form as the query; a batch
             path, _, query = self.path.partition("?")
             parts = path.strip("/").split("/")
-            form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("ascii")
+            form = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if parts == [""] and batch:
+                self.answer(batch_response(form))
+                return
             is_search = (len(parts) == 2 and parts[1] == "_search"
                          and self.headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"))
-            self.answer(parts[:1] if is_search else ["POST", *parts], "&".join(q for q in (query, form) if q))
+            self.answer(lookup(parts[:1] if is_search else ["POST", *parts],
+                               "&".join(q for q in (query, form.decode("ascii")) if q)))
 
-        def answer(self, parts: list[str], query: str) -> None:
-            patient = PATIENT_PARAMETER.search(query)   # parse_qs would decode the whole long query
-            body = None
-            if parts[0] == "Patient" and len(parts) == 2 and parts[1] in patients:
-                body = patients[parts[1]]["Patient"]
-            elif (parts[0] in ("Encounter", "Observation") and len(parts) == 1 and patient
-                  and unquote(patient[1]) in patients):
-                body = patients[unquote(patient[1])][parts[0]]
+        def answer(self, body: bytes | None) -> None:
             self.send_response(200 if body else 404)
-            body = body or b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"not-found"}]}'
+            body = body or NOT_FOUND
             self.send_header("Content-Type", "application/fhir+json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -154,12 +183,14 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
     from fhir_ai.app import create_app
     app = create_app(settings(upstream, folder))
     spent = [0.0]
+    exchanges = [0]
     # Upstream time = the HTTP exchanges themselves (request out, the server's answer read in); parsing
     # the answer, building queries and everything else around them is our own overhead.
     original_send = requests.adapters.HTTPAdapter.send
 
     def timed_send(self, *args, **kwargs):
         started = time.perf_counter()
+        exchanges[0] += 1
         try:
             response = original_send(self, *args, **kwargs)
             response.content          # the body is read here, as part of the exchange
@@ -185,6 +216,7 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
         if i == 20:
             for key in stages:
                 stages[key] = 0.0
+            exchanges[0] = 0
         started = time.perf_counter()
         response = client.post(f"/Patient/{pid}/$assess", data=body(patients[pid]["as_of"], i // len(ids)),
                                headers=HEADERS)
@@ -206,6 +238,7 @@ def latency(upstream: str, folder: Path, patients: dict[str, dict], requests_n: 
         print(f"  {label:<32} p50 {percentile(values, 50):6.2f} ms   p99 {percentile(values, 99):6.2f} ms   "
               f"mean {statistics.mean(values):6.2f} ms")
     print("  goals: own overhead p50 <= 5 ms, p99 <= 15 ms")
+    print(f"  upstream exchanges per request: {exchanges[0] / requests_n:.2f}")
     print("  " + stored(folder / "bench.sqlite3", requests_n + 20) + ", warm-up included")
     n = len(own)
     fetch_own = stages.pop("fetch") - sum(upstream_s) / 1e3
@@ -340,6 +373,9 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=2000)
     parser.add_argument("--max-seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--no-batch", action="store_true",
+                        help="the upstream declares no batch interaction: fhir_ai reads each record by a request "
+                             "per resource type (Patient, Encounter, Observation), as before the eighth session")
     parser.add_argument("--profile", choices=("tottime", "cumulative"),
                         help="profile the in-process requests (cProfile, sorted so) and skip the throughput run")
     args = parser.parse_args()
@@ -348,7 +384,8 @@ def main() -> None:
     print("machine:", machine())
     export = generate.cached(1000)
     queue: "multiprocessing.Queue[int]" = multiprocessing.Queue()
-    upstream_process = multiprocessing.Process(target=serve_upstream, args=(export, args.patients, queue), daemon=True)
+    upstream_process = multiprocessing.Process(target=serve_upstream, args=(export, args.patients, queue, not args.no_batch),
+                                               daemon=True)
     upstream_process.start()
     upstream = f"http://127.0.0.1:{queue.get(timeout=120)}"
     patients = load_patients(export, args.patients)

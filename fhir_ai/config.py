@@ -41,6 +41,9 @@ class Settings:
     source_timeout: float = 10.0          # seconds per request (connect and read)
     source_retries: int = 3               # extra attempts for 408/429/5xx and network faults
     source_retry_after_cap: float = 30.0  # never sleep longer than this on Retry-After
+    # Read a patient's record (Patient, Encounters, Observations) in one batch request (POST [base]):
+    # auto (if the server's CapabilityStatement lists the batch interaction), true or false.
+    source_batch: str = "auto"
     # SMART Backend Services (instead of source_token): client id, private key (PEM text or a
     # path to a PEM file; kept out of repr), RS384 or ES384, key id (default: JWK thumbprint).
     smart_client_id: str | None = None
@@ -132,6 +135,18 @@ class Settings:
     def source_is_folder(self) -> bool:
         return not self.source_url.startswith(("http://", "https://"))
 
+    @property
+    def source_batch_mode(self) -> bool | None:
+        """``source_batch`` as ServerSource takes it: True, False, or None for auto."""
+        value = str(self.source_batch).strip().lower()
+        if value == "auto":
+            return None
+        try:
+            return _bool(value)
+        except ValueError:
+            raise ConfigurationError(f"{ENV_PREFIX}SOURCE_BATCH: {self.source_batch!r} is not auto, true or false",
+                                     expression="source_batch") from None
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
 
@@ -163,4 +178,6 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         if name not in _FIELDS:
             raise ConfigurationError(f"unknown setting {name!r}", expression=name)
         values[name] = _coerce(name, raw) if isinstance(raw, str) else raw
-    return Settings(**values)
+    settings = Settings(**values)
+    settings.source_batch_mode           # refuses a value that is not auto, true or false, at start-up
+    return settings

@@ -53,7 +53,8 @@ class Pipeline:
         registry = ModelRegistry.load(settings.models_dir, mappings)
         source = make_source(settings.source_url, token=settings.source_token, timeout=settings.source_timeout,
                              retries=settings.source_retries, retry_after_cap=settings.source_retry_after_cap,
-                             auth=smart.auth_from_settings(settings) if not settings.source_is_folder else None)
+                             auth=smart.auth_from_settings(settings) if not settings.source_is_folder else None,
+                             batch=settings.source_batch_mode)
         return cls(settings, registry, source, Store(settings.effective_database_url))
 
     def close(self) -> None:
@@ -63,8 +64,6 @@ class Pipeline:
     # -- single patient ------------------------------------------------------------------------
     def fetch(self, patient_id: str, model_ids: list[str], as_of: datetime) -> list[dict[str, Any]]:
         """Pull what the mappings of these models need for one patient: Patient, Encounters, Observations."""
-        patient = self.source.patient(patient_id)
-        encounters = self.source.encounters(patient_id)
         codes: dict[tuple[str, str], None] = {}
         lookback: float | None = 0.0
         for model_id in model_ids:
@@ -73,8 +72,7 @@ class Pipeline:
             span = mapping.longest_lookback()
             lookback = None if span is None or lookback is None else max(lookback, span)
         since = None if lookback is None else as_of - timedelta(seconds=lookback)
-        observations = self.source.observations(patient_id, list(codes), since=since, until=as_of) if codes else []
-        return [patient, *encounters, *observations]
+        return self.source.record(patient_id, list(codes), since=since, until=as_of)
 
     def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime,
                      resources: list[dict[str, Any]] | None = None,

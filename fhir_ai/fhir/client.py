@@ -279,18 +279,20 @@ class FhirClient:
         return self._call("PUT", f"{rtype}/{rid}", body=resource, retries=retries)
 
     def post(self, path: str, body: dict[str, Any],
-             headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """POST a JSON body (retried like any call: use it for operations and conditional creates
-        with If-None-Exist; not for a plain create, and not for a search: that is ``search(post=True)``,
-        a form body). {} if no body."""
-        return self._call("POST", path, body=body, headers=headers)
+             headers: Mapping[str, str] | None = None, *, retries: int | None = None) -> dict[str, Any]:
+        """POST a JSON body (retried like any call: use it for operations, conditional creates with
+        If-None-Exist and batches of reads; not for a plain create, and not for a search: that is
+        ``search(post=True)``, a form body). ``path`` "" is the base URL itself. {} if no body."""
+        return self._call("POST", path or self.base_url, body=body, headers=headers, retries=retries)
 
     def search(self, resource_type: str, params: Params = None, *,
                max_pages: int = MAX_PAGES, retries: int | None = None,
-               post: bool = False, more: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
+               post: bool = False, more: Callable[[int], bool] | None = None,
+               first: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Yield each matching resource, following Bundle.link[relation=next] page by page
         (``retries`` overrides the client's retry count for each page). ``more``: asked, with the pages
-        read, whether to read on past ``max_pages`` (PagingLimit once it says no).
+        read, whether to read on past ``max_pages`` (PagingLimit once it says no). ``first``: the first
+        page, already read (a search answered inside a batch): only the next pages are asked for.
 
         ``post``: the first page is asked for by ``POST [type]/_search`` with the parameters as a form
         body (https://hl7.org/fhir/R4/http.html#search): no URL length limit, and no long URL for
@@ -303,7 +305,9 @@ class FhirClient:
         seen: set[str] = set()
         pages = 0
         while url:
-            if post and not pages:
+            if first is not None and not pages:
+                bundle = first
+            elif post and not pages:
                 bundle = self._call("POST", f"{url}/_search", form=encode_params(params), retries=retries)
             else:
                 bundle = self._call("GET", url, params=page_params, retries=retries)

@@ -7,6 +7,7 @@ import gzip
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from urllib.parse import quote_plus
 
 import orjson
 
-from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamNotFound
+from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamError, UpstreamNotFound
 from .client import QUERY_SAFE, Auth, FhirClient, SearchPostRefused, encode_params
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 Codes = Sequence[tuple[str, str]]
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # https://hl7.org/fhir/R4/datatypes.html#id
 MAX_URL = 1800  # stay under the ~2,000 characters many proxies and servers accept
+# What a server that does not take a batch answers one (POST [base] with a Bundle of GETs): a bad request,
+# forbidden (a gateway that lets only reads through), not found or not allowed (no route for POST [base]),
+# the media type refused, unprocessable, not implemented.
+BATCH_REFUSED = frozenset({400, 403, 404, 405, 415, 422, 501})
+BATCH_PROBE_RETRY = 600     # seconds before a CapabilityStatement that could not be read is asked for again
 
 
 def _check_id(patient_id: str) -> str:
@@ -62,6 +68,15 @@ class Source(abc.ABC):
     def write(self, resource: dict[str, Any], *, retries: int | None = None) -> dict[str, Any]:
         """Create or update the resource by id (idempotent); ``retries`` overrides the client's."""
 
+    def record(self, patient_id: str, codes: Codes, since: datetime | None = None,
+               until: datetime | None = None) -> list[dict[str, Any]]:
+        """What one assessment reads: [Patient, *its Encounters, *its Observations with any of ``codes``
+        in [since, until]] (none when ``codes`` is empty); errors as patient() and the searches raise them."""
+        patient = self.patient(patient_id)
+        encounters = self.encounters(patient_id)
+        observations = self.observations(patient_id, codes, since=since, until=until) if codes else []
+        return [patient, *encounters, *observations]
+
     def close(self) -> None:
         """Release connections; the default has nothing to release."""
 
@@ -92,8 +107,13 @@ class ServerSource(Source):
 
     read_only = False
 
-    def __init__(self, client: FhirClient) -> None:
+    def __init__(self, client: FhirClient, *, batch: bool | None = False) -> None:
+        """``batch``: read a patient's record (record()) in one batch, POST [base] with a Bundle of GETs,
+        instead of a request per resource type: True, False, or None to follow the server's
+        CapabilityStatement (asked once, on first use)."""
         self.client = client
+        self.batch = batch
+        self._batch_probe_after = 0.0             # time.monotonic() before which a failed probe is not repeated
         self.search_by_post = True    # until the server refuses a POST _search (then GET, remembered)
         # Set by a catch-up (subscriptions.py) that found the server cannot sort by _lastUpdated: why, how
         # many Observations its pages held, when (time.monotonic()); later catch-ups, for an hour, read in
@@ -106,23 +126,95 @@ class ServerSource(Source):
         return self.client.get(f"Patient/{_check_id(patient_id)}")
 
     def encounters(self, patient_id: str) -> list[dict[str, Any]]:
-        params = [("patient", _check_id(patient_id)), ("_count", 100)]
-        return _unique(self.client.search("Encounter", params))
+        return _unique(self.client.search("Encounter", _encounter_params(patient_id)))
 
     def observations(self, patient_id: str, codes: Codes | None = None,
                      since: datetime | None = None,
                      until: datetime | None = None) -> list[dict[str, Any]]:
-        params: list[tuple[str, Any]] = [("patient", _check_id(patient_id))]
-        if _check_aware(since, "since"):
-            params.append(("date", "ge" + format_datetime(since)))  # type: ignore[arg-type]
-        if _check_aware(until, "until"):
-            params.append(("date", "le" + format_datetime(until)))  # type: ignore[arg-type]
-        params.append(("_count", 200))
+        params = _observation_params(patient_id, since, until)
         if codes is None:
             return _unique(self.client.search("Observation", params))
         if not codes:
             return []
         return self._search_codes("Observation", encode_params(params), tuple(codes))
+
+    # -- a patient's record in one batch -------------------------------------------------------
+    def record(self, patient_id: str, codes: Codes, since: datetime | None = None,
+               until: datetime | None = None) -> list[dict[str, Any]]:
+        """As Source.record; in one round trip where the server takes a batch (``batch``).
+
+        The batch is an optimisation, never a new way to fail: an entry the server did not answer with
+        what was asked for (an error status, another resource) is read again by its own request, which
+        reports its error as it would without the batch; a server that refuses the batch itself
+        (BATCH_REFUSED, or an answer that is not a batch-response with an entry per request) is read a
+        request per resource type from then on. Other failures of the batch (timeouts, 5xx after the
+        retries, credentials refused) are raised: the separate requests would meet them too.
+        """
+        params = _observation_params(patient_id, since, until)     # checks the id and the dates
+        if self.batch is None:
+            self._probe_batch()
+        if self.batch and patient_id.strip("."):                    # 'Patient/..' is no id to put in a URL
+            got = self._batch_record(patient_id, codes, params)
+            if got is not None:
+                return got
+        return super().record(patient_id, codes, since, until)
+
+    def _probe_batch(self) -> None:
+        """Set ``batch`` from the server's CapabilityStatement (rest.interaction 'batch'); if it cannot
+        be read, leave it unknown (requests per resource type) and ask again after BATCH_PROBE_RETRY."""
+        now = time.monotonic()
+        if now < self._batch_probe_after:
+            return
+        try:
+            statement = self.client.get("metadata", retries=0)
+        except (UpstreamError, UpstreamNotFound) as exc:
+            self._batch_probe_after = now + BATCH_PROBE_RETRY
+            log.info("%s: its CapabilityStatement could not be read (%s); a request per resource type for "
+                     "each patient, asking again in %d s", self.client.base_url, exc.message, BATCH_PROBE_RETRY)
+            return
+        self.batch = declares_batch(statement)
+        log.info("%s: %s", self.client.base_url, "takes batches: a patient's record in one request per "
+                 "assessment" if self.batch else "declares no batch interaction: a request per resource type")
+
+    def _batch_record(self, patient_id: str, codes: Codes,
+                      params: list[tuple[str, Any]]) -> list[dict[str, Any]] | None:
+        """The record from one batch, or None where the server refused the batch (now remembered)."""
+        head = encode_params(params)
+        urls = [f"Patient/{patient_id}", f"Encounter?{encode_params(_encounter_params(patient_id))}"]
+        if codes:
+            urls.append(f"Observation?{head}&code={_code_list(tuple(codes))}")
+        batch = {"resourceType": "Bundle", "type": "batch",
+                 "entry": [{"request": {"method": "GET", "url": url}} for url in urls]}
+        try:
+            answer = self.client.post("", batch)
+        except (UpstreamError, UpstreamNotFound) as exc:
+            status = 404 if isinstance(exc, UpstreamNotFound) else exc.upstream_status
+            if status not in BATCH_REFUSED:
+                raise
+            return self._batch_refused(f"HTTP {status}")
+        entries = answer.get("entry") if (isinstance(answer, dict) and answer.get("resourceType") == "Bundle"
+                                          and answer.get("type") == "batch-response") else None
+        if (not isinstance(entries, list) or len(entries) != len(urls)
+                or not all(entry.__class__ is dict for entry in entries)):
+            return self._batch_refused("an answer that is not a batch-response with an entry per request")
+        patient = _answered(entries[0], "Patient")
+        if patient is None or patient.get("id") != patient_id:
+            patient = self.patient(patient_id)
+        page = _answered(entries[1], "Bundle")
+        encounters = (_unique(self.client.search("Encounter", first=page)) if _searchset(page)
+                      else self.encounters(patient_id))
+        observations: list[dict[str, Any]] = []
+        if codes:
+            page = _answered(entries[2], "Bundle")
+            observations = (_unique(self.client.search("Observation", first=page)) if _searchset(page)
+                            else self._search_codes("Observation", head, tuple(codes)))
+        return [patient, *encounters, *observations]
+
+    def _batch_refused(self, why: str) -> None:
+        self.batch = False
+        log.warning("%s: the FHIR server does not take a batch of reads (%s); a request per resource type "
+                    "from now on", self.client.base_url, why)
+        return None
 
     def _search_codes(self, resource_type: str, head: str,
                       codes: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
@@ -152,6 +244,48 @@ class ServerSource(Source):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _encounter_params(patient_id: str) -> list[tuple[str, Any]]:
+    return [("patient", _check_id(patient_id)), ("_count", 100)]
+
+
+def _observation_params(patient_id: str, since: datetime | None,
+                        until: datetime | None) -> list[tuple[str, Any]]:
+    params: list[tuple[str, Any]] = [("patient", _check_id(patient_id))]
+    if _check_aware(since, "since"):
+        params.append(("date", "ge" + format_datetime(since)))  # type: ignore[arg-type]
+    if _check_aware(until, "until"):
+        params.append(("date", "le" + format_datetime(until)))  # type: ignore[arg-type]
+    params.append(("_count", 200))
+    return params
+
+
+def declares_batch(statement: Any) -> bool:
+    """Whether a CapabilityStatement's server part lists the 'batch' interaction."""
+    if not isinstance(statement, dict) or statement.get("resourceType") != "CapabilityStatement":
+        return False
+    rests = statement.get("rest")
+    return any(isinstance(rest, dict) and rest.get("mode") == "server"
+               and isinstance(rest.get("interaction"), list)
+               and any(isinstance(item, dict) and item.get("code") == "batch" for item in rest["interaction"])
+               for rest in (rests if isinstance(rests, list) else []))
+
+
+def _answered(entry: dict[str, Any], resource_type: str) -> dict[str, Any] | None:
+    """A batch-response entry's resource if its status is 2xx and it is a ``resource_type``, else None."""
+    response = entry.get("response")
+    status = response.get("status") if isinstance(response, dict) else None
+    if not isinstance(status, str) or not status[:1] == "2" or not status[:3].isdigit():
+        return None
+    resource = entry.get("resource")
+    if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
+        return None
+    return resource
+
+
+def _searchset(page: dict[str, Any] | None) -> bool:
+    return page is not None and page.get("type") == "searchset"
 
 
 @functools.lru_cache(maxsize=256)
@@ -457,11 +591,13 @@ def _in_dates(observation: dict[str, Any], since: datetime | None,
 
 
 def make_source(url_or_path: str, *, token: str | None = None, timeout: float = 10.0,
-                retries: int = 3, retry_after_cap: float = 30.0, auth: Auth | None = None) -> Source:
-    """A ServerSource for an http(s) URL, else a FolderSource for an existing folder."""
+                retries: int = 3, retry_after_cap: float = 30.0, auth: Auth | None = None,
+                batch: bool | None = False) -> Source:
+    """A ServerSource for an http(s) URL (``batch``: as ServerSource's), else a FolderSource for an
+    existing folder."""
     if url_or_path.startswith(("http://", "https://")):
         return ServerSource(FhirClient(url_or_path, token=token, timeout=timeout, retries=retries,
-                                       retry_after_cap=retry_after_cap, auth=auth))
+                                       retry_after_cap=retry_after_cap, auth=auth), batch=batch)
     if not Path(url_or_path).is_dir():
         raise ConfigurationError(f"FHIR source {url_or_path!r} is neither an http(s) URL nor a "
                                  "folder", expression="source_url")

@@ -165,14 +165,14 @@ def test_write_back_during_an_outage_is_queued_and_delivered_once(
     client = app.test_client()
     try:
         # The hospital's server goes down after we have read the chart, before we write back.
-        read_observations = pipeline.source.observations
+        read_record = pipeline.source.record
 
         def then_outage(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-            found = read_observations(*args, **kwargs)
+            found = read_record(*args, **kwargs)
             server.stop()
             return found
 
-        monkeypatch.setattr(pipeline.source, "observations", then_outage)
+        monkeypatch.setattr(pipeline.source, "record", then_outage)
         response = assess(client, pid, now - timedelta(minutes=5))
         monkeypatch.undo()
 
