@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import FhirAiError
 from .fhir import smart
 from .fhir.client import FhirClient
+from .fhir.sources import declares_batch
 from .mapping import load_directory
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def check_capabilities(report: SiteReport, capability: dict[str, Any]) -> None:
         names |= {op.get("name", "").lstrip("$") for op in resource.get("operation") or []}
     for name, why in OPERATIONS:
         report.add("operation", f"${name}", name in names, False, why)
+    report.add("rest", "batch", declares_batch(capability), False,
+               "a patient's record in one request per assessment (FHIR_AI_SOURCE_BATCH=auto); without it, three")
 
 
 def check_smart(report: SiteReport, config: dict[str, Any] | None, settings: Settings) -> None:

@@ -87,6 +87,7 @@ def test_a_site_with_everything_is_ready_and_codes_are_counted(settings) -> None
     assert found["Observation search-type (patient, code, date)"].ok
     assert found["RiskAssessment update creates (updateCreate)"].ok
     assert found["$export"].ok
+    assert not found["batch"].ok and not found["batch"].required     # three requests per assessment: ready
     assert found["scope system/Observation.rs"].detail == "covered by system/*.rs"
     assert found["scope system/RiskAssessment.cu"].ok          # v1 write covers v2 cu
     assert report.sampled == 5
@@ -194,3 +195,12 @@ def test_cli_check_site_exit_codes_and_json(runner) -> None:
     responses.replace(responses.GET, f"{BASE}/metadata", json={**CAPABILITY, "fhirVersion": "3.0.2"})
     bad = runner.invoke(main, ["check-site", BASE])
     assert bad.exit_code == 1 and "FAIL" in bad.output and "FHIR R4" in bad.output
+
+
+@responses.activate
+def test_batch_in_the_capability_statement_is_reported(settings) -> None:
+    capability = copy.deepcopy(CAPABILITY)
+    capability["rest"][0]["interaction"] = [{"code": "batch"}]
+    stub(responses, capability=capability)
+    found = checks(check_site(BASE, settings))
+    assert found["batch"].ok and "one request per assessment" in found["batch"].detail

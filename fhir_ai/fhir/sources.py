@@ -189,9 +189,11 @@ class ServerSource(Source):
             answer = self.client.post("", batch)
         except (UpstreamError, UpstreamNotFound) as exc:
             status = 404 if isinstance(exc, UpstreamNotFound) else exc.upstream_status
-            if status not in BATCH_REFUSED:
-                raise
-            return self._batch_refused(f"HTTP {status}")
+            if status in BATCH_REFUSED:
+                return self._batch_refused(f"HTTP {status}")
+            if status is not None and 200 <= status < 300 and not exc.temporary:    # JSON but not a resource
+                return self._batch_refused(f"HTTP {status} with JSON that is not a Bundle")
+            raise
         entries = answer.get("entry") if (isinstance(answer, dict) and answer.get("resourceType") == "Bundle"
                                           and answer.get("type") == "batch-response") else None
         if (not isinstance(entries, list) or len(entries) != len(urls)

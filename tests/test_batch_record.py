@@ -1,0 +1,346 @@
+"""A patient's record in one FHIR batch (ServerSource.record): what is sent, what is read back, and every
+way the server can decline or half-answer it (the batch is an optimisation, never a new way to fail)."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+import responses
+
+from fhir_ai.config import load_settings
+from fhir_ai.errors import ConfigurationError, UpstreamError, UpstreamNotFound
+from fhir_ai.fhir import ServerSource, make_source
+from fhir_ai.fhir.client import FhirClient
+from fhir_ai.fhir.sources import BATCH_PROBE_RETRY, declares_batch
+
+BASE = "https://fhir.hospital.example/r4"
+LOINC = "http://loinc.org"
+HR, RR = (LOINC, "8867-4"), (LOINC, "9279-1")
+SINCE, UNTIL = datetime(2024, 5, 5, tzinfo=timezone.utc), datetime(2024, 5, 6, 12, tzinfo=timezone.utc)
+PATIENT = {"resourceType": "Patient", "id": "pat-1", "birthDate": "1950-03-01"}
+ENCOUNTER = {"resourceType": "Encounter", "id": "enc-1", "status": "in-progress",
+             "class": {"code": "IMP"}, "subject": {"reference": "Patient/pat-1"}}
+CAPABILITIES = {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+                "rest": [{"mode": "server", "interaction": [{"code": "transaction"}, {"code": "batch"}]}]}
+NO_BATCH = {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+            "rest": [{"mode": "server", "interaction": [{"code": "transaction"}]}]}
+
+
+def obs(oid: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": oid, "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "8867-4"}]}, "subject": {"reference": "Patient/pat-1"},
+            "effectiveDateTime": "2024-05-06T10:00:00Z", "valueQuantity": {"value": 90, "unit": "/min"}}
+
+
+def searchset(*resources: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
+    page: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
+                            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+    if next_url:
+        page["link"] = [{"relation": "next", "url": next_url}]
+    return page
+
+
+def entry(resource: dict[str, Any] | None, status: str = "200 OK") -> dict[str, Any]:
+    out: dict[str, Any] = {"response": {"status": status}}
+    if resource is not None:
+        out["resource"] = resource
+    return out
+
+
+def batch_response(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": list(entries)}
+
+
+NOT_FOUND = {"resourceType": "OperationOutcome",
+             "issue": [{"severity": "error", "code": "not-found", "diagnostics": "Patient/pat-1 is not known"}]}
+WHOLE = batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), entry(searchset(obs("o1"), obs("o2"))))
+
+
+@pytest.fixture
+def rsps() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def source(batch: bool | None = True, retries: int = 0) -> ServerSource:
+    return ServerSource(FhirClient(BASE, retries=retries, sleep=lambda seconds: None), batch=batch)
+
+
+def sent(rsps: responses.RequestsMock) -> list[tuple[str, str]]:
+    return [(call.request.method, urlsplit(call.request.url).path) for call in rsps.calls]
+
+
+def ids(resources: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['resourceType']}/{r['id']}" for r in resources]
+
+
+def test_one_batch_reads_the_whole_record(rsps):
+    rsps.post(BASE, json=WHOLE)
+    record = source().record("pat-1", [HR, RR], since=SINCE, until=UNTIL)
+    assert ids(record) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1", "Observation/o2"]
+    assert sent(rsps) == [("POST", "/r4")]
+    batch = json.loads(rsps.calls[0].request.body)
+    assert rsps.calls[0].request.headers["Content-Type"] == "application/fhir+json"
+    assert batch["resourceType"] == "Bundle" and batch["type"] == "batch"
+    requests_ = [item["request"] for item in batch["entry"]]
+    assert [r["method"] for r in requests_] == ["GET", "GET", "GET"]
+    assert requests_[0]["url"] == "Patient/pat-1"
+    path, _, query = requests_[1]["url"].partition("?")
+    assert path == "Encounter" and parse_qs(query) == {"patient": ["pat-1"], "_count": ["100"]}
+    path, _, query = requests_[2]["url"].partition("?")
+    # the same search as the GET and POST _search forms: every code in one 'code' value, both dates
+    assert path == "Observation" and parse_qs(query) == {
+        "patient": ["pat-1"], "date": ["ge2024-05-05T00:00:00Z", "le2024-05-06T12:00:00Z"], "_count": ["200"],
+        "code": [f"{LOINC}|8867-4,{LOINC}|9279-1"]}
+
+
+def test_the_batch_finds_what_the_separate_requests_find(rsps):
+    """The same server answering both ways: the same record, in the same order."""
+    rsps.post(BASE, json=WHOLE)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1"), obs("o2")))
+    assert source(batch=True).record("pat-1", [HR]) == source(batch=False).record("pat-1", [HR])
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1"), ("GET", "/r4/Encounter"),
+                          ("POST", "/r4/Observation/_search")]
+
+
+def test_no_codes_asks_for_no_observations(rsps):
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER))))
+    assert ids(source().record("pat-1", [])) == ["Patient/pat-1", "Encounter/enc-1"]
+    assert len(json.loads(rsps.calls[0].request.body)["entry"]) == 2
+
+
+def test_next_pages_of_a_search_in_the_batch_are_read_by_get(rsps):
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER)),
+        entry(searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"))))
+    rsps.get(f"{BASE}/Observation", json=searchset(obs("o1"), obs("o2")))      # live paging may repeat one
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1",
+                                                   "Observation/o2"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Observation")]
+    assert parse_qs(urlsplit(rsps.calls[1].request.url).query) == {"page": ["2"]}
+
+
+def test_a_next_link_to_another_host_is_refused(rsps):
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER, next_url="https://elsewhere.example/Encounter?p=2")),
+        entry(searchset(obs("o1")))))
+    with pytest.raises(UpstreamError, match="another host"):
+        source().record("pat-1", [HR])
+    assert sent(rsps) == [("POST", "/r4")]
+
+
+def test_an_unknown_patient_is_the_read_s_own_not_found(rsps):
+    """The batch says 404 for the Patient: the read of its own gives the server's words, as without a batch."""
+    rsps.post(BASE, json=batch_response(entry(NOT_FOUND, "404 Not Found"), entry(searchset()),
+                                        entry(searchset())))
+    rsps.get(f"{BASE}/Patient/pat-1", status=404, json=NOT_FOUND)
+    with pytest.raises(UpstreamNotFound, match="GET /r4/Patient/pat-1.*is not known"):
+        source().record("pat-1", [HR])
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1")]
+
+
+@pytest.mark.parametrize("answer", [
+    entry(searchset(obs("o1")), "400 Bad Request"),                  # an error status
+    entry(NOT_FOUND, "500"),
+    entry(obs("o1")),                                                # not a Bundle
+    entry({"resourceType": "Bundle", "type": "collection"}),         # not a searchset
+    entry(None),                                                     # nothing
+    entry(searchset(obs("o1")), "OK"),                               # no status code
+    {"resource": searchset(obs("o1"))},                              # no response at all
+])
+def test_an_entry_not_answered_as_asked_is_read_by_its_own_request(rsps, answer):
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), answer))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o9")))
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o9"]
+    assert sent(rsps) == [("POST", "/r4"), ("POST", "/r4/Observation/_search")]
+
+
+@pytest.mark.parametrize("patient", [
+    {"resourceType": "Patient", "id": "someone-else"},     # another patient's record is never used
+    {"resourceType": "Patient"},
+    NOT_FOUND,
+])
+def test_a_patient_entry_that_is_not_this_patient_is_read_again(rsps, patient):
+    rsps.post(BASE, json=batch_response(entry(patient), entry(searchset(ENCOUNTER)), entry(searchset())))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1")]
+
+
+def test_encounter_entry_failing_is_searched_again(rsps):
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(NOT_FOUND, "403 Forbidden"), entry(searchset())))
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Encounter")]
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 405, 415, 422, 501])
+def test_a_refused_batch_is_read_by_separate_requests_and_remembered(rsps, caplog, status):
+    rsps.post(BASE, status=status, json={"resourceType": "OperationOutcome",
+                                         "issue": [{"severity": "error", "code": "not-supported"}]})
+    rsps.get(f"{BASE}/Patient/secret-patient", json={**PATIENT, "id": "secret-patient"})
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    server = source()
+    with caplog.at_level(logging.WARNING, logger="fhir_ai.fhir.sources"):
+        assert ids(server.record("secret-patient", [HR])) == ["Patient/secret-patient", "Encounter/enc-1",
+                                                              "Observation/o1"]
+        assert [m for m, _ in sent(rsps)] == ["POST", "GET", "GET", "POST"]
+        rsps.calls.reset()
+        server.record("secret-patient", [HR])
+    assert sent(rsps) == [("GET", "/r4/Patient/secret-patient"), ("GET", "/r4/Encounter"),
+                          ("POST", "/r4/Observation/_search")]          # no batch again
+    assert server.batch is False
+    [said] = [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
+    assert f"HTTP {status}" in said and "secret-patient" not in said
+
+
+@pytest.mark.parametrize("answer", [
+    {"resourceType": "Bundle", "type": "batch-response", "entry": [entry(PATIENT)]},       # too few entries
+    {"resourceType": "Bundle", "type": "transaction-response", "entry": WHOLE["entry"]},
+    {"resourceType": "Bundle", "type": "searchset", "entry": WHOLE["entry"]},
+    {"resourceType": "OperationOutcome", "issue": []},
+    {"resourceType": "Bundle", "type": "batch-response", "entry": [PATIENT, "x", None]},
+    [1, 2, 3],
+    {},
+])
+def test_an_answer_that_is_not_a_batch_response_counts_as_refused(rsps, answer):
+    rsps.post(BASE, json=answer)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    server = source()
+    assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+    assert server.batch is False
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_a_failing_batch_is_retried_and_then_reported_not_taken_for_refused(rsps, status):
+    rsps.post(BASE, status=status)
+    server = source(retries=2)
+    with pytest.raises(UpstreamError) as raised:
+        server.record("pat-1", [HR])
+    assert raised.value.temporary and raised.value.upstream_status == status
+    assert sent(rsps) == [("POST", "/r4")] * 3        # the client's retries, no separate requests after them
+    assert server.batch is True
+
+
+def test_a_timeout_is_retried_with_the_same_batch(rsps):
+    rsps.post(BASE, body=requests.ReadTimeout("slow"))
+    rsps.post(BASE, json=WHOLE)
+    assert len(source(retries=1).record("pat-1", [HR])) == 4
+    assert rsps.calls[0].request.body == rsps.calls[1].request.body
+
+
+def test_refused_credentials_are_reported(rsps):
+    rsps.post(BASE, status=401)
+    with pytest.raises(UpstreamError, match="refused our credentials") as raised:
+        source().record("pat-1", [HR])
+    assert raised.value.upstream_status == 401
+
+
+# -- auto: the CapabilityStatement decides -------------------------------------------------------
+
+def test_auto_batches_where_the_capability_statement_lists_batch(rsps):
+    rsps.get(f"{BASE}/metadata", json=CAPABILITIES)
+    rsps.post(BASE, json=WHOLE)
+    server = source(batch=None)
+    server.record("pat-1", [HR])
+    server.record("pat-1", [HR])
+    assert sent(rsps) == [("GET", "/r4/metadata"), ("POST", "/r4"), ("POST", "/r4")]   # asked once
+    assert server.batch is True
+
+
+def test_auto_without_batch_in_the_capability_statement_reads_separately(rsps):
+    rsps.get(f"{BASE}/metadata", json=NO_BATCH)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    server = source(batch=None)
+    server.record("pat-1", [HR])
+    server.record("pat-1", [HR])
+    assert [m for m, _ in sent(rsps)] == ["GET"] + ["GET", "GET", "POST"] * 2
+    assert server.batch is False
+
+
+def test_auto_asks_again_later_when_the_capability_statement_cannot_be_read(rsps, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
+    rsps.get(f"{BASE}/metadata", status=503)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    server = source(batch=None, retries=3)
+    assert len(server.record("pat-1", [HR])) == 3
+    assert sent(rsps)[0] == ("GET", "/r4/metadata") and len(sent(rsps)) == 4     # one try, no retries
+    rsps.calls.reset()
+    clock[0] += BATCH_PROBE_RETRY - 1
+    server.record("pat-1", [HR])
+    assert ("GET", "/r4/metadata") not in sent(rsps) and server.batch is None
+    rsps.calls.reset()
+    clock[0] += 2
+    rsps.replace(responses.GET, f"{BASE}/metadata", json=CAPABILITIES)
+    rsps.post(BASE, json=WHOLE)
+    server.record("pat-1", [HR])
+    assert sent(rsps) == [("GET", "/r4/metadata"), ("POST", "/r4")]
+    assert server.batch is True
+
+
+@pytest.mark.parametrize("statement, expected", [
+    (CAPABILITIES, True),
+    (NO_BATCH, False),
+    ({**CAPABILITIES, "rest": [{"mode": "client", "interaction": [{"code": "batch"}]}]}, False),
+    ({**CAPABILITIES, "rest": [{"mode": "server"}, {"mode": "server", "interaction": [{"code": "batch"}]}]}, True),
+    ({**CAPABILITIES, "rest": [{"mode": "server", "interaction": "batch"}]}, False),
+    ({**CAPABILITIES, "rest": [{"mode": "server", "interaction": [None, "batch", {"code": ["batch"]}]}]}, False),
+    ({**CAPABILITIES, "rest": {"mode": "server"}}, False),
+    ({**CAPABILITIES, "resourceType": "Bundle"}, False),
+    ([], False),
+])
+def test_declares_batch(statement, expected):
+    assert declares_batch(statement) is expected
+
+
+def test_unsafe_ids_are_refused_before_anything_is_sent(rsps):
+    with pytest.raises(Exception, match="not a FHIR id"):
+        source().record("a/b", [HR])
+    with pytest.raises(ValueError, match="time-zone aware"):
+        source().record("pat-1", [HR], since=datetime(2024, 5, 5))
+    assert not rsps.calls
+
+
+def test_an_id_of_dots_is_not_put_in_a_batch_url(rsps):
+    rsps.get(f"{BASE}/Patient/..", status=404, json=NOT_FOUND)
+    with pytest.raises(UpstreamNotFound):
+        source().record("..", [HR])
+    assert all(method == "GET" for method, _ in sent(rsps))
+
+
+# -- the setting -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, mode", [("auto", None), ("AUTO", None), ("true", True), ("on", True),
+                                         ("false", False), ("0", False), (True, True), (False, False)])
+def test_source_batch_setting(value, mode, rsps):
+    settings = load_settings({"source_batch": value}, environ={})
+    assert settings.source_batch_mode is mode
+    made = make_source(BASE, batch=settings.source_batch_mode)
+    assert isinstance(made, ServerSource) and made.batch is mode
+
+
+def test_source_batch_default_is_auto():
+    assert load_settings(environ={}).source_batch_mode is None
+    assert load_settings(environ={"FHIR_AI_SOURCE_BATCH": "false"}).source_batch_mode is False
+
+
+def test_a_bad_source_batch_setting_stops_the_start(monkeypatch):
+    with pytest.raises(ConfigurationError, match="SOURCE_BATCH.*'sometimes'") as raised:
+        load_settings({"source_batch": "sometimes"}, environ={})
+    assert raised.value.expression == "source_batch" or "source_batch" in str(raised.value.expression)
