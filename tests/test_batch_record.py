@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import requests
@@ -17,7 +17,7 @@ from fhir_ai.config import load_settings
 from fhir_ai.errors import ConfigurationError, UpstreamError, UpstreamNotFound
 from fhir_ai.fhir import ServerSource, make_source
 from fhir_ai.fhir.client import FhirClient
-from fhir_ai.fhir.sources import BATCH_PROBE_RETRY, declares_batch
+from fhir_ai.fhir.sources import BATCH_OFF_FOR, BATCH_PROBE_RETRY, declares_batch
 
 BASE = "https://fhir.hospital.example/r4"
 LOINC = "http://loinc.org"
@@ -163,16 +163,33 @@ def test_an_entry_not_answered_as_asked_is_read_by_its_own_request(rsps, answer)
     assert sent(rsps) == [("POST", "/r4"), ("POST", "/r4/Observation/_search")]
 
 
-@pytest.mark.parametrize("patient", [
-    {"resourceType": "Patient", "id": "someone-else"},     # another patient's record is never used
-    {"resourceType": "Patient"},
-    NOT_FOUND,
-])
-def test_a_patient_entry_that_is_not_this_patient_is_read_again(rsps, patient):
+@pytest.mark.parametrize("patient", [NOT_FOUND, {"resourceType": "Bundle", "type": "searchset"}])
+def test_a_patient_entry_that_is_no_patient_is_read_again(rsps, patient):
     rsps.post(BASE, json=batch_response(entry(patient), entry(searchset(ENCOUNTER)), entry(searchset())))
     rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
     assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1"]
     assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1")]
+
+
+@pytest.mark.parametrize("patient", [{"resourceType": "Patient", "id": "someone-else"}, {"resourceType": "Patient"}])
+def test_an_answer_holding_another_patient_is_not_used_at_all(rsps, caplog, patient):
+    """A cache in between keyed by POST [base]'s URL would answer with the last patient's record: none of it is
+    used (not the Encounters, not the Observations), the record is read by separate requests, and batching
+    pauses."""
+    other = "Patient/someone-else"
+    rsps.post(BASE, json=batch_response(
+        entry(patient), entry(searchset({**ENCOUNTER, "id": "enc-other", "subject": {"reference": other}})),
+        entry(searchset({**obs("o-other"), "subject": {"reference": other}}))))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    server = source()
+    with caplog.at_level(logging.WARNING, logger="fhir_ai.fhir.sources"):
+        assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1"), ("GET", "/r4/Encounter"),
+                          ("POST", "/r4/Observation/_search")]
+    assert server.batch is False
+    assert any("another patient" in r.getMessage() for r in caplog.records)
 
 
 def test_encounter_entry_failing_is_searched_again(rsps):
@@ -210,7 +227,6 @@ def test_a_refused_batch_is_read_by_separate_requests_and_remembered(rsps, caplo
     {"resourceType": "OperationOutcome", "issue": []},
     {"resourceType": "Bundle", "type": "batch-response", "entry": [PATIENT, "x", None]},
     [1, 2, 3],
-    {},
 ])
 def test_an_answer_that_is_not_a_batch_response_counts_as_refused(rsps, answer):
     rsps.post(BASE, json=answer)
@@ -222,29 +238,107 @@ def test_an_answer_that_is_not_a_batch_response_counts_as_refused(rsps, answer):
     assert server.batch is False
 
 
-@pytest.mark.parametrize("status", [500, 503, 429])
-def test_a_failing_batch_is_retried_and_then_reported_not_taken_for_refused(rsps, status):
-    rsps.post(BASE, status=status)
-    server = source(retries=2)
-    with pytest.raises(UpstreamError) as raised:
+def separate_requests_work(rsps: responses.RequestsMock) -> None:
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+
+
+SEPARATE = [("GET", "/r4/Patient/pat-1"), ("GET", "/r4/Encounter"), ("POST", "/r4/Observation/_search")]
+
+
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 503}, {"status": 429}, {"status": 504},
+                                   {"body": requests.ReadTimeout("slow")},
+                                   {"body": requests.ConnectionError("reset")},
+                                   {"status": 200, "body": ""},                       # an empty answer
+                                   {"status": 200, "body": '{"resourceType": "Bundle", "ty'}])   # cut short
+def test_a_failing_batch_is_sent_once_then_read_separately(rsps, caplog, monkeypatch, fault):
+    """A batch that fails is not retried: the separate requests (with their retries) read the record. Three
+    failures in a row, each followed by separate requests that worked, pause batching; it is tried again later."""
+    clock = [1000.0]
+    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
+    rsps.post(BASE, **fault)
+    separate_requests_work(rsps)
+    server = source(retries=3)
+    with caplog.at_level(logging.INFO, logger="fhir_ai.fhir.sources"):
+        for attempt in range(1, 4):
+            rsps.calls.reset()
+            assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+            assert sent(rsps) == [("POST", "/r4"), *SEPARATE]              # one try, then the separate requests
+            assert server.batch is (attempt < 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "batch" in r.getMessage()]
+    assert len(warnings) == 1 and "3 batches in a row" in warnings[0]
+    rsps.calls.reset()
+    clock[0] += BATCH_OFF_FOR - 1
+    server.record("pat-1", [HR])
+    assert sent(rsps) == SEPARATE                                          # paused
+    rsps.calls.reset()
+    clock[0] += 2
+    rsps.replace(responses.POST, BASE, json=WHOLE)
+    assert len(server.record("pat-1", [HR])) == 4
+    assert sent(rsps) == [("POST", "/r4")] and server.batch is True       # tried again, and it works
+
+
+def test_a_success_between_failures_starts_the_count_again(rsps):
+    separate_requests_work(rsps)
+    rsps.post(BASE, status=503)
+    server = source()
+    for answer in ({"status": 503}, {"status": 503}, {"json": WHOLE}, {"status": 503}, {"status": 503}):
+        rsps.replace(responses.POST, BASE, **answer)
         server.record("pat-1", [HR])
-    assert raised.value.temporary and raised.value.upstream_status == status
-    assert sent(rsps) == [("POST", "/r4")] * 3        # the client's retries, no separate requests after them
     assert server.batch is True
 
 
-def test_a_timeout_is_retried_with_the_same_batch(rsps):
-    rsps.post(BASE, body=requests.ReadTimeout("slow"))
-    rsps.post(BASE, json=WHOLE)
-    assert len(source(retries=1).record("pat-1", [HR])) == 4
-    assert rsps.calls[0].request.body == rsps.calls[1].request.body
+def test_a_failing_batch_whose_separate_requests_fail_too_teaches_nothing(rsps):
+    """The server is down: the separate requests' error is reported, as without a batch; no pause learnt."""
+    rsps.post(BASE, status=503)
+    rsps.get(f"{BASE}/Patient/pat-1", status=503)
+    server = source(retries=2)
+    for _ in range(4):
+        rsps.calls.reset()
+        with pytest.raises(UpstreamError, match=r"GET /r4/Patient/pat-1.*after 3 attempt") as raised:
+            server.record("pat-1", [HR])
+        assert raised.value.temporary and raised.value.upstream_status == 503
+        assert sent(rsps) == [("POST", "/r4")] + [("GET", "/r4/Patient/pat-1")] * 3
+    assert server.batch is True
 
 
-def test_refused_credentials_are_reported(rsps):
+def test_refused_credentials_are_the_separate_requests_error(rsps):
     rsps.post(BASE, status=401)
-    with pytest.raises(UpstreamError, match="refused our credentials") as raised:
-        source().record("pat-1", [HR])
-    assert raised.value.upstream_status == 401
+    rsps.get(f"{BASE}/Patient/pat-1", status=401)
+    server = source()
+    with pytest.raises(UpstreamError, match="GET /r4/Patient/pat-1.*refused our credentials") as raised:
+        server.record("pat-1", [HR])
+    assert raised.value.upstream_status == 401 and server.batch is True
+
+
+def test_a_gateway_refusing_only_the_batch_pauses_it(rsps):
+    rsps.post(BASE, status=401)
+    separate_requests_work(rsps)
+    server = source()
+    assert len(server.record("pat-1", [HR])) == 3
+    assert server.batch is False
+
+
+def test_an_unknown_patient_refused_with_the_whole_batch_teaches_nothing(rsps):
+    """Some servers answer a whole batch 404 when one entry fails: the read says 404 too, so the batch is kept."""
+    rsps.post(BASE, status=404, json=NOT_FOUND)
+    rsps.get(f"{BASE}/Patient/pat-1", status=404, json=NOT_FOUND)
+    server = source()
+    with pytest.raises(UpstreamNotFound):
+        server.record("pat-1", [HR])
+    assert server.batch is True
+
+
+def test_codes_in_a_batch_url_are_percent_encoded_as_a_uri(rsps):
+    """request.url is a URI, not a form: a space is %20 (a '+' there would be a plus), '|' ',' '$' escaped."""
+    rsps.post(BASE, json=WHOLE)
+    source().record("pat-1", [("urn:local", "heart rate"), ("urn:local", "a+b"), ("urn:local", "a,b|c$")])
+    url = json.loads(rsps.calls[0].request.body)["entry"][2]["request"]["url"]
+    code = url.split("&code=", 1)[1]
+    assert code == "urn:local%7Cheart%20rate,urn:local%7Ca%2Bb,urn:local%7Ca%5C,b%5C%7Cc%5C%24"
+    # read as a URI (percent-decoded, '+' kept): the FHIR-escaped tokens the GET and POST forms send
+    assert unquote(code) == r"urn:local|heart rate,urn:local|a+b,urn:local|a\,b\|c\$"
 
 
 # -- auto: the CapabilityStatement decides -------------------------------------------------------
@@ -344,3 +438,46 @@ def test_a_bad_source_batch_setting_stops_the_start(monkeypatch):
     with pytest.raises(ConfigurationError, match="SOURCE_BATCH.*'sometimes'") as raised:
         load_settings({"source_batch": "sometimes"}, environ={})
     assert raised.value.expression == "source_batch" or "source_batch" in str(raised.value.expression)
+
+
+def test_one_thread_asks_for_the_capability_statement_the_others_read_separately(rsps):
+    """Gunicorn threads starting together: one probe, not one per request; nobody waits for it."""
+    import threading
+    release, asked = threading.Event(), threading.Event()
+
+    def capabilities(request):
+        asked.set()
+        release.wait(5)
+        return 200, {"Content-Type": "application/fhir+json"}, json.dumps(CAPABILITIES)
+    rsps.add_callback(responses.GET, f"{BASE}/metadata", callback=capabilities)
+    separate_requests_work(rsps)
+    rsps.post(BASE, json=WHOLE)
+    server = source(batch=None)
+    first = threading.Thread(target=server.record, args=("pat-1", [HR]))
+    first.start()
+    assert asked.wait(5)
+    others = [server.record("pat-1", [HR]) for _ in range(3)]          # while the probe is out
+    during = sent(rsps)
+    release.set()
+    first.join(5)
+    assert all(len(record) == 3 for record in others)
+    assert during == SEPARATE * 3             # no second probe, no waiting, no batch (the probe is still out)
+    assert server.batch is True
+    rsps.calls.reset()
+    assert len(server.record("pat-1", [HR])) == 4 and sent(rsps) == [("POST", "/r4")]
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 400])
+def test_a_capability_statement_refused_means_no_batch_for_an_hour(rsps, monkeypatch, status):
+    clock = [1000.0]
+    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
+    rsps.get(f"{BASE}/metadata", status=status)
+    separate_requests_work(rsps)
+    server = source(batch=None)
+    server.record("pat-1", [HR])
+    server.record("pat-1", [HR])
+    assert [path for _, path in sent(rsps)].count("/r4/metadata") == 1 and server.batch is False
+    clock[0] += BATCH_OFF_FOR + 1
+    rsps.replace(responses.GET, f"{BASE}/metadata", json=CAPABILITIES)
+    rsps.post(BASE, json=WHOLE)
+    assert len(server.record("pat-1", [HR])) == 4 and server.batch is True     # asked again, an hour on

@@ -66,6 +66,11 @@ class FakeHospital:
         rsps.add_callback(responses.POST, f"{BASE}/Encounter/_search", self._search)
         rsps.add_callback(responses.POST, f"{BASE}/Observation/_search", self._search)
         rsps.add_callback(responses.PUT, re.compile(re.escape(BASE) + r"/RiskAssessment/[^/?]+"), self._put)
+        # A batch of reads (POST [base]) is answered only by a hospital that takes one; each entry by the same
+        # callbacks as its own request (queued faults included: one becomes that entry's status).
+        self.takes_batch = False
+        self.faults["batch"] = []
+        rsps.add_callback(responses.POST, BASE, self._batch)
 
     def add(self, *resources: dict[str, Any]) -> None:
         for resource in resources:
@@ -127,6 +132,22 @@ class FakeHospital:
         next_url = (f"{self.next_base}/{rtype}?_getpages={token}&_page={page + 1}"
                     if page + 1 < len(pages) else None)
         return self._ok(searchset(pages[page], BASE, next_url=next_url, total=sum(map(len, pages))))
+
+    def _batch(self, request: requests.PreparedRequest) -> Fault:
+        if not self.takes_batch:
+            return self._ok(operation_outcome("POST [base] is not supported", "not-supported"), 405)
+        fault = self._fault("batch")
+        if fault is not None:
+            return fault
+        entries = []
+        for item in json.loads(request.body)["entry"]:
+            inner = requests.Request("GET", f"{BASE}/{item['request']['url']}").prepare()
+            answer = (self._read if inner.path_url.startswith(urlsplit(BASE).path + "/Patient/") else self._search)(inner)
+            if isinstance(answer, Exception):
+                raise answer                              # a transport fault fails the whole batch
+            status, _, body = answer
+            entries.append({"resource": json.loads(body) if body else None, "response": {"status": str(status)}})
+        return self._ok({"resourceType": "Bundle", "type": "batch-response", "entry": entries})
 
     def _put(self, request: requests.PreparedRequest) -> Fault:
         fault = self._fault("PUT")

@@ -9,10 +9,11 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 import orjson
 
@@ -30,6 +31,15 @@ MAX_URL = 1800  # stay under the ~2,000 characters many proxies and servers acce
 # the media type refused, unprocessable, not implemented.
 BATCH_REFUSED = frozenset({400, 403, 404, 405, 415, 422, 501})
 BATCH_PROBE_RETRY = 600     # seconds before a CapabilityStatement that could not be read is asked for again
+BATCH_OFF_FOR = 3600        # seconds a refused or failing batch is not tried (and a probe's answer holds)
+BATCH_FAILURES = 3          # failed batches in a row (the separate requests then working) that pause batching
+
+
+@dataclass
+class _Declined:
+    """Why a batch gave no record; ``refused``: the server does not take it (not a passing failure)."""
+    why: str
+    refused: bool
 
 
 def _check_id(patient_id: str) -> str:
@@ -112,8 +122,12 @@ class ServerSource(Source):
         instead of a request per resource type: True, False, or None to follow the server's
         CapabilityStatement (asked once, on first use)."""
         self.client = client
-        self.batch = batch
-        self._batch_probe_after = 0.0             # time.monotonic() before which a failed probe is not repeated
+        self.batch = batch                        # now: True, False, or None (auto, not known yet)
+        self._batch_mode = batch                  # as configured: what ``batch`` goes back to after a pause
+        self._batch_lock = threading.Lock()       # one probe at a time
+        self._batch_probe_after = 0.0             # time.monotonic() before which the probe is not asked again
+        self._batch_off_until = 0.0               # time.monotonic() until which batching is paused (0: not paused)
+        self._batch_failures = 0                  # failed batches in a row
         self.search_by_post = True    # until the server refuses a POST _search (then GET, remembered)
         # Set by a catch-up (subscriptions.py) that found the server cannot sort by _lastUpdated: why, how
         # many Observations its pages held, when (time.monotonic()); later catch-ups, for an hour, read in
@@ -143,64 +157,97 @@ class ServerSource(Source):
                until: datetime | None = None) -> list[dict[str, Any]]:
         """As Source.record; in one round trip where the server takes a batch (``batch``).
 
-        The batch is an optimisation, never a new way to fail: an entry the server did not answer with
-        what was asked for (an error status, another resource) is read again by its own request, which
-        reports its error as it would without the batch; a server that refuses the batch itself
-        (BATCH_REFUSED, or an answer that is not a batch-response with an entry per request) is read a
-        request per resource type from then on. Other failures of the batch (timeouts, 5xx after the
-        retries, credentials refused) are raised: the separate requests would meet them too.
+        The batch is an optimisation, never a new way to fail. It is sent once (no retries): when it
+        fails or is refused, the record is read by the separate requests, with their retries, which
+        report any error as they would without a batch. An entry the server did not answer with what was
+        asked for (an error status, not a searchset) is read by its own request. Once the separate
+        requests have worked, a refused batch (BATCH_REFUSED, 401, an answer that is not a batch-response
+        with an entry per request, or another patient's record) turns batching off for BATCH_OFF_FOR
+        seconds, and so do BATCH_FAILURES failed batches in a row (5xx, 429, timeouts, an empty answer):
+        a server whose batch is broken costs one extra request per assessment for a while, not forever.
         """
         params = _observation_params(patient_id, since, until)     # checks the id and the dates
-        if self.batch is None:
-            self._probe_batch()
-        if self.batch and patient_id.strip("."):                    # 'Patient/..' is no id to put in a URL
-            got = self._batch_record(patient_id, codes, params)
-            if got is not None:
-                return got
-        return super().record(patient_id, codes, since, until)
+        if not patient_id.strip(".") or not self._batching():      # 'Patient/..' is no id to put in a URL
+            return super().record(patient_id, codes, since, until)
+        answer = self._batch_record(patient_id, codes, params)
+        if not isinstance(answer, _Declined):
+            self._batch_failures = 0
+            return answer
+        record = super().record(patient_id, codes, since, until)    # raises as without a batch: nothing learnt
+        self._declined(answer)
+        return record
 
-    def _probe_batch(self) -> None:
-        """Set ``batch`` from the server's CapabilityStatement (rest.interaction 'batch'); if it cannot
-        be read, leave it unknown (requests per resource type) and ask again after BATCH_PROBE_RETRY."""
+    def _batching(self) -> bool:
         now = time.monotonic()
-        if now < self._batch_probe_after:
+        if self._batch_off_until:
+            if now < self._batch_off_until:
+                return False
+            self._batch_off_until, self._batch_failures = 0.0, 0     # time to try again
+            self.batch = self._batch_mode
+        if self._batch_mode is None and now >= self._batch_probe_after:
+            self._probe_batch(now)
+        return bool(self.batch)
+
+    def _probe_batch(self, now: float) -> None:
+        """``batch`` from the server's CapabilityStatement (rest.interaction 'batch'), asked again after
+        BATCH_OFF_FOR; if it cannot be read now (timeout, 5xx), unknown (separate requests) until it is
+        asked again after BATCH_PROBE_RETRY. One thread asks; the others read separately meanwhile."""
+        if not self._batch_lock.acquire(blocking=False):
             return
         try:
-            statement = self.client.get("metadata", retries=0)
-        except (UpstreamError, UpstreamNotFound) as exc:
-            self._batch_probe_after = now + BATCH_PROBE_RETRY
-            log.info("%s: its CapabilityStatement could not be read (%s); a request per resource type for "
-                     "each patient, asking again in %d s", self.client.base_url, exc.message, BATCH_PROBE_RETRY)
-            return
-        self.batch = declares_batch(statement)
-        log.info("%s: %s", self.client.base_url, "takes batches: a patient's record in one request per "
-                 "assessment" if self.batch else "declares no batch interaction: a request per resource type")
+            if now < self._batch_probe_after or self._batch_off_until:
+                return
+            try:
+                statement = self.client.get("metadata", retries=0)
+            except UpstreamNotFound:
+                statement = None                                      # no CapabilityStatement: no batch declared
+            except UpstreamError as exc:
+                if exc.temporary:
+                    self._batch_probe_after = time.monotonic() + BATCH_PROBE_RETRY
+                    log.info("%s: its CapabilityStatement could not be read (%s); a request per resource type "
+                             "for each patient, asking again in %d s", self.client.base_url, exc.message,
+                             BATCH_PROBE_RETRY)
+                    return
+                statement = None                                      # refused (401, 403, ...): no batch
+            self._batch_probe_after = time.monotonic() + BATCH_OFF_FOR
+            self.batch = declares_batch(statement)
+            log.info("%s: %s", self.client.base_url, "takes batches: a patient's record in one request per "
+                     "assessment" if self.batch else "no batch interaction declared: a request per resource type")
+        finally:
+            self._batch_lock.release()
 
     def _batch_record(self, patient_id: str, codes: Codes,
-                      params: list[tuple[str, Any]]) -> list[dict[str, Any]] | None:
-        """The record from one batch, or None where the server refused the batch (now remembered)."""
+                      params: list[tuple[str, Any]]) -> list[dict[str, Any]] | _Declined:
+        """The record from one batch, or why the batch gave none (the caller reads separately)."""
         head = encode_params(params)
         urls = [f"Patient/{patient_id}", f"Encounter?{encode_params(_encounter_params(patient_id))}"]
         if codes:
-            urls.append(f"Observation?{head}&code={_code_list(tuple(codes))}")
+            urls.append(f"Observation?{head}&code={_code_list_uri(tuple(codes))}")
         batch = {"resourceType": "Bundle", "type": "batch",
                  "entry": [{"request": {"method": "GET", "url": url}} for url in urls]}
         try:
-            answer = self.client.post("", batch)
-        except (UpstreamError, UpstreamNotFound) as exc:
-            status = 404 if isinstance(exc, UpstreamNotFound) else exc.upstream_status
-            if status in BATCH_REFUSED:
-                return self._batch_refused(f"HTTP {status}")
+            answer = self.client.post("", batch, retries=0)
+        except UpstreamNotFound:
+            return _Declined("HTTP 404", refused=True)
+        except UpstreamError as exc:
+            status = exc.upstream_status
+            if status in BATCH_REFUSED or status == 401:
+                return _Declined(f"HTTP {status}", refused=True)
             if status is not None and 200 <= status < 300 and not exc.temporary:    # JSON but not a resource
-                return self._batch_refused(f"HTTP {status} with JSON that is not a Bundle")
-            raise
-        entries = answer.get("entry") if (isinstance(answer, dict) and answer.get("resourceType") == "Bundle"
+                return _Declined(f"HTTP {status} with JSON that is not a Bundle", refused=True)
+            return _Declined(exc.message, refused=False)
+        if not answer:
+            return _Declined("an empty answer", refused=False)
+        entries = answer.get("entry") if (answer.get("resourceType") == "Bundle"
                                           and answer.get("type") == "batch-response") else None
         if (not isinstance(entries, list) or len(entries) != len(urls)
                 or not all(entry.__class__ is dict for entry in entries)):
-            return self._batch_refused("an answer that is not a batch-response with an entry per request")
+            return _Declined("an answer that is not a batch-response with an entry per request", refused=True)
         patient = _answered(entries[0], "Patient")
-        if patient is None or patient.get("id") != patient_id:
+        if patient is not None and patient.get("id") != patient_id:
+            # Another patient's record (a cache in between that keys POST [base] by its URL?): none of it is used.
+            return _Declined("an answer that holds another patient's record", refused=True)
+        if patient is None:
             patient = self.patient(patient_id)
         page = _answered(entries[1], "Bundle")
         encounters = (_unique(self.client.search("Encounter", first=page)) if _searchset(page)
@@ -212,11 +259,19 @@ class ServerSource(Source):
                             else self._search_codes("Observation", head, tuple(codes)))
         return [patient, *encounters, *observations]
 
-    def _batch_refused(self, why: str) -> None:
-        self.batch = False
+    def _declined(self, declined: _Declined) -> None:
+        """A batch gave no record and the separate requests worked: learn from it (see record())."""
+        if not declined.refused:
+            self._batch_failures += 1
+            if self._batch_failures < BATCH_FAILURES:
+                log.info("%s: a batch failed (%s); read by separate requests", self.client.base_url,
+                         declined.why)
+                return
+            declined.why += f", {self._batch_failures} batches in a row"
+        self.batch, self._batch_failures = False, 0
+        self._batch_off_until = time.monotonic() + BATCH_OFF_FOR
         log.warning("%s: the FHIR server does not take a batch of reads (%s); a request per resource type "
-                    "from now on", self.client.base_url, why)
-        return None
+                    "for the next %d s", self.client.base_url, declined.why, BATCH_OFF_FOR)
 
     def _search_codes(self, resource_type: str, head: str,
                       codes: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
@@ -300,6 +355,12 @@ def _code_tokens(codes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
 def _code_list(codes: tuple[tuple[str, str], ...]) -> str:
     """Every code as one encoded, comma-joined 'code' value (any of them: FHIR's 'or')."""
     return ",".join(_code_tokens(codes))
+
+
+@functools.lru_cache(maxsize=256)
+def _code_list_uri(codes: tuple[tuple[str, str], ...]) -> str:
+    """_code_list for a URL read as a URI, not as a form (a batch entry's request.url): space as %20, not '+'."""
+    return ",".join(quote(code_token(system, code), safe=QUERY_SAFE) for system, code in codes)
 
 
 @functools.lru_cache(maxsize=256)

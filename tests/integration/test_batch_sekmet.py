@@ -41,8 +41,8 @@ def test_one_batch_reads_what_separate_requests_read(sekmet: SekmetServer) -> No
     codes = list(load_directory(DEFAULT_MAPPINGS)["deterioration"].query_codes())
     since, until = now - timedelta(days=2), now
 
-    batched, separate = Recorded(sekmet.base_url, by_post=True), Recorded(sekmet.base_url, by_post=True)
-    batched.batch, separate.batch = None, False          # auto: sekmet's CapabilityStatement decides
+    # auto: sekmet's CapabilityStatement decides
+    batched, separate = Recorded(sekmet.base_url, by_post=True, batch=None), Recorded(sekmet.base_url, by_post=True)
     try:
         by_batch = batched.record(pid, codes, since=since, until=until)
         by_requests = separate.record(pid, codes, since=since, until=until)

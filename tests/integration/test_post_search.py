@@ -29,8 +29,8 @@ pytestmark = pytest.mark.integration
 class Recorded(ServerSource):
     """A ServerSource whose session notes each request it sent (method, path, form or query)."""
 
-    def __init__(self, base_url: str, *, by_post: bool) -> None:
-        super().__init__(FhirClient(base_url, retries=0))
+    def __init__(self, base_url: str, *, by_post: bool, batch: bool | None = False) -> None:
+        super().__init__(FhirClient(base_url, retries=0), batch=batch)
         self.search_by_post = by_post
         self.sent: list[tuple[str, str, dict[str, list[str]]]] = []
         self.client.session.hooks["response"].append(self._note)
