@@ -91,13 +91,13 @@ def test_a_failed_batch_is_read_by_separate_requests(client: FlaskClient, hospit
                               ("POST", "/fhir/Observation/_search")]
 
 
-def test_a_failed_entry_is_read_by_its_own_request_with_retries(client: FlaskClient, hospital: FakeHospital) -> None:
+def test_a_failed_entry_means_the_record_is_read_separately_with_retries(client: FlaskClient, hospital: FakeHospital) -> None:
     hospital.fail("Observation", (503, {}, ""), (503, {}, ""))     # the entry's, then the search's first try
     response = assess(client)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert assessments(response)[0]["status"] == "final"
-    assert sent(hospital) == [("POST", "/fhir"), ("POST", "/fhir/Observation/_search"),
-                              ("POST", "/fhir/Observation/_search")]
+    assert sent(hospital) == [("POST", "/fhir"), ("GET", f"/fhir/Patient/{PATIENT}"), ("GET", "/fhir/Encounter"),
+                              ("POST", "/fhir/Observation/_search"), ("POST", "/fhir/Observation/_search")]
 
 
 def test_a_hospital_down_for_everything_is_a_502_not_a_silent_no_risk(client: FlaskClient,

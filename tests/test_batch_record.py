@@ -156,47 +156,73 @@ def test_an_unknown_patient_is_the_read_s_own_not_found(rsps):
     entry(searchset(obs("o1")), "OK"),                               # no status code
     {"resource": searchset(obs("o1"))},                              # no response at all
 ])
-def test_an_entry_not_answered_as_asked_is_read_by_its_own_request(rsps, answer):
+def test_an_entry_not_answered_as_asked_means_the_whole_record_is_read_separately(rsps, answer):
+    """All or nothing: a batch with one entry not answered as asked is not used at all."""
     rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), answer))
-    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o9")))
-    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o9"]
-    assert sent(rsps) == [("POST", "/r4"), ("POST", "/r4/Observation/_search")]
-
-
-@pytest.mark.parametrize("patient", [NOT_FOUND, {"resourceType": "Bundle", "type": "searchset"}])
-def test_a_patient_entry_that_is_no_patient_is_read_again(rsps, patient):
-    rsps.post(BASE, json=batch_response(entry(patient), entry(searchset(ENCOUNTER)), entry(searchset())))
     rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
-    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1"]
-    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1")]
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o9")))
+    server = source()
+    assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o9"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+    assert server.batch is True                                         # one half answer pauses nothing
 
 
-@pytest.mark.parametrize("patient", [{"resourceType": "Patient", "id": "someone-else"}, {"resourceType": "Patient"}])
-def test_an_answer_holding_another_patient_is_not_used_at_all(rsps, caplog, patient):
-    """A cache in between keyed by POST [base]'s URL would answer with the last patient's record: none of it is
-    used (not the Encounters, not the Observations), the record is read by separate requests, and batching
-    pauses."""
+@pytest.mark.parametrize("patient", [entry(NOT_FOUND, "500"), entry(NOT_FOUND),
+                                     entry({"resourceType": "Bundle", "type": "searchset"}),
+                                     entry({"resourceType": "Patient", "id": "someone-else"}),
+                                     entry({"resourceType": "Patient"})])
+def test_a_patient_entry_that_is_not_this_patient_means_none_of_the_answer_is_used(rsps, caplog, patient):
+    """Not this Patient (an error, another patient - a cache in between keyed by POST [base]'s URL would
+    answer with the last patient's record): none of the answer is used, not its Encounters nor Observations,
+    even when they are someone else's; the record is read by separate requests; three in a row pause batching."""
     other = "Patient/someone-else"
     rsps.post(BASE, json=batch_response(
-        entry(patient), entry(searchset({**ENCOUNTER, "id": "enc-other", "subject": {"reference": other}})),
+        patient, entry(searchset({**ENCOUNTER, "id": "enc-other", "subject": {"reference": other}})),
         entry(searchset({**obs("o-other"), "subject": {"reference": other}}))))
-    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
-    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
-    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
+    separate_requests_work(rsps)
     server = source()
-    with caplog.at_level(logging.WARNING, logger="fhir_ai.fhir.sources"):
-        assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
-    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1"), ("GET", "/r4/Encounter"),
-                          ("POST", "/r4/Observation/_search")]
-    assert server.batch is False
-    assert any("another patient" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="fhir_ai.fhir.sources"):
+        for attempt in range(1, 4):
+            rsps.calls.reset()
+            assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+            assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+            assert server.batch is (attempt < 3)
+    assert "someone-else" not in caplog.text and "pat-1" not in caplog.text
 
 
-def test_encounter_entry_failing_is_searched_again(rsps):
-    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(NOT_FOUND, "403 Forbidden"), entry(searchset())))
-    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
-    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1"]
-    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Encounter")]
+@pytest.mark.parametrize("where", ["Encounter", "Observation"])
+@pytest.mark.parametrize("reference", ["Patient/someone-else", f"{BASE}/Patient/someone-else",
+                                       "Patient/someone-else/_history/2"])
+def test_a_search_entry_naming_another_patient_means_none_of_the_answer_is_used(rsps, where, reference):
+    """A server that ignored the entry's query (or a cache) answers with other patients' resources."""
+    encounter_ = {**ENCOUNTER, "subject": {"reference": reference}} if where == "Encounter" else ENCOUNTER
+    observation = {**obs("o-other"), "subject": {"reference": reference}} if where == "Observation" else obs("o1")
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(encounter_)), entry(searchset(observation))))
+    separate_requests_work(rsps)
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+
+
+@pytest.mark.parametrize("reference", ["Patient/pat-1", f"{BASE}/Patient/pat-1", "urn:uuid:1234", "#p1"])
+def test_references_to_this_patient_or_unresolvable_ones_are_used(rsps, reference):
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)),
+                                        entry(searchset({**obs("o1"), "subject": {"reference": reference}}))))
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4")]
+
+
+def test_a_failing_entry_every_time_pauses_batching(rsps):
+    """A server whose batch answers every entry with an error costs four round trips per assessment only for
+    three assessments, then batching pauses."""
+    rsps.post(BASE, json=batch_response(entry(NOT_FOUND, "500"), entry(NOT_FOUND, "500"), entry(NOT_FOUND, "500")))
+    separate_requests_work(rsps)
+    server = source()
+    for _ in range(3):
+        server.record("pat-1", [HR])
+    rsps.calls.reset()
+    server.record("pat-1", [HR])
+    assert sent(rsps) == SEPARATE and server.batch is False
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 405, 415, 422, 501])
@@ -256,10 +282,10 @@ def test_a_failing_batch_is_sent_once_then_read_separately(rsps, caplog, monkeyp
     """A batch that fails is not retried: the separate requests (with their retries) read the record. Three
     failures in a row, each followed by separate requests that worked, pause batching; it is tried again later."""
     clock = [1000.0]
-    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
     rsps.post(BASE, **fault)
     separate_requests_work(rsps)
     server = source(retries=3)
+    server._clock = lambda: clock[0]
     with caplog.at_level(logging.INFO, logger="fhir_ai.fhir.sources"):
         for attempt in range(1, 4):
             rsps.calls.reset()
@@ -289,18 +315,30 @@ def test_a_success_between_failures_starts_the_count_again(rsps):
     assert server.batch is True
 
 
-def test_a_failing_batch_whose_separate_requests_fail_too_teaches_nothing(rsps):
-    """The server is down: the separate requests' error is reported, as without a batch; no pause learnt."""
+def test_an_outage_costs_one_extra_attempt_for_three_assessments_then_none(rsps):
+    """The server is down: the separate requests' error is reported, as without a batch; a failed batch is the
+    server's trouble whatever the separate requests do, so after three batching pauses and an outage costs
+    what it cost before batches."""
     rsps.post(BASE, status=503)
     rsps.get(f"{BASE}/Patient/pat-1", status=503)
     server = source(retries=2)
-    for _ in range(4):
+    for attempt in range(1, 5):
         rsps.calls.reset()
         with pytest.raises(UpstreamError, match=r"GET /r4/Patient/pat-1.*after 3 attempt") as raised:
             server.record("pat-1", [HR])
         assert raised.value.temporary and raised.value.upstream_status == 503
-        assert sent(rsps) == [("POST", "/r4")] + [("GET", "/r4/Patient/pat-1")] * 3
-    assert server.batch is True
+        batch = [("POST", "/r4")] if attempt <= 3 else []
+        assert sent(rsps) == batch + [("GET", "/r4/Patient/pat-1")] * 3
+    assert server.batch is False
+
+
+def test_retry_after_on_a_failed_batch_is_waited_for_before_the_separate_requests(rsps):
+    rsps.post(BASE, status=429, headers={"Retry-After": "7"})
+    separate_requests_work(rsps)
+    waits: list[float] = []
+    server = ServerSource(FhirClient(BASE, retries=3, sleep=waits.append, retry_after_cap=5), batch=True)
+    assert len(server.record("pat-1", [HR])) == 3
+    assert waits == [5] and sent(rsps) == [("POST", "/r4"), *SEPARATE]     # capped at retry_after_cap
 
 
 def test_refused_credentials_are_the_separate_requests_error(rsps):
@@ -367,12 +405,12 @@ def test_auto_without_batch_in_the_capability_statement_reads_separately(rsps):
 
 def test_auto_asks_again_later_when_the_capability_statement_cannot_be_read(rsps, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
     rsps.get(f"{BASE}/metadata", status=503)
     rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
     rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
     rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1")))
     server = source(batch=None, retries=3)
+    server._clock = lambda: clock[0]
     assert len(server.record("pat-1", [HR])) == 3
     assert sent(rsps)[0] == ("GET", "/r4/metadata") and len(sent(rsps)) == 4     # one try, no retries
     rsps.calls.reset()
@@ -453,13 +491,21 @@ def test_one_thread_asks_for_the_capability_statement_the_others_read_separately
     separate_requests_work(rsps)
     rsps.post(BASE, json=WHOLE)
     server = source(batch=None)
-    first = threading.Thread(target=server.record, args=("pat-1", [HR]))
+    failures: list[BaseException] = []
+
+    def first_request() -> None:
+        try:
+            server.record("pat-1", [HR])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+    first = threading.Thread(target=first_request)
     first.start()
     assert asked.wait(5)
     others = [server.record("pat-1", [HR]) for _ in range(3)]          # while the probe is out
     during = sent(rsps)
     release.set()
-    first.join(5)
+    first.join(10)
+    assert not first.is_alive() and not failures
     assert all(len(record) == 3 for record in others)
     assert during == SEPARATE * 3             # no second probe, no waiting, no batch (the probe is still out)
     assert server.batch is True
@@ -470,10 +516,10 @@ def test_one_thread_asks_for_the_capability_statement_the_others_read_separately
 @pytest.mark.parametrize("status", [401, 403, 404, 400])
 def test_a_capability_statement_refused_means_no_batch_for_an_hour(rsps, monkeypatch, status):
     clock = [1000.0]
-    monkeypatch.setattr("fhir_ai.fhir.sources.time.monotonic", lambda: clock[0])
     rsps.get(f"{BASE}/metadata", status=status)
     separate_requests_work(rsps)
     server = source(batch=None)
+    server._clock = lambda: clock[0]
     server.record("pat-1", [HR])
     server.record("pat-1", [HR])
     assert [path for _, path in sent(rsps)].count("/r4/metadata") == 1 and server.batch is False
@@ -481,3 +527,53 @@ def test_a_capability_statement_refused_means_no_batch_for_an_hour(rsps, monkeyp
     rsps.replace(responses.GET, f"{BASE}/metadata", json=CAPABILITIES)
     rsps.post(BASE, json=WHOLE)
     assert len(server.record("pat-1", [HR])) == 4 and server.batch is True     # asked again, an hour on
+
+
+def test_after_a_pause_auto_asks_the_capability_statement_again(rsps):
+    """auto: a pause ends in a new probe, not in batching regardless of what the server now says."""
+    clock = [1000.0]
+    rsps.get(f"{BASE}/metadata", json=CAPABILITIES)
+    rsps.post(BASE, status=405)
+    separate_requests_work(rsps)
+    server = source(batch=None)
+    server._clock = lambda: clock[0]
+    server.record("pat-1", [HR])
+    assert server.batch is False
+    clock[0] += BATCH_OFF_FOR + 1
+    rsps.replace(responses.GET, f"{BASE}/metadata", json=NO_BATCH)
+    rsps.calls.reset()
+    server.record("pat-1", [HR])
+    assert sent(rsps) == [("GET", "/r4/metadata"), *SEPARATE] and server.batch is False
+
+
+def test_true_resumes_batching_after_a_pause_without_a_probe(rsps):
+    clock = [1000.0]
+    rsps.post(BASE, status=405)
+    separate_requests_work(rsps)
+    server = source(batch=True)
+    server._clock = lambda: clock[0]
+    server.record("pat-1", [HR])
+    clock[0] += BATCH_OFF_FOR + 1
+    rsps.replace(responses.POST, BASE, json=WHOLE)
+    rsps.calls.reset()
+    assert len(server.record("pat-1", [HR])) == 4 and sent(rsps) == [("POST", "/r4")]
+
+
+def test_concurrent_refusals_pause_once(rsps, caplog):
+    import threading
+    gate = threading.Barrier(4)
+
+    def refused(request):
+        gate.wait(5)
+        return 405, {}, ""
+    rsps.add_callback(responses.POST, BASE, callback=refused)
+    separate_requests_work(rsps)
+    server = source()
+    with caplog.at_level(logging.WARNING, logger="fhir_ai.fhir.sources"):
+        threads = [threading.Thread(target=server.record, args=("pat-1", [HR])) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len([r for r in caplog.records if "batch" in r.getMessage()]) == 1 and server.batch is False

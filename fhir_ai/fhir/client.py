@@ -285,6 +285,15 @@ class FhirClient:
         ``search(post=True)``, a form body). ``path`` "" is the base URL itself. {} if no body."""
         return self._call("POST", path or self.base_url, body=body, headers=headers, retries=retries)
 
+    def wait(self, retry_after: float) -> None:
+        """Wait as the server asked (Retry-After), up to the cap, never past the deadline."""
+        delay = min(retry_after, self.retry_after_cap)
+        left = self._time_left()
+        if left is not None:
+            delay = min(delay, max(left, 0.0))
+        if delay > 0:
+            self._sleep(delay)
+
     def search(self, resource_type: str, params: Params = None, *,
                max_pages: int = MAX_PAGES, retries: int | None = None,
                post: bool = False, more: Callable[[int], bool] | None = None,

@@ -17,7 +17,8 @@ from urllib.parse import quote, quote_plus
 
 import orjson
 
-from ..errors import BadRequest, ConfigurationError, NotSupported, UpstreamError, UpstreamNotFound
+from ..errors import (BadRequest, ConfigurationError, NotSupported, UpstreamError, UpstreamNotFound,
+                      UpstreamTimeout)
 from .client import QUERY_SAFE, Auth, FhirClient, SearchPostRefused, encode_params
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
@@ -37,9 +38,19 @@ BATCH_FAILURES = 3          # failed batches in a row (the separate requests the
 
 @dataclass
 class _Declined:
-    """Why a batch gave no record; ``refused``: the server does not take it (not a passing failure)."""
+    """Why a batch gave no record (never the server's words: they may name a patient), and what kind of no:
+    'refused' (the server does not take it), 'failed' (5xx, 429, timeout: the server's trouble) or 'half'
+    (an entry not answered as asked)."""
     why: str
-    refused: bool
+    kind: str
+    retry_after: float | None = None
+
+
+def _status_of(error: UpstreamError) -> str:
+    """An upstream failure in a few words, without the server's text."""
+    if isinstance(error, UpstreamTimeout):
+        return "no answer in time"
+    return f"HTTP {error.upstream_status}" if error.upstream_status else "no answer (connection failed)"
 
 
 def _check_id(patient_id: str) -> str:
@@ -125,6 +136,8 @@ class ServerSource(Source):
         self.batch = batch                        # now: True, False, or None (auto, not known yet)
         self._batch_mode = batch                  # as configured: what ``batch`` goes back to after a pause
         self._batch_lock = threading.Lock()       # one probe at a time
+        self._batch_state = threading.Lock()      # pausing and resuming
+        self._clock = time.monotonic
         self._batch_probe_after = 0.0             # time.monotonic() before which the probe is not asked again
         self._batch_off_until = 0.0               # time.monotonic() until which batching is paused (0: not paused)
         self._batch_failures = 0                  # failed batches in a row
@@ -157,14 +170,18 @@ class ServerSource(Source):
                until: datetime | None = None) -> list[dict[str, Any]]:
         """As Source.record; in one round trip where the server takes a batch (``batch``).
 
-        The batch is an optimisation, never a new way to fail. It is sent once (no retries): when it
-        fails or is refused, the record is read by the separate requests, with their retries, which
-        report any error as they would without a batch. An entry the server did not answer with what was
-        asked for (an error status, not a searchset) is read by its own request. Once the separate
-        requests have worked, a refused batch (BATCH_REFUSED, 401, an answer that is not a batch-response
-        with an entry per request, or another patient's record) turns batching off for BATCH_OFF_FOR
-        seconds, and so do BATCH_FAILURES failed batches in a row (5xx, 429, timeouts, an empty answer):
-        a server whose batch is broken costs one extra request per assessment for a while, not forever.
+        The batch is an optimisation, never a new way to fail, and all or nothing: it is sent once (no
+        retries), and unless every entry is answered as asked (this Patient, searchsets whose resources
+        name no other patient), the record is read by the separate requests, with their retries, which
+        report any error as they would without a batch. Learnt from it:
+        - refused (BATCH_REFUSED, 401, an answer that is not a batch-response with an entry per request):
+          batching pauses for BATCH_OFF_FOR seconds, once the separate requests have worked (an unknown or
+          forbidden patient that made the server refuse the whole batch teaches nothing);
+        - failed (5xx, 429, a timeout, an empty or cut answer): counted whatever the separate requests do,
+          so an outage costs one extra attempt for BATCH_FAILURES assessments, then batching pauses; a
+          Retry-After on it is waited for (up to the client's cap) before the separate requests;
+        - half-answered (an entry with an error status, another patient, not a searchset): counted once
+          the separate requests have worked; BATCH_FAILURES in a row pause batching.
         """
         params = _observation_params(patient_id, since, until)     # checks the id and the dates
         if not patient_id.strip(".") or not self._batching():      # 'Patient/..' is no id to put in a URL
@@ -173,29 +190,36 @@ class ServerSource(Source):
         if not isinstance(answer, _Declined):
             self._batch_failures = 0
             return answer
-        record = super().record(patient_id, codes, since, until)    # raises as without a batch: nothing learnt
-        self._declined(answer)
+        if answer.kind == "failed":
+            self._declined(answer)
+            if answer.retry_after:
+                self.client.wait(answer.retry_after)
+        record = super().record(patient_id, codes, since, until)    # raises as without a batch
+        if answer.kind != "failed":
+            self._declined(answer)
         return record
 
     def _batching(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         if self._batch_off_until:
             if now < self._batch_off_until:
                 return False
-            self._batch_off_until, self._batch_failures = 0.0, 0     # time to try again
-            self.batch = self._batch_mode
+            with self._batch_state:
+                if self._batch_off_until and now >= self._batch_off_until:   # time to try again
+                    self._batch_off_until, self._batch_failures = 0.0, 0
+                    self.batch = self._batch_mode
         if self._batch_mode is None and now >= self._batch_probe_after:
-            self._probe_batch(now)
-        return bool(self.batch)
+            self._probe_batch()
+        return bool(self.batch) and not self._batch_off_until
 
-    def _probe_batch(self, now: float) -> None:
+    def _probe_batch(self) -> None:
         """``batch`` from the server's CapabilityStatement (rest.interaction 'batch'), asked again after
         BATCH_OFF_FOR; if it cannot be read now (timeout, 5xx), unknown (separate requests) until it is
         asked again after BATCH_PROBE_RETRY. One thread asks; the others read separately meanwhile."""
         if not self._batch_lock.acquire(blocking=False):
             return
         try:
-            if now < self._batch_probe_after or self._batch_off_until:
+            if self._clock() < self._batch_probe_after:
                 return
             try:
                 statement = self.client.get("metadata", retries=0)
@@ -203,13 +227,13 @@ class ServerSource(Source):
                 statement = None                                      # no CapabilityStatement: no batch declared
             except UpstreamError as exc:
                 if exc.temporary:
-                    self._batch_probe_after = time.monotonic() + BATCH_PROBE_RETRY
+                    self._batch_probe_after = self._clock() + BATCH_PROBE_RETRY
                     log.info("%s: its CapabilityStatement could not be read (%s); a request per resource type "
-                             "for each patient, asking again in %d s", self.client.base_url, exc.message,
-                             BATCH_PROBE_RETRY)
+                             "for each patient, asking again in %d s", self.client.base_url,
+                             _status_of(exc), BATCH_PROBE_RETRY)
                     return
                 statement = None                                      # refused (401, 403, ...): no batch
-            self._batch_probe_after = time.monotonic() + BATCH_OFF_FOR
+            self._batch_probe_after = self._clock() + BATCH_OFF_FOR
             self.batch = declares_batch(statement)
             log.info("%s: %s", self.client.base_url, "takes batches: a patient's record in one request per "
                      "assessment" if self.batch else "no batch interaction declared: a request per resource type")
@@ -228,50 +252,53 @@ class ServerSource(Source):
         try:
             answer = self.client.post("", batch, retries=0)
         except UpstreamNotFound:
-            return _Declined("HTTP 404", refused=True)
+            return _Declined("HTTP 404 or 410", "refused")
         except UpstreamError as exc:
             status = exc.upstream_status
             if status in BATCH_REFUSED or status == 401:
-                return _Declined(f"HTTP {status}", refused=True)
+                return _Declined(f"HTTP {status}", "refused")
             if status is not None and 200 <= status < 300 and not exc.temporary:    # JSON but not a resource
-                return _Declined(f"HTTP {status} with JSON that is not a Bundle", refused=True)
-            return _Declined(exc.message, refused=False)
+                return _Declined(f"HTTP {status} with JSON that is not a Bundle", "refused")
+            return _Declined(_status_of(exc), "failed", exc.retry_after)
         if not answer:
-            return _Declined("an empty answer", refused=False)
+            return _Declined("an empty answer", "failed")
         entries = answer.get("entry") if (answer.get("resourceType") == "Bundle"
                                           and answer.get("type") == "batch-response") else None
         if (not isinstance(entries, list) or len(entries) != len(urls)
                 or not all(entry.__class__ is dict for entry in entries)):
-            return _Declined("an answer that is not a batch-response with an entry per request", refused=True)
+            return _Declined("an answer that is not a batch-response with an entry per request", "refused")
         patient = _answered(entries[0], "Patient")
-        if patient is not None and patient.get("id") != patient_id:
-            # Another patient's record (a cache in between that keys POST [base] by its URL?): none of it is used.
-            return _Declined("an answer that holds another patient's record", refused=True)
         if patient is None:
-            patient = self.patient(patient_id)
-        page = _answered(entries[1], "Bundle")
-        encounters = (_unique(self.client.search("Encounter", first=page)) if _searchset(page)
-                      else self.encounters(patient_id))
-        observations: list[dict[str, Any]] = []
-        if codes:
-            page = _answered(entries[2], "Bundle")
-            observations = (_unique(self.client.search("Observation", first=page)) if _searchset(page)
-                            else self._search_codes("Observation", head, tuple(codes)))
+            return _Declined("the Patient entry not answered with a Patient", "half")
+        if patient.get("id") != patient_id:
+            # Another patient's record (a cache in between that keys POST [base] by its URL?): none of it is used.
+            return _Declined("an answer that holds another patient", "half")
+        pages = [_answered(entry, "Bundle") for entry in entries[1:]]
+        if not all(_searchset(page) for page in pages):
+            return _Declined("a search entry not answered with a searchset", "half")
+        encounters = _unique(self.client.search("Encounter", first=pages[0]))
+        observations = _unique(self.client.search("Observation", first=pages[1])) if codes else []
+        if _names_another_patient(encounters, patient_id) or _names_another_patient(observations, patient_id):
+            return _Declined("an answer that holds another patient", "half")
         return [patient, *encounters, *observations]
 
     def _declined(self, declined: _Declined) -> None:
-        """A batch gave no record and the separate requests worked: learn from it (see record())."""
-        if not declined.refused:
-            self._batch_failures += 1
-            if self._batch_failures < BATCH_FAILURES:
-                log.info("%s: a batch failed (%s); read by separate requests", self.client.base_url,
-                         declined.why)
-                return
-            declined.why += f", {self._batch_failures} batches in a row"
-        self.batch, self._batch_failures = False, 0
-        self._batch_off_until = time.monotonic() + BATCH_OFF_FOR
+        """A batch gave no record: learn from it (see record())."""
+        with self._batch_state:
+            if self._batch_off_until:
+                return                                                # paused meanwhile by another thread
+            why = declined.why
+            if declined.kind != "refused":
+                self._batch_failures += 1
+                if self._batch_failures < BATCH_FAILURES:
+                    log.info("%s: a batch gave no record (%s); read by separate requests", self.client.base_url,
+                             why)
+                    return
+                why += f", {self._batch_failures} batches in a row"
+            self.batch, self._batch_failures = False, 0
+            self._batch_off_until = self._clock() + BATCH_OFF_FOR
         log.warning("%s: the FHIR server does not take a batch of reads (%s); a request per resource type "
-                    "for the next %d s", self.client.base_url, declined.why, BATCH_OFF_FOR)
+                    "for the next %d s", self.client.base_url, why, BATCH_OFF_FOR)
 
     def _search_codes(self, resource_type: str, head: str,
                       codes: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
@@ -339,6 +366,19 @@ def _answered(entry: dict[str, Any], resource_type: str) -> dict[str, Any] | Non
     if not isinstance(resource, dict) or resource.get("resourceType") != resource_type:
         return None
     return resource
+
+
+def _names_another_patient(resources: list[dict[str, Any]], patient_id: str) -> bool:
+    """Whether a resource's subject (or patient) is a plain reference to another Patient than ``patient_id``
+    (a reference fhir_ai cannot resolve - a urn, a contained one - names no other patient)."""
+    for resource in resources:
+        subject = resource.get("subject") or resource.get("patient")
+        reference = subject.get("reference") if isinstance(subject, dict) else None
+        if isinstance(reference, str):
+            match = _PATIENT_REF.search(reference)
+            if match is not None and match[1] != patient_id:
+                return True
+    return False
 
 
 def _searchset(page: dict[str, Any] | None) -> bool:
