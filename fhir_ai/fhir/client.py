@@ -279,11 +279,13 @@ class FhirClient:
         return self._call("PUT", f"{rtype}/{rid}", body=resource, retries=retries)
 
     def post(self, path: str, body: dict[str, Any],
-             headers: Mapping[str, str] | None = None, *, retries: int | None = None) -> dict[str, Any]:
+             headers: Mapping[str, str] | None = None, *, retries: int | None = None,
+             quiet: bool = False) -> dict[str, Any]:
         """POST a JSON body (retried like any call: use it for operations, conditional creates with
         If-None-Exist and batches of reads; not for a plain create, and not for a search: that is
-        ``search(post=True)``, a form body). ``path`` "" is the base URL itself. {} if no body."""
-        return self._call("POST", path or self.base_url, body=body, headers=headers, retries=retries)
+        ``search(post=True)``, a form body). ``path`` "" is the base URL itself. {} if no body. ``quiet``: giving
+        up is logged at INFO, not ERROR (a caller that has another way, e.g. a batch read separately next)."""
+        return self._call("POST", path or self.base_url, body=body, headers=headers, retries=retries, quiet=quiet)
 
     def wait(self, retry_after: float) -> None:
         """Wait as the server asked (Retry-After), up to the cap, never past the deadline."""
@@ -383,7 +385,8 @@ class FhirClient:
 
     def _call(self, method: str, path_or_url: str, *, params: Params = None,
               body: dict[str, Any] | None = None, form: str | None = None,
-              headers: Mapping[str, str] | None = None, retries: int | None = None) -> dict[str, Any]:
+              headers: Mapping[str, str] | None = None, retries: int | None = None,
+              quiet: bool = False) -> dict[str, Any]:
         """One call with retries; ``form``: an encoded search form, POSTed to [type]/_search."""
         url = self._url(path_or_url)
         all_headers = dict(self._headers)
@@ -398,21 +401,21 @@ class FhirClient:
         where = urlsplit(url).path  # no query string in logs: it may hold search values
         search_post = form is not None
         if self.auth is None:
-            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post, quiet)
         try:
-            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post, quiet)
         except _Unauthorized:
             # A token can be revoked or the server's keys rotated before it expires: renew once.
             log.info("%s %s: HTTP 401; renewing the access token once", method, where)
             self.auth.on_unauthorized()
         try:
-            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post)
+            return self._with_retries(method, url, where, params, data, all_headers, retries, search_post, quiet)
         except _Unauthorized as denied:
             raise self._fatal(method, where, denied.response) from None
 
     def _with_retries(self, method: str, url: str, where: str, params: Params,
                       data: bytes | None, headers: dict[str, str], retries: int | None = None,
-                      search_post: bool = False) -> dict[str, Any]:
+                      search_post: bool = False, quiet: bool = False) -> dict[str, Any]:
         retries = self.retries if retries is None else max(0, retries)
         not_json = 0
         for attempt in range(retries + 1):
@@ -424,15 +427,15 @@ class FhirClient:
             except _Temporary as failure:
                 not_json += failure.not_json
                 if not_json >= 2:    # the same complete answer that is not JSON, twice: the server's own fault
-                    raise self._not_json(method, where, failure, attempt + 1) from None
+                    raise self._not_json(method, where, failure, attempt + 1, quiet) from None
                 if attempt >= retries:
-                    raise self._exhausted(method, where, failure, attempt + 1) from None
+                    raise self._exhausted(method, where, failure, attempt + 1, quiet) from None
                 delay = self._delay(attempt, failure.response)
                 left = self._time_left()
                 if left is not None and delay >= left:
                     failure.reason += (f"; not retried: the wait of {delay:.1f} s would pass the deadline "
                                        f"({max(left, 0.0):.1f} s left)")
-                    raise self._exhausted(method, where, failure, attempt + 1) from None
+                    raise self._exhausted(method, where, failure, attempt + 1, quiet) from None
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", method, where, failure.reason,
                             attempt + 1, retries, delay)
                 self._sleep(delay)
@@ -634,24 +637,26 @@ class FhirClient:
                              f"{status}{suffix}", temporary=False, upstream_status=status,
                              details=text or None)
 
-    def _not_json(self, method: str, where: str, failure: _Temporary, attempts: int) -> Exception:
+    def _not_json(self, method: str, where: str, failure: _Temporary, attempts: int,
+                  quiet: bool = False) -> Exception:
         """A complete answer that was not JSON, twice: not retried further (``where`` has no query)."""
         status = failure.response.status_code if failure.response is not None else None
-        log.error("%s %s: giving up after %d attempt(s): %s, the second time", method, where, attempts,
-                  failure.reason)
+        log.log(logging.INFO if quiet else logging.ERROR, "%s %s: giving up after %d attempt(s): %s, the second time",
+                method, where, attempts, failure.reason)
         return UpstreamError(f"{method} {where}: the hospital FHIR server answered {failure.reason}, the "
                              f"second time (after {attempts} attempt(s)); not retried further", temporary=False,
                              upstream_status=status)
 
-    def _exhausted(self, method: str, where: str, failure: _Temporary, attempts: int) -> Exception:
+    def _exhausted(self, method: str, where: str, failure: _Temporary, attempts: int,
+                   quiet: bool = False) -> Exception:
         response = failure.response
         status = response.status_code if response is not None else None
         text = _response_outcome(response) if response is not None else ""
         suffix = f": {text}" if text else ""
         message = (f"{method} {where}: the hospital FHIR server failed after "
                    f"{attempts} attempt(s) ({failure.reason}){suffix}")
-        log.error("%s %s: giving up after %d attempt(s) (%s)", method, where, attempts,
-                  failure.reason)
+        log.log(logging.INFO if quiet else logging.ERROR, "%s %s: giving up after %d attempt(s) (%s)", method, where,
+                attempts, failure.reason)
         cls = UpstreamTimeout if failure.timeout else UpstreamError
         return cls(message, temporary=True, upstream_status=status, details=text or None,
                    retry_after=_retry_after(response))

@@ -250,7 +250,7 @@ class ServerSource(Source):
         batch = {"resourceType": "Bundle", "type": "batch",
                  "entry": [{"request": {"method": "GET", "url": url}} for url in urls]}
         try:
-            answer = self.client.post("", batch, retries=0)
+            answer = self.client.post("", batch, retries=0, quiet=True)     # the separate requests come next
         except UpstreamNotFound:
             return _Declined("HTTP 404 or 410", "refused")
         except UpstreamError as exc:
