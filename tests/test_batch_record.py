@@ -128,13 +128,90 @@ def test_next_pages_of_a_search_in_the_batch_are_read_by_get(rsps):
     assert parse_qs(urlsplit(rsps.calls[1].request.url).query) == {"page": ["2"]}
 
 
-def test_a_next_link_to_another_host_is_refused(rsps):
+def test_a_next_link_to_another_host_is_not_followed_and_the_record_is_read_separately(rsps):
+    """The batch's search links abroad: not followed (the token stays home), the record is read by the
+    separate requests, whose own answer here links home."""
     rsps.post(BASE, json=batch_response(
         entry(PATIENT), entry(searchset(ENCOUNTER, next_url="https://elsewhere.example/Encounter?p=2")),
         entry(searchset(obs("o1")))))
+    separate_requests_work(rsps)
+    server = source()
+    assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+    assert server.batch is True
+
+
+def test_a_next_link_to_another_host_in_the_separate_search_too_is_its_error(rsps):
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER, next_url="https://elsewhere.example/Encounter?p=2")),
+        entry(searchset(obs("o1")))))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER, next_url="https://elsewhere.example/Encounter?p=2"))
     with pytest.raises(UpstreamError, match="another host"):
         source().record("pat-1", [HR])
-    assert sent(rsps) == [("POST", "/r4")]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Patient/pat-1"), ("GET", "/r4/Encounter")]
+
+
+@pytest.mark.parametrize("fault", [{"status": 404, "json": NOT_FOUND}, {"status": 410, "json": NOT_FOUND},
+                                   {"status": 400, "json": NOT_FOUND}, {"status": 200, "json": PATIENT}])
+def test_a_next_page_of_the_batch_s_search_that_fails_means_the_record_is_read_separately(rsps, fault):
+    """A next page gone (an expired paging cursor), refused, or not a Bundle: the separate requests read the
+    record from its start (with their own retries); the batch half-answered, counted (three in a row pause)."""
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER)),
+        entry(searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"))))
+    rsps.get(f"{BASE}/Observation", **fault)
+    separate_requests_work(rsps)
+    server = source()
+    for attempt in range(1, 4):
+        rsps.calls.reset()
+        assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+        assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Observation"), *SEPARATE]
+        assert server.batch is (attempt < 3)
+
+
+@pytest.mark.parametrize("fault", [{"status": 503}, {"body": requests.ReadTimeout("slow")}])
+def test_a_next_page_that_fails_on_the_server_counts_as_a_failed_batch(rsps, fault):
+    """5xx or no answer on a next page (after the client's retries): a failed batch, counted even when the
+    separate requests then fail too, and their error is the one reported."""
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER)),
+        entry(searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"))))
+    rsps.get(f"{BASE}/Observation", **fault)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", status=503)
+    server = source()
+    for attempt in range(1, 4):
+        with pytest.raises(UpstreamError) as caught:
+            server.record("pat-1", [HR])
+        assert "POST /r4/Observation/_search" in str(caught.value)
+        assert server.batch is (attempt < 3)
+
+
+def test_a_search_in_the_batch_cut_short_before_its_total_means_the_record_is_read_separately(rsps):
+    """A server that caps searches inside a batch (HAPI's maximumSearchResultCountInTransaction) ends the
+    search without a next link; its total says more matched: the separate searches read them all."""
+    cut = {**searchset(obs("o1")), "total": 3}
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), entry(cut)))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json={**searchset(obs("o1"), obs("o2"), obs("o3")), "total": 3})
+    server = source()
+    assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1",
+                                                 "Observation/o2", "Observation/o3"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+    assert server.batch is True
+
+
+def test_a_search_in_the_batch_read_to_its_total_over_pages_is_used(rsps):
+    first = {**searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"), "total": 2}
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry({**searchset(ENCOUNTER), "total": 1}),
+                                        entry(first)))
+    rsps.get(f"{BASE}/Observation", json=searchset(obs("o2")))
+    assert ids(source().record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1",
+                                                   "Observation/o2"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Observation")]
 
 
 def test_an_unknown_patient_is_the_read_s_own_not_found(rsps):

@@ -276,8 +276,22 @@ class ServerSource(Source):
         pages = [_answered(entry, "Bundle") for entry in entries[1:]]
         if not all(_searchset(page) for page in pages):
             return _Declined("a search entry not answered with a searchset", "half")
-        encounters = _unique(self.client.search("Encounter", first=pages[0]))
-        observations = _unique(self.client.search("Observation", first=pages[1])) if codes else []
+        try:
+            found = [_read_on(self.client, resource_type, page)
+                     for resource_type, page in zip(("Encounter", "Observation"), pages)]
+        except UpstreamNotFound:
+            return _Declined("a next page of a search in the batch not found", "half")
+        except UpstreamError as exc:
+            if exc.temporary:
+                return _Declined(f"a next page of a search in the batch: {_status_of(exc)}", "failed",
+                                 exc.retry_after)
+            return _Declined("a next page of a search in the batch not read", "half")
+        if any(matches is None for matches in found):
+            # A server that caps a search inside a batch (HAPI's maximumSearchResultCountInTransaction) may
+            # end it without a next link: its total says so, and the separate searches page to the end.
+            return _Declined("a search in the batch ended before its total", "half")
+        encounters = _unique(found[0])
+        observations = _unique(found[1]) if codes else []
         if _names_another_patient(encounters, patient_id) or _names_another_patient(observations, patient_id):
             return _Declined("an answer that holds another patient", "half")
         return [patient, *encounters, *observations]
@@ -383,6 +397,16 @@ def _names_another_patient(resources: list[dict[str, Any]], patient_id: str) -> 
 
 def _searchset(page: dict[str, Any] | None) -> bool:
     return page is not None and page.get("type") == "searchset"
+
+
+def _read_on(client: FhirClient, resource_type: str, first: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every match of a search whose first page was answered in a batch, the next pages read by GET;
+    None when the pages hold fewer matches than the first page's ``total`` (a search cut short)."""
+    matches = list(client.search(resource_type, first=first))
+    total = first.get("total")
+    if isinstance(total, int) and not isinstance(total, bool) and total > len(matches):
+        return None
+    return matches
 
 
 @functools.lru_cache(maxsize=256)
