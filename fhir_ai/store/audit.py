@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from .. import codes
 from ..fhir import times
-from . import indexing, rawsql
+from . import indexing, rawsql, writer_lock
 from .actors import Actor
 from .provenance import CLIENT_SYSTEM, ROLE_SYSTEM
 from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
@@ -151,6 +151,7 @@ class Chain:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        writer_lock.acquire(connection)     # SQLite: queue in the kernel, not by SQLite's busy sleeps
         # A no-op UPDATE takes the row lock (PostgreSQL) / the write lock (SQLite) before anything
         # is read, so concurrent writers queue here instead of forking the chain.
         row = rawsql.run(connection, _LOCK_HEAD)[0]

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigurationError
+from . import writer_lock
 from .checkpoint import BACKSTOP_PAGES, CHECKPOINTER
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
         if on_disk:
             CHECKPOINTER.watch(engine, os.path.abspath(database))
+            writer_lock.watch(engine, os.path.abspath(database))
     _ENGINES.add(engine)
     return engine
 
