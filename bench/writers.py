@@ -8,6 +8,11 @@ under load would. Every transaction that appends to the audit chain queues on ``
 (``fhir_ai.store.writer_lock``); ``without`` runs the same code with that lock switched off, so writers wait by
 SQLite's busy handler (sleeps of 1, 2, 5 ... 100 ms). Printed per run: the assessments per second of all the
 processes together, and each process's median, p99 and longest assessment.
+
+    python bench/writers.py --wal-pages       # one process: which tables and indexes a stored $assess writes
+
+``--wal-pages`` stores 20 assessments with WAL checkpoints off, reads the frames each transaction appended to
+the ``-wal`` file (every page a commit writes and syncs) and names the table or index each page belongs to.
 """
 from __future__ import annotations
 
@@ -83,11 +88,52 @@ def run(export: Path, ids: list[str], warm: list[str], as_of: dict[str, str], pr
     return f"{'with' if lock else 'without':>7} the writer lock: {rate:6.0f} assessments/s; " + "; ".join(each)
 
 
+def wal_pages(export: Path, ids: list[str], warm: list[str], as_of: dict[str, str]) -> None:
+    import collections
+    import sqlite3
+    import struct
+    from fhir_ai.config import load_settings
+    from fhir_ai.fhir import times
+    from fhir_ai.pipeline import Pipeline
+    from fhir_ai.store import checkpoint
+    checkpoint.CHECKPOINTER.ensure_running = lambda: None    # type: ignore[method-assign]  # the WAL stays whole
+    with tempfile.TemporaryDirectory(prefix="fhir-ai-wal-") as tmp:
+        path = f"{tmp}/bench.sqlite3"
+        pipeline = Pipeline.from_settings(load_settings({"source_url": str(export), "database_url": f"sqlite:///{path}",
+                                                         "write_back": "false", "log_level": "WARNING"}))
+        for patient_id in warm + ids[:100]:                  # an index of some depth first
+            pipeline.assess(patient_id, as_of=times.parse_datetime(as_of[patient_id]))
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        measured = ids[100:120]
+        for patient_id in measured:
+            pipeline.assess(patient_id, as_of=times.parse_datetime(as_of[patient_id]))
+        wal = Path(path + "-wal").read_bytes()
+        page_size = struct.unpack(">I", wal[8:12])[0]
+        transactions: list[list[int]] = [[]]
+        for offset in range(32, len(wal) - 24 - page_size + 1, 24 + page_size):
+            page, commit = struct.unpack(">II", wal[offset:offset + 8])
+            transactions[-1].append(page)
+            if commit:
+                transactions.append([])
+        transactions = [t for t in transactions if t]
+        with sqlite3.connect(path) as connection:
+            owner = dict(connection.execute("SELECT pageno, name || ' (' || pagetype || ')' FROM dbstat"))
+        pipeline.close()
+    pages = collections.Counter(owner.get(page, "new page") for t in transactions for page in t)
+    per = [len(t) for t in transactions]
+    print(f"{len(measured)} $assess stored, {len(transactions)} transactions: {statistics.mean(per):.1f} pages of "
+          f"{page_size} bytes each written to the WAL (range {min(per)}-{max(per)}); by table or index, per transaction:")
+    for name, n in pages.most_common():
+        print(f"  {n / len(transactions):5.1f}  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--per-process", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--wal-pages", action="store_true", help="which tables and indexes a stored $assess writes")
     args = parser.parse_args()
     import generate
     from assess import load_patients
@@ -100,6 +146,9 @@ def main() -> None:
         raise SystemExit("at most 1000 assessments in all, less 3 warm-up patients per process")
     ids, warm = list(patients)[:count], list(patients)[-3 * args.processes:]
     as_of = {pid: item["as_of"] for pid, item in patients.items()}
+    if args.wal_pages:
+        wal_pages(export, ids, warm, as_of)
+        return
     print(f"{args.processes} processes x {args.per_process} assessments (explanations on, stored, no write-back), "
           "one SQLite database; each process's assessment times:")
     for pair in range(args.pairs):
