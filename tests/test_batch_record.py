@@ -204,6 +204,46 @@ def test_a_search_in_the_batch_cut_short_before_its_total_means_the_record_is_re
     assert server.batch is True
 
 
+@pytest.mark.parametrize("pages", [
+    [[obs("o1"), obs("o2")], [obs("o2")]],                           # a repeat across pages fills no gap
+    [[obs("o1"), {"resourceType": "Practitioner", "id": "pr1"}]],    # nor does a resource of another type
+])
+def test_a_search_cut_short_is_told_by_its_distinct_matches(rsps, pages):
+    """total counts matches, each once: repeats and resources of other types (included ones) are not
+    matches, so a search holding two distinct Observations of a total of three was cut short."""
+    first = {**searchset(*pages[0], next_url=f"{BASE}/Observation?page=2" if len(pages) > 1 else None),
+             "total": 3}
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), entry(first)))
+    if len(pages) > 1:
+        rsps.get(f"{BASE}/Observation", json=searchset(*pages[1]))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json={**searchset(obs("o1"), obs("o2"), obs("o3")), "total": 3})
+    assert ids(source().record("pat-1", [HR]))[2:] == ["Observation/o1", "Observation/o2", "Observation/o3"]
+    assert sent(rsps)[-3:] == SEPARATE
+
+
+def test_a_next_page_of_the_batch_is_asked_for_once_whatever_the_retries(rsps):
+    """The batch is tried once: its next pages too (the separate requests have the retries)."""
+    rsps.post(BASE, json=batch_response(
+        entry(PATIENT), entry(searchset(ENCOUNTER)),
+        entry(searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"))))
+    rsps.get(f"{BASE}/Observation", status=503)
+    separate_requests_work(rsps)
+    assert ids(source(retries=3).record("pat-1", [HR]))[2:] == ["Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4"), ("GET", "/r4/Observation"), *SEPARATE]
+
+
+@pytest.mark.parametrize("bad", [["not an object"], [{"resource": "text"}], [{"resource": obs("o1"), "search": "x"}],
+                                 {"resource": obs("o1")}])
+def test_a_searchset_whose_entries_are_not_objects_means_the_record_is_read_separately(rsps, bad):
+    page = {**searchset(), "entry": bad}
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), entry(page)))
+    separate_requests_work(rsps)
+    assert ids(source().record("pat-1", [HR]))[2:] == ["Observation/o1"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+
+
 def test_a_search_in_the_batch_read_to_its_total_over_pages_is_used(rsps):
     first = {**searchset(obs("o1"), next_url=f"{BASE}/Observation?page=2"), "total": 2}
     rsps.post(BASE, json=batch_response(entry(PATIENT), entry({**searchset(ENCOUNTER), "total": 1}),

@@ -89,6 +89,16 @@ def test_search_skips_outcome_entries(client, mocked):
     assert [r["resourceType"] for r in client.search("Observation", {})] == ["Observation"]
 
 
+@pytest.mark.parametrize("entries", [["text"], [{"resource": "text"}], [{"resource": {"resourceType": "Observation"},
+                                                                         "search": "match"}], {"resource": {}}])
+def test_search_refuses_a_bundle_whose_entries_are_not_objects(client, mocked, entries):
+    """A broken searchset is the server's fault, reported as such (502, not temporary), not a crash."""
+    mocked.get(f"{BASE}/Observation", json={"resourceType": "Bundle", "type": "searchset", "entry": entries})
+    with pytest.raises(UpstreamError, match="entries are not objects") as err:
+        list(client.search("Observation", {}))
+    assert err.value.status == 502 and not err.value.temporary
+
+
 def test_next_link_to_another_host_is_refused_and_token_not_sent(client, mocked):
     page = fixture("search-observation-page1.json")
     page["link"][1]["url"] = "https://evil.example/r4/Observation?page=2"

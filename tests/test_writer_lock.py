@@ -58,6 +58,7 @@ def test_a_chain_transaction_holds_the_lock_until_it_commits(store):
 def test_a_rolled_back_chain_transaction_lets_go_of_it(store):
     with pytest.raises(RuntimeError), store.transaction() as connection:
         Chain(connection)
+        assert held_elsewhere(store)
         raise RuntimeError("boom")
     assert not held_elsewhere(store)
     save(store, "ra-1")
@@ -88,13 +89,14 @@ def test_a_save_waits_for_the_lock_held_by_another_process(store):
 
 
 def test_threads_of_one_process_queue_on_it_too(store):
-    """Each transaction opens the lock file anew, so two threads of one process exclude each other."""
-    entered = threading.Event()
-    release = threading.Event()
+    """Each transaction opens the lock file anew, so two threads of one process exclude each other. The holder
+    takes the file lock alone (no SQLite lock held): the other thread's save waits for that file lock."""
+    save(store, "ra-0")
+    entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with store.transaction() as connection:
-            Chain(connection)
+        with store.engine.connect() as connection:
+            writer_lock.acquire(connection)
             entered.set()
             release.wait(30)
     holder = threading.Thread(target=hold)
@@ -103,11 +105,24 @@ def test_threads_of_one_process_queue_on_it_too(store):
     other = threading.Thread(target=save, args=(store, "ra-2"))
     other.start()
     other.join(timeout=0.5)
-    assert other.is_alive()                         # queued behind the holder's transaction
+    assert other.is_alive() and store.get_assessment("ra-2") is None     # queued behind the holder
     release.set()
     holder.join(timeout=30)
     other.join(timeout=30)
     assert not other.is_alive() and store.get_assessment("ra-2")["id"] == "ra-2"
+
+
+def test_the_lock_is_let_go_when_the_connection_is_closed_or_invalidated(store):
+    with store.engine.connect() as connection:
+        writer_lock.acquire(connection)
+        assert held_elsewhere(store)
+        connection.invalidate()                     # a lost connection (rawsql invalidates those)
+        assert not held_elsewhere(store)
+    with store.engine.connect() as connection:
+        writer_lock.acquire(connection)
+        assert held_elsewhere(store)
+    assert not held_elsewhere(store)                # checked in
+    assert not writer_lock._open
 
 
 def test_no_descriptor_is_left_open(store):
@@ -116,7 +131,7 @@ def test_no_descriptor_is_left_open(store):
         store.record_access(Access("R", "read"))
     assert not [fd for fd in os.listdir("/proc/self/fd")
                 if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(lock_file(store))]
-    assert not writer_lock._held
+    assert not writer_lock._open
 
 
 def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(store):
@@ -140,6 +155,74 @@ def test_a_child_forked_while_the_lock_is_held_does_not_keep_it(store):
     finally:
         os.waitpid(pid, 0)
         os.close(read_end)
+
+
+def test_a_child_forked_while_a_thread_waits_for_the_lock_does_not_keep_it(store):
+    """A thread waits for the lock (held elsewhere) when the process forks: the child's copy of the waiting
+    descriptor is closed too, so once that thread has its turn and commits, the lock is free again although
+    the child still runs."""
+    save(store, "ra-0")
+    fd = os.open(lock_file(store), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=save, args=(store, "ra-1"))
+    waiter.start()
+    for _ in range(3000):                           # until the waiter's descriptor is open (it then waits)
+        if writer_lock._open:
+            break
+        threading.Event().wait(0.01)
+    assert writer_lock._open
+    pid = os.fork()
+    if pid == 0:
+        os.close(fd)                                # the test's own holder is the parent's alone
+        threading.Event().wait(3)                   # the child outlives the parent's save
+        os._exit(0)
+    try:
+        os.close(fd)                                # the waiter's turn
+        waiter.join(timeout=30)
+        assert store.get_assessment("ra-1")["id"] == "ra-1"
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # the child is still there
+        assert not held_elsewhere(store)
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_child_does_not_close_a_descriptor_of_its_parent_s_transaction(store):
+    """A child forked inside a chain transaction that ends it (the connection's info names the parent's
+    descriptor, whose number the child may have reused) closes nothing of its own."""
+    read_end, write_end = os.pipe()
+    with store.engine.connect() as connection:
+        writer_lock.acquire(connection)
+        info = dict(connection.info)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine = os.open(os.devnull, os.O_RDONLY)     # likely the number the parent's descriptor had
+                writer_lock._release(info)
+                os.fstat(mine)
+                os.write(write_end, b"kept")
+            except OSError:
+                os.write(write_end, b"lost")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read_end, 4) == b"kept"
+        assert held_elsewhere(store)                # and the parent still holds it
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_a_file_system_without_locks_goes_without(store, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="fhir_ai.store.writer_lock"):
+        save(store, "ra-1")
+        save(store, "ra-2")
+    assert store.get_assessment("ra-2")
+    assert not writer_lock._open
+    assert [r.getMessage() for r in caplog.records if r.name == "fhir_ai.store.writer_lock"] == [
+        f"cannot use the SQLite writer lock {lock_file(store)} (No locks available); writers wait by SQLite's "
+        "busy handler"]
 
 
 def test_a_folder_where_the_lock_file_cannot_be_made_goes_without(tmp_path, monkeypatch, caplog):

@@ -327,7 +327,14 @@ class FhirClient:
                 raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered "
                                     f"with a {bundle.get('resourceType')!r}, not a Bundle",
                                     temporary=False)
-            for entry in bundle.get("entry") or []:
+            entries = bundle.get("entry") or []
+            if not isinstance(entries, list) or not all(
+                    isinstance(entry, dict) and isinstance(entry.get("search") or {}, dict)
+                    and isinstance(entry.get("resource") or {}, dict) for entry in entries):
+                raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered with a Bundle "
+                                    "whose entries are not objects with a resource and search objects",
+                                    temporary=False)
+            for entry in entries:
                 # 'outcome' entries are the server's warnings about the search, not matches.
                 if (entry.get("search") or {}).get("mode") == "outcome":
                     log.debug("search %s: server note: %s", resource_type,

@@ -400,12 +400,16 @@ def _searchset(page: dict[str, Any] | None) -> bool:
 
 
 def _read_on(client: FhirClient, resource_type: str, first: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Every match of a search whose first page was answered in a batch, the next pages read by GET;
-    None when the pages hold fewer matches than the first page's ``total`` (a search cut short)."""
-    matches = list(client.search(resource_type, first=first))
+    """Every match of a search whose first page was answered in a batch, the next pages read by GET once
+    each (no retries: the separate requests have theirs); None when the pages hold fewer distinct matches
+    than the first page's ``total`` (a search cut short)."""
+    matches = list(client.search(resource_type, first=first, retries=0))    # the batch is tried once
     total = first.get("total")
-    if isinstance(total, int) and not isinstance(total, bool) and total > len(matches):
-        return None
+    if isinstance(total, int) and not isinstance(total, bool):
+        # total counts matches: resources of the type searched for, each once (not included ones, not repeats)
+        found = {r.get("id") for r in matches if r.get("resourceType") == resource_type}
+        if total > len(found):
+            return None
     return matches
 
 

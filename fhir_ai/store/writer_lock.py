@@ -21,7 +21,6 @@ import fcntl
 import logging
 import os
 import threading
-import weakref
 from typing import Any
 
 from sqlalchemy import event
@@ -30,17 +29,24 @@ from sqlalchemy.engine import Connection, Engine
 log = logging.getLogger(__name__)
 
 SUFFIX = "-writer"
-_KEY = "fhir_ai_writer_lock"           # the held descriptor, in the pooled connection's info
+_PATH = "fhir_ai_writer_path"           # in each pooled connection's info: its database's lock file
+_KEY = "fhir_ai_writer_lock"            # and while it holds the lock: (this process's pid, the descriptor)
 
-_paths: "weakref.WeakKeyDictionary[Engine, str]" = weakref.WeakKeyDictionary()   # engine → its lock file
-_held: set[int] = set()                 # descriptors this process holds locked
-_held_lock = threading.Lock()
+# Every lock-file descriptor this process has open (waiting or holding), so a forked child closes its copies.
+# Opening one and recording it happen under _state, and a fork waits for _state: a child never inherits a
+# descriptor it does not know of (whose copy would keep the lock alive after the parent let go of it).
+_open: set[int] = set()
+_state = threading.Lock()
 _warned: set[str] = set()
 
 
 def watch(engine: Engine, database: str) -> None:
     """Queue the chain writers of ``engine`` (on-disk SQLite at ``database``) on its writer lock."""
-    _paths[engine] = database + SUFFIX
+    path = database + SUFFIX
+
+    @event.listens_for(engine, "connect")
+    def _connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_PATH] = path
 
     @event.listens_for(engine, "checkin")
     def _checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -56,49 +62,62 @@ def watch(engine: Engine, database: str) -> None:
 
 
 def acquire(connection: Connection) -> None:
-    """Take the writer lock for the transaction of ``connection`` (which must not have written yet);
-    a no-op for PostgreSQL, in-memory SQLite, or a connection that holds it already."""
-    path = _paths.get(connection.engine)
-    if path is None or _KEY in connection.info:
+    """Take the writer lock for the transaction of ``connection`` (which must not have written yet) and hold
+    it until the connection is back in the pool; waits as long as the holder's transaction lasts (as a
+    PostgreSQL row lock does). A no-op for PostgreSQL, in-memory SQLite, or a connection that holds it."""
+    info = connection.info
+    path = info.get(_PATH)
+    if path is None or _KEY in info:
         return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with _state:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _open.add(fd)
     except OSError as exc:      # a read-only folder: SQLite's busy handler alone, as before
-        if path not in _warned:
-            _warned.add(path)
-            log.warning("cannot open the SQLite writer lock %s (%s); writers wait by SQLite's busy handler",
-                        path, exc.strerror)
+        _without(path, exc)
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
+    except BaseException as exc:
+        _close_fd(fd)
+        if isinstance(exc, OSError):        # no locks on this file system (ENOLCK, EOPNOTSUPP): as above
+            _without(path, exc)
+            return
         raise
-    with _held_lock:
-        _held.add(fd)
-    connection.info[_KEY] = fd
+    info[_KEY] = (os.getpid(), fd)
+
+
+def _without(path: str, exc: OSError) -> None:
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("cannot use the SQLite writer lock %s (%s); writers wait by SQLite's busy handler",
+                    path, exc.strerror)
 
 
 def _release(info: dict[str, Any]) -> None:
-    fd = info.pop(_KEY, None)
-    if fd is None:
-        return
-    with _held_lock:
-        _held.discard(fd)
-    os.close(fd)                # closing the last descriptor of the open file lets go of the flock
+    held = info.pop(_KEY, None)
+    if held is not None and held[0] == os.getpid():     # a copy of the parent's info in a child: not ours
+        _close_fd(held[1])          # closing the last descriptor of the open file lets go of the flock
+
+
+def _close_fd(fd: int) -> None:
+    with _state:
+        _open.discard(fd)
+        os.close(fd)
 
 
 def _after_fork_in_child() -> None:
-    # A child forked while another thread held the lock shares that open file with the parent: closing
-    # the child's copies leaves the lock to the parent (an unlock would free it under the parent's feet).
-    global _held_lock
-    for fd in list(_held):
+    # The child's copies share their open files with the parent: closing them leaves the lock to the parent
+    # (an unlock would free it under the parent's feet).
+    global _state
+    for fd in _open:
         try:
             os.close(fd)
         except OSError:
             pass
-    _held.clear()
-    _held_lock = threading.Lock()
+    _open.clear()
+    _state = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=lambda: _state.acquire(), after_in_parent=lambda: _state.release(),
+                    after_in_child=_after_fork_in_child)
