@@ -29,11 +29,13 @@ except ImportError:
 
 @pytest.fixture
 def batching(settings_overrides: dict[str, Any], registry: ModelRegistry, hospital: FakeHospital) -> Iterator[Flask]:
-    """The app on a hospital that takes batches, batch=True, retries without sleeping."""
+    """The app on a hospital that takes batches, batch=True (its answers not checked against separate requests:
+    tests/test_batch_record.py checks that), retries without sleeping."""
     hospital.takes_batch = True
     settings = load_settings({**settings_overrides, "source_url": BASE, "write_back": False}, environ={})
     client = FhirClient(BASE, retries=settings.source_retries, sleep=lambda seconds: None)
-    pipeline = Pipeline(settings, registry, ServerSource(client, batch=True), Store(settings.effective_database_url))
+    pipeline = Pipeline(settings, registry, ServerSource(client, batch=True, check=False),
+                        Store(settings.effective_database_url))
     yield create_app(settings=settings, pipeline=pipeline)
     pipeline.close()
 

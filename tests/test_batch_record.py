@@ -68,8 +68,9 @@ def rsps() -> Iterator[responses.RequestsMock]:
         yield mock
 
 
-def source(batch: bool | None = True, retries: int = 0) -> ServerSource:
-    return ServerSource(FhirClient(BASE, retries=retries, sleep=lambda seconds: None), batch=batch)
+def source(batch: bool | None = True, retries: int = 0, check: bool = False) -> ServerSource:
+    """A source on BASE; ``check`` off unless a test is about it (each test here is about one batch)."""
+    return ServerSource(FhirClient(BASE, retries=retries, sleep=lambda seconds: None), batch=batch, check=check)
 
 
 def sent(rsps: responses.RequestsMock) -> list[tuple[str, str]]:
@@ -455,7 +456,7 @@ def test_retry_after_on_a_failed_batch_is_waited_for_before_the_separate_request
     rsps.post(BASE, status=429, headers={"Retry-After": "7"})
     separate_requests_work(rsps)
     waits: list[float] = []
-    server = ServerSource(FhirClient(BASE, retries=3, sleep=waits.append, retry_after_cap=5), batch=True)
+    server = ServerSource(FhirClient(BASE, retries=3, sleep=waits.append, retry_after_cap=5), batch=True, check=False)
     assert len(server.record("pat-1", [HR])) == 3
     assert waits == [5] and sent(rsps) == [("POST", "/r4"), *SEPARATE]     # capped at retry_after_cap
 
@@ -696,3 +697,92 @@ def test_concurrent_refusals_pause_once(rsps, caplog):
             thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
     assert len([r for r in caplog.records if "batch" in r.getMessage()]) == 1 and server.batch is False
+
+
+# -- checking the first batch answers against the separate requests ---------------------------------
+
+def test_the_first_batch_answer_is_checked_then_batches_are_used_alone(rsps, caplog):
+    """A server that takes batches may still misread their entries; the first answer is read both ways, the
+    separate requests' record is the one used, and once both agree batches are used alone."""
+    rsps.post(BASE, json=WHOLE)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1"), obs("o2")))
+    server = source(check=True)
+    assert not server.batch_checked
+    with caplog.at_level(logging.INFO, logger="fhir_ai.fhir.sources"):
+        assert ids(server.record("pat-1", [HR]))[2:] == ["Observation/o1", "Observation/o2"]
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+    assert server.batch_checked and "answered as the separate requests did" in caplog.text
+    rsps.calls.reset()
+    assert ids(server.record("pat-1", [HR]))[2:] == ["Observation/o1", "Observation/o2"]
+    assert sent(rsps) == [("POST", "/r4")]
+
+
+def test_a_record_without_data_tells_nothing_and_the_next_one_is_checked(rsps):
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset(ENCOUNTER)), entry(searchset())))
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset())
+    server = source(check=True)
+    for _ in range(3):
+        rsps.calls.reset()
+        server.record("pat-1", [HR])
+        assert sent(rsps) == [("POST", "/r4"), *SEPARATE] and not server.batch_checked
+    assert server.batch is True
+
+
+def test_batches_answered_with_empty_searchsets_are_caught_and_batching_pauses(rsps, caplog):
+    """The silent failure: a server that answers every batch search with an empty searchset (a patient
+    without data: no risk found). Each checked answer uses the separate requests' record; two in a row
+    unlike it pause batching, logged once."""
+    clock = [1000.0]
+    rsps.post(BASE, json=batch_response(entry(PATIENT), entry(searchset()), entry(searchset())))
+    separate_requests_work(rsps)
+    server = source(check=True)
+    server._clock = lambda: clock[0]
+    with caplog.at_level(logging.INFO, logger="fhir_ai.fhir.sources"):
+        for _ in range(2):
+            assert ids(server.record("pat-1", [HR])) == ["Patient/pat-1", "Encounter/enc-1", "Observation/o1"]
+        assert server.batch is False
+        rsps.calls.reset()
+        server.record("pat-1", [HR])
+        assert sent(rsps) == SEPARATE                         # paused: no batch for an hour
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 answers in a row unlike the separate requests'" in warnings[0]
+    assert "pat-1" not in caplog.text
+    clock[0] += BATCH_OFF_FOR + 1                             # after the pause: tried, and checked, again
+    rsps.calls.reset()
+    server.record("pat-1", [HR])
+    assert sent(rsps) == [("POST", "/r4"), *SEPARATE]
+
+
+def test_one_differing_answer_may_be_data_that_changed_and_pauses_nothing(rsps):
+    rsps.post(BASE, json=WHOLE)                                # o1, o2
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    separate = rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1"), obs("o2"), obs("o3")))
+    server = source(check=True)
+    assert ids(server.record("pat-1", [HR]))[2:] == ["Observation/o1", "Observation/o2", "Observation/o3"]
+    assert server.batch is True and not server.batch_checked
+    rsps.replace(responses.POST, f"{BASE}/Observation/_search", json=searchset(obs("o1"), obs("o2")))
+    server.record("pat-1", [HR])
+    assert server.batch is True and server.batch_checked and separate.call_count == 1
+
+
+def test_each_probe_that_finds_batch_checks_again(rsps):
+    """auto: the CapabilityStatement is asked again hourly; the server behind it may have changed."""
+    clock = [1000.0]
+    rsps.get(f"{BASE}/metadata", json=CAPABILITIES)
+    rsps.post(BASE, json=WHOLE)
+    rsps.get(f"{BASE}/Patient/pat-1", json=PATIENT)
+    rsps.get(f"{BASE}/Encounter", json=searchset(ENCOUNTER))
+    rsps.post(f"{BASE}/Observation/_search", json=searchset(obs("o1"), obs("o2")))
+    server = ServerSource(FhirClient(BASE, retries=0, sleep=lambda seconds: None), batch=None)   # check: default
+    server._clock = lambda: clock[0]
+    server.record("pat-1", [HR])
+    assert server.batch_checked
+    clock[0] += BATCH_OFF_FOR + 1
+    rsps.calls.reset()
+    server.record("pat-1", [HR])
+    assert sent(rsps) == [("GET", "/r4/metadata"), ("POST", "/r4"), *SEPARATE]

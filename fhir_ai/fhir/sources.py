@@ -34,6 +34,7 @@ BATCH_REFUSED = frozenset({400, 403, 404, 405, 415, 422, 501})
 BATCH_PROBE_RETRY = 600     # seconds before a CapabilityStatement that could not be read is asked for again
 BATCH_OFF_FOR = 3600        # seconds a refused or failing batch is not tried (and a probe's answer holds)
 BATCH_FAILURES = 3          # failed batches in a row (the separate requests then working) that pause batching
+BATCH_CHECKS = 2            # batch answers in a row unlike the separate requests' that pause batching
 
 
 @dataclass
@@ -128,10 +129,11 @@ class ServerSource(Source):
 
     read_only = False
 
-    def __init__(self, client: FhirClient, *, batch: bool | None = False) -> None:
+    def __init__(self, client: FhirClient, *, batch: bool | None = False, check: bool = True) -> None:
         """``batch``: read a patient's record (record()) in one batch, POST [base] with a Bundle of GETs,
         instead of a request per resource type: True, False, or None to follow the server's
-        CapabilityStatement (asked once, on first use)."""
+        CapabilityStatement (asked once, on first use). ``check``: compare the first batch answers (after
+        each probe or pause) with the separate requests' (see record())."""
         self.client = client
         self.batch = batch                        # now: True, False, or None (auto, not known yet)
         self._batch_mode = batch                  # as configured: what ``batch`` goes back to after a pause
@@ -141,6 +143,9 @@ class ServerSource(Source):
         self._batch_probe_after = 0.0             # time.monotonic() before which the probe is not asked again
         self._batch_off_until = 0.0               # time.monotonic() until which batching is paused (0: not paused)
         self._batch_failures = 0                  # failed batches in a row
+        self._check = check
+        self._unchecked = check                   # the next batch answer is compared with separate requests'
+        self._differed = 0                        # batch answers in a row unlike the separate requests'
         self.search_by_post = True    # until the server refuses a POST _search (then GET, remembered)
         # Set by a catch-up (subscriptions.py) that found the server cannot sort by _lastUpdated: why, how
         # many Observations its pages held, when (time.monotonic()); later catch-ups, for an hour, read in
@@ -182,6 +187,12 @@ class ServerSource(Source):
           Retry-After on it is waited for (up to the client's cap) before the separate requests;
         - half-answered (an entry with an error status, another patient, not a searchset): counted once
           the separate requests have worked; BATCH_FAILURES in a row pause batching.
+        A server may also misread an entry's URL and answer every batch with well-formed but wrong searchsets
+        (empty ones: a patient without data, a silent "no risk"). So the first batch answers (after each
+        probe, and after a pause) are checked: the record is read by the separate requests too and theirs
+        is used; the same resources (Observations among them, or Encounters when no codes are asked) mean the
+        server's batches can be trusted until the next probe; BATCH_CHECKS answers in a row that differ pause
+        batching as a refusal does (one differing answer may be data that changed between the two reads).
         """
         params = _observation_params(patient_id, since, until)     # checks the id and the dates
         if not patient_id.strip(".") or not self._batching():      # 'Patient/..' is no id to put in a URL
@@ -189,7 +200,11 @@ class ServerSource(Source):
         answer = self._batch_record(patient_id, codes, params)
         if not isinstance(answer, _Declined):
             self._batch_failures = 0
-            return answer
+            if not self._unchecked:
+                return answer
+            record = super().record(patient_id, codes, since, until)   # raises as without a batch
+            self._compare(answer, record, bool(codes))
+            return record
         if answer.kind == "failed":
             self._declined(answer)
             if answer.retry_after:
@@ -198,6 +213,30 @@ class ServerSource(Source):
         if answer.kind != "failed":
             self._declined(answer)
         return record
+
+    @property
+    def batch_checked(self) -> bool:
+        """Whether batch answers are used as they come (checked against the separate requests', or not to be)."""
+        return not self._unchecked
+
+    def _compare(self, batched: list[dict[str, Any]], separate: list[dict[str, Any]], codes: bool) -> None:
+        """A checked batch answer (record()): trusted from now on, one more difference, or a pause."""
+        same = _keys(batched) == _keys(separate)
+        telling = any(r.get("resourceType") == ("Observation" if codes else "Encounter") for r in separate)
+        with self._batch_state:
+            if same:
+                if telling and self._unchecked:
+                    self._unchecked, self._differed = False, 0
+                    log.info("%s: a batch answered as the separate requests did; batches are used",
+                             self.client.base_url)
+                return                                # nothing to tell by (no data): the next one is checked
+            self._differed += 1
+            if self._differed < BATCH_CHECKS:
+                log.info("%s: a batch answered unlike the separate requests (data changed in between?); "
+                         "the next one is checked too", self.client.base_url)
+                return
+            self._differed = 0
+        self._declined(_Declined(f"{BATCH_CHECKS} answers in a row unlike the separate requests'", "refused"))
 
     def _batching(self) -> bool:
         now = self._clock()
@@ -208,6 +247,7 @@ class ServerSource(Source):
                 if self._batch_off_until and now >= self._batch_off_until:   # time to try again
                     self._batch_off_until, self._batch_failures = 0.0, 0
                     self.batch = self._batch_mode
+                    self._unchecked = self._check
         if self._batch_mode is None and now >= self._batch_probe_after:
             self._probe_batch()
         return bool(self.batch) and not self._batch_off_until
@@ -235,6 +275,9 @@ class ServerSource(Source):
                 statement = None                                      # refused (401, 403, ...): no batch
             self._batch_probe_after = self._clock() + BATCH_OFF_FOR
             self.batch = declares_batch(statement)
+            if self.batch:
+                with self._batch_state:
+                    self._unchecked = self._check     # checked again after each probe (the server may change)
             log.info("%s: %s", self.client.base_url, "takes batches: a patient's record in one request per "
                      "assessment" if self.batch else "no batch interaction declared: a request per resource type")
         finally:
@@ -393,6 +436,10 @@ def _names_another_patient(resources: list[dict[str, Any]], patient_id: str) -> 
             if match is not None and match[1] != patient_id:
                 return True
     return False
+
+
+def _keys(resources: list[dict[str, Any]]) -> set[tuple[Any, Any]]:
+    return {(r.get("resourceType"), r.get("id")) for r in resources}
 
 
 def _searchset(page: dict[str, Any] | None) -> bool:
