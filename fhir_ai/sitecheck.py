@@ -15,7 +15,7 @@ from .config import Settings
 from .errors import FhirAiError
 from .fhir import smart
 from .fhir.client import FhirClient
-from .fhir.sources import declares_batch
+from .fhir.sources import ServerSource, declares_batch, patient_of_reference
 from .mapping import load_directory
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,11 @@ def check_site(url: str, settings: Settings, *, sample: int = 200,
             report.add("smart", "token obtained", True, True, f"client {settings.smart_client_id}")
         except FhirAiError as exc:
             report.add("smart", "token obtained", False, True, exc.message)
+    batch = False
     try:
-        check_capabilities(report, client.get("metadata"))
+        capability = client.get("metadata")
+        check_capabilities(report, capability)
+        batch = declares_batch(capability)
     except FhirAiError as exc:
         report.add("fhir", "CapabilityStatement", False, True, exc.message)
     observations: list[dict[str, Any]] = []
@@ -225,7 +228,27 @@ def check_site(url: str, settings: Settings, *, sample: int = 200,
         check_codes(report, observations, settings.mappings_dir)
     except FhirAiError as exc:
         report.add("data", "mappings", False, True, exc.message)
+    if batch:
+        check_batch(report, client, observations, settings.mappings_dir)
     return report
+
+
+def check_batch(report: SiteReport, client: FhirClient, observations: list[dict[str, Any]],
+                mappings_dir: str) -> None:
+    """A server that lists batch: does a batch find what the separate requests find, for a patient of the
+    sample (every mapping's codes, no time window)? Only counts are reported, no ids."""
+    item = "batch answers as the separate requests do"
+    patient = next((p for p in (patient_of_reference((o.get("subject") or {}).get("reference"))
+                                for o in observations) if p), None)
+    if patient is None:
+        report.add("rest", item, False, False, "not tried: no sampled Observation names a Patient")
+        return
+    try:
+        codes = sorted({code for mapping in load_directory(mappings_dir).values() for code in mapping.query_codes()})
+        same, detail = ServerSource(client, batch=True, check=False).compare_batch(patient, codes)
+    except FhirAiError as exc:
+        same, detail = False, f"not compared: {exc.message}"
+    report.add("rest", item, same, False, detail)
 
 
 def _smart_configuration(url: str, session: requests.Session,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import responses
@@ -204,3 +205,57 @@ def test_batch_in_the_capability_statement_is_reported(settings) -> None:
     stub(responses, capability=capability)
     found = checks(check_site(BASE, settings))
     assert found["batch"].ok and "one request per assessment" in found["batch"].detail
+
+
+def batch_site(rsps: responses.RequestsMock, answer: dict[str, Any]) -> None:
+    capability = copy.deepcopy(CAPABILITY)
+    capability["rest"][0]["interaction"] = [{"code": "batch"}]
+    stub(rsps, capability=capability)
+    patient = {"resourceType": "Patient", "id": "p1"}
+    rsps.post(BASE, json=answer)
+    rsps.get(f"{BASE}/Patient/p1", json=patient)
+    rsps.get(f"{BASE}/Encounter", json={"resourceType": "Bundle", "type": "searchset", "entry": []})
+    rsps.post(f"{BASE}/Observation/_search", json={"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": o, "search": {"mode": "match"}} for o in SAMPLE[:3]]})
+
+
+def batch_response(*pages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": [
+        {"response": {"status": "200 OK"}, "resource": {"resourceType": "Patient", "id": "p1"}},
+        *({"response": {"status": "200 OK"}, "resource": {"resourceType": "Bundle", "type": "searchset", "entry": [
+            {"resource": r, "search": {"mode": "match"}} for r in page]}} for page in pages)]}
+
+
+@responses.activate
+def test_a_batch_that_finds_what_the_separate_requests_find_is_reported_so(settings) -> None:
+    batch_site(responses, batch_response([], SAMPLE[:3]))
+    found = checks(check_site(BASE, settings))
+    check = found["batch answers as the separate requests do"]
+    assert check.ok and not check.required and check.detail == "the same 4 resources (3 Observations) for a sampled patient"
+    batch = json.loads(next(c.request.body for c in responses.calls if c.request.method == "POST"
+                            and urlsplit(c.request.url).path == urlsplit(BASE).path))
+    assert batch["entry"][0]["request"]["url"] == "Patient/p1"        # a patient of the sample
+
+
+@responses.activate
+def test_a_batch_answered_with_empty_searchsets_is_reported_as_a_problem(settings) -> None:
+    batch_site(responses, batch_response([], []))
+    report = check_site(BASE, settings)
+    check = checks(report)["batch answers as the separate requests do"]
+    assert not check.ok and "FHIR_AI_SOURCE_BATCH=false" in check.detail
+    assert check.detail.startswith("the batch found 1 resources, the separate requests 4 (3 Observations)")
+    assert report.ok                                # not required: fhir_ai checks batches itself
+    assert "p1" not in check.detail
+
+
+@responses.activate
+def test_a_batch_refused_is_reported_with_its_status(settings) -> None:
+    capability = copy.deepcopy(CAPABILITY)
+    capability["rest"][0]["interaction"] = [{"code": "batch"}]
+    stub(responses, capability=capability)
+    responses.post(BASE, status=405)
+    responses.get(f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
+    responses.get(f"{BASE}/Encounter", json={"resourceType": "Bundle", "type": "searchset"})
+    responses.post(f"{BASE}/Observation/_search", json={"resourceType": "Bundle", "type": "searchset"})
+    check = checks(check_site(BASE, settings))["batch answers as the separate requests do"]
+    assert not check.ok and check.detail.startswith("the batch gave no record (HTTP 405)")

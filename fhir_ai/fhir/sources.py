@@ -214,6 +214,21 @@ class ServerSource(Source):
             self._declined(answer)
         return record
 
+    def compare_batch(self, patient_id: str, codes: Codes) -> tuple[bool, str]:
+        """Read ``patient_id``'s record (every time) by one batch and by the separate requests: (whether the
+        batch found the same resources, what each found, in counts). For ``fhir-ai check-site``; learns
+        nothing from it (batching is neither paused nor trusted); errors of the separate requests raise."""
+        params = _observation_params(patient_id, None, None)
+        batched = self._batch_record(patient_id, codes, params)
+        separate = super().record(patient_id, codes)
+        found = f"{sum(r.get('resourceType') == 'Observation' for r in separate)} Observations"
+        if isinstance(batched, _Declined):
+            return False, f"the batch gave no record ({batched.why}); the separate requests found {found}"
+        if _keys(batched) != _keys(separate):
+            return False, (f"the batch found {len(batched)} resources, the separate requests {len(separate)} "
+                           f"({found}): set FHIR_AI_SOURCE_BATCH=false")
+        return True, f"the same {len(separate)} resources ({found}) for a sampled patient"
+
     @property
     def batch_checked(self) -> bool:
         """Whether batch answers are used as they come (checked against the separate requests', or not to be)."""
@@ -530,6 +545,12 @@ _WANTED = ("Patient", "Encounter", "Observation")
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]*)?$")
 # Bulk-Data files hold one resource type each and are named after it ('Condition.000.ndjson').
 _NAMED_TYPE = re.compile(r"([A-Z][A-Za-z]+)(?=[._\-]|$)")
+
+
+def patient_of_reference(reference: Any) -> str | None:
+    """The Patient id a plain reference names ('Patient/p1', an absolute URL, a versioned one), else None."""
+    match = _PATIENT_REF.search(reference) if isinstance(reference, str) else None
+    return match.group(1) if match else None
 
 
 def _patient_key(reference: Any, urns: dict[str, str]) -> str | None:

@@ -185,3 +185,5 @@ def test_check_site_against_the_real_server(sekmet: SekmetServer, tmp_path: Path
     assert items["RiskAssessment update creates (updateCreate)"].ok
     assert report.sampled > 0 and report.codes["deterioration"]["codesSeen"] > 0
     assert report.ok, [(c.item, c.detail) for c in report.checks if c.required and not c.ok]
+    batch = items["batch answers as the separate requests do"]      # sekmet lists batch: compared for real
+    assert batch.ok and batch.detail.startswith("the same "), batch.detail
