@@ -16,7 +16,7 @@ import responses
 from celery import beat
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from fhir_ai.app import create_app
 from fhir_ai.config import DEMO_HOSPITAL, load_settings
@@ -279,6 +279,14 @@ def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_over
 
 # -- tasks: redelivery, schedule, write-back ------------------------------------------------------------
 
+def reopen(app: Flask, job_id: str, patient_id: str, *, claimed_until: datetime | None = None) -> None:
+    """The patient as a worker that died while assessing it leaves it: pending, claimed until ``claimed_until``
+    (None: the claim has run out, as by the time Redis hands the chunk to another worker)."""
+    from fhir_ai.jobs.tables import JobItemRow
+    with store_of(app).session() as session, session.begin():
+        session.execute(update(JobItemRow).where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id)
+                        .values(status="pending", claimed_until=claimed_until))
+
 def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_app: Flask) -> None:
     jobs = JobStore(store_of(job_app))
     as_of = datetime(2026, 11, 20, 8, tzinfo=timezone.utc)
@@ -287,8 +295,8 @@ def test_a_redelivered_chunk_skips_recorded_patients_and_repeats_are_no_ops(job_
     jobs.expand("job-4", WARD)
     assert tasks.assess_chunk("job-4", WARD[:2]) == 2
     rows = assessment_rows(job_app)
-    # Killed after storing WARD[1] but before recording it: it is pending again and redelivered.
-    jobs.record("job-4", WARD[1], "pending")
+    # Killed after storing WARD[1] but before recording it: still pending, its claim run out, redelivered.
+    reopen(job_app, "job-4", WARD[1])
     assert tasks.assess_chunk("job-4", WARD[:2]) == 1           # WARD[0] skipped, WARD[1] repeated
     assert assessment_rows(job_app) == rows                     # ... and the repeat stored nothing
     assert jobs.status("job-4") == "running"
@@ -398,8 +406,8 @@ def test_the_beat_schedule_holds_delivery_and_the_configured_wards() -> None:
         entries.setup_schedule()
         due = {name: entry.schedule.run_every.total_seconds() for name, entry in entries.schedule.items()
                if not name.startswith("celery.")}
-        assert due == {"deliver-write-backs": 7.0, "rescore-wards": 300.0, "expire-jobs": 3600.0}
-        assert schedule(load_settings({"wards": "", "job_retention": 0})).keys() == {"deliver-write-backs"}
+        assert due == {"deliver-write-backs": 7.0, "rescore-wards": 300.0, "expire-jobs": 3600.0, "resume-jobs": 300.0}
+        assert schedule(load_settings({"wards": "", "job_retention": 0})).keys() == {"deliver-write-backs", "resume-jobs"}
     finally:
         configure(load_settings())
 
@@ -541,3 +549,137 @@ def test_every_operation_definition_the_capability_statement_names_is_served(jc:
         definition = OperationDefinition.model_validate(body)
         assert definition.url == url
         assert all(value != [] for value in body.values())            # FHIR JSON has no empty arrays
+
+
+# -- claims, attempts and jobs whose tasks were lost (review of the ninth session) ----------------------
+
+def running_job(app: Flask, job_id: str, patients: list[str]) -> JobStore:
+    jobs = JobStore(store_of(app))
+    jobs.create(job_id, kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []})
+    jobs.start(job_id)
+    jobs.expand(job_id, patients)
+    return jobs
+
+
+def item(app: Flask, job_id: str, patient_id: str) -> JobItemRow:
+    with store_of(app).session() as session:
+        return session.get(JobItemRow, (job_id, patient_id))
+
+
+def test_a_patient_claimed_by_another_copy_of_the_chunk_is_left_to_it(job_app: Flask) -> None:
+    """Two copies of a chunk at once (an expansion redelivered after queuing its chunks, a chunk past the
+    visibility timeout): the patient another copy holds is not assessed again here, and once it has an
+    outcome a late copy's outcome does not overwrite it."""
+    jobs = running_job(job_app, "job-c", WARD[:2])
+    assert jobs.claim("job-c", WARD[0], lease=600) == 1          # the other copy is assessing it
+    assert tasks.assess_chunk("job-c", WARD[:2]) == 1             # only WARD[1] here
+    assert {p for p, _ in assessment_rows(job_app)} == {WARD[1]}
+    assert item(job_app, "job-c", WARD[0]).status == "pending" and jobs.status("job-c") == "running"
+    assert jobs.record("job-c", WARD[0], "assessed", [{"reference": "RiskAssessment/x", "status": "assessed"}])
+    assert not jobs.record("job-c", WARD[0], "failed", error="a late copy timed out")   # the first outcome stays
+    assert item(job_app, "job-c", WARD[0]).status == "assessed" and item(job_app, "job-c", WARD[0]).error is None
+
+
+def test_a_patient_whose_assessment_stops_the_worker_is_given_up_after_three_attempts(job_app: Flask) -> None:
+    """Each claim counts; a patient claimed three times and never recorded took its worker down each time
+    (killed for memory, a crash in native code): the fourth claim records it failed instead of assessing it."""
+    jobs = running_job(job_app, "job-p", WARD[:2])
+    for attempt in (1, 2, 3):
+        assert jobs.claim("job-p", WARD[0], lease=600) == attempt
+        reopen(job_app, "job-p", WARD[0])                         # the worker died; its claim ran out
+    assert tasks.assess_chunk("job-p", WARD[:2]) == 1
+    poisoned = item(job_app, "job-p", WARD[0])
+    assert poisoned.status == "failed" and "worker stopped while assessing this patient, 3 times" in poisoned.error
+    assert {p for p, _ in assessment_rows(job_app)} == {WARD[1]}
+    assert jobs.status("job-p") == "completed"
+
+
+def silent(app: Flask, job_id: str, minutes: float = 60) -> None:
+    """Make the job look as if nothing happened to it for ``minutes``."""
+    from fhir_ai.jobs.tables import JobRow
+    then = datetime.now(timezone.utc) - timedelta(minutes=minutes)
+    with store_of(app).session() as session, session.begin():
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=then))
+        session.execute(update(JobItemRow).where(JobItemRow.job_id == job_id).values(updated_at=then))
+
+
+def test_a_job_whose_chunks_were_lost_is_resumed(job_app: Flask) -> None:
+    """Redis restarted without persistence: the chunks queued are gone, the job 'running' with patients
+    pending. After a silence resume_jobs queues them again (a patient claimed by a live worker is left)."""
+    jobs = running_job(job_app, "job-l", WARD)
+    assert tasks.assess_chunk("job-l", WARD[:1]) == 1             # then the queue lost the rest
+    jobs.claim("job-l", WARD[3], lease=3600)                      # a live worker is on this one
+    assert tasks.resume_jobs() == []                              # progress just now: nothing lost yet
+    silent(job_app, "job-l")
+    assert tasks.resume_jobs() == ["job-l"]
+    assert {item(job_app, "job-l", p).status for p in WARD[:3]} == {"assessed"}
+    assert item(job_app, "job-l", WARD[3]).status == "pending"    # left to the worker that holds it
+    assert tasks.resume_jobs() == []                              # resumed: silent no more
+    assert jobs.record("job-l", WARD[3], "assessed", [])
+    jobs.finish_if_done("job-l")
+    assert jobs.status("job-l") == "completed"
+
+
+def test_a_job_whose_expansion_was_lost_is_expanded_again(job_app: Flask) -> None:
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-e", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []})       # queued; its expand_job message lost
+    silent(job_app, "job-e")
+    assert tasks.resume_jobs() == ["job-e"]
+    assert jobs.status("job-e") == "completed" and len(jobs.items("job-e")) == 4
+
+
+def test_a_job_with_every_patient_recorded_but_not_finished_is_finished(job_app: Flask) -> None:
+    jobs = running_job(job_app, "job-f", WARD[:1])
+    jobs.record("job-f", WARD[0], "assessed", [])                 # the chunk died before finish_if_done
+    silent(job_app, "job-f")
+    assert tasks.resume_jobs() == ["job-f"] and jobs.status("job-f") == "completed"
+
+
+def test_an_unexpected_error_finding_the_patients_fails_the_job(job_app: Flask, monkeypatch) -> None:
+    """A Group member nobody foresaw (a bug): the job fails with the kind of error, it does not stay running."""
+    def broken(source, group_id):
+        raise AttributeError("'str' object has no attribute 'get'")
+    monkeypatch.setattr(tasks.members, "group_members", broken)
+    jobs = JobStore(store_of(job_app))
+    jobs.create("job-x", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
+                request={"request": "x", "models": []})
+    assert tasks.expand_job("job-x") == 0
+    failed = jobs.get("job-x")
+    assert failed.status == "failed" and failed.error_status == 500
+    assert failed.error == "internal error (AttributeError) while finding the job's patients"
+
+
+def test_a_ward_tick_read_by_a_worker_whose_clock_is_a_little_behind_is_still_this_slot(job_app: Flask) -> None:
+    settings = load_settings({"wards": "ward-a", "ward_interval": 900})
+    runtime.configure(settings, job_app.extensions["fhir_ai"])
+    boundary = datetime(2026, 11, 20, 8, 15, tzinfo=timezone.utc).timestamp()
+    started = tasks.rescore_wards(now=boundary - 0.003)          # the worker 3 ms behind the scheduler
+    assert started == [tasks.ward_job_id("ward-a", int(boundary // 900))]
+
+
+def test_group_members_are_read_as_fhir_references() -> None:
+    """Versioned references count; an absolute one only on the source's own server (a Patient p2 elsewhere
+    is another person); an entity that is not an object is skipped, not a crash."""
+    from fhir_ai.jobs.members import group_patients
+    base = "https://fhir.hospital.example/r4"
+    group = {"resourceType": "Group", "id": "w", "member": [
+        {"entity": {"reference": "Patient/p1/_history/3"}},
+        {"entity": {"reference": f"{base}/Patient/p3"}},
+        {"entity": {"reference": "https://other.example/fhir/Patient/p2"}},
+        {"entity": "Patient/p4"},
+        {"entity": {"reference": "Practitioner/d1"}},
+        {"entity": {"reference": "Patient/p5"}, "inactive": True}]}
+    assert group_patients(group, base) == ["p1", "p3"]
+    assert group_patients(group) == ["p1"]                         # a folder source: no absolute references
+
+
+def test_the_same_task_redelivered_takes_its_claim_back_at_once(job_app: Flask) -> None:
+    """A pool process killed mid-chunk: Celery gives the task back at once (same task id). Its claim is its own,
+    so the patient is tried again now, not after the lease; another task (a copy) still waits for it."""
+    jobs = running_job(job_app, "job-r", WARD[:1])
+    assert jobs.claim("job-r", WARD[0], lease=600, holder="task-1") == 1
+    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-2").get() == 0     # a copy: left
+    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-1").get() == 1     # its own: taken back
+    assert item(job_app, "job-r", WARD[0]).attempts == 2 and jobs.status("job-r") == "completed"

@@ -43,14 +43,18 @@ class on_slots(every):  # noqa: N801 - named like Celery's own schedules
 
 
 def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Periodic tasks: write-back delivery every worker_interval, each ward every ward_interval, and
-    forgetting finished jobs older than job_retention (checked hourly)."""
+    """Periodic tasks: write-back delivery every worker_interval, each ward every ward_interval, resuming
+    jobs whose tasks were lost, and forgetting finished jobs older than job_retention (checked hourly)."""
     # expires: a tick nobody ran in time is dropped, so a backlog never piles up while workers are down.
     entries: dict[str, dict[str, Any]] = {
         "deliver-write-backs": {"task": "fhir_ai.deliver_write_backs",
                                 "schedule": timedelta(seconds=settings.worker_interval),
                                 "options": {"expires": max(1.0, settings.worker_interval)}},
     }
+    # Jobs whose tasks were lost are resumed (tasks.resume_jobs): looked for every quarter of their silence.
+    entries["resume-jobs"] = {"task": "fhir_ai.resume_jobs",
+                              "schedule": timedelta(seconds=max(15.0, settings.job_visibility_timeout / 2)),
+                              "options": {"expires": max(15.0, settings.job_visibility_timeout / 2)}}
     if settings.job_retention > 0:
         entries["expire-jobs"] = {"task": "fhir_ai.expire_jobs",
                                   "schedule": timedelta(seconds=min(3600.0, settings.job_retention)),

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import orjson
 
 from ..errors import BadRequest, NotFound, UpstreamNotFound
-from ..fhir.sources import FolderSource, ServerSource, Source
+from ..fhir.sources import FolderSource, ServerSource, Source, patient_of_reference
 
 log = logging.getLogger(__name__)
 
@@ -16,14 +16,17 @@ log = logging.getLogger(__name__)
 ACTIVE_CLASSES = ("IMP", "ACUTE", "NONAC", "EMER", "OBSENC")
 
 
-def _patient(reference: str | None) -> str | None:
-    if not reference:
+def _patient(reference: Any, base_url: str | None = None) -> str | None:
+    """The Patient id a reference names ('Patient/p1', versioned, or an absolute URL on ``base_url``, the
+    source's own server); None for anything else (a Patient on another server is another person)."""
+    if not isinstance(reference, str):
         return None
-    kind, _, ident = reference.rstrip("/").rpartition("/")
-    return ident if kind.endswith("Patient") and ident else None
+    if "://" in reference and not (base_url and reference.startswith(base_url.rstrip("/") + "/")):
+        return None
+    return patient_of_reference(reference)
 
 
-def group_patients(group: dict[str, Any]) -> list[str]:
+def group_patients(group: dict[str, Any], base_url: str | None = None) -> list[str]:
     """Patient ids of a Group's active members (``inactive`` ones are left out), in member order."""
     if group.get("resourceType") != "Group":
         raise BadRequest(f"expected a Group, got {group.get('resourceType')!r}")
@@ -32,7 +35,8 @@ def group_patients(group: dict[str, Any]) -> list[str]:
     for member in group.get("member") or []:
         if not isinstance(member, dict) or member.get("inactive") is True:
             continue
-        patient = _patient((member.get("entity") or {}).get("reference"))
+        entity = member.get("entity")
+        patient = _patient(entity.get("reference") if isinstance(entity, dict) else None, base_url)
         if patient:
             out[patient] = None
         else:
@@ -49,7 +53,7 @@ def group_members(source: Source, group_id: str) -> list[str]:
             group = source.client.get(f"Group/{group_id}")
         except UpstreamNotFound as exc:
             raise NotFound(f"Group/{group_id} is not known to the hospital's FHIR server") from exc
-        return group_patients(group)
+        return group_patients(group, source.client.base_url)
     if isinstance(source, FolderSource):
         for group in _folder_groups(source.path):
             if group.get("id") == group_id:
@@ -70,7 +74,9 @@ def active_patients(source: Source) -> list[str]:
         params = [("status", "in-progress"), ("class", ",".join(ACTIVE_CLASSES)), ("_count", 200)]
         for encounter in source.client.search("Encounter", params):
             # Filter again: a server may ignore a search parameter it does not support.
-            patient = _patient((encounter.get("subject") or {}).get("reference"))
+            subject = encounter.get("subject")
+            patient = _patient(subject.get("reference") if isinstance(subject, dict) else None,
+                               source.client.base_url)
             if active(encounter) and patient:
                 found.add(patient)
     elif isinstance(source, FolderSource):

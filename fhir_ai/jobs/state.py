@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -111,14 +111,66 @@ class JobStore:
                             .values(status="running", updated_at=_utcnow()))
             return session.scalar(select(JobRow.status).where(JobRow.id == job_id)) == "running"
 
-    def record(self, job_id: str, patient_id: str, status: str, assessments: list[Any] | None = None,
-               error: str | None = None) -> None:
-        """One patient's outcome; a repeat (task redelivered) writes the same thing again."""
+    def claim(self, job_id: str, patient_id: str, *, lease: float, holder: str | None = None) -> int | None:
+        """Take a pending patient for ``lease`` seconds before assessing it: its attempt number (1, 2, ...),
+        or None when it is not to be assessed here (done, or another task's claim has not run out). Of two
+        copies of a chunk running at once, one assesses each patient; ``holder`` (the task's id) takes back
+        its own claim at once (the task redelivered because its worker process died while assessing)."""
+        now = _utcnow()
+        free = (JobItemRow.claimed_until.is_(None)) | (JobItemRow.claimed_until < now)
+        if holder:
+            free = free | (JobItemRow.claimed_by == holder)
         with self.store.session() as session, session.begin():
-            session.execute(update(JobItemRow)
-                            .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id)
-                            .values(status=status, error=(error or None) and error[:2000], updated_at=_utcnow(),
-                                    assessments=orjson.dumps(assessments or []).decode()))
+            result = session.execute(update(JobItemRow)
+                                     .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id,
+                                            JobItemRow.status == "pending", free)
+                                     .values(attempts=JobItemRow.attempts + 1, updated_at=now, claimed_by=holder,
+                                             claimed_until=now + timedelta(seconds=lease)))
+            if result.rowcount != 1:
+                return None
+            return session.scalar(select(JobItemRow.attempts).where(JobItemRow.job_id == job_id,
+                                                                     JobItemRow.patient_id == patient_id))
+
+    def record(self, job_id: str, patient_id: str, status: str, assessments: list[Any] | None = None,
+               error: str | None = None) -> bool:
+        """A pending patient's outcome (its claim let go); False, changing nothing, when the patient already
+        has one (a copy of the chunk that ran past its claim does not overwrite the first outcome)."""
+        with self.store.session() as session, session.begin():
+            result = session.execute(update(JobItemRow)
+                                     .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id,
+                                            JobItemRow.status == "pending")
+                                     .values(status=status, error=(error or None) and error[:2000],
+                                             updated_at=_utcnow(), claimed_until=None, claimed_by=None,
+                                             assessments=orjson.dumps(assessments or []).decode()))
+            return result.rowcount == 1
+
+    def stalled(self, silent_since: datetime, *, limit: int = 100) -> list[tuple[str, bool, list[str]]]:
+        """Queued or running jobs of patients (group, all, ward) with no sign of progress since ``silent_since`` (no
+        patient claimed or recorded; the job row not touched): (job id, whether its patients are known,
+        its pending patients no worker holds). Their tasks were lost (a Redis restart, a task that gave up)."""
+        now = _utcnow()
+        last_item = (select(func.max(JobItemRow.updated_at)).where(JobItemRow.job_id == JobRow.id)
+                     .correlate(JobRow).scalar_subquery())
+        quiet = (JobRow.updated_at < silent_since) & ((last_item.is_(None)) | (last_item < silent_since))
+        out = []
+        with self.store.session() as session:
+            rows = list(session.execute(select(JobRow.id, JobRow.total)
+                                        .where(JobRow.status.in_(("queued", "running")),
+                                               JobRow.kind.in_(("group", "all", "ward")), quiet)
+                                        .order_by(JobRow.created_at).limit(max(1, limit))))
+            for job_id, total in rows:
+                free = (JobItemRow.claimed_until.is_(None)) | (JobItemRow.claimed_until < now)
+                waiting = list(session.scalars(select(JobItemRow.patient_id)
+                                               .where(JobItemRow.job_id == job_id, JobItemRow.status == "pending",
+                                                      free).order_by(JobItemRow.patient_id)))
+                out.append((str(job_id), total is not None, waiting))
+        return out
+
+    def touch(self, job_id: str) -> None:
+        """Mark a job as just resumed (its silence starts again)."""
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.not_in(FINAL))
+                            .values(updated_at=_utcnow()))
 
     def finish_if_done(self, job_id: str) -> bool:
         """running → completed once no patient is pending (of two racing tasks, one does it)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ..store.tables import Base
@@ -44,5 +44,11 @@ class JobItemRow(Base):
     assessments: Mapped[str | None] = mapped_column(Text, nullable=True)   # JSON list of RiskAssessment ids
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # A task assessing the patient holds it until claimed_until (the same task redelivered takes its claim
+    # back at once); attempts counts the claims (a patient whose assessment kills its worker process is given
+    # up after MAX_ATTEMPTS).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)    # the claiming task's id
 
     __table_args__ = (Index("ix_job_item_job_status", "job_id", "status"),)

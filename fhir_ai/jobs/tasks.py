@@ -138,6 +138,20 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start:start + size]
 
 
+MAX_ATTEMPTS = 3     # claims of one patient (a worker process that died while assessing it) before it fails
+
+
+def claim_lease(settings: Any) -> float:
+    """How long a claim on a patient holds: well past any one assessment, and run out by the time Redis
+    hands a dead worker's chunk to another worker (the visibility timeout)."""
+    return max(60.0, settings.job_visibility_timeout / 2)
+
+
+def silence(settings: Any) -> float:
+    """How long a job may show no progress before resume_jobs takes it for one whose tasks were lost."""
+    return 2 * max(60.0, settings.job_visibility_timeout)
+
+
 @app.task(name="fhir_ai.expand_job", bind=True, **RETRY)
 def expand_job(self: Any, job_id: str) -> int:
     """Find the job's patients (once), then queue a chunk task for each group of pending ones."""
@@ -158,6 +172,13 @@ def expand_job(self: Any, job_id: str) -> int:
         except FhirAiError as exc:
             jobs.fail(job_id, exc.message, exc.status)
             return 0
+        except DatabaseUnavailable:
+            raise                               # tried again (RETRY), then by resume_jobs
+        except Exception as exc:   # noqa: BLE001 - a bug or data nobody foresaw must not leave the job running
+            jobs.fail(job_id, f"internal error ({type(exc).__name__}) while finding the job's patients", 500)
+            log.error("job %s: finding its patients failed: unexpected %s at\n%s", job_id, type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)))
+            return 0
         jobs.expand(job_id, patients)
     pending = jobs.pending(job_id)
     if not pending:
@@ -170,8 +191,8 @@ def expand_job(self: Any, job_id: str) -> int:
     return len(pending)
 
 
-@app.task(name="fhir_ai.assess_chunk", **RETRY)
-def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
+@app.task(name="fhir_ai.assess_chunk", bind=True, **RETRY)
+def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
     """Assess each still-pending patient of the chunk; stop early when the job was cancelled."""
     jobs = runtime.jobs()
     job = jobs.get(job_id)
@@ -181,6 +202,7 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
     request = job.request
     models = job_models(request)
     failed = patient_status(["failed"] * max(1, len(models)))       # a patient not assessed: by every model
+    lease = claim_lease(runtime.settings())
     assessed = 0
     # Jobs started before owners were keyed by how the caller authenticated have no "client".
     with _acting_for(request.get("client") or job.requested_by, job.requested_role, owner=job.requested_by):
@@ -188,8 +210,17 @@ def assess_chunk(job_id: str, patient_ids: list[str]) -> int:
             if jobs.status(job_id) != "running":
                 log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))
                 return assessed
-            if jobs.item_status(job_id, patient_id) != "pending":
-                continue      # done before this task was redelivered
+            attempt = jobs.claim(job_id, patient_id, lease=lease, holder=self.request.id)
+            if attempt is None:
+                continue      # done before this task was redelivered, or another copy of it is on it
+            if attempt > MAX_ATTEMPTS:
+                # Claimed that often and never recorded: each time its worker process died (out of memory,
+                # a crash in native code). Given up, so that it does not take down worker after worker.
+                jobs.record(job_id, patient_id, failed, error=f"not assessed: the worker stopped while assessing "
+                            f"this patient, {attempt - 1} times")
+                log.error("job %s: patient %s given up after %d attempts that stopped the worker", job_id,
+                          patient_id, attempt - 1)
+                continue
             try:
                 result = pipeline.assess(patient_id, models=models or None, as_of=job.as_of,
                                          write_back=request.get("writeBack"))
@@ -263,7 +294,9 @@ def rescore_wards(now: float | None = None) -> list[str]:
     settings = runtime.settings()
     interval = max(1.0, settings.ward_interval)
     stamp = datetime.now(timezone.utc).timestamp() if now is None else now
-    slot = int(stamp // interval)
+    # A tick is sent just after a slot starts by the scheduler's clock; a worker whose clock is a little
+    # behind must not take it for the slot before (that job exists: the ward would go unscored).
+    slot = int((stamp + min(60.0, interval / 10)) // interval)
     as_of = datetime.fromtimestamp(slot * interval, timezone.utc)
     started = []
     for ward in wards(settings):
@@ -275,6 +308,30 @@ def rescore_wards(now: float | None = None) -> list[str]:
         if created:
             started.append(job_id)
     return started
+
+
+@app.task(name="fhir_ai.resume_jobs", ignore_result=True)
+def resume_jobs() -> list[str]:
+    """Jobs whose tasks were lost (the queue emptied by a Redis restart, a task that gave up on a database
+    away for long, a worker stopped by the patient it assessed): no progress for ``silence`` seconds while
+    queued or running. Their patients are found again or their unclaimed pending patients queued again
+    (claims keep a copy from assessing anyone twice); a job with none left is finished."""
+    settings = runtime.settings()
+    jobs = runtime.jobs()
+    resumed = []
+    for job_id, expanded, waiting in jobs.stalled(datetime.now(timezone.utc) - timedelta(seconds=silence(settings))):
+        jobs.touch(job_id)
+        if not expanded:
+            expand_job.apply_async((job_id,))
+        elif waiting:
+            for chunk in _chunks(waiting, settings.job_chunk_size):
+                assess_chunk.apply_async((job_id, chunk))
+        elif not jobs.finish_if_done(job_id):
+            continue                            # every pending patient is claimed: a worker is on them
+        log.warning("job %s: no progress for %.0f s; resumed (%d patient(s) queued again)", job_id,
+                    silence(settings), len(waiting))
+        resumed.append(job_id)
+    return resumed
 
 
 @app.task(name="fhir_ai.expire_jobs", ignore_result=True)
