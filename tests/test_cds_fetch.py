@@ -208,3 +208,44 @@ def test_server_memory_is_bounded_forgets_and_keeps_no_credentials(fake_time: Fa
     assert memory.has("https://b.example.org/fhir") and memory.has("https://c.example.org/fhir")
     fake_time.now += 60.0                              # POST _search is asked for again after ttl
     assert not memory.has("https://b.example.org/fhir")
+
+
+@pytest.mark.parametrize("server, allowed", [
+    ("https://ehr.example.org/fhir", True),
+    ("https://ehr.example.org/fhir/", True),
+    ("https://EHR.example.org:443/fhir/r4", True),                   # same origin, a deeper base
+    ("https://ehr.example.org.attacker.test/fhir", False),           # a host that only starts the same
+    ("https://ehr.example.org@attacker.test/fhir", False),           # user information: the host is attacker.test
+    ("https://ehr.example.org/fhir-test", False),                    # not a path segment of the allowed base
+    ("https://ehr.example.org/other", False),
+    ("http://ehr.example.org/fhir", False),                          # another scheme
+    ("https://ehr.example.org:8443/fhir", False),                    # another port
+    ("https://ehr.example.org\\@attacker.test/fhir", False),
+    ("https://ehr.example.org/fhir?x=1", False),
+    ("https://ehr.example.org:99999/fhir", False),
+    ("javascript:alert(1)", False), (None, False), (["https://ehr.example.org/fhir"], False),
+])
+def test_the_fhir_server_allow_list_compares_origin_and_path_segments(server, allowed):
+    from fhir_ai.cds.prefetch import server_allowed
+    assert server_allowed(server, "https://ehr.example.org/fhir") is allowed
+
+
+@pytest.mark.parametrize("server", ["https://ehr.example.org.attacker.test/fhir",
+                                    "https://ehr.example.org@attacker.test/fhir"])
+def test_a_fhir_server_that_only_looks_allowed_is_refused_and_never_called(settings_overrides, record,  # noqa: F811
+                                                                           server) -> None:
+    """FHIR_AI_CDS_FHIR_SERVERS=https://ehr.example.org: a fhirServer whose text merely starts with it is
+    another host; it is not sent the EHR's access token (nor anything else)."""
+    from fhir_ai.app import create_app
+    settings_overrides["cds_fhir_servers"] = "https://ehr.example.org"
+    app = create_app(settings_overrides)
+    try:
+        body = hook_request(record, prefetch=without(record, "observations"))
+        body["fhirServer"] = server
+        with responses.RequestsMock() as rsps:                  # any request sent would fail the test
+            response = call(app.test_client(), body)
+            assert not rsps.calls
+        assert response.status_code == 412
+        assert response.get_json()["issue"][0]["expression"] == ["fhirServer"]
+    finally:
+        app.extensions["fhir_ai"].close()

@@ -502,3 +502,27 @@ def test_feedback_needs_a_jwt_for_the_feedback_url(secured: FlaskClient) -> None
     ok = secured.post("/cds-services/deterioration/feedback", json=body,
                       headers={"Authorization": f"Bearer {ehr_token(url)}"})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("iss", ["病院", "https://ehr.example.org/\r\nX-Evil: 1"])
+def test_a_token_quoting_what_a_header_cannot_hold_is_still_a_401(secured: FlaskClient, record: dict[str, Any],
+                                                                  iss: str) -> None:
+    """The refusal quotes the token's issuer; the WWW-Authenticate header keeps printable ASCII only (a
+    non-Latin-1 or CR/LF there made gunicorn answer 500 with an HTML page)."""
+    now = int(time.time())
+    forged = jwt.encode({"iss": iss, "aud": "https://cds.example.org/cds-services/deterioration", "exp": now + 60,
+                         "iat": now, "jti": str(uuid.uuid4())}, EHR_KEY, algorithm="ES384",
+                        headers={"kid": "ehr-1", "typ": "JWT"})
+    refused_ = call(secured, hook_request(record, prefetch=full_prefetch(record), server=False),
+                    Authorization=f"Bearer {forged}")
+    assert refused_.status_code == 401 and refused_.json["resourceType"] == "OperationOutcome"
+    header = refused_.headers["WWW-Authenticate"]
+    assert header.isascii() and "\r" not in header and "\n" not in header
+    assert header.startswith('Bearer error="invalid_token", error_description="')
+
+
+@pytest.mark.parametrize("query", ["_offset=100000000000000000000", "_count=-1", "_count=9999999999999999999999",
+                                   "_offset=x"])
+def test_the_card_audit_refuses_counts_and_offsets_out_of_range(client: FlaskClient, query: str) -> None:
+    answer = client.get(f"/audit/cds-cards?{query}")
+    assert answer.status_code == 400 and answer.json["issue"][0]["expression"] == [query.split("=")[0]]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from fhir_ai.config import DEMO_HOSPITAL
 
 try:
@@ -61,3 +63,43 @@ def test_a_full_request_cycle_logs_no_patient_data(app, caplog):
     assert ra["id"] in logged                                   # ids are fine, and useful
     leaked = sorted(s for s in secrets if s in logged)
     assert leaked == [], f"patient data in the logs: {leaked}"
+
+
+def test_the_hospital_server_s_words_in_an_error_reach_the_caller_not_the_log(settings_overrides, caplog):
+    """An upstream refusal may quote the patient (an OperationOutcome's diagnostics): the EHR that asked gets
+    it in the 502's OperationOutcome; the log gets the kind of error and the statuses only."""
+    import responses
+
+    from fhir_ai.app import create_app
+    base = "https://fhir.hospital.example/r4"
+    settings_overrides.update(source_url=base, source_batch="false", source_retries=0)
+    app = create_app(settings_overrides)
+    words = "Patient Jane Q. Doe, born 1950-02-03 is flagged restricted"
+    try:
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+            rsps.get(f"{base}/Patient/pat-1", status=422, json={
+                "resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                                                               "diagnostics": words}]})
+            caplog.set_level(logging.DEBUG)
+            answer = app.test_client().post("/Patient/pat-1/$assess", json={"resourceType": "Parameters"},
+                                            content_type=FHIR, headers=bearer(ROLE_TOKENS["ehr"]))
+        assert answer.status_code == 502 and words in answer.get_data(as_text=True)
+        logged = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+        assert "UpstreamError (HTTP 502; the hospital server's status 422)" in logged
+        assert "Jane" not in logged and "1950-02-03" not in logged
+    finally:
+        app.extensions["fhir_ai"].close()
+
+
+def test_a_failed_statement_logs_its_sql_not_its_values(tmp_path):
+    from sqlalchemy.exc import IntegrityError
+
+    from fhir_ai.store import Store
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    try:
+        with pytest.raises(IntegrityError) as raised, store.transaction() as connection:
+            connection.exec_driver_sql("INSERT INTO audit_chain (id, seq, hash) VALUES (?, ?, ?)",
+                                       (1, 0, "secret-value-1950-02-03"))
+        assert "secret-value" not in str(raised.value) and "hidden" in str(raised.value)
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ from .. import assessment
 from ..cds import feedback, services
 from ..cds.cards import CardBuilder, CardSet
 from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
+from ..search.params import whole_number_param
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
@@ -132,7 +133,9 @@ def _is_ed(gathered: Gathered) -> bool:
 def _unauthorized(exc: Unauthorized):  # type: ignore[no-untyped-def]
     log.warning("CDS Hooks call refused: %s", exc.message)
     refused(exc, "operation")         # audited like the API's other 401s
-    message = exc.message.replace('"', "'")
+    # The message may quote the token's own header or claims: in the header only printable ASCII, no quotes
+    # (a CR, LF or a non-Latin-1 issuer would make the server refuse the whole answer).
+    message = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in exc.message)[:300]
     return fhir_response(exc.to_operation_outcome(), 401,
                          headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{message}"'})
 
@@ -216,11 +219,8 @@ def audit():  # type: ignore[no-untyped-def]
     unknown = sorted(set(args) - {"service", "patient", "card", "event", "_count", "_offset"})
     if unknown:
         raise BadRequest(f"unsupported parameter(s) {unknown}", expression=unknown)
-    try:
-        count = min(int(args.get("_count", 100)), MAX_AUDIT_PAGE)
-        offset = max(int(args.get("_offset", 0)), 0)
-    except ValueError as exc:
-        raise BadRequest("_count and _offset must be whole numbers", expression="_count") from exc
+    count = whole_number_param("_count", args.get("_count", "100"), 0, MAX_AUDIT_PAGE)
+    offset = whole_number_param("_offset", args.get("_offset", "0"), 0, 2 ** 62)
     event = args.get("event")
     if event is not None and event not in ("issued", *feedback.OUTCOMES):
         raise BadRequest("event must be issued, accepted or overridden", expression="event")

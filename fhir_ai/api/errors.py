@@ -6,7 +6,7 @@ import logging
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from ..errors import FhirAiError
+from ..errors import FhirAiError, UpstreamError
 from .fhir_io import fhir_response
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,12 @@ _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "
 def register(app: Flask) -> None:
     @app.errorhandler(FhirAiError)
     def _ours(exc: FhirAiError):  # type: ignore[no-untyped-def]
-        if exc.status >= 500:
+        if isinstance(exc, UpstreamError):
+            # The message quotes the hospital server's own words (an OperationOutcome may name a patient):
+            # the caller gets them, the log only what failed and how.
+            log.error("%s (HTTP %d; the hospital server's status %s)", type(exc).__name__, exc.status,
+                      getattr(exc, "upstream_status", None) or "none")
+        elif exc.status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         return fhir_response(exc.to_operation_outcome(), exc.status)
 

@@ -64,9 +64,11 @@ def read(resource_id: str):  # type: ignore[no-untyped-def]
 def vread(resource_id: str, version: str):  # type: ignore[no-untyped-def]
     check_accept(request)
     check_id(resource_id, "RiskAssessment.id")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):
         raise BadRequest("the version must be a whole number", expression="versionId")
-    resource = _pipeline().store.get_assessment_version(resource_id, int(version))
+    number = int(version)
+    # No version is that high (a database integer holds less): not found, not a failed query.
+    resource = _pipeline().store.get_assessment_version(resource_id, number) if number < 2 ** 63 else None
     if resource is None:
         raise NotFound(f"RiskAssessment/{resource_id}/_history/{version} is not known here")
     return _answer(resource, with_state=False)

@@ -206,7 +206,7 @@ class Gatherer:
         if not server:
             raise PreconditionFailed(f"prefetch {key} was not provided (or failed) and the request has no "
                                      "fhirServer to fetch it from", expression=f"prefetch.{key}")
-        if self.allowed_servers and not any(server.startswith(p) for p in self.allowed_servers):
+        if self.allowed_servers and not any(server_allowed(server, p) for p in self.allowed_servers):
             raise PreconditionFailed(f"prefetch {key} is missing and fhirServer {server} is not one this service "
                                      "may call (cds_fhir_servers)", expression="fhirServer")
         auth = self.request.get("fhirAuthorization") or {}
@@ -225,6 +225,33 @@ class Gatherer:
         # A Retry-After longer than the time left fails the fetch at once (412): the clinician is waiting.
         return FhirClient(server, token=token, timeout=self.timeout, retries=RETRIES, backoff=BACKOFF,
                           retry_after_cap=self.timeout, deadline=self.deadline, sleep=sleep, clock=clock)
+
+
+def _origin_and_path(url: str) -> tuple[str, str, int | None, str] | None:
+    """(scheme, host, port, path) of a plain http(s) URL; None for anything else: user information
+    ('https://ehr.example@elsewhere'), backslashes, a query or fragment, no host, a bad port."""
+    if not isinstance(url, str) or "\\" in url or any(ord(c) < 33 for c in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or "@" in parts.netloc \
+            or parts.query or parts.fragment:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
+
+
+def server_allowed(server: Any, allowed: str) -> bool:
+    """Whether the hook's ``fhirServer`` is the configured base URL ``allowed`` or below it: the same scheme,
+    host and port, and its path the same or further segments of it ('https://ehr.example/fhir' allows
+    'https://ehr.example/fhir/r4', not 'https://ehr.example/fhir-test' nor 'https://ehr.example.attacker.test')."""
+    mine, theirs = _origin_and_path(allowed), _origin_and_path(server)
+    if mine is None or theirs is None or mine[:3] != theirs[:3]:
+        return False
+    return theirs[3] == mine[3] or theirs[3].startswith(mine[3] + "/")
 
 
 class ServerMemory:

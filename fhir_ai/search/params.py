@@ -102,11 +102,18 @@ def _pack(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(data)).decode().rstrip("=")
 
 
+MAX_VALUES = 100           # values of one parameter ('a,b,c': any of them)
+MAX_QUERY_VALUES = 400     # values of all a search's parameters (each one more term for the database)
+
+
 def _unpack(text: str, make: Callable[[dict[str, Any]], T]) -> T:
     """``make`` applied to what ``_pack`` packed; anything else is a 400 naming ``_cursor``."""
     try:
-        return make(orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
-    except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+        data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        if not isinstance(data, dict):
+            raise ValueError("not a cursor")
+        return make(data)
+    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, orjson.JSONDecodeError) as exc:
         raise BadRequest("_cursor is not one this server issued; start the search again",
                          expression="_cursor") from exc
 
@@ -137,15 +144,24 @@ class Cursor:
             now = datetime.fromisoformat(data["n"]) if data.get("n") is not None else None
             if now is not None and now.tzinfo is None:
                 raise ValueError("not a cursor")
-            return cls(int(data["h"]), data["k"], int(data["s"]), now, *_total(data))
+            if data["k"] is not None and not isinstance(data["k"], str):
+                raise ValueError("not a cursor")
+            return cls(_position(data["h"]), data["k"], _position(data["s"]), now, *_total(data))
         return _unpack(text, make)
+
+
+def _position(value: Any) -> int:
+    """A storage position (seq, version) from a cursor: a whole number a database column holds."""
+    if type(value) is not int or not 0 <= value < 2 ** 63:
+        raise ValueError("not a cursor")
+    return value
 
 
 def _total(data: dict[str, Any]) -> tuple[int | None, str | None]:
     total, query = data.get("t"), data.get("q")
     if total is None:
         return None, None
-    if type(total) is not int or total < 0 or not isinstance(query, str):
+    if type(total) is not int or not 0 <= total < 2 ** 63 or not isinstance(query, str):
         raise ValueError("not a cursor")
     return total, query
 
@@ -187,7 +203,7 @@ class HistoryCursor:
             high, key = datetime.fromisoformat(data["h"]), datetime.fromisoformat(data["k"])
             if high.tzinfo is None or key.tzinfo is None or not isinstance(data["i"], str):
                 raise ValueError("not a cursor")
-            return cls(high, key, data["i"], int(data["v"]), *_total(data))
+            return cls(high, key, data["i"], _position(data["v"]), *_total(data))
         return _unpack(text, make)
 
 
@@ -268,6 +284,10 @@ def parse_query(resource_type: str, args: Iterable[tuple[str, str]], *, lenient:
                     param.kind == "reference" and mod in param.targets):
                 raise BadRequest(f"modifier :{mod} is not supported on {base}", expression=name)
             alternatives = [raw] if mod == "missing" else values.split_values(raw)
+            asked = len(alternatives) + sum(len(f.values) for f in query.filters)
+            if len(alternatives) > MAX_VALUES or asked > MAX_QUERY_VALUES:
+                raise BadRequest(f"{name}: at most {MAX_VALUES} values in one parameter and {MAX_QUERY_VALUES} in "
+                                 "one search", expression=name)
             try:
                 parsed = [_value(param, mod, alt, query.now) for alt in alternatives]
             except ValueError as exc:

@@ -6,6 +6,8 @@ whole range of values that round to it (``2026-11`` is all of November, ``0.25``
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -87,14 +89,16 @@ def date_range(text: str, default_zone: timezone = UTC) -> tuple[datetime, datet
     y = int(year)
     try:
         if month is None:
-            low, high = datetime(y, 1, 1, tzinfo=tz), datetime(y + 1, 1, 1, tzinfo=tz)
+            low = datetime(y, 1, 1, tzinfo=tz)
+            high = datetime(y + 1, 1, 1, tzinfo=tz) if y < 9999 else _shift(low, timedelta(days=366))
         elif day is None:
             m = int(month)
             low = datetime(y, m, 1, tzinfo=tz)
-            high = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=tz)
+            high = (datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=tz) if (y, m) != (9999, 12)
+                    else _shift(low, timedelta(days=31)))
         elif hour is None:
             low = datetime(y, int(month), int(day), tzinfo=tz)
-            high = low + timedelta(days=1)
+            high = _shift(low, timedelta(days=1))
         else:
             sec = min(int(second or 0), 59)       # a leap second folds into :59
             micro = int((fraction or "")[:6].ljust(6, "0"))
@@ -105,10 +109,18 @@ def date_range(text: str, default_zone: timezone = UTC) -> tuple[datetime, datet
                 step = timedelta(seconds=1)
             else:
                 step = timedelta(microseconds=max(1, 10 ** (6 - min(len(fraction), 6))))
-            high = low + step
+            high = _shift(low, step)
     except ValueError as exc:
         raise ValueError(f"not a valid date: {text!r} ({exc})") from exc
-    return low.astimezone(UTC), high.astimezone(UTC)
+    return _utc(low), _utc(high)
+
+
+def _utc(moment: datetime) -> datetime:
+    """``moment`` in UTC, held within the years datetime can hold (0001-01-01T00:00+01:00 is before them)."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def parse_date(text: str, now: datetime | None = None) -> DateValue:
@@ -144,13 +156,16 @@ def parse_number(text: str) -> NumberValue:
         raise ValueError(f"not a number: {rest!r}")
     try:
         value = Decimal(rest)
-    except InvalidOperation as exc:
-        raise ValueError(f"not a number: {rest!r}") from exc
-    # Half a unit of the last digit given: 0.25 → ±0.005, 100 → ±0.5, 1e2 → ±50.
-    digits = len(match.group(2) or "")
-    exponent = int(match.group(3) or 0)
-    half = Decimal(5) * Decimal(10) ** (exponent - digits - 1)
-    return NumberValue(prefix, float(value), float(value - half), float(value + half))
+        # Half a unit of the last digit given: 0.25 → ±0.005, 100 → ±0.5, 1e2 → ±50.
+        digits = len(match.group(2) or "")
+        exponent = int(match.group(3) or 0)
+        half = Decimal(5) * Decimal(10) ** (exponent - digits - 1)
+        out = NumberValue(prefix, float(value), float(value - half), float(value + half))
+    except ArithmeticError as exc:           # InvalidOperation, Overflow (1e1000000)...
+        raise ValueError(f"not a number this server can compare: {rest!r}") from exc
+    if not all(math.isfinite(v) for v in (out.value, out.low, out.high)):
+        raise ValueError(f"not a number this server can compare: {rest!r}")
+    return out
 
 
 def split_values(text: str, separator: str = ",") -> list[str]:

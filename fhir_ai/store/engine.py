@@ -41,7 +41,9 @@ def make_engine(url: str) -> Engine:
     sqlite = url.startswith("sqlite")
     # A ping per checkout guards against server connections that died (PostgreSQL restarts, idle
     # timeouts); an SQLite connection is a file handle that cannot die that way, so it skips it.
-    engine = create_engine(url, future=True, pool_pre_ping=not sqlite)
+    # hide_parameters: a failed statement's error (logged with its traceback) names its SQL, never the
+    # values bound to it (an assessment's JSON, search values).
+    engine = create_engine(url, future=True, pool_pre_ping=not sqlite, hide_parameters=True)
     if sqlite:
         database = engine.url.database
         on_disk = bool(database) and database != ":memory:" and not database.startswith("file:")
