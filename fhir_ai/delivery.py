@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -268,9 +269,22 @@ def summary(store: Store, settings: Settings, now: datetime | None = None,
     return body
 
 
+_SERVER_STATUS = re.compile(r"HTTP \d{3}")
+
+
+def shown_error(error: str | None) -> str | None:
+    """An outbox row's error as /write-back shows it: up to the hospital server's status ('... HTTP 422'),
+    not the words that follow (its OperationOutcome may name the patient: the row and the log keep ids)."""
+    if not error:
+        return error
+    status = _SERVER_STATUS.search(error)
+    return error[:status.end()] + " (the server's words are in the outbox row)" if status and \
+        error[status.end():].strip(" :") else error
+
+
 def _entry(row: Any) -> dict[str, Any]:
     next_at, created = _utc(row.next_attempt_at), _utc(row.created_at)
     return {"resource": f"{row.resource_type}/{row.resource_id}", "target": row.target,
-            "status": row.status, "attempts": row.attempts, "lastError": row.last_error,
+            "status": row.status, "attempts": row.attempts, "lastError": shown_error(row.last_error),
             "created": format_datetime(created) if created else None,
             "nextAttempt": format_datetime(next_at) if next_at else None}

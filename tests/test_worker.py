@@ -418,7 +418,8 @@ def test_health_and_write_back_endpoint_show_the_outbox(app, client) -> None:
     store = app.extensions["fhir_ai"].store
     assert client.get("/health").json["writeBack"]["status"] == "ok"
     queue(store, 2)
-    store.record_delivery(store.outbox()[0].id, ok=False, error="HTTP 400: bad", permanent=True)
+    store.record_delivery(store.outbox()[0].id, ok=False, permanent=True,
+                          error="PUT /r4/RiskAssessment/ra-000: refused, HTTP 422: subject Jane Q. Doe unknown")
     health = client.get("/health").json
     assert health["status"] == "degraded"
     assert (health["writeBack"]["pending"], health["writeBack"]["failed"]) == (1, 1)
@@ -426,8 +427,21 @@ def test_health_and_write_back_endpoint_show_the_outbox(app, client) -> None:
     assert listing.status_code == 200
     entries = {e["resource"]: e for e in listing.json["entries"]}
     assert entries["RiskAssessment/ra-000"]["status"] == "failed"
-    assert entries["RiskAssessment/ra-000"]["lastError"] == "HTTP 400: bad"
+    # up to the server's status: its words may name the patient (they stay in the outbox row)
+    assert entries["RiskAssessment/ra-000"]["lastError"] == ("PUT /r4/RiskAssessment/ra-000: refused, HTTP 422 "
+                                                             "(the server's words are in the outbox row)")
+    assert "Jane" in store.outbox(status="failed")[0].last_error
     assert entries["RiskAssessment/ra-001"]["status"] == "pending"
+    # the listing is audited (who looked at the write-backs, when)
+    from fhir_ai.store.trail_tables import AuditEventRow
+    from sqlalchemy import func, select
+    with store.session() as session:
+        before = session.scalar(select(func.count()).select_from(AuditEventRow))
+    assert client.get("/write-back").status_code == 200
+    with store.session() as session:
+        after = session.scalar(select(func.count()).select_from(AuditEventRow))
+        newest = session.scalars(select(AuditEventRow).order_by(AuditEventRow.seq.desc()).limit(1)).one()
+    assert after == before + 1 and '"search-type"' in newest.resource
 
 
 def test_health_says_when_the_job_queue_cannot_be_reached(settings_overrides) -> None:

@@ -63,7 +63,7 @@ def check():  # type: ignore[no-untyped-def]
 
 
 @bp.post("/mappings/$reload")
-@requires("Mapping", "u")
+@requires("Mapping", "u", audit="operation")     # changes how every patient is scored: who did it, when
 def reload():  # type: ignore[no-untyped-def]
     """Load the mappings and models from disk, only if all of them are valid, into every worker.
 
