@@ -78,10 +78,42 @@ def _tail(reference: Any, kind: str) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
 
 
+def _check_shape(bundle: dict[str, Any]) -> None:
+    """The elements a notification is read by have the JSON types FHIR gives them; else 400 naming the first
+    that does not (a number where an entry should be, a list as a parameter's name...)."""
+    def kind(value: Any, expected: type | tuple[type, ...], path: str) -> None:
+        if value is not None and not isinstance(value, expected):
+            raise BadRequest(f"{path} is not a{'n array' if expected is list else ' string' if expected is str else 'n object'}"
+                             " as FHIR has it", expression=path)
+
+    def parameters(items: Any, path: str) -> None:
+        kind(items, list, path)
+        for i, param in enumerate(items or []):
+            kind(param if param is not None else 0, dict, f"{path}[{i}]")
+            kind(param.get("name"), str, f"{path}[{i}].name")
+            parameters(param.get("part"), f"{path}[{i}].part")
+
+    kind(bundle.get("entry"), list, "Bundle.entry")
+    for i, entry in enumerate(bundle.get("entry") or []):
+        where = f"Bundle.entry[{i}]"
+        kind(entry if entry is not None else 0, dict, where)      # an item of an array is never null
+        kind(entry.get("fullUrl"), str, f"{where}.fullUrl")
+        kind(entry.get("request"), dict, f"{where}.request")
+        kind((entry.get("request") or {}).get("url"), str, f"{where}.request.url")
+        resource = entry.get("resource")
+        kind(resource, dict, f"{where}.resource")
+        if resource is not None:
+            kind(resource.get("resourceType"), str, f"{where}.resource.resourceType")
+            kind(resource.get("id"), str, f"{where}.resource.id")
+            if resource.get("resourceType") == "Parameters":
+                parameters(resource.get("parameter"), f"{where}.resource.parameter")
+
+
 def parse_notification(bundle: Any) -> Notification:
     """A `history` Bundle whose first entry is the SubscriptionStatus (a Parameters in the R4 backport)."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "history":
         raise BadRequest("a subscription notification is a Bundle of type history", expression="Bundle.type")
+    _check_shape(bundle)
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     status = (entries[0].get("resource") if entries else None) or {}
     if status.get("resourceType") != "Parameters":

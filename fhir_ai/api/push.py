@@ -83,7 +83,7 @@ def check_bundle(index: int, resource: dict[str, Any], *, lenient_mode: bool) ->
                                                                                          list[str]]:
     """(patient id, that patient's resources, skipped paths); BadRequest names the offending path."""
     where = f"Parameters.parameter[{index}].resource"
-    if resource.get("type") not in BUNDLE_TYPES:
+    if not isinstance(resource.get("type"), str) or resource["type"] not in BUNDLE_TYPES:
         raise BadRequest(f"Bundle.type must be one of {sorted(BUNDLE_TYPES)}", expression=f"{where}.type")
     entries = resource.get("entry")
     if not isinstance(entries, list) or not entries:
