@@ -434,6 +434,11 @@ def test_feedback_is_linked_to_the_card_patient_and_assessment(client: FlaskClie
     assert events[1]["patient"] == record["patient"]["id"]
     assert events[1]["assessment"] == card["links"][0]["url"].rsplit("/", 1)[1]
     assert events[1]["overrideReason"]["code"] == "managed"
+    # reading the cards is an AuditEvent naming the patient they are about
+    pid = record["patient"]["id"]
+    audited = client.get(f"/AuditEvent?patient=Patient/{pid}&subtype=search-type&_count=50").json.get("entry", [])
+    assert any(any(x.get("what", {}).get("reference") == f"Patient/{pid}" for x in e["resource"].get("entity", []))
+               for e in audited), "the card read is not found by AuditEvent?patient="
 
 
 @pytest.mark.parametrize("item, expression", [

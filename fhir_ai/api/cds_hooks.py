@@ -20,11 +20,12 @@ from ..search.params import whole_number_param
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
-from ..auth.guard import refused, set_actor
+from ..auth.guard import note_entities, refused, set_actor
 from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..pipeline import Pipeline
+from ..store.audit import Entity
 from .fhir_io import base_url, fhir_response, request_bytes
 
 log = logging.getLogger(__name__)
@@ -227,4 +228,6 @@ def audit():  # type: ignore[no-untyped-def]
     total, rows = _pipeline().store.card_events(service_id=args.get("service"), patient_id=args.get("patient"),
                                                 card_uuid=args.get("card"), event=event, count=count,
                                                 offset=offset)
+    # The audit event names each patient whose cards were read (AuditEvent?patient= finds it).
+    note_entities([Entity(f"Patient/{p}") for p in dict.fromkeys(r.patient_id for r in rows if r.patient_id)])
     return jsonify({"total": total, "events": [feedback.as_json(r) for r in rows]})
