@@ -572,7 +572,7 @@ def test_a_patient_claimed_by_another_copy_of_the_chunk_is_left_to_it(job_app: F
     visibility timeout): the patient another copy holds is not assessed again here, and once it has an
     outcome a late copy's outcome does not overwrite it."""
     jobs = running_job(job_app, "job-c", WARD[:2])
-    assert jobs.claim("job-c", WARD[0], lease=600) == 1          # the other copy is assessing it
+    assert jobs.claim("job-c", WARD[0], lease=600, holder="other-copy") == 0     # the other copy is on it
     assert tasks.assess_chunk("job-c", WARD[:2]) == 1             # only WARD[1] here
     assert {p for p, _ in assessment_rows(job_app)} == {WARD[1]}
     assert item(job_app, "job-c", WARD[0]).status == "pending" and jobs.status("job-c") == "running"
@@ -582,17 +582,35 @@ def test_a_patient_claimed_by_another_copy_of_the_chunk_is_left_to_it(job_app: F
 
 
 def test_a_patient_whose_assessment_stops_the_worker_is_given_up_after_three_attempts(job_app: Flask) -> None:
-    """Each claim counts; a patient claimed three times and never recorded took its worker down each time
-    (killed for memory, a crash in native code): the fourth claim records it failed instead of assessing it."""
+    """A claim that runs out without an outcome was abandoned (its worker process died: killed for memory, a
+    crash in native code); after three such, the next claim records the patient failed instead of assessing."""
     jobs = running_job(job_app, "job-p", WARD[:2])
-    for attempt in (1, 2, 3):
-        assert jobs.claim("job-p", WARD[0], lease=600) == attempt
-        reopen(job_app, "job-p", WARD[0])                         # the worker died; its claim ran out
+    gone = datetime.now(timezone.utc) - timedelta(seconds=1)
+    for abandoned in (0, 1, 2):
+        assert jobs.claim("job-p", WARD[0], lease=600, holder=f"worker-{abandoned}") == abandoned
+        reopen(job_app, "job-p", WARD[0], claimed_until=gone)     # the worker died; its claim ran out
     assert tasks.assess_chunk("job-p", WARD[:2]) == 1
     poisoned = item(job_app, "job-p", WARD[0])
     assert poisoned.status == "failed" and "worker stopped while assessing this patient, 3 times" in poisoned.error
     assert {p for p, _ in assessment_rows(job_app)} == {WARD[1]}
     assert jobs.status("job-p") == "completed"
+
+
+def test_a_store_failing_mid_assessment_lets_the_claim_go_without_counting_it(job_app: Flask, monkeypatch) -> None:
+    """The database away (a deadlock, a restart): the chunk is tried again, and the patient's claim is let go,
+    not left to count as a worker that died."""
+    from sqlalchemy.exc import OperationalError
+    jobs = running_job(job_app, "job-d", WARD[:1])
+
+    def away(*args, **kwargs):
+        raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+    monkeypatch.setattr(job_app.extensions["fhir_ai"], "assess", away)
+    with pytest.raises(OperationalError):
+        tasks.assess_chunk("job-d", WARD[:1])
+    row = item(job_app, "job-d", WARD[0])
+    assert (row.status, row.claimed_until, row.attempts) == ("pending", None, 0)
+    monkeypatch.undo()
+    assert tasks.assess_chunk("job-d", WARD[:1]) == 1 and jobs.status("job-d") == "completed"
 
 
 def silent(app: Flask, job_id: str, minutes: float = 60) -> None:
@@ -604,12 +622,28 @@ def silent(app: Flask, job_id: str, minutes: float = 60) -> None:
         session.execute(update(JobItemRow).where(JobItemRow.job_id == job_id).values(updated_at=then))
 
 
-def test_a_job_whose_chunks_were_lost_is_resumed(job_app: Flask) -> None:
+@pytest.fixture
+def empty_queue(monkeypatch) -> None:
+    """resume_jobs sees no task waiting in the job queue (the real Redis queue is not asked)."""
+    monkeypatch.setattr(tasks, "_queue_waiting", lambda settings: 0)
+
+
+@pytest.mark.parametrize("backlog", [3, None])
+def test_silent_jobs_are_not_resumed_while_tasks_wait_in_the_queue_or_redis_is_away(job_app: Flask, monkeypatch,
+                                                                                     backlog) -> None:
+    running_job(job_app, "job-w", WARD)
+    silent(job_app, "job-w")
+    monkeypatch.setattr(tasks, "_queue_waiting", lambda settings: backlog)
+    assert tasks.resume_jobs() == []
+    assert JobStore(store_of(job_app)).pending("job-w") == WARD
+
+
+def test_a_job_whose_chunks_were_lost_is_resumed(job_app: Flask, empty_queue: None) -> None:
     """Redis restarted without persistence: the chunks queued are gone, the job 'running' with patients
     pending. After a silence resume_jobs queues them again (a patient claimed by a live worker is left)."""
     jobs = running_job(job_app, "job-l", WARD)
     assert tasks.assess_chunk("job-l", WARD[:1]) == 1             # then the queue lost the rest
-    jobs.claim("job-l", WARD[3], lease=3600)                      # a live worker is on this one
+    jobs.claim("job-l", WARD[3], lease=3600, holder="live")        # a live worker is on this one
     assert tasks.resume_jobs() == []                              # progress just now: nothing lost yet
     silent(job_app, "job-l")
     assert tasks.resume_jobs() == ["job-l"]
@@ -621,7 +655,7 @@ def test_a_job_whose_chunks_were_lost_is_resumed(job_app: Flask) -> None:
     assert jobs.status("job-l") == "completed"
 
 
-def test_a_job_whose_expansion_was_lost_is_expanded_again(job_app: Flask) -> None:
+def test_a_job_whose_expansion_was_lost_is_expanded_again(job_app: Flask, empty_queue: None) -> None:
     jobs = JobStore(store_of(job_app))
     jobs.create("job-e", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc),
                 request={"request": "x", "models": []})       # queued; its expand_job message lost
@@ -630,7 +664,7 @@ def test_a_job_whose_expansion_was_lost_is_expanded_again(job_app: Flask) -> Non
     assert jobs.status("job-e") == "completed" and len(jobs.items("job-e")) == 4
 
 
-def test_a_job_with_every_patient_recorded_but_not_finished_is_finished(job_app: Flask) -> None:
+def test_a_job_with_every_patient_recorded_but_not_finished_is_finished(job_app: Flask, empty_queue: None) -> None:
     jobs = running_job(job_app, "job-f", WARD[:1])
     jobs.record("job-f", WARD[0], "assessed", [])                 # the chunk died before finish_if_done
     silent(job_app, "job-f")
@@ -651,12 +685,20 @@ def test_an_unexpected_error_finding_the_patients_fails_the_job(job_app: Flask, 
     assert failed.error == "internal error (AttributeError) while finding the job's patients"
 
 
-def test_a_ward_tick_read_by_a_worker_whose_clock_is_a_little_behind_is_still_this_slot(job_app: Flask) -> None:
+def test_a_ward_tick_is_the_slot_the_scheduler_sent_it_in_whatever_the_worker_s_clock(job_app: Flask) -> None:
+    """beat sends the 08:15 tick just after 08:15 by its clock, expiring one interval later: the slot comes
+    from that, so a worker whose clock is behind, or that runs the tick late, starts the 08:15 job."""
     settings = load_settings({"wards": "ward-a", "ward_interval": 900})
     runtime.configure(settings, job_app.extensions["fhir_ai"])
-    boundary = datetime(2026, 11, 20, 8, 15, tzinfo=timezone.utc).timestamp()
-    started = tasks.rescore_wards(now=boundary - 0.003)          # the worker 3 ms behind the scheduler
-    assert started == [tasks.ward_job_id("ward-a", int(boundary // 900))]
+    boundary = datetime(2026, 11, 20, 8, 15, tzinfo=timezone.utc)
+    sent = boundary + timedelta(milliseconds=2)
+    tasks.rescore_wards.push_request(expires=(sent + timedelta(seconds=900)).isoformat())
+    try:
+        started = tasks.rescore_wards()
+    finally:
+        tasks.rescore_wards.pop_request()
+    assert started == [tasks.ward_job_id("ward-a", int(boundary.timestamp() // 900))]
+    assert JobStore(store_of(job_app)).get(started[0]).as_of == boundary
 
 
 def test_group_members_are_read_as_fhir_references() -> None:
@@ -675,11 +717,44 @@ def test_group_members_are_read_as_fhir_references() -> None:
     assert group_patients(group) == ["p1"]                         # a folder source: no absolute references
 
 
-def test_the_same_task_redelivered_takes_its_claim_back_at_once(job_app: Flask) -> None:
-    """A pool process killed mid-chunk: Celery gives the task back at once (same task id). Its claim is its own,
-    so the patient is tried again now, not after the lease; another task (a copy) still waits for it."""
+def test_a_claim_is_nobody_else_s_until_it_runs_out_even_for_the_same_task(job_app: Flask) -> None:
+    """A chunk past the visibility timeout is handed to another worker with the same task id while the first
+    may still run: the copy leaves the claimed patient alone; once the claim has run out (the holder died),
+    the patient is assessed and the abandoned claim counted."""
     jobs = running_job(job_app, "job-r", WARD[:1])
-    assert jobs.claim("job-r", WARD[0], lease=600, holder="task-1") == 1
-    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-2").get() == 0     # a copy: left
-    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-1").get() == 1     # its own: taken back
-    assert item(job_app, "job-r", WARD[0]).attempts == 2 and jobs.status("job-r") == "completed"
+    assert jobs.claim("job-r", WARD[0], lease=600, holder="task-1:aaaa") == 0
+    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-1").get() == 0     # left alone
+    assert item(job_app, "job-r", WARD[0]).status == "pending"
+    reopen(job_app, "job-r", WARD[0], claimed_until=datetime.now(timezone.utc) - timedelta(seconds=1))
+    assert tasks.assess_chunk.apply(args=("job-r", WARD[:1]), task_id="task-1").get() == 1
+    assert item(job_app, "job-r", WARD[0]).attempts == 1 and jobs.status("job-r") == "completed"
+
+
+def test_a_patient_held_by_another_claim_is_looked_at_again_when_the_claim_runs_out(job_app: Flask,
+                                                                                      monkeypatch) -> None:
+    """Not left to resume_jobs' long silence: the chunk that found the patient held queues it again for just
+    after the claim runs out."""
+    jobs = running_job(job_app, "job-h", WARD[:2])
+    jobs.claim("job-h", WARD[0], lease=120, holder="a-worker-that-died")
+    queued_again: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(tasks.assess_chunk, "apply_async", lambda args, **options: queued_again.append((args, options)))
+    assert tasks.assess_chunk("job-h", WARD[:2]) == 1
+    assert [args for args, _ in queued_again] == [("job-h", [WARD[0]])]
+    assert 110 <= queued_again[0][1]["countdown"] <= 122
+
+
+def test_the_queue_backlog_is_read_from_redis() -> None:
+    import uuid as uuid_
+
+    import redis
+    settings = load_settings({"job_queue": f"test-backlog-{uuid_.uuid4().hex[:8]}"})
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        assert tasks._queue_waiting(settings) == 0
+        client.rpush(settings.job_queue, b"a", b"b")
+        client.rpush(f"{settings.job_queue}\x06\x163", b"c")          # a priority list of kombu's
+        assert tasks._queue_waiting(settings) == 3
+    finally:
+        client.delete(settings.job_queue, f"{settings.job_queue}\x06\x163")
+        client.close()
+    assert tasks._queue_waiting(load_settings({"broker_url": "redis://127.0.0.1:9/0"})) is None

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..store import Store, actors
@@ -111,25 +111,43 @@ class JobStore:
                             .values(status="running", updated_at=_utcnow()))
             return session.scalar(select(JobRow.status).where(JobRow.id == job_id)) == "running"
 
-    def claim(self, job_id: str, patient_id: str, *, lease: float, holder: str | None = None) -> int | None:
-        """Take a pending patient for ``lease`` seconds before assessing it: its attempt number (1, 2, ...),
-        or None when it is not to be assessed here (done, or another task's claim has not run out). Of two
-        copies of a chunk running at once, one assesses each patient; ``holder`` (the task's id) takes back
-        its own claim at once (the task redelivered because its worker process died while assessing)."""
+    def claim(self, job_id: str, patient_id: str, *, lease: float, holder: str) -> int | None:
+        """Take a pending patient for ``lease`` seconds before assessing it (``holder``: this execution of
+        the task, unique): how many claims on it were abandoned before (their holders stopped before
+        recording an outcome: 0 the first time), or None when it is not to be assessed here (done, or held
+        by a claim that has not run out: another copy of the chunk may be assessing it right now)."""
         now = _utcnow()
         free = (JobItemRow.claimed_until.is_(None)) | (JobItemRow.claimed_until < now)
-        if holder:
-            free = free | (JobItemRow.claimed_by == holder)
+        abandoned = case((JobItemRow.claimed_until.is_(None), 0), else_=1)
         with self.store.session() as session, session.begin():
             result = session.execute(update(JobItemRow)
                                      .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id,
                                             JobItemRow.status == "pending", free)
-                                     .values(attempts=JobItemRow.attempts + 1, updated_at=now, claimed_by=holder,
-                                             claimed_until=now + timedelta(seconds=lease)))
+                                     .values(attempts=JobItemRow.attempts + abandoned, updated_at=now,
+                                             claimed_by=holder[:64], claimed_until=now + timedelta(seconds=lease)))
             if result.rowcount != 1:
                 return None
             return session.scalar(select(JobItemRow.attempts).where(JobItemRow.job_id == job_id,
                                                                      JobItemRow.patient_id == patient_id))
+
+    def release(self, job_id: str, patient_id: str, holder: str) -> None:
+        """Let go of a claim without an outcome, not as an abandoned one (the database was away: the task
+        is tried again); nothing if the claim is no longer ``holder``'s."""
+        with self.store.session() as session, session.begin():
+            session.execute(update(JobItemRow)
+                            .where(JobItemRow.job_id == job_id, JobItemRow.patient_id == patient_id,
+                                   JobItemRow.status == "pending", JobItemRow.claimed_by == holder[:64])
+                            .values(claimed_until=None, claimed_by=None))
+
+    def held(self, job_id: str, patient_ids: list[str]) -> datetime | None:
+        """When the last claim on those of ``patient_ids`` still pending runs out (None: none is held)."""
+        if not patient_ids:
+            return None
+        with self.store.session() as session:
+            until = session.scalar(select(func.max(JobItemRow.claimed_until))
+                                   .where(JobItemRow.job_id == job_id, JobItemRow.patient_id.in_(patient_ids),
+                                          JobItemRow.status == "pending"))
+        return _utc(until)
 
     def record(self, job_id: str, patient_id: str, status: str, assessments: list[Any] | None = None,
                error: str | None = None) -> bool:

@@ -138,7 +138,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start:start + size]
 
 
-MAX_ATTEMPTS = 3     # claims of one patient (a worker process that died while assessing it) before it fails
+MAX_ATTEMPTS = 3     # claims of one patient abandoned (its worker process died while assessing it) before it fails
 
 
 def claim_lease(settings: Any) -> float:
@@ -203,6 +203,8 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
     models = job_models(request)
     failed = patient_status(["failed"] * max(1, len(models)))       # a patient not assessed: by every model
     lease = claim_lease(runtime.settings())
+    holder = f"{self.request.id or 'direct'}:{uuid.uuid4().hex[:12]}"      # this execution, no other
+    held_elsewhere: list[str] = []
     assessed = 0
     # Jobs started before owners were keyed by how the caller authenticated have no "client".
     with _acting_for(request.get("client") or job.requested_by, job.requested_role, owner=job.requested_by):
@@ -210,16 +212,19 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
             if jobs.status(job_id) != "running":
                 log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))
                 return assessed
-            attempt = jobs.claim(job_id, patient_id, lease=lease, holder=self.request.id)
-            if attempt is None:
-                continue      # done before this task was redelivered, or another copy of it is on it
-            if attempt > MAX_ATTEMPTS:
+            abandoned = jobs.claim(job_id, patient_id, lease=lease, holder=holder)
+            if abandoned is None:
+                # Done before this task was redelivered, or held: another copy may be on it, or a worker
+                # that died held it (looked at again below, once its claim has run out).
+                held_elsewhere.append(patient_id)
+                continue
+            if abandoned >= MAX_ATTEMPTS:
                 # Claimed that often and never recorded: each time its worker process died (out of memory,
                 # a crash in native code). Given up, so that it does not take down worker after worker.
                 jobs.record(job_id, patient_id, failed, error=f"not assessed: the worker stopped while assessing "
-                            f"this patient, {attempt - 1} times")
+                            f"this patient, {abandoned} times")
                 log.error("job %s: patient %s given up after %d attempts that stopped the worker", job_id,
-                          patient_id, attempt - 1)
+                          patient_id, abandoned)
                 continue
             try:
                 result = pipeline.assess(patient_id, models=models or None, as_of=job.as_of,
@@ -231,10 +236,12 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
                 log.warning("job %s: patient %s not assessed (%s)", job_id, patient_id, type(exc).__name__)
                 continue
             except DatabaseUnavailable:
+                _let_go(jobs, job_id, patient_id, holder)
                 raise           # the whole chunk is tried again (RETRY): the store is away, not the patient
             except Exception as exc:   # noqa: BLE001 - one patient must not leave the job running forever
                 if isinstance(exc, DBAPIError) and exc.connection_invalidated:
                     # A lost database connection, however it surfaced: the chunk is tried again (RETRY).
+                    _let_go(jobs, job_id, patient_id, holder)
                     raise DatabaseUnavailable(exc.statement, exc.params, exc.orig,
                                               connection_invalidated=True) from exc
                 # A bug or data nobody foresaw: the patient fails, the others go on. Only the kind of
@@ -247,8 +254,24 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
             jobs.record(job_id, patient_id, status, [{"reference": f"RiskAssessment/{r['id']}",
                                                       "status": assessment_status(r)} for r in result.resources])
             assessed += 1
+    until = jobs.held(job_id, held_elsewhere)
+    if until is not None and not self.request.is_eager:      # (run eagerly, a countdown would not wait)
+        # Still pending under another claim: looked at again once it has run out (a copy that is alive has
+        # recorded them by then; a dead worker's patient is assessed then, its abandoned claim counted).
+        wait = max(1.0, (until - datetime.now(timezone.utc)).total_seconds() + 1.0)
+        assess_chunk.apply_async((job_id, [p for p in held_elsewhere if jobs.item_status(job_id, p) == "pending"]),
+                                 countdown=wait)
     jobs.finish_if_done(job_id)
     return assessed
+
+
+def _let_go(jobs: JobStore, job_id: str, patient_id: str, holder: str) -> None:
+    """Release a claim when the store fails mid-assessment (not an abandoned claim); if the store is too far
+    gone for that, the claim runs out and the patient is tried again then."""
+    try:
+        jobs.release(job_id, patient_id, holder)
+    except DBAPIError:
+        log.info("job %s: a claim could not be let go (the store is away); it runs out by itself", job_id)
 
 
 _delivery: dict[int, Any] = {}
@@ -288,15 +311,18 @@ def ward_job_id(ward: str, slot: int) -> str:
     return "ward-" + hashlib.sha256(f"{ward}|{slot}".encode()).hexdigest()[:32]
 
 
-@app.task(name="fhir_ai.rescore_wards", ignore_result=True)
-def rescore_wards(now: float | None = None) -> list[str]:
-    """Start a rescoring job for each configured ward, as of the start of the current slot."""
+@app.task(name="fhir_ai.rescore_wards", bind=True, ignore_result=True)
+def rescore_wards(self: Any, now: float | None = None) -> list[str]:
+    """Start a rescoring job for each configured ward, as of the start of the slot the tick was sent in.
+
+    The slot is read from the scheduler's clock, not this worker's: beat sends each tick just after a slot
+    starts with ``expires`` one interval later (celery_app.schedule), so the tick's send time is its expiry
+    less the interval. A worker whose clock is a little behind would otherwise take the tick for the slot
+    before (whose job exists: the ward would go unscored), and one that ran it late for the slot after."""
     settings = runtime.settings()
     interval = max(1.0, settings.ward_interval)
-    stamp = datetime.now(timezone.utc).timestamp() if now is None else now
-    # A tick is sent just after a slot starts by the scheduler's clock; a worker whose clock is a little
-    # behind must not take it for the slot before (that job exists: the ward would go unscored).
-    slot = int((stamp + min(60.0, interval / 10)) // interval)
+    stamp = now if now is not None else _sent_at(self.request.expires, interval)
+    slot = int(stamp // interval)
     as_of = datetime.fromtimestamp(slot * interval, timezone.utc)
     started = []
     for ward in wards(settings):
@@ -314,11 +340,18 @@ def rescore_wards(now: float | None = None) -> list[str]:
 def resume_jobs() -> list[str]:
     """Jobs whose tasks were lost (the queue emptied by a Redis restart, a task that gave up on a database
     away for long, a worker stopped by the patient it assessed): no progress for ``silence`` seconds while
-    queued or running. Their patients are found again or their unclaimed pending patients queued again
+    queued or running, and nothing waiting in the queue (a job queued behind others is silent, not lost). Their patients are found again or their unclaimed pending patients queued again
     (claims keep a copy from assessing anyone twice); a job with none left is finished."""
     settings = runtime.settings()
     jobs = runtime.jobs()
-    resumed = []
+    resumed: list[str] = []
+    backlog = _queue_waiting(settings)
+    if backlog != 0:
+        # Work still waiting in the queue (a job's chunks may be among it: silent, not lost), or Redis away
+        # (nothing could be queued): looked at again next time.
+        if backlog:
+            log.info("resume_jobs: %d task(s) waiting in the queue; silent jobs are not resumed meanwhile", backlog)
+        return resumed
     for job_id, expanded, waiting in jobs.stalled(datetime.now(timezone.utc) - timedelta(seconds=silence(settings))):
         jobs.touch(job_id)
         if not expanded:
@@ -332,6 +365,32 @@ def resume_jobs() -> list[str]:
                     silence(settings), len(waiting))
         resumed.append(job_id)
     return resumed
+
+
+def _sent_at(expires: Any, interval: float) -> float:
+    """When beat sent a tick whose ``expires`` is one interval after (this worker's clock without one)."""
+    try:
+        when = expires if isinstance(expires, datetime) else datetime.fromisoformat(str(expires)) if expires else None
+    except ValueError:
+        when = None
+    if when is None:
+        return datetime.now(timezone.utc).timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp() - interval
+
+
+def _queue_waiting(settings: Any) -> int | None:
+    """Messages waiting in the job queue (kombu's Redis lists: the queue and its priority lists); None when
+    Redis does not answer."""
+    import redis
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            names = [settings.job_queue, *(f"{settings.job_queue}\x06\x16{step}" for step in (3, 6, 9))]
+            return sum(int(client.llen(name)) for name in names)
+        finally:
+            client.close()
+    except RedisError:
+        return None
 
 
 @app.task(name="fhir_ai.expire_jobs", ignore_result=True)
