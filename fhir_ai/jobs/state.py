@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
-from sqlalchemy import case, delete, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..store import Store, actors
@@ -97,8 +97,12 @@ class JobStore:
                                              .values(total=len(unique), updated_at=now))
                     if result.rowcount != 1:
                         return False
-                    session.add_all([JobItemRow(job_id=job_id, patient_id=p, status="pending", updated_at=now)
-                                     for p in unique])
+                    # Core INSERTs in slices, not an ORM object per patient: a province-wide job of 100,000
+                    # patients stays small in memory (one transaction all the same: the list is all or nothing).
+                    for start in range(0, len(unique), 5000):
+                        session.execute(insert(JobItemRow), [
+                            {"job_id": job_id, "patient_id": p, "status": "pending", "updated_at": now, "attempts": 0}
+                            for p in unique[start:start + 5000]])
             except IntegrityError:
                 return False
         return True
