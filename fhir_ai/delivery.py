@@ -278,8 +278,9 @@ def shown_error(error: str | None) -> str | None:
     if not error:
         return error
     status = _SERVER_STATUS.search(error)
-    return error[:status.end()] + " (the server's words are in the outbox row)" if status and \
-        error[status.end():].strip(" :") else error
+    if status is None or not error[status.end():].strip(" :"):
+        return error
+    return error[:status.end()] + " (the server's words are in the outbox row)"
 
 
 def _entry(row: Any) -> dict[str, Any]:

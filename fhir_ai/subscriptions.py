@@ -78,33 +78,38 @@ def _tail(reference: Any, kind: str) -> str | None:
     return parts[-1] if len(parts) >= 2 and parts[-2] == kind and parts[-1] else None
 
 
+_JSON_KIND = {list: "an array", dict: "an object", str: "a string"}
+
+
+def _kind(value: Any, expected: type, path: str, *, optional: bool = True) -> None:
+    """400 naming ``path`` unless ``value`` is of the JSON type FHIR gives that element (or absent)."""
+    if not (isinstance(value, expected) or (optional and value is None)):
+        raise BadRequest(f"{path} is not {_JSON_KIND[expected]} as FHIR has it", expression=path)
+
+
 def _check_shape(bundle: dict[str, Any]) -> None:
     """The elements a notification is read by have the JSON types FHIR gives them; else 400 naming the first
-    that does not (a number where an entry should be, a list as a parameter's name...)."""
-    def kind(value: Any, expected: type | tuple[type, ...], path: str) -> None:
-        if value is not None and not isinstance(value, expected):
-            raise BadRequest(f"{path} is not a{'n array' if expected is list else ' string' if expected is str else 'n object'}"
-                             " as FHIR has it", expression=path)
-
+    that does not (a number where an entry should be, a list as a parameter's name...). An item of an array
+    is never null."""
     def parameters(items: Any, path: str) -> None:
-        kind(items, list, path)
+        _kind(items, list, path)
         for i, param in enumerate(items or []):
-            kind(param if param is not None else 0, dict, f"{path}[{i}]")
-            kind(param.get("name"), str, f"{path}[{i}].name")
+            _kind(param, dict, f"{path}[{i}]", optional=False)
+            _kind(param.get("name"), str, f"{path}[{i}].name")
             parameters(param.get("part"), f"{path}[{i}].part")
 
-    kind(bundle.get("entry"), list, "Bundle.entry")
+    _kind(bundle.get("entry"), list, "Bundle.entry")
     for i, entry in enumerate(bundle.get("entry") or []):
         where = f"Bundle.entry[{i}]"
-        kind(entry if entry is not None else 0, dict, where)      # an item of an array is never null
-        kind(entry.get("fullUrl"), str, f"{where}.fullUrl")
-        kind(entry.get("request"), dict, f"{where}.request")
-        kind((entry.get("request") or {}).get("url"), str, f"{where}.request.url")
+        _kind(entry, dict, where, optional=False)
+        _kind(entry.get("fullUrl"), str, f"{where}.fullUrl")
+        _kind(entry.get("request"), dict, f"{where}.request")
+        _kind((entry.get("request") or {}).get("url"), str, f"{where}.request.url")
         resource = entry.get("resource")
-        kind(resource, dict, f"{where}.resource")
+        _kind(resource, dict, f"{where}.resource")
         if resource is not None:
-            kind(resource.get("resourceType"), str, f"{where}.resource.resourceType")
-            kind(resource.get("id"), str, f"{where}.resource.id")
+            _kind(resource.get("resourceType"), str, f"{where}.resource.resourceType")
+            _kind(resource.get("id"), str, f"{where}.resource.id")
             if resource.get("resourceType") == "Parameters":
                 parameters(resource.get("parameter"), f"{where}.resource.parameter")
 

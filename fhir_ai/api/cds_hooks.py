@@ -16,7 +16,6 @@ from .. import assessment
 from ..cds import feedback, services
 from ..cds.cards import CardBuilder, CardSet
 from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
-from ..search.params import whole_number_param
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
@@ -25,6 +24,7 @@ from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..pipeline import Pipeline
+from ..search.params import whole_number_param
 from ..store.audit import Entity
 from .fhir_io import base_url, fhir_response, request_bytes
 

@@ -21,7 +21,7 @@ def register(app: Flask) -> None:
             # The message quotes the hospital server's own words (an OperationOutcome may name a patient):
             # the caller gets them, the log only what failed and how.
             log.error("%s (HTTP %d; the hospital server's status %s)", type(exc).__name__, exc.status,
-                      getattr(exc, "upstream_status", None) or "none")
+                      exc.upstream_status or "none")
         elif exc.status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         return fhir_response(exc.to_operation_outcome(), exc.status)

@@ -328,13 +328,12 @@ class FhirClient:
                                     f"with a {bundle.get('resourceType')!r}, not a Bundle",
                                     temporary=False)
             entries = bundle.get("entry") or []
-            if not isinstance(entries, list) or not all(
-                    isinstance(entry, dict) and isinstance(entry.get("search") or {}, dict)
-                    and isinstance(entry.get("resource") or {}, dict) for entry in entries):
-                raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered with a Bundle "
-                                    "whose entries are not objects with a resource and search objects",
-                                    temporary=False)
-            for entry in entries:
+            for entry in entries if isinstance(entries, list) else [None]:
+                if not (isinstance(entry, dict) and isinstance(entry.get("search") or {}, dict)
+                        and isinstance(entry.get("resource") or {}, dict)):
+                    raise UpstreamError(f"search {resource_type}: the hospital FHIR server answered with a Bundle "
+                                        "whose entries are not objects with a resource and search objects",
+                                        temporary=False)
                 # 'outcome' entries are the server's warnings about the search, not matches.
                 if (entry.get("search") or {}).get("mode") == "outcome":
                     log.debug("search %s: server note: %s", resource_type,

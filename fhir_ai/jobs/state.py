@@ -101,7 +101,7 @@ class JobStore:
                     # patients stays small in memory (one transaction all the same: the list is all or nothing).
                     for start in range(0, len(unique), 5000):
                         session.execute(insert(JobItemRow), [
-                            {"job_id": job_id, "patient_id": p, "status": "pending", "updated_at": now, "attempts": 0}
+                            {"job_id": job_id, "patient_id": p, "status": "pending", "updated_at": now}
                             for p in unique[start:start + 5000]])
             except IntegrityError:
                 return False
@@ -143,15 +143,18 @@ class JobStore:
                                    JobItemRow.status == "pending", JobItemRow.claimed_by == holder[:64])
                             .values(claimed_until=None, claimed_by=None))
 
-    def held(self, job_id: str, patient_ids: list[str]) -> datetime | None:
-        """When the last claim on those of ``patient_ids`` still pending runs out (None: none is held)."""
+    def held(self, job_id: str, patient_ids: list[str]) -> tuple[datetime, list[str]]:
+        """Those of ``patient_ids`` still pending, and when the last of their claims runs out (now if none is
+        held any more)."""
+        now = _utcnow()
         if not patient_ids:
-            return None
+            return now, []
         with self.store.session() as session:
-            until = session.scalar(select(func.max(JobItemRow.claimed_until))
+            rows = session.execute(select(JobItemRow.patient_id, JobItemRow.claimed_until)
                                    .where(JobItemRow.job_id == job_id, JobItemRow.patient_id.in_(patient_ids),
-                                          JobItemRow.status == "pending"))
-        return _utc(until)
+                                          JobItemRow.status == "pending")
+                                   .order_by(JobItemRow.patient_id)).all()
+        return max([now, *(_utc(until) for _, until in rows if until is not None)]), [str(p) for p, _ in rows]
 
     def record(self, job_id: str, patient_id: str, status: str, assessments: list[Any] | None = None,
                error: str | None = None) -> bool:

@@ -44,11 +44,11 @@ class JobItemRow(Base):
     assessments: Mapped[str | None] = mapped_column(Text, nullable=True)   # JSON list of RiskAssessment ids
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # A task assessing the patient holds it until claimed_until (the same task redelivered takes its claim
-    # back at once); attempts counts the claims (a patient whose assessment kills its worker process is given
-    # up after MAX_ATTEMPTS).
+    # One execution of a chunk task (claimed_by) holds the patient until claimed_until, nobody else meanwhile;
+    # attempts counts the claims that ran out without an outcome (a patient whose assessment kills its worker
+    # process is given up after MAX_ATTEMPTS of them).
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)    # the claiming task's id
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)    # task id:execution token
 
     __table_args__ = (Index("ix_job_item_job_status", "job_id", "status"),)

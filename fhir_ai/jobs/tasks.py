@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kombu.exceptions import KombuError, OperationalError as KombuOperationalError
+from kombu.exceptions import ChannelError, KombuError, OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError as DatabaseUnavailable
 
@@ -254,13 +254,12 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
             jobs.record(job_id, patient_id, status, [{"reference": f"RiskAssessment/{r['id']}",
                                                       "status": assessment_status(r)} for r in result.resources])
             assessed += 1
-    until = jobs.held(job_id, held_elsewhere)
-    if until is not None and not self.request.is_eager:      # (run eagerly, a countdown would not wait)
+    until, still_held = jobs.held(job_id, held_elsewhere)
+    if still_held and not self.request.is_eager:      # (run eagerly, a countdown would not wait)
         # Still pending under another claim: looked at again once it has run out (a copy that is alive has
         # recorded them by then; a dead worker's patient is assessed then, its abandoned claim counted).
         wait = max(1.0, (until - datetime.now(timezone.utc)).total_seconds() + 1.0)
-        assess_chunk.apply_async((job_id, [p for p in held_elsewhere if jobs.item_status(job_id, p) == "pending"]),
-                                 countdown=wait)
+        assess_chunk.apply_async((job_id, still_held), countdown=wait)
     jobs.finish_if_done(job_id)
     return assessed
 
@@ -339,9 +338,10 @@ def rescore_wards(self: Any, now: float | None = None) -> list[str]:
 @app.task(name="fhir_ai.resume_jobs", ignore_result=True)
 def resume_jobs() -> list[str]:
     """Jobs whose tasks were lost (the queue emptied by a Redis restart, a task that gave up on a database
-    away for long, a worker stopped by the patient it assessed): no progress for ``silence`` seconds while
-    queued or running, and nothing waiting in the queue (a job queued behind others is silent, not lost). Their patients are found again or their unclaimed pending patients queued again
-    (claims keep a copy from assessing anyone twice); a job with none left is finished."""
+    away for long): no progress for ``silence`` seconds while queued or running, and nothing waiting in the
+    queue (a job queued behind others is silent, not lost). Their patients are found again or their
+    unclaimed pending patients queued again (claims keep a copy from assessing anyone twice); a job with
+    none left is finished."""
     settings = runtime.settings()
     jobs = runtime.jobs()
     resumed: list[str] = []
@@ -350,9 +350,11 @@ def resume_jobs() -> list[str]:
         # Work still waiting in the queue (a job's chunks may be among it: silent, not lost), or Redis away
         # (nothing could be queued): looked at again next time.
         if backlog:
-            log.info("resume_jobs: %d task(s) waiting in the queue; silent jobs are not resumed meanwhile", backlog)
+            log.info("resume_jobs: %d task(s) waiting in the queue; silent jobs are not resumed meanwhile",
+                     backlog)
         return resumed
-    for job_id, expanded, waiting in jobs.stalled(datetime.now(timezone.utc) - timedelta(seconds=silence(settings))):
+    silent_since = datetime.now(timezone.utc) - timedelta(seconds=silence(settings))
+    for job_id, expanded, waiting in jobs.stalled(silent_since):
         jobs.touch(job_id)
         if not expanded:
             expand_job.apply_async((job_id,))
@@ -368,9 +370,10 @@ def resume_jobs() -> list[str]:
 
 
 def _sent_at(expires: Any, interval: float) -> float:
-    """When beat sent a tick whose ``expires`` is one interval after (this worker's clock without one)."""
+    """When beat sent a tick whose ``expires`` (an ISO 8601 text in the message) is one interval after;
+    this worker's clock for a tick without one (run by hand)."""
     try:
-        when = expires if isinstance(expires, datetime) else datetime.fromisoformat(str(expires)) if expires else None
+        when = datetime.fromisoformat(str(expires)) if expires else None
     except ValueError:
         when = None
     if when is None:
@@ -379,17 +382,14 @@ def _sent_at(expires: Any, interval: float) -> float:
 
 
 def _queue_waiting(settings: Any) -> int | None:
-    """Messages waiting in the job queue (kombu's Redis lists: the queue and its priority lists); None when
-    Redis does not answer."""
-    import redis
+    """Messages waiting in the job queue, as the broker counts them (kombu sums Redis' priority lists);
+    None when the broker does not answer."""
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
-        try:
-            names = [settings.job_queue, *(f"{settings.job_queue}\x06\x16{step}" for step in (3, 6, 9))]
-            return sum(int(client.llen(name)) for name in names)
-        finally:
-            client.close()
-    except RedisError:
+        with app.connection_for_read(settings.broker_url) as connection:
+            return connection.default_channel.queue_declare(queue=settings.job_queue, passive=True).message_count
+    except ChannelError:
+        return 0                                # no such queue: kombu drops an emptied Redis list
+    except (KombuError, RedisError, OSError):
         return None
 
 

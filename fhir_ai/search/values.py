@@ -7,11 +7,10 @@ whole range of values that round to it (``2026-11`` is all of November, ``0.25``
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Callable
 
 UTC = timezone.utc

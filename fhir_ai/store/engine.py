@@ -60,8 +60,9 @@ def make_engine(url: str) -> Engine:
                 CHECKPOINTER.ensure_running()
             cursor.close()
         if on_disk:
-            CHECKPOINTER.watch(engine, os.path.abspath(database))
-            writer_lock.watch(engine, os.path.abspath(database))
+            path = os.path.abspath(database)
+            CHECKPOINTER.watch(engine, path)
+            writer_lock.watch(engine, path)
     _ENGINES.add(engine)
     return engine
 
