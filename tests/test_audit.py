@@ -4,12 +4,17 @@ from __future__ import annotations
 import base64
 import csv
 import json
+from datetime import datetime, timezone
 
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
+from fhir.resources.R4B.reference import Reference
 from sqlalchemy import text
 
 from fhir_ai.cli import main
+from fhir_ai.store.actors import Actor
+from fhir_ai.store.audit import Access, build_event
+from fhir_ai.store.provenance import CLIENT_SYSTEM, client_reference
 from fhir_ai.store.verify import verify
 
 try:
@@ -187,3 +192,18 @@ def test_export_ndjson_and_csv(app, client, runner, tmp_path):
     assert later.exit_code == 0 and (tmp_path / "later" / "AuditEvent.ndjson").read_text() == ""
     bad = runner.invoke(main, ["audit", "export", "--out", str(tmp_path / "x"), "--since", "last week"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize("issuer, identifier", [
+    (None, {"system": CLIENT_SYSTEM, "value": "ehr-1"}),
+    ("https://idp.hospital.test", {"system": "https://idp.hospital.test", "value": "ehr-1"}),
+    ("urn:oid:1.2.410.200", {"system": "urn:oid:1.2.410.200", "value": "ehr-1"}),
+    # not a URI: it cannot be the identifier's system, so it is named as the assigner
+    ("hospital idp", {"system": CLIENT_SYSTEM, "value": "ehr-1", "assigner": {"display": "hospital idp"}}),
+])
+def test_a_client_reference_names_the_issuer_its_client_id_belongs_to(issuer, identifier) -> None:
+    reference = client_reference(Actor("ehr-1", "ehr", None, "client", issuer))
+    assert reference["identifier"] == identifier
+    Reference.model_validate(reference)            # a valid FHIR Reference either way
+    event = build_event(Access("R", "read"), Actor("ehr-1", "ehr", None, "client", issuer), datetime.now(timezone.utc))
+    assert event["agent"][0]["who"] == reference

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from fhir_ai.app import create_app
 from fhir_ai.jobs import JobStore, runtime
 from fhir_ai.jobs.tables import JobRow
+from fhir_ai.store.provenance import CLIENT_SYSTEM
 from fhir_ai.store.trail_tables import AuditEventRow
 
 # The batch-job fixtures (demo hospital folder with wards, tasks run eagerly) and helpers of test_jobs.
@@ -267,6 +268,44 @@ def test_a_job_is_its_owners_by_how_it_authenticated_not_by_a_client_id_alone(jw
     with store_of(jwt_jobs).session() as session:
         assert {"ehr-client"} <= set(session.scalars(select(AuditEventRow.agent)))
         assert not {a for a in session.scalars(select(AuditEventRow.agent)) if a.startswith(("jwt", "static:"))}
+
+
+def test_the_audit_trail_names_a_jwt_clients_issuer_as_well_as_its_client_id(jwt_jobs: Flask) -> None:
+    """The same client id at two trusted issuers is two callers in the AuditEvents and Provenance of what
+    their jobs store and of their own requests: the issuer is the client identifier's system, so an auditor
+    finds one of them by ``agent:identifier=<issuer>|<client id>`` and both by ``agent=<client id>``."""
+    client = jwt_jobs.test_client()
+    here, elsewhere = _jwt("ehr-client"), _jwt("ehr-client", OTHER_ISSUER)
+    for headers in (here, elsewhere):
+        _kick_off_as(client, headers)
+        assert client.get("/RiskAssessment?patient=demo-003", headers=headers).status_code == 200
+    auditor = bearer(ROLE_TOKENS["auditor"])
+
+    def events(query: str) -> list[dict[str, Any]]:
+        response = client.get(f"/AuditEvent?{query}&_count=200", headers=auditor)
+        assert response.status_code == 200, response.get_json()
+        return [entry["resource"] for entry in response.get_json().get("entry", [])]
+
+    # The first job stores the ward's assessments; the second finds them stored (repeats, audited as reads).
+    for issuer, stored in ((ISSUER, ("C", "create")), (OTHER_ISSUER, ("R", "read"))):
+        mine = events(f"agent:identifier={issuer}|ehr-client")
+        assert {(e["action"], e["subtype"][0]["code"]) for e in mine} >= {stored, ("E", "search-type")}
+        assert {json.dumps(e["agent"][0]["who"], sort_keys=True) for e in mine} == {json.dumps(
+            {"identifier": {"system": issuer, "value": "ehr-client"},
+             "display": f"ehr-client (issuer {issuer})"}, sort_keys=True)}
+        created = [e for e in mine if e["action"] == "C"]
+        provenance_ids = {entity["what"]["reference"].split("/_history")[0] for e in created
+                          for entity in e.get("entity", []) if entity["what"]["reference"].startswith("Provenance/")}
+        assert bool(provenance_ids) == (issuer == ISSUER)
+        for reference in provenance_ids:
+            provenance = client.get(f"/{reference}", headers=auditor).get_json()
+            (enterer,) = [a for a in provenance["agent"] if a["type"]["coding"][0]["code"] == "enterer"]
+            assert enterer["who"]["identifier"] == {"system": issuer, "value": "ehr-client"}
+    both = events("agent=ehr-client")
+    assert {e["agent"][0]["who"]["identifier"]["system"] for e in both} == {ISSUER, OTHER_ISSUER}
+    # A static token's client stays in fhir_ai's own namespace, with no issuer.
+    static = events("agent=auditor-client&subtype=search-type")
+    assert static and {e["agent"][0]["who"]["identifier"]["system"] for e in static} == {CLIENT_SYSTEM}
 
 
 def test_a_jwt_client_calling_itself_fhir_ai_is_audited_as_a_client_not_as_fhir_ai(jwt_jobs: Flask) -> None:

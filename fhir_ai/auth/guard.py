@@ -87,7 +87,7 @@ def _authenticate() -> Response | None:
         who = verifier.verify(token.strip())
     except Unauthorized as exc:
         return _deny(exc, anonymous)
-    actor = Actor(who.client_id, who.role, request.remote_addr, "client")
+    actor = Actor(who.client_id, who.role, request.remote_addr, "client", who.issuer)
     g.fhir_ai_principal = who
     g.fhir_ai_actor = actor
     g.fhir_ai_actor_token = actors.set_current(actor)

@@ -55,7 +55,8 @@ def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: d
     actor = actor or actors.current()
     job_id = job_id or new_job_id()
     created = jobs.create(job_id, kind=kind, scope=scope, as_of=as_of,
-                          request={**request, "client": actor.client_id},
+                          request={**request, "client": actor.client_id,
+                                   **({"issuer": actor.issuer} if actor.issuer else {})},
                           requested_by=owner or actor.client_id, requested_role=actor.role)
     if not created:
         return job_id, False
@@ -120,12 +121,13 @@ def outcomes(status: str) -> list[str]:
 
 
 @contextmanager
-def _acting_for(client_id: str, role: str, *, owner: str) -> Iterator[None]:
-    """Store under the name of whoever asked for the job (its client id), so the audit trail says who.
-    fhir_ai itself only when the job is its own (``owner``, the job's requested_by, is its bare name): a
-    client's owner key says how it authenticated, so a JWT client that calls itself 'fhir-ai' stays a client."""
+def _acting_for(client_id: str, role: str, *, owner: str, issuer: str | None = None) -> Iterator[None]:
+    """Store under the name of whoever asked for the job (its client id and, for a JWT client, its issuer),
+    so the audit trail says who. fhir_ai itself only when the job is its own (``owner``, the job's
+    requested_by, is its bare name): a client's owner key says how it authenticated, so a JWT client that
+    calls itself 'fhir-ai' stays a client."""
     kind = "local" if owner == actors.LOCAL.client_id else "client"
-    token = actors.set_current(Actor(client_id, role, None, kind))
+    token = actors.set_current(Actor(client_id, role, None, kind, issuer if kind == "client" else None))
     try:
         yield
     finally:
@@ -207,7 +209,9 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
     held_elsewhere: list[str] = []
     assessed = 0
     # Jobs started before owners were keyed by how the caller authenticated have no "client".
-    with _acting_for(request.get("client") or job.requested_by, job.requested_role, owner=job.requested_by):
+    issuer = request.get("issuer")
+    with _acting_for(request.get("client") or job.requested_by, job.requested_role, owner=job.requested_by,
+                     issuer=issuer if isinstance(issuer, str) else None):
         for patient_id in patient_ids:
             if jobs.status(job_id) != "running":
                 log.info("job %s: %s; chunk stopped", job_id, jobs.status(job_id))

@@ -12,6 +12,7 @@ class Actor:
     role: str
     address: str | None = None
     kind: str = "client"          # client (bearer token) | local (this process) | anonymous
+    issuer: str | None = None     # a JWT client's issuer (``iss``): its client id is unique only there
 
     @property
     def is_user(self) -> bool:

@@ -20,7 +20,7 @@ from .. import codes
 from ..fhir import times
 from . import indexing, rawsql, writer_lock
 from .actors import Actor
-from .provenance import CLIENT_SYSTEM, ROLE_SYSTEM
+from .provenance import ROLE_SYSTEM, client_reference
 from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
 
 GENESIS = "0" * 64
@@ -95,7 +95,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
         subtype.append({"system": OPERATION, "code": access.operation})
     agent: dict[str, Any] = {
         "type": {"text": actor.kind},
-        "who": {"identifier": {"system": CLIENT_SYSTEM, "value": actor.client_id}, "display": actor.client_id},
+        "who": client_reference(actor),
         "role": [{"coding": [{"system": ROLE_SYSTEM, "code": actor.role}]}],
         "requestor": True,
     }

@@ -6,6 +6,7 @@ https://build.fhir.org/ig/HL7/aitransparency-ig/
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -24,8 +25,22 @@ def provenance_id(assessment_id: str, version: int) -> str:
     return f"prov-{assessment_id}-{version}"
 
 
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+
+
 def client_reference(actor: Actor) -> dict[str, Any]:
-    return {"identifier": {"system": CLIENT_SYSTEM, "value": actor.client_id}, "display": actor.client_id}
+    """The caller as a Reference by identifier. A JWT client's id is unique only at the token's issuer:
+    the issuer is the identifier's system when it is an absolute URI (``agent:identifier=<iss>|<client>``
+    then finds one client), else it is named as the assigner. Static-token clients and fhir_ai itself
+    are in this server's own namespace (``CLIENT_SYSTEM``)."""
+    issuer = actor.issuer
+    if not issuer:
+        return {"identifier": {"system": CLIENT_SYSTEM, "value": actor.client_id}, "display": actor.client_id}
+    if _URI.fullmatch(issuer):
+        identifier: dict[str, Any] = {"system": issuer, "value": actor.client_id}
+    else:
+        identifier = {"system": CLIENT_SYSTEM, "value": actor.client_id, "assigner": {"display": issuer}}
+    return {"identifier": identifier, "display": f"{actor.client_id} (issuer {issuer})"}
 
 
 def _device(model_id: str, model_version: str) -> dict[str, Any]:
