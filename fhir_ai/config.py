@@ -136,6 +136,21 @@ class Settings:
         return not self.source_url.startswith(("http://", "https://"))
 
     @property
+    def cds_fhir_server_list(self) -> list[str] | None:
+        """The base URLs a CDS hook's ``fhirServer`` may be (or lie below), ``None`` for any (``*``).
+        Unset: only the hospital server fhir_ai reads (``source_url``), none when that is a folder; an EHR's
+        hook never makes fhir_ai call (and send its access token to) a host nobody configured."""
+        listed = [p.strip() for p in self.cds_fhir_servers.split(",") if p.strip()]
+        if "*" in listed:
+            if len(listed) > 1:
+                raise ConfigurationError(f"{ENV_PREFIX}CDS_FHIR_SERVERS: '*' (any server) cannot be combined with "
+                                         "a list", expression="cds_fhir_servers")
+            return None
+        if listed:
+            return listed
+        return [] if self.source_is_folder else [self.source_url]
+
+    @property
     def source_batch_mode(self) -> bool | None:
         """``source_batch`` as ServerSource takes it: True, False, or None for auto."""
         value = str(self.source_batch).strip().lower()
@@ -180,4 +195,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         values[name] = _coerce(name, raw) if isinstance(raw, str) else raw
     settings = Settings(**values)
     settings.source_batch_mode           # refuses a value that is not auto, true or false, at start-up
+    settings.cds_fhir_server_list        # refuses '*' in a list, at start-up
     return settings

@@ -12,7 +12,8 @@ from flask.testing import FlaskClient
 from fhir_ai.cds import prefetch
 from fhir_ai.cds.prefetch import ServerMemory
 
-from test_cds_hooks import FHIR, TOKEN, call, full_prefetch, hook_request, record, searchset, the_card  # noqa: F401
+from test_cds_hooks import (FHIR, TOKEN, call, ehr_server_allowed, full_prefetch, hook_request,  # noqa: F401
+                            record, searchset, the_card)
 
 BUDGET = 5.0
 
@@ -230,12 +231,13 @@ def test_the_fhir_server_allow_list_compares_origin_and_path_segments(server, al
     assert server_allowed(server, "https://ehr.example.org/fhir") is allowed
 
 
-@pytest.mark.parametrize("server", ["https://ehr.example.org.attacker.test/fhir",
-                                    "https://ehr.example.org@attacker.test/fhir"])
+@pytest.mark.parametrize("server, status", [("https://ehr.example.org.attacker.test/fhir", 412),
+                                            ("https://ehr.example.org@attacker.test/fhir", 400)])
 def test_a_fhir_server_that_only_looks_allowed_is_refused_and_never_called(settings_overrides, record,  # noqa: F811
-                                                                           server) -> None:
+                                                                           server, status) -> None:
     """FHIR_AI_CDS_FHIR_SERVERS=https://ehr.example.org: a fhirServer whose text merely starts with it is
-    another host; it is not sent the EHR's access token (nor anything else)."""
+    another host (412: not one this service may call), one with user information no plain base URL (400);
+    neither is sent the EHR's access token (nor anything else)."""
     from fhir_ai.app import create_app
     settings_overrides["cds_fhir_servers"] = "https://ehr.example.org"
     app = create_app(settings_overrides)
@@ -245,7 +247,50 @@ def test_a_fhir_server_that_only_looks_allowed_is_refused_and_never_called(setti
         with responses.RequestsMock() as rsps:                  # any request sent would fail the test
             response = call(app.test_client(), body)
             assert not rsps.calls
-        assert response.status_code == 412
+        assert response.status_code == status
         assert response.get_json()["issue"][0]["expression"] == ["fhirServer"]
     finally:
         app.extensions["fhir_ai"].close()
+
+
+@pytest.mark.parametrize("setting, source, allowed", [
+    (None, None, False),                       # unset, the source a folder (the demo): no server at all
+    (None, FHIR, True),                        # unset: the hospital server fhir_ai reads from ...
+    (None, "https://other.example.org/fhir", False),   # ... and no other
+    ("*", None, True),                         # any (closed networks)
+    ("https://other.example.org/fhir", FHIR, False),   # a list replaces the default
+])
+def test_which_fhir_servers_a_hook_may_make_fhir_ai_call(settings_overrides, record, setting,  # noqa: F811
+                                                         source, allowed) -> None:
+    """Least privilege: unless FHIR_AI_CDS_FHIR_SERVERS says otherwise, a hook's fhirServer must be the
+    hospital server fhir_ai is configured to read (FHIR_AI_SOURCE_URL); an EHR cannot make it call, and send
+    the access token to, a host nobody configured."""
+    from fhir_ai.app import create_app
+    if setting is None:
+        settings_overrides.pop("cds_fhir_servers", None)
+    else:
+        settings_overrides["cds_fhir_servers"] = setting
+    if source is not None:
+        settings_overrides["source_url"] = source
+    app = create_app(settings_overrides)
+    try:
+        body = hook_request(record, prefetch=without(record, "patient"))
+        with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+            rsps.get(f"{FHIR}/Patient/{record['patient']['id']}", json=record["patient"])
+            response = call(app.test_client(), body)
+            assert len(rsps.calls) == (1 if allowed else 0)
+        if allowed:
+            assert response.status_code == 200, response.get_json()
+        else:
+            assert response.status_code == 412
+            outcome = response.get_json()["issue"][0]
+            assert outcome["expression"] == ["fhirServer"] and "cds_fhir_servers" in outcome["diagnostics"]
+    finally:
+        app.extensions["fhir_ai"].close()
+
+
+def test_any_server_cannot_be_combined_with_a_list() -> None:
+    from fhir_ai.config import load_settings
+    from fhir_ai.errors import ConfigurationError
+    with pytest.raises(ConfigurationError, match="CDS_FHIR_SERVERS"):
+        load_settings({"cds_fhir_servers": "*, https://ehr.example.org/fhir"}, environ={})

@@ -33,6 +33,12 @@ FHIR = "https://ehr.example.org/fhir"
 TOKEN = "some-opaque-fhir-access-token"
 
 
+@pytest.fixture(autouse=True)
+def ehr_server_allowed(settings_overrides: dict[str, Any]) -> None:
+    """The EHR's fhirServer of these tests (FHIR) is one fhir_ai may call (unset, only its source's is)."""
+    settings_overrides.setdefault("cds_fhir_servers", FHIR)
+
+
 def spec(name: str) -> Any:
     # The examples were cut from the spec's Jekyll source: drop its {% raw %} escaping of "{{".
     return json.loads(re.sub(r"{%\s*(end)?raw\s*%}", "", (SPEC / name).read_text()))

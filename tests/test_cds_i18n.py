@@ -15,7 +15,8 @@ from fhir_ai.cds.i18n import Translator, what
 from fhir_ai.mapping import Mapping
 
 import factories as f
-from test_cds_hooks import FHIR, call, ed_record, full_prefetch, hook_request, searchset, the_card
+from test_cds_hooks import (FHIR, call, ed_record, ehr_server_allowed, full_prefetch, hook_request,  # noqa: F401
+                            searchset, the_card)
 
 KO = {"extension": {"fhir-ai.language": "ko"}}
 # What may stay in Latin letters: abbreviations clinicians use as they are, references, URLs, units and

@@ -158,9 +158,8 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
                          (body.get("extension") or {}).get(LANGUAGE_EXTENSION) if isinstance(body.get("extension"), dict)
                          else None, settings.cds_language)
     as_of = assessment.now()
-    allowed = [p.strip() for p in settings.cds_fhir_servers.split(",") if p.strip()]
     gathered = Gatherer(service, mapping, body, as_of=as_of, timeout=settings.cds_fetch_timeout,
-                        allowed_servers=allowed).gather()
+                        allowed_servers=settings.cds_fhir_server_list).gather()
     patient_id = body["context"]["patientId"]
     builder = CardBuilder(model_id=model.model_id, model_version=model.version, mapping=mapping,
                           language=language, base_url=_public_base(), notes=gathered.notes, issues=[],

@@ -57,7 +57,7 @@ class Gatherer:
     """Resolves one hook request's prefetch against the service's templates."""
 
     def __init__(self, service: Service, mapping: Mapping, hook_request: dict[str, Any], *,
-                 as_of: datetime, timeout: float, allowed_servers: list[str],
+                 as_of: datetime, timeout: float, allowed_servers: list[str] | None,
                  client_factory: ClientFactory | None = None) -> None:
         self.service = service
         self.mapping = mapping
@@ -206,7 +206,11 @@ class Gatherer:
         if not server:
             raise PreconditionFailed(f"prefetch {key} was not provided (or failed) and the request has no "
                                      "fhirServer to fetch it from", expression=f"prefetch.{key}")
-        if self.allowed_servers and not any(server_allowed(server, p) for p in self.allowed_servers):
+        if _origin_and_path(server) is None:
+            raise BadRequest("fhirServer is not a plain http(s) FHIR base URL (no user information, query or "
+                             f"fragment): {server!r}", expression="fhirServer")
+        # None: any server (cds_fhir_servers '*'); an empty list: none (no server configured).
+        if self.allowed_servers is not None and not any(server_allowed(server, p) for p in self.allowed_servers):
             raise PreconditionFailed(f"prefetch {key} is missing and fhirServer {server} is not one this service "
                                      "may call (cds_fhir_servers)", expression="fhirServer")
         auth = self.request.get("fhirAuthorization") or {}
