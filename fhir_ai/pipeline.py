@@ -136,6 +136,14 @@ class Pipeline:
             result.issues.extend(issues)
             for resource in resources:
                 saved = next(saved_all)
+                if not saved.created and saved.resource.get("status") == "entered-in-error":
+                    # A repeat of a withdrawn assessment: the same data give the same answer, which a
+                    # clinician marked wrong. It is returned as it stands (status entered-in-error), never
+                    # as a current risk; new data make a new assessment.
+                    result.issues.append(warning(
+                        "business-rule", f"{resource['method']['coding'][0]['code']}: RiskAssessment/"
+                        f"{saved.resource['id']} for these same data was withdrawn as entered in error; it is "
+                        "returned as it stands and is no current risk (new data make a new assessment)"))
                 result.resources.append(saved.resource)
                 result.created.append(saved.created)
                 result.texts.append(saved.text)

@@ -216,6 +216,27 @@ def test_full_prefetch_assesses_without_calling_the_ehr(client: FlaskClient, rec
     assert stored.status_code == 200 and stored.json["subject"]["reference"] == f"Patient/{record['patient']['id']}"
 
 
+def test_a_withdrawn_assessment_is_never_shown_as_a_risk(client: FlaskClient, record: dict[str, Any]) -> None:
+    """A clinician withdrew the assessment (entered in error); the same data come again: the card says it
+    was withdrawn and why, and shows no probability or reasons from it (NEWS2, not withdrawn, still counts)."""
+    body = hook_request(record, prefetch=full_prefetch(record))
+    first = the_card(call(client, body))
+    path = first["links"][0]["url"].replace("http://localhost", "")
+    withdrawn = client.post(f"{path}/$withdraw", json={"resourceType": "Parameters", "parameter": [
+        {"name": "reason", "valueString": "charted on the wrong patient"}]})
+    assert withdrawn.status_code == 200, withdrawn.json
+    card = the_card(call(client, {**body, "hookInstance": str(uuid.uuid4())}))
+    assert card["links"][0]["url"] == first["links"][0]["url"]           # the same assessment, as it stands
+    assert card["summary"] == "Deterioration: not assessed (the assessment of these data was withdrawn as " \
+                              "entered in error)"
+    detail = card["detail"]
+    assert "Entered in error: charted on the wrong patient" in detail
+    assert not re.search(r"\d+%", detail) and "**Top contributing inputs**" not in detail
+    assert "**NEWS2**" in detail and card["indicator"] == "critical"   # the septic course's NEWS2 stands
+    korean = the_card(call(client, {**body, "hookInstance": str(uuid.uuid4())}, **{"Accept-Language": "ko"}))
+    assert "입력 오류로 철회됨" in korean["summary"] and "withdrawn" not in korean["detail"]
+
+
 def test_partial_prefetch_fetches_only_what_is_missing(client: FlaskClient, record: dict[str, Any]) -> None:
     prefetch = full_prefetch(record)
     del prefetch["observations"]

@@ -87,9 +87,32 @@ def test_withdrawal_is_a_new_version_and_history_keeps_the_old_one(client):
     # Still found by search (an auditor must see it), with its status.
     found = client.get(f"/RiskAssessment?_id={ra['id']}").json["entry"][0]["resource"]
     assert found["status"] == "entered-in-error"
-    # Withdrawing again changes nothing.
+    # Withdrawing again changes nothing, but is on record.
     again = withdraw(client, ra["id"])
     assert again.status_code == 200 and again.json["meta"]["versionId"] == "2"
+    events = client.get(f"/AuditEvent?entity=RiskAssessment/{ra['id']}/_history/2&subtype=withdraw").json["entry"]
+    repeat = [e["resource"] for e in events if e["resource"]["action"] == "R"]
+    assert len(repeat) == 1 and repeat[0]["outcomeDesc"].startswith("repeated withdrawal")
+    assert {"reference": "Patient/demo-004"} in [e["what"] for e in repeat[0]["entity"]]
+
+
+def test_assessing_the_same_data_again_after_a_withdrawal_says_so(client):
+    """The same data give the same assessment, which was withdrawn: $assess returns it as it stands
+    (entered-in-error) with a warning, never as a current risk, and stores nothing new."""
+    ra = assess(client, "demo-006")
+    assert withdraw(client, ra["id"]).status_code == 200
+    body = {"resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": AS_OF}]}
+    again = client.post("/Patient/demo-006/$assess", json=body, content_type=FHIR).json
+    resources = [e["resource"] for e in again["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+    assert resources[0]["id"] == ra["id"] and resources[0]["status"] == "entered-in-error"
+    outcome = next(e["resource"] for e in again["entry"] if e["resource"]["resourceType"] == "OperationOutcome")
+    withdrawn = [i for i in outcome["issue"] if i["code"] == "business-rule"]
+    assert len(withdrawn) == 1 and withdrawn[0]["severity"] == "warning"
+    assert f"RiskAssessment/{ra['id']}" in withdrawn[0]["diagnostics"]
+    assert "withdrawn as entered in error" in withdrawn[0]["diagnostics"]
+    # the NEWS2 companion was not withdrawn: no warning for it
+    assert resources[1]["status"] in ("final", "preliminary", "cancelled")
+    assert client.get(f"/RiskAssessment/{ra['id']}/_history").json["total"] == 2
 
 
 def test_withdrawal_errors(client):

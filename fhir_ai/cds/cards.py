@@ -77,7 +77,17 @@ class CardBuilder:
         companion_short, companion_line, companion_indicator = self._companion(companions)
         lines: list[str] = []
         predictions = resource.get("prediction") or []
-        if resource.get("status") == "cancelled" or not predictions:
+        if resource.get("status") == "entered-in-error":
+            # Withdrawn by a clinician: no risk from it is shown (its probability and reasons are left out).
+            reason = self.t("reason.withdrawn")
+            summary = self.t("summary.not_assessed", title=self.title, reason=reason)
+            indicator = "warning"
+            lines.append(self.t("detail.not_assessed", reason=reason))
+            withdrawn = [n.get("text", "") for n in resource.get("note") or []
+                         if n.get("text", "").startswith("Entered in error")]
+            lines += withdrawn[-1:]
+            predictions = []
+        elif resource.get("status") == "cancelled" or not predictions:
             said = not_assessed_reason(resource)
             reason = self.t("reason.not_applicable" if is_not_applicable(said) else "reason.insufficient")
             summary = self.t("summary.not_assessed", title=self.title, reason=reason)
@@ -200,6 +210,8 @@ class CardBuilder:
         score = next((e.get("valueInteger") for e in prediction.get("extension") or []
                       if e.get("url") == codes.SCORE_EXTENSION), None)
         band = ((prediction.get("qualitativeRisk") or {}).get("coding") or [{}])[0].get("code")
+        if resource.get("status") == "entered-in-error":      # withdrawn: not shown as a score
+            return "", self.t("detail.news2", text=self.t("reason.withdrawn")), None
         if resource.get("status") == "cancelled" or score is None:
             return "", self.t("detail.news2", text=self.t("detail.news2_none")), None
         if resource.get("status") == "preliminary":

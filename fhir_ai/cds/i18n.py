@@ -26,6 +26,8 @@ TEXT: dict[str, dict[str, str]] = {
     "reason.insufficient": {"en": "insufficient data", "ko": "자료 부족"},
     "reason.not_applicable": {"en": "not applicable to this encounter", "ko": "이 내원에는 해당 없음"},
     "reason.not_ed": {"en": "not an emergency department encounter", "ko": "응급실 내원이 아님"},
+    "reason.withdrawn": {"en": "the assessment of these data was withdrawn as entered in error",
+                         "ko": "이 데이터에 대한 평가는 입력 오류로 철회됨"},
     "outcome.419099009": {"en": "in-hospital death", "ko": "원내 사망"},
     "ktas.1": {"en": "Resuscitation", "ko": "소생"},
     "ktas.2": {"en": "Emergent", "ko": "긴급"},
@@ -124,6 +126,10 @@ _KO_SENTENCES = [(re.compile(pattern), korean) for pattern, korean in [
     (r"Nurse assigned KTAS (\w+); probability that the right level is less urgent: ([\d.]+)",
      r"간호사 분류 KTAS \1; 실제 단계가 덜 긴급할 확률 \2"),
     (r" \(at or above ([\d.]+): please re-check this patient\)", r" (기준 \1 이상: 환자를 다시 평가하십시오)"),
+    (r"RiskAssessment/(\S+) for these same data was withdrawn as entered in error; it is returned as it stands "
+     r"and is no current risk \(new data make a new assessment\)",
+     r"같은 데이터에 대한 RiskAssessment/\1은(는) 입력 오류로 철회됨; 그대로 반환하며 현재 위험도가 아님 "
+     r"(새 데이터가 있으면 새로 평가함)"),
     (r"^write-back skipped: the configured source is a read-only folder$",
      "병원 서버에 기록하지 않음: 설정된 자료 출처가 읽기 전용 폴더임"),
 ]]

@@ -219,6 +219,10 @@ class TrailMixin:
                                       f"not {expected_version}", expression="If-Match")
             current = orjson.loads(row.resource)
             if row.status == "entered-in-error":
+                # Withdrawn already: nothing changes, but the request is on record (as a repeated $assess is).
+                chain.append(Access("R", "read", operation="withdraw",
+                                    description="repeated withdrawal: the assessment was already entered in error",
+                                    entities=_entities(current, patient=patient_of(current))), actor, now)
                 chain.close()
                 return Saved(current, False)
             version = row.version_id + 1
