@@ -3,7 +3,9 @@ entered-in-error, Provenance."""
 from __future__ import annotations
 
 import base64
+import re
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
@@ -113,6 +115,22 @@ def test_assessing_the_same_data_again_after_a_withdrawal_says_so(client):
     # the NEWS2 companion was not withdrawn: no warning for it
     assert resources[1]["status"] in ("final", "preliminary", "cancelled")
     assert client.get(f"/RiskAssessment/{ra['id']}/_history").json["total"] == 2
+
+
+def test_reads_say_when_the_resource_last_changed_as_an_http_date(client):
+    """Last-Modified is an HTTP date (RFC 9110 IMF-fixdate, whole seconds, GMT), for every stored type."""
+    ra = assess(client, "demo-002")
+    provenance = client.get(f"/Provenance?target=RiskAssessment/{ra['id']}").json["entry"][0]["resource"]
+    event = client.get("/AuditEvent?_count=1").json["entry"][0]["resource"]
+    for path, resource in ((f"/RiskAssessment/{ra['id']}", ra), (f"/RiskAssessment/{ra['id']}/_history/1", ra),
+                           (f"/Provenance/{provenance['id']}", provenance), (f"/AuditEvent/{event['id']}", event)):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        header = response.headers["Last-Modified"]
+        assert re.fullmatch(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", header), header
+        updated = datetime.fromisoformat(resource["meta"]["lastUpdated"].replace("Z", "+00:00"))
+        assert parsedate_to_datetime(header) == updated.replace(microsecond=0), path
+        assert response.headers["ETag"] == f'W/"{resource["meta"]["versionId"]}"'
 
 
 def test_withdrawal_errors(client):

@@ -7,9 +7,10 @@ from typing import Any
 import orjson
 from flask import Request, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.http import parse_list_header
+from werkzeug.http import http_date, parse_list_header
 
 from ..codes import FHIR_JSON
+from ..fhir.times import parse_datetime
 from ..errors import BadRequest, NotAcceptable, UnsupportedMediaType
 
 ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -22,6 +23,12 @@ def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, st
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
+
+
+def version_headers(resource: dict[str, Any]) -> dict[str, str]:
+    """ETag (the version) and Last-Modified (an HTTP date, RFC 9110: whole seconds in GMT) of a stored resource."""
+    meta = resource["meta"]
+    return {"ETag": f'W/"{meta.get("versionId", "1")}"', "Last-Modified": http_date(parse_datetime(meta["lastUpdated"]))}
 
 
 def check_accept(req: Request) -> None:

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, request
 from ..auth import guard
 from ..auth.policy import requires
 from ..errors import NotFound
-from .fhir_io import check_accept, check_id, fhir_response
+from .fhir_io import check_accept, check_id, fhir_response, version_headers
 from .search import search_response
 
 bp = Blueprint("provenance", __name__)
@@ -21,7 +21,7 @@ def read(resource_id: str):  # type: ignore[no-untyped-def]
     if resource is None:
         raise NotFound(f"Provenance/{resource_id} is not known here")
     guard.note_entities(guard.entities_of([resource]))
-    return fhir_response(resource, headers={"ETag": 'W/"1"', "Last-Modified": resource["meta"]["lastUpdated"]})
+    return fhir_response(resource, headers=version_headers(resource))
 
 
 @bp.get("/Provenance")

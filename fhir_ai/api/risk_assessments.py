@@ -12,7 +12,7 @@ from ..auth.policy import requires
 from ..errors import BadRequest, NotFound
 from ..pipeline import Pipeline
 from ..search.params import parse_history
-from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body
+from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, read_body, version_headers
 from .search import WITHDRAW_DEFINITION, history_bundle, page_links, search_response
 
 bp = Blueprint("risk_assessments", __name__)
@@ -44,8 +44,7 @@ def _with_write_back(pipeline: Pipeline, resource: dict[str, Any]) -> dict[str, 
 def _answer(resource: dict[str, Any], with_state: bool = True):  # type: ignore[no-untyped-def]
     guard.note_entities(guard.entities_of([resource]))
     body = _with_write_back(_pipeline(), resource) if with_state else resource
-    return fhir_response(body, headers={"ETag": f'W/"{resource["meta"]["versionId"]}"',
-                                        "Last-Modified": resource["meta"]["lastUpdated"]})
+    return fhir_response(body, headers=version_headers(resource))
 
 
 @bp.get("/RiskAssessment/<resource_id>")
@@ -142,5 +141,4 @@ def withdraw(resource_id: str):  # type: ignore[no-untyped-def]
         expected = int(match.group(1))
     saved = _pipeline().store.withdraw_assessment(resource_id, reason=reasons[0].strip()[:1000],
                                                   expected_version=expected)
-    return fhir_response(saved.resource, headers={"ETag": f'W/"{saved.resource["meta"]["versionId"]}"',
-                                                  "Last-Modified": saved.resource["meta"]["lastUpdated"]})
+    return fhir_response(saved.resource, headers=version_headers(saved.resource))
