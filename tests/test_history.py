@@ -59,6 +59,17 @@ def test_every_assessment_has_provenance_after_the_ai_transparency_approach(clie
     observation = ra["basis"][0]["reference"]
     assert prov["id"] in {e["resource"]["id"] for e in client.get(f"/Provenance?entity={observation}").json["entry"]}
     assert client.get("/Provenance?patient=demo-005").json["total"] == 2      # the model's and NEWS2's
+    # Reading a patient's Provenance is a read of that patient's record: its AuditEvents name the patient.
+    reads = client.get("/AuditEvent?patient=demo-005&subtype=read,search-type&_count=200").json
+    seen = set()
+    for entry in reads["entry"]:
+        event = entry["resource"]
+        for entity in event.get("entity", []):
+            reference = entity.get("what", {}).get("reference", "")
+            if reference.startswith("Provenance/"):
+                seen.add((event["subtype"][0]["code"], reference))
+    mine = f"Provenance/{prov['id']}/_history/1"
+    assert ("read", mine) in seen and ("search-type", mine) in seen
 
 
 def test_withdrawal_is_a_new_version_and_history_keeps_the_old_one(client):

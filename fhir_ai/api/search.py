@@ -11,16 +11,20 @@ from ..auth import guard
 from ..pipeline import Pipeline
 from ..search import PARAMETERS, parse_query
 from ..search.params import MAX_COUNT, SORT_PARAMETER, Cursor, HistoryCursor
+from ..store.audit import Entity
 from .fhir_io import base_url, check_accept, fhir_response, lenient
 
 
 def search_response(resource_type: str,
-                    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Response:
+                    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                    entities: Callable[[list[dict[str, Any]]], list[Entity]] | None = None) -> Response:
+    """A searchset page; ``entities``: what else the page's AuditEvent names (e.g. patients the resources
+    do not name themselves)."""
     check_accept(request)
     query = parse_query(resource_type, request.args.items(multi=True), lenient=lenient())
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
     page = pipeline.store.search(query)
-    guard.note_entities(guard.entities_of(page.resources))
+    guard.note_entities(guard.entities_of(page.resources) + (entities(page.resources) if entities else []))
     path = f"{base_url()}/{resource_type}"
     links = page_links(path, query.echo, query.cursor, page.next_cursor)
     entries: list[dict[str, Any]] = []

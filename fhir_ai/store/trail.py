@@ -284,6 +284,17 @@ class TrailMixin:
         with self.session() as session:
             return searching.history(session, query)
 
+    def provenance_patients(self, provenance_ids: list[str]) -> list[str]:
+        """The patients the assessments these Provenance are about belong to (R4 Provenance names none),
+        distinct, for the audit trail of who read what."""
+        if not provenance_ids:
+            return []
+        with self.session() as session:
+            rows = session.scalars(select(AssessmentRow.patient_id).distinct()
+                                   .join(ProvenanceRow, ProvenanceRow.target_id == AssessmentRow.id)
+                                   .where(ProvenanceRow.id.in_(set(provenance_ids))))
+            return sorted(p for p in rows if p)
+
     def get_provenance(self, resource_id: str) -> dict[str, Any] | None:
         with self.session() as session:
             text = session.scalar(select(ProvenanceRow.resource).where(ProvenanceRow.id == resource_id))
