@@ -8,9 +8,10 @@ from typing import Any
 
 from . import assessment
 from .config import Settings
-from .errors import FhirAiError, NotFound, UpstreamError
+from .errors import FhirAiError, NotFound, Unprocessable, UpstreamError
 from .features import Extractor, FeatureSet
-from .fhir import smart
+from .features.extract import pinned_encounter_problem
+from .fhir import smart, times
 from .fhir.sources import Source, make_source
 from .mapping import load_directory
 from .models.registry import ModelRegistry
@@ -84,10 +85,17 @@ class Pipeline:
         """
         if resources is None:
             resources = self.fetch(patient_id, model_ids, as_of)
-        if encounter is not None and not any(
-                r.get("resourceType") == "Encounter" and r.get("id") == encounter for r in resources):
-            raise NotFound(f"Encounter/{encounter} is not an encounter of Patient/{patient_id}",
-                           expression="Parameters.parameter.where(name='encounter')")
+        if encounter is not None:
+            where = "Parameters.parameter.where(name='encounter')"
+            found = next((r for r in resources if r.get("resourceType") == "Encounter" and r.get("id") == encounter),
+                         None)
+            if found is None:
+                raise NotFound(f"Encounter/{encounter} is not an encounter of Patient/{patient_id}", expression=where)
+            problem = pinned_encounter_problem(found, as_of.timestamp())
+            if problem:
+                # Its windows would read data from outside the visit, and the answer would be labelled with it.
+                raise Unprocessable(f"Encounter/{encounter} {problem} ({times.format_datetime(as_of)}): an assessment "
+                                    "as of then is not one of this encounter; give an asOf within it", expression=where)
         pinned = {patient_id: encounter} if encounter else None
         out = {}
         for model_id in model_ids:

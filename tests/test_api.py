@@ -220,6 +220,26 @@ def test_unknown_patient_is_404(api):
     assert response.json["issue"][0]["code"] == "not-found"
 
 
+@pytest.mark.parametrize("as_of, status, said", [
+    (AS_OF, 422, "ended at 2026-08-14T06:00:00Z, before asOf"),        # a visit that ended in August
+    ("2026-08-01T00:00:00Z", 422, "starts at 2026-08-08T03:00:00Z, after asOf"),
+    ("2026-08-10T00:00:00Z", 200, None),                               # during the visit
+])
+def test_a_pinned_encounter_must_be_going_on_at_as_of(api, as_of, status, said):
+    """An assessment as of a time outside the pinned visit would read data from outside it and be labelled
+    with it: refused, naming the encounter parameter (demo-001's earlier visit demo-enc-013)."""
+    body = params(asOf=as_of)
+    body["parameter"].append({"name": "encounter", "valueReference": {"reference": "Encounter/demo-enc-013"}})
+    response = api.post("/Patient/demo-001/$assess", json=body, content_type=FHIR)
+    assert response.status_code == status, response.json
+    if said:
+        issue = response.json["issue"][0]
+        assert said in issue["diagnostics"] and "Encounter/demo-enc-013" in issue["diagnostics"]
+        assert issue["expression"] == ["Parameters.parameter.where(name='encounter')"]
+    else:
+        assert response.json["entry"][0]["resource"]["encounter"] == {"reference": "Encounter/demo-enc-013"}
+
+
 def test_method_not_allowed_is_an_operation_outcome(api):
     response = api.delete("/RiskAssessment/x")
     assert response.status_code == 405

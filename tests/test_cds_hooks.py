@@ -237,6 +237,17 @@ def test_a_withdrawn_assessment_is_never_shown_as_a_risk(client: FlaskClient, re
     assert "입력 오류로 철회됨" in korean["summary"] and "withdrawn" not in korean["detail"]
 
 
+def test_a_hook_encounter_that_has_ended_is_not_the_assessments(client: FlaskClient, record: dict[str, Any]) -> None:
+    """The hook names a visit that ended two days ago: the assessment now is not labelled with it (it would
+    read data from after it); the card comes as without an encounter, never an error."""
+    ended = datetime.now(timezone.utc) - timedelta(days=2)
+    record["encounter"]["status"] = "finished"
+    record["encounter"]["period"] = {"start": (ended - timedelta(days=3)).isoformat(), "end": ended.isoformat()}
+    card = the_card(call(client, hook_request(record, prefetch=full_prefetch(record))))
+    stored = client.get(card["links"][0]["url"].replace("http://localhost", "")).json
+    assert stored.get("encounter") != {"reference": f"Encounter/{record['encounter']['id']}"}
+
+
 def test_partial_prefetch_fetches_only_what_is_missing(client: FlaskClient, record: dict[str, Any]) -> None:
     prefetch = full_prefetch(record)
     del prefetch["observations"]

@@ -17,6 +17,7 @@ from ..cds import feedback, services
 from ..cds.cards import CardBuilder, CardSet
 from ..cds.i18n import LANGUAGE_EXTENSION, negotiate
 from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
+from ..features.extract import pinned_encounter_problem
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
 from ..auth.guard import note_entities, refused, set_actor
@@ -167,7 +168,10 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     if service.ed_only and not _is_ed(gathered):
         cards = builder.not_applicable_card("reason.not_ed")
     else:
+        # The hook's encounter, unless the assessment now cannot be one of it (it ended, or starts later):
+        # then the patient's current encounter is found as $assess finds it without one.
         pinned = gathered.encounter_id if any(r.get("resourceType") == "Encounter" and r.get("id") == gathered.encounter_id
+                                              and pinned_encounter_problem(r, as_of.timestamp()) is None
                                               for r in gathered.resources) else None
         result = pipeline.assess(patient_id, models=[service.model_id], as_of=as_of, resources=gathered.resources,
                                  encounter=pinned)

@@ -44,6 +44,26 @@ log = logging.getLogger(__name__)
 _ENDED_ENCOUNTER = {"cancelled", "entered-in-error"}
 
 
+# Encounter statuses of a visit still going on, whatever its period.end says.
+OPEN_STATUSES = ("in-progress", "arrived", "triaged", "onleave")
+
+
+def pinned_encounter_problem(encounter: dict, as_of: float) -> str | None:
+    """Why an assessment as of ``as_of`` (epoch seconds) cannot be for this pinned encounter: it starts
+    later, or it ended before (and is not still open); None if it can, or if its period is unreadable
+    (reported by the extraction)."""
+    try:
+        start, end = _period_start(encounter), _period_end(encounter)
+    except Unreadable:
+        return None
+    period = encounter.get("period") or {}
+    if start is not None and start > as_of:
+        return f"starts at {period.get('start')}, after asOf"
+    if end is not None and end < as_of and encounter.get("status") not in OPEN_STATUSES:
+        return f"ended at {period.get('end')}, before asOf"
+    return None
+
+
 class Unreadable(ValueError):
     """A Patient or Encounter element that is there but is not valid FHIR (the text names it, not its value)."""
 
@@ -511,7 +531,7 @@ class Extractor:
                     continue
                 end = _period_end(enc)
                 if end is not None and when == when and end < when \
-                        and enc.get("status") not in ("in-progress", "arrived", "triaged", "onleave"):
+                        and enc.get("status") not in OPEN_STATUSES:
                     continue
                 if best is None or start > best[0]:
                     best = (start, enc)
