@@ -437,6 +437,21 @@ def test_triage_on_encounter_start(app: Flask, client: FlaskClient) -> None:
     assert "**Nurse KTAS** (next to the model): 3" in card["detail"]
 
 
+def test_a_nurse_ktas_sent_as_a_number_is_named_not_ignored(app: Flask, client: FlaskClient) -> None:
+    """The nurse's KTAS as valueInteger (the mapping reads coded levels): the card says it was not used and
+    why, rather than 'not recorded' with nothing said."""
+    if "triage" not in app.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record()
+    nurse = record["observations"][-1]
+    nurse.pop("valueCodeableConcept")
+    nurse["valueInteger"] = 4
+    body = hook_request(record, prefetch=full_prefetch(record), server=False, hook="encounter-start")
+    card = the_card(call(client, body, "triage"))
+    assert f"Observation/{nurse['id']} (nurse_ktas): valueInteger given where valueCodeableConcept is read" \
+        in card["detail"]
+
+
 def test_triage_outside_the_ed_says_not_assessed(app: Flask, client: FlaskClient) -> None:
     if "triage" not in app.extensions["fhir_ai"].registry.models:
         pytest.skip("no trained triage model in this tree")

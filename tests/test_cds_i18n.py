@@ -160,6 +160,8 @@ def test_stored_sentences_in_korean(app: Flask) -> None:
         "사용하지 않은 값: Observation/o1 (산소포화도): 매핑에 없는 코드값 (외 3건)."
     assert tr("Values not used: Observation/o2 (gcs): implausible value 40 (plausible 3-15).") == \
         "사용하지 않은 값: Observation/o2 (글래스고 혼수 척도): 비정상 범위의 값 40 (허용 범위 3-15)."
+    assert tr("Values not used: Observation/o3 (gcs): valueBoolean given where valueInteger is read.") == \
+        "사용하지 않은 값: Observation/o3 (글래스고 혼수 척도): valueInteger 대신 valueBoolean 값이 있음."
     assert what("Observations (observations-2)", "ko") == "관찰값 (2번째 묶음)"
     assert what("Observations (observations-2)", "en") == "Observations (observations-2)"
     assert Translator("en", mapping)("Values not used: x") == "Values not used: x"

@@ -118,6 +118,10 @@ QUANTITY = {"unit": "/min", "system": UCUM, "code": "/min"}
     ({"valueQuantity": [131]}, "valueQuantity is not a valid Quantity"),
     ({"valueQuantity": None, "valueInteger": "131"}, "valueInteger is not an integer"),
     ({"valueQuantity": None, "valueInteger": 13.5}, "valueInteger is not an integer"),
+    # a value of another type than the input reads: named, not taken for no value at all
+    ({"valueQuantity": None, "valueBoolean": True}, "valueBoolean given where valueQuantity is read"),
+    ({"valueQuantity": None, "valueCodeableConcept": {"text": "fast"}},
+     "valueCodeableConcept given where valueQuantity is read"),
     ({"effectiveDateTime": "soon"}, "unreadable effective time"),
     ({"effectiveDateTime": 20261120}, "unreadable effective time"),
     ({"effectiveDateTime": {"start": "2026-11-20"}}, "unreadable effective time"),
@@ -242,6 +246,8 @@ def bad_export(folder: Path, shapes: bool) -> list[dict[str, Any]]:
         observation("p-bad", "9269-2", 0, "{score}", WHEN, id="gcs-text", valueQuantity=None,
                     valueInteger="fourteen"),
         observation("p-bad", "9269-2", 0, "{score}", WHEN, id="gcs-frac", valueQuantity=None, valueInteger=13.5),
+        observation("p-bad", "8867-4", 0, "/min", WHEN, id="hr-coded", valueQuantity=None,
+                    valueCodeableConcept={"text": "fast"}),
         observation("p-bad", "9279-1", 20, "/min", "soon", id="rr-soon"),
         observation("p-bad", "9279-1", 20, "/min", WHEN, id="rr-number-time", effectiveDateTime=20261120),
         observation("p-bad", "85354-9", 0, "mm[Hg]", WHEN, id="bp", valueQuantity=None, component=[
@@ -322,6 +328,7 @@ def test_bulk_path_gives_the_same_treatment(tmp_path: Path, registry: ModelRegis
                   "Observation/true (heart_rate): valueQuantity.value is not a number",
                   "Observation/gcs-text (gcs): valueInteger is not an integer",
                   "Observation/gcs-frac (gcs): valueInteger is not an integer",
+                  "Observation/hr-coded (heart_rate): valueCodeableConcept given where valueQuantity is read",
                   "Observation/rr-soon (resp_rate): unreadable effective time",
                   "Observation/rr-number-time (resp_rate): unreadable effective time",
                   "Observation/bp (systolic_bp): valueQuantity.value is not a number",

@@ -119,6 +119,7 @@ _KO_SENTENCES = [(re.compile(pattern), korean) for pattern, korean in [
     (r": unit (.*?) cannot be converted to (.*?)(?=; |\.$|$)", r": 단위 \1을(를) \2(으)로 변환할 수 없음"),
     (r": unit cannot be converted", ": 단위를 변환할 수 없음"),
     (r": coded value not in the mapping's values", ": 매핑에 없는 코드값"),
+    (r": (value[A-Za-z]+) given where (value[A-Za-z]+) is read", r": \2 대신 \1 값이 있음"),
     (r": implausible value (\S+)( [^(;]*[^ (;])? ?\(plausible ([^)]*)\)", r": 비정상 범위의 값 \1\2 (허용 범위 \3)"),
     (r": implausible value", ": 비정상 범위의 값"),
     (r"Nurse assigned KTAS (\w+); probability that the right level is more urgent: ([\d.]+)",

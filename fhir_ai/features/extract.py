@@ -27,6 +27,7 @@ from .columns import (BOOLEAN_INVALID, CONCEPT_INVALID, INTEGER_INVALID, QUANTIT
 from .plan import BOOLEAN, CODING, INTEGER, QUANTITY, plan_for
 
 _FLUSH_ROWS = 200_000
+OTHER_TYPE = 11      # a value[x] of a type the input does not read (valueInteger for a coded input, say)
 # Why a matched value was not used (0 = used); unit, coded-value and plausibility reasons carry detail.
 # Upstream data that is JSON but not valid FHIR is never used and never raises: an Observation part whose
 # value[x] or time cannot be read is reported here (6-10: see features.columns); a Patient or Encounter element
@@ -37,7 +38,8 @@ _REASONS = {1: "no effective time", 2: "unreadable effective time", 3: "unit can
             QUANTITY_INVALID: "valueQuantity is not a valid Quantity",
             QUANTITY_NOT_NUMBER: "valueQuantity.value is not a number",
             INTEGER_INVALID: "valueInteger is not an integer", BOOLEAN_INVALID: "valueBoolean is not true or false",
-            CONCEPT_INVALID: "valueCodeableConcept is not a valid CodeableConcept"}
+            CONCEPT_INVALID: "valueCodeableConcept is not a valid CodeableConcept", OTHER_TYPE: "value of another type"}
+_READS = {QUANTITY: "valueQuantity", INTEGER: "valueInteger", BOOLEAN: "valueBoolean", CODING: "valueCodeableConcept"}
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +349,20 @@ class Extractor:
             problem[j] = 5
             text[j] = (f"implausible value {V[j]:g} {spec.unit or ''} "
                        f"(plausible {low_j:g}-{high_j:g})").replace("  ", " ")
+        # A part with a value the input cannot read (another value[x]) is reported, not taken for no value.
+        # Few rows get here (no number so far and no problem): checked one by one.
+        unread = np.flatnonzero(counted & (problem == 0) & np.isnan(V))
+        if len(unread):
+            boolean, concept = pick(cols.boolean), pick(cols.concept)
+            for j in unread.tolist():
+                k = int(kind[j])
+                given = {QUANTITY: bool(has_q[j]), INTEGER: not np.isnan(integer[j]), BOOLEAN: boolean[j] >= 0,
+                         CODING: concept[j] is not None}
+                readable = given[k] or (k in (QUANTITY, INTEGER) and (given[QUANTITY] or given[INTEGER]))
+                other = [_READS[g] for g, present in given.items() if present and g != k]
+                if not readable and other:
+                    problem[j] = OTHER_TYPE
+                    text[j] = f"{other[0]} given where {_READS[k]} is read"
         return V
 
     @staticmethod
