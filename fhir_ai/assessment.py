@@ -174,7 +174,9 @@ def news2_assessment(scored: Scored, basis: list[str], total: float, partial: fl
                          sorted(basis), [None if math.isnan(v) else v for v in subscores.values()])
     resource = _base(scored, key, "NEWS2 (Royal College of Physicians 2017)")
     missing = [NEWS2_PARAMETERS_TEXT[p] for p, v in subscores.items() if math.isnan(v)]
-    shown = "; ".join(f"{NEWS2_PARAMETERS_TEXT[p]} {int(v)}" for p, v in subscores.items() if not math.isnan(v))
+    # Sub-scores as points ('respiration rate 2 points'), never to be read as the measured value.
+    shown = "; ".join(f"{NEWS2_PARAMETERS_TEXT[p]} {int(v)} point{'' if int(v) == 1 else 's'}"
+                      for p, v in subscores.items() if not math.isnan(v))
     measured = [p for p, v in subscores.items() if p != "air_or_oxygen" and not math.isnan(v)]
     if not measured:
         resource["status"] = "cancelled"

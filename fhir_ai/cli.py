@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -438,14 +439,24 @@ def demo(ctx: click.Context) -> None:
                 prediction = (resource.get("prediction") or [{}])[0]
                 risk = ((prediction.get("qualitativeRisk") or {}).get("coding") or [{}])[0].get("code", "-")
                 p = prediction.get("probabilityDecimal")
-                reason = (prediction.get("rationale") or (resource.get("note") or [{}])[0].get("text", ""))
-                reason = reason.replace("Top contributing inputs: ", "").split(";")[0][:70]
+                reason = _top_reason(prediction.get("rationale") or (resource.get("note") or [{}])[0].get("text", ""))
                 model = resource["method"]["coding"][0]["code"]
                 click.echo(f"{patient_id:<12} {model:<14} {resource['status']:<10} {risk:<9} "
                            f"{'' if p is None else f'{p:.3f}':>6}  {reason}")
     finally:
         pipeline.close()
     click.echo("\nStored. Serve them with `fhir-ai serve` and read GET /RiskAssessment?patient=demo-001")
+
+
+def _top_reason(rationale: str) -> str:
+    """The demo's one-line reason: the model's first contributing input, or NEWS2's highest-scoring parameter."""
+    if rationale.startswith("NEWS2 ") and ": " in rationale:
+        head, _, rest = rationale.partition(": ")
+        parts = [p.strip() for p in rest.split(". Clinical response")[0].split(";")]
+        points = [(int(m.group(1)), p) for p in parts if (m := re.search(r" (\d+) points?$", p))]
+        top = max(points, key=lambda x: x[0], default=(0, ""))
+        return f"{head}: {top[1]}"[:70] if top[0] > 0 else head[:70]      # NEWS2 0: no parameter stands out
+    return rationale.replace("Top contributing inputs: ", "").split(";")[0][:70]
 
 
 # Auditors and access: `fhir-ai audit export|verify`, `fhir-ai auth token`.

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 
 from fhir_ai.cds.i18n import Translator, what
 from fhir_ai.mapping import Mapping
+from fhir_ai.models.explain import unit_display
 
 import factories as f
 from test_cds_hooks import (FHIR, call, ed_record, ehr_server_allowed, full_prefetch, hook_request,  # noqa: F401
@@ -37,7 +38,8 @@ def english_words(text: str, mapping: Mapping, model_id: str, version: str) -> l
     """Latin words left in a Korean card's text once the allowed tokens are taken out."""
     text = REFERENCE.sub(" ", text).replace(f"{model_id} {version}", " ").replace(version, " ")
     text = text.replace("fhir_ai", " ")
-    for unit in sorted({s.unit for s in mapping.inputs.values() if s.unit}, key=len, reverse=True):
+    units = {s.unit for s in mapping.inputs.values() if s.unit}
+    for unit in sorted(units | {unit_display(u) for u in units} - {""}, key=len, reverse=True):
         text = re.sub(rf"(?<=[\d ]){re.escape(unit)}(?=[\s,;.)]|$)", " ", text)
     return [w for w in WORD.findall(text) if re.search("[A-Za-z]{3}", w) and w not in ACRONYMS]
 

@@ -223,3 +223,14 @@ def test_the_registry_keys_tables_by_the_model_files_content(tmp_path: Path) -> 
     assert a.explainer() is copied.explainer() is not replaced.explainer()
     for model, booster in ((a, first), (replaced, second)):
         assert np.allclose(model.contributions(X[:50]), booster.predict(X[:50], pred_contrib=True), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("unit, shown", [
+    ("mm[Hg]", "92 mmHg"), ("Cel", "38.4 °C"), ("10*3/uL", "12.5 ×10³/µL"), ("/min", "118 /min"),
+    ("{score}", "14"), ("[pH]", "7.31"), ("mm[Hg]/h", "-4 mmHg/h"), (None, "3"),
+])
+def test_a_reason_shows_units_as_clinicians_write_them(unit, shown) -> None:
+    from fhir_ai.models.explain import Reason
+    value = {"92 mmHg": 92.0, "38.4 °C": 38.4, "12.5 ×10³/µL": 12.5, "118 /min": 118.0, "14": 14.0,
+             "7.31": 7.31, "-4 mmHg/h": -4.0, "3": 3.0}[shown]
+    assert Reason("f", "Label", value, unit, 0.5).text() == f"Label: {shown} — raised the risk"

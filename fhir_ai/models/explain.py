@@ -24,10 +24,26 @@ class Reason:
         if self.value is None:
             shown = "not measured" if language == "en" else "측정 안 됨"
         else:
-            shown = _number(self.value) + (f" {self.unit}" if self.unit and self.unit not in ("1", "{score}") else "")
+            unit = unit_display(self.unit)
+            shown = _number(self.value) + (f" {unit}" if unit else "")
         if language == "ko":
             return f"{self.label}: {shown} — {direction}"
         return f"{self.label}: {shown} — {direction} the risk"
+
+
+# How a clinician writes the UCUM units the mappings use (a reason shows "31 mmHg", not "31 mm[Hg]").
+_UNIT_DISPLAY = {"mm[Hg]": "mmHg", "Cel": "°C", "[degF]": "°F", "10*3/uL": "×10³/µL", "10*9/L": "×10⁹/L",
+                 "ug/L": "µg/L", "umol/L": "µmol/L", "meq/L": "mEq/L", "[pH]": "", "1": "", "{score}": ""}
+
+
+def unit_display(unit: str | None) -> str:
+    """A UCUM code as a clinician writes it ('' for dimensionless); other codes as they are."""
+    if not unit:
+        return ""
+    shown = _UNIT_DISPLAY.get(unit, unit)
+    if shown.endswith("/h") and shown[:-2] in _UNIT_DISPLAY:        # a slope's unit per hour
+        shown = _UNIT_DISPLAY[shown[:-2]] + "/h"
+    return shown
 
 
 def _number(value: float) -> str:
