@@ -159,7 +159,7 @@ class Pipeline:
                          resource["method"]["coding"][0]["code"], "new" if saved.created else "repeat")
                 if write_back:
                     issue = self.write_back(saved.resource)
-                    if issue:
+                    if issue and issue not in result.issues:     # 'write-back skipped' once, not per resource
                         result.issues.append(issue)
 
     # -- write-back ----------------------------------------------------------------------------
