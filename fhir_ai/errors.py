@@ -17,13 +17,14 @@ class FhirAiError(Exception):
     severity: str = "error"
 
     def __init__(self, message: str, *, expression: list[str] | str | None = None,
-                 details: str | None = None) -> None:
+                 details: str | None = None, header: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if isinstance(expression, str):
             expression = [expression]
         self.expression = list(expression or [])
         self.details = details
+        self.header = header          # an HTTP header at fault: issue.location 'http.<header>' (R4)
 
     def issue(self) -> dict[str, Any]:
         issue: dict[str, Any] = {"severity": self.severity, "code": self.code,
@@ -32,6 +33,8 @@ class FhirAiError(Exception):
             issue["details"] = {"text": self.details}
         if self.expression:
             issue["expression"] = self.expression
+        if self.header:
+            issue["location"] = [f"http.{self.header}"]
         return issue
 
     def to_operation_outcome(self) -> dict[str, Any]:

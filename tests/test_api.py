@@ -7,6 +7,7 @@ import orjson
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from fhir_ai import codes
@@ -200,18 +201,21 @@ def test_lenient_handling_is_a_preference_of_its_own(api, prefer, status):
     ({"resourceType": "Parameters", "parameter": [{"name": "model", "valueCode": "crystal-ball"}]}, FHIR, 400,
      "Parameters.parameter.where(name='model')"),
     ({"resourceType": "Patient"}, FHIR, 400, "resourceType"),
-    ("not json", FHIR, 400, None),
-    ({"resourceType": "Parameters"}, "text/plain", 415, None),
+    ("not json", FHIR, 400, "Parameters"),
+    ({"resourceType": "Parameters"}, "text/plain", 415, "http.Content-Type"),
 ])
 def test_bad_parameters_are_rejected_with_the_offending_path(api, body, content_type, status, expression):
+    """The offending element in issue.expression; an HTTP header at fault in issue.location (R4: 'http.' +
+    the header's name)."""
     data = body if isinstance(body, str) else __import__("json").dumps(body)
     response = api.post("/Patient/demo-001/$assess", data=data, content_type=content_type)
     assert response.status_code == status
     outcome = response.json
     assert outcome["resourceType"] == "OperationOutcome"
     assert "Traceback" not in response.get_data(as_text=True)
-    if expression:
-        assert outcome["issue"][0]["expression"] == [expression]
+    where = "location" if expression.startswith("http.") else "expression"
+    assert outcome["issue"][0][where] == [expression]
+    OperationOutcome.model_validate(outcome)
 
 
 def test_unknown_patient_is_404(api):
@@ -249,6 +253,10 @@ def test_method_not_allowed_is_an_operation_outcome(api):
 def test_xml_is_not_acceptable(api):
     response = api.get("/RiskAssessment?_format=xml")
     assert response.status_code == 406
+    assert response.json["issue"][0]["expression"] == ["_format"]
+    response = api.get("/RiskAssessment", headers={"Accept": "application/fhir+xml"})
+    assert response.status_code == 406
+    assert response.json["issue"][0]["location"] == ["http.Accept"]
 
 
 def test_health(api):

@@ -49,7 +49,8 @@ def test_date_prefixes(text, prefix):
 
 
 def test_unknown_date_prefixes():
-    with pytest.raises(ValueError, match="unknown prefix"):
+    with pytest.raises(ValueError, match="'xx2026' is no value: a number or date, optionally after a prefix "
+                                         r"\(eq, .*\); 'xx' is none of them"):
         parse_date("xx2026")
     with pytest.raises(ValueError, match="not a FHIR date"):
         parse_date("ap")

@@ -39,7 +39,7 @@ def check_accept(req: Request) -> None:
                             expression="_format")
     accept = req.headers.get("Accept", "")
     if accept and not any(t in accept for t in ("json", "*/*", "application/*")):
-        raise NotAcceptable(f"cannot answer in {accept!r}; use application/fhir+json")
+        raise NotAcceptable(f"cannot answer in {accept!r}; use application/fhir+json", header="Accept")
 
 
 def request_bytes() -> bytes:
@@ -58,14 +58,15 @@ def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] |
     if not raw.strip():
         if optional:
             return None
-        raise BadRequest(f"a {resource_type} resource is required in the request body")
+        raise BadRequest(f"a {resource_type} resource is required in the request body", expression=resource_type)
     mimetype = request.mimetype
     if mimetype and mimetype not in ACCEPTED_BODY_TYPES:
-        raise UnsupportedMediaType(f"Content-Type {mimetype!r} is not supported; send application/fhir+json")
+        raise UnsupportedMediaType(f"Content-Type {mimetype!r} is not supported; send application/fhir+json",
+                                   header="Content-Type")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+        raise BadRequest(f"the request body is not valid JSON: {exc}", expression=resource_type) from exc
     if not isinstance(body, dict) or body.get("resourceType") != resource_type:
         found = body.get("resourceType") if isinstance(body, dict) else type(body).__name__
         raise BadRequest(f"expected a {resource_type} resource, got {found!r}", expression="resourceType")

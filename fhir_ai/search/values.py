@@ -58,7 +58,8 @@ def split_prefix(text: str, allowed: tuple[str, ...]) -> tuple[str, str]:
     if len(text) > 2 and text[:2] in allowed and not text[:2].isdigit():
         return text[:2], text[2:]
     if len(text) > 2 and text[:2].isalpha():
-        raise ValueError(f"unknown prefix {text[:2]!r} (allowed: {', '.join(allowed)})")
+        raise ValueError(f"{text!r} is no value: a number or date, optionally after a prefix "
+                         f"({', '.join(allowed)}); {text[:2]!r} is none of them")
     return "eq", text
 
 
