@@ -435,6 +435,19 @@ def test_triage_on_encounter_start(app: Flask, client: FlaskClient) -> None:
     card = the_card(call(client, body, "triage"))
     assert "KTAS" in card["summary"] and "triage" in card["source"]["label"]
     assert "**Nurse KTAS** (next to the model): 3" in card["detail"]
+    # "Probability" on the card is the model's class probability (the unweighted extension), not the decision
+    # rule's urgency-weighted score in probabilityDecimal.
+    stored = client.get(card["links"][0]["url"].replace("http://localhost", "")).json
+    levels = [p for p in stored["prediction"] if p["outcome"]["coding"][0]["system"].endswith("ktas-level")]
+    shown = re.search(r"\*\*Probability\*\* of each KTAS level \([^)]*\): (.*)", card["detail"]).group(1)
+    for level in levels:
+        code = level["outcome"]["coding"][0]["code"]
+        plain = next(e["valueDecimal"] for e in level["extension"] if e["url"].endswith("/class-probability"))
+        percent = "<1%" if plain < 0.005 else f"{round(plain * 100)}%"
+        assert f"{code}: {percent}" in shown, (code, plain, shown)
+    predicted = next(p for p in levels if p["qualitativeRisk"]["coding"][0]["code"] == "high")
+    plain = next(e["valueDecimal"] for e in predicted["extension"] if e["url"].endswith("/class-probability"))
+    assert card["summary"].split("), ")[1].startswith("<1%" if plain < 0.005 else f"{round(plain * 100)}%")
 
 
 def test_a_nurse_ktas_sent_as_a_number_is_named_not_ignored(app: Flask, client: FlaskClient) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codes
-from ..assessment import is_not_applicable, not_assessed_reason
+from ..assessment import UNWEIGHTED, is_not_applicable, not_assessed_reason
 from ..mapping import Mapping
 from .i18n import TEXT, Translator, t, what
 
@@ -94,15 +94,17 @@ class CardBuilder:
             indicator = "warning"   # not "info": an unassessed patient must not look like a low-risk one
             lines.append(self.t("detail.not_assessed", reason=self.tr(said or reason)))
         elif _level_predictions(predictions):
+            # The level is the model card's decision rule (probabilityDecimal, weighted toward urgent levels);
+            # the card shows the model's own class probabilities, which are what "probability" means.
             levels_found = _level_predictions(predictions)
             best = next((pr for pr in levels_found if _risk_code(pr) == "high"),
                         max(levels_found, key=lambda pr: pr.get("probabilityDecimal") or 0.0))
             level = best["outcome"]["coding"][0]["code"]
-            p = float(best.get("probabilityDecimal") or 0.0)
+            p = _class_probability(best)
             summary = self.t("summary.triage", title=self.title, level=level, name=self.t(f"ktas.{level}"),
                              probability=_percent(p), companion=companion_short)
             indicator = KTAS_INDICATOR.get(level, "warning")
-            levels = ", ".join(f"{pr['outcome']['coding'][0]['code']}: {_percent(pr.get('probabilityDecimal') or 0)}"
+            levels = ", ".join(f"{pr['outcome']['coding'][0]['code']}: {_percent(_class_probability(pr))}"
                                for pr in sorted(levels_found, key=lambda x: x["outcome"]["coding"][0]["code"]))
             lines.append(self.t("detail.level_probability", levels=levels))
             for review in (pr for pr in predictions if pr not in levels_found and pr.get("rationale")):
@@ -246,6 +248,14 @@ class CardBuilder:
 
 def _risk_code(prediction: dict[str, Any]) -> str | None:
     return ((prediction.get("qualitativeRisk") or {}).get("coding") or [{}])[0].get("code")
+
+
+def _class_probability(prediction: dict[str, Any]) -> float:
+    """A KTAS level's class probability (the unweighted extension), else its probabilityDecimal."""
+    for extension in prediction.get("extension") or ():
+        if extension.get("url") == UNWEIGHTED and isinstance(extension.get("valueDecimal"), (int, float)):
+            return float(extension["valueDecimal"])
+    return float(prediction.get("probabilityDecimal") or 0.0)
 
 
 def _level_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,8 +36,9 @@ TEXT: dict[str, dict[str, str]] = {
     "ktas.5": {"en": "Non-urgent", "ko": "비응급"},
     "detail.probability": {"en": "**Probability** of {outcome}: **{probability}** (calibrated; {time_frame})",
                            "ko": "**{outcome} 확률**: **{probability}** (보정됨; {time_frame})"},
-    "detail.level_probability": {"en": "**Probability** of each KTAS level: {levels}",
-                                 "ko": "**KTAS 단계별 확률**: {levels}"},
+    "detail.level_probability": {"en": "**Probability** of each KTAS level (the model's; the predicted level is "
+                                       "chosen with urgent levels weighted up): {levels}",
+                                 "ko": "**KTAS 단계별 확률** (모델 산출; 예측 단계는 긴급 단계에 가중치를 두어 선택): {levels}"},
     "detail.model": {"en": "Model: {model} {version}", "ko": "모델: {title} ({model} {version})"},
     "detail.news2": {"en": "**NEWS2** (next to the model): {text}", "ko": "**NEWS2** (모델과 비교): {text}"},
     "detail.news2_score": {"en": "{score} ({band})", "ko": "{score}점 ({band})"},
