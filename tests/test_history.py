@@ -144,6 +144,30 @@ def test_reads_say_when_the_resource_last_changed_as_an_http_date(client):
         assert response.headers["ETag"] == f'W/"{resource["meta"]["versionId"]}"'
 
 
+def test_withdrawn_assessments_can_be_left_out_of_a_search(client):
+    """status (ours: R4 defines none for RiskAssessment) is the current version's: an EHR showing a patient's
+    risks asks status:not=entered-in-error; an auditor still finds everything."""
+    kept, gone = assess(client, "demo-007"), assess(client, "demo-008")
+    assert withdraw(client, gone["id"]).status_code == 200
+
+    def ids(query):
+        response = client.get(f"/RiskAssessment?{query}")
+        assert response.status_code == 200, response.json
+        return {e["resource"]["id"] for e in response.json.get("entry", [])}
+
+    both = {kept["id"], gone["id"]}
+    assert ids("status:not=entered-in-error") & both == {kept["id"]}
+    assert ids("status=entered-in-error") == {gone["id"]}
+    assert ids("status=http://hl7.org/fhir/observation-status|entered-in-error") == {gone["id"]}
+    assert ids("status=|entered-in-error") == set()                      # the code has a system
+    assert ids("status=final,entered-in-error") & both == both
+    assert ids(f"_id={gone['id']}&status:missing=true") == set()
+    statement = client.get("/metadata").json
+    (resource,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "RiskAssessment"]
+    (status,) = [p for p in resource["searchParam"] if p["name"] == "status"]
+    assert status["type"] == "token" and "entered-in-error" in status["documentation"]
+
+
 def test_withdrawal_errors(client):
     ra = assess(client, "demo-002")
     assert withdraw(client, "no-such-id").status_code == 404

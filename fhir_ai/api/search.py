@@ -85,7 +85,8 @@ def capability_resources() -> list[dict[str, Any]]:
     """CapabilityStatement.rest.resource entries for what the store serves, from the search definitions."""
     out = []
     for resource_type, params in PARAMETERS.items():
-        search_params = [{"name": p.name, "type": _SEARCH_TYPES.get(p.kind, p.kind), "definition": p.definition}
+        search_params = [{"name": p.name, "type": _SEARCH_TYPES.get(p.kind, p.kind), "definition": p.definition,
+                          **({"documentation": p.documentation} if p.documentation else {})}
                          for p in params.values()]
         search_params += [
             {"name": "_count", "type": "number", "documentation": f"page size, at most {MAX_COUNT}"},

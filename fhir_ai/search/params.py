@@ -25,6 +25,8 @@ class Param:
     targets: tuple[str, ...] = ()              # reference: the resource types it may point to
     index: str = ""                            # name in the search index (default: name)
     definition: str = ""                       # canonical URL of the SearchParameter
+    column: str = ""                           # a token read from this column of the row, not the index
+    documentation: str = ""
 
     @property
     def key(self) -> str:
@@ -56,6 +58,12 @@ PARAMETERS: dict[str, dict[str, Param]] = {
         "probability": _std("RiskAssessment", "probability", "number"),
         "risk": _std("RiskAssessment", "risk", "token"),
         "subject": _std("RiskAssessment", "subject", "reference", "Patient", "Group"),
+        # Not an R4 parameter of RiskAssessment (R4 defines none for status): ours, so that an EHR can leave
+        # out withdrawn assessments (status:not=entered-in-error). The current version's status.
+        "status": Param("status", "token", column="status",
+                        definition="https://fhir-ai.invalid/SearchParameter/RiskAssessment-status",
+                        documentation="the current version's status (observation-status codes), e.g. "
+                                      "status:not=entered-in-error"),
         **_COMMON,
     },
     "Provenance": {

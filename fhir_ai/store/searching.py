@@ -80,6 +80,19 @@ def token_clause(value: Token) -> ColumnElement[bool]:
     return and_(true(), *parts)
 
 
+STATUS_SYSTEM = "http://hl7.org/fhir/observation-status"     # RiskAssessment.status's code system
+
+
+def column_token_clause(column: Any, item: Filter) -> ColumnElement[bool]:
+    """A token parameter read from a column that always holds a code of STATUS_SYSTEM (``status``)."""
+    if item.modifier == "missing":
+        return false() if item.values[0] else true()            # a status is never missing
+    alternatives = [column == v.code if v.code is not None else true() for v in item.values
+                    if v.system is None or v.system == STATUS_SYSTEM]
+    matched = or_(false(), *alternatives)
+    return not_(matched) if item.modifier == "not" else matched
+
+
 def reference_clause(value: Reference) -> ColumnElement[bool]:
     if value.type is None:
         return SearchIndexRow.code == value.id
@@ -105,6 +118,8 @@ def filter_clause(resource_type: str, key: Any, item: Filter, *, by_seq: bool = 
         if item.modifier == "missing":
             return start.is_(None) if item.values[0] else start.is_not(None)
         return or_(false(), *[date_clause(start, end, v) for v in item.values])
+    if param.column:
+        return column_token_clause(getattr(spec.row, param.column), item)
     name = param.key + (":identifier" if item.modifier == "identifier" else "")
     references = reference_clause
     if resource_type == "Provenance" and name == "entity":          # its own table, probed by seq everywhere
