@@ -93,12 +93,40 @@ def test_every_problem_is_reported_with_file_and_field(tmp_path):
         load_mapping(path)
     problems = info.value.problems
     assert set(problems) >= {
-        f"{path}: inputs.heart_rate.value.unit",
-        f"{path}: inputs.resp_rate.value.codes",
-        f"{path}: inputs.temperature.value.plausible",
+        f"{path}: inputs.heart_rate.unit",
+        f"{path}: inputs.resp_rate.codes",
+        f"{path}: inputs.temperature.plausible",
         f"{path}: surprise",
     }, problems
-    assert "unknown unit" in " ".join(problems[f"{path}: inputs.heart_rate.value.unit"])
+    assert "unknown unit" in " ".join(problems[f"{path}: inputs.heart_rate.unit"])
+    assert not any(".value." in where for where in problems), problems
+
+
+def test_error_paths_are_the_paths_in_the_file(tmp_path):
+    """marshmallow's Dict fields nest errors under 'key'/'value' segments the file does not have."""
+    doc = read_file(REPO / "mappings" / "triage.yaml")
+    doc["inputs"]["mental"]["value"] = "text"                        # the input's own 'value:' field
+    doc["inputs"]["heart_rate"]["unit_aliases"] = {"bpm?": "beats per fortnight"}
+    doc["inputs"]["complaint"]["categories"]["Chest Pain"] = {"label": "x", "keywords": ["chest"]}
+    doc["inputs"]["Pulse"] = {"resource": "Observation", "label": "Pulse", "codes": [{"system": "s", "code": "c"}],
+                              "unit": "/min"}
+    doc["inputs"]["value"] = doc["inputs"].pop("spo2")                # an input may be named 'value'
+    doc["inputs"]["value"]["unit"] = "per cent"
+    doc["features"] = [f for f in doc["features"] if f["input"] != "spo2"]
+    path = _write(tmp_path, doc, name="triage.yaml")
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    problems = info.value.problems
+    assert set(problems) == {
+        f"{path}: inputs.mental.value",
+        f"{path}: inputs.heart_rate.unit_aliases.bpm?",
+        f"{path}: inputs.complaint.categories.Chest Pain",
+        f"{path}: inputs.Pulse",
+        f"{path}: inputs.value.unit",
+    }, problems
+    assert "Must be one of" in problems[f"{path}: inputs.mental.value"][0]
+    assert problems[f"{path}: inputs.Pulse"] == [
+        "name 'Pulse': use lower-case letters, digits and _, starting with a letter"]
 
 
 def test_encounter_classes_are_checked(tmp_path):
@@ -173,7 +201,7 @@ def test_cli_mappings_check(tmp_path):
     _write(tmp_path, doc)
     bad = runner.invoke(main, ["mappings", "check", str(tmp_path)])
     assert bad.exit_code == 1
-    assert "deterioration.yaml: inputs.heart_rate.value.statuses.1" in bad.output
+    assert "deterioration.yaml: inputs.heart_rate.statuses.1" in bad.output
 
 
 def test_service_refuses_to_start_on_invalid_mapping(tmp_path):

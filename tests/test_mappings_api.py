@@ -31,7 +31,7 @@ def test_list_check_and_reload(mappings_dir, client):
     path.write_text(good.replace("unit: /min", "unit: /fortnight", 1))
     bad = client.post("/mappings/$check").json
     assert bad["issue"][0]["severity"] == "error"
-    assert bad["issue"][0]["expression"] == [f"{path}: inputs.heart_rate.value.unit"]
+    assert bad["issue"][0]["expression"] == [f"{path}: inputs.heart_rate.unit"]
 
     refused = client.post("/mappings/$reload")
     assert refused.status_code == 422

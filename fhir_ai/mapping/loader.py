@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError, fields
 
 from ..errors import MappingError
 from . import units
@@ -149,18 +149,41 @@ def read_file(path: Path) -> Any:
     return yaml.safe_load(text)
 
 
-def _flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
-    """marshmallow's nested error dict → {'inputs.heart_rate.unit': [...]}."""
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _flatten(messages: Any, field: fields.Field | Schema | None, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error dict → {'inputs.heart_rate.unit': [...]}: the YAML path of each problem.
+
+    Walked alongside the schema: marshmallow puts a ``fields.Dict`` entry's errors under a ``key`` or
+    ``value`` segment that is not in the file ('inputs.heart_rate.value.unit'), and an input may itself
+    be named ``value``, so the segment cannot be told apart by its text.
+    """
+    if not isinstance(messages, dict):
+        texts = [str(m) for m in messages] if isinstance(messages, list) else [str(messages)]
+        return {prefix or "(file)": texts}
+    if isinstance(field, fields.Nested):
+        field = field.schema
     out: dict[str, list[str]] = {}
-    if isinstance(messages, dict):
-        for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix and key != "_schema" else (prefix or str(key))
-            for sub, msgs in _flatten(value, path).items():
-                out.setdefault(sub, []).extend(msgs)
-    elif isinstance(messages, list):
-        out.setdefault(prefix or "(file)", []).extend(str(m) for m in messages)
-    else:
-        out.setdefault(prefix or "(file)", []).append(str(messages))
+    for key, value in messages.items():
+        path = _join(prefix, key)
+        if key == "_schema":
+            found = _flatten(value, None, prefix)
+        elif isinstance(field, Schema):
+            found = _flatten(value, field.fields.get(str(key)), path)
+        elif isinstance(field, fields.List):
+            found = _flatten(value, field.inner, path)
+        elif isinstance(field, fields.Dict) and isinstance(value, dict) and value and set(value) <= {"key", "value"}:
+            found = {}
+            if "key" in value:          # the entry's name itself is wrong
+                found[path] = [f"name {key!r}: {m}" for m in _flatten(value["key"], None, path)[path]]
+            for where, msgs in _flatten(value.get("value", {}), field.value_field, path).items():
+                found.setdefault(where, []).extend(msgs)
+        else:                           # a schema's own check, keyed as in the file
+            found = _flatten(value, None, path)
+        for where, msgs in found.items():
+            out.setdefault(where, []).extend(msgs)
     return out
 
 
@@ -168,10 +191,11 @@ def validate_document(document: Any, path: Path) -> tuple[dict | None, dict[str,
     """(validated data, problems keyed 'file: field.path')."""
     if not isinstance(document, dict):
         return None, {f"{path}: (file)": ["a mapping file must hold a table/dictionary at its top"]}
+    schema = MappingSchema()
     try:
-        data = MappingSchema().load(document)
+        data = schema.load(document)
     except ValidationError as exc:
-        return None, {f"{path}: {where}": msgs for where, msgs in _flatten(exc.messages).items()}
+        return None, {f"{path}: {where}": msgs for where, msgs in _flatten(exc.messages, schema).items()}
     return data, {}
 
 

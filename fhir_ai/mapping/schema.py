@@ -99,7 +99,8 @@ class InputSchema(_Strict):
                            validate=validate.Length(min=1))
     values = fields.Dict(keys=fields.String(), values=fields.Float(allow_nan=False))
     element = fields.String()
-    categories = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[a-z0-9_]+$")),
+    categories = fields.Dict(keys=fields.String(validate=validate.Regexp(
+                                 r"^[a-z0-9_]+$", error="use lower-case letters, digits and _")),
                              values=fields.Nested(CategorySchema))
 
     @validates_schema
@@ -181,7 +182,8 @@ class MappingSchema(_Strict):
     version = fields.String(required=True)
     description = fields.String()
     defaults = fields.Nested(DefaultsSchema, load_default=dict)
-    inputs = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[a-z][a-z0-9_]*$")),
+    inputs = fields.Dict(keys=fields.String(validate=validate.Regexp(
+                             r"^[a-z][a-z0-9_]*$", error="use lower-case letters, digits and _, starting with a letter")),
                          values=fields.Nested(InputSchema), required=True,
                          validate=validate.Length(min=1))
     features = fields.List(fields.Nested(FeatureSchema), required=True, validate=validate.Length(min=1))
