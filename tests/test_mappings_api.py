@@ -61,6 +61,25 @@ def test_reload_refuses_a_mapping_that_no_longer_fits_its_model(mappings_dir, cl
     assert "features do not match model triage" in response.json["issue"][0]["diagnostics"]
 
 
+def test_reload_refusal_lists_every_problem_as_check_does(mappings_dir, client):
+    """One issue per problem, each naming file and field (it was one issue with every problem joined)."""
+    path = mappings_dir / "deterioration.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("unit: /min", "unit: /fortnight", 1).replace("unit: Cel", "unit: degrees", 1))
+    triage = mappings_dir / "triage.yaml"
+    triage.write_text(triage.read_text().replace("    value: coding\n", "    value: text\n", 1))
+    checked = client.post("/mappings/$check").json
+    refused = client.post("/mappings/$reload")
+    assert refused.status_code == 422
+    assert refused.json["issue"] == checked["issue"]
+    where = [issue["expression"] for issue in refused.json["issue"]]
+    assert where == [[f"{path}: inputs.heart_rate.unit"], [f"{path}: inputs.temperature.unit"],
+                     [f"{triage}: inputs.mental.value"]]
+    for issue in refused.json["issue"]:
+        assert issue["severity"] == "error" and issue["code"] == "invalid"
+        assert issue["diagnostics"].startswith(issue["expression"][0] + ": ")
+
+
 def add_local_heart_rate_code(path: Path) -> None:
     text = path.read_text()
     changed = text.replace("    - system: http://loinc.org\n      code: 8867-4\n",

@@ -7,7 +7,6 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 
 from ..auth.policy import requires
-from ..errors import Unprocessable
 from .. import reloads
 from ..models.registry import check_mappings
 from ..pipeline import Pipeline
@@ -27,11 +26,13 @@ def _problems(pipeline: Pipeline) -> tuple[dict[str, Any], dict[str, list[str]]]
 
 
 def _outcome(problems: dict[str, list[str]], ok_text: str) -> dict[str, Any]:
+    """One issue per problem, as ``$check`` and a refused ``$reload`` both answer: the file and field in
+    ``expression`` and at the head of ``diagnostics`` (as ``fhir-ai mappings check`` and start-up print it)."""
     if not problems:
         return {"resourceType": "OperationOutcome",
                 "issue": [{"severity": "information", "code": "informational", "diagnostics": ok_text}]}
     return {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "invalid", "diagnostics": message, "expression": [where]}
+        {"severity": "error", "code": "invalid", "diagnostics": f"{where}: {message}", "expression": [where]}
         for where, messages in sorted(problems.items()) for message in messages]}
 
 
@@ -72,10 +73,8 @@ def reload():  # type: ignore[no-untyped-def]
     """
     pipeline = _pipeline()
     found, problems = reloads.load_from_disk(pipeline)
-    if problems:
-        raise Unprocessable("mappings not reloaded: " + "; ".join(
-            f"{where}: {m}" for where, msgs in sorted(problems.items()) for m in msgs),
-            expression=sorted(problems))
+    if problems:        # nothing was loaded: every problem, one issue each (as $check)
+        return fhir_response(_outcome(problems, ""), 422)
     seq = reloads.follower(pipeline).announce(actors.current().client_id)
     log.info("mappings reloaded (reload %d): %s", seq, ", ".join(f"{k} {m.version}" for k, m in sorted(found.items())))
     models = pipeline.registry.models
