@@ -119,6 +119,11 @@ class ModelError(ConfigurationError):
     """A model file is missing, unreadable, or does not fit its mapping."""
 
 
+class MappingMismatch(MappingError, ModelError):
+    """A valid mapping that does not fit the model trained with it (features, input units), keyed
+    'file: field.path' like every other mapping problem."""
+
+
 class Unauthorized(FhirAiError):
     status = 401
     code = "login"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import tomllib
 from pathlib import Path
@@ -11,13 +12,14 @@ import yaml
 from click.testing import CliRunner
 
 from fhir_ai.cli import main
-from fhir_ai.errors import MappingError, ModelError
+from fhir_ai.errors import MappingError, MappingMismatch, ModelError
 from fhir_ai.mapping import load_directory, load_mapping
 from fhir_ai.mapping.loader import read_file
-from fhir_ai.models.registry import check_against_mapping, load_model
+from fhir_ai.models.registry import ModelRegistry, check_against_mapping, check_mappings, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "mappings" / "deterioration.yaml"
+MODELS = REPO / "fhir_ai" / "models" / "trained"
 PHYSIONET_CSV = REPO.parent / "shared" / "data" / "physionet2012" / "fhir-mapping.csv"
 
 
@@ -210,3 +212,67 @@ def test_service_refuses_to_start_on_invalid_mapping(tmp_path):
     (tmp_path / "deterioration.yaml").write_text(DEFAULT.read_text().replace("unit: /min", "unit: /fortnight", 1))
     with pytest.raises(MappingError, match="inputs.heart_rate"):
         create_app({"mappings_dir": str(tmp_path), "instance_path": str(tmp_path / "instance")})
+
+
+def _folder_with(tmp_path: Path, old: str, new: str, name: str = "deterioration.yaml") -> Path:
+    """The shipped mappings, with ``old`` replaced by ``new`` (once) in ``name``."""
+    folder = tmp_path / "mappings"
+    shutil.copytree(REPO / "mappings", folder)
+    text = (folder / name).read_text()
+    assert old in text
+    (folder / name).write_text(text.replace(old, new, 1))
+    return folder
+
+
+def test_the_shipped_cards_record_the_units_their_models_were_trained_on():
+    """Each card's units are those of the mapping file it names by digest; the shipped mappings keep them."""
+    for model_id in ("deterioration", "triage"):
+        card = load_model(MODELS / model_id).card
+        mapping = load_mapping(REPO / "mappings" / f"{model_id}.yaml")
+        assert card["mapping"]["units"] == mapping.feature_units, model_id
+    assert check_mappings(REPO / "mappings", MODELS)[1] == {}
+
+
+@pytest.mark.parametrize("old, new, where, says", [
+    # the walkthrough's case: another kind of quantity, every heart rate dropped at scoring
+    ("unit: /min", "unit: kg", "inputs.heart_rate.unit", "'kg' measures mass, not rate"),
+    # the same kind on another scale is worse: nothing is dropped, the model reads other numbers
+    ("unit: mg/dL\n    plausible:\n    - 10\n", "unit: mmol/L\n    plausible:\n    - 10\n",
+     "inputs.glucose.unit", "on another scale"),        # convertible by its molar mass, still not the same
+    ("unit: Cel", "unit: '[degF]'", "inputs.temperature.unit", "on another scale"),
+])
+def test_an_input_unit_other_than_the_trained_one_is_refused(tmp_path, old, new, where, says):
+    folder = _folder_with(tmp_path, old, new)
+    path = folder / "deterioration.yaml"
+    _, problems = check_mappings(folder, MODELS)
+    assert list(problems) == [f"{path}: {where}"], problems
+    message = problems[f"{path}: {where}"][0]
+    assert "model deterioration" in message and "was trained on this input in" in message and says in message
+    with pytest.raises(MappingMismatch) as info:         # start-up: the same problem, file and field
+        ModelRegistry.load(MODELS, load_directory(folder))
+    assert info.value.problems == problems
+    assert isinstance(info.value, ModelError)
+
+
+def test_another_code_for_the_trained_unit_is_accepted(tmp_path):
+    folder = _folder_with(tmp_path, "unit: /min", "unit: '{beats}/min'")
+    assert check_mappings(folder, MODELS)[1] == {}
+
+
+def test_a_card_without_units_is_checked_on_features_only(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "deterioration", models / "deterioration")
+    card = json.loads((models / "deterioration" / "card.json").read_text())
+    del card["mapping"]["units"]
+    (models / "deterioration" / "card.json").write_text(json.dumps(card))
+    folder = _folder_with(tmp_path, "unit: /min", "unit: kg")
+    found, problems = check_mappings(folder, models)
+    assert problems == {} and "deterioration" in found
+
+
+def test_service_refuses_to_start_on_a_unit_the_model_was_not_trained_on(tmp_path):
+    from fhir_ai.app import create_app
+    folder = _folder_with(tmp_path, "unit: /min", "unit: kg")
+    with pytest.raises(MappingError) as info:
+        create_app({"mappings_dir": str(folder), "instance_path": str(tmp_path / "instance")})
+    assert f"{folder / 'deterioration.yaml'}: inputs.heart_rate.unit: model deterioration" in str(info.value)

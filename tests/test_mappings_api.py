@@ -80,6 +80,19 @@ def test_reload_refusal_lists_every_problem_as_check_does(mappings_dir, client):
         assert issue["diagnostics"].startswith(issue["expression"][0] + ": ")
 
 
+def test_an_input_unit_the_model_was_not_trained_on_is_neither_valid_nor_loaded(mappings_dir, client):
+    """The walkthrough: heart_rate in kg passed $check and $reload, then every heart rate was dropped."""
+    served = client.application.extensions["fhir_ai"].registry
+    path = mappings_dir / "deterioration.yaml"
+    path.write_text(path.read_text().replace("unit: /min", "unit: kg", 1))
+    checked = client.post("/mappings/$check").json
+    assert [issue["expression"] for issue in checked["issue"]] == [[f"{path}: inputs.heart_rate.unit"]]
+    assert "trained on this input in '/min'" in checked["issue"][0]["diagnostics"]
+    refused = client.post("/mappings/$reload")
+    assert refused.status_code == 422 and refused.json["issue"] == checked["issue"]
+    assert client.application.extensions["fhir_ai"].registry is served
+
+
 def add_local_heart_rate_code(path: Path) -> None:
     text = path.read_text()
     changed = text.replace("    - system: http://loinc.org\n      code: 8867-4\n",

@@ -39,7 +39,11 @@ def test_training_writes_model_and_card(tiny_model):
     assert card["training"]["stays"] == 300
     assert set(card["training"]["data_sha256"]) == {"set-a.tar.gz", "Outcomes-a.txt", "holdout-ids.txt"}
     assert card["training"]["command"].startswith("fhir-ai train deterioration")
-    assert card["features"] == load_mapping(REPO / "mappings" / "deterioration.yaml").feature_names
+    mapping = load_mapping(REPO / "mappings" / "deterioration.yaml")
+    assert card["features"] == mapping.feature_names
+    # The unit of every input the features read: a served mapping must keep it (registry.mapping_problems).
+    assert card["mapping"]["units"] == mapping.feature_units
+    assert card["mapping"]["units"]["heart_rate"] == "/min" and card["mapping"]["units"]["age"] is None
     assert 0 < card["thresholds"]["moderate"] < card["thresholds"]["high"] < 1
     assert 0.5 < card["metrics"]["model"]["auroc"] <= 1
     assert "set-c" in card["training"]["data"]

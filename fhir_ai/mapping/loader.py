@@ -107,6 +107,13 @@ class Mapping:
         return [f.name for f in self.features]
 
     @property
+    def feature_units(self) -> dict[str, str | None]:
+        """{input: its UCUM unit, None for a value without one} for every input a feature reads: the
+        numbers a model trained on this mapping sees (values are converted into the input's unit)."""
+        used = {f.input for f in self.features}
+        return {spec.name: spec.unit for spec in self.input_list if spec.name in used}
+
+    @property
     def input_list(self) -> list[Input]:
         return sorted(self.inputs.values(), key=lambda i: i.index)
 

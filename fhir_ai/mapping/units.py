@@ -107,6 +107,20 @@ def is_known(code: str) -> bool:
     return normalise_unit(code) is not None
 
 
+def dimension(code: str | None) -> str | None:
+    """What a unit measures ('rate', 'mass', ...), None for a unit not in the table."""
+    unit = _UNITS.get(normalise_unit(code) or "")
+    return unit.dimension if unit else None
+
+
+def same_unit(a: str | None, b: str | None) -> bool:
+    """Two codes for one unit ('/min' and '{beats}/min', '10*3/uL' and '10*9/L'): values need no conversion."""
+    if a == b:
+        return True
+    found = conversion(normalise_unit(a) or "", normalise_unit(b) or "")
+    return found is not None and abs(found[0] - 1.0) < 1e-12 and abs(found[1]) < 1e-12
+
+
 @lru_cache(maxsize=4096)
 def conversion(source: str, target: str, molar_mass: float | None = None) -> tuple[float, float] | None:
     """(scale, offset) such that ``value_in_target = value * scale + offset``, or None if incommensurable.

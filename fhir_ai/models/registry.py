@@ -15,8 +15,8 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from ..errors import ModelError, NotSupported
-from ..mapping import Mapping
+from ..errors import MappingMismatch, ModelError, NotSupported
+from ..mapping import Input, Mapping, units
 from .metrics import apply_calibration
 from .treeshap import TreeExplainer
 
@@ -221,11 +221,10 @@ def load_model(directory: Path | str, mapping: Mapping | None = None) -> LoadedM
     return model
 
 
-def check_against_mapping(model: LoadedModel, mapping: Mapping) -> None:
-    """The mapping must produce exactly the model's features, in the model's order."""
+def _feature_problem(model: LoadedModel, mapping: Mapping) -> str | None:
     expected, actual = model.feature_names, mapping.feature_names
     if expected == actual:
-        return
+        return None
     missing = [f for f in expected if f not in actual]
     extra = [f for f in actual if f not in expected]
     detail = []
@@ -237,20 +236,74 @@ def check_against_mapping(model: LoadedModel, mapping: Mapping) -> None:
         first = next(i for i, (a, b) in enumerate(zip(expected, actual)) if a != b)
         detail.append(f"order differs from position {first}: model has {expected[first]!r}, "
                       f"mapping has {actual[first]!r}")
-    raise ModelError(f"{mapping.path}: features do not match model {model.model_id} {model.version}: "
-                     + "; ".join(detail), expression=f"{mapping.path}: features")
+    return f"features do not match model {model.model_id} {model.version}: " + "; ".join(detail)
+
+
+def _unit_problem(model: LoadedModel, trained: str | None, spec: Input) -> str | None:
+    """Why an input's unit in the served mapping is not the one the model was trained on, or None.
+
+    The extractor converts every value into the input's declared unit, so that unit is the scale of the
+    model's feature: any other unit, even one of the same kind (mmol/L for mg/dL, /h for /min), gives the
+    model other numbers; one of another kind (kg for /min) drops every value.
+    """
+    served = spec.unit
+    if units.same_unit(trained, served):
+        return None
+    by = f"model {model.model_id} {model.version} was trained on this input"
+    if trained is None:
+        return f"{by} without a unit (not a quantity), not in {served!r}: changing its value type needs retraining"
+    if served is None:
+        return f"{by} in {trained!r}; without a unit its values are not that quantity: declare {trained!r}"
+    convertible = units.conversion(units.normalise_unit(served) or "", units.normalise_unit(trained) or "",
+                                   spec.molar_mass) is not None
+    what = (f"in {served!r} the model would read every value on another scale" if convertible else
+            f"{served!r} measures {units.dimension(served) or 'something else'}, not {units.dimension(trained)} "
+            "(every value would be dropped)")
+    return (f"{by} in {trained!r}; {what}: declare {trained!r} (values sent in other units are converted "
+            "into it) or retrain the model on the new unit")
+
+
+def mapping_problems(model: LoadedModel, mapping: Mapping) -> dict[str, list[str]]:
+    """Why a mapping does not fit its trained model ('file: field.path' → messages; empty if it does):
+    the features (names and order) and the unit of each input they read, as the card recorded at training
+    (``mapping.units``; a card written before units were recorded is checked on features only)."""
+    problems: dict[str, list[str]] = {}
+    feature_problem = _feature_problem(model, mapping)
+    if feature_problem:
+        problems[f"{mapping.path}: features"] = [feature_problem]
+    trained_with = model.card.get("mapping") or {}
+    trained_units = trained_with.get("units")
+    if trained_units is None:
+        if trained_with.get("digest") != mapping.digest:
+            log.warning("model %s %s: its card records no input units; the units of %s are not checked against it",
+                        model.model_id, model.version, mapping.path)
+        return problems
+    for name in mapping.feature_units:
+        if name not in trained_units:      # an input the model never read: the features differ (above)
+            continue
+        problem = _unit_problem(model, trained_units[name], mapping.inputs[name])
+        if problem:
+            problems[f"{mapping.path}: inputs.{name}.unit"] = [problem]
+    return problems
+
+
+def check_against_mapping(model: LoadedModel, mapping: Mapping) -> None:
+    """The mapping must produce exactly the model's features, in the model's order, in the trained units."""
+    problems = mapping_problems(model, mapping)
+    if problems:
+        raise MappingMismatch(problems)
 
 
 def check_mappings(mappings_dir: Path | str, models_dir: Path | str) -> tuple[dict[str, Mapping], dict[str, list[str]]]:
     """Every mapping in a folder as it is on disk now, and every problem ('file: field.path' → messages),
-    including a mapping whose features no longer fit its trained model (names and order)."""
+    including a mapping that no longer fits its trained model (features, input units)."""
     from ..mapping import check_directory
     found, problems = check_directory(mappings_dir)
     for model_id, mapping in found.items():
         directory = Path(models_dir) / model_id
         if (directory / MODEL_FILE).exists():
             try:
-                check_against_mapping(load_model(directory), mapping)
+                problems.update(mapping_problems(load_model(directory), mapping))
             except ModelError as exc:
                 problems.setdefault(f"{mapping.path}: features", []).append(exc.message)
     return found, problems
@@ -286,13 +339,17 @@ class ModelRegistry:
     def load(cls, models_dir: Path | str, mappings: dict[str, Mapping]) -> "ModelRegistry":
         models_dir = Path(models_dir)
         models: dict[str, LoadedModel] = {}
+        problems: dict[str, list[str]] = {}
         for model_id, mapping in mappings.items():
             directory = models_dir / model_id
             if not (directory / MODEL_FILE).exists():
                 log.warning("mapping %s has no trained model in %s; it cannot be assessed", model_id, models_dir)
                 continue
-            models[model_id] = load_model(directory, mapping)
+            models[model_id] = load_model(directory)
+            problems.update(mapping_problems(models[model_id], mapping))
             log.info("loaded model %s version %s", model_id, models[model_id].version)
+        if problems:        # every mapping's problems at once, as $check lists them
+            raise MappingMismatch(problems)
         return cls(models, mappings)
 
     def warm(self) -> None:

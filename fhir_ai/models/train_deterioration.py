@@ -120,7 +120,7 @@ def train(data_dir: Path | str, out_dir: Path | str, mapping: Mapping, *, seed: 
                     "time_frame": "until hospital discharge"},
         "probability_convention": "probabilityDecimal is a calibrated probability in 0-1 (not percent).",
         "features": names,
-        "mapping": {"file": mapping.path.name, "version": mapping.version, "digest": mapping.digest},
+        "mapping": training.mapping_record(mapping),
         "calibration": calibration,
         "thresholds": {"moderate": moderate, "high": float(high),
                        "rule": (f"high: calibrated probability >= the threshold maximising event-1 "

@@ -137,7 +137,7 @@ def train(data_dir: Path | str, out_dir: Path | str, mapping: Mapping, *, seed: 
                                    "predicted level is the one with the highest urgency-weighted probability; "
                                    "it is marked with qualitativeRisk 'high' (see decision rule)."),
         "features": names,
-        "mapping": {"file": mapping.path.name, "version": mapping.version, "digest": mapping.digest},
+        "mapping": training.mapping_record(mapping),
         "decision": {"beta": beta, "weights": urgency_weights(beta).tolist(),
                      "rule": (f"level = argmax(p_k * w_k) with w = beta^(5-k), beta {beta}: the smallest weighting "
                               f"whose out-of-fold under-triage rate is at most the nurses' "

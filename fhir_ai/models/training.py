@@ -12,6 +12,7 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from ..mapping import Mapping
 from .registry import CARD_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ def cross_fitted(fit_fn: Any, apply_fn: Any, oof: np.ndarray, y: np.ndarray,
     for train_idx, test_idx in splits:
         out[test_idx] = apply_fn(fit_fn(oof[train_idx], y[train_idx]), oof[test_idx])
     return out
+
+
+def mapping_record(mapping: Mapping) -> dict[str, Any]:
+    """The card's ``mapping``: which file the model was trained with, and the unit of each input its
+    features read (a served mapping must keep those units; see registry.mapping_problems)."""
+    return {"file": mapping.path.name, "version": mapping.version, "digest": mapping.digest,
+            "units": mapping.feature_units}
 
 
 def environment() -> dict[str, str]:
