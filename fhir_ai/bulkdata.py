@@ -37,6 +37,7 @@ from .search import parse_query
 from .search.params import MAX_COUNT
 from .store import Store
 from .store.indexing import split_reference
+from .store.provenance import MappingUsed
 from .store.trail import NewAssessment
 
 log = logging.getLogger(__name__)
@@ -895,7 +896,8 @@ def export_and_assess(settings: Settings, registry: Any, jobs: JobStore, client:
                                 progress=False)
             run.patients, run.assessed = stats.patients, stats.assessed
             # Scored: kept here even if the job ended meanwhile (no assessment is lost); not written back then.
-            run.stored, superseded = store_results(jobs.store, output)
+            scored_with = {m: MappingUsed.of(registry.get(m)[1]) for m in models or ["deterioration"]}
+            run.stored, superseded = store_results(jobs.store, output, mappings=scored_with)
             heartbeat.check()
             if settings.write_back if write_back is None else write_back:
                 # An assessment stored before and changed since (withdrawn) is not sent again as it was:
@@ -954,18 +956,22 @@ def _emptied(folder: Path) -> Path:
     return folder
 
 
-def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH) -> tuple[int, set[str]]:
+def store_results(store: Store, path: Path, *, batch: int = STORE_BATCH,
+                  mappings: dict[str, MappingUsed] | None = None) -> tuple[int, set[str]]:
     """Keep every RiskAssessment of a scored export in the local store, as ``$assess`` keeps its own:
-    versioned, with Provenance (model, version, inputs), an AuditEvent each and search entries, so
-    auditors find them and no assessment exists only at the hospital. ``batch`` assessments per
-    transaction; a re-run's repeats (same identifier) are audited as repeats, not stored twice.
+    versioned, with Provenance (model, version, inputs, and the mapping of ``mappings`` by model id),
+    an AuditEvent each and search entries, so auditors find them and no assessment exists only at the
+    hospital. ``batch`` assessments per transaction; a re-run's repeats (same identifier) are audited
+    as repeats, not stored twice.
     Returns how many were new, and the ids of repeats whose stored copy has changed since (withdrawn)."""
     created, superseded = 0, set()
+    mappings = mappings or {}
     for chunk in _chunks(read_ndjson(path), batch):
         items = []
         for resource in chunk:
             method = resource["method"]["coding"][0]
-            items.append(NewAssessment(resource, method["code"], method["version"]))
+            items.append(NewAssessment(resource, method["code"], method["version"],
+                                       mapping=mappings.get(method["code"])))
         for saved in store.save_assessments(items):
             created += saved.created
             if not saved.created and saved.resource.get("meta", {}).get("versionId") != "1":

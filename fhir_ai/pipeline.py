@@ -19,6 +19,7 @@ from .assessment import Scored
 from .models.registry import LoadedModel
 from .models.scoring import news2_scores, score_binary, score_triage
 from .store import NewAssessment, Store
+from .store.provenance import MappingUsed
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Pipeline:
         as_of = as_of or assessment.now()
         write_back = self.settings.write_back if write_back is None else write_back
         result = AssessResult()
-        planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []   # per model: warnings, resources
+        planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]], MappingUsed]] = []  # per model
         for model_id, fs in self.features_for(patient_id, models, as_of, resources, encounter).items():
             model, _ = self.registry.get(model_id)
             scored, resources_out = build_assessments(model, fs)
@@ -124,23 +125,24 @@ class Pipeline:
             if scored[0].dropped:
                 issues.append(warning("value", f"{model_id}: {len(scored[0].dropped)} value(s) not used "
                                       "(see RiskAssessment.note)"))
-            planned.append((issues, resources_out[0]))
+            # The mapping these features were read with, even if a $reload has replaced it since.
+            planned.append((issues, resources_out[0], MappingUsed.of(fs.mapping)))
         self._store(planned, patient_id, write_back, result)
         return result
 
-    def _store(self, planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]], patient_id: str,
-               write_back: bool, result: AssessResult) -> None:
+    def _store(self, planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]], MappingUsed]],
+               patient_id: str, write_back: bool, result: AssessResult) -> None:
         """Store every assessment of one request in one transaction, then write each back (in order,
         each model's warnings before its write-back issues)."""
         target = self._target() if write_back else None
         items = []
-        for _, resources in planned:
+        for _, resources, mapping in planned:
             for resource in resources:
                 assessment.validate(resource)
                 method = resource["method"]["coding"][0]
-                items.append(NewAssessment(resource, method["code"], method["version"], target))
+                items.append(NewAssessment(resource, method["code"], method["version"], target, mapping))
         saved_all = iter(self.store.save_assessments(items))
-        for issues, resources in planned:
+        for issues, resources, _ in planned:
             result.issues.extend(issues)
             for resource in resources:
                 saved = next(saved_all)

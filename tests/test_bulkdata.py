@@ -239,7 +239,7 @@ def test_a_run_scores_everyone_and_writes_back_in_bounded_transactions(
     job = jobs.last("bulk-export", f"{BASE}/Group/ward-3/$export")
     assert job is not None and job.result["transactionTime"] == "2026-11-20T08:00:00Z"
     # Every assessment is kept here too, as $assess keeps its own: stored, with its Provenance
-    # (model version, inputs) and a 'create' AuditEvent, nothing queued (all were written back).
+    # (model version, inputs, mapping) and a 'create' AuditEvent, nothing queued (all were written back).
     assert run.stored == 12 and job.result["stored"] == 12
     store = jobs.store
     for line in lines:
@@ -252,7 +252,8 @@ def test_a_run_scores_everyone_and_writes_back_in_bounded_transactions(
     what = [e["what"] for e in provenance[some["id"]]["entity"]]
     assert [w["reference"] for w in what if "reference" in w] == [b["reference"] for b in some["basis"]]
     assert [w["identifier"]["value"] for w in what if "identifier" in w] == [
-        f"deterioration|{some['method']['coding'][0]['version']}"]           # the model card
+        f"deterioration|{some['method']['coding'][0]['version']}",            # the model card
+        f"deterioration|{registry.mappings['deterioration'].digest}"]       # the mapping it was scored with
     created = [a for a in audits if a["action"] == "C"]
     assert len(created) == 12
     # Each delivery is on record (target, delivered), so a later withdrawal is written back there too.

@@ -5,9 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fhir.resources.R4B.provenance import Provenance
+
+from fhir_ai.cli import main
+from fhir_ai.models.registry import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 FHIR = "application/fhir+json"
+MAPPING_SYSTEM = "https://fhir-ai.invalid/mapping"
 
 
 @pytest.fixture
@@ -91,6 +96,49 @@ def test_an_input_unit_the_model_was_not_trained_on_is_neither_valid_nor_loaded(
     refused = client.post("/mappings/$reload")
     assert refused.status_code == 422 and refused.json["issue"] == checked["issue"]
     assert client.application.extensions["fhir_ai"].registry is served
+
+
+def _assess(client, patient: str) -> list[dict]:
+    answer = client.post(f"/Patient/{patient}/$assess", content_type=FHIR, json={
+        "resourceType": "Parameters", "parameter": [{"name": "asOf", "valueDateTime": "2026-11-20T08:00:00Z"}]})
+    assert answer.status_code == 200, answer.json
+    return [e["resource"] for e in answer.json["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+
+
+def _mapping_entities(client, assessment: dict) -> list[dict]:
+    bundle = client.get(f"/Provenance?target=RiskAssessment/{assessment['id']}").json
+    prov = bundle["entry"][0]["resource"]
+    Provenance.model_validate(prov)
+    return [e for e in prov["entity"] if e["what"].get("identifier", {}).get("system") == MAPPING_SYSTEM]
+
+
+def test_provenance_names_the_mapping_an_assessment_was_made_with(mappings_dir, client, runner):
+    """After a legitimate change (an added hospital code) the served mapping is not the trained one:
+    each assessment's Provenance says which mapping file (sha256) its inputs went through."""
+    trained = load_model(REPO / "fhir_ai" / "models" / "trained" / "deterioration").card["mapping"]["digest"]
+    before = _assess(client, "demo-005")           # the model's RiskAssessment and its NEWS2 companion
+    assert len(before) == 2
+    for assessment in before:
+        entities = _mapping_entities(client, assessment)
+        assert entities == [{"role": "source", "what": {
+            "identifier": {"system": MAPPING_SYSTEM, "value": f"deterioration|{trained}"},
+            "display": f"mapping deterioration.yaml version 1 (sha256 {trained})"}}]
+
+    add_local_heart_rate_code(mappings_dir / "deterioration.yaml")
+    assert client.post("/mappings/$reload").status_code == 200
+    served = {m["model"]: m["digest"] for m in client.get("/mappings").json["mappings"]}["deterioration"]
+    assert served != trained
+    after = _assess(client, "demo-002")
+    for assessment in after:
+        assert [e["what"]["identifier"]["value"] for e in _mapping_entities(client, assessment)] == [
+            f"deterioration|{served}"]
+    # Auditors find every assessment made through a given mapping file ...
+    found = client.get(f"/Provenance?entity:identifier={MAPPING_SYSTEM}|deterioration|{served}").json
+    assert sorted(e["resource"]["target"][0]["reference"] for e in found["entry"]) == sorted(
+        f"RiskAssessment/{a['id']}/_history/1" for a in after)
+    # ... and the audit trail still verifies.
+    verified = runner.invoke(main, ["audit", "verify", "--no-progress"])
+    assert verified.exit_code == 0, verified.output
 
 
 def add_local_heart_rate_code(path: Path) -> None:

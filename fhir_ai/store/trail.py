@@ -32,11 +32,13 @@ class VersionConflict(FhirAiError):
 
 @dataclass
 class NewAssessment:
-    """One assessment to store with ``save_assessments``: the resource and the model that made it."""
+    """One assessment to store with ``save_assessments``: the resource, the model that made it and the
+    mapping its inputs went through (both named in its Provenance)."""
     resource: dict[str, Any]
     model_id: str
     model_version: str
     write_back_target: str | None = None
+    mapping: provenance.MappingUsed | None = None
 
 
 @dataclass
@@ -184,7 +186,7 @@ class TrailMixin:
         stored = dict(resource)
         stored["meta"] = {**resource.get("meta", {}), "versionId": "1", "lastUpdated": stamp}
         prov = provenance.for_assessment(stored, model_id=item.model_id, model_version=item.model_version,
-                                         actor=actor, recorded=now)
+                                         actor=actor, recorded=now, mapping=item.mapping)
         prov["meta"] = {"versionId": "1", "lastUpdated": stamp}
         start, end = _occurrence(resource)
         prediction = (resource.get("prediction") or [{}])[0]
