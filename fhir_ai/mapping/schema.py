@@ -183,7 +183,8 @@ class MappingSchema(_Strict):
     description = fields.String()
     defaults = fields.Nested(DefaultsSchema, load_default=dict)
     inputs = fields.Dict(keys=fields.String(validate=validate.Regexp(
-                             r"^[a-z][a-z0-9_]*$", error="use lower-case letters, digits and _, starting with a letter")),
+                             r"^[a-z][a-z0-9_]*$",
+                             error="use lower-case letters, digits and _, starting with a letter")),
                          values=fields.Nested(InputSchema), required=True,
                          validate=validate.Length(min=1))
     features = fields.List(fields.Nested(FeatureSchema), required=True, validate=validate.Length(min=1))
