@@ -457,7 +457,7 @@ def _parameters(*parameters: dict[str, Any]) -> str:
                  id="asOf-twice"),
     pytest.param(_parameters({"name": "model", "valueCode": "no-such-model"}), FHIR_JSON, 400,
                  "Parameters.parameter.where(name='model')", id="unknown-model"),
-    pytest.param('{"resourceType": "Parameters", "parameter": [', FHIR_JSON, 400, None, id="body-not-json"),
+    pytest.param('{"resourceType": "Parameters", "parameter": [', FHIR_JSON, 400, "Parameters", id="body-not-json"),
     pytest.param(json.dumps({"resourceType": "Patient", "id": PATIENT}), FHIR_JSON, 400, "resourceType",
                  id="wrong-resourceType"),
     pytest.param(_parameters(AS_OF_PARAM), "text/plain", 415, None, id="text-plain"),
@@ -466,9 +466,9 @@ def test_bad_parameters_name_the_offending_path(client: FlaskClient, hospital: F
                                                 content_type: str, status: int, expression: str | None) -> None:
     issue = error(assess(client, body=body, content_type=content_type), status)
     assert issue["code"] in ("invalid", "not-supported")
-    if expression is None:          # the whole body is at fault: there is no element to name
-        assert "expression" not in issue
-    else:
+    if expression is None:          # a header at fault: named as R4 names one, in location
+        assert "expression" not in issue and issue["location"] == ["http.Content-Type"]
+    else:                           # a body that is no JSON at all: the resource it should have been
         assert issue["expression"] == [expression]
     assert len(hospital.rsps.calls) == 0            # refused before anything was fetched
 
