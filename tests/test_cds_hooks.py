@@ -178,7 +178,14 @@ def test_discovery_lists_loaded_models_with_prefetch_from_the_mapping(app: Flask
     assert registry.models["deterioration"].version in by_id["deterioration"]["description"]
     prefetch = by_id["deterioration"]["prefetch"]
     assert prefetch["patient"] == "Patient/{{context.patientId}}"
-    assert prefetch["encounter"] == "Encounter/{{context.encounterId}}"
+    # patient-view's encounterId is OPTIONAL: a token the EHR may be unable to fill would make it omit the
+    # key, so patient-view services search the patient's encounters instead (only REQUIRED fields as tokens).
+    assert prefetch["encounter"] == "Encounter?patient={{context.patientId}}"
+    for service in body["services"]:
+        required = {"patient-view": {"userId", "patientId"},
+                    "encounter-start": {"userId", "patientId", "encounterId"}}[service["hook"]]
+        for template in service["prefetch"].values():
+            assert set(re.findall(r"{{context\.(\w+)}}", template)) <= required, (service["id"], template)
     mapping = registry.mappings["deterioration"]
     codes = [c for key in prefetch if key.startswith("observations")
              for c in re.search(r"code=([^&]*)", prefetch[key]).group(1).split(",")]
@@ -187,6 +194,8 @@ def test_discovery_lists_loaded_models_with_prefetch_from_the_mapping(app: Flask
     assert len(observation_chunks(mapping)) == sum(1 for k in prefetch if k.startswith("observations"))
     if "triage" in registry.models:
         assert by_id["triage"]["hook"] == "encounter-start"
+        assert by_id["triage"]["prefetch"]["encounter"] == "Encounter/{{context.encounterId}}"
+        assert by_id["triage-ed-view"]["prefetch"]["encounter"] == "Encounter?patient={{context.patientId}}"
         assert by_id["triage-ed-view"]["hook"] == "patient-view"
 
 
@@ -383,6 +392,104 @@ def test_library_contexts_are_accepted(client: FlaskClient, record: dict[str, An
         the_card(call(client, body))
 
 
+# -- patient-view without encounterId (OPTIONAL for that hook) --------------------------------------------
+
+def with_history(record: dict[str, Any]) -> dict[str, Any]:
+    """The record plus an earlier, finished stay of the same patient (listed first, as a search may)."""
+    earlier = datetime.now(timezone.utc) - timedelta(days=40)
+    old = f.encounter(record["patient"]["id"], status="finished",
+                      period={"start": f.fhir_time(earlier), "end": f.fhir_time(earlier + timedelta(days=3))})
+    return {**record, "encounters": [old, record["encounter"]]}
+
+
+def discovery_prefetch(record: dict[str, Any]) -> dict[str, Any]:
+    """What an EHR sends for our patient-view discovery templates: the encounters as a searchset."""
+    return {"patient": record["patient"], "encounter": searchset(record.get("encounters") or [record["encounter"]]),
+            "observations": searchset(record["observations"])}
+
+
+def assessed_encounter(client: FlaskClient, card: dict[str, Any]) -> str | None:
+    stored = client.get(card["links"][0]["url"].replace("http://localhost", "")).json
+    return (stored.get("encounter") or {}).get("reference")
+
+
+@responses.activate
+def test_the_librarys_patient_view_example_without_encounter_id_is_assessed(client: FlaskClient) -> None:
+    """hooks library patient-view example 01, verbatim (no encounterId), plus the prefetch our discovery asks
+    for: a card for the patient's current encounter, nothing fetched, no 412."""
+    context = json.loads((LIBRARY / "patient-view-01-examples.json").read_text())["context"]
+    assert "encounterId" not in context
+    patient = f.patient(id=context["patientId"])
+    encounter = f.encounter(patient["id"])
+    now = datetime.now(timezone.utc) - timedelta(minutes=5)
+    record = with_history({"patient": patient, "encounter": encounter,
+                           "observations": f.sepsis_observations(patient["id"], encounter["id"], now)})
+    templates = {s["id"]: s["prefetch"] for s in client.get("/cds-services").json["services"]}["deterioration"]
+    # The EHR fills every template from this context (a token naming an absent field could not be filled,
+    # and the EHR would omit that key) and answers each query from the record.
+    answers = {"Patient": record["patient"], "Encounter": searchset(record["encounters"]),
+               "Observation": searchset(record["observations"])}
+    prefetch = {}
+    for key, template in templates.items():
+        query = re.sub(r"{{context\.(\w+)}}", lambda m: context[m.group(1)], template)
+        assert "{{" not in query and (query.startswith("Patient/1288992") or "patient=1288992" in query), query
+        # (Every observation is in the first Observation key's answer; another such key would repeat them.)
+        prefetch[key] = searchset([]) if key.startswith("observations-") else answers[query.split("/")[0].split("?")[0]]
+    body = {"hookInstance": str(uuid.uuid4()), "hook": "patient-view", "context": context, "prefetch": prefetch}
+    card = the_card(call(client, body))
+    assert len(responses.calls) == 0
+    assert "Based on 20 observation" in card["detail"]
+    assert assessed_encounter(client, card) == f"Encounter/{encounter['id']}"
+
+
+def test_without_encounter_id_the_patients_encounters_are_fetched(client: FlaskClient, record: dict[str, Any]) -> None:
+    record = with_history(record)
+    body = hook_request(record, prefetch=full_prefetch(record))
+    del body["context"]["encounterId"], body["prefetch"]["encounter"]
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Encounter", json=searchset(record["encounters"]))
+        card = the_card(call(client, body))
+        assert [c.request.url.split("?")[0] for c in rsps.calls] == [f"{FHIR}/Encounter"]
+        assert f"patient={record['patient']['id']}" in rsps.calls[0].request.url
+    assert assessed_encounter(client, card) == f"Encounter/{record['encounter']['id']}"
+    # ... and with neither the key nor a fhirServer, the data the model needs cannot be had: 412 (2.0.1).
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    del body["context"]["encounterId"], body["prefetch"]["encounter"]
+    response = call(client, body)
+    assert response.status_code == 412 and response.json["issue"][0]["expression"] == ["prefetch.encounter"]
+
+
+def test_encounter_id_missing_from_the_prefetched_search_is_read_not_replaced(
+        client: FlaskClient, record: dict[str, Any]) -> None:
+    """context.encounterId names a stay the EHR's search did not return: fhir_ai reads it (or, without a
+    fhirServer, answers 412) rather than assess the patient's other stays."""
+    record = with_history(record)
+    prefetch = discovery_prefetch(record)
+    prefetch["encounter"] = searchset(record["encounters"][:1])           # only the old, finished stay
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Encounter/{record['encounter']['id']}", json=record["encounter"])
+        card = the_card(call(client, hook_request(record, prefetch=copy.deepcopy(prefetch))))
+        assert len(rsps.calls) == 1
+    assert assessed_encounter(client, card) == f"Encounter/{record['encounter']['id']}"
+    response = call(client, hook_request(record, prefetch=prefetch, server=False))
+    assert response.status_code == 412 and response.json["issue"][0]["expression"] == ["prefetch.encounter"]
+    assert "context.encounterId" in response.json["issue"][0]["diagnostics"]
+
+
+def test_a_paginated_encounter_search_is_completed(client: FlaskClient, record: dict[str, Any]) -> None:
+    record = with_history(record)
+    prefetch = discovery_prefetch(record)
+    prefetch["encounter"] = searchset(record["encounters"][:1],
+                                      link=[{"relation": "next", "url": f"{FHIR}/Encounter?page=2"}])
+    body = hook_request(record, prefetch=prefetch)
+    del body["context"]["encounterId"]
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{FHIR}/Encounter", json=searchset(record["encounters"][1:]))
+        card = the_card(call(client, body))
+        assert len(rsps.calls) == 1
+    assert assessed_encounter(client, card) == f"Encounter/{record['encounter']['id']}"
+
+
 # -- language ------------------------------------------------------------------------------------------
 
 def test_korean_when_the_request_asks_for_it(client: FlaskClient, record: dict[str, Any]) -> None:
@@ -472,6 +579,29 @@ def test_triage_outside_the_ed_says_not_assessed(app: Flask, client: FlaskClient
     body = hook_request(record, prefetch=full_prefetch(record), server=False)
     card = the_card(call(client, body, "triage-ed-view"))
     assert "not an emergency department encounter" in card["summary"] and card["indicator"] == "info"
+
+
+def test_triage_ed_view_without_encounter_id_assesses_the_active_ed_visit(app: Flask, client: FlaskClient) -> None:
+    if "triage" not in app.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record()
+    pid = record["patient"]["id"]
+    # Also on the record: a stay that started later but is not an ED visit, and an old finished ED visit.
+    ward = f.encounter(pid, period={"start": f.fhir_time(datetime.now(timezone.utc) - timedelta(minutes=10))})
+    old_ed = f.encounter(pid, status="finished", period={"start": "2020-01-01T00:00:00Z", "end": "2020-01-01T05:00:00Z"},
+                         **{"class": {"system": f.ACT_CODE, "code": "EMER"}})
+    prefetch = {**full_prefetch(record), "encounter": searchset([old_ed, record["encounter"], ward])}
+    body = hook_request(record, prefetch=prefetch, server=False)
+    del body["context"]["encounterId"]
+    card = the_card(call(client, body, "triage-ed-view"))
+    assert "KTAS" in card["summary"]
+    assert assessed_encounter(client, card) == f"Encounter/{record['encounter']['id']}"
+    # No active ED visit: "not assessed", whichever stay is current.
+    prefetch["encounter"] = searchset([old_ed, ward])
+    body = hook_request(record, prefetch=prefetch, server=False)
+    del body["context"]["encounterId"]
+    card = the_card(call(client, body, "triage-ed-view"))
+    assert "not an emergency department encounter" in card["summary"]
 
 
 # -- feedback ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..auth.guard import note_entities, refused, set_actor
 from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
+from ..fhir import times
 from ..pipeline import Pipeline
 from ..search.params import whole_number_param
 from ..store.audit import Entity
@@ -35,6 +36,7 @@ bp = Blueprint("cds_hooks", __name__)
 
 _USER = re.compile(r"^[\w]+/[\w\-.]+$")      # invariant ord-1: {type}/{id}
 ED_CLASS_CODES = {"EMER"}                    # v3 ActCode: emergency
+ACTIVE = ("arrived", "triaged", "in-progress")
 MAX_AUDIT_PAGE = 500
 
 
@@ -122,13 +124,24 @@ def check_hook_request(body: dict[str, Any], service: services.Service) -> None:
         raise BadRequest("fhirServer must be an http(s) URL", expression="fhirServer")
 
 
-def _is_ed(gathered: Gathered) -> bool:
+def _ed_encounter(gathered: Gathered) -> str | None:
+    """The emergency-department encounter an ED-only service assesses: context.encounterId if it is one;
+    without encounterId (patient-view), the patient's active ED encounter that started last. None: not ED."""
     encounters = [r for r in gathered.resources if r.get("resourceType") == "Encounter"]
     if gathered.encounter_id:
         encounters = [e for e in encounters if e.get("id") == gathered.encounter_id]
     else:
-        encounters = [e for e in encounters if e.get("status") in ("arrived", "triaged", "in-progress")]
-    return any((e.get("class") or {}).get("code") in ED_CLASS_CODES for e in encounters)
+        encounters = [e for e in encounters if e.get("status") in ACTIVE]
+    ed = [e for e in encounters if (e.get("class") or {}).get("code") in ED_CLASS_CODES]
+    return max(ed, key=_started).get("id") if ed else None
+
+
+def _started(encounter: dict[str, Any]) -> float:
+    start = (encounter.get("period") or {}).get("start")
+    try:
+        return times.to_epoch(start) if isinstance(start, str) else float("-inf")
+    except ValueError:
+        return float("-inf")      # no usable start: any encounter with one is later
 
 
 @bp.errorhandler(Unauthorized)
@@ -165,14 +178,17 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     builder = CardBuilder(model_id=model.model_id, model_version=model.version, mapping=mapping,
                           language=language, base_url=_public_base(), notes=gathered.notes, issues=[],
                           resources_in=gathered.resources)
-    if service.ed_only and not _is_ed(gathered):
+    # The Gatherer holds context.encounterId's Encounter whenever the hook names one (else it refused).
+    pinned = _ed_encounter(gathered) if service.ed_only else gathered.encounter_id
+    if service.ed_only and pinned is None:
         cards = builder.not_applicable_card("reason.not_ed")
     else:
         # The hook's encounter, unless the assessment now cannot be one of it (it ended, or starts later):
         # then the patient's current encounter is found as $assess finds it without one.
-        pinned = gathered.encounter_id if any(r.get("resourceType") == "Encounter" and r.get("id") == gathered.encounter_id
-                                              and pinned_encounter_problem(r, as_of.timestamp()) is None
-                                              for r in gathered.resources) else None
+        if pinned is not None and any(r.get("resourceType") == "Encounter" and r.get("id") == pinned
+                                      and pinned_encounter_problem(r, as_of.timestamp()) is not None
+                                      for r in gathered.resources):
+            pinned = None
         result = pipeline.assess(patient_id, models=[service.model_id], as_of=as_of, resources=gathered.resources,
                                  encounter=pinned)
         builder.issues = result.issues

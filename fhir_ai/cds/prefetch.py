@@ -111,34 +111,54 @@ class Gatherer:
         self.checker.add(value, path)
 
     def _encounter(self, value: Any) -> None:
+        """The hook's encounter: a read of context.encounterId (encounter-start) or a search of the patient's
+        encounters (patient-view, whose encounterId is optional); either shape is taken whatever the hook."""
         path = f"prefetch.{ENCOUNTER_KEY}"
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle" and _failed_entries(value):
+            value = _failed_entries(value)[0]      # the EHR's search failed in part: fetch it whole
         if value is None:
             if self.service.requires_encounter():
                 raise PreconditionFailed(f"the EHR has no Encounter/{self.encounter_id} (prefetch "
                                          f"{ENCOUNTER_KEY} is null); {self.service.hook} needs it", expression=path)
             self.out.notes.append(("note.prefetch_null", {"what": "Encounter"}))
-            return
-        if value is _MISSING or _is_outcome(value):
+        elif value is _MISSING or _is_outcome(value):
             self._fetch_note(ENCOUNTER_KEY, value)
             if self.encounter_id:
-                try:
-                    found = [self._fetch(ENCOUNTER_KEY, lambda s: s.client.get(f"Encounter/{self.encounter_id}"))]
-                except UpstreamNotFound as exc:
-                    raise PreconditionFailed(f"Encounter/{self.encounter_id} is not on the EHR's FHIR server",
-                                             expression=path) from exc
-            else:
+                self._fetch_encounter(path)
+            else:       # as $assess without a pinned encounter: every encounter, the current one chosen later
                 found = self._fetch(ENCOUNTER_KEY, lambda s: s.encounters(self.patient_id))
-            for i, encounter in enumerate(found):
-                self.checker.add(encounter, f"fhirServer:Encounter[{i}]")
+                for i, encounter in enumerate(found):
+                    self.checker.add(encounter, f"fhirServer:Encounter[{i}]")
             return
-        if value.get("resourceType") == "Bundle":
+        elif isinstance(value, dict) and value.get("resourceType") == "Bundle":
             for i, resource in _entries(value, path):
                 self.checker.add(resource, f"{path}.entry[{i}].resource")
-            return
-        if self.encounter_id and value.get("resourceType") == "Encounter" and value.get("id") != self.encounter_id:
-            raise BadRequest(f"prefetch {ENCOUNTER_KEY} is Encounter/{value.get('id')}, but context.encounterId "
-                             f"is {self.encounter_id}", expression=f"{path}.id")
-        self.checker.add(value, path)
+            next_url = _next_link(value)
+            if next_url:
+                self._rest_of_pages(ENCOUNTER_KEY, next_url)
+        else:
+            if isinstance(value, dict) and self.encounter_id and value.get("resourceType") == "Encounter" \
+                    and value.get("id") != self.encounter_id:
+                raise BadRequest(f"prefetch {ENCOUNTER_KEY} is Encounter/{value.get('id')}, but context.encounterId "
+                                 f"is {self.encounter_id}", expression=f"{path}.id")
+            self.checker.add(value, path)
+        if self.encounter_id and not any(r.get("resourceType") == "Encounter" and r.get("id") == self.encounter_id
+                                         for r in self.checker.data.resources):
+            # The hook names an encounter the prefetch does not hold: read it rather than assess another one.
+            if not self.request.get("fhirServer"):
+                raise PreconditionFailed(f"context.encounterId is {self.encounter_id}, which prefetch "
+                                         f"{ENCOUNTER_KEY} does not hold, and the request has no fhirServer to "
+                                         "read it from", expression=path)
+            self.out.notes.append(("note.fetched", {"what": "Encounter"}))
+            self._fetch_encounter(path)
+
+    def _fetch_encounter(self, path: str) -> None:
+        try:
+            found = self._fetch(ENCOUNTER_KEY, lambda s: s.client.get(f"Encounter/{self.encounter_id}"))
+        except UpstreamNotFound as exc:
+            raise PreconditionFailed(f"Encounter/{self.encounter_id} is not on the EHR's FHIR server",
+                                     expression=path) from exc
+        self.checker.add(found, "fhirServer:Encounter")
 
     def _observations(self, key: str, codes: list[tuple[str, str]], value: Any) -> None:
         path = f"prefetch.{key}"
@@ -160,8 +180,7 @@ class Gatherer:
                              expression=f"{path}.resourceType")
         for i, resource in _entries(value, path):
             self.checker.add(resource, f"{path}.entry[{i}].resource")
-        next_url = next((link.get("url") for link in value.get("link") or []
-                         if isinstance(link, dict) and link.get("relation") == "next"), None)
+        next_url = _next_link(value)
         if next_url:
             # The client paginated its prefetch (allowed by the spec): read the remaining pages ourselves.
             self._rest_of_pages(key, next_url)
@@ -321,6 +340,12 @@ def _failed_entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
                                          for i in resource.get("issue") or []):
             out.append(resource)
     return out
+
+
+def _next_link(bundle: dict[str, Any]) -> str | None:
+    links = bundle.get("link") or []
+    return next((link.get("url") for link in links if isinstance(link, dict) and link.get("relation") == "next"),
+                None) if isinstance(links, list) else None
 
 
 def _entries(bundle: dict[str, Any], path: str) -> list[tuple[int, dict[str, Any]]]:

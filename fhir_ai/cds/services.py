@@ -88,12 +88,20 @@ def observation_query(mapping: Mapping, codes: list[tuple[str, str]], now: datet
     return query + "&_count=500"
 
 
+def encounter_template(service: Service) -> str:
+    """The read of the hook's encounter where the hook requires ``context.encounterId`` (encounter-start);
+    elsewhere (patient-view: encounterId is OPTIONAL) the search of the patient's encounters, which the EHR
+    can always fill. A template naming an absent context field cannot be filled, so the EHR would omit the
+    key; with the search, fhir_ai has what $assess uses without a pinned encounter (the patient's current
+    encounter) and still finds context.encounterId among them when the EHR sends it."""
+    if service.requires_encounter():
+        return "Encounter/{{context.encounterId}}"
+    return "Encounter?patient={{context.patientId}}"
+
+
 def prefetch(service: Service, mapping: Mapping, now: datetime) -> dict[str, str]:
-    """Exactly what the mapping needs: the Patient, the Encounter, the Observations by code (and date)."""
-    templates = {PATIENT_KEY: "Patient/{{context.patientId}}"}
-    # patient-view has encounterId only sometimes; a client that cannot fill the token omits the key and
-    # fhir_ai searches the patient's encounters itself, as in pull mode.
-    templates[ENCOUNTER_KEY] = "Encounter/{{context.encounterId}}"
+    """Exactly what the mapping needs: the Patient, the Encounter(s), the Observations by code (and date)."""
+    templates = {PATIENT_KEY: "Patient/{{context.patientId}}", ENCOUNTER_KEY: encounter_template(service)}
     for key, codes in zip(observation_keys(mapping), observation_chunks(mapping)):
         templates[key] = observation_query(mapping, codes, now)
     return templates
