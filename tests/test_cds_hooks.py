@@ -606,18 +606,72 @@ def test_triage_ed_view_without_encounter_id_assesses_the_active_ed_visit(app: F
 
 # -- feedback ------------------------------------------------------------------------------------------
 
-def test_spec_feedback_examples_are_stored_for_auditors(client: FlaskClient) -> None:
-    for name in ("spec-19-example-suggestion-accepted.json",
+SPEC_FEEDBACK = ("spec-19-example-suggestion-accepted.json",
                  "spec-20-example-overridden-guidance-without-overridereason.json",
-                 "spec-21-example-overridden-guidance-with-overridereason.json"):
+                 "spec-21-example-overridden-guidance-with-overridereason.json")
+
+
+def issue_cards(app: Flask, *card_uuids: str, service: str = "deterioration", client: str | None = None) -> None:
+    """Cards with these uuids, as if the service had answered a hook with them."""
+    app.extensions["fhir_ai"].store.add_card_events([
+        {"event": "issued", "service_id": service, "card_uuid": u, "patient_id": "p1", "client": client}
+        for u in card_uuids])
+
+
+def test_feedback_on_cards_never_issued_is_refused(client: FlaskClient) -> None:
+    """The spec's feedback examples, verbatim, name cards this service never issued: 422 naming the card."""
+    for name in SPEC_FEEDBACK:
+        response = client.post("/cds-services/deterioration/feedback", json=spec(name))
+        assert response.status_code == 422, response.json
+        assert response.json["issue"][0]["code"] == "not-found"
+        assert response.json["issue"][0]["expression"] == ["feedback[0].card"]
+    assert client.get("/audit/cds-cards").json["total"] == 0
+
+
+def test_spec_feedback_examples_are_stored_for_auditors(app: Flask, client: FlaskClient) -> None:
+    issue_cards(app, *(spec(name)["feedback"][0]["card"] for name in SPEC_FEEDBACK))
+    for name in SPEC_FEEDBACK:
         response = client.post("/cds-services/deterioration/feedback", json=spec(name))
         assert response.status_code == 200, response.json
-    events = client.get("/audit/cds-cards?service=deterioration").json["events"]
+    events = client.get("/audit/cds-cards?service=deterioration&event=accepted").json["events"] + \
+        client.get("/audit/cds-cards?service=deterioration&event=overridden").json["events"]
     assert [e["event"] for e in events] == ["accepted", "overridden", "overridden"]
     assert events[0]["acceptedSuggestions"] == ["e56e1945-20b3-4393-8503-a1a20fd73152"]
+    assert events[0]["patient"] == "p1"
     assert events[2]["overrideReason"]["code"] == "d7ecf885"
     assert events[2]["userComment"] == "A comment entered by the clinician."
     assert events[2]["outcomeTimestamp"] == "2020-12-11T00:00:00Z"
+
+
+def test_feedback_is_all_or_nothing(app: Flask, client: FlaskClient) -> None:
+    """One entry naming a card never issued (here, or by another service) and none of the request is stored."""
+    known, other_service, unknown = (str(uuid.uuid4()) for _ in range(3))
+    issue_cards(app, known)
+    issue_cards(app, other_service, service="triage-ed-view")
+    entry = {"outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}
+    for i, bad in ((1, unknown), (2, other_service)):
+        items = [{**entry, "card": known}, {**entry, "card": known}, {**entry, "card": known}]
+        items[i]["card"] = bad
+        response = client.post("/cds-services/deterioration/feedback", json={"feedback": items})
+        assert response.status_code == 422 and response.json["issue"][0]["expression"] == [f"feedback[{i}].card"]
+        # the same words whether the card exists elsewhere or not at all
+        assert response.json["issue"][0]["diagnostics"] == f"service deterioration issued no card {bad}"
+    assert [e["event"] for e in client.get("/audit/cds-cards").json["events"]] == ["issued", "issued"]
+
+
+def test_a_contradicting_outcome_is_kept_as_history(app: Flask, client: FlaskClient) -> None:
+    """2.0.1: a card may get feedback several times ("a card once ignored could later be acted upon"; clients
+    report "each of these distinct end-user interactions"): accepted, then overridden, are both kept."""
+    card = str(uuid.uuid4())
+    issue_cards(app, card)
+    accepted = {"card": card, "outcome": "accepted", "outcomeTimestamp": "2026-01-01T10:00:00Z",
+                "acceptedSuggestions": [{"id": str(uuid.uuid4())}]}
+    overridden = {"card": card, "outcome": "overridden", "outcomeTimestamp": "2026-01-01T10:05:00Z"}
+    for item in (accepted, overridden):
+        assert client.post("/cds-services/deterioration/feedback", json={"feedback": [item]}).status_code == 200
+    events = client.get(f"/audit/cds-cards?card={card}").json["events"]
+    assert [(e["event"], e.get("outcomeTimestamp")) for e in events] == [
+        ("issued", None), ("accepted", "2026-01-01T10:00:00Z"), ("overridden", "2026-01-01T10:05:00Z")]
 
 
 def test_feedback_is_linked_to_the_card_patient_and_assessment(client: FlaskClient, record: dict[str, Any]) -> None:
@@ -696,6 +750,7 @@ def test_service_call_needs_a_valid_jwt(secured: FlaskClient, record: dict[str, 
 
 def test_feedback_needs_a_jwt_for_the_feedback_url(secured: FlaskClient) -> None:
     body = spec("spec-20-example-overridden-guidance-without-overridereason.json")
+    issue_cards(secured.application, body["feedback"][0]["card"], client=EHR)
     url = "https://cds.example.org/cds-services/deterioration/feedback"
     wrong = secured.post("/cds-services/deterioration/feedback", json=body,
                          headers={"Authorization": f"Bearer {ehr_token(url.rsplit('/', 1)[0])}"})
@@ -703,6 +758,16 @@ def test_feedback_needs_a_jwt_for_the_feedback_url(secured: FlaskClient) -> None
     ok = secured.post("/cds-services/deterioration/feedback", json=body,
                       headers={"Authorization": f"Bearer {ehr_token(url)}"})
     assert ok.status_code == 200
+
+
+def test_feedback_on_a_card_issued_to_another_ehr_is_refused(secured: FlaskClient) -> None:
+    body = spec("spec-20-example-overridden-guidance-without-overridereason.json")
+    issue_cards(secured.application, body["feedback"][0]["card"], client="https://other-ehr.example.org/")
+    url = "https://cds.example.org/cds-services/deterioration/feedback"
+    response = secured.post("/cds-services/deterioration/feedback", json=body,
+                            headers={"Authorization": f"Bearer {ehr_token(url)}"})
+    assert response.status_code == 422 and response.json["issue"][0]["expression"] == ["feedback[0].card"]
+    assert "to this EHR" in response.json["issue"][0]["diagnostics"]
 
 
 @pytest.mark.parametrize("iss", ["病院", "https://ehr.example.org/\r\nX-Evil: 1"])

@@ -215,16 +215,19 @@ def feedback_post(service_id: str):  # type: ignore[no-untyped-def]
     caller = _authenticate()
     rows = feedback.parse(_json_body())
     store = _pipeline().store
+    issued = store.issued_cards([row["card_uuid"] for row in rows])
     for i, row in enumerate(rows):
-        _, issued = store.card_events(card_uuid=row["card_uuid"], event="issued", count=1)
-        if issued and issued[0].service_id != service.id:
-            raise BadRequest(f"card {row['card_uuid']} came from service {issued[0].service_id}, "
-                             f"not {service.id}", expression=f"feedback[{i}].card")
-        if issued:   # link the feedback to the patient and assessment the card was about
-            row.update(patient_id=issued[0].patient_id, assessment_id=issued[0].assessment_id,
-                       hook_instance=issued[0].hook_instance, model_id=issued[0].model_id,
-                       model_version=issued[0].model_version, indicator=issued[0].indicator)
-        row.update(service_id=service.id, client=caller.issuer if caller else None,
+        card = issued.get(row["card_uuid"])
+        # Only cards this service issued, to this EHR when it signs its calls; one answer for every case, so
+        # that a caller learns nothing of other services' or other EHRs' cards. All or nothing: a refusal
+        # stores no entry of the request.
+        if card is None or card.service_id != service.id or (caller and card.client and card.client != caller.issuer):
+            raise feedback.UnknownCard(f"service {service.id} issued no card {row['card_uuid']}"
+                                       + (" to this EHR" if caller else ""), expression=f"feedback[{i}].card")
+        # linked to the patient and assessment the card was about
+        row.update(patient_id=card.patient_id, assessment_id=card.assessment_id, hook_instance=card.hook_instance,
+                   model_id=card.model_id, model_version=card.model_version, indicator=card.indicator,
+                   service_id=service.id, client=caller.issuer if caller else None,
                    tenant=caller.tenant if caller else None)
     store.add_card_events(rows)
     log.info("CDS %s: %d feedback entr(ies) stored", service.id, len(rows))

@@ -1,4 +1,10 @@
-"""CDS Hooks feedback: check it (spec 2.0.1 and invariants cds-fb-1..3), turn it into audit rows."""
+"""CDS Hooks feedback: check it (spec 2.0.1 and invariants cds-fb-1..3), turn it into audit rows.
+
+Feedback is history, not state: 2.0.1 says a card "once ignored could later be acted upon", that a service
+"may receive feedback for the same card instance multiple times" and that clients "should faithfully report
+each of these distinct end-user interactions". So a card accepted and later overridden (or the reverse) keeps
+both entries, in the order received; nothing is refused as a conflict (no 409).
+"""
 from __future__ import annotations
 
 import json
@@ -6,10 +12,16 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import BadRequest
+from ..errors import BadRequest, Unprocessable
 from ..fhir import times
 
 OUTCOMES = ("accepted", "overridden")
+
+
+class UnknownCard(Unprocessable):
+    """Feedback names a card this service did not issue (to this EHR). 2.0.1 sets no status for it: 422, the
+    body is well-formed but cannot be applied (a 404 would say the feedback endpoint itself is missing)."""
+    code = "not-found"
 _UUID = re.compile(r"^(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 

@@ -187,6 +187,18 @@ class Store(TrailMixin):
                                    .offset(offset).limit(count))
             return total, list(rows)
 
+    def issued_cards(self, card_uuids: list[str]) -> dict[str, CdsCardEventRow]:
+        """The 'issued' event of each of these cards that was issued (by card uuid; the first if repeated)."""
+        wanted = list(dict.fromkeys(card_uuids))
+        out: dict[str, CdsCardEventRow] = {}
+        with self.session() as session:
+            for start in range(0, len(wanted), 500):       # within every database's limit on bound parameters
+                for row in session.scalars(select(CdsCardEventRow).where(
+                        CdsCardEventRow.event == "issued", CdsCardEventRow.card_uuid.in_(wanted[start:start + 500]))
+                        .order_by(CdsCardEventRow.id)):
+                    out.setdefault(row.card_uuid, row)
+        return out
+
     def use_jti(self, issuer: str, jti: str, expires_at: datetime) -> bool:
         """Record a JWT id; False if this issuer already used it (a replay). Forgets expired ids."""
         now = _utcnow()
