@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import text
 
 from fhir_ai.cli import main
 from fhir_ai.store.actors import Actor
+from fhir_ai.store import export
 from fhir_ai.store.audit import Access, build_event
 from fhir_ai.store.provenance import CLIENT_SYSTEM, client_reference
 from fhir_ai.store.verify import verify
@@ -207,3 +209,20 @@ def test_a_client_reference_names_the_issuer_its_client_id_belongs_to(issuer, id
     Reference.model_validate(reference)            # a valid FHIR Reference either way
     event = build_event(Access("R", "read"), Actor("ehr-1", "ehr", None, "client", issuer), datetime.now(timezone.utc))
     assert event["agent"][0]["who"] == reference
+
+
+def test_a_user_stated_by_the_caller_is_a_second_agent_and_the_requestor() -> None:
+    """CDS Hooks: the EHR authenticated, the user it names (context.userId) is the one acting."""
+    ehr = Actor("https://ehr.example.org/", "ehr", "10.0.0.7", "client")
+    event = build_event(Access("C", "create", operation="assess"), ehr, datetime.now(timezone.utc))
+    assert [a["requestor"] for a in event["agent"]] == [True]
+    event = build_event(Access("C", "create", operation="assess"), replace(ehr, user="Practitioner/123"),
+                        datetime.now(timezone.utc))
+    first, user = event["agent"]
+    assert first["who"]["identifier"]["value"] == "https://ehr.example.org/" and first["requestor"] is False
+    assert first["network"]["address"] == "10.0.0.7"
+    assert user["who"] == {"reference": "Practitioner/123"} and user["requestor"] is True
+    AuditEvent.model_validate(event)                 # a valid R4 AuditEvent
+    header, columns = export.COLUMNS["AuditEvent"]
+    row = dict(zip(header, columns(event)))
+    assert row["agent"] == "https://ehr.example.org/" and row["user"] == "Practitioner/123"

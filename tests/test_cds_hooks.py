@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm
 
 from fhir_ai.app import create_app
+from fhir_ai.cli import main
 from fhir_ai.cds import prefetch as cds_prefetch
 from fhir_ai.cds.services import observation_chunks
 
@@ -588,7 +589,8 @@ def test_triage_ed_view_without_encounter_id_assesses_the_active_ed_visit(app: F
     pid = record["patient"]["id"]
     # Also on the record: a stay that started later but is not an ED visit, and an old finished ED visit.
     ward = f.encounter(pid, period={"start": f.fhir_time(datetime.now(timezone.utc) - timedelta(minutes=10))})
-    old_ed = f.encounter(pid, status="finished", period={"start": "2020-01-01T00:00:00Z", "end": "2020-01-01T05:00:00Z"},
+    old_ed = f.encounter(pid, status="finished",
+                         period={"start": "2020-01-01T00:00:00Z", "end": "2020-01-01T05:00:00Z"},
                          **{"class": {"system": f.ACT_CODE, "code": "EMER"}})
     prefetch = {**full_prefetch(record), "encounter": searchset([old_ed, record["encounter"], ward])}
     body = hook_request(record, prefetch=prefetch, server=False)
@@ -768,6 +770,64 @@ def test_feedback_on_a_card_issued_to_another_ehr_is_refused(secured: FlaskClien
                             headers={"Authorization": f"Bearer {ehr_token(url)}"})
     assert response.status_code == 422 and response.json["issue"][0]["expression"] == ["feedback[0].card"]
     assert "to this EHR" in response.json["issue"][0]["diagnostics"]
+
+
+def audit_events(client: FlaskClient, query: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in client.get(f"/AuditEvent?{query}&_count=100").json.get("entry", [])]
+
+
+def test_the_hooks_user_is_a_second_agent_of_the_audit_event(secured: FlaskClient, record: dict[str, Any],
+                                                              runner: Any) -> None:
+    """context.userId is recorded as the user the EHR says is acting (requestor); the EHR, which signed the
+    call, stays the first agent; AuditEvent?agent= finds the user and the chain still verifies."""
+    url = "https://cds.example.org/cds-services/deterioration"
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    body["context"]["userId"] = "Practitioner/123"
+    the_card(call(secured, body, Authorization=f"Bearer {ehr_token(url)}"))
+    found = audit_events(secured, "agent=Practitioner/123")
+    assert found and {e["subtype"][-1]["code"] for e in found} == {"assess"}
+    for event in found:
+        ehr, user = event["agent"]
+        assert ehr["who"]["identifier"]["value"] == EHR and ehr["requestor"] is False
+        assert user == {"type": user["type"], "who": {"reference": "Practitioner/123"}, "requestor": True}
+        assert user["type"]["coding"][0]["code"] == "humanuser"
+        assert any(x["what"]["reference"] == f"Patient/{record['patient']['id']}" for x in event["entity"])
+    # Calls whose userId fhir_ai does not take as a user: another type, an id FHIR would not accept, or
+    # an unsigned call (no EHR vouches for it). They are answered, and audited with the EHR alone.
+    for user_id in ("Device/123", "Practitioner/a_b", "Practitioner/" + "x" * 65):
+        other = hook_request(record, prefetch=full_prefetch(record), server=False)
+        other["context"]["userId"] = user_id
+        the_card(call(secured, other, Authorization=f"Bearer {ehr_token(url)}"))
+    newline = hook_request(record, prefetch=full_prefetch(record), server=False)
+    newline["context"]["userId"] = "Practitioner/123\n"
+    answer = call(secured, newline, Authorization=f"Bearer {ehr_token(url)}")
+    assert answer.status_code == 400 and answer.json["issue"][0]["expression"] == ["context.userId"]
+    others = [e for e in audit_events(secured, "subtype=assess") if e["id"] not in {f["id"] for f in found}]
+    assert len(others) >= 3 and all(len(e["agent"]) == 1 and e["agent"][0]["requestor"] is True for e in others)
+    verified = runner.invoke(main, ["audit", "verify", "--no-progress"])
+    assert verified.exit_code == 0 and "OK" in verified.output, verified.output
+
+
+def test_an_unsigned_calls_user_is_not_recorded(client: FlaskClient, record: dict[str, Any]) -> None:
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    body["context"]["userId"] = "Practitioner/123"
+    the_card(call(client, body))
+    assert audit_events(client, "agent=Practitioner/123") == []
+    assert all(len(e["agent"]) == 1 for e in audit_events(client, "subtype=assess"))
+
+
+def test_a_triage_not_assessed_is_audited_with_the_user(secured: FlaskClient) -> None:
+    if "triage" not in secured.application.extensions["fhir_ai"].registry.models:
+        pytest.skip("no trained triage model in this tree")
+    record = ed_record(ed=False)
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    body["context"]["userId"] = "PractitionerRole/123"
+    url = "https://cds.example.org/cds-services/triage-ed-view"
+    card = the_card(call(secured, body, "triage-ed-view", Authorization=f"Bearer {ehr_token(url)}"))
+    assert "not an emergency department encounter" in card["summary"]
+    found = audit_events(secured, "agent=PractitionerRole/123")
+    assert len(found) == 1 and found[0]["entity"][0]["what"]["reference"] == f"Patient/{record['patient']['id']}"
+    assert found[0]["agent"][0]["who"]["identifier"]["value"] == EHR
 
 
 @pytest.mark.parametrize("iss", ["病院", "https://ehr.example.org/\r\nX-Evil: 1"])

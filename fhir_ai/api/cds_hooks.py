@@ -20,21 +20,24 @@ from ..cds.jwt_verify import JwtVerifier, Verified, parse_issuers
 from ..features.extract import pinned_encounter_problem
 from ..cds.patient_data import check_id
 from ..cds.prefetch import Gathered, Gatherer
-from ..auth.guard import note_entities, refused, set_actor
+from ..auth.guard import note_entities, refused, set_actor, set_user
 from ..auth.policy import requires
 from ..config import Settings
 from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..fhir import times
 from ..pipeline import Pipeline
 from ..search.params import whole_number_param
-from ..store.audit import Entity
+from ..store.audit import Access, Entity
 from .fhir_io import base_url, fhir_response, request_bytes
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("cds_hooks", __name__)
 
-_USER = re.compile(r"^[\w]+/[\w\-.]+$")      # invariant ord-1: {type}/{id}
+_USER = re.compile(r"[\w]+/[\w\-.]+")         # invariant ord-1: {type}/{id} (fullmatch: no trailing newline)
+# context.userId recorded in the audit trail only as a relative reference of a type the hooks name for the
+# user, with a FHIR id; anything else (ord-1 allows more) is neither trusted nor logged.
+_AUDITED_USER = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
 ED_CLASS_CODES = {"EMER"}                    # v3 ActCode: emergency
 ACTIVE = ("arrived", "triaged", "in-progress")
 MAX_AUDIT_PAGE = 500
@@ -108,7 +111,7 @@ def check_hook_request(body: dict[str, Any], service: services.Service) -> None:
     if not isinstance(context, dict):
         raise BadRequest("context is required", expression="context")
     user = context.get("userId")
-    if not isinstance(user, str) or not _USER.match(user):
+    if not isinstance(user, str) or not _USER.fullmatch(user):
         raise BadRequest("context.userId must be {type}/{id}", expression="context.userId")
     check_id(context.get("patientId"), "context.patientId")
     if service.requires_encounter() or context.get("encounterId") is not None:
@@ -166,6 +169,8 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     caller = _authenticate()
     body = _json_body()
     check_hook_request(body, service)
+    if caller is not None and _AUDITED_USER.fullmatch(body["context"]["userId"]):
+        set_user(body["context"]["userId"])     # a signed call only: the EHR vouches for the user it names
     settings, pipeline = _settings(), _pipeline()
     model, mapping = pipeline.registry.get(service.model_id)
     language = negotiate(request.headers.get("Accept-Language"),
@@ -182,6 +187,10 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     pinned = _ed_encounter(gathered) if service.ed_only else gathered.encounter_id
     if service.ed_only and pinned is None:
         cards = builder.not_applicable_card("reason.not_ed")
+        # Nothing is stored, but the patient's record was read for the EHR (and its user): audited.
+        pipeline.store.record_access(Access(
+            "E", "operation", description=f"CDS service {service.id}: not assessed, not an emergency department "
+            "encounter", entities=[Entity(f"Patient/{patient_id}")]))
     else:
         # The hook's encounter, unless the assessment now cannot be one of it (it ended, or starts later):
         # then the patient's current encounter is found as $assess finds it without one.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
@@ -33,6 +34,20 @@ def init_app(app: Flask) -> None:
 def set_actor(client_id: str, role: str, kind: str = "client") -> None:
     """For blueprints that authenticate their callers themselves: name the caller for the audit trail."""
     g.fhir_ai_actor = Actor(client_id, role, request.remote_addr, kind)
+    g.fhir_ai_actor_token = actors.set_current(g.fhir_ai_actor)
+
+
+def set_user(reference: str) -> None:
+    """For blueprints that authenticate their callers themselves: the person the authenticated caller says is
+    acting (a checked relative reference such as 'Practitioner/123'), recorded as a second agent of the
+    audit events of the rest of this request. No caller named yet (nothing authenticated): nothing is kept."""
+    actor = g.get("fhir_ai_actor")
+    if actor is None:
+        return
+    token = g.pop("fhir_ai_actor_token", None)
+    if token is not None:
+        actors.reset(token)
+    g.fhir_ai_actor = replace(actor, user=reference)
     g.fhir_ai_actor_token = actors.set_current(g.fhir_ai_actor)
 
 

@@ -13,6 +13,9 @@ class Actor:
     address: str | None = None
     kind: str = "client"          # client (bearer token) | local (this process) | anonymous
     issuer: str | None = None     # a JWT client's issuer (``iss``): its client id is unique only there
+    # The person the client says is acting (CDS Hooks context.userId, e.g. 'Practitioner/123'): stated by the
+    # authenticated client, not authenticated by fhir_ai; a second agent of the audit events, never the caller.
+    user: str | None = None
 
     @property
     def is_user(self) -> bool:

@@ -32,6 +32,7 @@ ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 NETWORK_IP = "2"
+SECURITY_ROLE = "http://terminology.hl7.org/CodeSystem/extra-security-role-type"
 OUTCOMES = {"0": "success", "4": "minor failure", "8": "serious failure", "12": "major failure"}
 
 
@@ -101,6 +102,14 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
     }
     if actor.address:
         agent["network"] = {"address": actor.address, "type": NETWORK_IP}
+    agents = [agent]
+    if actor.user:
+        # The user the caller says is acting initiated the event (requestor); the caller, first, stays the
+        # agent that authenticated (its identifier, role and address). FHIR: only one agent is the requestor.
+        agent["requestor"] = False
+        agents.append({"type": {"coding": [{"system": SECURITY_ROLE, "code": "humanuser", "display": "human user"}],
+                                "text": "user stated by the client"},
+                       "who": {"reference": actor.user}, "requestor": True})
     entities: list[dict[str, Any]] = []
     for entity in access.entities:
         is_patient = entity.reference.startswith("Patient/")
@@ -120,7 +129,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
         "meta": {"versionId": "1", "lastUpdated": stamp},
         "type": {"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"},
         "subtype": subtype, "action": access.action, "recorded": stamp,
-        "outcome": access.outcome, "agent": [agent],
+        "outcome": access.outcome, "agent": agents,
         "source": {"observer": {"display": "fhir_ai"}, "type": [{"system": SOURCE_TYPE, "code": "4"}]},
     }
     if access.description:

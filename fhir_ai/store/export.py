@@ -47,7 +47,8 @@ def _audit_event(r: dict[str, Any]) -> list[Any]:
             " ".join(s.get("code", "") for s in r.get("subtype") or []), r.get("outcome"), _who(agent), role,
             (agent.get("network") or {}).get("address"),
             " ".join((e.get("what") or {}).get("reference", "") for e in r.get("entity") or [] if e.get("what")),
-            " ".join(queries), r.get("outcomeDesc"), chain.get("hash")]
+            " ".join(queries), r.get("outcomeDesc"), chain.get("hash"),
+            " ".join(_who(a) for a in (r.get("agent") or [])[1:])]
 
 
 COLUMNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[Any]]]] = {
@@ -55,7 +56,7 @@ COLUMNS: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[Any]]]] = {
                         "model_version", "probability", "risk", "identifier", "basis_count"], _risk_assessment),
     "Provenance": (["id", "recorded", "target", "activity", "agents", "entities"], _provenance),
     "AuditEvent": (["seq", "id", "recorded", "action", "subtype", "outcome", "agent", "role", "address",
-                    "entities", "query", "description", "hash"], _audit_event),
+                    "entities", "query", "description", "hash", "user"], _audit_event),
 }
 
 
