@@ -41,7 +41,8 @@ SERVICES = (
     Service("triage-ed-view", "patient-view", "triage", "fhir_ai KTAS triage (ED patient view)",
             "The KTAS triage prediction when an emergency department patient's chart is opened.",
             "Register only for emergency department workstations; other encounters get a 'not assessed' "
-            "card. Send context.encounterId.", ed_only=True),
+            "card. Without context.encounterId, the patient's active emergency department encounter is "
+            "assessed.", ed_only=True),
 )
 
 
