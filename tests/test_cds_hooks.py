@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask
 from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm
+from sqlalchemy import text as sql_text
 
 from fhir_ai.app import create_app
 from fhir_ai.cli import main
@@ -617,7 +618,7 @@ def issue_cards(app: Flask, *card_uuids: str, service: str = "deterioration", cl
     """Cards with these uuids, as if the service had answered a hook with them."""
     app.extensions["fhir_ai"].store.add_card_events([
         {"event": "issued", "service_id": service, "card_uuid": u, "patient_id": "p1", "client": client}
-        for u in card_uuids])
+        for u in card_uuids], description="cards issued by the test")
 
 
 def test_feedback_on_cards_never_issued_is_refused(client: FlaskClient) -> None:
@@ -691,6 +692,62 @@ def test_feedback_is_linked_to_the_card_patient_and_assessment(client: FlaskClie
     audited = client.get(f"/AuditEvent?patient=Patient/{pid}&subtype=search-type&_count=50").json.get("entry", [])
     assert any(any(x.get("what", {}).get("reference") == f"Patient/{pid}" for x in e["resource"].get("entity", []))
                for e in audited), "the card read is not found by AuditEvent?patient="
+
+
+def test_card_events_are_in_the_audit_chain(app: Flask, client: FlaskClient, record: dict[str, Any],
+                                            runner: Any, tmp_path: Path) -> None:
+    """Cards issued and feedback are each recorded by an AuditEvent (with the sha256 of every row), so
+    `audit verify` finds a card event altered, removed or added behind the trail's back, as for assessments;
+    a clinician's override (which may be the reason of a dispute) cannot be rewritten unseen."""
+    card = the_card(call(client, hook_request(record, prefetch=full_prefetch(record), server=False)))
+    feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-25T19:05:31+09:00",
+                              "overrideReason": {"reason": card["overrideReasons"][2], "userComment": "on it"}}]}
+    assert client.post("/cds-services/deterioration/feedback", json=feedback).status_code == 200
+    store = app.extensions["fhir_ai"].store
+    with store.engine.connect() as connection:
+        ids = [row[0] for row in connection.execute(sql_text("SELECT id FROM cds_card_event ORDER BY id"))]
+    assert len(ids) == 2
+    for row_id, description in zip(ids, ("1 card(s) issued", "feedback on 1 card(s)")):
+        (event,) = audit_events(client, f"entity:identifier=https://fhir-ai.invalid/cds-card-event|{row_id}")
+        assert event["action"] == "C" and event["outcomeDesc"].endswith(description)
+        assert {"reference": f"Patient/{record['patient']['id']}"} in [e["what"] for e in event["entity"]]
+
+    def verified() -> Any:
+        return runner.invoke(main, ["audit", "verify", "--no-progress"])
+
+    result = verified()
+    assert result.exit_code == 0 and "2 CDS card events checked" in result.output, result.output
+    exported = runner.invoke(main, ["audit", "export", "--format", "csv", "--out", str(tmp_path / "csv"),
+                                    "--no-progress"])
+    assert exported.exit_code == 0, exported.output
+    assert f"https://fhir-ai.invalid/cds-card-event|{ids[1]}" in (tmp_path / "csv" / "AuditEvent.csv").read_text()
+    tampering = [
+        ("UPDATE cds_card_event SET override_code = 'patient-declined' WHERE event = 'overridden'",
+         f"CDS card event {ids[1]}: content differs from what the audit trail recorded (altered)"),
+        (f"DELETE FROM cds_card_event WHERE id = {ids[0]}",
+         f"CDS card event {ids[0]}: recorded in the audit trail but no longer stored (removed)"),
+        ("INSERT INTO cds_card_event (event, service_id, card_uuid, received_at) "
+         "VALUES ('accepted', 'deterioration', 'x', '2026-11-25 10:00:00')",
+         "stored without an audit event (added behind the trail's back)"),
+    ]
+    for statement, problem in tampering:
+        with store.engine.begin() as connection:
+            connection.execute(sql_text(statement))
+        result = verified()
+        assert result.exit_code == 1 and problem in result.output, result.output
+
+
+def test_card_events_stored_before_they_were_audited_are_counted_apart(app: Flask, runner: Any) -> None:
+    """A database from before card events were audited: its rows have no event to be checked by; verify
+    says so and still passes (rows stored after the first audited one must have theirs)."""
+    with app.extensions["fhir_ai"].store.engine.begin() as connection:
+        connection.execute(sql_text("INSERT INTO cds_card_event (event, service_id, card_uuid, received_at) "
+                                    "VALUES ('issued', 'deterioration', 'old', '2026-11-01 10:00:00')"))
+    issue_cards(app, str(uuid.uuid4()))
+    result = runner.invoke(main, ["audit", "verify", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 CDS card events checked" in result.output and "note: 1 CDS card event(s) were stored before" \
+        in result.output
 
 
 @pytest.mark.parametrize("item, expression", [
@@ -785,13 +842,13 @@ def test_the_hooks_user_is_a_second_agent_of_the_audit_event(secured: FlaskClien
     body["context"]["userId"] = "Practitioner/123"
     the_card(call(secured, body, Authorization=f"Bearer {ehr_token(url)}"))
     found = audit_events(secured, "agent=Practitioner/123")
-    assert found and {e["subtype"][-1]["code"] for e in found} == {"assess"}
+    assert found and {e["subtype"][-1]["code"] for e in found} == {"assess", "cds-hooks"}   # stored, cards issued
     for event in found:
         ehr, user = event["agent"]
         assert ehr["who"]["identifier"]["value"] == EHR and ehr["requestor"] is False
         assert user == {"type": user["type"], "who": {"reference": "Practitioner/123"}, "requestor": True}
         assert user["type"]["coding"][0]["code"] == "humanuser"
-        assert any(x["what"]["reference"] == f"Patient/{record['patient']['id']}" for x in event["entity"])
+        assert any(x["what"].get("reference") == f"Patient/{record['patient']['id']}" for x in event["entity"])
     # Calls whose userId fhir_ai does not take as a user: another type, an id FHIR would not accept, or
     # an unsigned call (no EHR vouches for it). They are answered, and audited with the EHR alone.
     for user_id in ("Device/123", "Practitioner/a_b", "Practitioner/" + "x" * 65):
@@ -826,8 +883,11 @@ def test_a_triage_not_assessed_is_audited_with_the_user(secured: FlaskClient) ->
     card = the_card(call(secured, body, "triage-ed-view", Authorization=f"Bearer {ehr_token(url)}"))
     assert "not an emergency department encounter" in card["summary"]
     found = audit_events(secured, "agent=PractitionerRole/123")
-    assert len(found) == 1 and found[0]["entity"][0]["what"]["reference"] == f"Patient/{record['patient']['id']}"
-    assert found[0]["agent"][0]["who"]["identifier"]["value"] == EHR
+    # the record read (nothing assessed) and the card issued
+    assert sorted(e["action"] for e in found) == ["C", "E"]
+    read = next(e for e in found if e["action"] == "E")
+    assert read["entity"][0]["what"]["reference"] == f"Patient/{record['patient']['id']}"
+    assert {e["agent"][0]["who"]["identifier"]["value"] for e in found} == {EHR}
 
 
 @pytest.mark.parametrize("iss", ["病院", "https://ehr.example.org/\r\nX-Evil: 1"])

@@ -215,7 +215,8 @@ def _record(cards: CardSet, service: services.Service, body: dict[str, Any], cal
         event.update(event="issued", service_id=service.id, hook_instance=str(body["hookInstance"])[:128],
                      patient_id=patient_id, client=caller.issuer if caller else None,
                      tenant=caller.tenant if caller else None)
-    _pipeline().store.add_card_events(cards.events)
+    _pipeline().store.add_card_events(cards.events, description=f"CDS service {service.id}: "
+                                      f"{len(cards.events)} card(s) issued")
 
 
 @bp.post("/cds-services/<service_id>/feedback")
@@ -238,7 +239,8 @@ def feedback_post(service_id: str):  # type: ignore[no-untyped-def]
                    model_id=card.model_id, model_version=card.model_version, indicator=card.indicator,
                    service_id=service.id, client=caller.issuer if caller else None,
                    tenant=caller.tenant if caller else None)
-    store.add_card_events(rows)
+    store.add_card_events(rows, description=f"CDS service {service.id}: feedback on "
+                                            f"{len({row['card_uuid'] for row in rows})} card(s)")
     log.info("CDS %s: %d feedback entr(ies) stored", service.id, len(rows))
     return jsonify({}), 200
 

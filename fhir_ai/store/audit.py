@@ -10,7 +10,7 @@ import base64
 import hashlib
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import orjson
@@ -38,9 +38,27 @@ OUTCOMES = {"0": "success", "4": "minor failure", "8": "serious failure", "12": 
 
 @dataclass(frozen=True)
 class Entity:
-    """A resource an event is about; ``sha256`` of the stored JSON when the event wrote it."""
+    """A resource an event is about; ``sha256`` of the stored JSON when the event wrote it. With ``system``,
+    a record that is no FHIR resource (a CDS card event), named by identifier: ``reference`` is its value."""
     reference: str
     sha256: str | None = None
+    system: str | None = None
+
+
+CARD_EVENT_SYSTEM = "https://fhir-ai.invalid/cds-card-event"     # identifiers of cds_card_event rows (their id)
+
+
+def row_digest(row: Any) -> str:
+    """sha256 of a table row's columns (canonical JSON, times as FHIR instants): what an event records of a
+    record that is no FHIR resource, so ``audit verify`` can tell it was altered."""
+    values = {}
+    for column in row.__table__.columns:
+        value = getattr(row, column.key)
+        if isinstance(value, datetime):      # SQLite hands back naive UTC, PostgreSQL aware: one text for both
+            value = times.format_datetime(value.replace(tzinfo=timezone.utc) if value.tzinfo is None
+                                          else value.astimezone(timezone.utc))
+        values[column.key] = value
+    return hashlib.sha256(canonical(values)).hexdigest()
 
 
 @dataclass
@@ -112,9 +130,10 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
                        "who": {"reference": actor.user}, "requestor": True})
     entities: list[dict[str, Any]] = []
     for entity in access.entities:
-        is_patient = entity.reference.startswith("Patient/")
+        is_patient = entity.system is None and entity.reference.startswith("Patient/")
         item: dict[str, Any] = {
-            "what": {"reference": entity.reference},
+            "what": ({"identifier": {"system": entity.system, "value": entity.reference}} if entity.system
+                     else {"reference": entity.reference}),
             "type": {"system": ENTITY_TYPE, "code": "1" if is_patient else "2"},
             "role": {"system": OBJECT_ROLE, "code": "1" if is_patient else "4"}}
         if entity.sha256:

@@ -78,7 +78,11 @@ def verify_command(ctx: click.Context, anchor: str | None, no_progress: bool) ->
     finally:
         store.close()
     click.echo(f"{report.events} audit events, {report.versions} assessment versions, "
-               f"{report.provenance} Provenance checked; head {report.head_seq}:{report.head_hash}")
+               f"{report.provenance} Provenance, {report.card_events} CDS card events checked; "
+               f"head {report.head_seq}:{report.head_hash}")
+    if report.card_events_before:
+        click.echo(f"note: {report.card_events_before} CDS card event(s) were stored before card events were "
+                   "audited; nothing records them to check them by")
     if report.ok:
         click.echo("OK: the audit trail is intact")
         return

@@ -38,6 +38,14 @@ def _provenance(r: dict[str, Any]) -> list[Any]:
                      for e in r.get("entity") or [])]
 
 
+def _what(what: dict[str, Any]) -> str:
+    """An entity as a reference, or a record that is no resource (a CDS card event) as system|value."""
+    if what.get("reference"):
+        return str(what["reference"])
+    identifier = what.get("identifier") or {}
+    return f"{identifier.get('system', '')}|{identifier.get('value', '')}" if identifier else ""
+
+
 def _audit_event(r: dict[str, Any]) -> list[Any]:
     agent = (r.get("agent") or [{}])[0]
     role = _codes(((agent.get("role") or [{}])[0]))
@@ -46,7 +54,7 @@ def _audit_event(r: dict[str, Any]) -> list[Any]:
     return [chain.get("sequence"), r["id"], r.get("recorded"), r.get("action"),
             " ".join(s.get("code", "") for s in r.get("subtype") or []), r.get("outcome"), _who(agent), role,
             (agent.get("network") or {}).get("address"),
-            " ".join((e.get("what") or {}).get("reference", "") for e in r.get("entity") or [] if e.get("what")),
+            " ".join(_what(e["what"]) for e in r.get("entity") or [] if e.get("what")),
             " ".join(queries), r.get("outcomeDesc"), chain.get("hash"),
             " ".join(_who(a) for a in (r.get("agent") or [])[1:])]
 

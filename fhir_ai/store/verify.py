@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from ..fhir import times
 from . import indexing
-from .audit import GENESIS, chain_values, link_hash, sha256_of
+from .audit import CARD_EVENT_SYSTEM, GENESIS, chain_values, link_hash, row_digest, sha256_of
 from .searching import utc
-from .tables import AssessmentRow
+from .tables import AssessmentRow, CdsCardEventRow
 from .trail_tables import (AssessmentVersionRow, AuditEventRow, ChainHeadRow, ProvenanceRow, SearchIndexRow,
                            probes_by_seq)
 
@@ -27,6 +27,8 @@ class Report:
     head_hash: str = GENESIS
     versions: int = 0
     provenance: int = 0
+    card_events: int = 0                 # CDS card events checked against the trail
+    card_events_before: int = 0          # stored before card events were audited (nothing to check them by)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +100,7 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
     report = Report()
     prev, expected_seq, last_seq = GENESIS, 1, 0
     recorded: dict[str, str] = {}        # 'RiskAssessment/x/_history/1' → sha256 the event recorded
+    cards: dict[int, str] = {}           # cds_card_event id → sha256 the event recorded
     while True:
         rows = list(session.scalars(select(AuditEventRow).where(AuditEventRow.seq > last_seq)
                                     .order_by(AuditEventRow.seq).limit(BATCH)))
@@ -108,8 +111,14 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
             event = _check_event(row, expected_seq, prev, report, index.get(row.id, set()))
             for entity in (event or {}).get("entity") or []:
                 for detail in entity.get("detail") or []:
-                    if detail.get("type") == "sha256":
-                        recorded[entity["what"]["reference"]] = detail["valueString"]
+                    if detail.get("type") != "sha256":
+                        continue
+                    what = entity.get("what") or {}
+                    identifier = what.get("identifier") or {}
+                    if identifier.get("system") == CARD_EVENT_SYSTEM and str(identifier.get("value")).isdigit():
+                        cards[int(identifier["value"])] = detail["valueString"]
+                    elif "reference" in what:
+                        recorded[what["reference"]] = detail["valueString"]
             if anchor and row.seq == anchor[0] and row.hash != anchor[1]:
                 report.problem(f"AuditEvent seq {row.seq}: hash differs from the anchor you recorded")
             prev, expected_seq, last_seq = row.hash, row.seq + 1, row.seq
@@ -123,7 +132,29 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
     if head is None or head.seq != last_seq or head.hash != prev:
         report.problem("the chain head does not match the last event: events were removed or added")
     _check_stored(session, recorded, report)
+    _check_card_events(session, cards, report)
     return report
+
+
+def _check_card_events(session: Session, recorded: dict[int, str], report: Report) -> None:
+    """Every CDS card event (cards issued, feedback) against the sha256 its AuditEvent recorded. Rows stored
+    before card events were audited (ids below the first audited one) are counted apart, not failed; any
+    later row without an event was added behind the trail's back."""
+    first = min(recorded) if recorded else None
+    seen: set[int] = set()
+    for row in session.scalars(select(CdsCardEventRow).order_by(CdsCardEventRow.id)).yield_per(BATCH):
+        seen.add(row.id)
+        if row.id in recorded:
+            report.card_events += 1
+            if row_digest(row) != recorded[row.id]:
+                report.problem(f"CDS card event {row.id}: content differs from what the audit trail recorded "
+                               "(altered)")
+        elif first is not None and row.id > first:
+            report.problem(f"CDS card event {row.id}: stored without an audit event (added behind the trail's back)")
+        else:
+            report.card_events_before += 1
+    for row_id in sorted(set(recorded) - seen):
+        report.problem(f"CDS card event {row_id}: recorded in the audit trail but no longer stored (removed)")
 
 
 def _check_stored(session: Session, recorded: dict[str, str], report: Report) -> None:
