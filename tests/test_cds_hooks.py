@@ -290,6 +290,15 @@ def test_missing_prefetch_without_fhir_server_is_412(client: FlaskClient, record
     response = call(client, hook_request(record, prefetch=prefetch, server=False))
     assert response.status_code == 412
     assert response.json["issue"][0]["expression"] == ["prefetch.observations"]
+    # A failed call is audited too, with the patient it asked about (fhir_ai had read part of the record).
+    (event,) = audit_events(client, f"patient=Patient/{record['patient']['id']}&subtype=cds-hooks")
+    assert event["outcome"] == "4" and event["outcomeDesc"].startswith("412 POST /cds-services/deterioration")
+    bad = client.post("/cds-services/deterioration/feedback", json={"feedback": [{
+        "card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]})
+    assert bad.status_code == 422
+    refused = [e for e in audit_events(client, "subtype=cds-hooks&outcome=4")
+               if e["outcomeDesc"].startswith("422 POST /cds-services/deterioration/feedback")]
+    assert len(refused) == 1
 
 
 def test_operation_outcome_prefetch_is_fetched_again(client: FlaskClient, record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import orjson
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from .. import assessment
 from ..cds import feedback, services
@@ -27,7 +27,8 @@ from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..fhir import times
 from ..pipeline import Pipeline
 from ..search.params import whole_number_param
-from ..store.audit import Access, Entity
+from ..store.actors import ANONYMOUS, Actor
+from ..store.audit import Access, Entity, outcome_for_status
 from .fhir_io import base_url, fhir_response, request_bytes
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,23 @@ def _started(encounter: dict[str, Any]) -> float:
         return float("-inf")      # no usable start: any encounter with one is later
 
 
+@bp.after_request
+def _audit_refused_call(response: Any) -> Any:
+    """A service call or feedback answered with an error (400, 404, 412, 422, 5xx) is audited too: the EHR
+    asked about a patient, and fhir_ai may have read the patient's record before it failed. (401s are
+    audited as refusals; a successful call is audited by what it stores.)"""
+    if (response.status_code < 400 or g.get("fhir_ai_denied") is not None
+            or request.endpoint not in ("cds_hooks.call", "cds_hooks.feedback_post")):
+        return response
+    patient = g.get("fhir_ai_cds_patient")
+    actor = g.get("fhir_ai_actor") or Actor(ANONYMOUS.client_id, ANONYMOUS.role, request.remote_addr, "anonymous")
+    _pipeline().store.record_access(Access(
+        "E", "operation", outcome_for_status(response.status_code), operation="cds-hooks", actor=actor,
+        description=f"{response.status_code} {request.method} {request.path}",
+        entities=[Entity(f"Patient/{patient}")] if patient else []))
+    return response
+
+
 @bp.errorhandler(Unauthorized)
 def _unauthorized(exc: Unauthorized):  # type: ignore[no-untyped-def]
     log.warning("CDS Hooks call refused: %s", exc.message)
@@ -169,6 +187,7 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     caller = _authenticate()
     body = _json_body()
     check_hook_request(body, service)
+    g.fhir_ai_cds_patient = body["context"]["patientId"]       # for the audit of a call that fails later
     if caller is not None and _AUDITED_USER.fullmatch(body["context"]["userId"]):
         set_user(body["context"]["userId"])     # a signed call only: the EHR vouches for the user it names
     settings, pipeline = _settings(), _pipeline()
