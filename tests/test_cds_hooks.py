@@ -746,6 +746,43 @@ def test_card_events_are_in_the_audit_chain(app: Flask, client: FlaskClient, rec
         assert result.exit_code == 1 and problem in result.output, result.output
 
 
+def test_a_removed_card_event_is_found_though_its_id_is_given_again(app: Flask, runner: Any) -> None:
+    """SQLite gives the highest id again once its row is gone: the next card event takes the removed one's id.
+    The two events recording that id give it away (PostgreSQL never gives an id twice: 'removed')."""
+    issue_cards(app, str(uuid.uuid4()))
+    issue_cards(app, str(uuid.uuid4()))
+    with app.extensions["fhir_ai"].store.engine.begin() as connection:
+        last = connection.execute(sql_text("SELECT MAX(id) FROM cds_card_event")).scalar_one()
+        connection.execute(sql_text(f"DELETE FROM cds_card_event WHERE id = {last}"))
+    issue_cards(app, str(uuid.uuid4()))
+    result = runner.invoke(main, ["audit", "verify", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert (f"CDS card event {last}: recorded by 2 audit events" in result.output
+            or f"CDS card event {last}: recorded in the audit trail but no longer stored" in result.output)
+
+
+@pytest.mark.parametrize("coding, field", [
+    ({"system": 5, "code": "x"}, "system"), ({"code": "x", "display": 7}, "display"),
+    ({"code": {"c": "x"}}, "code"), ({"system": {"s": 1}, "code": "x"}, "system"),
+])
+def test_an_override_reason_of_the_wrong_types_is_refused(app: Flask, client: FlaskClient, runner: Any,
+                                                          coding: dict[str, Any], field: str) -> None:
+    """Stored as sent, a number would read back as text (the trail would call the row altered for ever) and
+    an object could not be stored at all (a 500): 400 naming the field, nothing stored."""
+    card = str(uuid.uuid4())
+    issue_cards(app, card)
+    response = client.post("/cds-services/deterioration/feedback", json={"feedback": [{
+        "card": card, "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z",
+        "overrideReason": {"reason": coding}}]})
+    assert response.status_code == 400, response.json
+    assert response.json["issue"][0]["expression"] == [f"feedback[0].overrideReason.reason.{field}"]
+    long = client.post("/cds-services/deterioration/feedback", json={"feedback": [{
+        "card": card, "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z",
+        "overrideReason": {"reason": {"code": "x", "display": "d" * 600, "system": "s" * 600}}}]})
+    assert long.status_code == 200, long.json                       # cut to the columns, on every database
+    assert runner.invoke(main, ["audit", "verify", "--no-progress"]).exit_code == 0
+
+
 def test_card_events_stored_before_they_were_audited_are_counted_apart(app: Flask, runner: Any) -> None:
     """A database from before card events were audited: its rows have no event to be checked by; verify
     says so and still passes (rows stored after the first audited one must have theirs)."""

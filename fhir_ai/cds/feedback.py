@@ -73,8 +73,13 @@ def parse(body: Any) -> list[dict[str, Any]]:
             if coding is not None:
                 if not isinstance(coding, dict) or not coding.get("code"):
                     raise BadRequest("overrideReason.reason must be a Coding with a code", expression=f"{path}.reason")
-                row.update(override_system=coding.get("system"), override_code=str(coding["code"])[:128],
-                           override_display=coding.get("display"))
+                for key in ("system", "code", "display"):       # stored as sent: strings only (FHIR's types)
+                    if coding.get(key) is not None and not isinstance(coding[key], str):
+                        raise BadRequest(f"overrideReason.reason.{key} must be a string",
+                                         expression=f"{path}.reason.{key}")
+                row.update(override_system=(coding.get("system") or None) and coding["system"][:512],
+                           override_code=coding["code"][:128],
+                           override_display=(coding.get("display") or None) and coding["display"][:512])
             comment = reason.get("userComment")
             if comment is not None:
                 if not isinstance(comment, str):

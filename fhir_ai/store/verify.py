@@ -100,7 +100,7 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
     report = Report()
     prev, expected_seq, last_seq = GENESIS, 1, 0
     recorded: dict[str, str] = {}        # 'RiskAssessment/x/_history/1' → sha256 the event recorded
-    cards: dict[int, str] = {}           # cds_card_event id → sha256 the event recorded
+    cards: dict[int, list[str]] = {}     # cds_card_event id → sha256 each event that names it recorded
     while True:
         rows = list(session.scalars(select(AuditEventRow).where(AuditEventRow.seq > last_seq)
                                     .order_by(AuditEventRow.seq).limit(BATCH)))
@@ -116,7 +116,7 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
                     what = entity.get("what") or {}
                     identifier = what.get("identifier") or {}
                     if identifier.get("system") == CARD_EVENT_SYSTEM and str(identifier.get("value")).isdigit():
-                        cards[int(identifier["value"])] = detail["valueString"]
+                        cards.setdefault(int(identifier["value"]), []).append(detail["valueString"])
                     elif "reference" in what:
                         recorded[what["reference"]] = detail["valueString"]
             if anchor and row.seq == anchor[0] and row.hash != anchor[1]:
@@ -136,20 +136,25 @@ def verify(session: Session, *, anchor: tuple[int, str] | None = None,
     return report
 
 
-def _check_card_events(session: Session, recorded: dict[int, str], report: Report) -> None:
-    """Every CDS card event (cards issued, feedback) against the sha256 its AuditEvent recorded. Rows stored
-    before card events were audited (ids below the first audited one) are counted apart, not failed; any
-    later row without an event was added behind the trail's back."""
+def _check_card_events(session: Session, recorded: dict[int, list[str]], report: Report) -> None:
+    """Every CDS card event (cards issued, feedback) against the sha256 its AuditEvent recorded. Rows with ids
+    below the first audited one (stored before card events were audited) are counted apart: nothing records
+    them. Any later row without an event was added behind the trail's back; an id two events record was
+    removed and given again (SQLite reuses the highest id once its row is gone; nothing deletes card events)."""
     first = min(recorded) if recorded else None
     seen: set[int] = set()
+    for row_id, digests in recorded.items():
+        if len(digests) > 1:
+            report.problem(f"CDS card event {row_id}: recorded by {len(digests)} audit events (a row was removed "
+                           "and its id given to another)")
     for row in session.scalars(select(CdsCardEventRow).order_by(CdsCardEventRow.id)).yield_per(BATCH):
         seen.add(row.id)
         if row.id in recorded:
             report.card_events += 1
-            if row_digest(row) != recorded[row.id]:
+            if row_digest(row) != recorded[row.id][-1]:
                 report.problem(f"CDS card event {row.id}: content differs from what the audit trail recorded "
                                "(altered)")
-        elif first is not None and row.id > first:
+        elif (first is not None and row.id > first) or row.id <= 0:      # no database gives an id <= 0
             report.problem(f"CDS card event {row.id}: stored without an audit event (added behind the trail's back)")
         else:
             report.card_events_before += 1
