@@ -13,7 +13,7 @@ from .features import Extractor, FeatureSet
 from .features.extract import pinned_encounter_problem
 from .fhir import smart, times
 from .fhir.sources import Source, make_source
-from .mapping import load_directory
+from .mapping import Mapping, load_directory
 from .models.registry import ModelRegistry
 from .assessment import Scored
 from .models.registry import LoadedModel
@@ -64,12 +64,13 @@ class Pipeline:
         self.store.close()
 
     # -- single patient ------------------------------------------------------------------------
-    def fetch(self, patient_id: str, model_ids: list[str], as_of: datetime) -> list[dict[str, Any]]:
+    def fetch(self, patient_id: str, model_ids: list[str], as_of: datetime,
+              loaded: dict[str, tuple[LoadedModel, Mapping]] | None = None) -> list[dict[str, Any]]:
         """Pull what the mappings of these models need for one patient: Patient, Encounters, Observations."""
         codes: dict[tuple[str, str], None] = {}
         lookback: float | None = 0.0
         for model_id in model_ids:
-            mapping = self.registry.get(model_id)[1]
+            mapping = (loaded[model_id] if loaded else self.registry.get(model_id))[1]
             codes.update(dict.fromkeys(mapping.query_codes()))
             span = mapping.longest_lookback()
             lookback = None if span is None or lookback is None else max(lookback, span)
@@ -78,14 +79,17 @@ class Pipeline:
 
     def features_for(self, patient_id: str, model_ids: list[str], as_of: datetime,
                      resources: list[dict[str, Any]] | None = None,
-                     encounter: str | None = None) -> dict[str, FeatureSet]:
+                     encounter: str | None = None,
+                     loaded: dict[str, tuple[LoadedModel, Mapping]] | None = None) -> dict[str, FeatureSet]:
         """Each model's features for one patient, from ``resources`` (default: fetched from the source).
 
         ``encounter`` pins the visit to assess (e.g. the ED encounter being triaged); NotFound if the
-        patient has no such encounter.
+        patient has no such encounter. ``loaded``: the (model, mapping) of each model, taken once by the
+        caller so that a $reload meanwhile cannot pair one model with another mapping's features.
         """
+        loaded = loaded or {model_id: self.registry.get(model_id) for model_id in model_ids}
         if resources is None:
-            resources = self.fetch(patient_id, model_ids, as_of)
+            resources = self.fetch(patient_id, model_ids, as_of, loaded)
         if encounter is not None:
             where = "Parameters.parameter.where(name='encounter')"
             found = next((r for r in resources if r.get("resourceType") == "Encounter" and r.get("id") == encounter),
@@ -100,7 +104,7 @@ class Pipeline:
         pinned = {patient_id: encounter} if encounter else None
         out = {}
         for model_id in model_ids:
-            extractor = Extractor(self.registry.get(model_id)[1])
+            extractor = Extractor(loaded[model_id][1])
             extractor.add_all(resources)
             out[model_id] = extractor.finish(as_of=as_of, patient_ids=[patient_id], encounters=pinned)
         return out
@@ -110,14 +114,14 @@ class Pipeline:
                encounter: str | None = None) -> AssessResult:
         """Assess one patient: pulled from the source, or from ``resources`` the caller sent (push mode)."""
         models = models or ["deterioration"]
-        for model_id in models:
-            self.registry.get(model_id)          # unknown model: fail before fetching anything
+        # Each model with its mapping, taken once (unknown model: fail before fetching anything).
+        loaded = {model_id: self.registry.get(model_id) for model_id in models}
         as_of = as_of or assessment.now()
         write_back = self.settings.write_back if write_back is None else write_back
         result = AssessResult()
         planned: list[tuple[list[dict[str, Any]], list[dict[str, Any]], MappingUsed]] = []  # per model
-        for model_id, fs in self.features_for(patient_id, models, as_of, resources, encounter).items():
-            model, _ = self.registry.get(model_id)
+        for model_id, fs in self.features_for(patient_id, models, as_of, resources, encounter, loaded).items():
+            model, _ = loaded[model_id]
             scored, resources_out = build_assessments(model, fs)
             issues = []
             if not scored[0].sufficient:

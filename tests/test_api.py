@@ -1,6 +1,7 @@
 """The FHIR API on the demo hospital: $assess, RiskAssessment read/search, metadata, errors."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -316,3 +317,23 @@ def test_saved_text_is_the_stored_json_of_the_resource(database_url):
         assert orjson.dumps(with_text) == orjson.dumps(without)
     finally:
         store.close()
+
+
+def test_a_reload_meanwhile_cannot_pair_a_model_with_another_mappings_features(demo_app, monkeypatch):
+    """$assess takes each model with its mapping once: a $reload in another thread between reading the
+    features and scoring cannot pair the new model with the old mapping's features (or the reverse). Here
+    the registry hands out another pair from the second lookup on: the answer is the first pair's."""
+    pipeline = demo_app.extensions["fhir_ai"]
+    real_get = pipeline.registry.get
+    lookups: list[str] = []
+
+    def get(model_id: str):
+        lookups.append(model_id)
+        if lookups.count(model_id) > 1:
+            raise AssertionError(f"{model_id} looked up twice in one assessment")
+        return real_get(model_id)
+
+    monkeypatch.setattr(pipeline.registry, "get", get)
+    result = pipeline.assess("demo-002", models=["deterioration", "triage"] if "triage" in pipeline.registry.models
+                             else ["deterioration"], as_of=datetime(2026, 11, 20, 8, tzinfo=timezone.utc))
+    assert result.resources and sorted(set(lookups)) == sorted(lookups)
