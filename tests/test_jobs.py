@@ -120,6 +120,22 @@ def test_group_assess_answers_202_then_a_manifest_of_every_active_member(jc: Fla
     assert sorted({p for p, _ in rows}) == WARD and len(rows) == 8
 
 
+def test_a_job_says_which_assessments_it_got_back_withdrawn(jc: FlaskClient, job_app: Flask) -> None:
+    """A clinician withdrew one patient's assessment; the ward is assessed again on the same data: the job
+    gets that assessment back as it stands and counts it 'withdrawn', not 'assessed' (no current risk)."""
+    first = jc.get(kick_off(jc, "/Group/ward-a/$assess")).get_json()
+    model = next(o for o in first["output"] if o["status"] == "assessed" and "news2" not in o["url"]
+                 and jc.get(o["url"].removeprefix("http://localhost")).get_json()["method"]["coding"][0]["code"]
+                 == "deterioration")
+    withdrawn = jc.post(model["url"].removeprefix("http://localhost") + "/$withdraw", json={
+        "resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "wrong patient"}]})
+    assert withdrawn.status_code == 200, withdrawn.get_json()
+    again = jc.get(kick_off(jc, "/Group/ward-a/$assess")).get_json()
+    assert again["withdrawn"] == 1 and again["assessed"] == first["assessed"] - 1
+    assert [o["status"] for o in again["output"] if o["url"] == model["url"]] == ["withdrawn"]
+    assert first["withdrawn"] == 0
+
+
 def test_a_repeated_job_stores_nothing_new(jc: FlaskClient, job_app: Flask) -> None:
     first = jc.get(kick_off(jc, "/Group/ward-a/$assess")).get_json()
     second = jc.get(kick_off(jc, "/Group/ward-b/$assess")).get_json()   # demo-003 again, demo-006 new

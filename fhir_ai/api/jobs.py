@@ -177,17 +177,18 @@ def counts(job: JobView) -> dict[str, int | None]:
     its own RiskAssessment (NEWS2, a companion, is not counted). ``notApplicable``: the model is not for
     the patient's current visit (mapping ``scoring.encounter_classes``, e.g. the triage model for an
     inpatient); ``insufficientData``: too little data to assess; ``failed``: the patient could not be
-    assessed (counted for each model). A Bulk Data run (kind ``bulk-export``, fhir-ai bulk-export-assess)
+    assessed (counted for each model); ``withdrawn``: the same data's assessment was withdrawn as entered in
+    error, and the job got it back as it stands (no current risk). A Bulk Data run (kind ``bulk-export``, fhir-ai bulk-export-assess)
     has no patient rows: its result's ``assessed`` once complete; what it does not count, null."""
     if job.kind == "bulk-export":
         return {"assessed": job.result.get("assessed"), "insufficientData": None, "notApplicable": None,
-                "failed": None}
+                "failed": None, "withdrawn": None}
     tally: Counter[str] = Counter()
     for status, n in job.counts.items():
         for outcome in outcomes(status):
             tally[outcome] += n
     return {"assessed": tally["assessed"], "insufficientData": tally["insufficient"],
-            "notApplicable": tally["not-applicable"], "failed": tally["failed"]}
+            "notApplicable": tally["not-applicable"], "failed": tally["failed"], "withdrawn": tally["withdrawn"]}
 
 
 def _patients(job: JobView) -> tuple[int | None, int | None]:
@@ -202,7 +203,8 @@ def _tally(job: JobView) -> str:
     """The counts in words, for a running job's progress answer."""
     n = counts(job)
     return (f"{n['assessed']} assessed, {n['insufficientData']} insufficient data, "
-            f"{n['notApplicable']} not applicable, {n['failed']} failed")
+            f"{n['notApplicable']} not applicable, {n['failed']} failed"
+            + (f", {n['withdrawn']} withdrawn" if n["withdrawn"] else ""))
 
 
 @bp.get("/jobs/<job_id>")

@@ -75,7 +75,7 @@ def submit(jobs: JobStore, *, kind: str, scope: str, as_of: datetime, request: d
 # order asked ("=na": the first model not applicable, the second assessed). Counting the rows by status
 # (one GROUP BY) then counts patients per model, as bulk-assess does, with no JSON read and no migration
 # (String(16): at most MAX_MODELS models in one job). Rows written before hold one outcome per patient.
-LETTERS = {"assessed": "a", "insufficient": "i", "not-applicable": "n", "failed": "f"}
+LETTERS = {"assessed": "a", "insufficient": "i", "not-applicable": "n", "failed": "f", "withdrawn": "w"}
 OUTCOME_OF = {letter: outcome for outcome, letter in LETTERS.items()}
 MAX_MODELS = 15
 
@@ -84,7 +84,10 @@ def assessment_status(resource: dict[str, Any]) -> str:
     """One RiskAssessment's outcome: ``assessed``, or, when it was cancelled, why: ``not-applicable``
     (the model is not for this visit, mapping ``scoring.encounter_classes``) or ``insufficient`` (too
     little data; also a cancelled NEWS2). The reason is the one the assessment itself gives in its note
-    ("Not assessed: not applicable. …", models.scoring)."""
+    ("Not assessed: not applicable. …", models.scoring). ``withdrawn``: the same data's assessment was
+    withdrawn as entered in error, and it is what the job got back (no current risk)."""
+    if resource.get("status") == "entered-in-error":
+        return "withdrawn"
     if resource.get("status") != "cancelled":
         return "assessed"
     return "not-applicable" if is_not_applicable(not_assessed_reason(resource)) else "insufficient"
