@@ -15,6 +15,7 @@ class FhirAiError(Exception):
     status: int = 500
     code: str = "exception"
     severity: str = "error"
+    retry_after_seconds: int | None = None     # the answer's Retry-After (a 503 worth repeating later)
 
     def __init__(self, message: str, *, expression: list[str] | str | None = None,
                  details: str | None = None, header: str | None = None) -> None:

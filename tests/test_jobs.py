@@ -276,6 +276,16 @@ def test_jobs_are_visible_only_to_the_client_that_asked(jc: FlaskClient, job_app
     assert jc.get("/jobs/job-3").status_code == 202
 
 
+@pytest.mark.parametrize("path", ["/Group/%2e%2e/$assess", "/Group/./$assess", "/Patient/%2e%2e/$assess"])
+def test_an_id_of_dots_only_is_refused_not_read_as_a_path(jc: FlaskClient, path: str) -> None:
+    """'..' matches FHIR's id pattern, but [base]/Group/.. is the server base once a client normalises it:
+    another resource than the one named. 400 naming the id, no job started."""
+    response = jc.post(path, json=parameters(asOf=AS_OF), headers={"Prefer": "respond-async"})
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["issue"][0]["expression"][0].endswith(".id")
+    assert jc.get("/jobs").get_json()["jobs"] == []
+
+
 def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_overrides: dict[str, Any],
                                                                    hospital: Path) -> None:
     settings_overrides.update(source_url=str(hospital), broker_url="redis://127.0.0.1:9/0")   # nothing listens
@@ -285,6 +295,7 @@ def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_over
                                           headers={"Prefer": "respond-async"})
         assert response.status_code == 503
         assert "queue" in response.get_json()["issue"][0]["diagnostics"]
+        assert response.headers["Retry-After"] == "30"                  # when to try again
         with store_of(app).session() as session:
             from fhir_ai.jobs.tables import JobRow
             assert [r.status for r in session.scalars(select(JobRow))] == ["failed"]

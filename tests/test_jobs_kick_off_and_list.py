@@ -58,7 +58,7 @@ def test_a_kick_off_without_prefer_respond_async_is_refused_naming_the_header(jc
     assert outcome["resourceType"] == "OperationOutcome"
     issue = outcome["issue"][0]
     assert issue["severity"] == "error" and issue["code"] == "required"
-    assert issue["expression"] == ["http.Prefer"] and "Prefer: respond-async" in issue["diagnostics"]
+    assert issue["location"] == ["http.Prefer"] and "Prefer: respond-async" in issue["diagnostics"]
     assert job_rows(job_app) == 0                       # nothing started
 
 

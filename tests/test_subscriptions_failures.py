@@ -123,7 +123,7 @@ def test_the_endpoint_answers_503_and_the_retry_queues_the_patient(sc: FlaskClie
         raise OperationalError("connection refused")
     monkeypatch.setattr(tasks.rescore_patient, "apply_async", refused)
     response = post(sc, notification("event-notification", [heart_rate("p2")], start=2))
-    assert response.status_code == 503
+    assert response.status_code == 503 and response.headers["Retry-After"] == "30"   # steers the redelivery
     monkeypatch.setattr(tasks.rescore_patient, "apply_async", lambda args, **_: asked.append(args))
     text = diagnostics(post(sc, notification("event-notification", [heart_rate("p2")], start=2)))   # the retry
     assert asked[-1] == ("p2", "subscription/sub-1") and "0 already queued" in text

@@ -24,7 +24,10 @@ def register(app: Flask) -> None:
                       exc.upstream_status or "none")
         elif exc.status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        return fhir_response(exc.to_operation_outcome(), exc.status)
+        response = fhir_response(exc.to_operation_outcome(), exc.status)
+        if exc.retry_after_seconds is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_seconds)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):  # type: ignore[no-untyped-def]

@@ -76,6 +76,9 @@ def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] |
 def check_id(value: str, expression: str) -> str:
     if not ID.fullmatch(value):
         raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=expression)
+    if not value.strip("."):
+        # '.' and '..' match the id pattern but are path segments: [base]/Group/.. would read [base]/
+        raise BadRequest("an id of dots only names no resource (it is a path segment)", expression=expression)
     return value
 
 

@@ -87,7 +87,7 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
         # a ward or the whole hospital cannot have: say so instead of answering 202 it did not ask for.
         raise AsyncRequired("this operation runs asynchronously only: send the header 'Prefer: respond-async' "
                             "(the answer is 202 with Content-Location, the job's status URL)",
-                            expression="http.Prefer")
+                            header="Prefer")
     params = parse_parameters(read_body("Parameters", optional=True), strict=not lenient())
     if params.encounter:
         raise BadRequest("encounter cannot be given for a batch of patients",

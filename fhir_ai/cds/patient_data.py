@@ -96,6 +96,7 @@ class RecordChecker:
 
 
 def check_id(value: Any, expression: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=expression)
+    if not isinstance(value, str) or not _ID.fullmatch(value) or not value.strip("."):
+        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .; not dots only, a path segment)",
+                         expression=expression)
     return value

@@ -373,6 +373,9 @@ class FhirClient:
     def _url(self, path_or_url: str) -> str:
         """An absolute URL on our server; refuses any other origin so the token stays home."""
         if "://" not in path_or_url:
+            if {".", ".."} & set(path_or_url.split("?", 1)[0].split("/")):
+                # Group/.. would be normalised to the server base: another resource than the one named
+                raise BadRequest(f"a path segment '.' or '..' names no resource: {path_or_url.split('?', 1)[0]!r}")
             return f"{self.base_url}/{path_or_url.lstrip('/')}"
         self._check_origin(path_or_url, "sent a link", "refusing to send our credentials there")
         return path_or_url

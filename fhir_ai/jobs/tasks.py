@@ -36,9 +36,11 @@ RETRY = {"autoretry_for": (DatabaseUnavailable,), "retry_backoff": 2, "retry_bac
 
 
 class QueueUnavailable(FhirAiError):
-    """The job queue (Redis) cannot be reached; the job was not started."""
+    """The job queue (Redis) cannot be reached; the job was not started (it is listed as failed, 503).
+    Retry-After steers a caller's, and a hospital's notification redelivery, next attempt."""
     status = 503
     code = "transient"
+    retry_after_seconds = 30
 
 
 def new_job_id() -> str:
