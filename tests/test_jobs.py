@@ -23,7 +23,7 @@ from fhir_ai.config import DEMO_HOSPITAL, load_settings
 from fhir_ai.jobs import JobStore, runtime
 from fhir_ai.jobs import tasks
 from fhir_ai.jobs.celery_app import app as celery, configure, schedule
-from fhir_ai.jobs.tables import JobItemRow
+from fhir_ai.jobs.tables import JobItemRow, JobRow
 from fhir_ai.store.tables import AssessmentRow, OutboxRow
 from fhir_ai.store.trail_tables import AuditEventRow
 
@@ -284,6 +284,53 @@ def test_an_id_of_dots_only_is_refused_not_read_as_a_path(jc: FlaskClient, path:
     assert response.status_code == 400, response.get_json()
     assert response.get_json()["issue"][0]["expression"][0].endswith(".id")
     assert jc.get("/jobs").get_json()["jobs"] == []
+
+
+def test_a_job_no_worker_has_taken_says_so(jc: FlaskClient, job_app: Flask) -> None:
+    """A site that forgot `fhir-ai worker`: the job stays queued; after half a minute its progress says that no
+    worker has taken it, instead of 'finding patients' for ever."""
+    jobs = JobStore(store_of(job_app))
+    jobs.create("idle", kind="group", scope="ward-a", as_of=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                request={}, requested_by="test-suite", requested_role="admin")
+    fresh = jc.get("/jobs/idle")
+    assert fresh.status_code == 202 and fresh.headers["X-Progress"] == "finding patients"
+    with store_of(job_app).engine.begin() as connection:
+        connection.execute(update(JobRow).where(JobRow.id == "idle").values(
+            created_at=datetime.now(timezone.utc) - timedelta(minutes=2)))
+    stale = jc.get("/jobs/idle")
+    assert stale.status_code == 202 and stale.headers["X-Progress"].startswith("waiting for a worker since ")
+    assert "fhir-ai worker" in stale.get_json()["issue"][0]["diagnostics"]
+
+
+def test_a_ward_that_fails_every_interval_shows_in_health_and_at_beat_start(settings_overrides: dict[str, Any],
+                                                                            hospital: Path, eager: None,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """FHIR_AI_WARDS naming a Group the source does not have: each slot's job fails. /health says degraded and
+    names the ward and the status its latest job failed with; the log line names the ward; the beat's start
+    warns about ids that cannot be Groups and about a missing FHIR_AI_PUBLIC_URL."""
+    from fhir_ai.jobs.worker import ward_problems
+    settings_overrides.update(source_url=str(hospital), wards="ward-a,nope")
+    app = create_app(settings_overrides)
+    try:
+        runtime.configure(app.config["FHIR_AI"], app.extensions["fhir_ai"])
+        client = app.test_client()
+        assert [w["status"] for w in client.get("/health").get_json()["wards"]] == ["not started yet"] * 2
+        with caplog.at_level("WARNING"):
+            tasks.rescore_wards(now=datetime(2026, 11, 20, 8, tzinfo=timezone.utc).timestamp())
+        body = client.get("/health").get_json()
+        assert body["status"] == "degraded"
+        by_ward = {w["ward"]: w for w in body["wards"]}
+        assert by_ward["ward-a"]["status"] == "completed"
+        assert by_ward["nope"]["status"] == "failed" and by_ward["nope"]["errorStatus"] == 404
+        assert "(ward nope) failed (404)" in caplog.text
+        settings = app.config["FHIR_AI"]
+    finally:
+        app.extensions["fhir_ai"].close()
+        configure(load_settings())
+    problems = ward_problems(dataclasses.replace(settings, wards="ward-a,bad id,..", public_url=""))
+    assert len(problems) == 3 and "'bad id'" in problems[0] and "'..'" in problems[1]
+    assert "FHIR_AI_PUBLIC_URL" in problems[2]
+    assert ward_problems(dataclasses.replace(settings, public_url="https://fhir-ai.hospital.test")) == []
 
 
 def test_an_unreachable_queue_answers_503_and_marks_the_job_failed(settings_overrides: dict[str, Any],

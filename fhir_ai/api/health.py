@@ -6,10 +6,15 @@ from typing import Any
 
 import redis
 from flask import Blueprint, current_app, jsonify
+from sqlalchemy import select
 
 from ..config import Settings
 from ..delivery import summary
+from ..fhir import times
+from ..jobs.celery_app import wards
+from ..jobs.tables import JobRow
 from ..pipeline import Pipeline
+from ..store.searching import utc
 
 bp = Blueprint("health", __name__)
 
@@ -41,4 +46,26 @@ def health():  # type: ignore[no-untyped-def]
     body = {"status": status,
             "models": {m.model_id: m.version for m in pipeline.registry.models.values()},
             "writeBack": write_back, "queue": queue}
+    ward_jobs = latest_ward_jobs(pipeline)
+    if ward_jobs:
+        body["wards"] = ward_jobs
+        if any(w["status"] == "failed" for w in ward_jobs):
+            body["status"] = "degraded"        # a scheduled rescoring that fails every interval is not healthy
     return jsonify(body), 200
+
+
+def latest_ward_jobs(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """Each configured ward's latest scheduled job: its state, as-of time and, if it failed, the status it
+    failed with (the reason is on its status URL). A ward no job was started for yet says so."""
+    out = []
+    with pipeline.store.session() as session:
+        for ward in wards(pipeline.settings):
+            job = session.scalars(select(JobRow).where(JobRow.kind == "ward", JobRow.scope == ward)
+                                  .order_by(JobRow.created_at.desc()).limit(1)).first()
+            entry: dict[str, Any] = {"ward": ward, "status": job.status if job else "not started yet"}
+            if job is not None:
+                entry.update(job=job.id, asOf=times.format_datetime(utc(job.as_of)))
+                if job.status == "failed":
+                    entry["errorStatus"] = job.error_status
+            out.append(entry)
+    return out

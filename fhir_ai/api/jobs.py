@@ -108,6 +108,9 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
     return fhir_response(outcome, 202, {"Content-Location": location})
 
 
+UNCLAIMED_SECONDS = 30          # a job still queued after this long says no worker has taken it
+
+
 def times_now() -> Any:
     from ..assessment import now
     return now()
@@ -217,6 +220,11 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     if job.status in ("queued", "running"):
         not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
+        waited = (times_now() - job.created_at.replace(tzinfo=job.created_at.tzinfo or timezone.utc)).total_seconds()
+        if job.status == "queued" and waited >= UNCLAIMED_SECONDS:
+            # No worker has taken it: a site that forgot `fhir-ai worker` must not see "finding patients" for ever.
+            progress = (f"waiting for a worker since {times.format_datetime(job.created_at)} (no `fhir-ai worker` "
+                        "has taken the job yet)")
         said = f"{job.status}: {progress}" + ("" if job.total is None else f" ({_tally(job)})")
         return fhir_response({"resourceType": "OperationOutcome", "issue": [{
             "severity": "information", "code": "informational", "diagnostics": said}]},

@@ -217,7 +217,11 @@ class JobStore:
             session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status.not_in(FINAL))
                             .values(status="failed", error=message[:2000], error_status=status,
                                     finished_at=now, updated_at=now))
-        log.warning("job %s failed (%s)", job_id, status)
+            row = session.get(JobRow, job_id)
+        # What failed, by its kind and Group (a ward's id is no patient data); the reason, which may quote the
+        # hospital server's words, is on the job's status URL.
+        log.warning("job %s (%s %s) failed (%s)", job_id, row.kind if row else "?", row.scope if row else "?",
+                    status)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel (or forget a finished job): the status URL answers 404 afterwards. False if unknown."""

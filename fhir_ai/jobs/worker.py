@@ -8,9 +8,10 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from ..api.fhir_io import ID as _ID
 from ..config import Settings
 from . import runtime
-from .celery_app import configure
+from .celery_app import configure, wards
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,20 @@ def _close(**_: Any) -> None:
     runtime.close()
 
 
+def ward_problems(settings: Settings) -> list[str]:
+    """What an operator should fix in the ward schedule before it runs (said when the beat starts): ward ids
+    that are no FHIR ids (each slot's job would fail), no FHIR_AI_PUBLIC_URL (the manifests' request would be
+    a bare path)."""
+    configured = wards(settings)
+    problems = [f"FHIR_AI_WARDS entry {ward!r} is not a FHIR Group id; its job fails every "
+                f"{settings.ward_interval:g} s" for ward in configured
+                if not _ID.fullmatch(ward) or not ward.strip(".")]
+    if configured and not settings.public_url:
+        problems.append("FHIR_AI_PUBLIC_URL is unset: a scheduled ward job's manifest names its request as a bare "
+                        "path (/Group/<id>/$assess)")
+    return problems
+
+
 def run_worker(settings: Settings, *, beat: bool = True, concurrency: int | None = None, pool: str = "prefork",
                loglevel: str = "INFO") -> None:
     """Run until SIGTERM (warm shutdown: running tasks finish; unfinished ones go back to the queue)."""
@@ -53,5 +68,7 @@ def run_worker(settings: Settings, *, beat: bool = True, concurrency: int | None
         argv.append(f"--concurrency={concurrency}")
     if beat:
         argv.append("--beat")
+        for problem in ward_problems(settings):
+            log.warning("ward schedule: %s", problem)
     log.info("Celery worker on queue %s (beat %s)", settings.job_queue, "on" if beat else "off")
     app.worker_main(argv)
