@@ -114,6 +114,8 @@ def test_group_assess_answers_202_then_a_manifest_of_every_active_member(jc: Fla
     patients = sorted({o["patient"] for o in manifest["output"]})
     assert patients == [f"Patient/{p}" for p in WARD]
     assert len(manifest["output"]) == 8          # the model's RiskAssessment and NEWS2 for each
+    # each entry says which it is (a client picks the model's without reading every resource)
+    assert sorted(o["model"] for o in manifest["output"]) == ["deterioration"] * 4 + ["news2"] * 4
     first = manifest["output"][0]["url"].removeprefix("http://localhost")
     assert jc.get(first).status_code == 200
     rows = assessment_rows(job_app)

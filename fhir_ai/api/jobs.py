@@ -332,11 +332,15 @@ def manifest(job: JobView, jobs: JobStore) -> dict[str, Any]:
                            "diagnostics": item.error or "not assessed"})
             continue
         for entry in item.assessments:
-            # Each RiskAssessment's own outcome; a patient recorded before they were kept, the patient's.
+            # Each RiskAssessment's own outcome and model (the model asked for, or NEWS2 beside it); a patient
+            # recorded before they were kept, the patient's outcome and no model.
             reference, status = ((entry["reference"], entry["status"]) if isinstance(entry, dict)
                                  else (entry, item.status))
-            output.append({"type": "RiskAssessment", "url": f"{base}/{reference}",
-                           "patient": f"Patient/{item.patient_id}", "status": status})
+            out = {"type": "RiskAssessment", "url": f"{base}/{reference}", "patient": f"Patient/{item.patient_id}",
+                   "status": status}
+            if isinstance(entry, dict) and entry.get("model"):
+                out["model"] = entry["model"]
+            output.append(out)
     return {
         "transactionTime": times.format_datetime(job.as_of),
         "request": job.request.get("request"),

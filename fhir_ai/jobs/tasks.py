@@ -261,6 +261,7 @@ def assess_chunk(self: Any, job_id: str, patient_ids: list[str]) -> int:
                 continue
             # Each RiskAssessment with its own outcome: the manifest labels each by it.
             jobs.record(job_id, patient_id, status, [{"reference": f"RiskAssessment/{r['id']}",
+                                                      "model": r["method"]["coding"][0]["code"],
                                                       "status": assessment_status(r)} for r in result.resources])
             assessed += 1
     until, still_held = jobs.held(job_id, held_elsewhere)
