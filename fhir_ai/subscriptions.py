@@ -52,6 +52,7 @@ class Outcome:
     debounced: list[str] = field(default_factory=list)    # patients already waiting for one
     ignored: int = 0                                      # not a vital sign, no patient, focus gone
     gone: int = 0                                         # of those: focus not found at the hospital's server
+    unreadable_source: int = 0                            # of those: id-only, and the source (a folder) cannot read
     unread: int = 0                                       # focus not read for now: left to the catch-up
     unread_reason: str | None = None                      # why (the first of them)
     missed: int = 0                                       # events numbered but never sent us, sent empty, unread
@@ -623,6 +624,8 @@ def handle(notification: Notification, *, source: Source, codes: Iterable[tuple[
     for position, event in enumerate(notification.events):
         resource = event.resource
         if resource is None and event.focus and event.focus.startswith("Observation/"):
+            if not isinstance(source, ServerSource):      # a folder cannot read one resource: said in the answer
+                outcome.unreadable_source += 1
             try:
                 resource = _fetch(source, event.focus)    # id-only payload: read it from the source
             except UpstreamNotFound:

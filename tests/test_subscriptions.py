@@ -138,6 +138,7 @@ def test_a_notification_without_its_subscriptions_secret_is_refused(sc: FlaskCli
     response = post(sc, notification("event-notification", [heart_rate("p1")], subscription=subscription),
                     secret=secret)
     assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer ")       # says how to authenticate
     assert queued == []
 
 
@@ -256,6 +257,16 @@ def test_missed_events_a_folder_source_cannot_catch_up_are_reported_once(sc: Fla
     assert "3 event(s) missed" in text and "catch-up search failed" in text and "tried again" not in text
     assert "missed" not in diagnostics(post(sc, notification("event-notification", [heart_rate("p3")], start=6)))
     assert [p for p, _ in queued] == ["p1", "p2", "p3"]
+
+def test_id_only_events_a_folder_source_cannot_read_are_said_in_the_answer(sc: FlaskClient, queued: list) -> None:
+    """A folder source (the demo) cannot read one Observation: an id-only event is not silently 'ignored'
+    like a lab value; the answer says why and what to do."""
+    text = diagnostics(post(sc, notification("event-notification", [heart_rate("p1")], id_only=True)))
+    assert "1 id-only event(s) not read: the configured source is a folder" in text
+    assert queued == []
+    full = diagnostics(post(sc, notification("event-notification", [heart_rate("p2")], start=2)))
+    assert "id-only" not in full
+
 
 def test_a_late_delivery_of_older_events_does_not_move_the_catch_up_window() -> None:
     """Events 6-7 lost, then event 3 redelivered an hour later, then event 8: the catch-up still

@@ -27,6 +27,8 @@ def register(app: Flask) -> None:
         response = fhir_response(exc.to_operation_outcome(), exc.status)
         if exc.retry_after_seconds is not None:
             response.headers["Retry-After"] = str(exc.retry_after_seconds)
+        if exc.status == 401:         # RFC 9110: a 401 says how to authenticate (e.g. the Subscription endpoint)
+            response.headers.setdefault("WWW-Authenticate", 'Bearer realm="fhir_ai"')
         return response
 
     @app.errorhandler(HTTPException)

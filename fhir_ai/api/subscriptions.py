@@ -80,6 +80,9 @@ def notify():  # type: ignore[no-untyped-def]
             f"patient(s), {len(outcome.debounced)} already queued, {outcome.ignored} ignored")
     if outcome.gone:
         text += f" ({outcome.gone} whose focus was not found at the hospital's server, 404/410)"
+    if outcome.unreadable_source:
+        text += (f" ({outcome.unreadable_source} id-only event(s) not read: the configured source is a folder, which "
+                 "cannot read one resource; send full-resource notifications or configure the hospital's server)")
     if outcome.unread:    # the event log counted them as missed: a catch-up search is owed until one succeeds
         text += (f"; {outcome.unread} event(s) whose focus could not be read ({outcome.unread_reason}): "
                  "left to the catch-up search for missed events, owed until one succeeds")
