@@ -182,3 +182,21 @@ def test_stored_sentences_in_korean(app: Flask) -> None:
               "patient has no current encounter with a start time.") == \
         "triage: 평가하지 못함, 해당 없음. 이 모델은 응급실 내원에만 적용됨; 시작 시각이 있는 현재 내원이 없음."
     assert tr("impulse; temperatures") == "impulse; temperatures"
+
+
+@pytest.mark.parametrize("language, shown", [("en", "**NEWS2** (next to the model): 4 (low-medium: one parameter scores 3)"),
+                                             ("ko", "**NEWS2** (모델과 비교): 4점 (낮음-중간: 한 항목이 3점)")])
+def test_news2_is_named_by_its_rcp_band(app: Flask, language: str, shown: str) -> None:
+    """A NEWS2 of 4 with one parameter scoring 3 is 'low-medium' (RCP 2017: an urgent ward-based response), which
+    the risk code 'moderate' merges with 'medium': the card names the band as clinicians do."""
+    from fhir_ai import codes
+    from fhir_ai.cds.cards import CardBuilder
+    _, mapping = app.extensions["fhir_ai"].registry.get("deterioration")
+    builder = CardBuilder(model_id="deterioration", model_version="x", mapping=mapping, language=language,
+                          base_url="http://localhost", notes=[], issues=[], resources_in=[])
+    news2 = {"status": "final", "prediction": [{
+        "rationale": "NEWS2 4 (low-medium): consciousness 3 points; pulse 1 point. Clinical response: urgent",
+        "qualitativeRisk": {"coding": [{"code": "moderate"}]},
+        "extension": [{"url": codes.SCORE_EXTENSION, "valueInteger": 4}]}]}
+    short, line, indicator = builder._news2(news2)
+    assert short == " (NEWS2 4)" and line == shown and indicator == "warning"

@@ -1,6 +1,7 @@
 """CDS Hooks cards from stored RiskAssessments: summary, indicator, source, Markdown detail, link."""
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,9 +223,12 @@ class CardBuilder:
             return (f" (NEWS2 ≥{score})",
                     self.t("detail.news2", text=self.t("detail.news2_partial", score=score, missing=self.tr(missing))),
                     INDICATOR.get(band or "", None))
+        # The RCP band as clinicians name it ('low-medium': a single parameter scoring 3), which the risk
+        # code (moderate) merges with 'medium'; the rationale states it ("NEWS2 4 (low-medium): …").
+        rcp = _NEWS2_BAND.match(prediction.get("rationale") or "")
+        named = self.t(f"news2.{rcp.group(1)}") if rcp else self.t(f"risk.{band}") if band else "?"
         return (f" (NEWS2 {score})",
-                self.t("detail.news2", text=self.t("detail.news2_score", score=score,
-                                                   band=self.t(f"risk.{band}") if band else "?")),
+                self.t("detail.news2", text=self.t("detail.news2_score", score=score, band=named)),
                 INDICATOR.get(band or "", None))
 
     def _nurse_ktas(self) -> str | None:
@@ -248,6 +252,9 @@ class CardBuilder:
 
 def _risk_code(prediction: dict[str, Any]) -> str | None:
     return ((prediction.get("qualitativeRisk") or {}).get("coding") or [{}])[0].get("code")
+
+
+_NEWS2_BAND = re.compile(r"NEWS2 \d+ \((low|low-medium|medium|high)\): ")
 
 
 def _class_probability(prediction: dict[str, Any]) -> float:
