@@ -10,10 +10,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import http_date, parse_list_header
 
 from ..codes import FHIR_JSON
+from ..fhir.ids import ID, usable_id
 from ..fhir.times import parse_datetime
 from ..errors import BadRequest, NotAcceptable, UnsupportedMediaType
 
-ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 ACCEPTED_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
 
 
@@ -76,8 +76,7 @@ def read_body(resource_type: str, *, optional: bool = False) -> dict[str, Any] |
 def check_id(value: str, expression: str) -> str:
     if not ID.fullmatch(value):
         raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression=expression)
-    if not value.strip("."):
-        # '.' and '..' match the id pattern but are path segments: [base]/Group/.. would read [base]/
+    if not usable_id(value):
         raise BadRequest("an id of dots only names no resource (it is a path segment)", expression=expression)
     return value
 

@@ -27,6 +27,7 @@ from ..search.params import DEFAULT_COUNT, MAX_COUNT, whole_number_param
 from ..store import actors
 from ..store.actors import Actor
 from ..store.audit import Entity
+from ..store.searching import utc
 from .fhir_io import base_url, check_accept, check_id, fhir_response, lenient, preferences, read_body
 from .metadata import assess_parameters
 from .operations import parse_parameters
@@ -220,7 +221,7 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     if job.status in ("queued", "running"):
         not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
-        waited = (times_now() - job.created_at.replace(tzinfo=job.created_at.tzinfo or timezone.utc)).total_seconds()
+        waited = (times_now() - utc(job.created_at)).total_seconds()
         if job.status == "queued" and waited >= UNCLAIMED_SECONDS:
             # No worker has taken it: a site that forgot `fhir-ai worker` must not see "finding patients" for ever.
             progress = (f"waiting for a worker since {times.format_datetime(job.created_at)} (no `fhir-ai worker` "

@@ -1,18 +1,17 @@
 """Check resources an EHR sends (push Bundle, CDS prefetch) form one patient's record; name the bad path."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from ..errors import BadRequest
+from ..fhir.ids import ID, usable_id
 
 ACCEPTED_TYPES = ("Patient", "Encounter", "Observation")
 OBSERVATION_STATUSES = {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
                         "entered-in-error", "unknown"}
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass
@@ -64,7 +63,7 @@ class RecordChecker:
             raise BadRequest(f"{kind} is not used here; send only {', '.join(ACCEPTED_TYPES)} "
                              "(or Prefer: handling=lenient to skip others)", expression=f"{path}.resourceType")
         rid = resource.get("id")
-        if not isinstance(rid, str) or not _ID.fullmatch(rid):
+        if not isinstance(rid, str) or not ID.fullmatch(rid):
             raise BadRequest(f"{kind} needs an id (1-64 of A-Z a-z 0-9 - .): assessments cite their inputs by id",
                              expression=f"{path}.id")
         if (kind, rid) in self._seen:
@@ -96,7 +95,7 @@ class RecordChecker:
 
 
 def check_id(value: Any, expression: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value) or not value.strip("."):
+    if not usable_id(value):
         raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .; not dots only, a path segment)",
                          expression=expression)
     return value

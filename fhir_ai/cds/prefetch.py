@@ -114,8 +114,9 @@ class Gatherer:
         """The hook's encounter: a read of context.encounterId (encounter-start) or a search of the patient's
         encounters (patient-view, whose encounterId is optional); either shape is taken whatever the hook."""
         path = f"prefetch.{ENCOUNTER_KEY}"
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle" and _failed_entries(value):
-            value = _failed_entries(value)[0]      # the EHR's search failed in part: fetch it whole
+        failed = _failed_entries(value) if isinstance(value, dict) and value.get("resourceType") == "Bundle" else []
+        if failed:
+            value = failed[0]                      # the EHR's search failed in part: fetch it whole
         if value is None:
             if self.service.requires_encounter():
                 raise PreconditionFailed(f"the EHR has no Encounter/{self.encounter_id} (prefetch "

@@ -8,8 +8,8 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from ..api.fhir_io import ID as _ID
 from ..config import Settings
+from ..fhir.ids import usable_id
 from . import runtime
 from .celery_app import configure, wards
 
@@ -46,7 +46,7 @@ def ward_problems(settings: Settings) -> list[str]:
     configured = wards(settings)
     problems = [f"FHIR_AI_WARDS entry {ward!r} is not a FHIR Group id; its job fails every "
                 f"{settings.ward_interval:g} s" for ward in configured
-                if not _ID.fullmatch(ward) or not ward.strip(".")]
+                if not usable_id(ward)]
     if configured and not settings.public_url:
         problems.append("FHIR_AI_PUBLIC_URL is unset: a scheduled ward job's manifest names its request as a bare "
                         "path (/Group/<id>/$assess)")

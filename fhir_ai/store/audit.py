@@ -10,7 +10,7 @@ import base64
 import hashlib
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterable
 
 import orjson
@@ -21,6 +21,7 @@ from ..fhir import times
 from . import indexing, rawsql, writer_lock
 from .actors import Actor
 from .provenance import ROLE_SYSTEM, client_reference
+from .searching import utc
 from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
 
 GENESIS = "0" * 64
@@ -55,8 +56,7 @@ def row_digest(row: Any) -> str:
     for column in row.__table__.columns:
         value = getattr(row, column.key)
         if isinstance(value, datetime):      # SQLite hands back naive UTC, PostgreSQL aware: one text for both
-            value = times.format_datetime(value.replace(tzinfo=timezone.utc) if value.tzinfo is None
-                                          else value.astimezone(timezone.utc))
+            value = times.format_datetime(utc(value))
         values[column.key] = value
     return hashlib.sha256(canonical(values)).hexdigest()
 
