@@ -167,8 +167,53 @@ def test_isotonic_is_monotone_bounded_and_survives_json(noisy) -> None:
     grid = np.linspace(-5, 5, 2001)
     out = apply_calibration(params, grid)
     assert np.all(np.diff(out) >= 0) and out.min() >= 0 and out.max() <= 1
-    ref = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(raw, y).predict(grid)
-    np.testing.assert_allclose(out, ref, atol=1e-12)
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(raw, y)
+    # the same knots; the same values except an end block's 0 or 1 (Laplace instead, next test)
+    np.testing.assert_allclose(params["x"], iso.X_thresholds_, atol=0)
+    certain = (iso.y_thresholds_ == 0) | (iso.y_thresholds_ == 1)
+    np.testing.assert_allclose(np.asarray(params["y"])[~certain], iso.y_thresholds_[~certain], atol=1e-12)
+    assert certain.any() and out.min() > 0 and out.max() < 1
+    # between knots that are not an end block's, the map is sklearn's
+    x = iso.X_thresholds_
+    inner = (grid >= x[~certain].min()) & (grid <= x[~certain].max())
+    np.testing.assert_allclose(out[inner], iso.predict(grid)[inner], atol=1e-12)
+
+
+def test_isotonic_end_blocks_get_laplace_not_certainty() -> None:
+    # The 40 lowest scores have no event and the 30 highest all have it: plain isotonic regression says
+    # 0 and 1 there, which a RiskAssessment would state as probabilityDecimal 0 (or 1).
+    rng = np.random.default_rng(5)
+    raw = np.concatenate([np.linspace(-3, -2, 40), rng.uniform(-1, 1, 200), np.linspace(2, 3, 30)])
+    y = np.concatenate([np.zeros(40), (rng.random(200) < 0.5).astype(float), np.ones(30)])
+    plain = np.asarray(__import__("sklearn.isotonic", fromlist=["IsotonicRegression"]).IsotonicRegression(
+        out_of_bounds="clip", y_min=0, y_max=1).fit(raw, y).predict(raw))
+    n_low, n_high = int(np.sum(plain == 0)), int(np.sum(plain == 1))
+    assert n_low >= 40 and n_high >= 30          # the fixture does make end blocks of certainty
+    params = json.loads(json.dumps(fit_isotonic(raw, y)))
+    out = apply_calibration(params, np.array([-10.0, -3.0, 3.0, 10.0]))
+    assert out[0] == out[1] == pytest.approx(1 / (n_low + 2))
+    assert out[2] == out[3] == pytest.approx((n_high + 1) / (n_high + 2))
+    assert params["ends"]["low"] == {"cases": n_low, "events": 0, "probability": pytest.approx(1 / (n_low + 2)),
+                                     "held_at_next_block": False}
+    assert params["ends"]["high"]["cases"] == n_high
+    grid = apply_calibration(params, np.linspace(-4, 4, 801))
+    assert np.all(np.diff(grid) >= 0)
+
+
+def test_isotonic_floor_stays_below_the_next_block() -> None:
+    raw = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    params = fit_isotonic(raw, [0, 0, 0, 0, 1])        # four cases without the event, then one with it
+    assert params["y"] == [pytest.approx(1 / 6), pytest.approx(1 / 6), pytest.approx(2 / 3)]
+    assert params["ends"]["low"]["cases"] == 4 and not params["ends"]["low"]["held_at_next_block"]
+    assert params["ends"]["high"]["cases"] == 1 and not params["ends"]["high"]["held_at_next_block"]
+    # One case without the event below a block of rate 1/5: Laplace's 1/3 would exceed that block, so the
+    # floor is held at its value and the map stays non-decreasing.
+    held = fit_isotonic(np.arange(6.0), [0, 1, 0, 0, 0, 0])
+    assert held["ends"]["low"] == {"cases": 1, "events": 0, "probability": pytest.approx(0.2),
+                                   "held_at_next_block": True}
+    assert np.all(np.diff(held["y"]) >= 0) and min(held["y"]) == pytest.approx(0.2)
+    all_zero = fit_isotonic([0.0, 1.0, 2.0], [0, 0, 0])
+    assert all_zero["y"] == [pytest.approx(1 / 5)] * len(all_zero["y"]) and "high" not in all_zero["ends"]
 
 
 def test_platt_by_hand_and_against_logistic_regression(noisy) -> None:
@@ -198,3 +243,13 @@ def test_platt_on_logit_of_probabilities(noisy) -> None:
 def test_unknown_calibration_kind() -> None:
     with pytest.raises(BadRequest):
         apply_calibration({"kind": "pickle"}, [0.5])
+
+
+def test_shipped_deterioration_card_states_no_certainty() -> None:
+    # The served model's calibration: the lowest and highest raw scores give neither 0 nor 1 (before the
+    # Laplace ends, the 684 lowest-scored training stays were calibrated to probabilityDecimal 0).
+    from pathlib import Path
+    card = json.loads((Path(__file__).parents[1] / "fhir_ai/models/trained/deterioration/card.json").read_text())
+    out = apply_calibration(card["calibration"], np.array([-1e9, 0.0, 1.0, 1e9]))
+    assert 0 < out.min() and out.max() < 1
+    assert card["calibration"]["ends"]["low"]["cases"] > 0

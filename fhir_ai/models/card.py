@@ -43,6 +43,15 @@ def deterioration_markdown(card: dict[str, Any]) -> str:
     ]
     for row in m["calibration_table"]:
         lines.append(f"| {_f(row.get('mean_predicted'))} | {_f(row.get('observed_rate'))} | {row.get('n')} |")
+    ends = (card.get("calibration") or {}).get("ends") or {}
+    for side, words in (("low", "lowest scores, none with the outcome"), ("high", "highest scores, all with the outcome")):
+        if side in ends:
+            end = ends[side]
+            how = ("the next block's value: Laplace's rule, (k + 1) / (n + 2), would have crossed it"
+                   if end.get("held_at_next_block") else "Laplace's rule, (k + 1) / (n + 2)")
+            lines += ["", f"The {end['cases']} training stays with the {words}, would be calibrated to "
+                      f"{0 if side == 'low' else 1}: a certainty the sample cannot support. They get "
+                      f"{end['probability']:.4f} instead ({how})."]
     lines += ["", "## Features", f"{len(card['features'])} features from `{card['mapping']['file']}` "
               f"(mapping version {card['mapping']['version']}). Most important by gain: "
               + ", ".join(card["top_features_by_gain"]) + ".", "", "## Limitations"]

@@ -202,10 +202,15 @@ def triage_error_rates(true_level: ArrayLike, pred_level: ArrayLike) -> dict[str
 # --- Calibration maps (JSON-serialisable) --------------------------------------------------------
 
 def fit_isotonic(raw: ArrayLike, y: ArrayLike) -> dict[str, Any]:
-    """Fit a non-decreasing map raw score → probability; returns {"kind", "x", "y"} knots.
+    """Fit a non-decreasing map raw score → probability; returns {"kind", "x", "y", "ends"} knots.
 
     Outside the fitted range the map is flat (clipped), which is what np.interp does in
-    apply_calibration, so the stored knots reproduce sklearn's prediction exactly.
+    apply_calibration, so the stored knots reproduce sklearn's prediction exactly, except at the ends:
+    isotonic regression gives the block of lowest scores the value 0 when none of its cases had the event
+    (and the block of highest scores 1 when all had), a certainty a finite sample cannot support, which a
+    RiskAssessment would then state as probabilityDecimal 0. Such an end block gets Laplace's rule of
+    succession instead, (k + 1) / (n + 2) over its n cases (k = 0, or n - 1 events for the top block: 1 / (n + 2)
+    and (n + 1) / (n + 2)), kept within its neighbouring block so the map stays non-decreasing.
     """
     yy = _binary(y)
     rr = np.asarray(raw, dtype=float).ravel()
@@ -213,9 +218,28 @@ def fit_isotonic(raw: ArrayLike, y: ArrayLike) -> dict[str, Any]:
         raise BadRequest("raw must be one score per label, without NaN", expression="raw")
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     iso.fit(rr, yy)
-    return {"kind": "isotonic",
-            "x": [float(v) for v in iso.X_thresholds_],
-            "y": [float(v) for v in iso.y_thresholds_]}
+    x = np.asarray(iso.X_thresholds_, dtype=float)
+    v = np.asarray(iso.y_thresholds_, dtype=float).copy()
+    ends: dict[str, Any] = {}
+    if v[0] <= 0.0:                                  # the zeros are the first block(s): v is non-decreasing
+        zero = v <= 0.0
+        n = int(np.sum(rr <= x[zero].max()))         # the cases fitted to 0, none with the event
+        floor = 1.0 / (n + 2)
+        if not zero.all():
+            floor = min(floor, float(v[~zero][0]))
+        v[zero] = floor
+        ends["low"] = {"cases": n, "events": 0, "probability": floor, "held_at_next_block": floor < 1.0 / (n + 2)}
+    if v[-1] >= 1.0:
+        one = v >= 1.0
+        n = int(np.sum(rr >= x[one].min()))          # the cases fitted to 1, all with the event
+        ceiling = (n + 1.0) / (n + 2)
+        if not one.all():
+            ceiling = max(ceiling, float(v[~one][-1]))
+        v[one] = ceiling
+        ends["high"] = {"cases": n, "events": n, "probability": ceiling,
+                        "held_at_next_block": ceiling > (n + 1.0) / (n + 2)}
+    return {"kind": "isotonic", "x": [float(t) for t in x], "y": [float(t) for t in v],
+            "ends": {"rule": "Laplace (k + 1) / (n + 2) for an end block fitted to 0 or 1", **ends}}
 
 
 def _logit(x: NDArray[np.float64]) -> NDArray[np.float64]:

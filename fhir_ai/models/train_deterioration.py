@@ -107,6 +107,8 @@ def train(data_dir: Path | str, out_dir: Path | str, mapping: Mapping, *, seed: 
     booster = training.fit(params, X, y, names, rounds)
     version_hash = training.combined_hash({"data": data_hashes, "mapping": mapping.digest, "params": params,
                                            "rounds": rounds, "folds": folds, "sets": sets, "limit": limit,
+                                           # how probabilities are made: a change gives another version
+                                           "calibration": "isotonic, Laplace end blocks",
                                            "env": training.environment()["lightgbm"]})
     version = f"{mapping.version}.{version_hash[:10]}"
     importance = dict(zip(names, booster.feature_importance("gain").tolist()))
