@@ -253,6 +253,9 @@ def feedback_post(service_id: str):  # type: ignore[no-untyped-def]
         if card is None or card.service_id != service.id or (caller and card.client and card.client != caller.issuer):
             raise feedback.UnknownCard(f"service {service.id} issued no card {row['card_uuid']}"
                                        + (" to this EHR" if caller else ""), expression=f"feedback[{i}].card")
+        # An accepted suggestion must be one this card offered (checked only once the card is the caller's own,
+        # so the answer says nothing of other cards); all or nothing as above.
+        feedback.check_accepted(row, card.suggestions, f"feedback[{i}]")
         # linked to the patient and assessment the card was about
         row.update(patient_id=card.patient_id, assessment_id=card.assessment_id, hook_instance=card.hook_instance,
                    model_id=card.model_id, model_version=card.model_version, indicator=card.indicator,

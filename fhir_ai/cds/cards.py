@@ -1,6 +1,7 @@
 """CDS Hooks cards from stored RiskAssessments: summary, indicator, source, Markdown detail, link."""
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -168,9 +169,11 @@ class CardBuilder:
 
     def _add(self, out: CardSet, card: dict[str, Any], resource: dict[str, Any] | None) -> None:
         out.cards.append(card)
+        # The suggestions' uuids are kept with the card: feedback may accept only these (api.cds_hooks).
         out.events.append({"card_uuid": card["uuid"], "indicator": card["indicator"],
                            "assessment_id": resource["id"] if resource else None,
-                           "model_id": self.model_id, "model_version": self.version})
+                           "model_id": self.model_id, "model_version": self.version,
+                           "suggestions": json.dumps([s["uuid"] for s in card.get("suggestions") or []])})
 
     # -- pieces -------------------------------------------------------------------------------------
     def _outcome(self, prediction: dict[str, Any]) -> str:

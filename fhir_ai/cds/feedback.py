@@ -1,4 +1,4 @@
-"""CDS Hooks feedback: check it (spec 2.0.1 and invariants cds-fb-1..3), turn it into audit rows.
+"""CDS Hooks feedback: check it (spec 2.0.1, invariants cds-fb-1..3, suggestions the card offered), turn it into audit rows.
 
 Feedback is history, not state: 2.0.1 says a card "once ignored could later be acted upon", that a service
 "may receive feedback for the same card instance multiple times" and that clients "should faithfully report
@@ -22,6 +22,14 @@ class UnknownCard(Unprocessable):
     """Feedback names a card this service did not issue (to this EHR). 2.0.1 sets no status for it: 422, the
     body is well-formed but cannot be applied (a 404 would say the feedback endpoint itself is missing)."""
     code = "not-found"
+
+
+class UnknownSuggestion(Unprocessable):
+    """An 'accepted' entry names a suggestion its card did not offer: 2.0.1's acceptedSuggestions[].id is "the
+    card.suggestion.uuid from the CDS Hooks response". 422 like UnknownCard: well-formed, cannot be applied."""
+    code = "not-found"
+
+
 _UUID = re.compile(r"^(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -64,6 +72,8 @@ def parse(body: Any) -> list[dict[str, Any]]:
                 path = f"{where}.acceptedSuggestions[{j}].id"
                 ids.append(_uuid(suggestion.get("id") if isinstance(suggestion, dict) else None, path))
             row["accepted_suggestions"] = json.dumps(ids)
+        # An 'overridden' entry's acceptedSuggestions are neither checked nor stored: 2.0.1 requires them only
+        # for 'accepted' (cds-fb-2) and forbids them nowhere, and a user who overrode a card accepted nothing.
         reason = item.get("overrideReason")
         if reason is not None:
             path = f"{where}.overrideReason"
@@ -89,6 +99,20 @@ def parse(body: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def check_accepted(row: dict[str, Any], offered: str | None, where: str) -> None:
+    """UnknownSuggestion unless every suggestion an 'accepted' entry (a ``parse`` row) names is one of
+    ``offered``, the JSON list of uuids recorded with its card when it was issued. A card issued before
+    migration 0009 has none recorded (NULL): any well-formed uuid is taken for it, as then, since nothing
+    tells the suggestion it offered from any other."""
+    if row["event"] != "accepted" or offered is None:
+        return
+    known = {str(u).removeprefix("urn:uuid:").lower() for u in json.loads(offered)}
+    for j, suggestion in enumerate(json.loads(row["accepted_suggestions"])):
+        if suggestion not in known:
+            raise UnknownSuggestion(f"card {row['card_uuid']} offered no suggestion {suggestion}",
+                                    expression=f"{where}.acceptedSuggestions[{j}].id")
+
+
 def as_json(row: Any) -> dict[str, Any]:
     """An audit row (CdsCardEventRow) as auditors read it."""
     out: dict[str, Any] = {"id": row.id, "event": row.event, "service": row.service_id, "card": row.card_uuid,
@@ -104,6 +128,8 @@ def as_json(row: Any) -> dict[str, Any]:
                                                    ("display", row.override_display)) if v is not None}
     if row.accepted_suggestions:
         out["acceptedSuggestions"] = json.loads(row.accepted_suggestions)
+    if row.suggestions is not None:         # an issued card's suggestion uuids (none recorded before 0009)
+        out["suggestions"] = json.loads(row.suggestions)
     return out
 
 

@@ -51,10 +51,14 @@ CARD_EVENT_SYSTEM = "https://fhir-ai.invalid/cds-card-event"     # identifiers o
 
 def row_digest(row: Any) -> str:
     """sha256 of a table row's columns (canonical JSON, times as FHIR instants): what an event records of a
-    record that is no FHIR resource, so ``audit verify`` can tell it was altered."""
+    record that is no FHIR resource, so ``audit verify`` can tell it was altered. A column added after rows were
+    first recorded is marked ``info={"digest_omits_null": True}``: left out while NULL, so the rows stored before
+    it keep the sha256 their events recorded, and a value set later (or a recorded one cleared) still differs."""
     values = {}
     for column in row.__table__.columns:
         value = getattr(row, column.key)
+        if value is None and column.info.get("digest_omits_null"):
+            continue
         if isinstance(value, datetime):      # SQLite hands back naive UTC, PostgreSQL aware: one text for both
             value = times.format_datetime(utc(value))
         values[column.key] = value

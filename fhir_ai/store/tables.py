@@ -82,6 +82,10 @@ class CdsCardEventRow(Base):
     override_display: Mapped[str | None] = mapped_column(String(512), nullable=True)
     user_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     accepted_suggestions: Mapped[str | None] = mapped_column(Text, nullable=True)   # JSON list of uuids
+    # 'issued': JSON list of the uuids of the card's suggestions (migration 0009; NULL on cards issued before,
+    # which recorded none, and on feedback). Added after card events were audited: a NULL is left out of the
+    # row's sha256 (audit.row_digest), so rows stored before still verify and a list recorded later is covered.
+    suggestions: Mapped[str | None] = mapped_column(Text, nullable=True, info={"digest_omits_null": True})
     outcome_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     client: Mapped[str | None] = mapped_column(String(512), nullable=True)          # the EHR's JWT iss
     tenant: Mapped[str | None] = mapped_column(String(256), nullable=True)

@@ -1,0 +1,28 @@
+"""cds_card_event.suggestions: the uuids of the suggestions an issued card offered, so feedback that accepts a
+suggestion the card never had is refused (CDS Hooks 2.0.1: acceptedSuggestions[].id is "the card.suggestion.uuid
+from the CDS Hooks response"). Rows stored before keep NULL (nothing recorded); ``audit.row_digest`` leaves a
+NULL out, so their recorded sha256 still verifies.
+
+Revision ID: 0009_card_suggestions
+Revises: 0008_job_item_claims
+Create Date: 2026-11-28
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0009_card_suggestions'
+down_revision = '0008_job_item_claims'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('cds_card_event') as batch:
+        batch.add_column(sa.Column('suggestions', sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('cds_card_event') as batch:
+        batch.drop_column('suggestions')
