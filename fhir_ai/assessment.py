@@ -15,7 +15,7 @@ import orjson
 
 from . import codes
 from .features import FeatureSet
-from .fhir import times
+from .fhir import ids, times
 from .models.explain import Reason
 
 
@@ -204,7 +204,7 @@ def _strings(pattern: str) -> re.Pattern[str]:
     return re.compile(rf"(?:{pattern})(?:\n(?:{pattern}))*")
 
 
-_ID = r"[A-Za-z0-9\-.]{1,64}"
+_ID = ids.ID.pattern
 # Optional elements (no choice) as this module writes them, checked by shape: exactly these keys,
 # each a str matching a pattern stricter than the model's check of that primitive (Reference.reference
 # and Identifier.value are String: a string with some non-whitespace; Identifier.system is Uri: no

@@ -31,6 +31,7 @@ from urllib3.util import parse_url
 from .config import Settings
 from .errors import FhirAiError, UpstreamError, UpstreamTimeout
 from .fhir import smart
+from .fhir.ids import ID as _FHIR_ID, usable_id
 from .fhir.client import _DEFAULT_PORTS, Auth, _loads, _response_outcome, _retry_after, outcome_text
 from .jobs.state import JobStore
 from .search import parse_query
@@ -54,7 +55,6 @@ MAX_REDIRECTS = 5         # hops followed for one file download
 HEARTBEAT = 60.0          # seconds between a running export job's signs of life (its updated_at)
 STALE_AFTER = 900.0       # a running export job not heard from this long belongs to a run that stopped
 _ISSUE_CODE = re.compile(r"[a-z-]{1,40}")             # http://hl7.org/fhir/issue-type: logged, nothing else
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass
@@ -560,8 +560,8 @@ class BulkDataClient:
 
 
 def _is_id(value: str) -> bool:
-    """A FHIR id that makes a read of its own (not '.' or '..', which a URL resolves away)."""
-    return bool(_FHIR_ID.fullmatch(value)) and value not in (".", "..")
+    """A FHIR id that makes a read of its own (not dots only: '.' and '..' a URL resolves away)."""
+    return usable_id(value)
 
 
 # Patients the export changed that are read, at most, to tell whether this client can read patients at all.

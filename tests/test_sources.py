@@ -476,3 +476,14 @@ def test_server_search_without_codes_stays_a_get(server):
     rsps.get(f"{BASE}/Observation", json=bundle(obs("o1")))
     assert ids(source.observations("example")) == ["o1"]
     assert [c.request.method for c in rsps.calls] == ["GET"]
+
+
+@pytest.mark.parametrize("source", ["server", "folder"])
+@pytest.mark.parametrize("patient", ["..", ".", "...", "a/b", ""])
+def test_a_patient_id_of_dots_or_slashes_is_refused_before_any_read(source, patient, tmp_path) -> None:
+    # '..' matches FHIR's id pattern but is a path segment: Patient/.. is the server base once normalised.
+    with responses.RequestsMock():                   # no request may go out
+        src = ServerSource(FhirClient(BASE)) if source == "server" else FolderSource(tmp_path)
+        with pytest.raises(BadRequest) as caught:
+            src.patient(patient)
+    assert caught.value.expression == ["patient"]

@@ -19,13 +19,13 @@ import orjson
 
 from ..errors import (BadRequest, ConfigurationError, NotSupported, UpstreamError, UpstreamNotFound,
                       UpstreamTimeout)
+from .ids import usable_id
 from .client import QUERY_SAFE, Auth, FhirClient, SearchPostRefused, encode_params
 from .times import MAX_TIME, MIN_TIME, datetime_range, format_datetime
 
 log = logging.getLogger(__name__)
 
 Codes = Sequence[tuple[str, str]]
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # https://hl7.org/fhir/R4/datatypes.html#id
 MAX_URL = 1800  # stay under the ~2,000 characters many proxies and servers accept
 # What a server that does not take a batch answers one (POST [base] with a Bundle of GETs): a bad request,
 # forbidden (a gateway that lets only reads through), not found or not allowed (no route for POST [base]),
@@ -55,8 +55,8 @@ def _status_of(error: UpstreamError) -> str:
 
 
 def _check_id(patient_id: str) -> str:
-    if not isinstance(patient_id, str) or not _ID.fullmatch(patient_id):
-        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - .)", expression="patient")
+    if not usable_id(patient_id):
+        raise BadRequest("not a FHIR id (1-64 of A-Z a-z 0-9 - ., not dots only)", expression="patient")
     return patient_id
 
 
