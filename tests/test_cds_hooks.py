@@ -15,6 +15,7 @@ import jwt
 import pytest
 import responses
 from cryptography.hazmat.primitives.asymmetric import ec
+from fhir.resources.R4B.provenance import Provenance
 from flask import Flask
 from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm
@@ -897,7 +898,7 @@ def test_the_hooks_user_is_a_second_agent_of_the_audit_event(secured: FlaskClien
         assert any(x["what"].get("reference") == f"Patient/{record['patient']['id']}" for x in event["entity"])
     # Calls whose userId fhir_ai does not take as a user: another type, an id FHIR would not accept, or
     # an unsigned call (no EHR vouches for it). They are answered, and audited with the EHR alone.
-    for user_id in ("Device/123", "Practitioner/a_b", "Practitioner/" + "x" * 65):
+    for user_id in ("Device/123", "Practitioner/a_b", "Practitioner/" + "x" * 65, "Practitioner/.."):
         other = hook_request(record, prefetch=full_prefetch(record), server=False)
         other["context"]["userId"] = user_id
         the_card(call(secured, other, Authorization=f"Bearer {ehr_token(url)}"))
@@ -911,12 +912,48 @@ def test_the_hooks_user_is_a_second_agent_of_the_audit_event(secured: FlaskClien
     assert verified.exit_code == 0 and "OK" in verified.output, verified.output
 
 
+def provenances(client: FlaskClient, query: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in client.get(f"/Provenance?{query}&_count=100").json.get("entry", [])]
+
+
+def test_the_hooks_user_is_named_in_the_provenance_and_another_users_repeat_only_audited(
+        secured: FlaskClient, record: dict[str, Any]) -> None:
+    """The Provenance of what a signed call stored names context.userId: an agent (Provenance?agent= finds it)
+    and the EHR's onBehalfOf. The same call for another user finds the same assessments (their ids come from
+    their content): nothing new is stored, and the repeat is in the AuditEvents under that user."""
+    url = "https://cds.example.org/cds-services/deterioration"
+    body = hook_request(record, prefetch=full_prefetch(record), server=False)
+    body["context"]["userId"] = "Practitioner/123"
+    the_card(call(secured, body, Authorization=f"Bearer {ehr_token(url)}"))
+    mine = provenances(secured, "agent=Practitioner/123")
+    assert mine and len(mine) == len(provenances(secured, f"patient={record['patient']['id']}"))  # model, NEWS2
+    for prov in mine:
+        Provenance.model_validate(prov)
+        author, ehr, user = prov["agent"]
+        assert author["who"]["reference"] == "#model"
+        assert ehr["who"]["identifier"]["value"] == EHR and ehr["onBehalfOf"] == {"reference": "Practitioner/123"}
+        assert user["who"] == {"reference": "Practitioner/123"} and user["type"]["coding"][0]["code"] == "humanuser"
+
+    again = hook_request(record, prefetch=full_prefetch(record), server=False)
+    again["context"]["userId"] = "Practitioner/456"
+    the_card(call(secured, again, Authorization=f"Bearer {ehr_token(url)}"))
+    assert provenances(secured, "agent=Practitioner/456") == []
+    assert provenances(secured, f"patient={record['patient']['id']}") == mine
+    repeats = audit_events(secured, "agent=Practitioner/456&subtype=assess")
+    assert len(repeats) == len(mine)
+    assert all(e["action"] == "R" and e["outcomeDesc"].startswith("repeated request") for e in repeats)
+    assert ({e["entity"][0]["what"]["reference"] for e in repeats}
+            == {p["target"][0]["reference"] for p in mine})
+
+
 def test_an_unsigned_calls_user_is_not_recorded(client: FlaskClient, record: dict[str, Any]) -> None:
     body = hook_request(record, prefetch=full_prefetch(record), server=False)
     body["context"]["userId"] = "Practitioner/123"
     the_card(call(client, body))
     assert audit_events(client, "agent=Practitioner/123") == []
     assert all(len(e["agent"]) == 1 for e in audit_events(client, "subtype=assess"))
+    assert provenances(client, "agent=Practitioner/123") == []
+    assert all(len(p["agent"]) == 2 for p in provenances(client, f"patient={record['patient']['id']}"))
 
 
 def test_a_triage_not_assessed_is_audited_with_the_user(secured: FlaskClient) -> None:

@@ -27,7 +27,7 @@ from ..errors import BadRequest, FhirAiError, NotFound, Unauthorized
 from ..fhir import times
 from ..pipeline import Pipeline
 from ..search.params import whole_number_param
-from ..store.actors import ANONYMOUS, Actor
+from ..store.actors import ANONYMOUS, Actor, user_reference
 from ..store.audit import Access, Entity, outcome_for_status
 from .fhir_io import base_url, fhir_response, request_bytes
 
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("cds_hooks", __name__)
 
 _USER = re.compile(r"[\w]+/[\w\-.]+")         # invariant ord-1: {type}/{id} (fullmatch: no trailing newline)
-# context.userId recorded in the audit trail only as a relative reference of a type the hooks name for the
-# user, with a FHIR id; anything else (ord-1 allows more) is neither trusted nor logged.
-_AUDITED_USER = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
 ED_CLASS_CODES = {"EMER"}                    # v3 ActCode: emergency
 ACTIVE = ("arrived", "triaged", "in-progress")
 MAX_AUDIT_PAGE = 500
@@ -188,7 +185,9 @@ def call(service_id: str):  # type: ignore[no-untyped-def]
     body = _json_body()
     check_hook_request(body, service)
     g.fhir_ai_cds_patient = body["context"]["patientId"]       # for the audit of a call that fails later
-    if caller is not None and _AUDITED_USER.fullmatch(body["context"]["userId"]):
+    # context.userId recorded (audit trail, Provenance) only as a relative reference of a type the hooks name for
+    # the user, with a usable FHIR id; anything else (ord-1 allows more) is neither trusted nor logged.
+    if caller is not None and user_reference(body["context"]["userId"]):
         set_user(body["context"]["userId"])     # a signed call only: the EHR vouches for the user it names
     settings, pipeline = _settings(), _pipeline()
     model, mapping = pipeline.registry.get(service.model_id)

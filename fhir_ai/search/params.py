@@ -5,7 +5,7 @@ import base64
 import binascii
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -69,7 +69,11 @@ PARAMETERS: dict[str, dict[str, Param]] = {
     "Provenance": {
         "target": _std("Provenance", "target", "reference"),
         "patient": _std("Provenance", "patient", "reference", "Patient"),
-        "agent": _std("Provenance", "agent", "reference"),
+        # R4's Provenance-agent (agent.who): the client, by identifier (agent:identifier=), and the user a CDS
+        # Hooks call named (agent=Practitioner/123); the model is a contained Device, onBehalfOf is not agent.who.
+        "agent": replace(_std("Provenance", "agent", "reference"), documentation=(
+            "agent.who: the client (agent:identifier=<system>|<client id>) and, for a CDS Hooks call, the user "
+            "it named (agent=Practitioner/123)")),
         "entity": _std("Provenance", "entity", "reference"),
         "recorded": _std("Provenance", "recorded", "date"),
         **_COMMON,

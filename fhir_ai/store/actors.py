@@ -4,6 +4,11 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from ..fhir.ids import usable_id
+
+# The resource types CDS Hooks names for the user (context.userId of patient-view, encounter-start ...).
+USER_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
+
 
 @dataclass(frozen=True)
 class Actor:
@@ -20,6 +25,13 @@ class Actor:
     @property
     def is_user(self) -> bool:
         return self.kind == "client"
+
+
+def user_reference(user: str) -> bool:
+    """A user given as a relative reference 'Type/id' of one of ``USER_TYPES`` with a usable FHIR id: the only
+    form fhir_ai records as a reference (the audit trail and Provenance name it as given)."""
+    kind, slash, rid = user.partition("/")
+    return bool(slash) and kind in USER_TYPES and usable_id(rid)
 
 
 LOCAL = Actor("fhir-ai", "system", None, "local")

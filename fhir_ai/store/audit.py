@@ -20,7 +20,7 @@ from .. import codes
 from ..fhir import times
 from . import indexing, rawsql, writer_lock
 from .actors import Actor
-from .provenance import ROLE_SYSTEM, client_reference
+from .provenance import ROLE_SYSTEM, SECURITY_ROLE, client_reference, user_who
 from .searching import utc
 from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
 
@@ -33,7 +33,6 @@ ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 NETWORK_IP = "2"
-SECURITY_ROLE = "http://terminology.hl7.org/CodeSystem/extra-security-role-type"
 OUTCOMES = {"0": "success", "4": "minor failure", "8": "serious failure", "12": "major failure"}
 
 
@@ -131,7 +130,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
         agent["requestor"] = False
         agents.append({"type": {"coding": [{"system": SECURITY_ROLE, "code": "humanuser", "display": "human user"}],
                                 "text": "user stated by the client"},
-                       "who": {"reference": actor.user}, "requestor": True})
+                       "who": user_who(actor), "requestor": True})   # named as its Provenance names it
     entities: list[dict[str, Any]] = []
     for entity in access.entities:
         is_patient = entity.system is None and entity.reference.startswith("Patient/")
