@@ -66,7 +66,8 @@ class Settings:
     # Batch jobs on Celery (fhir_ai/jobs): the broker, the queue's name, patients per task, how long
     # Redis keeps a task a worker took before handing it to another worker if that one died
     # (seconds; a task should finish well within it), the wards rescored on a schedule (Group ids,
-    # comma-separated) and how often (seconds).
+    # comma-separated) and how often (seconds); how long /health counts a Celery worker (or the beat
+    # scheduler) as alive after its last heartbeat (seconds; each beats every quarter of it, at most every 15 s).
     broker_url: str = "redis://127.0.0.1:6379/0"
     job_queue: str = "fhir_ai"
     job_chunk_size: int = 10
@@ -74,6 +75,7 @@ class Settings:
     job_retention: float = 7 * 86400.0     # seconds a finished job's status and manifest stay (0: forever)
     wards: str = ""
     ward_interval: float = 900.0
+    worker_stale_after: float = 60.0
     # Bulk Data export (fhir_ai/bulkdata.py): entries per write-back transaction Bundle, and the
     # longest time to wait for the hospital's server to finish an export (seconds).
     bulk_bundle_size: int = 100

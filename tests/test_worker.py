@@ -457,6 +457,9 @@ def test_health_says_when_the_job_queue_cannot_be_reached(settings_overrides) ->
         assert health.json["status"] == "degraded"
         assert health.json["queue"]["status"] == "unreachable"
         assert health.json["writeBack"]["status"] == "ok"
+        # the workers' heartbeats live in Redis too: not asked again (one timeout, not two), said unknown
+        assert health.json["workers"]["status"] == health.json["scheduler"]["status"] == "unknown"
+        assert "cannot be reached" in health.json["workers"]["message"]
     finally:
         app.extensions["fhir_ai"].close()
     settings_overrides["broker_url"] = "sentinel://127.0.0.1:26379/0"     # not something /health can ping

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from ..config import Settings
 from ..delivery import summary
 from ..fhir import times
+from ..jobs import heartbeat
 from ..jobs.celery_app import wards
 from ..jobs.tables import JobRow
 from ..pipeline import Pipeline
@@ -21,31 +22,56 @@ bp = Blueprint("health", __name__)
 _queues: dict[tuple[int, str], redis.Redis] = {}
 
 
+def _queue(settings: Settings) -> redis.Redis:
+    """This process's client for the job queue, on short timeouts: a load balancer is waiting."""
+    key = (os.getpid(), settings.broker_url)
+    if key not in _queues:
+        _queues[key] = redis.Redis.from_url(settings.broker_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return _queues[key]
+
+
 def queue_status(settings: Settings) -> dict[str, Any]:
     """Whether the job queue (Redis) answers: batch jobs, Subscriptions and scheduled rescoring need it;
-    a single $assess does not. A short timeout: a load balancer is waiting."""
-    key = (os.getpid(), settings.broker_url)
+    a single $assess does not."""
     try:
-        if key not in _queues:
-            _queues[key] = redis.Redis.from_url(settings.broker_url, socket_timeout=0.5,
-                                                socket_connect_timeout=0.5)
-        _queues[key].ping()
+        _queue(settings).ping()
     except (redis.RedisError, OSError, ValueError) as exc:     # ValueError: not a redis:// URL
         return {"status": "unreachable", "reason": type(exc).__name__}
     return {"status": "ok"}
+
+
+def worker_status(settings: Settings, queue: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Celery workers and beat schedulers seen within worker_stale_after (their heartbeats, in Redis).
+    Not asked of a queue that did not answer its ping: /health waits for one timeout, not two."""
+    if queue["status"] != "ok":
+        unknown = {"status": "unknown", "message": "the job queue (Redis) cannot be reached, so neither can the "
+                                                   "heartbeats of the workers"}
+        return {"worker": unknown, "beat": unknown}
+    try:
+        return heartbeat.read(_queue(settings), settings)
+    except (redis.RedisError, OSError) as exc:
+        unknown = {"status": "unknown", "reason": type(exc).__name__,
+                   "message": "the job queue (Redis) did not answer when asked for the workers' heartbeats"}
+        return {"worker": unknown, "beat": unknown}
 
 
 @bp.get("/health")
 def health():  # type: ignore[no-untyped-def]
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
     # degraded when write-backs failed for good or have waited longer than write_back_stale_after,
-    # or when the job queue cannot be reached (batch jobs and Subscriptions answer 503 meanwhile)
-    write_back = summary(pipeline.store, pipeline.settings)
-    queue = queue_status(pipeline.settings)
+    # when the job queue cannot be reached (batch jobs and Subscriptions answer 503 meanwhile), when no
+    # Celery worker has been seen within worker_stale_after (jobs would wait), and, with a ward schedule,
+    # when no beat scheduler has been seen (nobody starts the wards' jobs)
+    settings = pipeline.settings
+    write_back = summary(pipeline.store, settings)
+    queue = queue_status(settings)
+    seen = worker_status(settings, queue)
     status = write_back["status"] if queue["status"] == "ok" else "degraded"
+    if seen["worker"]["status"] != "ok" or (wards(settings) and seen["beat"]["status"] != "ok"):
+        status = "degraded"
     body = {"status": status,
             "models": {m.model_id: m.version for m in pipeline.registry.models.values()},
-            "writeBack": write_back, "queue": queue}
+            "writeBack": write_back, "queue": queue, "workers": seen["worker"], "scheduler": seen["beat"]}
     ward_jobs = latest_ward_jobs(pipeline)
     if ward_jobs:
         body["wards"] = ward_jobs

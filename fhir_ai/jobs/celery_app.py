@@ -8,8 +8,10 @@ from celery import Celery
 from celery.schedules import schedule as every, schedstate
 
 from ..config import Settings
+from . import heartbeat
 
 app = Celery("fhir_ai", include=["fhir_ai.jobs.tasks"])
+app.steps["consumer"].add(heartbeat.WorkerHeartbeat)     # every worker of this app says it is alive (/health)
 _configured: dict[str, Any] = {}
 
 
@@ -86,7 +88,7 @@ def transport_options(settings: Settings) -> dict[str, float]:
 def configure(settings: Settings) -> Celery:
     """Apply the settings to the app (idempotent; again only when they changed)."""
     key = (settings.broker_url, settings.job_queue, settings.job_visibility_timeout, settings.worker_interval,
-           settings.wards, settings.ward_interval, settings.job_retention)
+           settings.wards, settings.ward_interval, settings.job_retention, settings.worker_stale_after)
     if _configured.get("key") == key:
         return app
     if _configured:
@@ -113,7 +115,10 @@ def configure(settings: Settings) -> Celery:
         worker_proc_alive_timeout=60.0,
         worker_hijack_root_logger=False,
         timezone="UTC", enable_utc=True,
-        beat_scheduler="celery.beat:Scheduler",  # in memory: no schedule file to share or clean up
+        # Celery's in-memory scheduler (no schedule file to share or clean up) that records its heartbeat on
+        # its ticks; it ticks at least once per heartbeat interval.
+        beat_scheduler="fhir_ai.jobs.heartbeat:Scheduler",
+        beat_max_loop_interval=heartbeat.interval(settings),
         beat_schedule=schedule(settings),
     )
     _configured["key"] = key
