@@ -1,6 +1,7 @@
 """The FHIR API on the demo hospital: $assess, RiskAssessment read/search, metadata, errors."""
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def demo_app(tmp_path_factory):
     with databases.fresh_database(tmp) as database_url:
         app = create_app({"instance_path": str(tmp), "database_url": database_url,
                           "auth_tokens": TEST_TOKENS_SETTING,
-                          "source_url": str(REPO / "fixtures" / "demo-hospital"), "write_back": False})
+                          "source_url": str(REPO / "fixtures" / "demo-hospital"), "write_back": False,
+                          # a queue of its own on the shared Redis: a worker someone runs on the default
+                          # queue must not change what /health says here
+                          "job_queue": f"fhir-ai-test-api-{uuid.uuid4().hex[:12]}"})
         app.testing = True
         yield app
         app.extensions["fhir_ai"].close()
