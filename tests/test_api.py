@@ -75,6 +75,12 @@ def test_metadata_is_a_truthful_capability_statement(api):
     assert {p["name"] for p in resources["RiskAssessment"]["searchParam"]} >= {"patient", "subject", "_count"}
     definition = api.get("/OperationDefinition/assess").json
     assert {p["name"] for p in definition["parameter"]} == {"model", "writeBack", "asOf", "encounter", "return"}
+    # A parameter that does not do what R4's of that name does is declared as ours: Provenance?patient= finds
+    # the Provenance of a patient's assessments, where R4's Provenance-patient wants a target that is a Patient.
+    provenance = {p["name"]: p for p in resources["Provenance"]["searchParam"]}
+    assert provenance["patient"]["definition"] == "https://fhir-ai.invalid/SearchParameter/Provenance-patient"
+    assert "subject" in provenance["patient"]["documentation"]
+    assert provenance["target"]["definition"] == "http://hl7.org/fhir/SearchParameter/Provenance-target"
 
 
 def test_assess_returns_a_valid_explained_risk_assessment(api):

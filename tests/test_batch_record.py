@@ -572,8 +572,12 @@ def test_unsafe_ids_are_refused_before_anything_is_sent(rsps):
 def test_an_id_of_dots_is_not_put_in_a_batch_url(rsps):
     """'..' is a path segment: [base]/Patient/.. would be read as the server base. Refused, nothing sent
     (neither in a batch entry's url nor as a request of its own)."""
-    with pytest.raises(BadRequest, match="path segment"):
+    with pytest.raises(BadRequest, match="not dots only") as caught:      # the source refuses the id itself
         source().record("..", [HR])
+    assert caught.value.expression == ["patient"]
+    # and the client refuses such a segment in any path it is given (another caller, another resource type)
+    with pytest.raises(BadRequest, match="path segment"):
+        source().client.get("Group/..")
     assert sent(rsps) == []
 
 

@@ -156,3 +156,17 @@ def test_cards_issued_before_0009_still_verify_and_accept_any_suggestion(
         ["feedback[0].acceptedSuggestions[0].id"]
     result = verify(runner)
     assert result.exit_code == 0 and "3 CDS card events checked" in result.output, result.output
+
+
+def test_no_downgrade_below_0009_once_suggestions_are_recorded(
+        app: Flask, client: FlaskClient, record: dict[str, Any], runner: Any) -> None:  # noqa: F811
+    # The trail's digests cover the recorded suggestions: dropping the column would make every such card
+    # "altered" for good, so the downgrade refuses and leaves the schema as it was.
+    issue(client, record)
+    engine = app.extensions["fhir_ai"].store.engine
+    with pytest.raises(RuntimeError, match="cannot downgrade below 0009_card_suggestions: 1 issued card"):
+        with engine.begin() as connection:
+            command.downgrade(alembic_config(connection), BEFORE)
+    assert [len(e["suggestions"]) for e in events(client)] == [1]
+    result = verify(runner)
+    assert result.exit_code == 0 and "1 CDS card events checked" in result.output, result.output

@@ -68,7 +68,12 @@ PARAMETERS: dict[str, dict[str, Param]] = {
     },
     "Provenance": {
         "target": _std("Provenance", "target", "reference"),
-        "patient": _std("Provenance", "patient", "reference", "Patient"),
+        # Not R4's Provenance-patient (Provenance.target.where(resolve() is Patient): a target that IS a Patient,
+        # which none of ours is): the patient the target assessment is about, which is what an auditor asks.
+        "patient": Param("patient", "reference", ("Patient",),
+                         definition="https://fhir-ai.invalid/SearchParameter/Provenance-patient",
+                         documentation="the patient the target RiskAssessment is about (its subject), not a "
+                                       "target that is a Patient as R4's Provenance-patient"),
         # R4's Provenance-agent (agent.who): the client, by identifier (agent:identifier=), and the user a CDS
         # Hooks call named (agent=Practitioner/123); the model is a contained Device, onBehalfOf is not agent.who.
         "agent": replace(_std("Provenance", "agent", "reference"), documentation=(

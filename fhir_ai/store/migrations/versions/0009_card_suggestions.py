@@ -24,5 +24,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The audit trail's sha256 of each card issued since this revision covers its suggestions: dropping them
+    # would make `fhir-ai audit verify` report every such card as altered, for good. Refuse instead.
+    recorded = op.get_bind().execute(
+        sa.text("SELECT count(*) FROM cds_card_event WHERE suggestions IS NOT NULL")).scalar()
+    if recorded:
+        raise RuntimeError(f"cannot downgrade below 0009_card_suggestions: {recorded} issued card(s) have their "
+                           "suggestions recorded, and the audit trail's digests cover them (dropping the column "
+                           "would make `fhir-ai audit verify` report them as altered)")
     with op.batch_alter_table('cds_card_event') as batch:
         batch.drop_column('suggestions')
