@@ -330,7 +330,8 @@ def worker(ctx: click.Context, once: bool, interval: float | None, beat: bool, c
     """A Celery worker (Redis broker): batch jobs, event-driven rescoring, and write-back delivery.
 
     Write-back delivery (backoff with jitter, Retry-After, a circuit per server) runs as a periodic
-    task; several workers may run at once (rows are claimed before they are sent).
+    task; several workers may run at once (rows are claimed before they are sent). A site without batch
+    jobs (FHIR_AI_BROKER_URL=none) runs --delivery-only or --once; the Celery worker is refused there.
     """
     import signal
     from .delivery import Worker

@@ -18,6 +18,9 @@ DEMO_HOSPITAL = REPO_DIR / "fixtures" / "demo-hospital"
 DEFAULT_MAPPINGS = REPO_DIR / "mappings"
 DEFAULT_MODELS = PACKAGE_DIR / "models" / "trained"
 ENV_PREFIX = "FHIR_AI_"
+# FHIR_AI_BROKER_URL=none: this site runs no batch jobs (no Celery, no Redis).
+NO_BROKER = "none"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 def _bool(value: str | bool) -> bool:
@@ -63,12 +66,12 @@ class Settings:
     circuit_failures: int = 5
     circuit_cooldown: float = 60.0
     write_back_stale_after: float = 900.0
-    # Batch jobs on Celery (fhir_ai/jobs): the broker, the queue's name, patients per task, how long
-    # Redis keeps a task a worker took before handing it to another worker if that one died
-    # (seconds; a task should finish well within it), the wards rescored on a schedule (Group ids,
+    # Batch jobs on Celery (fhir_ai/jobs): the broker (``none``: no batch jobs, no Redis), the queue's name,
+    # patients per task, how long Redis keeps a task a worker took before handing it to another worker if that
+    # one died (seconds; a task should finish well within it), the wards rescored on a schedule (Group ids,
     # comma-separated) and how often (seconds); how long /health counts a Celery worker (or the beat
     # scheduler) as alive after its last heartbeat (seconds; each beats every quarter of it, at most every 15 s).
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = DEFAULT_BROKER
     job_queue: str = "fhir_ai"
     job_chunk_size: int = 10
     job_visibility_timeout: float = 600.0
@@ -153,6 +156,24 @@ class Settings:
         return [] if self.source_is_folder else [self.source_url]
 
     @property
+    def jobs_enabled(self) -> bool:
+        """Whether this site runs batch jobs (Celery on the Redis at ``broker_url``): False for ``none``. Without
+        them ``$assess``, push mode, CDS Hooks and write-back (``fhir-ai worker --delivery-only``) need no Redis;
+        the batch kick-offs, the Subscription endpoint and the Celery worker are refused (fhir_ai.jobs.disabled).
+        An empty value is refused rather than guessed at: unset means the default Redis, ``none`` no jobs."""
+        value = self.broker_url.strip()
+        if not value:
+            raise ConfigurationError(f"{ENV_PREFIX}BROKER_URL is empty: set it to '{NO_BROKER}' to run without batch "
+                                     f"jobs (no Redis) or to a redis:// URL, or leave it unset for {DEFAULT_BROKER}",
+                                     expression="broker_url")
+        return value.lower() != NO_BROKER
+
+    @property
+    def ward_ids(self) -> list[str]:
+        """The Group ids of ``wards``, rescored on a schedule."""
+        return [w.strip() for w in self.wards.split(",") if w.strip()]
+
+    @property
     def source_batch_mode(self) -> bool | None:
         """``source_batch`` as ServerSource takes it: True, False, or None for auto."""
         value = str(self.source_batch).strip().lower()
@@ -166,6 +187,9 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
+# Settings whose empty environment value is refused instead of taken as unset (the default): an operator who
+# writes FHIR_AI_BROKER_URL= means "no broker", and would otherwise get the default Redis without a word.
+_EMPTY_REFUSED = {"broker_url"}
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -189,7 +213,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     values: dict[str, Any] = {}
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
-        if key in environ and environ[key] != "":
+        if key in environ and (environ[key] != "" or name in _EMPTY_REFUSED):
             values[name] = _coerce(name, environ[key])
     for name, raw in (overrides or {}).items():
         if name not in _FIELDS:
@@ -198,4 +222,22 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     settings = Settings(**values)
     settings.source_batch_mode           # refuses a value that is not auto, true or false, at start-up
     settings.cds_fhir_server_list        # refuses '*' in a list, at start-up
+    _check_jobs(settings)
     return settings
+
+
+def _check_jobs(settings: Settings) -> None:
+    """At start-up: refuses an empty broker URL, and, without batch jobs, what only batch jobs would do (a ward
+    schedule nobody would run; Subscription secrets for an endpoint that refuses every notification)."""
+    if settings.jobs_enabled:
+        return
+    off = f"{ENV_PREFIX}BROKER_URL is {NO_BROKER!r} (no batch jobs)"
+    if settings.ward_ids:
+        raise ConfigurationError(f"{ENV_PREFIX}WARDS is set but {off}: scheduled ward rescoring runs as batch jobs; "
+                                 f"unset {ENV_PREFIX}WARDS or configure a broker",
+                                 expression=["wards", "broker_url"])
+    if settings.subscription_secrets.strip():
+        raise ConfigurationError(f"{ENV_PREFIX}SUBSCRIPTION_SECRETS is set but {off}: Subscription notifications "
+                                 f"queue rescorings as batch jobs, so the endpoint refuses them; unset "
+                                 f"{ENV_PREFIX}SUBSCRIPTION_SECRETS or configure a broker",
+                                 expression=["subscription_secrets", "broker_url"])

@@ -274,9 +274,10 @@ def test_health(api):
     body = api.get("/health").json
     assert "deterioration" in body["models"]
     assert body["writeBack"]["status"] == "ok" and body["queue"]["status"] == "ok"
-    # No `fhir-ai worker` runs for this test, and that alone makes it degraded
-    # (tests/integration/test_worker_heartbeat.py runs real ones).
+    # No `fhir-ai worker` (nor its beat scheduler) runs for this test, and that makes it degraded
+    # (tests/integration/test_worker_heartbeat.py runs real ones; test_jobs_disabled a site without batch jobs).
     assert body["workers"]["status"] == "none seen" and body["status"] == "degraded"
+    assert body["scheduler"]["status"] == "none seen" and "the resumption of lost jobs" in body["scheduler"]["message"]
 
 
 # $assess answers embed each new RiskAssessment's stored JSON (orjson.Fragment) instead of serialising it

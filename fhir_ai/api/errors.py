@@ -6,7 +6,7 @@ import logging
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from ..errors import FhirAiError, UpstreamError
+from ..errors import FhirAiError, NotSupported, UpstreamError
 from .fhir_io import fhir_response
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ def register(app: Flask) -> None:
             # the caller gets them, the log only what failed and how.
             log.error("%s (HTTP %d; the hospital server's status %s)", type(exc).__name__, exc.status,
                       exc.upstream_status or "none")
-        elif exc.status >= 500:
+        elif exc.status >= 500 and not isinstance(exc, NotSupported):
+            # (a 501 for what this server is configured not to do is the caller's question, not our failure)
             log.error("%s: %s", type(exc).__name__, exc.message)
         response = fhir_response(exc.to_operation_outcome(), exc.status)
         if exc.retry_after_seconds is not None:

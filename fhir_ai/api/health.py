@@ -13,6 +13,7 @@ from ..delivery import summary
 from ..fhir import times
 from ..jobs import heartbeat
 from ..jobs.celery_app import wards
+from ..jobs.disabled import SETTING as JOBS_OFF
 from ..jobs.tables import JobRow
 from ..pipeline import Pipeline
 from ..store.searching import utc
@@ -32,7 +33,11 @@ def _queue(settings: Settings) -> redis.Redis:
 
 def queue_status(settings: Settings) -> dict[str, Any]:
     """Whether the job queue (Redis) answers: batch jobs, Subscriptions and scheduled rescoring need it;
-    a single $assess does not."""
+    a single $assess does not. A site without batch jobs has none, and it is not asked for."""
+    if not settings.jobs_enabled:
+        return {"status": "disabled", "message": f"this server runs no batch jobs ({JOBS_OFF}): the batch "
+                                                 "kick-offs and the Subscription endpoint answer 501; write-backs "
+                                                 "are delivered by `fhir-ai worker --delivery-only` (or --once)"}
     try:
         _queue(settings).ping()
     except (redis.RedisError, OSError, ValueError) as exc:     # ValueError: not a redis:// URL
@@ -43,6 +48,8 @@ def queue_status(settings: Settings) -> dict[str, Any]:
 def worker_status(settings: Settings, queue: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The Celery workers and beat schedulers seen within worker_stale_after (their heartbeats, in Redis).
     Not asked of a queue that did not answer its ping: /health waits for one timeout, not two."""
+    if queue["status"] == "disabled":
+        return {"worker": {"status": "disabled"}, "beat": {"status": "disabled"}}
     if queue["status"] != "ok":
         unknown = {"status": "unknown", "message": "the job queue (Redis) cannot be reached, so neither can the "
                                                    "heartbeats of the workers"}
@@ -58,16 +65,18 @@ def worker_status(settings: Settings, queue: dict[str, Any]) -> dict[str, dict[s
 @bp.get("/health")
 def health():  # type: ignore[no-untyped-def]
     pipeline: Pipeline = current_app.extensions["fhir_ai"]
-    # degraded when write-backs failed for good or have waited longer than write_back_stale_after,
-    # when the job queue cannot be reached (batch jobs and Subscriptions answer 503 meanwhile), when no
-    # Celery worker has been seen within worker_stale_after (jobs would wait), and, with a ward schedule,
-    # when no beat scheduler has been seen (nobody starts the wards' jobs)
+    # degraded when write-backs failed for good or have waited longer than write_back_stale_after, and, on a
+    # site that runs batch jobs, when the job queue cannot be reached (batch jobs and Subscriptions answer 503
+    # meanwhile), when no Celery worker has been seen within worker_stale_after (jobs would wait), or when no
+    # beat scheduler has (write-back retries, the resumption of lost jobs, job expiry and any ward schedule
+    # stop: celery_app.schedule). A site without batch jobs has no queue, workers or scheduler to miss.
     settings = pipeline.settings
     write_back = summary(pipeline.store, settings)
     queue = queue_status(settings)
     seen = worker_status(settings, queue)
-    status = write_back["status"] if queue["status"] == "ok" else "degraded"
-    if seen["worker"]["status"] != "ok" or (wards(settings) and seen["beat"]["status"] != "ok"):
+    status = write_back["status"]
+    if queue["status"] != "disabled" and (queue["status"] != "ok" or seen["worker"]["status"] != "ok"
+                                          or seen["beat"]["status"] != "ok"):
         status = "degraded"
     body = {"status": status,
             "models": {m.model_id: m.version for m in pipeline.registry.models.values()},

@@ -20,6 +20,7 @@ from ..errors import BadRequest, FhirAiError, NotFound
 from ..fhir import times
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
+from ..jobs.disabled import JobsDisabled, SETTING as JOBS_OFF, require as require_jobs
 from ..jobs.state import JobStore, JobView
 from ..jobs.tasks import MAX_MODELS, job_models, outcomes, submit
 from ..pipeline import Pipeline
@@ -70,8 +71,9 @@ def _pipeline() -> Pipeline:
 def _jobs() -> JobStore:
     pipeline = _pipeline()
     settings = current_app.config["FHIR_AI"]
-    configure_celery(settings)
-    runtime.configure(settings, pipeline)     # eager runs (tests) use this app's pipeline
+    if settings.jobs_enabled:                  # without batch jobs, only the store: Bulk Data runs, past jobs
+        configure_celery(settings)
+        runtime.configure(settings, pipeline)     # eager runs (tests) use this app's pipeline
     return JobStore(pipeline.store)
 
 
@@ -109,6 +111,8 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
     return fhir_response(outcome, 202, {"Content-Location": location})
 
 
+# The kinds of job that run on Celery (a Bulk Data run, ``bulk-export``, runs in its own `fhir-ai` command).
+CELERY_KINDS = ("group", "all", "ward")
 UNCLAIMED_SECONDS = 30          # a job still queued after this long says no worker has taken it
 
 
@@ -122,6 +126,7 @@ def times_now() -> Any:
 @bp.post("/Group/<group_id>/$assess")
 @requires("RiskAssessment", "c", audit="operation")
 def group_assess(group_id: str):  # type: ignore[no-untyped-def]
+    require_jobs(current_app.config["FHIR_AI"], "Group/[id]/$assess")
     check_id(group_id, "Group.id")
     return _kick_off("group", group_id, f"{base_url()}/Group/{group_id}/$assess")
 
@@ -129,6 +134,7 @@ def group_assess(group_id: str):  # type: ignore[no-untyped-def]
 @bp.post("/$assess-all")
 @requires("RiskAssessment", "c", audit="operation")
 def assess_all():  # type: ignore[no-untyped-def]
+    require_jobs(current_app.config["FHIR_AI"], "$assess-all")
     return _kick_off("all", "all", f"{base_url()}/$assess-all")
 
 
@@ -218,7 +224,14 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     check_id(job_id, "job id")
     jobs = _jobs()
     job = _visible(jobs.get(job_id))
-    if job.status in ("queued", "running"):
+    unfinished = job.status in ("queued", "running")
+    if unfinished and job.kind in CELERY_KINDS and not current_app.config["FHIR_AI"].jobs_enabled:
+        # Started while this site ran batch jobs: no worker here will take it. An error ends a client's polling
+        # (FHIR async pattern); 202 would have it poll for ever. A Bulk Data run needs no queue and is answered
+        # as ever, as are ended jobs (their manifests are in the store).
+        raise JobsDisabled(f"job {job_id} ({job.kind}) was started when this server ran batch jobs; it runs none now "
+                           f"({JOBS_OFF}), so the job will not progress here: DELETE cancels it")
+    if unfinished:
         not_audited()           # progress only: no patient's data
         progress = "finding patients" if job.total is None else f"{job.done}/{job.total} patients"
         waited = (times_now() - utc(job.created_at)).total_seconds()
@@ -386,7 +399,10 @@ def assess_all_definition():  # type: ignore[no-untyped-def]
 
 
 def capability_additions(statement: dict[str, Any]) -> None:
-    """Group/$assess, $assess-all (async) and the subscription notification endpoint."""
+    """Group/$assess, $assess-all (async) and the subscription notification endpoint; none of them on a server
+    that runs no batch jobs (they answer 501 there)."""
+    if not current_app.config["FHIR_AI"].jobs_enabled:
+        return
     rest = statement["rest"][0]
     resources = rest.setdefault("resource", [])
     resources.append({"type": "Group", "operation": [{

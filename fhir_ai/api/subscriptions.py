@@ -15,6 +15,7 @@ from ..errors import Unauthorized
 from ..fhir.times import format_datetime
 from ..jobs import runtime
 from ..jobs.celery_app import configure as configure_celery
+from ..jobs.disabled import require as require_jobs
 from ..jobs.tasks import QueueUnavailable, rescore_patient
 from ..pipeline import Pipeline
 from .fhir_io import fhir_response, read_body
@@ -36,6 +37,9 @@ def _presented() -> str | None:
 @bp.post("/subscriptions/notify")
 def notify():  # type: ignore[no-untyped-def]
     settings = current_app.config["FHIR_AI"]
+    # Without batch jobs there is no endpoint to authenticate against (no secrets can be configured, config.py):
+    # said before any secret is compared or the body read, and, like a disabled endpoint, not audited.
+    require_jobs(settings, "the Subscription notification endpoint (/subscriptions/notify)")
     presented = _presented()
     try:
         subscriptions.screen(settings, presented)         # a stranger's body is never read

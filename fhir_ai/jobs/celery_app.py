@@ -16,7 +16,7 @@ _configured: dict[str, Any] = {}
 
 
 def wards(settings: Settings) -> list[str]:
-    return [w.strip() for w in settings.wards.split(",") if w.strip()]
+    return settings.ward_ids
 
 
 class on_slots(every):  # noqa: N801 - named like Celery's own schedules

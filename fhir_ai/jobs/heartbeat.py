@@ -189,13 +189,23 @@ def _instant(epoch: float) -> str:
     return times.format_datetime(datetime.fromtimestamp(epoch, timezone.utc).replace(microsecond=0))
 
 
-# What stops while nobody of that role runs (said in /health's message).
-_WAITING = {
-    "worker": ("no Celery worker (`fhir-ai worker`)", "batch jobs, Subscription rescoring and scheduled tasks wait "
-                                                      "until one runs"),
-    "beat": ("no scheduler (`fhir-ai worker --beat`)", "ward rescoring (FHIR_AI_WARDS), write-back retries and the "
-                                                       "resumption of lost jobs do not run"),
-}
+# Who is missing (said in /health's message) and, for a worker, what waits meanwhile.
+_WHO = {"worker": "no Celery worker (`fhir-ai worker`)", "beat": "no scheduler (`fhir-ai worker --beat`)"}
+_WORKER_MISSING = "batch jobs, Subscription rescoring and scheduled tasks wait until one runs"
+# What each entry of the beat schedule (celery_app.schedule) does, in /health's words.
+SCHEDULED = {"deliver-write-backs": "write-back retries and withdrawals",
+             "resume-jobs": "the resumption of lost jobs",
+             "expire-jobs": "job expiry (FHIR_AI_JOB_RETENTION)",
+             "rescore-wards": "ward rescoring (FHIR_AI_WARDS)"}
+
+
+def _missing(settings: Settings, role: str) -> str:
+    """What stops while nobody of this role runs: for the scheduler, each task of this site's beat schedule."""
+    if role == "worker":
+        return _WORKER_MISSING
+    from .celery_app import schedule     # celery_app imports this module
+    stopped = [SCHEDULED[name] for name in schedule(settings)]
+    return (", ".join(stopped[:-1]) + " and " + stopped[-1] if len(stopped) > 1 else stopped[0]) + " do not run"
 
 
 def section(settings: Settings, role: str, raw: dict[bytes, bytes], now: float) -> dict[str, Any]:
@@ -210,7 +220,7 @@ def section(settings: Settings, role: str, raw: dict[bytes, bytes], now: float) 
         "seen": [{"name": e.name, "lastHeartbeat": _instant(e.seen), "since": _instant(e.since)} for e in alive],
         "lastHeartbeat": _instant(newest.seen) if newest else None}
     if not alive:
-        who, what = _WAITING[role]
+        who, what = _WHO[role], _missing(settings, role)
         if newest is None:
             last = "none has recorded a heartbeat"
         else:

@@ -9,9 +9,11 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from ..config import Settings
+from ..errors import ConfigurationError
 from ..fhir.ids import usable_id
 from . import runtime
 from .celery_app import configure, wards
+from .disabled import SETTING as JOBS_OFF
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,12 @@ def ward_problems(settings: Settings) -> list[str]:
 
 def run_worker(settings: Settings, *, beat: bool = True, concurrency: int | None = None, pool: str = "prefork",
                loglevel: str = "INFO") -> None:
-    """Run until SIGTERM (warm shutdown: running tasks finish; unfinished ones go back to the queue)."""
+    """Run until SIGTERM (warm shutdown: running tasks finish; unfinished ones go back to the queue). Refused at
+    once on a site without batch jobs: there is no queue to consume, and write-backs have their own loop."""
+    if not settings.jobs_enabled:
+        raise ConfigurationError(f"this site runs no batch jobs ({JOBS_OFF}), so there is no Celery worker to run: "
+                                 "deliver write-backs with `fhir-ai worker --delivery-only` (a loop, without Redis) "
+                                 "or `fhir-ai worker --once` (one pass, e.g. from cron)", expression="broker_url")
     runtime.configure(settings)
     app = configure(settings)
     if pool == "prefork":

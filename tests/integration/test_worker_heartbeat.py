@@ -1,8 +1,8 @@
 """/health and the heartbeats of real `fhir-ai worker` processes (Redis at 127.0.0.1:6379, a private queue; the
-store is the suite's: SQLite, or PostgreSQL with --database=postgresql). A running worker is listed and leaves
-the status alone; a killed one goes stale and /health says degraded; a worker stopped with SIGTERM is dropped
-at once; with a ward schedule, a missing beat scheduler degrades it too. The staleness window is 2 s, and
-every wait is bounded."""
+store is the suite's: SQLite, or PostgreSQL with --database=postgresql). A running worker is listed; without its
+beat scheduler /health says degraded (beat drives write-back retries, the resumption of lost jobs and job
+expiry), with it ok; a killed worker goes stale and /health says degraded; a worker stopped with SIGTERM is
+dropped at once. The staleness window is 2 s, and every wait is bounded."""
 from __future__ import annotations
 
 import json
@@ -75,10 +75,10 @@ def test_a_running_worker_is_listed_and_one_killed_makes_health_degraded(watched
     name = f"fhir_ai-{worker.pid}@{socket.gethostname()}"
     assert [w["name"] for w in up["workers"]["seen"]] == [name]
     assert up["workers"]["staleAfterSeconds"] == STALE and "message" not in up["workers"]
-    # Nothing else is wrong: the worker's presence leaves the status ok; without FHIR_AI_WARDS the missing
-    # scheduler is said but does not degrade it.
-    assert up["status"] == "ok", up
-    assert up["scheduler"]["status"] == "none seen"
+    # The worker runs without the scheduler (--no-beat): even without FHIR_AI_WARDS that is degraded, and said.
+    assert up["scheduler"]["status"] == "none seen" and up["status"] == "degraded", up
+    assert ("write-back retries and withdrawals, the resumption of lost jobs and job expiry"
+            in up["scheduler"]["message"])
 
     group.kill(worker)                               # SIGKILL, the whole process group: no goodbye
     gone = wait_for(lambda: (b := health(app))["workers"]["status"] == "none seen" and b, 30,
@@ -89,7 +89,7 @@ def test_a_running_worker_is_listed_and_one_killed_makes_health_degraded(watched
     assert f"in the last {STALE:g} s" in message and f"from {name}" in message and "as it stopped" not in message
 
 
-def test_with_a_ward_schedule_the_beat_is_needed_and_a_stopped_worker_is_dropped_at_once(watched) -> None:
+def test_with_its_beat_health_is_ok_and_a_stopped_worker_is_dropped_at_once(watched) -> None:
     app, group = watched(wards="ward-a", ward_interval=NO_SLOT)
     worker = group.start("worker-beat", "worker", "--beat", "--concurrency", "1")
     up = wait_for(lambda: (b := health(app))["workers"]["status"] == "ok" and b["scheduler"]["status"] == "ok" and b,
@@ -129,6 +129,7 @@ def test_old_and_foreign_heartbeats_never_break_health(watched) -> None:
         recorder = heartbeat.Recorder(settings, "worker", "fhir_ai-2@here")
         assert recorder.beat()
         assert sorted(client.hkeys(heartbeat.key(settings, "worker"))) == [b"fhir_ai-2@here", b"garbage", b"half"]
+        assert heartbeat.Recorder(settings, "beat", "beat-2@here").beat()      # a scheduler too: nothing missing
         body = health(app)
         assert body["status"] == "ok" and [w["name"] for w in body["workers"]["seen"]] == ["fhir_ai-2@here"]
         assert recorder.beat(stopped=True)
