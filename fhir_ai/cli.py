@@ -345,16 +345,24 @@ def worker(ctx: click.Context, once: bool, interval: float | None, beat: bool, c
         run_worker(settings, beat=beat, concurrency=concurrency, pool=pool,
                    loglevel=logging.getLevelName(logging.getLogger().level))
         return
+    from .jobs.state import JobStore
     store = Store(settings.effective_database_url)
     runner = Worker(settings, store)
+
+    def expire_jobs() -> None:
+        # Finished jobs past FHIR_AI_JOB_RETENTION (Celery's beat does this hourly where it runs; a site
+        # without batch jobs still has the job rows of `bulk-export-assess` runs).
+        JobStore(store).expire_after(settings.job_retention)
     try:
         if once:
             report = runner.run_once()
+            expire_jobs()
             click.echo(str(report))
             sys.exit(1 if report.failed else 0)
         signal.signal(signal.SIGTERM, lambda *_: runner.stop())
         try:
-            runner.run_forever(interval)
+            runner.run_forever(interval, housekeeping=expire_jobs,
+                               housekeeping_every=min(3600.0, settings.job_retention or 3600.0))
         except KeyboardInterrupt:
             runner.stop()
     finally:

@@ -213,11 +213,20 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def run_forever(self, interval: float | None = None) -> None:
-        """Passes every ``interval`` seconds until stop() (or SIGTERM via the CLI)."""
+    def run_forever(self, interval: float | None = None, *, housekeeping: Callable[[], Any] | None = None,
+                    housekeeping_every: float = 3600.0) -> None:
+        """Passes every ``interval`` seconds until stop() (or SIGTERM via the CLI); ``housekeeping`` (what
+        beat would run hourly for a site without it: job expiry) at the start and every ``housekeeping_every``."""
         interval = self.settings.worker_interval if interval is None else interval
         log.info("write-back worker %s started (every %.0f s)", self.id, interval)
+        next_housekeeping = self._clock()
         while not self._stop.is_set():
+            if housekeeping is not None and self._clock() >= next_housekeeping:
+                next_housekeeping = self._clock() + housekeeping_every
+                try:
+                    housekeeping()
+                except Exception:                # never let delivery stop over it: the next round tries again
+                    log.exception("housekeeping failed")
             try:
                 report = self.run_once()
             except FhirAiError as exc:  # e.g. the database is briefly unavailable: try next pass

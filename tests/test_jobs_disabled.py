@@ -202,7 +202,7 @@ def test_the_celery_worker_is_refused_and_write_back_delivery_still_runs(runner:
     once = runner.invoke(main, ["worker", "--once"], env=env)
     assert once.exit_code == 0, once.output
     loops: list[float | None] = []
-    monkeypatch.setattr(Worker, "run_forever", lambda self, interval=None: loops.append(interval))
+    monkeypatch.setattr(Worker, "run_forever", lambda self, interval=None, **_: loops.append(interval))
     looped = runner.invoke(main, ["worker", "--delivery-only", "--interval", "5"], env=env)
     assert looped.exit_code == 0, looped.output
     assert loops == [5.0]
@@ -253,3 +253,52 @@ def test_the_scheduler_message_names_what_this_sites_schedule_drives(overrides: 
     settings = load_settings(overrides, environ={})
     message = heartbeat.section(settings, "beat", {}, time.time())["message"]
     assert all(s in message for s in said) and not any(u in message for u in unsaid), message
+
+
+# -- job expiry without beat ------------------------------------------------------------------------------------
+
+def test_the_worker_without_celery_expires_finished_jobs(off: Flask, runner: CliRunner, no_redis: list[str]) -> None:
+    # Celery's beat expires finished jobs hourly; a site without it still has the job rows of its
+    # `bulk-export-assess` runs, and `worker --once` / `--delivery-only` expire them instead.
+    from datetime import timedelta
+    jobs = JobStore(off.extensions["fhir_ai"].store)
+    for n in range(3):
+        jobs.create(f"export-{n}", kind="bulk-export", scope="Group/ward-a", as_of=AS_OF, request={"request": "x"})
+        jobs.set_result(f"export-{n}", {"transactionTime": f"2026-11-2{n}T00:00:00Z"}, status="completed")
+    env = {**runner.env, "FHIR_AI_BROKER_URL": "none", "FHIR_AI_JOB_RETENTION": "3600"}
+    assert runner.invoke(main, ["worker", "--once"], env=env).exit_code == 0
+    assert [jobs.get(f"export-{n}") is not None for n in range(3)] == [True, True, True]   # within the hour
+    old = datetime.now(timezone.utc) - timedelta(hours=2)
+    from sqlalchemy import update
+    from fhir_ai.jobs.tables import JobRow
+    with jobs.store.session() as session, session.begin():
+        session.execute(update(JobRow).where(JobRow.id.in_(["export-0", "export-1"])).values(finished_at=old))
+    once = runner.invoke(main, ["worker", "--once"], env=env)
+    assert once.exit_code == 0, once.output
+    # the two older exports go; the newest completed one of its scope stays (it holds the next _since)
+    assert [jobs.get(f"export-{n}") is not None for n in range(3)] == [False, False, True]
+
+
+def test_the_delivery_loop_runs_housekeeping_at_start_and_every_period_and_survives_its_failure(
+        off: Flask) -> None:
+    ticks = iter(float(t) for t in range(1000))
+    worker = Worker(off.config["FHIR_AI"], off.extensions["fhir_ai"].store, clock=lambda: next(ticks))
+    calls: list[int] = []
+    passes = [0]
+
+    def housekeeping() -> None:
+        calls.append(passes[0])
+        if len(calls) == 1:
+            raise RuntimeError("database away")          # logged; the loop goes on
+
+    def one_pass() -> Any:
+        passes[0] += 1
+        if passes[0] == 8:
+            worker.stop()
+        from fhir_ai.delivery import PassReport
+        return PassReport()
+    worker.run_once = one_pass                           # type: ignore[method-assign]
+    worker._stop.wait = lambda _timeout=None: False      # type: ignore[method-assign]
+    worker.run_forever(0.0, housekeeping=housekeeping, housekeeping_every=5.0)
+    assert passes[0] == 8
+    assert len(calls) >= 2 and calls[0] == 0            # at the start, and again after the period

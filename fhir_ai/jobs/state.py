@@ -267,6 +267,12 @@ class JobStore:
             log.warning("job %s taken over (its run stopped)", job_id)
         return claimed
 
+    def expire_after(self, retention: float) -> int:
+        """``expire`` jobs that finished more than ``retention`` seconds ago (nothing when it is 0: forever)."""
+        if retention <= 0:
+            return 0
+        return self.expire(datetime.now(timezone.utc) - timedelta(seconds=retention))
+
     def expire(self, finished_before: datetime) -> int:
         """Forget jobs that ended before ``finished_before`` (their status URLs answer 404 afterwards).
 

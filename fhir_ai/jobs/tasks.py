@@ -406,10 +406,7 @@ def _queue_waiting(settings: Any) -> int | None:
 @app.task(name="fhir_ai.expire_jobs", ignore_result=True)
 def expire_jobs() -> int:
     """Forget finished jobs older than the retention (their assessments and audit trail stay)."""
-    retention = runtime.settings().job_retention
-    if retention <= 0:
-        return 0
-    return runtime.jobs().expire(datetime.now(timezone.utc) - timedelta(seconds=retention))
+    return runtime.jobs().expire_after(runtime.settings().job_retention)
 
 
 # The hospital's server briefly away (restart, overload): a rescoring waits for it, about 20 minutes in
