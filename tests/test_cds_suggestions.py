@@ -170,3 +170,23 @@ def test_no_downgrade_below_0009_once_suggestions_are_recorded(
     assert [len(e["suggestions"]) for e in events(client)] == [1]
     result = verify(runner)
     assert result.exit_code == 0 and "1 CDS card events checked" in result.output, result.output
+
+
+@pytest.mark.parametrize("where", ["card", "suggestion"])
+def test_a_uuid_with_a_trailing_newline_is_malformed_not_unknown(client: FlaskClient, record: dict[str, Any],  # noqa: F811
+                                                                where: str) -> None:
+    """'<uuid>\\n' is no uuid: 400 naming the path, as for any malformed id (not a 422 saying the card offered
+    no such suggestion, or issued no such card), and nothing stored."""
+    card = issue(client, record)
+    item = accepted(card["uuid"], card["suggestions"][0]["uuid"])
+    if where == "card":
+        item["card"] += "\n"
+        path = "feedback[0].card"
+    else:
+        item["acceptedSuggestions"][0]["id"] += "\n"
+        path = "feedback[0].acceptedSuggestions[0].id"
+    response = client.post(FEEDBACK, json={"feedback": [item]})
+    assert response.status_code == 400, response.json
+    issue_ = response.json["issue"][0]
+    assert issue_["code"] == "invalid" and issue_["expression"] == [path]
+    assert [e["event"] for e in events(client)] == ["issued"]

@@ -30,11 +30,13 @@ class UnknownSuggestion(Unprocessable):
     code = "not-found"
 
 
-_UUID = re.compile(r"^(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID = re.compile(r"(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _uuid(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not _UUID.match(value):
+    # fullmatch: '$' would also match before a trailing newline, and such an id, taken, names no card or
+    # suggestion (a 422 "not offered" for what is a malformed request)
+    if not isinstance(value, str) or not _UUID.fullmatch(value):
         raise BadRequest("must be a card/suggestion uuid", expression=path)
     return value.removeprefix("urn:uuid:").lower()
 
