@@ -302,3 +302,15 @@ def test_the_delivery_loop_runs_housekeeping_at_start_and_every_period_and_survi
     worker.run_forever(0.0, housekeeping=housekeeping, housekeeping_every=5.0)
     assert passes[0] == 8
     assert len(calls) >= 2 and calls[0] == 0            # at the start, and again after the period
+
+
+def test_worker_once_reports_its_pass_when_job_expiry_fails(off: Flask, runner: CliRunner,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The write-backs were delivered and recorded before expiry runs: its failure (the database briefly away)
+    # is logged, and the pass's report and exit status (1 only when write-backs failed) stand, as in the loop.
+    def away(self: JobStore, retention: float) -> int:
+        raise RuntimeError("database away")
+    monkeypatch.setattr(JobStore, "expire_after", away)
+    once = runner.invoke(main, ["worker", "--once"], env={**runner.env, "FHIR_AI_BROKER_URL": "none"})
+    assert once.exit_code == 0, (once.output, once.exception)
+    assert "claimed 0, delivered 0" in once.output
