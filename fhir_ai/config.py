@@ -160,13 +160,20 @@ class Settings:
         """Whether this site runs batch jobs (Celery on the Redis at ``broker_url``): False for ``none``. Without
         them ``$assess``, push mode, CDS Hooks and write-back (``fhir-ai worker --delivery-only``) need no Redis;
         the batch kick-offs, the Subscription endpoint and the Celery worker are refused (fhir_ai.jobs.disabled).
-        An empty value is refused rather than guessed at: unset means the default Redis, ``none`` no jobs."""
+        An empty value is refused rather than guessed at: unset means the default Redis, ``none`` no jobs. So is a
+        value that is neither ``none`` nor a URL (``off``, ``false``, ``disabled``): Celery would take it for the
+        name of a host, and every batch kick-off would answer 503 "try again later" for good."""
         value = self.broker_url.strip()
         if not value:
             raise ConfigurationError(f"{ENV_PREFIX}BROKER_URL is empty: set it to '{NO_BROKER}' to run without batch "
                                      f"jobs (no Redis) or to a redis:// URL, or leave it unset for {DEFAULT_BROKER}",
                                      expression="broker_url")
-        return value.lower() != NO_BROKER
+        if value.lower() == NO_BROKER:
+            return False
+        if "://" not in value:          # (the value itself is not repeated: it may be a secret put in by mistake)
+            raise ConfigurationError(f"{ENV_PREFIX}BROKER_URL is neither '{NO_BROKER}' (no batch jobs, no Redis) nor a "
+                                     f"URL such as {DEFAULT_BROKER}", expression="broker_url")
+        return True
 
     @property
     def ward_ids(self) -> list[str]:

@@ -87,6 +87,18 @@ def test_an_empty_broker_url_is_refused_naming_the_setting(source: str, value: s
     assert refused.value.expression == ["broker_url"]
 
 
+@pytest.mark.parametrize("value", ["off", "false", "disabled", "no", "127.0.0.1:6379"])
+def test_a_broker_url_that_is_neither_none_nor_a_url_is_refused(value: str) -> None:
+    # Celery would take 'off' for a host name: every kick-off a 503 "try again later", /health "unreachable".
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(environ={"FHIR_AI_BROKER_URL": value})
+    assert "FHIR_AI_BROKER_URL is neither 'none'" in refused.value.message
+    assert f"'{value}'" not in refused.value.message           # not repeated (it might be a secret)
+    assert refused.value.expression == ["broker_url"]
+    for url in ("redis://127.0.0.1:6379/0", "rediss://cache:6380/1", "sentinel://127.0.0.1:26379/0"):
+        assert load_settings(environ={"FHIR_AI_BROKER_URL": url}).jobs_enabled is True
+
+
 @pytest.mark.parametrize("setting, value", [("wards", "ward-3a"), ("subscription_secrets", "sub-1=s3cret")])
 def test_what_only_batch_jobs_do_is_refused_without_them(setting: str, value: str) -> None:
     with pytest.raises(ConfigurationError) as refused:
