@@ -209,8 +209,8 @@ def fit_isotonic(raw: ArrayLike, y: ArrayLike) -> dict[str, Any]:
     isotonic regression gives the block of lowest scores the value 0 when none of its cases had the event
     (and the block of highest scores 1 when all had), a certainty a finite sample cannot support, which a
     RiskAssessment would then state as probabilityDecimal 0. Such an end block gets Laplace's rule of
-    succession instead, (k + 1) / (n + 2) over its n cases (k = 0, or n - 1 events for the top block: 1 / (n + 2)
-    and (n + 1) / (n + 2)), kept within its neighbouring block so the map stays non-decreasing.
+    succession instead, (k + 1) / (n + 2) over its n cases with k events (k = 0 for the bottom block, k = n for
+    the top one: 1 / (n + 2) and (n + 1) / (n + 2)), kept within its neighbouring block so the map stays non-decreasing.
     """
     yy = _binary(y)
     rr = np.asarray(raw, dtype=float).ravel()
