@@ -146,7 +146,7 @@ def binary_assessment(scored: Scored, outcome: Outcome = DETERIORATION) -> dict[
     assert scored.probability is not None and scored.risk is not None
     prediction: dict[str, Any] = {
         "outcome": {"coding": [dict(outcome.coding)], "text": outcome.text},
-        "probabilityDecimal": round(float(scored.probability), 4),
+        "probabilityDecimal": probability_decimal(scored.probability),
         "qualitativeRisk": _risk(scored.risk),
     }
     if scored.as_of is not None:
@@ -376,6 +376,26 @@ def ktas_coding(level: int) -> dict[str, Any]:
                 {"url": "lang", "valueCode": "ko"}, {"url": "content", "valueString": f"KTAS {level} {korean}"}]}]}}
 
 
+def probability_decimal(p: float) -> float:
+    """A model's probability as probabilityDecimal, to 4 decimals, but never 0 or 1 when it is neither: a model
+    probability of 0.00004 rounded to 0.0 would state a certainty the model does not have (0.0001 or 0.9999)."""
+    p = float(p)
+    rounded = round(p, 4)
+    if 0.0 < p < 1.0:
+        return min(max(rounded, 0.0001), 0.9999)
+    return rounded
+
+
+def probability_text(p: float) -> str:
+    """A probability in a rationale, two decimals: '<0.01' / '>0.99' rather than a '0.00' / '1.00' it is not."""
+    p = float(p)
+    if 0.0 < p < 0.005:
+        return "<0.01"
+    if 0.995 <= p < 1.0:
+        return ">0.99"
+    return f"{p:.2f}"
+
+
 def _band(p: float) -> str:
     return "moderate" if p >= 0.2 else "low" if p >= 0.05 else "negligible"
 
@@ -401,13 +421,16 @@ def triage_assessment(scored: Any) -> dict[str, Any]:
         english, korean = KTAS_LEVELS[level]
         prediction: dict[str, Any] = {
             "outcome": {"coding": [ktas_coding(level)], "text": f"KTAS {level} {english} / {korean}"},
-            "probabilityDecimal": round(p, 4),
+            "probabilityDecimal": probability_decimal(p),
             "qualitativeRisk": _risk("high" if level == scored.level else _band(p)),
-            "extension": [{"url": UNWEIGHTED, "valueDecimal": round(float(scored.class_probabilities[level - 1]), 4)}],
+            "extension": [{"url": UNWEIGHTED,
+                           "valueDecimal": probability_decimal(scored.class_probabilities[level - 1])}],
         }
         if level == scored.level:
-            prediction["rationale"] = (f"Predicted KTAS level {level} ({english}, {korean}). "
-                                       f"Top contributing inputs: {reasons}.")
+            # Without explanations (bulk-assess --explain none) the sentence about inputs is left out, as the
+            # deterioration rationale is, rather than an empty "Top contributing inputs: ."
+            prediction["rationale"] = (f"Predicted KTAS level {level} ({english}, {korean})."
+                                       + (f" Top contributing inputs: {reasons}." if reasons else ""))
         predictions.append(prediction)
     if scored.nurse_level and scored.p_under is not None:
         nurse = scored.nurse_level
@@ -415,19 +438,19 @@ def triage_assessment(scored: Any) -> dict[str, Any]:
             "outcome": {"coding": [{"system": TRIAGE_OUTCOMES, "code": "under-triage",
                                     "display": "Nurse's KTAS level less urgent than the patient needs"}],
                         "text": "Possible under-triage / 과소분류 가능성"},
-            "probabilityDecimal": round(scored.p_under, 4),
+            "probabilityDecimal": probability_decimal(scored.p_under),
             "qualitativeRisk": _risk("high" if scored.flagged else _band(scored.p_under)),
             "rationale": (f"Nurse assigned KTAS {nurse}; probability that the right level is more urgent: "
-                          f"{scored.p_under:.2f}" + (f" (at or above {scored.flag_threshold:.2f}: please re-check "
+                          f"{probability_text(scored.p_under)}" + (f" (at or above {scored.flag_threshold:.2f}: please re-check "
                                                      "this patient)." if scored.flagged else "."))})
         predictions.append({
             "outcome": {"coding": [{"system": TRIAGE_OUTCOMES, "code": "over-triage",
                                     "display": "Nurse's KTAS level more urgent than the patient needs"}],
                         "text": "Possible over-triage / 과대분류 가능성"},
-            "probabilityDecimal": round(float(scored.p_over), 4),
+            "probabilityDecimal": probability_decimal(scored.p_over),
             "qualitativeRisk": _risk(_band(float(scored.p_over))),
             "rationale": f"Nurse assigned KTAS {nurse}; probability that the right level is less urgent: "
-                         f"{scored.p_over:.2f}."})
+                         f"{probability_text(scored.p_over)}."})
     resource["prediction"] = predictions
     resource["note"] = _notes(scored, [
         "probabilityDecimal per KTAS level is the model's class probability re-weighted toward urgent levels "

@@ -234,3 +234,38 @@ def test_bulk_assess_triage(tmp_path, visits):
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert len(lines) == len(visits)
     assert all(ra["status"] == "final" and len(ra["prediction"]) == 7 for ra in lines)
+
+
+def test_tiny_probabilities_are_never_stated_as_zero() -> None:
+    # A class probability of 0.00004 rounded to 4 decimals is 0.0, and ':.2f' of 0.0012 is '0.00': both
+    # would state a certainty the model does not have (129 of 950 KTAS visits read "more urgent: 0.00").
+    from fhir_ai.assessment import probability_decimal, probability_text
+    assert probability_decimal(0.00004) == 0.0001 and probability_decimal(0.99996) == 0.9999
+    assert probability_decimal(0.12344) == 0.1234 and probability_decimal(0.0) == 0.0
+    assert probability_decimal(1.0) == 1.0
+    assert probability_text(0.0012) == "<0.01" and probability_text(0.996) == ">0.99"
+    assert probability_text(0.005) == "0.01" and probability_text(0.0) == "0.00"
+
+
+def test_bulk_assess_triage_without_explanations_states_no_zero_and_no_empty_reasons(tmp_path, visits):
+    folder = tmp_path / "ed"
+    ktas.write_ndjson((r for v in visits for r in v.resources), folder)
+    out = tmp_path / "ra.ndjson"
+    result = CliRunner().invoke(main, ["bulk-assess", "--input", str(folder), "--output", str(out),
+                                       "--model", "triage", "--explain", "none", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "inputs: ." not in text
+    for ra in map(orjson.loads, text.splitlines()):
+        for prediction in ra["prediction"]:
+            code = prediction["outcome"]["coding"][0]["code"]
+            nurse = prediction.get("rationale", "").partition("Nurse assigned KTAS ")[2][:1]
+            if (code, nurse) in {("over-triage", "5"), ("under-triage", "1")}:
+                # nothing is less urgent than 5 (more urgent than 1): 0 by construction, and said so
+                assert prediction["probabilityDecimal"] == 0 and prediction["rationale"].endswith(": 0.00.")
+                continue
+            assert 0 < prediction["probabilityDecimal"] < 1
+            assert ": 0.00" not in prediction.get("rationale", "")
+            assert all(0 < e["valueDecimal"] < 1 for e in prediction.get("extension", []))
+        predicted = next(p for p in ra["prediction"] if "rationale" in p and p["rationale"].startswith("Predicted"))
+        assert predicted["rationale"].endswith(").")
