@@ -5,6 +5,7 @@ Nothing else in fhir_ai reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,8 +230,32 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     settings = Settings(**values)
     settings.source_batch_mode           # refuses a value that is not auto, true or false, at start-up
     settings.cds_fhir_server_list        # refuses '*' in a list, at start-up
+    _check_numbers(settings)
     _check_jobs(settings)
     return settings
+
+
+# Numeric settings that must be above 0 (a time-out, interval or window of 0 makes no sense, a batch of 0
+# does nothing); every other number must be 0 or more. None may be NaN or infinite.
+_ABOVE_ZERO = {"source_timeout", "worker_interval", "worker_batch", "circuit_failures", "write_back_stale_after",
+               "job_chunk_size", "job_visibility_timeout", "ward_interval", "worker_stale_after",
+               "bulk_bundle_size", "bulk_export_timeout", "max_request_bytes", "cds_jwt_max_lifetime",
+               "cds_fetch_timeout"}
+
+
+def _check_numbers(settings: Settings) -> None:
+    """At start-up: a negative, NaN or infinite number (FHIR_AI_WORKER_STALE_AFTER=nan made /health degraded
+    for good, and the workers beat every 0.25 s), or 0 where that makes no sense, is refused, naming the setting."""
+    for name, field in _FIELDS.items():
+        if not isinstance(field.default, (int, float)) or isinstance(field.default, bool):
+            continue
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}: {value!r} is not a number", expression=name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in _ABOVE_ZERO):
+            raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}: {value!r} is not a "
+                                     + ("number above 0" if name in _ABOVE_ZERO else "number of 0 or more"),
+                                     expression=name)
 
 
 def _check_jobs(settings: Settings) -> None:
