@@ -9,12 +9,23 @@ from tqdm import tqdm
 
 from ..search.values import date_range
 from . import export
+from .engine import schema_problem
 from .repository import Store
 from .verify import verify
 
 
 def _store(ctx: click.Context) -> Store:
-    return Store(ctx.obj["settings"].effective_database_url)
+    """The store, read as it is: an auditor's check never migrates (writes to) the database, and never creates
+    one where none is (an SQLite path that does not exist)."""
+    url = ctx.obj["settings"].effective_database_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise click.ClickException(f"no fhir_ai database at {url} (no such file)")
+    store = Store(url, migrate=False)
+    problem = schema_problem(store.engine)
+    if problem:
+        store.close()
+        raise click.ClickException(problem)
+    return store
 
 
 @click.group("audit")

@@ -89,3 +89,23 @@ def migrate(engine: Engine, revision: str = "head") -> None:
                 "fhir_ai without migrations; move it away (or export what you need) and start again",
                 expression="database_url")
         command.upgrade(alembic_config(connection), revision)
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """Why a read-only tool (``fhir-ai audit``) cannot read this database as it is, or None: no fhir_ai schema
+    there, or another revision than this fhir_ai's (an older one is upgraded by ``fhir-ai serve`` or
+    ``fhir-ai worker`` at start; the auditor's tools never write, so they do not migrate it themselves)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    where = engine.url.render_as_string(hide_password=True)
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current is None:
+        return f"no fhir_ai database at {where} (no schema revision recorded)"
+    if current != head:
+        return (f"the database at {where} is at schema revision {current}, this fhir_ai reads {head}: start "
+                "`fhir-ai serve` (or `fhir-ai worker`) of this version once to upgrade it, or use the fhir_ai "
+                "version that wrote it; the audit tools never change the database")
+    return None
+
