@@ -5,11 +5,12 @@ import os
 from typing import Any
 
 import redis
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import select
 
 from ..config import Settings
 from ..delivery import summary
+from ..errors import FhirAiError
 from ..fhir import times
 from ..jobs import heartbeat
 from ..jobs.celery_app import wards
@@ -45,9 +46,10 @@ def queue_status(settings: Settings) -> dict[str, Any]:
     return {"status": "ok"}
 
 
-def worker_status(settings: Settings, queue: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The Celery workers and beat schedulers seen within worker_stale_after (their heartbeats, in Redis).
-    Not asked of a queue that did not answer its ping: /health waits for one timeout, not two."""
+def worker_status(settings: Settings, queue: dict[str, Any], *, names: bool = True) -> dict[str, dict[str, Any]]:
+    """The Celery workers and beat schedulers seen within worker_stale_after (their heartbeats, in Redis);
+    named only with ``names``. Not asked of a queue that did not answer its ping: /health waits for one
+    timeout, not two."""
     if queue["status"] == "disabled":
         return {"worker": {"status": "disabled"}, "beat": {"status": "disabled"}}
     if queue["status"] != "ok":
@@ -55,11 +57,24 @@ def worker_status(settings: Settings, queue: dict[str, Any]) -> dict[str, dict[s
                                                    "heartbeats of the workers"}
         return {"worker": unknown, "beat": unknown}
     try:
-        return heartbeat.read(_queue(settings), settings)
+        return heartbeat.read(_queue(settings), settings, names=names)
     except (redis.RedisError, OSError) as exc:
         unknown = {"status": "unknown", "reason": type(exc).__name__,
                    "message": "the job queue (Redis) did not answer when asked for the workers' heartbeats"}
         return {"worker": unknown, "beat": unknown}
+
+
+def _operator() -> bool:
+    """Whether the caller showed a valid admin token. /health needs none (load balancers), so it counts the
+    workers and schedulers for anyone but names them (host, pid, queue) only to an operator: least privilege."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    try:
+        who = current_app.extensions["fhir_ai_auth"].verify(token.strip())
+    except FhirAiError:
+        return False
+    return who.role == "admin"
 
 
 @bp.get("/health")
@@ -73,7 +88,7 @@ def health():  # type: ignore[no-untyped-def]
     settings = pipeline.settings
     write_back = summary(pipeline.store, settings)
     queue = queue_status(settings)
-    seen = worker_status(settings, queue)
+    seen = worker_status(settings, queue, names=_operator())
     status = write_back["status"]
     if queue["status"] != "disabled" and (queue["status"] != "ok" or seen["worker"]["status"] != "ok"
                                           or seen["beat"]["status"] != "ok"):

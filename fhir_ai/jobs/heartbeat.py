@@ -208,9 +208,11 @@ def _missing(settings: Settings, role: str) -> str:
     return (", ".join(stopped[:-1]) + " and " + stopped[-1] if len(stopped) > 1 else stopped[0]) + " do not run"
 
 
-def section(settings: Settings, role: str, raw: dict[bytes, bytes], now: float) -> dict[str, Any]:
+def section(settings: Settings, role: str, raw: dict[bytes, bytes], now: float, *,
+            names: bool = True) -> dict[str, Any]:
     """/health's view of one role: who was seen within ``worker_stale_after`` seconds, the newest heartbeat
-    of any (a stopped or silent one too), and when none was seen, what that means."""
+    of any (a stopped or silent one too), and when none was seen, what that means. Without ``names`` (a caller
+    who is not an operator) the processes are counted, not named: no host names, pids or queue name."""
     window = settings.worker_stale_after
     entries = sorted(_entries(raw).values(), key=lambda e: e.name)
     alive = [e for e in entries if e.stopped is None and now - e.seen <= window]
@@ -218,24 +220,28 @@ def section(settings: Settings, role: str, raw: dict[bytes, bytes], now: float) 
     out: dict[str, Any] = {
         "status": "ok" if alive else "none seen", "staleAfterSeconds": window,
         "seen": [{"name": e.name, "lastHeartbeat": _instant(e.seen), "since": _instant(e.since)} for e in alive],
-        "lastHeartbeat": _instant(newest.seen) if newest else None}
+        "count": len(alive), "lastHeartbeat": _instant(newest.seen) if newest else None}
+    if not names:
+        out["seen"] = [{k: v for k, v in entry.items() if k != "name"} for entry in out["seen"]]
     if not alive:
         who, what = _WHO[role], _missing(settings, role)
         if newest is None:
             last = "none has recorded a heartbeat"
         else:
-            last = (f"the last heartbeat was at {_instant(newest.seen)}, from {newest.name}"
+            last = (f"the last heartbeat was at {_instant(newest.seen)}"
+                    + (f", from {newest.name}" if names else "")
                     + (" as it stopped" if newest.stopped is not None else ""))
-        out["message"] = (f"{who} on queue {settings.job_queue!r} has been seen in the last {window:g} s "
-                          f"({last}): {what}")
+        queue = f" on queue {settings.job_queue!r}" if names else ""
+        out["message"] = f"{who}{queue} has been seen in the last {window:g} s ({last}): {what}"
     return out
 
 
-def read(client: redis.Redis, settings: Settings, now: float | None = None) -> dict[str, dict[str, Any]]:
+def read(client: redis.Redis, settings: Settings, now: float | None = None, *,
+         names: bool = True) -> dict[str, dict[str, Any]]:
     """Both roles' sections in one round trip (raises redis.RedisError / OSError when Redis does not answer)."""
     pipe = client.pipeline(transaction=False)
     for role in ROLES:
         pipe.hgetall(key(settings, role))
     found = pipe.execute()
     now = time.time() if now is None else now
-    return {role: section(settings, role, raw, now) for role, raw in zip(ROLES, found)}
+    return {role: section(settings, role, raw, now, names=names) for role, raw in zip(ROLES, found)}

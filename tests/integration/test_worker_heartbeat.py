@@ -24,8 +24,10 @@ from fhir_ai.config import ENV_PREFIX, load_settings
 from fhir_ai.jobs import heartbeat
 
 try:
+    from ..credentials import ROLE_TOKENS, bearer
     from .test_concurrency import REDIS, Processes, processes, queue, wait_for  # noqa: F401  (queue: fixture)
 except ImportError:
+    from credentials import ROLE_TOKENS, bearer  # type: ignore[no-redef]
     from test_concurrency import REDIS, Processes, processes, queue, wait_for  # type: ignore[no-redef]  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -132,6 +134,12 @@ def test_old_and_foreign_heartbeats_never_break_health(watched) -> None:
         assert heartbeat.Recorder(settings, "beat", "beat-2@here").beat()      # a scheduler too: nothing missing
         body = health(app)
         assert body["status"] == "ok" and [w["name"] for w in body["workers"]["seen"]] == ["fhir_ai-2@here"]
+        # /health needs no token: anyone else gets the count and times, not host names, pids or the queue
+        for headers in ({"Authorization": ""}, bearer(ROLE_TOKENS["ehr"]), bearer("not-a-token")):
+            seen = app.test_client().get("/health", headers=headers).get_json()
+            assert seen["status"] == "ok" and seen["workers"]["count"] == 1
+            assert "name" not in seen["workers"]["seen"][0] and "fhir_ai-2@here" not in json.dumps(seen)
+            assert app.config["FHIR_AI"].job_queue not in json.dumps(seen)
         assert recorder.beat(stopped=True)
         assert health(app)["workers"]["status"] == "none seen"
         client.set(heartbeat.key(settings, "beat"), "not a hash")        # Redis answers with an error
