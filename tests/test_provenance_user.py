@@ -104,6 +104,10 @@ def test_the_user_is_searchable_and_a_repeat_by_another_user_stores_nothing_new(
     assert [p["id"] for p in provenances(client, "agent=123")] == [prov["id"]]      # the id alone, any type
     assert provenances(client, "agent=Practitioner/456") == []
     assert provenances(client, "agent=PractitionerRole/123") == []
+    # the :Type modifier, with R4's agent targets (it was a 400: the parameter named no target types)
+    assert [p["id"] for p in provenances(client, "agent:Practitioner=123")] == [prov["id"]]
+    assert provenances(client, "agent:PractitionerRole=123") == []
+    assert [e["action"] for e in audit_events(client, "agent:Practitioner=456")] == ["R"]
     # The client is still found as before, and there is one Provenance for the assessment.
     client_query = "agent:identifier=https://ehr.example.org/|ehr-client"
     assert [p["id"] for p in provenances(client, client_query)] == [prov["id"]]

@@ -42,6 +42,9 @@ _COMMON = {
     "_lastUpdated": Param("_lastUpdated", "date", definition="http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"),
 }
 
+# R4's targets of Provenance-agent and AuditEvent-agent (agent.who): what agent:Practitioner=123 may name.
+_AGENT_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient", "Device", "Organization")
+
 PARAMETERS: dict[str, dict[str, Param]] = {
     "RiskAssessment": {
         "condition": _std("RiskAssessment", "condition", "reference", "Condition"),
@@ -76,7 +79,7 @@ PARAMETERS: dict[str, dict[str, Param]] = {
                                        "target that is a Patient as R4's Provenance-patient"),
         # R4's Provenance-agent (agent.who): the client, by identifier (agent:identifier=), and the user a CDS
         # Hooks call named (agent=Practitioner/123); the model is a contained Device, onBehalfOf is not agent.who.
-        "agent": replace(_std("Provenance", "agent", "reference"), documentation=(
+        "agent": replace(_std("Provenance", "agent", "reference", *_AGENT_TYPES), documentation=(
             "agent.who: the client (agent:identifier=<system>|<client id>) and, for a CDS Hooks call, the user "
             "it named (agent=Practitioner/123)")),
         "entity": _std("Provenance", "entity", "reference"),
@@ -85,7 +88,7 @@ PARAMETERS: dict[str, dict[str, Param]] = {
     },
     "AuditEvent": {
         "date": _std("AuditEvent", "date", "date"),
-        "agent": _std("AuditEvent", "agent", "reference"),
+        "agent": _std("AuditEvent", "agent", "reference", *_AGENT_TYPES),
         "entity": _std("AuditEvent", "entity", "reference"),
         "action": _std("AuditEvent", "action", "token"),
         "outcome": _std("AuditEvent", "outcome", "token"),
