@@ -174,6 +174,13 @@ class Settings:
         if "://" not in value:          # (the value itself is not repeated: it may be a secret put in by mistake)
             raise ConfigurationError(f"{ENV_PREFIX}BROKER_URL is neither '{NO_BROKER}' (no batch jobs, no Redis) nor a "
                                      f"URL such as {DEFAULT_BROKER}", expression="broker_url")
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in ("redis", "rediss"):
+            # Celery would take amqp:// or sentinel://, but the worker heartbeats (/health), the Subscription
+            # debouncer and the queue's health check talk to Redis itself at this URL: they would all fail.
+            raise ConfigurationError(f"{ENV_PREFIX}BROKER_URL: a {scheme}:// broker is not supported; fhir_ai keeps "
+                                     "its worker heartbeats and the Subscription debouncer in Redis beside the queue: "
+                                     f"use a redis:// or rediss:// URL, or '{NO_BROKER}'", expression="broker_url")
         return True
 
     @property

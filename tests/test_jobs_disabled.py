@@ -95,8 +95,18 @@ def test_a_broker_url_that_is_neither_none_nor_a_url_is_refused(value: str) -> N
     assert "FHIR_AI_BROKER_URL is neither 'none'" in refused.value.message
     assert f"'{value}'" not in refused.value.message           # not repeated (it might be a secret)
     assert refused.value.expression == ["broker_url"]
-    for url in ("redis://127.0.0.1:6379/0", "rediss://cache:6380/1", "sentinel://127.0.0.1:26379/0"):
+    for url in ("redis://127.0.0.1:6379/0", "rediss://cache:6380/1", "REDIS://cache/2"):
         assert load_settings(environ={"FHIR_AI_BROKER_URL": url}).jobs_enabled is True
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:guest@127.0.0.1:5672//", "sentinel://127.0.0.1:26379/0"])
+def test_a_broker_other_than_redis_is_refused_at_start(url: str) -> None:
+    # Celery would take it, but the heartbeats, the debouncer and /health's queue check talk to Redis at this URL.
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(environ={"FHIR_AI_BROKER_URL": url})
+    scheme = url.split("://")[0]
+    assert f"a {scheme}:// broker is not supported" in refused.value.message and "redis://" in refused.value.message
+    assert "guest" not in refused.value.message and refused.value.expression == ["broker_url"]
 
 
 @pytest.mark.parametrize("setting, value", [("wards", "ward-3a"), ("subscription_secrets", "sub-1=s3cret")])
