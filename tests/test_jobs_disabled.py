@@ -188,6 +188,11 @@ def test_job_status_urls_without_batch_jobs(off: Flask, oc: FlaskClient) -> None
     listed = oc.get("/jobs")
     assert listed.status_code == 200
     assert {j["job"] for j in listed.json["jobs"]} == {"leftover", "export", "done"}
+    # the list says of the leftover what its status URL says (it was listed as plainly 'queued')
+    entries = {j["job"]: j for j in listed.json["jobs"]}
+    assert entries["leftover"]["error"]["status"] == 501 and "will not progress" in \
+        entries["leftover"]["error"]["diagnostics"]
+    assert "error" not in entries["export"] and "error" not in entries["done"]
     assert oc.delete("/jobs/leftover").status_code == 202
     assert oc.get("/jobs/leftover").status_code == 404
 

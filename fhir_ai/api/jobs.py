@@ -332,6 +332,12 @@ def _listed(job: JobView, base: str) -> dict[str, Any]:
         status = job.error_status or 500
         entry["error"] = {"status": status, "code": _failure_code(status),
                           "diagnostics": f"the job failed; GET {url} for the reason"}
+    elif (job.status in ("queued", "running") and job.kind in CELERY_KINDS
+          and not current_app.config["FHIR_AI"].jobs_enabled):
+        # what its status URL answers (501): left from before batch jobs were switched off, it will not progress
+        entry["error"] = {"status": 501, "code": JobsDisabled.code,
+                          "diagnostics": f"this server runs no batch jobs now ({JOBS_OFF}): the job will not "
+                                         f"progress here; DELETE {url} cancels it"}
     return entry
 
 
