@@ -334,7 +334,7 @@ def worker(ctx: click.Context, once: bool, interval: float | None, beat: bool, c
     jobs (FHIR_AI_BROKER_URL=none) runs --delivery-only or --once; the Celery worker is refused there.
     """
     import signal
-    from .delivery import Worker
+    from .delivery import Worker, run_housekeeping
     from .store import Store
     settings = _settings(ctx)
     if not once and not delivery_only:
@@ -356,12 +356,7 @@ def worker(ctx: click.Context, once: bool, interval: float | None, beat: bool, c
     try:
         if once:
             report = runner.run_once()
-            try:
-                expire_jobs()
-            except Exception:
-                # As in the loop: the pass's report and exit status are about write-backs, which were delivered
-                # and recorded; a failed expiry is logged and tried again at the next run.
-                log.exception("job expiry failed (FHIR_AI_JOB_RETENTION); the next run tries again")
+            run_housekeeping(expire_jobs)       # as the loop does: a failure is logged, the report stands
             click.echo(str(report))
             sys.exit(1 if report.failed else 0)
         signal.signal(signal.SIGTERM, lambda *_: runner.stop())

@@ -105,6 +105,15 @@ class PassReport:
                 + (f", left to another worker {self.lost}" if self.lost else ""))
 
 
+def run_housekeeping(housekeeping: Callable[[], Any]) -> None:
+    """Run what beat would (job expiry) beside write-back delivery; a failure is logged, never raised: delivery
+    and its report are about write-backs, and the next round tries again."""
+    try:
+        housekeeping()
+    except Exception:
+        log.exception("housekeeping failed (job expiry, FHIR_AI_JOB_RETENTION); the next round tries again")
+
+
 class Worker:
     """Delivers pending write-backs; safe to run several at once (rows are claimed first)."""
 
@@ -223,10 +232,7 @@ class Worker:
         while not self._stop.is_set():
             if housekeeping is not None and self._clock() >= next_housekeeping:
                 next_housekeeping = self._clock() + housekeeping_every
-                try:
-                    housekeeping()
-                except Exception:                # never let delivery stop over it: the next round tries again
-                    log.exception("housekeeping failed")
+                run_housekeeping(housekeeping)
             try:
                 report = self.run_once()
             except FhirAiError as exc:  # e.g. the database is briefly unavailable: try next pass

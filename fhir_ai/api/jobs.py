@@ -113,7 +113,14 @@ def _kick_off(kind: str, scope: str, line: str) -> Any:
 
 # The kinds of job that run on Celery (a Bulk Data run, ``bulk-export``, runs in its own `fhir-ai` command).
 CELERY_KINDS = ("group", "all", "ward")
-UNCLAIMED_SECONDS = 30          # a job still queued after this long says no worker has taken it
+UNCLAIMED_SECONDS = 30
+
+
+def _stranded(job: JobView) -> bool:
+    """A Celery job still queued or running on a server that now runs no batch jobs: left from before the switch,
+    no worker here will take it."""
+    return (job.status in ("queued", "running") and job.kind in CELERY_KINDS
+            and not current_app.config["FHIR_AI"].jobs_enabled)          # a job still queued after this long says no worker has taken it
 
 
 def times_now() -> Any:
@@ -225,7 +232,7 @@ def job_status(job_id: str):  # type: ignore[no-untyped-def]
     jobs = _jobs()
     job = _visible(jobs.get(job_id))
     unfinished = job.status in ("queued", "running")
-    if unfinished and job.kind in CELERY_KINDS and not current_app.config["FHIR_AI"].jobs_enabled:
+    if _stranded(job):
         # Started while this site ran batch jobs: no worker here will take it. An error ends a client's polling
         # (FHIR async pattern); 202 would have it poll for ever. A Bulk Data run needs no queue and is answered
         # as ever, as are ended jobs (their manifests are in the store).
@@ -332,9 +339,7 @@ def _listed(job: JobView, base: str) -> dict[str, Any]:
         status = job.error_status or 500
         entry["error"] = {"status": status, "code": _failure_code(status),
                           "diagnostics": f"the job failed; GET {url} for the reason"}
-    elif (job.status in ("queued", "running") and job.kind in CELERY_KINDS
-          and not current_app.config["FHIR_AI"].jobs_enabled):
-        # what its status URL answers (501): left from before batch jobs were switched off, it will not progress
+    elif _stranded(job):        # what its status URL answers (501)
         entry["error"] = {"status": 501, "code": JobsDisabled.code,
                           "diagnostics": f"this server runs no batch jobs now ({JOBS_OFF}): the job will not "
                                          f"progress here; DELETE {url} cancels it"}

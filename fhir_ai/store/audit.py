@@ -20,7 +20,7 @@ from .. import codes
 from ..fhir import times
 from . import indexing, rawsql, writer_lock
 from .actors import Actor
-from .provenance import ROLE_SYSTEM, SECURITY_ROLE, client_reference, user_who
+from .provenance import ROLE_SYSTEM, client_reference, user_agent
 from .searching import utc
 from .trail_tables import AuditEventRow, ChainHeadRow, ProvenanceEntityRow, SearchIndexRow
 
@@ -128,9 +128,7 @@ def build_event(access: Access, actor: Actor, recorded: datetime) -> dict[str, A
         # The user the caller says is acting initiated the event (requestor); the caller, first, stays the
         # agent that authenticated (its identifier, role and address). FHIR: only one agent is the requestor.
         agent["requestor"] = False
-        agents.append({"type": {"coding": [{"system": SECURITY_ROLE, "code": "humanuser", "display": "human user"}],
-                                "text": "user stated by the client"},
-                       "who": user_who(actor), "requestor": True})   # named as its Provenance names it
+        agents.append({**user_agent(actor), "requestor": True})   # the same agent as its Provenance names
     entities: list[dict[str, Any]] = []
     for entity in access.entities:
         is_patient = entity.system is None and entity.reference.startswith("Patient/")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import click
+from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from ..search.values import date_range
@@ -18,8 +19,11 @@ def _store(ctx: click.Context) -> Store:
     """The store, read as it is: an auditor's check never migrates (writes to) the database, and never creates
     one where none is (an SQLite path that does not exist)."""
     url = ctx.obj["settings"].effective_database_url
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise click.ClickException(f"no fhir_ai database at {url} (no such file)")
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():
+        raise click.ClickException(f"no fhir_ai database at {parsed.render_as_string(hide_password=True)} "
+                                   "(no such file)")
     store = Store(url, migrate=False)
     problem = schema_problem(store.engine)
     if problem:

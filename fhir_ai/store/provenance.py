@@ -90,7 +90,7 @@ def user_who(actor: Actor) -> dict[str, Any]:
             "display": f"user {user} (as named by {actor.client_id})"}
 
 
-def _user_agent(actor: Actor) -> dict[str, Any]:
+def user_agent(actor: Actor) -> dict[str, Any]:
     """The agent for the user on whose behalf the client asked.
 
     Its type: R4 binds Provenance.agent.type *extensibly* to provenance-participant-type, whose codes
@@ -132,7 +132,7 @@ def for_assessment(resource: dict[str, Any], *, model_id: str, model_version: st
         # sets Provenance no invariant of its own; R5's prov-1..4 (onBehalfOf not who itself, nor a who
         # PractitionerRole's practitioner or a who Organization's own role or service) hold as well.
         agents[1]["onBehalfOf"] = user_who(actor)
-        agents.append(_user_agent(actor))     # agent.who: what Provenance?agent= searches (onBehalfOf is not)
+        agents.append(user_agent(actor))     # agent.who: what Provenance?agent= searches (onBehalfOf is not)
     return {
         "resourceType": "Provenance", "id": provenance_id(resource["id"], version),
         "contained": [_device(model_id, model_version)],
